@@ -1,0 +1,302 @@
+"""The HDF5 feature cache: schema, writer (write by index, resume, finalize) and reader.
+
+Layout of one file::
+
+    /                    attrs: schema_version, fingerprint, complete, meta (JSON: settings, backbone,
+                                weights, transform, dataset, manifest_hash, task, skipped, ...)
+    /<split>/ids         [N] utf-8 strings, written at creation
+    /<split>/labels      [N] int64 or [N, C] float32 (multilabel), written at creation
+    /<split>/valid       [N] bool, False for images skipped as unreadable (--skip-bad)
+    /<split>/<feature>   [N, ...] e.g. pooled [N, D] float32, tokens [N, T, D] float16,
+                         pooled@4 / tokens@4 for extra layers; chunked along N
+    /<split>             attrs: rows (rows written so far), n (rows planned)
+
+Crash safety: a file is written as `<name>.h5.partial` with every chunk allocated at creation, so a
+batch write touches raw data only; `rows` is raised after the batch is flushed. `finalize` marks
+`complete` and renames the file to `<name>.h5`. A killed run leaves only a `.partial` file, which the
+next run with the same fingerprint resumes from `rows`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from cache.errors import MedfmError
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+CHUNK_BYTES = 4 << 20  # a read of one chunk moves ~4 MiB: large enough for full disk speed
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One stored feature array: per-row shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str  # "float32" | "float16"
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """What a split will hold: its ids and labels (known up front) and the feature arrays to fill."""
+
+    ids: Sequence[str]
+    labels: np.ndarray
+    features: dict[str, FeatureSpec]
+
+
+def chunk_rows(row_shape: Sequence[int], dtype: str, n: int) -> int:
+    """Rows per chunk so that a chunk is about CHUNK_BYTES."""
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return int(max(1, min(n, CHUNK_BYTES // max(row_bytes, 1))))
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def _create_early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> None:
+    """Create a chunked dataset whose chunks are all allocated now, so later writes change no metadata."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, dcpl=dcpl)
+
+
+class CacheWriter:
+    """Writes one cache file; resumes a `.partial` file with the same fingerprint."""
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path = path
+        self._file = file
+
+    @classmethod
+    def open(cls, path: Path, fingerprint: str, meta: dict[str, Any], plan: dict[str, SplitPlan]) -> CacheWriter:
+        """Open `path`'s partial file for writing: resume it if it matches, else create it."""
+        path = Path(path)
+        if path.exists():
+            raise MedfmError(f"{path} already exists and is complete; reuse it or remove it with `cache rm {path}`")
+        partial = partial_path(path)
+        if partial.exists():
+            file = _open_resumable(partial, fingerprint)
+            if file is not None:
+                return cls(path, file)
+            partial.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = h5py.File(partial, "w")
+        file.attrs["schema_version"] = SCHEMA_VERSION
+        file.attrs["fingerprint"] = fingerprint
+        file.attrs["complete"] = False
+        file.attrs["meta"] = json.dumps(meta, sort_keys=True, default=str)
+        for split, sp in plan.items():
+            n = len(sp.ids)
+            group = file.create_group(split)
+            group.attrs["n"] = n
+            group.attrs["rows"] = 0
+            group.create_dataset("ids", data=np.array(list(sp.ids), dtype=h5py.string_dtype()))
+            group.create_dataset("labels", data=np.asarray(sp.labels))
+            group.create_dataset("valid", data=np.ones(n, dtype=bool))
+            for name, spec in sp.features.items():
+                rows = chunk_rows(spec.shape, spec.dtype, max(n, 1))
+                _create_early(group, name, (n, *spec.shape), spec.dtype, (rows, *spec.shape))
+        file.flush()
+        return cls(path, file)
+
+    def rows(self, split: str) -> int:
+        """Rows of `split` already written (the resume point)."""
+        return int(self._file[split].attrs["rows"])
+
+    def planned(self, split: str) -> int:
+        return int(self._file[split].attrs["n"])
+
+    def write(self, split: str, start: int, features: dict[str, np.ndarray], valid: np.ndarray | None = None) -> None:
+        """Write rows [start, start + batch) of every feature, then advance the `rows` mark."""
+        group = self._file[split]
+        stop = start
+        for name, array in features.items():
+            stop = start + len(array)
+            group[name][start:stop] = array
+        if valid is not None and not valid.all():
+            group["valid"][start:stop] = valid
+        self._file.flush()
+        group.attrs["rows"] = max(stop, int(group.attrs["rows"]))
+        self._file.flush()
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self._file.attrs["meta"])
+
+    def set_meta(self, **updates: Any) -> None:
+        """Merge keys into the JSON `meta` attribute (e.g. the list of skipped images)."""
+        meta = self.meta()
+        meta.update(updates)
+        self._file.attrs["meta"] = json.dumps(meta, sort_keys=True, default=str)
+
+    def finalize(self) -> Path:
+        """Mark the file complete and move it to its final name; refuses if any split is short."""
+        for split in self._file:
+            group = self._file[split]
+            if int(group.attrs["rows"]) != int(group.attrs["n"]):
+                raise MedfmError(f"cannot finalize {self.path}: split {split} has {group.attrs['rows']} of {group.attrs['n']} rows")
+        self._file.attrs["complete"] = True
+        self._file.flush()
+        self._file.close()
+        os.replace(partial_path(self.path), self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Close without finalizing (the partial file stays, resumable)."""
+        if self._file.id.valid:
+            self._file.close()
+
+
+def _open_resumable(partial: Path, fingerprint: str) -> h5py.File | None:
+    """Open a partial file for resuming, or None when it is unreadable or belongs to other settings."""
+    try:
+        file = h5py.File(partial, "r+")
+    except OSError:
+        return None
+    if file.attrs.get("fingerprint") != fingerprint or file.attrs.get("schema_version") != SCHEMA_VERSION:
+        file.close()
+        return None
+    return file
+
+
+class CacheReader:
+    """Reads a complete cache: pooled features into RAM, tokens into RAM or by contiguous slices."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            if partial_path(self.path).exists():
+                raise MedfmError(f"cache {self.path} is incomplete (only {partial_path(self.path).name} exists); rerun the same `extract run` to finish it")
+            raise MedfmError(f"cache file {self.path} does not exist; list caches with `cache ls`")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise MedfmError(f"cannot open cache {self.path}: {err}; remove it with `cache rm` and extract again") from None
+        attrs = self._file.attrs
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise MedfmError(f"cache {self.path} has schema {attrs.get('schema_version')}, this medfm reads {SCHEMA_VERSION}; extract again")
+        if not bool(attrs.get("complete", False)):
+            raise MedfmError(f"cache {self.path} is incomplete; rerun the same `extract run` to finish it")
+        self.fingerprint: str = str(attrs["fingerprint"])
+        self.meta: dict[str, Any] = json.loads(attrs["meta"])
+
+    @property
+    def task(self) -> dict[str, Any]:
+        return self.meta["task"]
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self._file]
+
+    def feature_names(self, split: str = "train") -> list[str]:
+        return [k for k in self._file[split] if k not in ("ids", "labels", "valid")]
+
+    def valid(self, split: str) -> np.ndarray:
+        return self._file[split]["valid"][:]
+
+    def ids(self, split: str) -> np.ndarray:
+        """Ids of the valid rows."""
+        ids = self._file[split]["ids"].asstr()[:]
+        return ids[self.valid(split)]
+
+    def labels(self, split: str) -> np.ndarray:
+        """Labels of the valid rows."""
+        return self._file[split]["labels"][:][self.valid(split)]
+
+    def features(self, split: str, name: str = "pooled") -> np.ndarray:
+        """The whole feature array of the valid rows, in RAM."""
+        data = self.dataset(split, name)[:]
+        valid = self.valid(split)
+        return data if valid.all() else data[valid]
+
+    def dataset(self, split: str, name: str) -> h5py.Dataset:
+        """The raw h5py dataset (all rows, valid or not) for streamed reads."""
+        if name not in self._file[split]:
+            raise MedfmError(f"cache {self.path} has no '{name}' features in {split}; it holds {', '.join(self.feature_names(split))}")
+        return self._file[split][name]
+
+    def iter_slices(self, split: str, name: str, order: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start row, array) chunk by chunk, in chunk `order` (default: file order)."""
+        ds = self.dataset(split, name)
+        step = ds.chunks[0] if ds.chunks else len(ds)
+        starts = list(range(0, len(ds), step))
+        for i in order if order is not None else range(len(starts)):
+            yield starts[i], ds[starts[i] : starts[i] + step]
+
+    def nbytes(self, split: str, name: str) -> int:
+        ds = self.dataset(split, name)
+        return int(ds.size * ds.dtype.itemsize)
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """A summary of any cache file, complete or partial, for `cache ls` and `cache info`."""
+    with h5py.File(path, "r") as file:
+        meta = json.loads(file.attrs.get("meta", "{}"))
+        rows = {s: (int(file[s].attrs["rows"]), int(file[s].attrs["n"])) for s in SPLITS if s in file}
+        features = {}
+        for s in SPLITS:
+            if s in file:
+                features = {k: (tuple(file[s][k].shape[1:]), str(file[s][k].dtype)) for k in file[s] if k not in ("ids", "labels", "valid")}
+                break
+        return {
+            "path": str(path),
+            "fingerprint": str(file.attrs.get("fingerprint", "")),
+            "complete": bool(file.attrs.get("complete", False)),
+            "schema_version": int(file.attrs.get("schema_version", -1)),
+            "rows": rows,
+            "features": features,
+            "size": path.stat().st_size,
+            "meta": meta,
+        }
+
+
+def verify(path: Path) -> list[str]:
+    """Problems found in a cache file (empty when it is sound): counts, shapes, finite values, complete."""
+    problems: list[str] = []
+    try:
+        file = h5py.File(path, "r")
+    except OSError as err:
+        return [f"unreadable: {err}"]
+    with file:
+        if file.attrs.get("schema_version") != SCHEMA_VERSION:
+            problems.append(f"schema {file.attrs.get('schema_version')} != {SCHEMA_VERSION}")
+        if not bool(file.attrs.get("complete", False)):
+            problems.append("not marked complete")
+        for split in [s for s in SPLITS if s in file]:
+            group = file[split]
+            n, rows = int(group.attrs["n"]), int(group.attrs["rows"])
+            if rows != n:
+                problems.append(f"{split}: {rows} of {n} rows written")
+            valid = group["valid"][:]
+            for key in group:
+                if len(group[key]) != n:
+                    problems.append(f"{split}/{key}: {len(group[key])} rows, expected {n}")
+            for key in [k for k in group if k not in ("ids", "labels", "valid")]:
+                ds = group[key]
+                step = ds.chunks[0] if ds.chunks else max(n, 1)
+                for start in range(0, n, step):
+                    block = ds[start : start + step][valid[start : start + step]]
+                    if not np.isfinite(block).all():
+                        problems.append(f"{split}/{key}: non-finite values near row {start}")
+                        break
+    return problems

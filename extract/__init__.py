@@ -1,0 +1,1 @@
+"""Images -> features: backbones, datasets, transforms and the extraction loop."""

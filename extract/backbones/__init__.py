@@ -1,0 +1,59 @@
+"""The backbone registry: `create_backbone(name, weights)` builds any of the study's eight models.
+
+Each family module registers its entries with `register`; nothing outside a family module knows
+anything family-specific.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cache.errors import MedfmError
+from extract.backbones.base import Backbone, BackboneSpec, DataConfig, Features
+from extract.backbones.weights import ResolvedWeights, resolve_weights
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in _REGISTRY:
+        raise MedfmError(f"unknown backbone '{name}'; choose one of: {', '.join(_REGISTRY)} (see `extract backbones`)")
+    return _REGISTRY[name]
+
+
+def list_backbones() -> list[BackboneSpec]:
+    return list(_REGISTRY.values())
+
+
+def create_backbone(
+    name: str,
+    weights: str | ResolvedWeights = "default",
+    *,
+    image_size: int | None = None,
+    in_chans: int = 3,
+    **overrides: Any,
+) -> Backbone:
+    """Build backbone `name` with `weights` (`default` | `random` | PATH), in eval mode.
+
+    `image_size` changes the input resolution (position embeddings are resampled); `in_chans=1`
+    rebuilds the first conv from the pretrained R-channel kernel (the study's grayscale recipe);
+    `overrides` reach the family's constructor, so tests build tiny instances of the same code path.
+    """
+    spec = get_spec(name)
+    resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(spec, weights)
+    model = spec.build(resolved.path, image_size=image_size, in_chans=in_chans, **overrides)
+    model.weights = resolved
+    return model.eval()
+
+
+# Family modules register themselves on import.
+from extract.backbones import timm_family  # noqa: E402,F401
+
+__all__ = ["Backbone", "BackboneSpec", "DataConfig", "Features", "create_backbone", "get_spec", "list_backbones", "register"]

@@ -1,0 +1,104 @@
+"""`extract`: run an extraction, list the backbone and dataset registries. Parsing only; work is in runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cache.errors import MedfmError, run_cli
+from extract.runner import ExtractConfig, default_output, extract
+
+app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
+console = Console()
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """`-1,-4` -> [-1, -4]; `all` -> None (every block)."""
+    if text == "all":
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MedfmError(f"--layers must be comma-separated block indices such as -1,-4, or 'all'; got '{text}'") from None
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MedfmError(f"--opt expects KEY=VALUE, got '{pair}'")
+        out[key.replace("-", "_")] = value
+    return out
+
+
+@app.command()
+def run(
+    backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
+    dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
+    root: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset's released layout.")] = None,
+    weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
+    out: Annotated[Optional[Path], typer.Option(help="Cache folder [default: $MEDFM_OUTPUT/features].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store patch tokens (for DeiT heads).")] = True,
+    token_dtype: Annotated[str, typer.Option(help="float16 | float32.")] = "float16",
+    layers: Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")] = "-1",
+    image_size: Annotated[Optional[int], typer.Option(help="Input size [default: the backbone's, 224].")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: cores - 1].")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
+    split_seed: Annotated[Optional[int], typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
+    opt: Annotated[Optional[list[str]], typer.Option(help="Dataset option KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
+    options = parse_options(opt or [])
+    if split_seed is not None:
+        options["split_seed"] = split_seed
+    if image_size is not None and image_size < 16:
+        raise MedfmError(f"--image-size must be at least 16, got {image_size}")
+    cfg = ExtractConfig(
+        backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or default_output() / "features",
+        batch_size=batch_size, tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
+        image_size=image_size, device=device, precision=precision, workers=workers, skip_bad=skip_bad,
+        dataset_options=options,
+    )
+    result = extract(cfg)
+    rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
+    rate = f", {result.images_per_s:.1f} img/s" if result.images_per_s else ""
+    console.print(f"{'reused' if result.reused else 'wrote'} {result.path} ({rows}{rate})")
+
+
+@app.command()
+def backbones() -> None:
+    """List the backbone registry."""
+    from extract.backbones import list_backbones
+    from extract.backbones.weights import find_default_weights
+
+    table = Table("name", "study row", "params (M)", "pooled", "tokens @224", "default weights", "present")
+    for spec in list_backbones():
+        params = spec.count_params() / 1e6 if spec.count_params else float("nan")
+        present = find_default_weights(spec)
+        table.add_row(spec.name, spec.study_row, f"{params:.2f}", str(spec.pooled_dim),
+                      f"{spec.token_shape[0]} x {spec.token_shape[1]}", spec.weights_file,
+                      "[green]yes[/]" if present else "[red]no[/]")
+    console.print(table)
+
+
+@app.command()
+def datasets() -> None:
+    """List the dataset registry and the layout each expects under --root."""
+    from extract.datasets import list_datasets
+
+    table = Table("name", "description", "task and metric", "layout under --root")
+    for entry in list_datasets():
+        table.add_row(entry.name, entry.description, entry.task, entry.layout)
+    console.print(table)
+
+
+def main() -> None:
+    run_cli(app, "extract")

@@ -1,0 +1,34 @@
+"""Shared test set-up: offline, deterministic, small thread counts, outputs in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+torch.use_deterministic_algorithms(True, warn_only=True)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def isolated_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test writes under its own MEDFM_OUTPUT and sees no weights folder."""
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("MEDFM_OUTPUT", str(out))
+    monkeypatch.delenv("MEDFM_WEIGHTS_DIR", raising=False)
+    return out
+
+
+def cli(name: str) -> str:
+    """Path of an installed console script (`extract`, `probe`, `cache`, `finetune`)."""
+    return str(BIN / name)
