@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from cache.errors import MedfmError
 from extract.backbones.base import Backbone, BackboneSpec, DataConfig, Features
 from extract.backbones.weights import ResolvedWeights, resolve_weights
 
+RANDOM_INIT_SEED = 0
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
@@ -48,7 +51,11 @@ def create_backbone(
     """
     spec = get_spec(name)
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(spec, weights)
-    model = spec.build(resolved.path, image_size=image_size, in_chans=in_chans, **overrides)
+    # Random weights are seeded: the same settings give the same model in every process, so a resumed
+    # or repeated extraction with `--weights random` stays consistent with its fingerprint.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = spec.build(resolved.path, image_size=image_size, in_chans=in_chans, **overrides)
     model.weights = resolved
     return model.eval()
 

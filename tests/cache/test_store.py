@@ -1,0 +1,119 @@
+"""The cache contract: write by index, resume, finalize last, refuse incomplete or mismatched files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cache.errors import MedfmError
+from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, partial_path, verify
+
+FP = "f" * 64
+
+
+def make_plan(n: int = 10, dim: int = 4, tokens: tuple[int, int] = (3, 2)) -> dict[str, SplitPlan]:
+    features = {"pooled": FeatureSpec((dim,), "float32"), "tokens": FeatureSpec(tokens, "float16")}
+    return {
+        s: SplitPlan([f"{s}-{i}" for i in range(n)], np.arange(n) % 3, features)
+        for s in ("train", "val", "test")
+    }
+
+
+def rows_for(split: str, start: int, stop: int) -> dict[str, np.ndarray]:
+    base = {"train": 0, "val": 100, "test": 200}[split]
+    idx = np.arange(start, stop, dtype=np.float32)[:, None] + base
+    return {"pooled": np.repeat(idx, 4, axis=1), "tokens": np.repeat(idx, 6, axis=1).reshape(-1, 3, 2).astype(np.float16)}
+
+
+def write_all(writer: CacheWriter, batch: int = 4) -> None:
+    for split in ("train", "val", "test"):
+        for start in range(writer.rows(split), writer.planned(split), batch):
+            stop = min(start + batch, writer.planned(split))
+            writer.write(split, start, rows_for(split, start, stop))
+
+
+def test_complete_file_round_trips_rows_labels_and_meta(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    writer = CacheWriter.open(path, FP, {"task": {"kind": "multiclass"}}, make_plan())
+    write_all(writer)
+    writer.finalize()
+    assert not partial_path(path).exists()
+    with CacheReader(path) as reader:
+        assert reader.fingerprint == FP and reader.task == {"kind": "multiclass"}
+        assert reader.ids("val")[3] == "val-3"
+        np.testing.assert_array_equal(reader.labels("train"), np.arange(10) % 3)
+        np.testing.assert_array_equal(reader.features("test")[:, 0], np.arange(10) + 200)
+        assert reader.features("train", "tokens").dtype == np.float16
+        chunks = list(reader.iter_slices("train", "tokens"))
+        assert sum(len(a) for _, a in chunks) == 10
+    assert verify(path) == []
+
+
+def test_partial_file_is_refused_by_reader_and_resumed_by_writer(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    plan = make_plan()
+    writer = CacheWriter.open(path, FP, {}, plan)
+    writer.write("train", 0, rows_for("train", 0, 4))
+    writer.close()
+    with pytest.raises(MedfmError, match="incomplete"):
+        CacheReader(path)
+    resumed = CacheWriter.open(path, FP, {}, plan)
+    assert resumed.rows("train") == 4 and resumed.rows("val") == 0
+    write_all(resumed)
+    resumed.finalize()
+    with CacheReader(path) as reader:
+        np.testing.assert_array_equal(reader.features("train")[:, 0], np.arange(10))
+
+
+def test_partial_file_with_other_fingerprint_is_started_over(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    writer = CacheWriter.open(path, FP, {}, make_plan())
+    writer.write("train", 0, rows_for("train", 0, 4))
+    writer.close()
+    fresh = CacheWriter.open(path, "0" * 64, {}, make_plan())
+    assert fresh.rows("train") == 0
+    fresh.close()
+
+
+def test_finalize_refuses_short_splits_and_leaves_no_complete_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    writer = CacheWriter.open(path, FP, {}, make_plan())
+    writer.write("train", 0, rows_for("train", 0, 10))
+    with pytest.raises(MedfmError, match="has 0 of 10 rows"):
+        writer.finalize()
+    writer.close()
+    assert not path.exists()
+    assert "not marked complete" in verify(partial_path(path))
+
+
+def test_complete_file_is_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    writer = CacheWriter.open(path, FP, {}, make_plan(n=2))
+    write_all(writer)
+    writer.finalize()
+    with pytest.raises(MedfmError, match="already exists"):
+        CacheWriter.open(path, FP, {}, make_plan(n=2))
+
+
+def test_verify_reports_non_finite_values(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    writer = CacheWriter.open(path, FP, {}, make_plan(n=4))
+    write_all(writer)
+    writer.finalize()
+    with h5py.File(path, "r+") as f:
+        f["val/pooled"][2, 1] = np.nan
+    assert any("non-finite" in p for p in verify(path))
+
+
+def test_invalid_rows_are_dropped_by_reader(tmp_path: Path) -> None:
+    path = tmp_path / "c.h5"
+    writer = CacheWriter.open(path, FP, {}, make_plan(n=4))
+    for split in ("train", "val", "test"):
+        writer.write(split, 0, rows_for(split, 0, 4), valid=np.array([True, False, True, True]))
+    writer.finalize()
+    with CacheReader(path) as reader:
+        assert list(reader.ids("train")) == ["train-0", "train-2", "train-3"]
+        assert len(reader.features("train")) == len(reader.labels("train")) == 3
