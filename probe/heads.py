@@ -1,0 +1,176 @@
+"""Classification heads, shared by probe (on cached features) and finetune (on a live backbone).
+
+`LinearHead` is the study's linear probe on the pooled feature. `DeiTHead` is the study's appended
+"DeiT classifier" (paper.md §4): each token -> Linear(d -> width) + LayerNorm -> DeiT blocks with their
+own CLS token and bicubically interpolated position embedding -> final norm -> CLS -> Linear.
+The DeiT blocks come from timm and start from the supervised ImageNet weights when the file is on
+this machine; without it they start random, with a visible warning and `random_init = True`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from cache.errors import MedfmError
+
+log = logging.getLogger(__name__)
+WEIGHTS_DIR_ENV = "MEDFM_WEIGHTS_DIR"
+
+
+@dataclass(frozen=True)
+class DeiTPreset:
+    """One DeiT width: the timm model and where its official weights may sit on this machine."""
+
+    timm_name: str
+    width: int
+    weights_file: str  # the official file name, looked up in MEDFM_WEIGHTS_DIR
+
+    @property
+    def hub_repo(self) -> str:
+        return "timm/" + self.timm_name
+
+
+PRESETS = {
+    "deit-b": DeiTPreset("deit_base_patch16_224.fb_in1k", 768, "deit_base_patch16_224-b5f2ef4d.pth"),
+    "deit-s": DeiTPreset("deit_small_patch16_224.fb_in1k", 384, "deit_small_patch16_224-cd65a155.pth"),
+    "deit-t": DeiTPreset("deit_tiny_patch16_224.fb_in1k", 192, "deit_tiny_patch16_224-a1311bcf.pth"),
+}
+HEAD_KINDS = ("linear", "deit")
+
+
+class LinearHead(nn.Module):
+    """A linear layer on the pooled feature [B, D] (the study's frozen/unfrozen + linear scenarios)."""
+
+    def __init__(self, in_dim: int, num_outputs: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class DeiTHead(nn.Module):
+    """DeiT blocks on backbone tokens [B, T, D] -> logits [B, num_outputs].
+
+    `grid` (rows, cols) fixes the token grid at build time (the position embedding is resampled once);
+    without it the embedding is resampled per forward to the square grid of T tokens.
+    `weights`: "default" (the official file when present, else random with a warning), "random", or a path.
+    """
+
+    def __init__(
+        self, in_dim: int, num_outputs: int, *, depth: int = 12, preset: str = "deit-b",
+        weights: str = "default", grid: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if preset not in PRESETS:
+            raise MedfmError(f"unknown DeiT head preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        if not 1 <= depth <= 12:
+            raise MedfmError(f"DeiT head depth must be between 1 and 12, got {depth}")
+        spec = PRESETS[preset]
+        vit, self.weights_source = _create_deit(spec, depth, weights)
+        self.random_init = self.weights_source == "random"
+        self.project = nn.Sequential(nn.Linear(in_dim, spec.width), nn.LayerNorm(spec.width))
+        self.cls_token = vit.cls_token
+        self.native_grid = tuple(vit.patch_embed.grid_size)
+        self.grid = tuple(grid) if grid is not None else None
+        pos_embed = vit.pos_embed.data
+        if self.grid is not None and self.grid != self.native_grid:
+            pos_embed = resample_abs_pos_embed(pos_embed, new_size=list(self.grid), old_size=list(self.native_grid), num_prefix_tokens=1)
+        self.pos_embed = nn.Parameter(pos_embed.clone())
+        self.blocks = vit.blocks
+        self.norm = vit.norm
+        self.classifier = nn.Linear(spec.width, num_outputs)
+
+    def position_embedding(self, num_tokens: int) -> torch.Tensor:
+        """The embedding for CLS + `num_tokens` tokens, resampled bicubically when the grid differs."""
+        grid = self.grid or self.native_grid
+        if num_tokens == grid[0] * grid[1]:
+            return self.pos_embed
+        side = math.isqrt(num_tokens)
+        if self.grid is not None or side * side != num_tokens:
+            raise MedfmError(f"DeiT head got {num_tokens} tokens but its grid is {grid[0]}x{grid[1]}; build it with grid=(rows, cols) of the tokens")
+        return resample_abs_pos_embed(self.pos_embed, new_size=[side, side], old_size=list(self.native_grid), num_prefix_tokens=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.project(tokens)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.position_embedding(tokens.shape[1])
+        x = self.norm(self.blocks(x))
+        return self.classifier(x[:, 0])
+
+
+def build_head(kind: str, in_dim: int, num_outputs: int, **opts: Any) -> nn.Module:
+    """`linear` | `deit` -> the head; `opts` reach DeiTHead (depth, preset, weights, grid)."""
+    if kind == "linear":
+        return LinearHead(in_dim, num_outputs)
+    if kind == "deit":
+        return DeiTHead(in_dim, num_outputs, **opts)
+    raise MedfmError(f"unknown head '{kind}'; choose one of {', '.join(HEAD_KINDS)}")
+
+
+def find_deit_weights(spec: DeiTPreset) -> Path | None:
+    """The official DeiT file in MEDFM_WEIGHTS_DIR, else timm's file in the HF hub cache; no download."""
+    weights_dir = os.environ.get(WEIGHTS_DIR_ENV)
+    if weights_dir and (Path(weights_dir) / spec.weights_file).is_file():
+        return Path(weights_dir) / spec.weights_file
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(spec.hub_repo, "model.safetensors")
+    return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
+
+
+def _create_deit(spec: DeiTPreset, depth: int, weights: str) -> tuple[nn.Module, str]:
+    """The timm DeiT with `depth` blocks and where its weights came from ("random" or the file path)."""
+    path: Path | None = None
+    if weights == "default":
+        path = find_deit_weights(spec)
+        if path is None:
+            message = (f"DeiT head weights not found ({spec.weights_file} in ${WEIGHTS_DIR_ENV}, or {spec.hub_repo} in the "
+                       "hub cache): its blocks start from RANDOM weights, unlike the study")
+            warnings.warn(message, stacklevel=3)
+            log.warning(message)
+    elif weights != "random":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise MedfmError(f"DeiT head weights file {path} does not exist; pass default, random or an existing path")
+    kwargs: dict[str, Any] = {"num_classes": 0, "depth": depth, "drop_path_rate": 0.0}
+    if path is None:
+        return timm.create_model(spec.timm_name, pretrained=False, **kwargs), "random"
+    state = {k: v for k, v in _load_tensors(path).items() if _within_depth(k, depth)}
+    model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs)
+    return model, str(path)
+
+
+def _within_depth(key: str, depth: int) -> bool:
+    """Keep a checkpoint key unless it belongs to a block the truncated head does not have."""
+    parts = key.split(".")
+    return not (parts[0] == "blocks" and int(parts[1]) >= depth)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a weights-only torch.load (no pickled code runs)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise MedfmError(f"cannot load DeiT head weights {path} safely: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # the official DeiT release wraps the weights
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MedfmError(f"{path} holds no state dict of tensors; pass the official DeiT weights file")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

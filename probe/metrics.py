@@ -1,0 +1,111 @@
+"""Task metrics with scikit-learn, shared by probe and finetune.
+
+`task` is the dict stored in the cache: {"kind", "class_names", "primary_metric"}. Binary tasks use
+two logits (softmax, as the study does); multilabel tasks use one sigmoid logit per label.
+
+A metric that cannot be computed (a class absent from y_true, a constant prediction for kappa) is NaN
+and a line in `metrics["warnings"]`: never a quiet 0.5 (DESIGN, "Lessons"). Every other value is a float.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from scipy.special import expit, softmax
+from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score, roc_auc_score
+from torch import nn
+
+from cache.errors import MedfmError
+
+METRICS_BY_KIND = {
+    "multiclass": ("accuracy", "macro_recall", "quadratic_kappa", "roc_auc"),
+    "binary": ("roc_auc", "accuracy", "macro_recall", "quadratic_kappa"),
+    "multilabel": ("mean_roc_auc",),
+}
+
+Metrics = dict[str, Any]  # metric name -> float, plus "warnings" -> list[str]
+
+
+def num_outputs(task: dict[str, Any]) -> int:
+    """Logits a head must produce: one per class (2 for binary, as the study), one per label."""
+    if task["kind"] not in METRICS_BY_KIND:
+        raise MedfmError(f"unknown task kind '{task['kind']}' in the cache; expected one of {', '.join(METRICS_BY_KIND)}")
+    return max(2, len(task["class_names"])) if task["kind"] == "binary" else len(task["class_names"])
+
+
+def loss_fn(task: dict[str, Any]) -> nn.Module:
+    """Cross-entropy over classes; BCE-with-logits per label for multilabel tasks (labels as floats)."""
+    return nn.BCEWithLogitsLoss() if task["kind"] == "multilabel" else nn.CrossEntropyLoss()
+
+
+def compute_metrics(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray) -> Metrics:
+    """Every metric of the task kind on one split; NaN plus a warning where a metric is undefined."""
+    logits = np.asarray(logits, dtype=np.float64)
+    problems: list[str] = []
+    if task["kind"] == "multilabel":
+        metrics = _multilabel(task, np.asarray(labels), logits, problems)
+    else:
+        metrics = _single_label(task, np.asarray(labels).astype(np.int64), logits, problems)
+    metrics["warnings"] = problems
+    return metrics
+
+
+def primary(task: dict[str, Any], metrics: Metrics) -> float:
+    """The dataset's primary metric (the study's model-selection and reported score)."""
+    name = task["primary_metric"]
+    if name not in metrics:
+        raise MedfmError(f"primary metric '{name}' is not computed for {task['kind']} tasks; it must be one of {', '.join(METRICS_BY_KIND[task['kind']])}")
+    return float(metrics[name])
+
+
+def _single_label(task: dict[str, Any], y: np.ndarray, logits: np.ndarray, problems: list[str]) -> Metrics:
+    n_classes = logits.shape[1]
+    classes = np.arange(n_classes)
+    probs = softmax(logits, axis=1)
+    pred = probs.argmax(axis=1)
+    present = np.unique(y)
+    missing = [task["class_names"][c] if c < len(task["class_names"]) else str(c) for c in classes if c not in present]
+    metrics: Metrics = {"accuracy": float(accuracy_score(y, pred))}
+    # Macro recall over the classes present in y_true (balanced accuracy); an absent class has no recall.
+    metrics["macro_recall"] = float(recall_score(y, pred, labels=present, average="macro", zero_division=0))
+    if missing:
+        problems.append(f"classes absent from y_true ({', '.join(missing)}): macro_recall averages the other classes, roc_auc is NaN")
+        metrics["roc_auc"] = float("nan")
+    elif n_classes == 2:
+        metrics["roc_auc"] = float(roc_auc_score(y, probs[:, 1]))
+    else:
+        metrics["roc_auc"] = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=classes))
+    metrics["quadratic_kappa"] = _kappa(y, pred, classes, problems)
+    return metrics
+
+
+def _kappa(y: np.ndarray, pred: np.ndarray, classes: np.ndarray, problems: list[str]) -> float:
+    """Quadratic Cohen kappa on argmax; undefined (NaN) when expected agreement leaves nothing to beat."""
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")  # sklearn's own undefined-metric warning; ours is in the result
+        value = float(cohen_kappa_score(y, pred, labels=classes, weights="quadratic"))
+    if not np.isfinite(value):
+        problems.append("quadratic_kappa is undefined (labels and predictions leave no disagreement to weigh): NaN")
+        return float("nan")
+    return value
+
+
+def _multilabel(task: dict[str, Any], y: np.ndarray, logits: np.ndarray, problems: list[str]) -> Metrics:
+    """Mean over labels of per-label ROC-AUC; a label with one class in y_true is left out and named."""
+    probs = expit(logits)
+    metrics: Metrics = {}
+    aucs, skipped = [], []
+    for j, name in enumerate(task["class_names"]):
+        column = y[:, j]
+        if len(np.unique(column)) < 2:
+            skipped.append(name)
+            metrics[f"roc_auc/{name}"] = float("nan")
+            continue
+        aucs.append(float(roc_auc_score(column, probs[:, j])))
+        metrics[f"roc_auc/{name}"] = aucs[-1]
+    if skipped:
+        problems.append(f"labels with a single class in y_true ({', '.join(skipped)}): left out of mean_roc_auc")
+    metrics["mean_roc_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+    return metrics

@@ -1,0 +1,68 @@
+"""Task metrics: values match scikit-learn, and undefined metrics are NaN with a warning, never 0.5."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from cache.errors import MedfmError
+from probe.metrics import compute_metrics, loss_fn, num_outputs, primary
+
+MULTICLASS = {"kind": "multiclass", "class_names": ["a", "b", "c"], "primary_metric": "quadratic_kappa"}
+BINARY = {"kind": "binary", "class_names": ["normal", "abnormal"], "primary_metric": "roc_auc"}
+MULTILABEL = {"kind": "multilabel", "class_names": ["x", "y", "z"], "primary_metric": "mean_roc_auc"}
+
+
+def test_multiclass_metrics_match_sklearn_on_argmax():
+    y = np.array([0, 1, 2, 2, 1, 0, 2])
+    logits = np.eye(3)[[0, 1, 1, 2, 1, 2, 2]] * 3.0
+    m = compute_metrics(MULTICLASS, y, logits)
+    pred = logits.argmax(1)
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    assert m["macro_recall"] == pytest.approx(np.mean([0.5, 1.0, 2 / 3]))
+    assert m["quadratic_kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert 0.5 < m["roc_auc"] <= 1.0
+    assert m["warnings"] == []
+    assert primary(MULTICLASS, m) == m["quadratic_kappa"]
+
+
+def test_missing_class_gives_nan_auc_and_a_warning_not_half():
+    y = np.array([0, 0, 1, 1])
+    m = compute_metrics(MULTICLASS, y, np.random.default_rng(0).normal(size=(4, 3)))
+    assert math.isnan(m["roc_auc"])
+    assert any("c" in w and "roc_auc" in w for w in m["warnings"])
+
+
+def test_binary_uses_two_logits_and_scores_roc_auc():
+    assert num_outputs(BINARY) == 2
+    y = np.array([0, 0, 1, 1])
+    logits = np.array([[2.0, 0.0], [1.0, 0.5], [0.0, 1.0], [0.0, 3.0]])
+    m = compute_metrics(BINARY, y, logits)
+    assert m["roc_auc"] == 1.0 and m["accuracy"] == 1.0
+    single = compute_metrics(BINARY, np.array([1, 1]), logits[:2])
+    assert math.isnan(single["roc_auc"]) and single["warnings"]
+
+
+def test_multilabel_mean_auc_leaves_out_and_names_constant_labels():
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=np.float32)
+    logits = np.array([[3, -3, 0], [-3, 3, 0], [3, 3, 0], [-3, -3, 0]], dtype=np.float32)
+    m = compute_metrics(MULTILABEL, y, logits)
+    assert m["mean_roc_auc"] == 1.0
+    assert math.isnan(m["roc_auc/z"])
+    assert any("z" in w for w in m["warnings"])
+    assert loss_fn(MULTILABEL).__class__.__name__ == "BCEWithLogitsLoss"
+    assert loss_fn(MULTICLASS).__class__.__name__ == "CrossEntropyLoss"
+
+
+def test_constant_predictions_make_kappa_nan_with_warning():
+    m = compute_metrics(MULTICLASS, np.zeros(3, dtype=int), np.tile([5.0, 0.0, 0.0], (3, 1)))
+    assert math.isnan(m["quadratic_kappa"])
+    assert any("quadratic_kappa" in w for w in m["warnings"])
+
+
+def test_primary_metric_not_computed_for_the_kind_is_a_user_error():
+    with pytest.raises(MedfmError, match="mean_roc_auc"):
+        primary({**MULTICLASS, "primary_metric": "mean_roc_auc"}, compute_metrics(MULTICLASS, np.array([0, 1, 2]), np.eye(3)))

@@ -1,0 +1,47 @@
+"""The SQLite ledger: rows round-trip, skip-if-done keys, filters, and several writers."""
+
+from __future__ import annotations
+
+import math
+
+from probe.results import Ledger, RunRecord, config_key
+
+
+def record(key: str, **kw) -> RunRecord:
+    base = dict(stage="probe", scenario="frozen-linear", backbone="deit", dataset="demo", head="linear",
+                config={"lr": 1e-4}, config_key=key, cache_fingerprint="f" * 64, seed=0, primary_metric="accuracy",
+                val_score=0.5, test_metrics={"accuracy": 0.75, "roc_auc": float("nan"), "warnings": ["x"]},
+                test_primary=0.75, random_weights=True)
+    return RunRecord(**{**base, **kw})
+
+
+def test_ledger_round_trips_a_row_and_finds_it_by_config_key(tmp_path):
+    ledger = Ledger(tmp_path / "runs" / "results.sqlite")
+    rid = ledger.add(record("k1"))
+    found = ledger.find("k1")
+    assert found is not None and found.id == rid
+    assert found.config == {"lr": 1e-4} and found.random_weights is True
+    assert math.isnan(found.test_metrics["roc_auc"]) and found.test_metrics["warnings"] == ["x"]
+    assert found.code_version and found.created
+    assert ledger.find("other") is None
+
+
+def test_ledger_filters_rows_by_columns_and_reopens_from_disk(tmp_path):
+    path = tmp_path / "results.sqlite"
+    Ledger(path).add(record("a", backbone="deit"))
+    Ledger(path).add(record("b", backbone="dinov2", dataset="aptos2019"))
+    ledger = Ledger(path)
+    assert [r.config_key for r in ledger.rows()] == ["a", "b"]
+    assert [r.config_key for r in ledger.rows(backbone="dinov2")] == ["b"]
+    assert [r.config_key for r in ledger.rows(dataset=["demo", "aptos2019"])] == ["a", "b"]
+    assert ledger.rows(dataset=[]) == []
+
+
+def test_config_key_changes_with_config_fingerprint_and_seed():
+    key = config_key({"lr": 1e-4}, "fp", 0)
+    assert key == config_key({"lr": 1e-4}, "fp", 0)
+    assert len({key, config_key({"lr": 1e-3}, "fp", 0), config_key({"lr": 1e-4}, "fp2", 0), config_key({"lr": 1e-4}, "fp", 1)}) == 4
+
+
+def test_ledger_defaults_under_medfm_output(isolated_outputs):
+    assert Ledger().path == isolated_outputs / "runs" / "results.sqlite"
