@@ -39,5 +39,8 @@ extract: $(PY)
 probe: $(PY)
 	$(BIN)/probe run --head $(HEAD) --backbone $(BACKBONE) --dataset $(DATASET) $(ARGS)
 
+finetune: $(PY)
+	$(BIN)/finetune run --head $(HEAD) --backbone $(BACKBONE) --dataset $(DATASET) $(ARGS)
+
 report: $(PY)
 	$(BIN)/probe report $(ARGS)

@@ -1,0 +1,89 @@
+"""`finetune run`: train backbone + head end to end. Parsing only; the work is in finetune.train.
+
+One device: `finetune run --backbone seem --dataset demo --head linear`.
+Many: `torchrun --nproc_per_node N $(which finetune) run ...` (DDP; --batch-size stays the global batch).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cache.errors import MedfmError, run_cli
+from extract.cli import parse_options
+from extract.runner import default_output
+from finetune.distributed import is_main_process
+from finetune.train import FinetuneConfig, finetune
+
+app = typer.Typer(help="Train a backbone and a head end to end (the study's unfrozen scenarios).", no_args_is_help=True,
+                  add_completion=False)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`embed_dim=32` -> {"embed_dim": 32}: values are Python literals (numbers, tuples), else strings."""
+    out: dict[str, object] = {}
+    for key, value in parse_options(pairs).items():
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+@app.command()
+def run(
+    backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
+    dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
+    head: Annotated[str, typer.Option(help="linear (on the pooled feature) | deit (DeiT blocks on the tokens).")] = "linear",
+    freeze: Annotated[str, typer.Option(help="none (all trains) | all (head only) | last-K (head + last K blocks).")] = "none",
+    root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.")] = None,
+    weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
+    epochs: Annotated[int, typer.Option(help="Training epochs (the study: 100).")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Global batch size, split across DDP processes.")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (none on biases and norms).")] = 1e-5,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps [default: 5 epochs, at most 1000].")] = None,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clipping.")] = 1.0,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA].")] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="The study's train augmentation.")] = True,
+    patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a better val score [default: never].")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue this configuration's unfinished run from its last checkpoint.")] = False,
+    image_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's, 224].")] = None,
+    in_chans: Annotated[int, typer.Option(help="1 rebuilds the first conv for grayscale (the study's R-channel init).")] = 3,
+    head_depth: Annotated[int, typer.Option(help="DeiT head blocks (the study: 12).")] = 12,
+    head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b (the study) | deit-s | deit-t.")] = "deit-b",
+    head_weights: Annotated[str, typer.Option(help="DeiT head blocks: default | random | PATH.")] = "default",
+    seed: Annotated[int, typer.Option(help="Training seed (initial head, shuffle order, augmentation).")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU).")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers per process [default: from the cores].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Runs folder and ledger [default: $MEDFM_OUTPUT/runs].")] = None,
+    split_seed: Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
+    opt: Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).")] = None,
+    override: Annotated[list[str] | None, typer.Option(
+        help="Backbone constructor KEY=VALUE (repeatable); for tiny test models, e.g. embed_dim=32.", hidden=True)] = None,
+) -> None:
+    """Train BACKBONE + HEAD on DATASET end to end; the result joins the ledger that `probe report` reads."""
+    options = parse_options(opt or [])
+    if split_seed is not None:
+        options["split_seed"] = split_seed
+    if image_size is not None and image_size < 16:
+        raise MedfmError(f"--image-size must be at least 16, got {image_size}")
+    cfg = FinetuneConfig(
+        backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
+        augment=augment, patience=patience, image_size=image_size, in_chans=in_chans, head_depth=head_depth,
+        head_preset=head_preset, head_weights=head_weights, seed=seed, device=device, workers=workers, resume=resume,
+        out=out or default_output() / "runs", dataset_options=options, overrides=parse_overrides(override or []),
+    )
+    result = finetune(cfg)
+    if is_main_process():
+        Console().print(f"{backbone} {result.scenario} on {dataset}: val {result.metric} {result.val_score:.4f} "
+                        f"(epoch {result.best_epoch}), test {result.metric} {result.test_score:.4f}")
+
+
+def main() -> None:
+    run_cli(app, "finetune")

@@ -1,0 +1,123 @@
+"""The finetuned model: extract's Backbone + probe's head, and which parts of it train.
+
+Freeze policies (the study's scenarios and its partial unfreezing, paper.md §4):
+- `none`: everything trains (the unfrozen scenarios);
+- `all`: only the head trains (the frozen scenarios, trained end to end on live images);
+- `last-K`: the head and the last K of `backbone.blocks` train; the stem, earlier blocks and the
+  readout (e.g. a ViT's final norm) stay as loaded.
+Frozen parts are kept in eval mode whatever `train()` is called with, so BatchNorm statistics
+and dropout of a frozen part never change.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cache.errors import MedfmError
+from extract.backbones import Backbone
+from probe.heads import build_head
+
+HEAD_INPUT = {"linear": "pooled", "deit": "tokens"}
+
+
+@dataclass(frozen=True)
+class FreezePolicy:
+    """`none`, `all` or `last-K`, parsed once; `trainable_blocks` is K (None: every block, 0: none)."""
+
+    text: str
+    trainable_blocks: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> FreezePolicy:
+        if text == "none":
+            return cls(text, None)
+        if text == "all":
+            return cls(text, 0)
+        match = re.fullmatch(r"last-(\d+)", text)
+        if not match or int(match.group(1)) < 1:
+            raise MedfmError(f"--freeze must be none, all or last-K with K >= 1 (e.g. last-2), got '{text}'")
+        return cls(text, int(match.group(1)))
+
+    @property
+    def frozen_backbone(self) -> bool:
+        """True when the backbone does not train at all (the study's frozen scenarios)."""
+        return self.trainable_blocks == 0
+
+
+class FinetuneModel(nn.Module):
+    """images -> backbone -> pooled (linear head) or tokens (DeiT head) -> logits."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, head_kind: str, freeze: FreezePolicy) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head_input = HEAD_INPUT[head_kind]
+        self.freeze = freeze
+        self._trainable_backbone = _trainable_backbone_parts(backbone, freeze)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        for part in self._trainable_backbone:
+            for p in part.parameters():
+                p.requires_grad_(True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)
+        return self.head(getattr(features, self.head_input))
+
+    def train(self, mode: bool = True) -> FinetuneModel:
+        """Train mode for the trainable parts only: frozen backbone parts always run in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        for part in self._trainable_backbone:
+            part.train(mode)
+        return self
+
+
+def _trainable_backbone_parts(backbone: Backbone, freeze: FreezePolicy) -> list[nn.Module]:
+    if freeze.trainable_blocks is None:
+        return [backbone]
+    blocks = list(backbone.blocks)
+    if freeze.trainable_blocks > len(blocks):
+        raise MedfmError(f"--freeze {freeze.text}: this backbone has only {len(blocks)} blocks; use last-{len(blocks)} or none")
+    return blocks[len(blocks) - freeze.trainable_blocks:] if freeze.trainable_blocks else []
+
+
+def build_model(
+    backbone: Backbone, head_kind: str, num_outputs: int, freeze: FreezePolicy, *,
+    head_depth: int = 12, head_preset: str = "deit-b", head_weights: str = "default",
+) -> FinetuneModel:
+    """The backbone with a head sized from its features; the DeiT head's grid is the backbone's token grid."""
+    if head_kind not in HEAD_INPUT:
+        raise MedfmError(f"unknown head '{head_kind}'; choose one of {', '.join(HEAD_INPUT)}")
+    if head_kind == "linear":
+        head = build_head("linear", backbone.pooled_dim, num_outputs)
+    else:
+        num_tokens, token_dim = backbone.token_shape()
+        side = math.isqrt(num_tokens)
+        grid = (side, side) if side * side == num_tokens else None
+        head = build_head("deit", token_dim, num_outputs, depth=head_depth, preset=head_preset, weights=head_weights, grid=grid)
+    return FinetuneModel(backbone, head, head_kind, freeze)
+
+
+def freeze_unused(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Stop training parameters that get no gradient from this head (e.g. a CLIP projection when the DeiT
+    head reads the tokens); DDP requires every trained parameter to take part. Returns their names.
+
+    One forward/backward in eval mode on `example`: nothing is updated and no running statistic moves.
+    """
+    was_training = model.training
+    model.eval()
+    model(example).float().sum().backward()
+    unused = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+            unused.append(name)
+        p.grad = None
+    model.train(was_training)
+    return unused

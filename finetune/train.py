@@ -1,0 +1,323 @@
+"""End-to-end training of backbone + head: the unfrozen scenarios (and frozen ones on live images).
+
+Read `finetune` top to bottom: set-up (data, model, the study's recipe, DDP), resume from the run's
+checkpoint if asked, the epoch loop (train, validate, keep the best, checkpoint), then the test
+split scored once with the best-validation weights and one row in the results ledger.
+
+Exact resume: a checkpoint after every epoch holds model, optimizer, scheduler, scaler, best score
+and best weights, and the history. Random state is not saved: each epoch's randomness (shuffle
+order, augmentation, dropout, loader workers) is seeded from (seed, epoch, rank) at the epoch's
+start, so a resumed epoch replays exactly on every rank, which saved states of rank 0 alone could not do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from cache.errors import MedfmError
+from cache.fingerprint import manifest_hash
+from extract.backbones import create_backbone
+from extract.datasets import get_dataset
+from extract.runner import default_output, resolve_device, resolve_extract_weights
+from extract.transforms import make_spec
+from finetune import distributed
+from finetune.data import check_images, epoch_seed, make_loader
+from finetune.distributed import World
+from finetune.model import FreezePolicy, build_model, freeze_unused
+from probe.metrics import compute_metrics, loss_fn, num_outputs, primary
+from probe.results import Ledger, RunRecord, config_key
+from probe.train import param_groups, warmup_then_constant
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+STUDY_WARMUP_EPOCHS, STUDY_WARMUP_CAP = 5, 1000  # 5 epochs (APTOS, DDSM), at most 1000 steps (ISIC, CheXpert)
+NOT_IN_KEY = ("root", "out", "device", "workers", "resume")  # where and how fast, not what is trained
+
+
+@dataclass
+class FinetuneConfig:
+    backbone: str
+    dataset: str
+    head: str = "linear"  # linear (pooled feature) | deit (tokens)
+    freeze: str = "none"  # none | all | last-K
+    root: Path | None = None
+    weights: str = "default"  # default | random | auto (default, else random with a warning) | PATH
+    epochs: int = 100
+    batch_size: int = 64  # the global batch, split evenly across DDP ranks
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int | None = None  # None: the study's, 5 epochs but at most 1000 steps
+    grad_clip: float = 1.0
+    amp: bool | None = None  # None: on for CUDA (fp16 + GradScaler); on CPU, amp means bf16
+    augment: bool = True  # the study's train augmentation; off: the eval transform for training too
+    patience: int | None = None  # stop after this many epochs without a better validation score
+    image_size: int | None = None
+    in_chans: int = 3
+    head_depth: int = 12
+    head_preset: str = "deit-b"
+    head_weights: str = "default"  # the DeiT head's blocks: default | random | PATH
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None
+    resume: bool = False
+    out: Path = field(default_factory=lambda: default_output() / "runs")
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # backbone constructor overrides (tiny test models)
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    scenario: str
+    best_epoch: int  # 1-based
+    metric: str  # the dataset's primary metric
+    val_score: float
+    test_score: float
+    test_metrics: dict[str, Any]
+    history: list[dict[str, Any]]  # one entry per epoch: loss, train and val metrics, lr
+    random_weights: bool
+    trained: bool  # False when the ledger already held this run
+    ledger_id: int | None
+
+
+def scenario_name(head: str, freeze: FreezePolicy) -> str:
+    return f"{'frozen' if freeze.frozen_backbone else 'unfrozen'}-{head}"
+
+
+def finetune(cfg: FinetuneConfig, console: Console | None = None) -> FinetuneResult:
+    """Train `cfg.backbone` + head on `cfg.dataset` end to end; under torchrun, one rank of a DDP run."""
+    _validate(cfg)
+    world = distributed.start(resolve_device(cfg.device))
+    try:
+        return _finetune(cfg, world, console or Console(stderr=True, quiet=not world.is_main))
+    finally:
+        distributed.stop(world)
+
+
+def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneResult:
+    start_time = time.perf_counter()
+    device = world.device
+    if cfg.batch_size % world.size:
+        raise MedfmError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world.size} processes")
+    use_amp = device.type == "cuda" if cfg.amp is None else cfg.amp
+    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if use_amp else None
+
+    # --- identity of the run: its folder, and a finished run is not trained twice
+    freeze = FreezePolicy.parse(cfg.freeze)
+    scenario = scenario_name(cfg.head, freeze)
+    source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    task = source.task.to_dict()
+    weights = resolve_extract_weights(cfg.backbone, cfg.weights, console)
+    manifest = source.manifest()
+    run_config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
+    run_config.update(weights=weights.identity, dataset_options=source.options, manifest_hash=manifest_hash(manifest))
+    key = config_key(run_config, None, cfg.seed)
+    run_dir = Path(cfg.out) / "finetune" / f"{cfg.backbone}-{source.name}-{scenario}-{key[:12]}"
+    ledger = Ledger(Path(cfg.out) / "results.sqlite")
+    if (done := ledger.find(key)) is not None:
+        console.print(f"[green]already finished[/]: ledger row {done.id}, {run_dir}; nothing to train")
+        return _finished_result(done, run_dir, scenario)
+    checkpoint_path = run_dir / CHECKPOINT
+    if checkpoint_path.exists() and not cfg.resume:
+        raise MedfmError(f"{run_dir} holds an unfinished run of this configuration; pass --resume to continue it, "
+                         f"or remove the folder to start over")
+
+    # --- model, data, the study's recipe
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
+    backbone = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
+    model = build_model(backbone.to(device), cfg.head, num_outputs(task), freeze, head_depth=cfg.head_depth,
+                        head_preset=cfg.head_preset, head_weights=cfg.head_weights).to(device)
+    dc = backbone.data_config
+    tspec = make_spec(dc.input_size, dc.mean, dc.std, dc.interpolation, cfg.in_chans)
+    unused = freeze_unused(model, torch.zeros(1, tspec.channels, tspec.size, tspec.size, device=device))
+    if unused:
+        console.print(f"{len(unused)} parameter tensors get no gradient through the {cfg.head} head and stay fixed ({unused[0]}, ...)")
+    loader_args = {"batch_size": cfg.batch_size, "seed": cfg.seed, "workers": cfg.workers, "augment": cfg.augment}
+    train_loader, train_sampler = make_loader(source, "train", tspec, world, train=True, **loader_args)
+    val_loader, _ = make_loader(source, "val", tspec, world, train=False, **loader_args)
+    test_loader, _ = make_loader(source, "test", tspec, world, train=False, **loader_args)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(STUDY_WARMUP_EPOCHS * len(train_loader), STUDY_WARMUP_CAP)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = warmup_then_constant(optimizer, warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    criterion = loss_fn(task)
+
+    # --- resume, or start the run folder
+    state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": None, "best_model": None, "history": [], "train_seconds": 0.0}
+    if cfg.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.pop("model"))
+        optimizer.load_state_dict(state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+        scaler.load_state_dict(state.pop("scaler"))
+        console.print(f"resuming {run_dir} after epoch {state['epoch']}/{cfg.epochs}")
+    elif world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", {"config": run_config, "scenario": scenario, "config_key": key, "task": task})
+        _write_json(run_dir / "splits.json", manifest)
+        console.print(f"finetuning {cfg.backbone} + {cfg.head} head ({scenario}, --freeze {cfg.freeze}) on {source.name} -> {run_dir}")
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # --- the epoch loop: train, validate, keep the best, checkpoint
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True)
+    with progress:
+        bar = progress.add_task("epoch", total=len(train_loader))
+        for epoch in range(state["epoch"], cfg.epochs):
+            if _patience_spent(state, cfg.patience):
+                console.print(f"no better validation score for {cfg.patience} epochs: stopping early")
+                break
+            epoch_start = time.perf_counter()
+            _seed_everything(epoch_seed(cfg.seed, epoch, world.rank))
+            train_sampler.set_epoch(epoch)
+            progress.reset(bar, description=f"epoch {epoch + 1}/{cfg.epochs}")
+            trained.train()
+            losses, outputs = [], []  # kept on the device: no host sync per step
+            for images, labels, index, ok, errors in train_loader:
+                check_images(ok, errors)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = trained(images)
+                    loss = criterion(logits.float(), labels)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                losses.append(loss.detach())
+                outputs.append((index, labels, logits.detach().float()))
+                progress.advance(bar)
+            train_labels, train_logits = distributed.gather_predictions(world, *map(torch.cat, zip(*outputs, strict=True)))
+            val_labels, val_logits = distributed.gather_predictions(world, *_predict(model, val_loader, device, amp_dtype))
+            state["train_seconds"] += time.perf_counter() - epoch_start
+            val_metrics = compute_metrics(task, val_labels, val_logits)
+            score = primary(task, val_metrics)
+            if _better(score, state["best_score"]):
+                state.update(best_score=score, best_epoch=epoch + 1,
+                             best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            state["history"].append({
+                "epoch": epoch + 1, "loss": distributed.all_mean(world, torch.stack(losses).mean().item()), "lr": scheduler.get_last_lr()[0],
+                "train": compute_metrics(task, train_labels, train_logits), "val": val_metrics, "seconds": time.perf_counter() - epoch_start,
+            })
+            state["epoch"] = epoch + 1
+            if world.is_main:
+                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, state)
+            name = task["primary_metric"]
+            console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {state['history'][-1]['loss']:.4f}  "
+                          f"train {name} {primary(task, state['history'][-1]['train']):.4f}  val {name} {score:.4f}"
+                          + ("  [green](best)[/]" if state["best_epoch"] == epoch + 1 else ""))
+
+    # --- the test split, once, with the best-validation weights, in fp32 (as the study)
+    model.load_state_dict(state["best_model"])
+    test_labels, test_logits = distributed.gather_predictions(world, *_predict(model, test_loader, device, None))
+    test_metrics = compute_metrics(task, test_labels, test_logits)
+    random_weights = weights.random or bool(getattr(model.head, "random_init", False))  # a random DeiT head is not the study's
+    result = FinetuneResult(run_dir, scenario, state["best_epoch"], task["primary_metric"], state["best_score"],
+                            primary(task, test_metrics), test_metrics, state["history"], random_weights, True, None)
+    if world.is_main:
+        result.ledger_id = _record(ledger, cfg, run_config, key, scenario, task, result, state["train_seconds"],
+                                   time.perf_counter() - start_time)
+        torch.save(state["best_model"], run_dir / "best.pt")
+        _write_json(run_dir / RESULT, {k: getattr(result, k) for k in ("best_epoch", "val_score", "test_metrics", "history")})
+        checkpoint_path.unlink(missing_ok=True)
+        for problem in test_metrics.get("warnings", []):
+            console.print(f"[yellow]warning[/]: {problem}")
+        console.print(f"[green]done[/]: ledger row {result.ledger_id}, {run_dir}")
+    distributed.barrier(world)
+    return result
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise MedfmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.grad_clip <= 0:
+        raise MedfmError("--lr and --grad-clip must be positive and --weight-decay not negative")
+    if cfg.patience is not None and cfg.patience < 1:
+        raise MedfmError(f"--patience must be at least 1, got {cfg.patience}")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise MedfmError(f"--warmup-steps must not be negative, got {cfg.warmup_steps}")
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _better(score: float, best: float | None) -> bool:
+    """Strictly better (the study's rule); any number beats NaN, NaN beats nothing but an empty start."""
+    if best is None:
+        return True
+    return score > best or (math.isnan(best) and not math.isnan(score))
+
+
+def _patience_spent(state: dict[str, Any], patience: int | None) -> bool:
+    return patience is not None and state["best_epoch"] is not None and state["epoch"] - state["best_epoch"] >= patience
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    """(dataset index, labels, logits) of this rank's share of a split, in eval mode."""
+    model.eval()
+    outputs = []
+    for images, labels, index, ok, errors in loader:
+        check_images(ok, errors)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images.to(device, non_blocking=True))
+        outputs.append((index, labels, logits.float().cpu()))
+    return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Write the checkpoint next to its final name, then rename: a crash leaves the previous one whole."""
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "scaler": scaler.state_dict(), **state}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key: str, scenario: str, task: dict[str, Any],
+            result: FinetuneResult, train_seconds: float, total_seconds: float) -> int:
+    return ledger.add(RunRecord(
+        stage="finetune", scenario=scenario, backbone=cfg.backbone, dataset=cfg.dataset, head=cfg.head,
+        config=run_config, config_key=key, cache_fingerprint=None, seed=cfg.seed,
+        primary_metric=task["primary_metric"], val_score=result.val_score, test_metrics=result.test_metrics,
+        test_primary=result.test_score, random_weights=result.random_weights,
+        train_seconds=train_seconds, total_seconds=total_seconds, run_dir=str(result.run_dir),
+    ))
+
+
+def _finished_result(record: RunRecord, run_dir: Path, scenario: str) -> FinetuneResult:
+    saved = json.loads((run_dir / RESULT).read_text()) if (run_dir / RESULT).exists() else {"best_epoch": 0, "history": []}
+    return FinetuneResult(run_dir, scenario, saved["best_epoch"], record.primary_metric, record.val_score, record.test_primary,
+                          record.test_metrics, saved["history"], record.random_weights, False, record.id)
