@@ -11,15 +11,27 @@ from torch import nn
 
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneSpec, DataConfig, Features, count_parameters, single_channel_conv
-from extract.backbones.weights import load_state_dict
+from extract.backbones.weights import load_state_dict, mismatch_error
 
 
-def create_timm_model(model_name: str, weights: Path | None, **kwargs: Any) -> nn.Module:
-    """timm.create_model with weights loaded safely by us and converted by timm's own checkpoint filter."""
+def create_timm_model(model_name: str, weights: Path | dict[str, torch.Tensor] | None, **kwargs: Any) -> nn.Module:
+    """timm.create_model with weights loaded safely by us, converted by timm's own checkpoint filter, strictly.
+
+    timm loads non-strictly whenever the model's head differs from the pretrained one, so a file missing
+    trunk tensors would leave them random. We drop the classifier ourselves and declare a headless
+    pretrained config, which keeps timm's load strict.
+    """
     if weights is None:
         return timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
-    overlay = {"state_dict": load_state_dict(weights)}
-    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs)
+    state_dict = load_state_dict(weights) if isinstance(weights, Path) else weights
+    heads = timm.models.get_pretrained_cfg(model_name).classifier or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(tuple(f"{h}." for h in heads))}
+    overlay = {"state_dict": state_dict, "num_classes": 0}
+    try:
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs)
+    except RuntimeError as err:
+        raise mismatch_error(err, weights if isinstance(weights, Path) else None, model_name) from None
 
 
 def timm_data_config(model: nn.Module, image_size: int) -> DataConfig:
@@ -33,8 +45,8 @@ class TimmViT(Backbone):
     `prenorm_tokens` keeps the tokens before the final norm (the study's DINOv2 DeiT-head input).
     """
 
-    def __init__(self, model: nn.Module, image_size: int, prenorm_tokens: bool = False) -> None:
-        super().__init__(timm_data_config(model, image_size), model.embed_dim, model.embed_dim)
+    def __init__(self, model: nn.Module, image_size: int, prenorm_tokens: bool = False, data_config: DataConfig | None = None) -> None:
+        super().__init__(data_config or timm_data_config(model, image_size), model.embed_dim, model.embed_dim)
         self.model = model
         self.prenorm_tokens = prenorm_tokens
 

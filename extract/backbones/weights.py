@@ -118,3 +118,19 @@ def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 def take_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The sub-dict under `prefix` with the prefix stripped (e.g. `backbone.` of a SEEM checkpoint)."""
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def mismatch_error(err: RuntimeError, path: Path | None, model: str) -> MedfmError:
+    """A state-dict mismatch as one line: which keys are missing or unexpected, and what to pass instead."""
+    detail = " ".join(str(err).split())
+    detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+    where = f"weights file {path}" if path else "the weights"
+    return MedfmError(f"{where} do not fit {model} ({detail}); pass the official file for this backbone")
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path | None, model: str) -> None:
+    """load_state_dict(strict=True): every tensor of the model comes from the file, or a clear error."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise mismatch_error(err, path, model) from None

@@ -1,0 +1,105 @@
+"""`blip`: BLIP's ViT-B/16 image encoder, from the original `model_base.pth` or from HF-format weights.
+
+The original checkpoint keeps the encoder under `visual_encoder.*` with timm's key names, so it loads
+strictly into timm's ViT-B/16. A folder of HF-format weights (config.json + model.safetensors) goes through
+`BlipForConditionalGeneration`: `BlipVisionModel.from_pretrained` on a full BLIP folder silently keeps random
+vision weights. Pooled = the CLS token (index 0); the study's code took index 1, a patch token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cache.errors import MedfmError
+from extract.backbones import register
+from extract.backbones.base import CLIP_MEAN, CLIP_STD, Backbone, BackboneSpec, DataConfig, Features, count_parameters, single_channel_conv
+from extract.backbones.timm_family import TimmViT, create_timm_model
+from extract.backbones.weights import load_state_dict, take_prefix
+
+TIMM_NAME = "vit_base_patch16_224"
+
+
+def blip_data_config(image_size: int) -> DataConfig:
+    return DataConfig(image_size, CLIP_MEAN, CLIP_STD, "bicubic")
+
+
+class HFBlipVision(Backbone):
+    """transformers' BLIP vision model: pooled = CLS after the post-LayerNorm (once, not HF's double-normed
+    pooler_output); tokens = the normed patch tokens. Position embeddings are interpolated to the input size."""
+
+    def __init__(self, vision: nn.Module, image_size: int) -> None:
+        dim = vision.config.hidden_size
+        super().__init__(blip_data_config(image_size), dim, dim)
+        self.model = vision
+
+    @property
+    def blocks(self) -> nn.ModuleList:  # type: ignore[override]
+        return self.model.encoder.layers
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings(x, interpolate_pos_encoding=True)
+
+    def readout(self, h: torch.Tensor, index: int) -> Features:
+        normed = self.model.post_layernorm(h)
+        return Features(normed[:, 0], normed[:, 1:])
+
+
+def hf_vision_model(folder: Path) -> nn.Module:
+    """The vision tower of an HF-format BLIP folder; an error if any of its tensors was not in the files."""
+    from transformers import BlipForConditionalGeneration
+
+    try:
+        model, info = BlipForConditionalGeneration.from_pretrained(
+            folder, local_files_only=True, weights_only=True, output_loading_info=True
+        )
+    except (OSError, ValueError) as err:
+        raise MedfmError(f"cannot load HF-format BLIP weights from {folder}: {str(err).splitlines()[0]}") from None
+    missing = [k for k in info["missing_keys"] if k.startswith("vision_model.")]
+    if missing:
+        raise MedfmError(f"{folder} lacks {len(missing)} vision tensors (e.g. {missing[0]}); pass a full BLIP folder")
+    return model.vision_model
+
+
+def original_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The image encoder of BLIP's original checkpoint (`visual_encoder.*`, prefix stripped)."""
+    state_dict = take_prefix(load_state_dict(path), "visual_encoder.")
+    if not state_dict:
+        raise MedfmError(
+            f"{path} holds no 'visual_encoder.*' tensors; pass BLIP's model_base.pth or a folder of HF-format BLIP weights"
+        )
+    return state_dict
+
+
+def build(weights: Path | None, *, image_size: int | None = None, in_chans: int = 3, **overrides: Any) -> Backbone:
+    size = image_size or 224
+    if weights is not None and weights.is_dir():
+        vision = hf_vision_model(weights)
+        if in_chans == 1:
+            vision.embeddings.patch_embedding = single_channel_conv(vision.embeddings.patch_embedding)
+        backbone: Backbone = HFBlipVision(vision, size)
+    else:
+        state_dict = original_state_dict(weights) if weights is not None else None
+        model = create_timm_model(TIMM_NAME, state_dict, img_size=size, **overrides)
+        if in_chans == 1:
+            model.patch_embed.proj = single_channel_conv(model.patch_embed.proj)
+        backbone = TimmViT(model, size, data_config=blip_data_config(size))
+    backbone._in_chans = in_chans
+    return backbone
+
+
+def count_params() -> int:
+    with torch.device("meta"):
+        return count_parameters(create_timm_model(TIMM_NAME, None))
+
+
+register(BackboneSpec(
+    name="blip", study_row="BLIP ViT-B/16", family="blip", build=build,
+    weights_file="model_base.pth",
+    weights_url="https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base.pth",
+    pooled_dim=768, token_shape=(196, 768), count_params=count_params,
+    notes="pooled: CLS (index 0) after the final norm; tokens: normed patch tokens; also HF-format folders",
+))
