@@ -54,6 +54,7 @@ def run(
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
     split_seed: Annotated[Optional[int], typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
     opt: Annotated[Optional[list[str]], typer.Option(help="Dataset option KEY=VALUE (repeatable).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="Reproduce a saved split (<cache>.splits.json).")] = None,
 ) -> None:
     """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
     options = parse_options(opt or [])
@@ -64,7 +65,7 @@ def run(
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or default_output() / "features",
         batch_size=batch_size, tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
-        image_size=image_size, device=device, precision=precision, workers=workers, skip_bad=skip_bad,
+        image_size=image_size, device=device, precision=precision, workers=workers, skip_bad=skip_bad, manifest=manifest,
         dataset_options=options,
     )
     result = extract(cfg)
@@ -94,10 +95,11 @@ def datasets() -> None:
     """List the dataset registry and the layout each expects under --root."""
     from extract.datasets import list_datasets
 
-    table = Table("name", "description", "task and metric", "layout under --root")
-    for entry in list_datasets():
-        table.add_row(entry.name, entry.description, entry.task, entry.layout)
-    console.print(table)
+    for entry in list_datasets():  # one block each: layouts are too long for table cells
+        console.print(f"[bold]{entry.name}[/]  {entry.description}", highlight=False)
+        for field in ("task", "split", "layout"):
+            if getattr(entry, field):
+                console.print(f"  {field:7s}{getattr(entry, field)}", highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from extract.backbones import Backbone, create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, find_default_weights, missing_weights_message, resolve_weights
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, ImageDataset
+from extract.datasets.splits import read_manifest
 from extract.transforms import TransformSpec, eval_transform, make_spec
 
 TOKEN_DTYPES = ("float16", "float32")
@@ -56,6 +57,7 @@ class ExtractConfig:
     precision: str = "auto"
     workers: int | None = None
     skip_bad: bool = False
+    manifest: Path | None = None  # a saved <cache>.splits.json: reproduce that split instead of the dataset's own
     dataset_options: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # backbone constructor overrides (tests, tiny models)
 
@@ -134,6 +136,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     # --- settings -> fingerprint -> reuse?
     spec = get_spec(cfg.backbone)
     source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    if cfg.manifest is not None:
+        source = source.with_manifest(read_manifest(cfg.manifest))
     weights = resolve_extract_weights(cfg.backbone, cfg.weights, console)
     model = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
     model = model.to(device).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ class DatasetEntry:
     task: str  # for `extract datasets`: kind and metric in words
     layout: str  # what `--root` must hold
     build: Callable[..., DatasetSource]  # build(root, **options)
+    split: str = ""  # the split rule, in words
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
@@ -37,9 +39,17 @@ def list_datasets() -> list[DatasetEntry]:
 def get_dataset(name: str, root: Path | None = None, **options: Any) -> DatasetSource:
     if name not in _REGISTRY:
         raise MedfmError(f"unknown dataset '{name}'; choose one of: {', '.join(_REGISTRY)} (see `extract datasets`)")
-    return _REGISTRY[name].build(root, **options)
+    build = _REGISTRY[name].build
+    params = inspect.signature(build).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = [p for p in params if p != "root"]
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            raise MedfmError(f"dataset '{name}' has no option(s) {', '.join(unknown)}; "
+                             f"it takes {', '.join(accepted) if accepted else 'no options'}")
+    return build(root, **options)
 
 
-from extract.datasets import demo, folder  # noqa: E402,F401
+from extract.datasets import aptos, chexpert, ddsm, demo, folder, isic, medmnist  # noqa: E402,F401
 
 __all__ = ["DatasetSource", "Split", "Task", "get_dataset", "list_datasets", "register"]

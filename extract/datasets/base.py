@@ -7,16 +7,17 @@ bad-image handling and caching are shared (here and in the runner).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from cache.errors import MedfmError
+from extract.datasets.splits import stratified_split  # noqa: F401  (re-exported for dataset modules)
 
 TASK_KINDS = ("multiclass", "binary", "multilabel")
 DEFAULT_METRIC = {"multiclass": "accuracy", "binary": "roc_auc", "multilabel": "mean_roc_auc"}
@@ -40,7 +41,11 @@ class Task:
 
 @dataclass
 class Split:
-    """One split: ids, labels ([N] int64, or [N, C] float32 for multilabel) and an image reference per id."""
+    """One split: ids, labels and an image reference per id.
+
+    Labels are [N] int64 class indices, or [N, C] float32 for multilabel tasks, where NaN marks a label
+    that is unknown (CheXpert's `policy=ignore`): losses and metrics must mask NaN entries out.
+    """
 
     ids: list[str]
     labels: np.ndarray
@@ -64,13 +69,28 @@ class DatasetSource:
     name: str
     task: Task
     splits: dict[str, Split]
-    grayscale: bool = False
+    grayscale: bool = False  # one channel in the study (DDSM, CheXpert); replicated to RGB unless --in-chans 1
     load_image: Callable[[Any], Image.Image] = open_image
     options: dict[str, Any] = field(default_factory=dict)  # the options that shaped it (fingerprinted)
 
     def manifest(self) -> dict[str, list[str]]:
         """Ids per split, in row order: the split assignment saved beside every cache and run."""
         return {name: list(split.ids) for name, split in self.splits.items()}
+
+    def with_manifest(self, manifest: dict[str, list[str]]) -> DatasetSource:
+        """The same data re-split as a saved manifest says; refuses ids this dataset does not hold."""
+        rows = {i: (split, k) for split in self.splits.values() for k, i in enumerate(split.ids)}
+        unknown = [i for ids in manifest.values() for i in ids if i not in rows]
+        if unknown:
+            raise MedfmError(f"the manifest names {len(unknown)} id(s) that dataset '{self.name}' does not hold under this "
+                             f"--root, e.g. {', '.join(unknown[:3])}; it was saved for other data or options")
+        empty = next(iter(self.splits.values())).labels[:0]
+        splits = {}
+        for name, ids in manifest.items():
+            picks = [rows[i] for i in ids]
+            labels = np.stack([split.labels[k] for split, k in picks]) if picks else empty
+            splits[name] = Split(list(ids), labels, [split.images[k] for split, k in picks])
+        return replace(self, splits=splits)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -90,21 +110,10 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             image = self.load_image(self.refs[index]).convert(self.mode)
             return self.transform(image), True, ""
+        except FileNotFoundError:
+            return torch.zeros(self.shape), False, f"{self.refs[index]}: file not found"
         except Exception as err:  # noqa: BLE001 - any decode failure is reported by the runner, with the file
             return torch.zeros(self.shape), False, f"{self.refs[index]}: {type(err).__name__}: {err}"
-
-
-def stratified_split(
-    ids: Sequence[str], labels: np.ndarray, fractions: tuple[float, float, float], seed: int
-) -> dict[str, np.ndarray]:
-    """Seeded train/val/test index arrays, stratified on the label when every class has enough members."""
-    index = np.arange(len(ids))
-    strat = labels if labels.ndim == 1 and np.bincount(labels).min(initial=len(ids)) >= 3 else None
-    train_frac, val_frac, test_frac = fractions
-    train, rest = train_test_split(index, train_size=train_frac, random_state=seed, stratify=strat)
-    rest_strat = strat[rest] if strat is not None else None
-    val, test = train_test_split(rest, test_size=test_frac / (val_frac + test_frac), random_state=seed, stratify=rest_strat)
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
 def require_root(root: Path | None, dataset: str, layout: str) -> Path:
@@ -115,3 +124,43 @@ def require_root(root: Path | None, dataset: str, layout: str) -> Path:
     if not root.exists():
         raise MedfmError(f"--root {root} does not exist; dataset '{dataset}' expects {layout}")
     return root
+
+
+def require_file(path: Path, dataset: str, layout: str) -> Path:
+    """A file the layout needs, or a clear error naming it."""
+    if not path.is_file():
+        raise MedfmError(f"{path} does not exist; dataset '{dataset}' expects {layout}")
+    return path
+
+
+def read_table(path: Path, required: Sequence[str], **read_csv: Any) -> pd.DataFrame:
+    """A CSV that must hold `required` columns; a missing one is named, with the columns found."""
+    try:
+        table = pd.read_csv(path, **read_csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise MedfmError(f"cannot parse {path} as CSV: {' '.join(str(err).split())}") from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise MedfmError(f"{path} lacks column(s) {', '.join(missing)}; it has {', '.join(map(str, table.columns))}")
+    return table
+
+
+def make_splits(parts: dict[str, np.ndarray], ids: Sequence[str], labels: np.ndarray, images: Sequence[Any]) -> dict[str, Split]:
+    """`Split`s from index arrays into flat id/label/image lists (index order is row order)."""
+    return {name: Split([ids[i] for i in idx], labels[idx], [images[i] for i in idx]) for name, idx in parts.items()}
+
+
+def choice(value: Any, option: str, choices: Sequence[str]) -> str:
+    """A dataset option restricted to `choices`, or a clear error listing them."""
+    text = str(value)
+    if text not in choices:
+        raise MedfmError(f"--opt {option}={text} is not one of {', '.join(choices)}")
+    return text
+
+
+def as_int(value: Any, option: str) -> int:
+    """A whole-number dataset option (from --opt it arrives as text), or a clear error."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise MedfmError(f"--opt {option}={value} must be a whole number") from None

@@ -1,0 +1,184 @@
+"""Extraction over the released layouts with a tiny DeiT: cached rows and labels, manifests, bad images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from cache.errors import MedfmError
+from cache.store import CacheReader
+from extract.cli import main
+from extract.datasets import get_dataset
+from extract.runner import ExtractConfig, extract
+from tests.conftest import REPO
+from tests.extract.test_datasets_layouts import write_aptos, write_cbis, write_chexpert, write_ddsm, write_medmnist
+
+TINY = dict(embed_dim=32, depth=1, num_heads=2)
+QUIET = Console(file=open(os.devnull, "w"))
+
+
+def run(dataset: str, root: Path, out: Path, **kw) -> Path:
+    cfg = ExtractConfig(backbone="deit", dataset=dataset, root=root, weights="random", out=out, batch_size=8,
+                        image_size=32, workers=0, overrides=TINY, **kw)
+    return extract(cfg, QUIET).path
+
+
+def cached(path: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+    with CacheReader(path) as r:
+        return {s: (r.ids(s).tolist(), r.labels(s), r.features(s)) for s in r.splits}
+
+
+def test_aptos_cache_holds_the_study_split_ids_labels_and_task(tmp_path: Path) -> None:
+    write_aptos(tmp_path / "aptos")
+    path = run("aptos2019", tmp_path / "aptos", tmp_path / "out")
+    source = get_dataset("aptos2019", tmp_path / "aptos")
+    got = cached(path)
+    for split, (ids, labels, pooled) in got.items():
+        assert ids == source.splits[split].ids and labels.tolist() == source.splits[split].labels.tolist()
+        assert pooled.shape == (len(ids), 32) and np.isfinite(pooled).all()
+    assert json.loads(path.with_suffix(".splits.json").read_text()) == source.manifest()
+    with CacheReader(path) as r:
+        assert r.task["primary_metric"] == "quadratic_kappa" and r.meta["dataset"]["options"] == {"split_seed": 42}
+
+
+def test_chexpert_ignore_policy_caches_nan_labels_and_grayscale_runs_one_channel(tmp_path: Path) -> None:
+    labels = np.zeros((40, 14))
+    labels[:, 5] = 1
+    labels[0, 7] = -1
+    root = write_chexpert(tmp_path / "data", labels)
+    path = run("chexpert", root, tmp_path / "out", in_chans=1, dataset_options={"policy": "ignore"})
+    got = cached(path)
+    assert sum(len(v[0]) for v in got.values()) == 42  # two boundary rows sit in two splits, as in the study
+    val = got["val"][1]  # val[1] is train.csv's first row (study2 sorts after study1)
+    assert val.shape == (14, 14) and np.isnan(val[1, 7]) and np.isnan(val).sum() == 1
+    with CacheReader(path) as r:
+        assert r.meta["transform"]["channels"] == 1 and r.task["kind"] == "multilabel"
+
+
+def test_ddsm_cbis_and_medmnist_extract_every_listed_image(tmp_path: Path) -> None:
+    lists = write_ddsm(tmp_path / "ddsm")
+    got = cached(run("ddsm", tmp_path / "ddsm", tmp_path / "out"))
+    assert {s: v[0] for s, v in got.items()} == lists and got["test"][1].tolist() == [1, 0, 1]
+    labels = write_cbis(tmp_path / "cbis", n_train_patients=4)
+    got = cached(run("cbis-ddsm", tmp_path / "cbis", tmp_path / "out", dataset_options={"abnormality": "mass"}))
+    assert all(v[1].tolist() == [labels[i] for i in v[0]] for v in got.values()) and len(got["test"][0]) == 3
+    got = cached(run("medmnist", write_medmnist(tmp_path / "m.npz"), tmp_path / "out"))
+    assert [len(v[0]) for v in got.values()] == [12, 4, 5] and got["val"][1].tolist() == [0, 1, 2, 0]
+
+
+def write_folder(root: Path) -> None:
+    from tests.extract.test_datasets_layouts import image
+
+    for cls in ("a", "b"):
+        for i in range(10):
+            image(root / cls / f"{i}.png", value=20 * i)
+
+
+def test_manifest_reproduces_a_saved_split_under_other_split_options(tmp_path: Path) -> None:
+    write_folder(tmp_path / "data")
+    first = run("imagefolder", tmp_path / "data", tmp_path / "out", dataset_options={"split_seed": 1})
+    manifest = first.with_suffix(".splits.json")
+    again = run("imagefolder", tmp_path / "data", tmp_path / "out", dataset_options={"split_seed": 2}, manifest=manifest)
+    other = run("imagefolder", tmp_path / "data", tmp_path / "out", dataset_options={"split_seed": 2})
+    ids = {s: v[0] for s, v in cached(first).items()}
+    assert {s: v[0] for s, v in cached(again).items()} == ids != {s: v[0] for s, v in cached(other).items()}
+
+
+def test_manifest_naming_ids_not_in_the_dataset_is_refused(tmp_path: Path) -> None:
+    write_folder(tmp_path / "data")
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"train": ["a/0.png", "a/99.png"], "val": ["b/1.png"], "test": ["b/2.png"]}))
+    with pytest.raises(MedfmError, match="1 id\\(s\\) that dataset 'imagefolder' does not hold .* a/99.png"):
+        run("imagefolder", tmp_path / "data", tmp_path / "out", manifest=manifest)
+
+
+def test_corrupt_image_stops_naming_the_file_and_skip_bad_records_it(tmp_path: Path) -> None:
+    ids = write_aptos(tmp_path / "aptos")
+    (tmp_path / "aptos" / "train_images" / f"{ids[4]}.png").write_bytes(b"not a png at all")
+    (tmp_path / "aptos" / "train_images" / f"{ids[9]}.png").unlink()
+    with pytest.raises(MedfmError, match=f"cannot read image .*{ids[4]}.png: UnidentifiedImageError.*--skip-bad"):
+        run("aptos2019", tmp_path / "aptos", tmp_path / "out")
+    path = run("aptos2019", tmp_path / "aptos", tmp_path / "out", skip_bad=True)
+    with CacheReader(path) as r:
+        assert sorted(r.meta["skipped"]) == sorted([ids[4], ids[9]])
+        kept = [i for s in r.splits for i in r.ids(s)]
+    assert len(kept) == 18 and ids[4] not in kept and ids[9] not in kept
+
+
+def test_missing_image_error_says_file_not_found(tmp_path: Path) -> None:
+    lists = write_ddsm(tmp_path / "ddsm")
+    (tmp_path / "ddsm" / "ddsm_raw" / lists["val"][1]).unlink()
+    with pytest.raises(MedfmError, match=f"cannot read image .*ddsm_raw/{lists['val'][1]}: file not found"):
+        run("ddsm", tmp_path / "ddsm", tmp_path / "out")
+
+
+TINY_CLI = """
+import dataclasses, functools, sys
+from extract.backbones import get_spec, register
+deit = get_spec("deit")
+register(dataclasses.replace(deit, name="tiny-deit", build=functools.partial(deit.build, embed_dim=32, depth=1, num_heads=2)))
+from extract.cli import main
+sys.argv = ["extract", *sys.argv[1:]]
+main()
+"""
+
+
+def error_line(code: int, stderr: str) -> str:
+    """The run failed with exit 2 and exactly one `error:` line, the last thing it printed; no traceback."""
+    assert code == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def invoke(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """The `extract` entry point in-process (as the console script calls it): exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["extract", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    return int(exit_info.value.code or 0), out, err
+
+
+def test_cli_corrupt_image_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
+    """The real `extract` entry point in a subprocess, with a tiny DeiT registered so the test stays fast."""
+    ids = write_aptos(tmp_path / "aptos")
+    bad = tmp_path / "aptos" / "train_images" / f"{ids[0]}.png"
+    bad.write_bytes(b"\x89PNG broken")
+    args = ["run", "--backbone", "tiny-deit", "--weights", "random", "--dataset", "aptos2019", "--root", str(tmp_path / "aptos"),
+            "--image-size", "32", "--workers", "0", "--out", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-c", TINY_CLI, *args], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = error_line(proc.returncode, proc.stderr)
+    assert f"cannot read image {bad}" in line and "--skip-bad" in line
+
+
+def test_cli_csv_with_a_wrong_column_is_one_error_line_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    pd.DataFrame({"path": ["a.png"], "diagnosis": ["x"]}).to_csv(tmp_path / "labels.csv", index=False)
+    code, _, err = invoke(["run", "--backbone", "deit", "--weights", "random", "--dataset", "csv", "--root", str(tmp_path)],
+                          capsys, monkeypatch)
+    assert "lacks column(s) label; it has path, diagnosis" in error_line(code, err)
+
+
+def test_cli_datasets_lists_every_dataset_with_metric_and_layout(capsys, monkeypatch) -> None:
+    code, out, err = invoke(["datasets"], capsys, monkeypatch)
+    assert code == 0, err
+    blocks: dict[str, str] = {}
+    for line in out.splitlines():
+        if line and not line.startswith(" "):
+            name = line.split()[0]
+            blocks[name] = line
+        else:
+            blocks[name] += "\n" + line
+    for name, words in [("aptos2019", "quadratic kappa"), ("isic2019", "macro recall"), ("ddsm", "ROC-AUC"),
+                        ("chexpert", "mean ROC-AUC"), ("cbis-ddsm", "benign vs malignant"), ("medmnist", ".npz"),
+                        ("imagefolder", "root/<class>/<image>"), ("csv", "labels.csv")]:
+        assert words in blocks[name] and "layout " in blocks[name], blocks.get(name)

@@ -1,0 +1,393 @@
+"""Each dataset read from a small fixture tree in its released layout: rows, labels, splits, tasks, errors.
+
+The `write_*` helpers build those trees (tiny images; DICOM through pydicom) and are reused by the
+extraction tests.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cache.errors import MedfmError
+from extract.datasets import get_dataset
+from extract.datasets.chexpert import LABELS
+from extract.datasets.ddsm import read_dicom
+
+
+def image(path: Path, value: int = 100, mode: str = "RGB", size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), value).save(path)
+    return path
+
+
+def write_aptos(root: Path, n: int = 20) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    ids = [f"{i:04x}beef{i}" for i in range(n)]
+    pd.DataFrame({"id_code": ids, "diagnosis": [i % 5 for i in range(n)]}).to_csv(root / "train.csv", index=False)
+    for i, name in enumerate(ids):
+        image(root / "train_images" / f"{name}.png", value=10 * i)
+    return ids
+
+
+def write_isic(root: Path, image_dir: str = "ISIC_2019_Training_Input", n: int = 16) -> list[str]:
+    classes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    onehot = np.zeros((n, 9))
+    onehot[np.arange(n), np.arange(n) % 8] = 1.0
+    table = pd.DataFrame(onehot, columns=classes)
+    ids = [f"ISIC_{i:07d}" for i in range(n)]
+    table.insert(0, "image", ids)
+    table.to_csv(root / "ISIC_2019_Training_GroundTruth.csv", index=False)
+    for name in ids:
+        image(root / image_dir / f"{name}.jpg")
+    return ids
+
+
+def chexpert_rows(n_patients: int = 10) -> list[str]:
+    """Release order: within a patient study2 comes before study1, as in CheXpert's train.csv."""
+    return [f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/view1_frontal.jpg"
+            for p in range(1, n_patients + 1) for s in (2, 1, 3, 4)]
+
+
+def write_chexpert(parent: Path, labels: np.ndarray | None = None, n_patients: int = 10) -> Path:
+    root = parent / "CheXpert-v1.0-small"
+    paths = chexpert_rows(n_patients)
+    if labels is None:
+        labels = np.zeros((len(paths), 14))
+        labels[np.arange(len(paths)), 1 + np.arange(len(paths)) % 13] = 1
+    table = pd.DataFrame(labels, columns=list(LABELS))
+    for col, value in reversed(list({"Path": paths, "Sex": "Female", "Age": 60, "Frontal/Lateral": "Frontal", "AP/PA": "AP"}.items())):
+        table.insert(0, col, value)
+    root.mkdir(parents=True)
+    table.to_csv(root / "train.csv", index=False)
+    for path in paths:
+        image(parent / path, mode="L")
+    return root
+
+
+def write_ddsm(root: Path) -> dict[str, list[str]]:
+    lists = {"train": ["normal_01.png", "benign_02.png", "cancer_03.png", "normal_04.png", "cancer_05.png", "benign_06.png"],
+             "val": ["normal_07.png", "cancer_08.png"], "test": ["benign_09.png", "normal_10.png", "cancer_11.png"]}
+    (root / "ddsm_raw_image_lists").mkdir(parents=True)
+    for split, names in lists.items():
+        (root / "ddsm_raw_image_lists" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        for name in names:
+            image(root / "ddsm_raw" / name, value=50, mode="L", size=12)
+    return lists
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # digital mammography
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+CBIS_COLUMNS = ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id", "abnormality type",
+                "mass shape", "mass margins", "assessment", "pathology", "subtlety", "image file path",
+                "cropped image file path", "ROI mask file path"]
+
+
+def write_cbis(root: Path, n_train_patients: int = 10) -> dict[str, int]:
+    """Mass CSVs and DICOMs in TCIA's download layout (the CSV's file names differ from the files on disk)."""
+    root.mkdir(parents=True, exist_ok=True)
+    labels: dict[str, int] = {}
+    for part, folder, n in (("train", "Mass-Training", n_train_patients), ("test", "Mass-Test", 3)):
+        rows = []
+        for p in range(n):
+            patient = f"P_{p + (0 if part == 'train' else 500):05d}"
+            image_id = f"{folder}_{patient}_LEFT_CC"
+            pathologies = ["BENIGN", "MALIGNANT"] if p % 3 == 0 else ["BENIGN_WITHOUT_CALLBACK" if p % 3 == 1 else "MALIGNANT"]
+            for k, pathology in enumerate(pathologies, start=1):
+                rows.append([patient, 2, "LEFT", "CC", k, "mass", "OVAL", "CIRCUMSCRIBED", 3, pathology, 4,
+                             f"{image_id}/1.3.6.1.4.1.9590.100.1.2.{p}1/1.3.6.1.4.1.9590.100.1.2.{p}2/000000.dcm",
+                             f"{image_id}_{k}/1.3.6/1.3.7/000000.dcm", f"{image_id}_{k}/1.3.6/1.3.7/000001.dcm\n"])
+            labels[image_id] = int("MALIGNANT" in pathologies)
+            pixels = (np.arange(64, dtype=np.uint16).reshape(8, 8) * (p + 1) * 40)
+            write_dicom(root / "CBIS-DDSM" / image_id / "07-20-2016-DDSM-74994" / "1.000000-full mammogram images-24515" / "1-1.dcm", pixels)
+        pd.DataFrame(rows, columns=CBIS_COLUMNS).to_csv(root / f"mass_case_description_{part}_set.csv", index=False)
+    return labels
+
+
+def write_medmnist(path: Path, label_width: int = 1, rgb: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 5)):
+        shape = (n, 8, 8, 3) if rgb else (n, 8, 8)
+        arrays[f"{split}_images"] = rng.integers(0, 255, shape, dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.integers(0, 2, (n, label_width)) if label_width > 1
+                                     else (np.arange(n) % 3).reshape(n, 1)).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+# --- APTOS2019, ISIC2019
+
+
+def test_aptos_reads_kaggle_layout_with_study_split_and_grades(tmp_path: Path) -> None:
+    ids = write_aptos(tmp_path)
+    source = get_dataset("aptos2019", tmp_path)
+    order = list(range(20))
+    random.Random(42).shuffle(order)
+    assert source.manifest() == {"train": [ids[i] for i in order[6:]], "val": [ids[i] for i in order[:3]],
+                                 "test": [ids[i] for i in order[3:6]]}
+    val = source.splits["val"]
+    assert val.labels.tolist() == [order[k] % 5 for k in range(3)]
+    assert val.images[0] == tmp_path / "train_images" / f"{ids[order[0]]}.png"
+    assert source.task.kind == "multiclass" and source.task.primary_metric == "quadratic_kappa"
+    assert len(source.task.class_names) == 5 and not source.grayscale
+
+
+def test_aptos_rejects_a_grade_outside_0_to_4(tmp_path: Path) -> None:
+    pd.DataFrame({"id_code": ["a", "b"], "diagnosis": [1, 7]}).to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(MedfmError, match="diagnosis must be a grade 0-4; rows b"):
+        get_dataset("aptos2019", tmp_path)
+
+
+def test_isic_reads_one_hot_ground_truth_and_release_or_kaggle_image_folder(tmp_path: Path) -> None:
+    ids = write_isic(tmp_path, "ISIC_2019_Training_Input/ISIC_2019_Training_Input")
+    source = get_dataset("isic2019", tmp_path)
+    assert sum(len(s) for s in source.splits.values()) == 16 and len(source.splits["val"]) == 1
+    for split in source.splits.values():
+        assert split.labels.tolist() == [ids.index(i) % 8 for i in split.ids]
+        assert split.images[0].is_file()
+    assert source.task.class_names[:3] == ("MEL", "NV", "BCC") and source.task.primary_metric == "macro_recall"
+
+
+def test_isic_refuses_rows_without_a_single_class(tmp_path: Path) -> None:
+    write_isic(tmp_path)
+    table = pd.read_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv")
+    table.loc[3, ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]] = 0.0
+    table.loc[3, "UNK"] = 1.0
+    table.to_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", index=False)
+    with pytest.raises(MedfmError, match="exactly one positive .* ISIC_0000003"):
+        get_dataset("isic2019", tmp_path)
+
+
+# --- CheXpert
+
+
+def test_chexpert_reads_release_paths_from_the_folder_or_its_parent(tmp_path: Path) -> None:
+    root = write_chexpert(tmp_path)
+    source = get_dataset("chexpert", root)
+    first = source.splits["val"]
+    assert first.ids[0] == "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"  # sorted by Path
+    assert first.images[0] == root / "train/patient00001/study1/view1_frontal.jpg" and first.images[0].is_file()
+    assert get_dataset("chexpert", tmp_path).manifest() == source.manifest()
+    assert source.grayscale and source.task.kind == "multilabel" and source.task.primary_metric == "mean_roc_auc"
+    assert source.task.class_names == LABELS and first.labels.shape == (len(first), 14)
+    # cut = int(0.2 * 40) + 15 = 23; rows are cut by index label: label 12 (patient00004/study2) sorts to position 13
+    assert (len(source.splits["train"]), len(first), len(source.splits["test"])) == (17, 14, 11)
+    assert first.ids[-1] == source.splits["test"].ids[0] == "CheXpert-v1.0-small/train/patient00004/study2/view1_frontal.jpg"
+
+
+def chexpert_policy_labels(tmp_path: Path, policy: str) -> np.ndarray:
+    """Rows: [1, -1, blank, 0, ...], [-1 only], [blank only], [0 and blank] and 36 ordinary rows."""
+    labels = np.zeros((40, 14))
+    labels[4:, 2] = 1
+    labels[0, 1:5] = [1, -1, np.nan, 0]
+    labels[0, 5:] = np.nan
+    labels[1, :] = np.nan
+    labels[1, 3] = -1
+    labels[2, :] = np.nan
+    labels[3, ::2] = np.nan
+    root = write_chexpert(tmp_path, labels)
+    source = get_dataset("chexpert", root, policy=policy)
+    rows = {i: (s, k) for s in source.splits.values() for k, i in enumerate(s.ids)}
+    return np.stack([rows[p][0].labels[rows[p][1]] for p in chexpert_rows()[:4]])
+
+
+def test_chexpert_u_zeros_maps_uncertain_and_blank_to_zero_and_fills_no_finding(tmp_path: Path) -> None:
+    got = chexpert_policy_labels(tmp_path, "zeros")
+    assert got[0, :5].tolist() == [0, 1, 0, 0, 0] and not got[0, 5:].any()
+    assert got[1].tolist() == [1] + [0] * 13  # only uncertain -> all zero -> No Finding
+    assert got[2].tolist() == [1] + [0] * 13 and got[3].tolist() == [1] + [0] * 13
+
+
+def test_chexpert_u_ones_maps_uncertain_to_one(tmp_path: Path) -> None:
+    got = chexpert_policy_labels(tmp_path, "ones")
+    assert got[0, :5].tolist() == [0, 1, 1, 0, 0]
+    assert got[1].tolist() == [0, 0, 0, 1] + [0] * 10
+    assert got[2, 0] == 1
+
+
+def test_chexpert_ignore_marks_uncertain_as_nan_for_masking(tmp_path: Path) -> None:
+    got = chexpert_policy_labels(tmp_path, "ignore")
+    assert got.dtype == np.float32
+    assert got[0, 1] == 1 and np.isnan(got[0, 2]) and got[0, 3] == 0 and got[0, 0] == 0
+    assert np.isnan(got[1, 3]) and got[1, 0] == 0  # an unknown finding is not "No Finding"
+    assert np.isnan(got).sum() == 2 and got[2, 0] == 1
+
+
+def test_chexpert_patient_split_keeps_patients_apart(tmp_path: Path) -> None:
+    root = write_chexpert(tmp_path, n_patients=20)
+    source = get_dataset("chexpert", root, split="patient", split_seed=0)
+    owners = [{i.split("/")[2] for i in s.ids} for s in source.splits.values()]
+    assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
+    assert [len(o) for o in owners] == [16, 2, 2] and source.options["split"] == "patient"
+
+
+def test_chexpert_names_missing_label_columns_and_bad_options(tmp_path: Path) -> None:
+    root = write_chexpert(tmp_path)
+    table = pd.read_csv(root / "train.csv").drop(columns=["Edema", "Fracture"])
+    table.to_csv(root / "train.csv", index=False)
+    with pytest.raises(MedfmError, match="lacks column\\(s\\) Edema, Fracture"):
+        get_dataset("chexpert", root)
+    with pytest.raises(MedfmError, match="policy=maybe is not one of zeros, ones, ignore"):
+        get_dataset("chexpert", root, policy="maybe")
+
+
+# --- DDSM, CBIS-DDSM
+
+
+def test_ddsm_uses_fixed_lists_and_merges_benign_with_cancer(tmp_path: Path) -> None:
+    lists = write_ddsm(tmp_path)
+    source = get_dataset("ddsm", tmp_path)
+    assert source.manifest() == lists
+    assert source.splits["train"].labels.tolist() == [0, 1, 1, 0, 1, 1]
+    assert source.task.kind == "binary" and source.task.primary_metric == "roc_auc" and source.grayscale
+    three = get_dataset("ddsm", tmp_path, classes="3")
+    assert three.splits["train"].labels.tolist() == [0, 1, 2, 0, 2, 1]
+    assert three.task.class_names == ("normal", "benign", "cancer")
+
+
+def test_ddsm_names_a_missing_list_and_an_unlabelled_file(tmp_path: Path) -> None:
+    write_ddsm(tmp_path)
+    (tmp_path / "ddsm_raw_image_lists" / "val.txt").write_text("mystery_1.png\n")
+    with pytest.raises(MedfmError, match="'mystery_1.png' does not start with normal_, benign_ or cancer_"):
+        get_dataset("ddsm", tmp_path)
+    (tmp_path / "ddsm_raw_image_lists" / "test.txt").unlink()
+    (tmp_path / "ddsm_raw_image_lists" / "val.txt").write_text("normal_07.png\n")
+    with pytest.raises(MedfmError, match="test.txt does not exist"):
+        get_dataset("ddsm", tmp_path)
+
+
+def test_cbis_labels_images_malignant_if_any_abnormality_is_and_finds_tcia_dicoms(tmp_path: Path) -> None:
+    labels = write_cbis(tmp_path)
+    with pytest.raises(MedfmError, match="calc_case_description_train_set.csv does not exist.*abnormality=mass"):
+        get_dataset("cbis-ddsm", tmp_path)
+    source = get_dataset("cbis-ddsm", tmp_path, abnormality="mass")
+    assert source.splits["test"].ids == [f"Mass-Test_P_{p:05d}_LEFT_CC" for p in (500, 501, 502)]
+    assert len(source.splits["train"]) == 9 and len(source.splits["val"]) == 1
+    for split in source.splits.values():
+        assert split.labels.tolist() == [labels[i] for i in split.ids]
+        assert all(p.is_file() and p.name == "1-1.dcm" for p in split.images)
+    assert labels["Mass-Training_P_00000_LEFT_CC"] == 1 and labels["Mass-Training_P_00001_LEFT_CC"] == 0
+    assert source.task.class_names == ("benign", "malignant") and source.grayscale
+    img = source.load_image(source.splits["test"].images[0])
+    assert img.mode == "L" and img.size == (8, 8) and np.asarray(img).min() == 0 and np.asarray(img).max() == 255
+
+
+def test_read_dicom_inverts_monochrome1(tmp_path: Path) -> None:
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 100
+    plain = np.asarray(read_dicom(write_dicom(tmp_path / "a.dcm", pixels)))
+    inverted = np.asarray(read_dicom(write_dicom(tmp_path / "b.dcm", pixels, "MONOCHROME1")))
+    assert plain[0, 0] == 0 and plain[-1, -1] == 255 and np.array_equal(inverted, 255 - plain)
+    assert pydicom.dcmread(tmp_path / "a.dcm").Rows == 8
+
+
+# --- MedMNIST
+
+
+def test_medmnist_uses_the_files_splits_and_infers_the_task(tmp_path: Path) -> None:
+    source = get_dataset("medmnist", write_medmnist(tmp_path / "organamnist.npz"))
+    assert {s: len(v) for s, v in source.splits.items()} == {"train": 12, "val": 4, "test": 5}
+    assert source.task.kind == "multiclass" and source.task.class_names == ("0", "1", "2") and source.grayscale
+    assert source.splits["val"].labels.tolist() == [0, 1, 2, 0] and source.splits["test"].ids[0] == "test-000000"
+    assert source.load_image(source.splits["train"].images[3]).size == (8, 8)
+    multilabel = get_dataset("medmnist", write_medmnist(tmp_path / "chest" / "chestmnist.npz", label_width=4, rgb=True),
+                             classes="a,b,c,d")
+    assert multilabel.task.kind == "multilabel" and multilabel.task.primary_metric == "mean_roc_auc"
+    assert multilabel.splits["train"].labels.shape == (12, 4) and not multilabel.grayscale
+    assert get_dataset("medmnist", tmp_path / "chest").task.class_names == ("0", "1", "2", "3")
+
+
+def test_medmnist_names_missing_arrays(tmp_path: Path) -> None:
+    np.savez(tmp_path / "x.npz", train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.zeros((2, 1)))
+    with pytest.raises(MedfmError, match="lacks array\\(s\\) val_images, val_labels, test_images, test_labels"):
+        get_dataset("medmnist", tmp_path / "x.npz")
+
+
+# --- your own data
+
+
+def test_imagefolder_takes_presplit_folders_as_the_split(tmp_path: Path) -> None:
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for cls in ("benign", "malignant"):
+            for i in range(n):
+                image(tmp_path / split / cls / f"{i}.png")
+    source = get_dataset("imagefolder", tmp_path)
+    assert {s: len(v) for s, v in source.splits.items()} == {"train": 8, "val": 4, "test": 4}
+    assert source.splits["val"].ids == ["val/benign/0.png", "val/benign/1.png", "val/malignant/0.png", "val/malignant/1.png"]
+    assert source.splits["val"].labels.tolist() == [0, 0, 1, 1] and source.task.kind == "binary"
+
+
+def test_imagefolder_flat_layout_is_stratified_and_seeded(tmp_path: Path) -> None:
+    for cls in ("a", "b", "c"):
+        for i in range(20):
+            image(tmp_path / cls / f"{i}.jpg")
+    source = get_dataset("imagefolder", tmp_path, split_seed=7)
+    assert [np.bincount(s.labels).tolist() for s in source.splits.values()] == [[14, 14, 14], [3, 3, 3], [3, 3, 3]]
+    assert source.manifest() == get_dataset("imagefolder", tmp_path, split_seed=7).manifest()
+    assert source.manifest() != get_dataset("imagefolder", tmp_path, split_seed=8).manifest()
+
+
+def write_csv_dataset(root: Path, n: int = 40) -> pd.DataFrame:
+    table = pd.DataFrame({"file": [f"img/{i}.png" for i in range(n)], "finding": ["yes" if i % 2 else "no" for i in range(n)],
+                          "patient": [f"P{i // 2}" for i in range(n)], "fold": ["train"] * (n - 6) + ["val"] * 3 + ["test"] * 3})
+    table.to_csv(root / "labels.csv", index=False)
+    for path in table["file"]:
+        image(root / path)
+    return table
+
+
+def test_csv_groups_patients_or_follows_a_split_column(tmp_path: Path) -> None:
+    table = write_csv_dataset(tmp_path)
+    grouped = get_dataset("csv", tmp_path, path_column="file", label_column="finding", group_column="patient", split_seed=1)
+    patient = dict(zip(table["file"], table["patient"], strict=True))
+    owners = [{patient[i] for i in s.ids} for s in grouped.splits.values()]
+    assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
+    assert grouped.task.class_names == ("no", "yes") and grouped.task.primary_metric == "roc_auc"
+    fixed = get_dataset("csv", tmp_path / "labels.csv", path_column="file", label_column="finding", split_column="fold")
+    assert fixed.splits["test"].ids == ["img/37.png", "img/38.png", "img/39.png"]
+    assert fixed.splits["test"].labels.tolist() == [1, 0, 1] and fixed.splits["test"].images[0] == tmp_path / "img/37.png"
+
+
+def test_csv_names_missing_columns_blank_cells_and_unknown_options(tmp_path: Path) -> None:
+    write_csv_dataset(tmp_path)
+    with pytest.raises(MedfmError, match="lacks column\\(s\\) path, label; it has file, finding, patient, fold"):
+        get_dataset("csv", tmp_path)
+    table = pd.read_csv(tmp_path / "labels.csv")
+    table.loc[5, "finding"] = None
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(MedfmError, match="line\\(s\\) 7 have an empty file / finding value"):
+        get_dataset("csv", tmp_path, path_column="file", label_column="finding")
+    with pytest.raises(MedfmError, match="dataset 'csv' has no option\\(s\\) lable_column; it takes csv, path_column"):
+        get_dataset("csv", tmp_path, lable_column="finding")
+
+
+def test_missing_root_or_layout_file_is_one_clear_message(tmp_path: Path) -> None:
+    with pytest.raises(MedfmError, match="needs --root PATH"):
+        get_dataset("aptos2019", None)
+    with pytest.raises(MedfmError, match="--root .*nope does not exist; dataset 'isic2019' expects"):
+        get_dataset("isic2019", tmp_path / "nope")
+    with pytest.raises(MedfmError, match="train.csv does not exist; dataset 'aptos2019' expects train.csv"):
+        get_dataset("aptos2019", tmp_path)
+    with pytest.raises(MedfmError, match="dataset 'ddsm' has no option\\(s\\) split_seed; it takes classes"):
+        get_dataset("ddsm", tmp_path, split_seed=3)
