@@ -9,7 +9,6 @@ this machine; without it they start random, with a visible warning and `random_i
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import pickle
@@ -25,7 +24,6 @@ from torch import nn
 
 from cache.errors import MedfmError
 
-log = logging.getLogger(__name__)
 WEIGHTS_DIR_ENV = "MEDFM_WEIGHTS_DIR"
 
 
@@ -48,6 +46,7 @@ PRESETS = {
     "deit-t": DeiTPreset("deit_tiny_patch16_224.fb_in1k", 192, "deit_tiny_patch16_224-a1311bcf.pth"),
 }
 HEAD_KINDS = ("linear", "deit")
+RANDOM_DEIT_WARNING = "DeiT head weights not found"
 
 
 class LinearHead(nn.Module):
@@ -131,16 +130,23 @@ def find_deit_weights(spec: DeiTPreset) -> Path | None:
     return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
 
 
+def deit_weights_identity(preset: str, weights: str) -> str:
+    """What a DeiT head will start from, without building it: "random" or the weights file's name."""
+    if weights == "random":
+        return "random"
+    path = find_deit_weights(PRESETS[preset]) if weights == "default" and preset in PRESETS else Path(weights)
+    return path.name if path is not None else "random"
+
+
 def _create_deit(spec: DeiTPreset, depth: int, weights: str) -> tuple[nn.Module, str]:
     """The timm DeiT with `depth` blocks and where its weights came from ("random" or the file path)."""
     path: Path | None = None
     if weights == "default":
         path = find_deit_weights(spec)
         if path is None:
-            message = (f"DeiT head weights not found ({spec.weights_file} in ${WEIGHTS_DIR_ENV}, or {spec.hub_repo} in the "
+            message = (f"{RANDOM_DEIT_WARNING} ({spec.weights_file} in ${WEIGHTS_DIR_ENV}, or {spec.hub_repo} in the "
                        "hub cache): its blocks start from RANDOM weights, unlike the study")
             warnings.warn(message, stacklevel=3)
-            log.warning(message)
     elif weights != "random":
         path = Path(weights).expanduser()
         if not path.is_file():

@@ -35,9 +35,9 @@ def num_outputs(task: dict[str, Any]) -> int:
     return max(2, len(task["class_names"])) if task["kind"] == "binary" else len(task["class_names"])
 
 
-def loss_fn(task: dict[str, Any]) -> nn.Module:
+def loss_fn(task: dict[str, Any], reduction: str = "mean") -> nn.Module:
     """Cross-entropy over classes; BCE-with-logits per label for multilabel tasks (labels as floats)."""
-    return nn.BCEWithLogitsLoss() if task["kind"] == "multilabel" else nn.CrossEntropyLoss()
+    return nn.BCEWithLogitsLoss(reduction=reduction) if task["kind"] == "multilabel" else nn.CrossEntropyLoss(reduction=reduction)
 
 
 def compute_metrics(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray) -> Metrics:

@@ -7,9 +7,20 @@ scored once with the best-validation weights.
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
 import torch
+from rich.progress import Progress
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+from probe.data import Batch, FeatureSource
+from probe.heads import LinearHead, build_head
+from probe.metrics import Metrics, compute_metrics, loss_fn, num_outputs, primary
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -26,3 +37,201 @@ def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) ->
     """LR rises linearly over `warmup_steps` optimizer steps (call `.step()` after each), then stays constant."""
     warmup_steps = max(0, int(warmup_steps))
     return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One head's training settings. Heads trained together in one pass share all but head/lr/wd/seed/head_*."""
+
+    head: str = "linear"
+    feature: str = "pooled"  # the cache array: pooled, tokens, pooled@K, tokens@K
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    batch_size: int = 64
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    patience: int | None = None  # early stopping on validation; None trains every epoch (the study)
+    grad_clip: float | None = 1.0
+    seed: int = 0  # head initialisation
+    data_seed: int = 0  # batch order
+    head_depth: int = 12
+    head_preset: str = "deit-b"
+    head_weights: str = "default"
+
+    def head_options(self) -> dict[str, Any]:
+        return {"depth": self.head_depth, "preset": self.head_preset, "weights": self.head_weights} if self.head == "deit" else {}
+
+    def shared(self) -> tuple:
+        """What heads must agree on to train in the same pass over the data."""
+        return (self.feature, self.batch_size, self.epochs, self.warmup_epochs, self.patience, self.grad_clip, self.data_seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that decide the result (the ledger's config); head_* only for heads that use them."""
+        data = asdict(self)
+        data.pop("seed")
+        if self.head != "deit":
+            for key in ("head_depth", "head_preset", "head_weights"):
+                data.pop(key)
+        return data
+
+
+@dataclass
+class FitResult:
+    """One head's outcome: best-validation epoch and weights, their test metrics, per-epoch history."""
+
+    config: TrainConfig
+    best_epoch: int
+    val_score: float
+    val_metrics: Metrics
+    test_metrics: Metrics
+    history: list[dict[str, Any]]
+    state_dict: dict[str, torch.Tensor]
+    train_seconds: float
+    head_init: str  # "random", the weights file of a DeiT head, or "" for a linear head
+
+
+class StackedHeads(nn.Module):
+    """Several heads on the same batch -> logits [H, B, C]; linear heads run as one batched matmul."""
+
+    def __init__(self, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.linear = all(isinstance(h, LinearHead) for h in heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            weight = torch.stack([h.linear.weight for h in self.heads])  # [H, C, D]
+            bias = torch.stack([h.linear.bias for h in self.heads])  # [H, C]
+            return torch.einsum("bd,hcd->hbc", x, weight) + bias[:, None, :]
+        return torch.stack([h(x) for h in self.heads])
+
+
+def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:
+    """The head for `config`, initialised from `config.seed` alone (the same weights in a sweep or alone)."""
+    torch.manual_seed(config.seed)
+    options = config.head_options()
+    if config.head == "deit":
+        side = math.isqrt(row_shape[0])
+        options["grid"] = (side, side) if side * side == row_shape[0] else None
+    return build_head(config.head, row_shape[-1], outputs, **options)
+
+
+def train_head(config: TrainConfig, source: FeatureSource, task: dict[str, Any], device: torch.device, progress: Progress | None = None) -> FitResult:
+    """Train one head from cached features (see `fit`)."""
+    head = make_head(config, source.row_shape, num_outputs(task))
+    return fit([head], [config], source, task, device, progress)[0]
+
+
+def fit(
+    heads: list[nn.Module], configs: list[TrainConfig], source: FeatureSource, task: dict[str, Any],
+    device: torch.device, progress: Progress | None = None,
+) -> list[FitResult]:
+    """Train heads together, one pass over the train split per epoch; each keeps its best-validation weights.
+
+    Each head has its own AdamW groups (its lr and weight decay), its own gradient clipping and its own
+    early stopping, so training it here gives what training it alone gives.
+    """
+    # --- set-up
+    shared = configs[0]
+    if any(c.shared() != shared.shared() for c in configs):
+        raise ValueError("heads trained together must share feature, batch size, epochs, warmup, patience, clipping and data seed")
+    model = StackedHeads(heads).to(device)
+    groups = [dict(group, lr=c.lr) for head, c in zip(heads, configs, strict=True) for group in param_groups(head, c.weight_decay)]
+    optimizer = torch.optim.AdamW(groups, lr=shared.lr)
+    scheduler = warmup_then_constant(optimizer, round(shared.warmup_epochs * source.steps_per_epoch()))
+    criterion = loss_fn(task, reduction="none")
+    amp = device.type == "cuda"
+    best: list[dict[str, Any] | None] = [None] * len(heads)
+    stopped = [False] * len(heads)
+    history: list[list[dict[str, Any]]] = [[] for _ in heads]
+    bar = progress.add_task(f"{len(heads)} {shared.head} head(s)", total=shared.epochs) if progress else None
+    start = time.perf_counter()
+
+    # --- loop: train one epoch, validate, keep the best weights per head
+    for epoch in range(1, shared.epochs + 1):
+        model.train()
+        loss_sum, steps = torch.zeros(len(heads), device=device), 0
+        for batch in source.train_batches((shared.data_seed, epoch)):
+            x, y = _tensors(batch, task, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            losses = _per_head_loss(criterion, logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            if shared.grad_clip:
+                for head in heads:
+                    torch.nn.utils.clip_grad_norm_(head.parameters(), shared.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += losses.detach()
+            steps += 1
+        val_logits, val_labels = predict(model, source, "val", task, device)
+        val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
+        for k in range(len(heads)):
+            if stopped[k]:
+                continue
+            metrics = compute_metrics(task, val_labels, val_logits[k])
+            score = primary(task, metrics)
+            history[k].append({"epoch": epoch, "lr": optimizer.param_groups[2 * k]["lr"],
+                               "train_loss": float(loss_sum[k]) / max(steps, 1), "val_loss": float(val_losses[k]),
+                               **{f"val_{name}": value for name, value in metrics.items() if name != "warnings"},
+                               "seconds": round(time.perf_counter() - start, 3)})
+            if best[k] is None or _better(score, best[k]["score"]):
+                best[k] = {"epoch": epoch, "score": score, "metrics": metrics, "state": _clone(heads[k])}
+            elif shared.patience and epoch - best[k]["epoch"] >= shared.patience:
+                stopped[k] = True
+        if progress is not None:
+            progress.update(bar, advance=1)
+        if all(stopped):
+            break
+    train_seconds = time.perf_counter() - start
+
+    # --- test, once, with each head's best-validation weights
+    for head, b in zip(heads, best, strict=True):
+        head.load_state_dict(b["state"])
+    test_logits, test_labels = predict(model, source, "test", task, device)
+    return [
+        FitResult(c, b["epoch"], b["score"], b["metrics"], compute_metrics(task, test_labels, test_logits[k]), history[k],
+                  b["state"], train_seconds, getattr(heads[k], "weights_source", ""))
+        for k, (c, b) in enumerate(zip(configs, best, strict=True))
+    ]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, source: FeatureSource, split: str, task: dict[str, Any], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [H, N, C] of every valid row of `split` (one pass) and the labels in the same order."""
+    model.eval()
+    logits, labels = [], []
+    for batch in source.eval_batches(split):
+        x, _ = _tensors(batch, task, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits.append(model(x).float().cpu())
+        labels.append(batch.labels)
+    return torch.cat(logits, dim=1).numpy(), np.concatenate(labels)
+
+
+def _tensors(batch: Batch, task: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.ascontiguousarray(batch.features)).to(device, dtype=torch.float32, non_blocking=True)
+    return x, _label_tensor(batch.labels, task, device)
+
+
+def _label_tensor(labels: np.ndarray, task: dict[str, Any], device: torch.device) -> torch.Tensor:
+    dtype = torch.float32 if task["kind"] == "multilabel" else torch.int64
+    return torch.as_tensor(labels, dtype=dtype, device=device)
+
+
+def _per_head_loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean loss of each head [H]; heads' losses are summed for backward, so their gradients stay separate."""
+    heads, rows = logits.shape[:2]
+    if y.ndim == 2:  # multilabel
+        return criterion(logits, y.expand(heads, -1, -1)).mean(dim=(1, 2))
+    return criterion(logits.flatten(0, 1), y.repeat(heads)).view(heads, rows).mean(dim=1)
+
+
+def _better(score: float, best: float) -> bool:
+    """Strictly higher validation score; an undefined (NaN) score never wins."""
+    return math.isfinite(score) and (not math.isfinite(best) or score > best)
+
+
+def _clone(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

@@ -1,0 +1,96 @@
+"""`probe`: train heads on cached features (run, sweep) and report the ledger. Parsing only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cache.errors import MedfmError, run_cli
+from probe.data import parse_bytes
+from probe.report import GAIN, make_report, row_label
+from probe.results import Ledger
+from probe.run import feature_name, find_cache, open_cache, output_root, run_probe
+from probe.train import TrainConfig
+
+app = typer.Typer(help="Train heads on cached features and report results.", no_args_is_help=True, add_completion=False)
+console = Console()
+
+Backbone = Annotated[str | None, typer.Option(help="Backbone whose cache to use (see `cache ls`).")]
+Dataset = Annotated[str | None, typer.Option(help="Dataset whose cache to use.")]
+CacheFile = Annotated[Path | None, typer.Option("--cache", help="A cache file, when several match or to bypass the search.")]
+MaxRam = Annotated[str | None, typer.Option(help="RAM for features, e.g. 8G; larger token caches stream [default: half of free RAM].")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+
+
+@app.command()
+def run(
+    head: Annotated[str, typer.Option(help="linear (pooled feature) | deit (DeiT blocks on the tokens).")] = "linear",
+    backbone: Backbone = None,
+    dataset: Dataset = None,
+    cache: CacheFile = None,
+    layer: Annotated[int | None, typer.Option(help="Block whose features to use, if the cache stored several [default: last].")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs (the study: 100).")] = 100,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (never on biases and norms).")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 64,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear LR warmup, in epochs; constant after.")] = 5.0,
+    patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better validation score.")] = None,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: none).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the head's initialisation.")] = 0,
+    data_seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
+    head_depth: Annotated[int, typer.Option(help="DeiT head: number of blocks (the study: 12).")] = 12,
+    head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b (the study) | deit-s | deit-t.")] = "deit-b",
+    head_weights: Annotated[str, typer.Option(help="DeiT head init: default (ImageNet DeiT if present, else random) | random | PATH.")] = "default",
+    max_ram: MaxRam = None,
+    device: Device = "auto",
+    force: Annotated[bool, typer.Option(help="Retrain even if the ledger already holds this run.")] = False,
+) -> None:
+    """Train one head on a cache with the study's recipe; a run already in the ledger is skipped."""
+    path = find_cache(backbone, dataset, cache)
+    with open_cache(path, backbone, dataset) as reader:
+        config = TrainConfig(
+            head=head, feature=feature_name(reader, head, layer), lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+            epochs=epochs, warmup_epochs=warmup_epochs, patience=patience, grad_clip=grad_clip or None, seed=seed,
+            data_seed=data_seed, head_depth=head_depth, head_preset=head_preset, head_weights=head_weights,
+        )
+        run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console)
+
+
+@app.command()
+def report(
+    dataset: Annotated[list[str] | None, typer.Option(help="Datasets to include (repeatable) [default: all in the ledger].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for report.csv, report.md, report.png [default: $MEDFM_OUTPUT/reports].")] = None,
+    ledger: Annotated[Path | None, typer.Option(help="Results ledger [default: $MEDFM_OUTPUT/runs/results.sqlite].")] = None,
+) -> None:
+    """The study's table (backbone x scenario by dataset, average, gain over deit linear) and figure."""
+    result = make_report(Ledger(ledger), dataset, out or output_root() / "reports")
+    if result.table.empty:
+        raise MedfmError("the ledger holds no runs" + (f" for {', '.join(dataset)}" if dataset else "") + "; train some with `probe run`")
+    table = Table("backbone x scenario", *[f"{c}\n({result.metrics[c]})" if c in result.metrics else c for c in result.table.columns],
+                  title=f"test scores, {result.runs} runs (cells selected by validation)")
+    for key, row in result.table.iterrows():
+        label = row_label(key)
+        table.add_row(f"[bold red]{label}[/]" if key[2] else label, *[_cell(v, c == GAIN) for c, v in row.items()])
+    console.print(table)
+    if any(key[2] for key in result.table.index):
+        console.print("[bold red]RANDOM weights[/]: features of an untrained backbone; these rows say nothing about the pretrained model.")
+    for kind, path in result.files.items():
+        console.print(f"{kind}: {path}")
+
+
+def _cell(value: float, percent: bool) -> str:
+    if value != value:  # NaN
+        return "-"
+    return f"{value:+.2f}" if percent else f"{value:.4f}"
+
+
+def _ram(text: str | None) -> int | None:
+    return parse_bytes(text) if text is not None else None
+
+
+def main() -> None:
+    run_cli(app, "probe")

@@ -1,0 +1,204 @@
+"""`probe run`: find the cache, skip a run the ledger already holds, train, write the run folder and ledger row.
+
+Read `run_probe` top to bottom; `probe sweep` reuses the same pieces for many configurations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from cache.errors import MedfmError
+from cache.store import PARTIAL_SUFFIX, CacheReader
+from probe.data import FeatureSource
+from probe.heads import PRESETS, RANDOM_DEIT_WARNING, deit_weights_identity
+from probe.results import Ledger, RunRecord, config_key
+from probe.train import FitResult, TrainConfig, train_head
+
+
+def output_root() -> Path:
+    return Path(os.environ.get("MEDFM_OUTPUT", "outputs"))
+
+
+def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = None, features: Path | None = None) -> Path:
+    """The one complete cache of (backbone, dataset) under the features folder, or `cache` when given."""
+    if cache is not None:
+        return Path(cache)
+    if not backbone or not dataset:
+        raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
+    folder = (features or output_root() / "features") / backbone
+    name = re.compile(rf"^{re.escape(dataset)}-[0-9a-f]{{12}}\.h5$")
+    complete = sorted(p for p in folder.glob(f"{dataset}-*.h5") if name.match(p.name))
+    partial = sorted(p for p in folder.glob(f"{dataset}-*.h5{PARTIAL_SUFFIX}") if name.match(p.name[: -len(PARTIAL_SUFFIX)]))
+    if len(complete) > 1:
+        listing = ", ".join(str(p) for p in complete)
+        raise MedfmError(f"several caches for backbone {backbone} and dataset {dataset}: {listing}; choose one with --cache FILE")
+    if complete:
+        return complete[0]
+    if partial:
+        raise MedfmError(f"the cache {partial[0]} for backbone {backbone} and dataset {dataset} is incomplete; "
+                         f"rerun `extract run --backbone {backbone} --dataset {dataset}` with the same settings to finish it")
+    raise MedfmError(f"no cache for backbone {backbone} and dataset {dataset} under {folder}; "
+                     f"run `extract run --backbone {backbone} --dataset {dataset}` first (or pass --cache FILE)")
+
+
+def open_cache(path: Path, backbone: str | None, dataset: str | None) -> CacheReader:
+    """Open a cache and check it holds the backbone and dataset asked for, and what a probe needs to know."""
+    reader = CacheReader(path)
+    meta = reader.meta
+    if not all(isinstance(meta.get(k), dict) for k in ("backbone", "dataset", "task")):
+        reader.close()
+        raise MedfmError(f"{path} lacks the backbone, dataset or task description a probe needs; re-create it with `extract run`")
+    for flag, asked, held in (("--backbone", backbone, meta["backbone"].get("name")), ("--dataset", dataset, meta["dataset"].get("name"))):
+        if asked and asked != held:
+            reader.close()
+            raise MedfmError(f"{path} holds {flag[2:]} '{held}', not '{asked}'; drop {flag} or pass the right --cache")
+    return reader
+
+
+def feature_name(reader: CacheReader, head: str, layer: int | None) -> str:
+    """The cache array a head reads: pooled (linear) or tokens (DeiT), of the last block or of block `layer`."""
+    kind = "tokens" if head == "deit" else "pooled"
+    layers = reader.meta.get("layers") or []
+    last = max(layers) if layers else None
+    if layer is None or layer == -1 or layer == last:
+        name = kind
+    else:
+        name = f"{kind}@{layer}"
+    if name not in reader.feature_names():
+        held = ", ".join(reader.feature_names())
+        hint = "re-extract with --tokens" if kind == "tokens" else "re-extract with --layers including it"
+        raise MedfmError(f"cache {reader.path} has no '{name}' features (it holds {held}); {hint}")
+    return name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MedfmError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MedfmError(f"device '{device}' asked for but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def validate(config: TrainConfig) -> None:
+    """Bad values are user errors, said before any work starts."""
+    checks = [
+        (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
+        (config.lr > 0, f"--lr must be positive, got {config.lr}"),
+        (config.weight_decay >= 0, f"--weight-decay must be non-negative, got {config.weight_decay}"),
+        (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
+        (config.warmup_epochs >= 0, f"--warmup-epochs must be non-negative, got {config.warmup_epochs}"),
+        (config.patience is None or config.patience >= 1, f"--patience must be at least 1, got {config.patience}"),
+        (config.head in ("linear", "deit"), f"unknown head '{config.head}'; choose linear or deit"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MedfmError(message)
+
+
+@dataclass
+class RunOutcome:
+    record: RunRecord
+    skipped: bool  # True when the ledger already held this configuration
+
+
+def scenario(head: str) -> str:
+    return f"frozen-{head}"
+
+
+def ledger_key(reader: CacheReader, config: TrainConfig) -> str:
+    """Skip-if-done identity: the config, what a DeiT head starts from on this machine, the cache, the seed."""
+    identity: dict[str, Any] = {"stage": "probe", **config.to_dict()}
+    if config.head == "deit":
+        identity["head_init"] = deit_weights_identity(config.head_preset, config.head_weights)
+    return config_key(identity, reader.fingerprint, config.seed)
+
+
+def run_probe(
+    reader: CacheReader, config: TrainConfig, *, device: str = "auto", max_ram: int | None = None, force: bool = False,
+    ledger: Ledger | None = None, console: Console | None = None,
+) -> RunOutcome:
+    """Train one head from an open cache, unless the ledger already holds this exact run (`force` retrains)."""
+    console = console or Console(stderr=True)
+    ledger = ledger or Ledger()
+    validate(config)
+    key = ledger_key(reader, config)
+    done = ledger.find(key)
+    if done is not None and not force:
+        console.print(f"[green]already in the ledger[/] (run {done.id}, {done.run_dir}): {describe(done)}; skipping (--force retrains)")
+        return RunOutcome(done, True)
+    dev = resolve_device(device)
+    source = FeatureSource(reader, config.feature, config.batch_size, max_ram)
+    console.print(f"training a {config.head} head on {reader.meta['backbone']['name']}/{reader.meta['dataset']['name']} "
+                  f"{config.feature} ({source.mode}, {source.nbytes / 2**20:.1f} MiB) on {dev}")
+    warn_random(reader, config, console)
+    started = time.perf_counter()
+    with Progress(console=console, transient=True) as progress, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=RANDOM_DEIT_WARNING)  # said once, above, on the console
+        result = train_head(config, source, reader.task, dev, progress)
+    record = save_run(reader, result, key, ledger, total_seconds=time.perf_counter() - started)
+    console.print(f"{describe(record)} -> {record.run_dir}")
+    return RunOutcome(record, False)
+
+
+def warn_random(reader: CacheReader, config: TrainConfig, console: Console) -> None:
+    """Say loudly when the backbone's features or the DeiT head's blocks are untrained."""
+    if reader.meta["backbone"].get("random_weights"):
+        console.print(f"[bold red]WARNING: {reader.path.name} holds features of a RANDOMLY initialised "
+                      f"{reader.meta['backbone']['name']}[/]; its scores say nothing about the pretrained model")
+    if config.head == "deit" and config.head_weights == "default" and deit_weights_identity(config.head_preset, "default") == "random":
+        console.print(f"[bold red]WARNING: {RANDOM_DEIT_WARNING}[/] ({PRESETS[config.head_preset].weights_file} in "
+                      f"$MEDFM_WEIGHTS_DIR or the hub cache): the DeiT head starts from RANDOM weights, unlike the study")
+
+
+def describe(record: RunRecord) -> str:
+    flag = " [RANDOM backbone weights]" if record.random_weights else ""
+    return (f"{record.backbone}/{record.dataset} {record.head} head: val {record.primary_metric} {record.val_score:.4f}, "
+            f"test {record.primary_metric} {record.test_primary:.4f}{flag}")
+
+
+def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None) -> RunRecord:
+    """Write the run folder (config, history, best head, metrics) and append the ledger row."""
+    meta, config = reader.meta, result.config
+    backbone, dataset = meta["backbone"]["name"], meta["dataset"]["name"]
+    run_dir = output_root() / "runs" / "probe" / f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone}-{dataset}-{config.head}-{key[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    full_config: dict[str, Any] = {
+        "stage": "probe", **config.to_dict(), "seed": config.seed, "head_init": result.head_init,
+        "cache": str(reader.path), "cache_fingerprint": reader.fingerprint, "backbone": backbone, "dataset": dataset,
+        "backbone_random_weights": bool(meta["backbone"].get("random_weights")), "task": reader.task, "config_key": key,
+    }
+    (run_dir / "config.json").write_text(json.dumps(full_config, indent=2, default=str))
+    with open(run_dir / "history.jsonl", "w") as fh:
+        for row in result.history:
+            fh.write(json.dumps(row) + "\n")
+    pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
+    torch.save(result.state_dict, run_dir / "head.pt")
+    metrics = {"best_epoch": result.best_epoch, "val": result.val_metrics, "test": result.test_metrics}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    task = reader.task
+    record = RunRecord(
+        stage="probe", scenario=scenario(config.head), backbone=backbone, dataset=dataset, head=config.head,
+        config={**config.to_dict(), "head_init": result.head_init}, config_key=key, cache_fingerprint=reader.fingerprint,
+        seed=config.seed, primary_metric=task["primary_metric"], val_score=result.val_score,
+        test_metrics=result.test_metrics, test_primary=float(result.test_metrics[task["primary_metric"]]),
+        random_weights=bool(meta["backbone"].get("random_weights")), train_seconds=result.train_seconds,
+        total_seconds=total_seconds, run_dir=str(run_dir),
+    )
+    ledger.add(record)
+    return record

@@ -1,0 +1,80 @@
+"""`probe run` as a function: cache lookup, skip-if-done through the ledger, run folder and ledger row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cache.errors import MedfmError
+from probe.results import Ledger
+from probe.run import feature_name, find_cache, open_cache, run_probe
+from probe.train import TrainConfig
+from tests.probe.caches import make_cache
+
+FAST = TrainConfig(epochs=2, batch_size=32)
+
+
+def test_run_writes_folder_and_ledger_row_then_skips_the_same_config(isolated_outputs):
+    path = make_cache(isolated_outputs / "features" / "deit" / "demo-0123456789ab.h5")
+    assert find_cache("deit", "demo") == path
+    with open_cache(path, "deit", "demo") as reader:
+        first = run_probe(reader, FAST)
+        again = run_probe(reader, FAST)
+        forced = run_probe(reader, FAST, force=True)
+        other_seed = run_probe(reader, TrainConfig(epochs=2, batch_size=32, seed=1))
+    assert not first.skipped and again.skipped and not forced.skipped and not other_seed.skipped
+    assert again.record.id == first.record.id
+    rows = Ledger().rows()
+    assert len(rows) == 3
+    row = rows[0]
+    assert (row.stage, row.scenario, row.backbone, row.dataset, row.head) == ("probe", "frozen-linear", "deit", "demo", "linear")
+    assert row.random_weights and row.primary_metric == "accuracy" and row.test_primary == row.test_metrics["accuracy"]
+    run_dir = isolated_outputs / "runs" / "probe"
+    folder = next(p for p in run_dir.iterdir() if str(p) == row.run_dir)
+    assert {p.name for p in folder.iterdir()} == {"config.json", "history.jsonl", "history.csv", "head.pt", "metrics.json"}
+    assert json.loads((folder / "config.json").read_text())["config_key"] == row.config_key
+    assert len((folder / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_missing_several_and_partial_caches_are_clear_errors(isolated_outputs):
+    folder = isolated_outputs / "features" / "deit"
+    with pytest.raises(MedfmError, match="extract run --backbone deit --dataset demo"):
+        find_cache("deit", "demo")
+    folder.mkdir(parents=True)
+    (folder / "demo-0123456789ab.h5.partial").write_bytes(b"")
+    with pytest.raises(MedfmError, match="incomplete"):
+        find_cache("deit", "demo")
+    make_cache(folder / "demo-aaaaaaaaaaaa.h5")
+    make_cache(folder / "demo-bbbbbbbbbbbb.h5", fingerprint="b" * 64)
+    make_cache(folder / "demo-extra-cccccccccccc.h5")  # another dataset whose name starts with "demo-"
+    with pytest.raises(MedfmError, match="--cache") as err:
+        find_cache("deit", "demo")
+    assert "demo-aaaaaaaaaaaa.h5" in str(err.value) and "demo-extra" not in str(err.value)
+
+
+def test_layer_and_head_pick_the_cache_array_or_say_what_is_missing(tmp_path):
+    path = make_cache(tmp_path / "c.h5", extra_layers=(4,))
+    with open_cache(path, None, None) as reader:
+        assert feature_name(reader, "linear", None) == "pooled"
+        assert feature_name(reader, "linear", 11) == "pooled"
+        assert feature_name(reader, "deit", 4) == "tokens@4"
+        with pytest.raises(MedfmError, match="pooled@7"):
+            feature_name(reader, "linear", 7)
+    no_tokens = make_cache(tmp_path / "p.h5", tokens=None)
+    with open_cache(no_tokens, None, None) as reader, pytest.raises(MedfmError, match="--tokens"):
+        feature_name(reader, "deit", None)
+
+
+def test_cache_of_another_backbone_is_refused(tmp_path):
+    path = make_cache(tmp_path / "c.h5", backbone="dinov2")
+    with pytest.raises(MedfmError, match="dinov2"):
+        open_cache(path, "deit", None)
+
+
+def test_bad_training_values_are_user_errors(tmp_path):
+    path = make_cache(tmp_path / "c.h5")
+    with open_cache(path, None, None) as reader:
+        for config, flag in ((TrainConfig(epochs=0), "--epochs"), (TrainConfig(lr=-1), "--lr"), (TrainConfig(head="mlp"), "unknown head")):
+            with pytest.raises(MedfmError, match=flag):
+                run_probe(reader, config)
