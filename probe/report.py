@@ -112,7 +112,7 @@ def to_markdown(table: pd.DataFrame, metrics: dict[str, str]) -> str:
 def plot_gain(table: pd.DataFrame, path: Path) -> None:
     """The study's figure: relative gain per backbone x head, sorted, one horizontal bar each."""
     gains = table[GAIN].dropna().sort_values()
-    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(gains), 1) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(gains), 1) + 1.6))
     colors = ["#c0504d" if v < 0 else "#4f81bd" for v in gains.values]
     bars = ax.barh(range(len(gains)), gains.values, color=colors)
     for bar, label in zip(bars, gains.index, strict=True):
@@ -121,7 +121,7 @@ def plot_gain(table: pd.DataFrame, path: Path) -> None:
     ax.set_yticks(range(len(gains)), list(gains.index))
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"relative gain over {BASELINE} linear (%), mean over datasets")
-    ax.set_title("Gain over the ImageNet baseline" + (" (hatched: RANDOM weights)" if any("RANDOM" in i for i in gains.index) else ""))
+    ax.set_title("Gain over the ImageNet baseline" + ("\n(hatched: RANDOM weights)" if any("RANDOM" in i for i in gains.index) else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,65 @@
+"""`probe report`: cells chosen by validation, gain over the deit linear baseline, CSV/Markdown/PNG written."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from probe.report import AVERAGE, GAIN, make_report
+from probe.results import Ledger, RunRecord
+
+METRIC = {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall"}
+
+
+def add(ledger: Ledger, backbone: str, head: str, dataset: str, test: float, val: float = 0.5, lr: float = 1e-4,
+        seed: int = 0, random: bool = False) -> None:
+    ledger.add(RunRecord(
+        stage="probe", scenario=f"frozen-{head}", backbone=backbone, dataset=dataset, head=head, config={"lr": lr},
+        config_key=f"{backbone}{head}{dataset}{lr}{seed}{random}", cache_fingerprint="f", seed=seed,
+        primary_metric=METRIC[dataset], val_score=val, test_metrics={METRIC[dataset]: test}, test_primary=test,
+        random_weights=random,
+    ))
+
+
+@pytest.fixture
+def ledger(isolated_outputs):
+    ledger = Ledger()
+    add(ledger, "deit", "linear", "aptos2019", 0.75)
+    add(ledger, "deit", "linear", "isic2019", 0.50)
+    add(ledger, "dinov2", "linear", "aptos2019", 0.80)
+    add(ledger, "dinov2", "linear", "isic2019", 0.60, val=0.7, seed=0)
+    add(ledger, "dinov2", "linear", "isic2019", 0.70, val=0.7, seed=1)  # same config, another seed: averaged
+    add(ledger, "dinov2", "linear", "isic2019", 0.99, val=0.1, lr=1e-3)  # better on test, worse on val: not chosen
+    add(ledger, "sam", "deit", "aptos2019", 0.60)
+    add(ledger, "sam", "linear", "aptos2019", 0.90, random=True)
+    return ledger
+
+
+def test_report_selects_by_validation_and_computes_gain_over_deit_linear(ledger, isolated_outputs):
+    report = make_report(ledger, out=isolated_outputs / "reports")
+    table = report.table
+    dinov2 = table.loc[("dinov2", "frozen-linear", False)]
+    assert dinov2["isic2019"] == pytest.approx(0.65)  # mean of the two seeds of the best-validation config
+    assert dinov2[AVERAGE] == pytest.approx((0.80 + 0.65) / 2)
+    assert dinov2[GAIN] == pytest.approx(((0.80 - 0.75) / 0.75 + (0.65 - 0.50) / 0.50) / 2 * 100)
+    assert table.loc[("deit", "frozen-linear", False)][GAIN] == pytest.approx(0.0)
+    assert table.loc[("sam", "frozen-deit", False)][GAIN] == pytest.approx(-20.0)
+    assert report.metrics == METRIC
+
+
+def test_report_writes_csv_markdown_and_png_and_marks_random_weights(ledger, isolated_outputs):
+    out = isolated_outputs / "reports"
+    report = make_report(ledger, out=out)
+    assert set(report.files) == {"csv", "markdown", "figure"}
+    csv = pd.read_csv(report.files["csv"])
+    assert "sam frozen-linear (RANDOM weights)" in set(csv["row"])
+    assert {"aptos2019", "isic2019", AVERAGE, GAIN} <= set(csv.columns)
+    markdown = report.files["markdown"].read_text()
+    assert "aptos2019 (quadratic_kappa)" in markdown and "RANDOM weights" in markdown
+    assert report.files["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_can_be_limited_to_some_datasets(ledger):
+    report = make_report(ledger, datasets=["isic2019"])
+    assert list(report.table.columns) == ["isic2019", AVERAGE, GAIN]
+    assert report.runs == 4
