@@ -14,6 +14,7 @@ from probe.data import parse_bytes
 from probe.report import GAIN, make_report, row_label
 from probe.results import Ledger
 from probe.run import feature_name, find_cache, open_cache, output_root, run_probe
+from probe.sweep import Grid, expand, run_sweep
 from probe.train import TrainConfig
 
 app = typer.Typer(help="Train heads on cached features and report results.", no_args_is_help=True, add_completion=False)
@@ -58,6 +59,65 @@ def run(
             data_seed=data_seed, head_depth=head_depth, head_preset=head_preset, head_weights=head_weights,
         )
         run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console)
+
+
+@app.command()
+def sweep(
+    backbone: Backbone = None,
+    dataset: Dataset = None,
+    cache: CacheFile = None,
+    head: Annotated[str, typer.Option(help="Heads, comma-separated: linear,deit.")] = "linear",
+    lr: Annotated[str, typer.Option(help="Learning rates, comma-separated.")] = "1e-4",
+    weight_decay: Annotated[str, typer.Option(help="Weight decays, comma-separated.")] = "1e-5",
+    seed: Annotated[str, typer.Option(help="Head-initialisation seeds, comma-separated.")] = "0",
+    layer: Annotated[str, typer.Option(help="Blocks, comma-separated, among those the cache stored; 'last' for the last.")] = "last",
+    epochs: Annotated[int, typer.Option(help="Training epochs (the study: 100).")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 64,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear LR warmup, in epochs; constant after.")] = 5.0,
+    patience: Annotated[int | None, typer.Option(help="Stop a head after this many epochs without a better validation score.")] = None,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: none).")] = 1.0,
+    data_seed: Annotated[int, typer.Option(help="Seed of the batch order, shared by the whole sweep.")] = 0,
+    head_depth: Annotated[int, typer.Option(help="DeiT head: number of blocks.")] = 12,
+    head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b | deit-s | deit-t.")] = "deit-b",
+    head_weights: Annotated[str, typer.Option(help="DeiT head init: default | random | PATH.")] = "default",
+    max_ram: MaxRam = None,
+    device: Device = "auto",
+    force: Annotated[bool, typer.Option(help="Retrain configurations the ledger already holds.")] = False,
+) -> None:
+    """Train a grid of heads on one cache (linear heads together, in one pass per epoch); report the best by validation."""
+    path = find_cache(backbone, dataset, cache)
+    with open_cache(path, backbone, dataset) as reader:
+        grid = Grid(
+            heads=tuple(_values(head, str, "--head")), lrs=tuple(_values(lr, float, "--lr")),
+            weight_decays=tuple(_values(weight_decay, float, "--weight-decay")), seeds=tuple(_values(seed, int, "--seed")),
+            layers=tuple(None if v == "last" else int(v) for v in _values(layer, str, "--layer")),
+        )
+        base = TrainConfig(batch_size=batch_size, epochs=epochs, warmup_epochs=warmup_epochs, patience=patience,
+                           grad_clip=grad_clip or None, data_seed=data_seed, head_depth=head_depth, head_preset=head_preset,
+                           head_weights=head_weights)
+        outcome = run_sweep(reader, expand(reader, grid, base), device=device, max_ram=_ram(max_ram), force=force, console=console)
+    table = Table("head", "feature", "lr", "weight decay", "seed", f"val {outcome.records[0].primary_metric}",
+                  f"test {outcome.records[0].primary_metric}", title=f"sweep: {outcome.trained} trained, {outcome.skipped} already in the ledger")
+    for r in outcome.records:
+        style = "bold green" if outcome.best is not None and r.id == outcome.best.id else None
+        table.add_row(r.head, r.config["feature"], f"{r.config['lr']:g}", f"{r.config['weight_decay']:g}", str(r.seed),
+                      _cell(r.val_score, False), _cell(r.test_primary, False), style=style)
+    console.print(table)
+    if outcome.best is not None:
+        b = outcome.best
+        console.print(f"best by validation: {b.head} head, {b.config['feature']}, lr {b.config['lr']:g}, weight decay "
+                      f"{b.config['weight_decay']:g}, seed {b.seed}: val {b.val_score:.4f}, test {b.primary_metric} {b.test_primary:.4f}")
+
+
+def _values(text: str, kind: type, flag: str) -> list:
+    """`1e-4,1e-3` -> [0.0001, 0.001]; a bad value is a user error naming the flag."""
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MedfmError(f"{flag} takes comma-separated {kind.__name__} values, got '{text}'") from None
+    if not values:
+        raise MedfmError(f"{flag} needs at least one value")
+    return values
 
 
 @app.command()

@@ -1,0 +1,102 @@
+"""`probe sweep`: many heads over one cache, lr x weight decay x head x seed (x layer).
+
+All linear heads that share a feature array and schedule train together, as one batched computation
+over one pass of the data per epoch (DINOv2's linear evaluation does the same); DeiT heads train one
+after another. Configurations already in the ledger are skipped, so rerunning a finished sweep trains
+nothing. The sweep's answer is the best configuration by validation score, reported with its test score.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+from rich.console import Console
+from rich.progress import Progress
+
+from cache.store import CacheReader
+from probe.data import FeatureSource
+from probe.heads import RANDOM_DEIT_WARNING
+from probe.metrics import num_outputs
+from probe.results import Ledger, RunRecord
+from probe.run import feature_name, ledger_key, resolve_device, save_run, validate, warn_random
+from probe.train import TrainConfig, fit, make_head
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The swept values; every combination is one configuration."""
+
+    heads: tuple[str, ...] = ("linear",)
+    lrs: tuple[float, ...] = (1e-4,)
+    weight_decays: tuple[float, ...] = (1e-5,)
+    seeds: tuple[int, ...] = (0,)
+    layers: tuple[int | None, ...] = (None,)  # None: the last block
+
+
+@dataclass
+class SweepOutcome:
+    records: list[RunRecord]  # one per configuration, in grid order (trained now or found in the ledger)
+    best: RunRecord | None  # best validation score
+    trained: int
+    skipped: int
+    train_passes: int  # passes over train features, all groups together
+
+
+def expand(reader: CacheReader, grid: Grid, base: TrainConfig) -> list[TrainConfig]:
+    """Every configuration of the grid, on top of the shared settings in `base`."""
+    configs = (
+        replace(base, head=head, feature=feature_name(reader, head, layer), lr=lr, weight_decay=wd, seed=seed)
+        for layer, head, lr, wd, seed in itertools.product(grid.layers, grid.heads, grid.lrs, grid.weight_decays, grid.seeds)
+    )
+    return list(dict.fromkeys(configs))  # a value given twice is one configuration
+
+
+def run_sweep(
+    reader: CacheReader, configs: list[TrainConfig], *, device: str = "auto", max_ram: int | None = None, force: bool = False,
+    ledger: Ledger | None = None, console: Console | None = None,
+) -> SweepOutcome:
+    """Train the configurations not yet in the ledger (all of them with `force`) and pick the best by validation."""
+    # --- set-up: what is already done, and how the rest groups into passes over the data
+    console = console or Console(stderr=True)
+    ledger = ledger or Ledger()
+    for config in configs:
+        validate(config)
+    keys = [ledger_key(reader, c) for c in configs]
+    todo = [(c, k) for c, k in zip(configs, keys, strict=True) if force or ledger.find(k) is None]
+    console.print(f"sweep of {len(configs)} configurations: {len(configs) - len(todo)} already in the ledger, {len(todo)} to train")
+    groups: dict[tuple, list[tuple[TrainConfig, str]]] = defaultdict(list)
+    for config, key in todo:
+        # linear heads sharing data and schedule train together; each DeiT head trains alone
+        groups[("linear", config.shared()) if config.head == "linear" else ("deit", key)].append((config, key))
+    dev = resolve_device(device)
+    task = reader.task
+    passes = 0
+    if todo:
+        warn_random(reader, next((c for c, _ in todo if c.head == "deit"), todo[0][0]), console)
+
+    # --- train group by group: one pass over the features per epoch for each group
+    with Progress(console=console, transient=True) as progress, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=RANDOM_DEIT_WARNING)
+        for members in groups.values():
+            first = members[0][0]
+            source = FeatureSource(reader, first.feature, first.batch_size, max_ram)
+            started = time.perf_counter()
+            heads = [make_head(c, source.row_shape, num_outputs(task)) for c, _ in members]
+            results = fit(heads, [c for c, _ in members], source, task, dev, progress)
+            seconds = time.perf_counter() - started
+            for result, (_, key) in zip(results, members, strict=True):
+                save_run(reader, result, key, ledger, total_seconds=seconds)
+            passes += source.passes["train"]
+            console.print(f"trained {len(members)} {first.head} head(s) on {first.feature} in {seconds:.1f} s "
+                          f"({source.passes['train']} passes over the train features)")
+
+    # --- the answer: every configuration's row, and the best by validation
+    records = [ledger.find(k) for k in keys]
+    scored = [r for r in records if r is not None and r.val_score is not None and math.isfinite(r.val_score)]
+    best = max(scored, key=lambda r: r.val_score) if scored else None
+    return SweepOutcome([r for r in records if r is not None], best, len(todo), len(configs) - len(todo), passes)

@@ -1,0 +1,49 @@
+"""`probe sweep`: linear heads train together in one pass per epoch, equal to training each alone; reruns skip."""
+
+from __future__ import annotations
+
+import torch
+
+from cache.store import CacheReader
+from probe.data import FeatureSource
+from probe.results import Ledger
+from probe.run import open_cache
+from probe.sweep import Grid, expand, run_sweep
+from probe.train import TrainConfig, train_head
+from tests.probe.caches import make_cache
+
+BASE = TrainConfig(epochs=4, batch_size=16, warmup_epochs=1)
+
+
+def test_twelve_linear_configs_read_the_features_once_per_epoch_and_match_training_alone(tmp_path):
+    path = make_cache(tmp_path / "c.h5", separation=1.5)
+    grid = Grid(lrs=(1e-4, 1e-3, 1e-2, 3e-2), weight_decays=(0.0, 1e-2, 1e-1))
+    with open_cache(path, None, None) as reader:
+        configs = expand(reader, grid, BASE)
+        assert len(configs) == 12
+        outcome = run_sweep(reader, configs, device="cpu")
+    assert outcome.trained == 12 and outcome.train_passes == BASE.epochs
+    assert outcome.best is not None and outcome.best.val_score == max(r.val_score for r in outcome.records)
+    for config, record in zip(configs, outcome.records, strict=True):
+        with CacheReader(path) as reader:
+            alone = train_head(config, FeatureSource(reader, "pooled", config.batch_size), reader.task, torch.device("cpu"))
+        saved = torch.load(f"{record.run_dir}/head.pt", weights_only=True)
+        torch.testing.assert_close(saved["linear.weight"], alone.state_dict["linear.weight"], rtol=1e-4, atol=1e-5)
+        assert record.val_score == alone.val_score
+        assert abs(record.test_metrics["roc_auc"] - alone.test_metrics["roc_auc"]) < 1e-6
+
+
+def test_rerunning_a_finished_sweep_trains_nothing(tmp_path):
+    path = make_cache(tmp_path / "c.h5")
+    grid = Grid(heads=("linear", "deit"), lrs=(1e-3,), seeds=(0, 1))
+    base = TrainConfig(epochs=1, batch_size=16, head_depth=1, head_preset="deit-t", head_weights="random")
+    with open_cache(path, None, None) as reader:
+        configs = expand(reader, grid, base)
+        first = run_sweep(reader, configs, device="cpu")
+        again = run_sweep(reader, configs, device="cpu")
+    assert (first.trained, first.skipped) == (4, 0)
+    assert (again.trained, again.skipped, again.train_passes) == (0, 4, 0)
+    assert len(Ledger().rows()) == 4
+    assert [r.id for r in again.records] == [r.id for r in first.records]
+    assert {r.scenario for r in first.records} == {"frozen-linear", "frozen-deit"}
+    assert first.train_passes == 1 + 2  # both linear heads in one pass; each DeiT head alone
