@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 
@@ -23,13 +22,13 @@ def run_cli(app: typer.Typer, prog_name: str) -> None:
         code = app(standalone_mode=False, prog_name=prog_name)
     except MedfmError as err:
         _fail(str(err))
-    except click.exceptions.NoArgsIsHelp as err:  # pragma: no cover - depends on click version
-        click.echo(err.ctx.get_help() if err.ctx else str(err))
-        sys.exit(2)
-    except click.ClickException as err:
-        _fail(err.format_message())
-    except click.exceptions.Abort:
+    except typer.Abort:
         _fail("aborted")
+    except typer.TyperException as err:  # typer's (vendored click) usage and parameter errors
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare command: show its help
+            sys.stderr.write(err.format_message() + "\n")
+            sys.exit(2)
+        _fail(err.format_message())
     except KeyboardInterrupt:
         _fail("interrupted; partial outputs are kept and resume on the next run")
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,35 @@
+"""A demo dataset that pauses at one image and signals it, so a test can SIGKILL the extraction there.
+
+Registered as `killable-demo`; its images and splits are those of `demo`, so its features are too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from extract.datasets import DatasetEntry, demo, register
+
+PAUSE_ENV = "MEDFM_TEST_PAUSE_AT"  # "INDEX:MARKER_FILE"
+
+
+@dataclass(frozen=True)
+class PausingImages(demo.DemoImages):
+    def __call__(self, ref: tuple[int, int, int]):
+        spec = os.environ.get(PAUSE_ENV)
+        if spec:
+            index, marker = spec.split(":", 1)
+            if ref[1] == int(index):
+                Path(marker).write_text("paused")
+                time.sleep(600)
+        return super().__call__(ref)
+
+
+def build(root=None, **options):
+    return replace(demo.build(root, **options), name="killable-demo", load_image=PausingImages())
+
+
+if "killable-demo" not in {e.name for e in __import__("extract.datasets", fromlist=["list_datasets"]).list_datasets()}:
+    register(DatasetEntry("killable-demo", "demo that pauses for kill tests", "multiclass", "nothing", build))
