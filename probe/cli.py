@@ -25,6 +25,7 @@ Dataset = Annotated[str | None, typer.Option(help="Dataset whose cache to use.")
 CacheFile = Annotated[Path | None, typer.Option("--cache", help="A cache file, when several match or to bypass the search.")]
 MaxRam = Annotated[str | None, typer.Option(help="RAM for features, e.g. 8G; larger token caches stream [default: half of free RAM].")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+Standardize = Annotated[bool, typer.Option(help="Linear head: standardize features with the train mean/std (MAE-style; the study does not).")]
 
 
 @app.command()
@@ -46,6 +47,7 @@ def run(
     head_depth: Annotated[int, typer.Option(help="DeiT head: number of blocks (the study: 12).")] = 12,
     head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b (the study) | deit-s | deit-t.")] = "deit-b",
     head_weights: Annotated[str, typer.Option(help="DeiT head init: default (ImageNet DeiT if present, else random) | random | PATH.")] = "default",
+    standardize: Standardize = False,
     max_ram: MaxRam = None,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Retrain even if the ledger already holds this run.")] = False,
@@ -56,7 +58,7 @@ def run(
         config = TrainConfig(
             head=head, feature=feature_name(reader, head, layer), lr=lr, weight_decay=weight_decay, batch_size=batch_size,
             epochs=epochs, warmup_epochs=warmup_epochs, patience=patience, grad_clip=grad_clip or None, seed=seed,
-            data_seed=data_seed, head_depth=head_depth, head_preset=head_preset, head_weights=head_weights,
+            data_seed=data_seed, head_depth=head_depth, head_preset=head_preset, head_weights=head_weights, standardize=standardize,
         )
         run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console)
 
@@ -80,6 +82,7 @@ def sweep(
     head_depth: Annotated[int, typer.Option(help="DeiT head: number of blocks.")] = 12,
     head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b | deit-s | deit-t.")] = "deit-b",
     head_weights: Annotated[str, typer.Option(help="DeiT head init: default | random | PATH.")] = "default",
+    standardize: Standardize = False,
     max_ram: MaxRam = None,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Retrain configurations the ledger already holds.")] = False,
@@ -94,7 +97,7 @@ def sweep(
         )
         base = TrainConfig(batch_size=batch_size, epochs=epochs, warmup_epochs=warmup_epochs, patience=patience,
                            grad_clip=grad_clip or None, data_seed=data_seed, head_depth=head_depth, head_preset=head_preset,
-                           head_weights=head_weights)
+                           head_weights=head_weights, standardize=standardize)
         outcome = run_sweep(reader, expand(reader, grid, base), device=device, max_ram=_ram(max_ram), force=force, console=console)
     table = Table("head", "feature", "lr", "weight decay", "seed", f"val {outcome.records[0].primary_metric}",
                   f"test {outcome.records[0].primary_metric}", title=f"sweep: {outcome.trained} trained, {outcome.skipped} already in the ledger")

@@ -50,14 +50,25 @@ RANDOM_DEIT_WARNING = "DeiT head weights not found"
 
 
 class LinearHead(nn.Module):
-    """A linear layer on the pooled feature [B, D] (the study's frozen/unfrozen + linear scenarios)."""
+    """A linear layer on the pooled feature [B, D] (the study's frozen/unfrozen + linear scenarios).
+
+    `shift` and `scale` (buffers; identity unless `standardize` sets them) optionally standardize the
+    feature first, as MAE's linear probe does; they travel with the head's state dict.
+    """
 
     def __init__(self, in_dim: int, num_outputs: int) -> None:
         super().__init__()
         self.linear = nn.Linear(in_dim, num_outputs)
+        self.register_buffer("shift", torch.zeros(in_dim))
+        self.register_buffer("scale", torch.ones(in_dim))
+
+    def standardize(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Feed the linear layer (x - mean) / std; dimensions with no spread are left unscaled."""
+        self.shift.copy_(mean)
+        self.scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        return self.linear((x - self.shift) / self.scale)
 
 
 class DeiTHead(nn.Module):

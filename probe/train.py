@@ -57,6 +57,7 @@ class TrainConfig:
     head_depth: int = 12
     head_preset: str = "deit-b"
     head_weights: str = "default"
+    standardize: bool = False  # linear heads: standardize features with train mean/std (MAE-style); not the study
 
     def head_options(self) -> dict[str, Any]:
         return {"depth": self.head_depth, "preset": self.head_preset, "weights": self.head_weights} if self.head == "deit" else {}
@@ -69,6 +70,8 @@ class TrainConfig:
         """The settings that decide the result (the ledger's config); head_* only for heads that use them."""
         data = asdict(self)
         data.pop("seed")
+        if self.head != "linear" or not self.standardize:
+            data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
         if self.head != "deit":
             for key in ("head_depth", "head_preset", "head_weights"):
                 data.pop(key)
@@ -102,7 +105,9 @@ class StackedHeads(nn.Module):
         if self.linear:
             weight = torch.stack([h.linear.weight for h in self.heads])  # [H, C, D]
             bias = torch.stack([h.linear.bias for h in self.heads])  # [H, C]
-            return torch.einsum("bd,hcd->hbc", x, weight) + bias[:, None, :]
+            shift = torch.stack([h.shift for h in self.heads])[:, None, :]  # [H, 1, D]
+            scale = torch.stack([h.scale for h in self.heads])[:, None, :]
+            return torch.einsum("hbd,hcd->hbc", (x - shift) / scale, weight) + bias[:, None, :]
         return torch.stack([h(x) for h in self.heads])
 
 
@@ -135,6 +140,11 @@ def fit(
     shared = configs[0]
     if any(c.shared() != shared.shared() for c in configs):
         raise ValueError("heads trained together must share feature, batch size, epochs, warmup, patience, clipping and data seed")
+    if any(c.standardize and c.head == "linear" for c in configs):
+        mean, std = feature_stats(source)
+        for head, c in zip(heads, configs, strict=True):
+            if c.standardize and isinstance(head, LinearHead):
+                head.standardize(mean, std)
     model = StackedHeads(heads).to(device)
     groups = [dict(group, lr=c.lr) for head, c in zip(heads, configs, strict=True) for group in param_groups(head, c.weight_decay)]
     optimizer = torch.optim.AdamW(groups, lr=shared.lr)
@@ -195,6 +205,19 @@ def fit(
                   b["state"], train_seconds, getattr(heads[k], "weights_source", ""))
         for k, (c, b) in enumerate(zip(configs, best, strict=True))
     ]
+
+
+def feature_stats(source: FeatureSource) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the train features (one pass, float64 sums)."""
+    total = squares = None
+    rows = 0
+    for batch in source.eval_batches("train"):
+        x = torch.from_numpy(np.ascontiguousarray(batch.features)).double().flatten(0, -2)
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+        rows += len(x)
+    mean = total / rows
+    return mean.float(), (squares / rows - mean * mean).clamp_min(0).sqrt().float()
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ MULTICLASS = {"kind": "multiclass", "class_names": ["a", "b", "c", "d"], "primar
 def make_cache(
     path: Path, *, rows: dict[str, int] | None = None, pooled_dim: int = 16, tokens: tuple[int, int] | None = (9, 8),
     task: dict | None = None, backbone: str = "deit", dataset: str = "demo", random_weights: bool = True,
-    fingerprint: str = "f" * 64, seed: int = 0, separation: float = 3.0, extra_layers: tuple[int, ...] = (),
+    fingerprint: str = "f" * 64, seed: int = 0, separation: float = 3.0, extra_layers: tuple[int, ...] = (), offset: float = 0.0, scale: float = 1.0,
 ) -> Path:
     """A complete cache whose features carry the label (linearly separable up to noise), written by CacheWriter."""
     rows = rows or {"train": 144, "val": 48, "test": 48}
@@ -48,6 +48,6 @@ def make_cache(
             x = rng.normal(size=(n, *spec.shape)).astype(np.float32)
             signal = np.eye(max(n_classes, spec.shape[-1]))[y][:, : spec.shape[-1]] * separation
             x += signal if x.ndim == 2 else signal[:, None, :]
-            arrays[name] = x.astype(spec.dtype)
+            arrays[name] = (x * scale + offset).astype(spec.dtype)
         writer.write(split, 0, arrays)
     return writer.finalize()

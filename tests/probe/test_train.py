@@ -68,3 +68,16 @@ def test_multilabel_cache_trains_with_bce_and_reports_mean_auc(tmp_path):
         result = train_head(TrainConfig(epochs=2, batch_size=16), source, reader.task, CPU)
     assert math.isfinite(result.test_metrics["mean_roc_auc"])
     assert np.isfinite(result.val_score)
+
+
+def test_standardize_lets_a_head_learn_features_with_a_large_offset_and_tiny_spread(tmp_path):
+    """Random-weight ViT features look like this (a near-constant CLS with a tiny signal): raw, they teach a head nothing."""
+    path = make_cache(tmp_path / "c.h5", separation=4.0, offset=1.0, scale=1e-3, tokens=None)
+    scores = {}
+    with CacheReader(path) as reader:
+        for standardize in (False, True):
+            source = FeatureSource(reader, "pooled", batch_size=16)
+            result = train_head(TrainConfig(lr=1e-2, epochs=8, batch_size=16, warmup_epochs=1, standardize=standardize), source, reader.task, CPU)
+            scores[standardize] = result.test_metrics["accuracy"]
+            assert result.state_dict["scale"].min() < (0.01 if standardize else 2)
+    assert scores[True] > 0.9 and scores[False] < 0.6
