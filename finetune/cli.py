@@ -23,6 +23,11 @@ app = typer.Typer(help="Train a backbone and a head end to end (the study's unfr
                   add_completion=False)
 
 
+@app.callback()
+def commands() -> None:
+    """Train a backbone and a head end to end (the study's unfrozen scenarios)."""
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
     """`embed_dim=32` -> {"embed_dim": 32}: values are Python literals (numbers, tuples), else strings."""
     out: dict[str, object] = {}

@@ -1,0 +1,166 @@
+"""finetune end to end on tiny models: fitting, exact resume after a kill, DDP == one process, freeze policies."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache.errors import MedfmError
+from extract.backbones import create_backbone
+from finetune.model import FreezePolicy
+from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
+from probe.results import Ledger
+from tests.conftest import cli
+
+TINY_VIT = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8}
+TINY_RESNET = {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """Tiny models train fastest on one thread, here and in the subprocesses: on a busy machine two
+    OpenMP threads spin-wait on every tiny op and make these tests 5-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(out: Path, **changes) -> FinetuneConfig:
+    """A tiny ViT on 32 demo images (19 train) at 32 px: the real code path in about a second per epoch."""
+    cfg = FinetuneConfig(
+        backbone="deit", dataset="demo", weights="random", image_size=32, batch_size=4, lr=5e-4, warmup_steps=2,
+        epochs=3, workers=0, augment=False, head_depth=1, head_preset="deit-t", head_weights="random",
+        dataset_options={"per_class": 8}, overrides=TINY_VIT, out=out, device="cpu",
+    )
+    return replace(cfg, **changes)
+
+
+def cli_args(cfg: FinetuneConfig) -> list[str]:
+    """The `finetune run` options that reproduce `cfg`."""
+    args = ["run", "--backbone", cfg.backbone, "--dataset", cfg.dataset, "--head", cfg.head, "--freeze", cfg.freeze,
+            "--weights", cfg.weights, "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size),
+            "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps), "--epochs", str(cfg.epochs),
+            "--workers", str(cfg.workers), "--augment" if cfg.augment else "--no-augment", "--head-depth", str(cfg.head_depth),
+            "--head-preset", cfg.head_preset, "--head-weights", cfg.head_weights, "--device", cfg.device, "--out", str(cfg.out)]
+    args += [a for k, v in cfg.dataset_options.items() for a in ("--opt", f"{k}={v}")]
+    return args + [a for k, v in cfg.overrides.items() for a in ("--override", f"{k}={v}")]
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def run_dir_of(out: Path) -> Path:
+    (run_dir,) = (out / "finetune").iterdir()
+    return run_dir
+
+
+def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outputs: Path) -> None:
+    cfg = tiny(isolated_outputs / "runs", epochs=10)
+    result = finetune(cfg)
+
+    last = result.history[-1]
+    assert last["train"]["accuracy"] >= 0.9, result.history
+    assert last["loss"] < result.history[0]["loss"] / 3
+    (row,) = Ledger().rows(stage="finetune")
+    assert (row.scenario, row.backbone, row.dataset, row.head) == ("unfrozen-linear", "deit", "demo", "linear")
+    assert row.test_primary == pytest.approx(result.test_score) and row.val_score == pytest.approx(result.val_score)
+    assert row.random_weights and row.config["freeze"] == "none"
+    assert {p.name for p in result.run_dir.iterdir()} >= {"best.pt", RESULT, "config.json", "splits.json"}
+    assert not (result.run_dir / CHECKPOINT).exists()
+    assert finetune(cfg).trained is False  # the same configuration is not trained twice
+    assert len(Ledger().rows(stage="finetune")) == 1
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    killed = tiny(tmp_path / "killed", epochs=5, augment=True)  # augmentation on: its random stream must replay too
+    proc = subprocess.Popen([cli("finetune"), *cli_args(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not list((killed.out / "finetune").glob(f"*/{CHECKPOINT}")) and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    run_dir = run_dir_of(killed.out)
+    stopped_at = torch.load(run_dir / CHECKPOINT, weights_only=True)["epoch"]
+    assert 1 <= stopped_at < killed.epochs
+    with pytest.raises(MedfmError, match="--resume"):
+        finetune(killed)
+
+    resumed = finetune(replace(killed, resume=True))
+    whole = finetune(replace(killed, out=tmp_path / "whole"))
+
+    assert without_timings(resumed.history) == without_timings(whole.history)
+    assert resumed.test_metrics == whole.test_metrics
+    best_resumed, best_whole = (torch.load(r.run_dir / "best.pt", weights_only=True) for r in (resumed, whole))
+    assert all(torch.equal(best_resumed[k], best_whole[k]) for k in best_whole)
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    """gloo on CPU; 9 val and 8 test images over 2 ranks: the sampler's padding duplicate must not be scored."""
+    cfg = tiny(tmp_path / "two", epochs=2, dataset_options={"per_class": 9})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*torchrun, cli("finetune"), *cli_args(cfg)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((run_dir_of(cfg.out) / RESULT).read_text())
+
+    one = finetune(replace(cfg, out=tmp_path / "one"))
+
+    assert len(Ledger(cfg.out / "results.sqlite").rows()) == 1  # only rank 0 records
+    for h1, h2 in zip(one.history, two["history"], strict=True):
+        assert h2["loss"] == pytest.approx(h1["loss"], abs=1e-5)
+        for split in ("train", "val"):
+            for name in ("accuracy", "roc_auc", "quadratic_kappa"):
+                assert h2[split][name] == pytest.approx(h1[split][name], abs=1e-6), (split, name)
+    for name in ("accuracy", "roc_auc", "quadratic_kappa"):
+        assert two["test_metrics"][name] == pytest.approx(one.test_metrics[name], abs=1e-6)
+    # Weights within 1e-4: the ranks' summation order differs at float rounding, and AdamW turns rounding-level
+    # gradients (e.g. of attention key biases, whose true gradient is zero) into steps of up to lr each.
+    w1, w2 = (torch.load(d / "best.pt", weights_only=True) for d in (one.run_dir, run_dir_of(cfg.out)))
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("backbone", "overrides", "freeze", "head", "trained_prefixes", "scenario"),
+    [
+        ("deit", {**TINY_VIT, "depth": 4}, "last-2", "deit", ("blocks.2.", "blocks.3."), "unfrozen-deit"),
+        ("resnet152", TINY_RESNET, "last-1", "linear", ("layer4.",), "unfrozen-linear"),
+        ("resnet152", TINY_RESNET, "all", "linear", (), "frozen-linear"),
+    ],
+)
+def test_freeze_leaves_every_other_backbone_tensor_bit_identical(
+    tmp_path: Path, backbone: str, overrides: dict, freeze: str, head: str, trained_prefixes: tuple[str, ...], scenario: str,
+) -> None:
+    """Frozen weights never move, and frozen BatchNorm statistics never drift (frozen parts run in eval mode)."""
+    start = create_backbone(backbone, "random", image_size=32, **overrides).model.state_dict()
+    weights = tmp_path / "start.pth"
+    torch.save(start, weights)
+    cfg = tiny(tmp_path / "runs", backbone=backbone, weights=str(weights), overrides=overrides, freeze=freeze, head=head,
+               epochs=1, lr=1e-2, warmup_steps=0)
+    result = finetune(cfg)
+
+    assert result.scenario == scenario
+    after = torch.load(result.run_dir / "best.pt", weights_only=True)
+    moved = {name for name, before in start.items() if not torch.equal(after[f"backbone.model.{name}"], before)}
+    assert {name for name in moved if not name.startswith(trained_prefixes)} == set()
+    assert bool(moved) == bool(trained_prefixes)
+
+
+def test_freeze_policy_is_checked_against_the_backbone(tmp_path: Path) -> None:
+    assert FreezePolicy.parse("last-3").trainable_blocks == 3
+    for bad in ("last-0", "last-x", "some"):
+        with pytest.raises(MedfmError, match="--freeze"):
+            FreezePolicy.parse(bad)
+    with pytest.raises(MedfmError, match="only 3 blocks"):
+        finetune(tiny(tmp_path, freeze="last-4"))
