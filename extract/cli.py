@@ -48,6 +48,8 @@ def run(
     token_dtype: Annotated[str, typer.Option(help="float16 | float32.")] = "float16",
     layers: Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")] = "-1",
     image_size: Annotated[Optional[int], typer.Option(help="Input size [default: the backbone's, 224].")] = None,
+    in_chans: Annotated[int, typer.Option(help="3 (grayscale replicated to RGB) | 1 (first conv from the R-channel kernel, the study's).")] = 3,
+    norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (the train split's, the study's).")] = "model",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: cores - 1].")] = None,
@@ -65,7 +67,7 @@ def run(
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or default_output() / "features",
         batch_size=batch_size, tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
-        image_size=image_size, device=device, precision=precision, workers=workers, skip_bad=skip_bad, manifest=manifest,
+        image_size=image_size, in_chans=in_chans, norm=norm, device=device, precision=precision, workers=workers, skip_bad=skip_bad, manifest=manifest,
         dataset_options=options,
     )
     result = extract(cfg)

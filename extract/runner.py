@@ -34,6 +34,8 @@ from extract.transforms import TransformSpec, eval_transform, make_spec
 
 TOKEN_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NORMS = ("model", "dataset")
+NORM_IMAGES = 500  # train images (evenly spaced) behind --norm dataset; the count enters the fingerprint
 
 
 def default_output() -> Path:
@@ -52,7 +54,8 @@ class ExtractConfig:
     token_dtype: str = "float16"
     layers: Sequence[int] | None = (-1,)  # None: every block
     image_size: int | None = None
-    in_chans: int = 3
+    in_chans: int = 3  # 1: grayscale input, first conv rebuilt from the pretrained R-channel kernel (the study's recipe)
+    norm: str = "model"  # model: the backbone's own mean/std | dataset: the train split's (the study's choice)
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
@@ -126,6 +129,10 @@ def feature_plan(model: Backbone, layers: Sequence[int], tokens: bool, token_dty
 def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult:
     """Extract features of every split of `cfg.dataset` with `cfg.backbone` into a fingerprinted cache."""
     console = console or Console(stderr=True)
+    if cfg.norm not in NORMS:
+        raise MedfmError(f"--norm must be one of {', '.join(NORMS)}, got {cfg.norm}")
+    if cfg.in_chans not in (1, 3):
+        raise MedfmError(f"--in-chans must be 1 (grayscale) or 3, got {cfg.in_chans}")
     if cfg.batch_size < 1:
         raise MedfmError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.token_dtype not in TOKEN_DTYPES:
@@ -147,13 +154,17 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     except ValueError as err:
         raise MedfmError(f"--layers: {err}") from None
     dc = model.data_config
-    tspec = make_spec(dc.input_size, dc.mean, dc.std, dc.interpolation, cfg.in_chans)
+    mean, std, norm = dc.mean, dc.std, {"kind": "model"}
+    if cfg.norm == "dataset":
+        mean, std, norm = dataset_norm(source, dc.input_size, dc.interpolation, cfg)
+    tspec = make_spec(dc.input_size, mean, std, dc.interpolation, cfg.in_chans)
     manifest = source.manifest()
     settings = {
         "backbone": cfg.backbone,
         "weights": weights.identity,
         "overrides": cfg.overrides,
         "transform": tspec.to_dict(),
+        "norm": norm,
         "dataset": source.name,
         "dataset_options": source.options,
         "manifest_hash": manifest_hash(manifest),
@@ -206,6 +217,36 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     return ExtractResult(path, False, {s: len(v) for s, v in source.splits.items()}, rate, weights.random)
 
 
+def loader_workers(cfg: ExtractConfig) -> int:
+    return cfg.workers if cfg.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def dataset_norm(source: DatasetSource, size: int, interpolation: str, cfg: ExtractConfig) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
+    """Per-channel mean/std of the train images after the eval resize and crop, from an evenly spaced sample.
+
+    The study normalises every model with its dataset's statistics rather than the model's own.
+    """
+    if "train" not in source.splits:
+        raise MedfmError(f"--norm dataset needs a train split; {source.name} has {', '.join(source.splits)}")
+    channels = cfg.in_chans
+    plain = make_spec(size, (0.0,) * 3, (1.0,) * 3, interpolation, channels)
+    count = len(source.splits["train"])
+    rows = np.unique(np.linspace(0, count - 1, min(count, NORM_IMAGES)).round().astype(int)).tolist()
+    data = torch.utils.data.Subset(ImageDataset(source, "train", eval_transform(plain), (channels, size, size)), rows)
+    total, squares, pixels = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0
+    for images, ok, _ in torch.utils.data.DataLoader(data, batch_size=32, num_workers=loader_workers(cfg)):
+        x = images[ok].double()
+        total += x.sum((0, 2, 3))
+        squares += x.square().sum((0, 2, 3))
+        pixels += x.shape[0] * size * size
+    if pixels == 0:
+        raise MedfmError(f"--norm dataset: none of the sampled train images of {source.name} could be read")
+    mean = total / pixels
+    std = (squares / pixels - mean.square()).clamp_min(0).sqrt()
+    rounded = [tuple(round(v, 6) for v in t.tolist()) for t in (mean, std)]
+    return rounded[0], rounded[1], {"kind": "dataset", "images": len(rows)}
+
+
 def _extract_splits(
     model: Backbone, source: DatasetSource, tspec: TransformSpec, writer: CacheWriter, cfg: ExtractConfig,
     layers: list[int], device: torch.device, amp: torch.dtype | None, console: Console,
@@ -213,7 +254,7 @@ def _extract_splits(
     """Stream every split's remaining rows through the model into the writer thread."""
     transform = eval_transform(tspec)
     shape = (tspec.channels, tspec.size, tspec.size)
-    workers = cfg.workers if cfg.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    workers = loader_workers(cfg)
     token_dtype = getattr(torch, cfg.token_dtype)
     last = model.num_layers - 1
     skipped: list[str] = []

@@ -61,7 +61,6 @@ def create_backbone(
 
 
 # Family modules register themselves on import.
-from extract.backbones import timm_family  # noqa: E402,F401
-from extract.backbones import blip, openclip, sam, seem  # noqa: E402,F401
+from extract.backbones import blip, openclip, sam, seem, timm_family  # noqa: E402,F401
 
 __all__ = ["Backbone", "BackboneSpec", "DataConfig", "Features", "create_backbone", "get_spec", "list_backbones", "register"]

@@ -16,7 +16,16 @@ from torch import nn
 
 from cache.errors import MedfmError
 from extract.backbones import register
-from extract.backbones.base import CLIP_MEAN, CLIP_STD, Backbone, BackboneSpec, DataConfig, Features, count_parameters, single_channel_conv
+from extract.backbones.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Backbone,
+    BackboneSpec,
+    DataConfig,
+    Features,
+    count_parameters,
+    single_channel_conv,
+)
 from extract.backbones.timm_family import TimmViT, create_timm_model
 from extract.backbones.weights import load_state_dict, take_prefix
 

@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from extract.backbones import register
-from extract.backbones.base import CLIP_MEAN, CLIP_STD, Backbone, BackboneSpec, DataConfig, Features, count_parameters, single_channel_conv
+from extract.backbones.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Backbone,
+    BackboneSpec,
+    DataConfig,
+    Features,
+    count_parameters,
+    single_channel_conv,
+)
 from extract.backbones.weights import load_state_dict, load_strict, take_prefix
 
 MODEL = "ViT-B-16"

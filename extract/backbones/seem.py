@@ -137,7 +137,7 @@ class FocalNetDW(nn.Module):
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList(
             FocalStage(dim, depth, level, window, mlp_ratio, rates[start:], layerscale, i < len(depths) - 1)
-            for i, (dim, depth, level, window, start) in enumerate(zip(self.dims, depths, focal_levels, focal_windows, starts))
+            for i, (dim, depth, level, window, start) in enumerate(zip(self.dims, depths, focal_levels, focal_windows, starts, strict=True))
         )
         for i, dim in enumerate(self.dims):
             self.add_module(f"norm{i}", nn.LayerNorm(dim))

@@ -1,0 +1,108 @@
+"""Weights load safely and strictly: pickled code is refused, wrappers are tolerated, partial files are errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from cache.errors import MedfmError
+from extract.backbones import create_backbone
+from extract.backbones.weights import load_state_dict
+from tests.extract.test_backbones import TINY
+from tests.extract.test_backbones_reference import TINY_VIT, randomize_
+
+
+class RunsCodeOnLoad:
+    """An object whose unpickling runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def malicious(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "weights.pth"
+    torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(2)}, "payload": RunsCodeOnLoad(marker)}, path)
+    return path, marker
+
+
+def test_a_pickle_that_runs_code_is_refused_and_never_runs(malicious: tuple[Path, Path]) -> None:
+    path, marker = malicious
+    with pytest.raises(MedfmError, match="refusing to load"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["sam", "seem", "openclip", "blip", "deit"])
+def test_every_family_refuses_the_malicious_pickle(malicious: tuple[Path, Path], name: str) -> None:
+    path, marker = malicious
+    overrides, size, _, _ = TINY[name]
+    with pytest.raises(MedfmError, match="refusing to load"):
+        create_backbone(name, str(path), image_size=size, **overrides)
+    assert not marker.exists()
+
+
+def seem_checkpoint() -> dict[str, torch.Tensor]:
+    overrides = TINY["seem"][0]
+    model = randomize_(create_backbone("seem", "random", **overrides).model)
+    return {f"backbone.{k}": v for k, v in model.state_dict().items()} | {"sem_seg_head.predictor.query_feat.weight": torch.randn(3, 4)}
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: sd,
+    lambda sd: {"model": sd},
+    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+], ids=["flat", "model-wrapper", "state_dict-wrapper-with-module-prefix"])
+def test_seem_checkpoint_loads_flat_or_wrapped(tmp_path: Path, wrap) -> None:
+    state = seem_checkpoint()
+    path = tmp_path / "seem_focalt_v0.pt"
+    torch.save(wrap(state), path)
+    model = create_backbone("seem", str(path), **TINY["seem"][0])
+    for key, value in model.model.state_dict().items():
+        torch.testing.assert_close(value, state[f"backbone.{key}"])
+
+
+def test_seem_checkpoint_missing_a_tensor_is_an_error_naming_it(tmp_path: Path) -> None:
+    state = seem_checkpoint()
+    del state["backbone.layers.2.blocks.0.dw1.weight"]
+    torch.save(state, tmp_path / "seem.pt")
+    with pytest.raises(MedfmError, match=r"layers\.2\.blocks\.0\.dw1\.weight"):
+        create_backbone("seem", str(tmp_path / "seem.pt"), **TINY["seem"][0])
+
+
+def test_timm_family_refuses_a_file_missing_trunk_tensors(tmp_path: Path) -> None:
+    """timm alone would load it non-strictly (the head differs) and leave block 1 random."""
+    state = randomize_(timm.create_model("deit_base_patch16_224", img_size=64, num_classes=10, **TINY_VIT)).state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}
+    torch.save({"model": state}, tmp_path / "deit.pth")
+    with pytest.raises(MedfmError, match=r"blocks\.1\."):
+        create_backbone("deit", str(tmp_path / "deit.pth"), image_size=64, **TINY_VIT)
+
+
+def test_blip_file_without_a_visual_encoder_says_what_to_pass(tmp_path: Path) -> None:
+    torch.save({"model": {"text_encoder.embeddings.weight": torch.zeros(2, 2)}}, tmp_path / "model_base.pth")
+    with pytest.raises(MedfmError, match="visual_encoder"):
+        create_backbone("blip", str(tmp_path / "model_base.pth"), image_size=64, **TINY_VIT)
+
+
+def test_missing_default_weights_name_the_file_and_the_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MEDFM_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for name, expected in [("sam", "sam_vit_b_01ec64.pth"), ("seem", "seem_focalt_v0.pt"), ("blip", "model_base.pth")]:
+        with pytest.raises(MedfmError, match=rf"{expected}.*{tmp_path}"):
+            create_backbone(name)
+
+
+def test_default_weights_are_found_in_the_weights_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    torch.save(seem_checkpoint(), tmp_path / "seem_focalt_v0.pt")
+    monkeypatch.setenv("MEDFM_WEIGHTS_DIR", str(tmp_path))
+    model = create_backbone("seem", **TINY["seem"][0])
+    assert model.weights.kind == "pretrained" and model.weights.path == tmp_path / "seem_focalt_v0.pt"
