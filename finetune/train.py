@@ -8,6 +8,7 @@ Exact resume: a checkpoint after every epoch holds model, optimizer, scheduler, 
 and best weights, and the history. Random state is not saved: each epoch's randomness (shuffle
 order, augmentation, dropout, loader workers) is seeded from (seed, epoch, rank) at the epoch's
 start, so a resumed epoch replays exactly on every rank, which saved states of rank 0 alone could not do.
+Only rank 0 writes; every rank reads the checkpoint on resume, so a multi-node run needs a shared --out.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
             })
             state["epoch"] = epoch + 1
             if world.is_main:
-                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, state)
+                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "scaler": scaler.state_dict(), **state}, checkpoint_path)
             name = task["primary_metric"]
             console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {state['history'][-1]['loss']:.4f}  "
                           f"train {name} {primary(task, state['history'][-1]['train']):.4f}  val {name} {score:.4f}"
@@ -233,10 +235,10 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     result = FinetuneResult(run_dir, scenario, state["best_epoch"], task["primary_metric"], state["best_score"],
                             primary(task, test_metrics), test_metrics, state["history"], random_weights, True, None)
     if world.is_main:
+        _atomic_save(state["best_model"], run_dir / "best.pt")
+        _write_json(run_dir / RESULT, {k: getattr(result, k) for k in ("best_epoch", "val_score", "test_metrics", "history")})
         result.ledger_id = _record(ledger, cfg, run_config, key, scenario, task, result, state["train_seconds"],
                                    time.perf_counter() - start_time)
-        torch.save(state["best_model"], run_dir / "best.pt")
-        _write_json(run_dir / RESULT, {k: getattr(result, k) for k in ("best_epoch", "val_score", "test_metrics", "history")})
         checkpoint_path.unlink(missing_ok=True)
         for problem in test_metrics.get("warnings", []):
             console.print(f"[yellow]warning[/]: {problem}")
@@ -287,14 +289,11 @@ def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dty
     return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-    """Write the checkpoint next to its final name, then rename: a crash leaves the previous one whole."""
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "scaler": scaler.state_dict(), **state}
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write next to the final name, then rename: a crash leaves the previous file whole."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
+        torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

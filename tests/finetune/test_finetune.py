@@ -17,6 +17,7 @@ from cache.errors import MedfmError
 from extract.backbones import create_backbone
 from finetune.model import FreezePolicy
 from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
+from probe.report import make_report
 from probe.results import Ledger
 from tests.conftest import cli
 
@@ -78,6 +79,8 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
     assert row.random_weights and row.config["freeze"] == "none"
     assert {p.name for p in result.run_dir.iterdir()} >= {"best.pt", RESULT, "config.json", "splits.json"}
     assert not (result.run_dir / CHECKPOINT).exists()
+    table = make_report(Ledger()).table  # what `probe report` prints
+    assert table.loc[("deit", "unfrozen-linear", True), "demo"] == pytest.approx(result.test_score)
     assert finetune(cfg).trained is False  # the same configuration is not trained twice
     assert len(Ledger().rows(stage="finetune")) == 1
 
