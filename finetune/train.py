@@ -34,7 +34,7 @@ from cache.errors import MedfmError
 from cache.fingerprint import manifest_hash
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
-from extract.runner import default_output, resolve_device, resolve_extract_weights
+from extract.runner import NORMS, ExtractConfig, dataset_norm, default_output, resolve_device, resolve_extract_weights
 from extract.transforms import make_spec
 from finetune import distributed
 from finetune.data import check_images, epoch_seed, make_loader
@@ -69,6 +69,7 @@ class FinetuneConfig:
     patience: int | None = None  # stop after this many epochs without a better validation score
     image_size: int | None = None
     in_chans: int = 3
+    norm: str = "model"  # model: the backbone's mean/std (as extract's default) | dataset: the train split's (the study's)
     head_depth: int = 12
     head_preset: str = "deit-b"
     head_weights: str = "default"  # the DeiT head's blocks: default | random | PATH
@@ -144,7 +145,11 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     model = build_model(backbone.to(device), cfg.head, num_outputs(task), freeze, head_depth=cfg.head_depth,
                         head_preset=cfg.head_preset, head_weights=cfg.head_weights).to(device)
     dc = backbone.data_config
-    tspec = make_spec(dc.input_size, dc.mean, dc.std, dc.interpolation, cfg.in_chans)
+    mean, std = dc.mean, dc.std
+    if cfg.norm == "dataset":
+        stats_cfg = ExtractConfig(cfg.backbone, cfg.dataset, in_chans=cfg.in_chans, workers=cfg.workers)
+        mean, std, _ = dataset_norm(source, dc.input_size, dc.interpolation, stats_cfg)
+    tspec = make_spec(dc.input_size, mean, std, dc.interpolation, cfg.in_chans)
     unused = freeze_unused(model, torch.zeros(1, tspec.channels, tspec.size, tspec.size, device=device))
     if unused:
         console.print(f"{len(unused)} parameter tensors get no gradient through the {cfg.head} head and stay fixed ({unused[0]}, ...)")
@@ -255,6 +260,8 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise MedfmError("--lr and --grad-clip must be positive and --weight-decay not negative")
     if cfg.patience is not None and cfg.patience < 1:
         raise MedfmError(f"--patience must be at least 1, got {cfg.patience}")
+    if cfg.norm not in NORMS:
+        raise MedfmError(f"--norm must be one of {', '.join(NORMS)}, got {cfg.norm}")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise MedfmError(f"--warmup-steps must not be negative, got {cfg.warmup_steps}")
 

@@ -52,7 +52,7 @@ def cli_args(cfg: FinetuneConfig) -> list[str]:
             "--weights", cfg.weights, "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size),
             "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps), "--epochs", str(cfg.epochs),
             "--workers", str(cfg.workers), "--augment" if cfg.augment else "--no-augment", "--head-depth", str(cfg.head_depth),
-            "--head-preset", cfg.head_preset, "--head-weights", cfg.head_weights, "--device", cfg.device, "--out", str(cfg.out)]
+            "--head-preset", cfg.head_preset, "--norm", cfg.norm, "--head-weights", cfg.head_weights, "--device", cfg.device, "--out", str(cfg.out)]
     args += [a for k, v in cfg.dataset_options.items() for a in ("--opt", f"{k}={v}")]
     return args + [a for k, v in cfg.overrides.items() for a in ("--override", f"{k}={v}")]
 
@@ -111,8 +111,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    """gloo on CPU; 9 val and 8 test images over 2 ranks: the sampler's padding duplicate must not be scored."""
-    cfg = tiny(tmp_path / "two", epochs=2, dataset_options={"per_class": 9})
+    """gloo on CPU; 7 val images over 2 ranks: the sampler's padding duplicate must not be scored.
+    The train split's mean/std (--norm dataset) is computed by each rank alike."""
+    cfg = tiny(tmp_path / "two", epochs=2, dataset_options={"per_class": 9}, norm="dataset")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run([*torchrun, cli("finetune"), *cli_args(cfg)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
