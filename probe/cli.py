@@ -10,12 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cache.errors import MedfmError, run_cli
-from probe.data import parse_bytes
+from probe.data import feature_name, find_cache, open_cache, output_root, parse_bytes
 from probe.report import GAIN, make_report, row_label
 from probe.results import Ledger
-from probe.run import feature_name, find_cache, open_cache, output_root, run_probe
-from probe.sweep import Grid, expand, run_sweep
-from probe.train import TrainConfig
+
+# Training modules (torch, timm, scikit-learn) load inside the commands that train: seconds saved on
+# `probe report` and on every mistake reported before any training starts.
 
 app = typer.Typer(help="Train heads on cached features and report results.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -53,6 +53,9 @@ def run(
     force: Annotated[bool, typer.Option(help="Retrain even if the ledger already holds this run.")] = False,
 ) -> None:
     """Train one head on a cache with the study's recipe; a run already in the ledger is skipped."""
+    from probe.run import run_probe
+    from probe.train import TrainConfig
+
     path = find_cache(backbone, dataset, cache)
     with open_cache(path, backbone, dataset) as reader:
         config = TrainConfig(
@@ -88,6 +91,9 @@ def sweep(
     force: Annotated[bool, typer.Option(help="Retrain configurations the ledger already holds.")] = False,
 ) -> None:
     """Train a grid of heads on one cache (linear heads together, in one pass per epoch); report the best by validation."""
+    from probe.sweep import Grid, expand, run_sweep
+    from probe.train import TrainConfig
+
     path = find_cache(backbone, dataset, cache)
     with open_cache(path, backbone, dataset) as reader:
         grid = Grid(

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from cache.errors import MedfmError
@@ -96,6 +94,8 @@ class DeiTHead(nn.Module):
         self.native_grid = tuple(vit.patch_embed.grid_size)
         self.grid = tuple(grid) if grid is not None else None
         pos_embed = vit.pos_embed.data
+        from timm.layers import resample_abs_pos_embed  # timm (and torchvision) take seconds to import: DeiT heads only
+
         if self.grid is not None and self.grid != self.native_grid:
             pos_embed = resample_abs_pos_embed(pos_embed, new_size=list(self.grid), old_size=list(self.native_grid), num_prefix_tokens=1)
         self.pos_embed = nn.Parameter(pos_embed.clone())
@@ -111,6 +111,8 @@ class DeiTHead(nn.Module):
         side = math.isqrt(num_tokens)
         if self.grid is not None or side * side != num_tokens:
             raise MedfmError(f"DeiT head got {num_tokens} tokens but its grid is {grid[0]}x{grid[1]}; build it with grid=(rows, cols) of the tokens")
+        from timm.layers import resample_abs_pos_embed
+
         return resample_abs_pos_embed(self.pos_embed, new_size=[side, side], old_size=list(self.native_grid), num_prefix_tokens=1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -151,6 +153,7 @@ def deit_weights_identity(preset: str, weights: str) -> str:
 
 def _create_deit(spec: DeiTPreset, depth: int, weights: str) -> tuple[nn.Module, str]:
     """The timm DeiT with `depth` blocks and where its weights came from ("random" or the file path)."""
+    import timm
     path: Path | None = None
     if weights == "default":
         path = find_deit_weights(spec)

@@ -6,12 +6,9 @@ Read `run_probe` top to bottom; `probe sweep` reuses the same pieces for many co
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -20,67 +17,11 @@ from rich.console import Console
 from rich.progress import Progress
 
 from cache.errors import MedfmError
-from cache.store import PARTIAL_SUFFIX, CacheReader
-from probe.data import FeatureSource
+from cache.store import CacheReader
+from probe.data import FeatureSource, output_root
 from probe.heads import PRESETS, RANDOM_DEIT_WARNING, deit_weights_identity
 from probe.results import Ledger, RunRecord, config_key
 from probe.train import FitResult, TrainConfig, train_head
-
-
-def output_root() -> Path:
-    return Path(os.environ.get("MEDFM_OUTPUT", "outputs"))
-
-
-def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = None, features: Path | None = None) -> Path:
-    """The one complete cache of (backbone, dataset) under the features folder, or `cache` when given."""
-    if cache is not None:
-        return Path(cache)
-    if not backbone or not dataset:
-        raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
-    folder = (features or output_root() / "features") / backbone
-    name = re.compile(rf"^{re.escape(dataset)}-[0-9a-f]{{12}}\.h5$")
-    complete = sorted(p for p in folder.glob(f"{dataset}-*.h5") if name.match(p.name))
-    partial = sorted(p for p in folder.glob(f"{dataset}-*.h5{PARTIAL_SUFFIX}") if name.match(p.name[: -len(PARTIAL_SUFFIX)]))
-    if len(complete) > 1:
-        listing = ", ".join(str(p) for p in complete)
-        raise MedfmError(f"several caches for backbone {backbone} and dataset {dataset}: {listing}; choose one with --cache FILE")
-    if complete:
-        return complete[0]
-    if partial:
-        raise MedfmError(f"the cache {partial[0]} for backbone {backbone} and dataset {dataset} is incomplete; "
-                         f"rerun `extract run --backbone {backbone} --dataset {dataset}` with the same settings to finish it")
-    raise MedfmError(f"no cache for backbone {backbone} and dataset {dataset} under {folder}; "
-                     f"run `extract run --backbone {backbone} --dataset {dataset}` first (or pass --cache FILE)")
-
-
-def open_cache(path: Path, backbone: str | None, dataset: str | None) -> CacheReader:
-    """Open a cache and check it holds the backbone and dataset asked for, and what a probe needs to know."""
-    reader = CacheReader(path)
-    meta = reader.meta
-    if not all(isinstance(meta.get(k), dict) for k in ("backbone", "dataset", "task")):
-        reader.close()
-        raise MedfmError(f"{path} lacks the backbone, dataset or task description a probe needs; re-create it with `extract run`")
-    for flag, asked, held in (("--backbone", backbone, meta["backbone"].get("name")), ("--dataset", dataset, meta["dataset"].get("name"))):
-        if asked and asked != held:
-            reader.close()
-            raise MedfmError(f"{path} holds {flag[2:]} '{held}', not '{asked}'; drop {flag} or pass the right --cache")
-    return reader
-
-
-def feature_name(reader: CacheReader, head: str, layer: int | None) -> str:
-    """The cache array a head reads: pooled (linear) or tokens (DeiT), of the last block or of block `layer`."""
-    kind = "tokens" if head == "deit" else "pooled"
-    layers = reader.meta.get("layers") or []
-    last = max(layers) if layers else None
-    if layer is None or layer == -1 or layer == last:
-        name = kind
-    else:
-        name = f"{kind}@{layer}"
-    if name not in reader.feature_names():
-        held = ", ".join(reader.feature_names())
-        hint = "re-extract with --tokens" if kind == "tokens" else "re-extract with --layers including it"
-        raise MedfmError(f"cache {reader.path} has no '{name}' features (it holds {held}); {hint}")
-    return name
 
 
 def resolve_device(device: str) -> torch.device:

@@ -52,10 +52,10 @@ def test_streamed_batches_equal_ram_batches_and_cover_every_row_once(tmp_path):
 
 
 def test_training_a_deit_head_in_streamed_mode_keeps_feature_memory_under_budget_plus_margin(tmp_path):
-    """A 48 MiB token cache with a 16 MiB budget trains streamed; traced numpy memory (where every feature
+    """A 35 MiB token cache with a 12 MiB budget trains streamed; traced numpy memory (where every feature
     read lands) peaks below the budget + a 2 MiB margin, about a third of what RAM mode would hold."""
-    path = make_cache(tmp_path / "c.h5", rows={"train": 700, "val": 32, "test": 32}, tokens=(64, 512))
-    budget, margin = 16 << 20, 2 << 20
+    path = make_cache(tmp_path / "c.h5", rows={"train": 500, "val": 32, "test": 32}, tokens=(64, 512))
+    budget, margin = 12 << 20, 2 << 20
     config = TrainConfig(head="deit", feature="tokens", epochs=1, batch_size=32, head_depth=1, head_preset="deit-t", head_weights="random")
     with CacheReader(path) as reader:
         source = FeatureSource(reader, "tokens", batch_size=32, max_ram=budget)

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from cache.errors import MedfmError
+from probe.data import feature_name, find_cache, open_cache
 from probe.results import Ledger
-from probe.run import feature_name, find_cache, open_cache, run_probe
+from probe.run import run_probe
 from probe.train import TrainConfig
 from tests.probe.caches import make_cache
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from cache.store import CacheReader
-from probe.data import FeatureSource
+from probe.data import FeatureSource, open_cache
 from probe.results import Ledger
-from probe.run import open_cache
 from probe.sweep import Grid, expand, run_sweep
 from probe.train import TrainConfig, train_head
 from tests.probe.caches import make_cache
 
-BASE = TrainConfig(epochs=4, batch_size=16, warmup_epochs=1)
+BASE = TrainConfig(epochs=2, batch_size=16, warmup_epochs=1)
 
 
 def test_twelve_linear_configs_read_the_features_once_per_epoch_and_match_training_alone(tmp_path):
