@@ -26,6 +26,19 @@ def parse_layers(text: str) -> list[int] | None:
         raise MedfmError(f"--layers must be comma-separated block indices such as -1,-4, or 'all'; got '{text}'") from None
 
 
+def parse_batch_size(text: str) -> int | str:
+    """`auto` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise MedfmError(f"--batch-size must be auto or a positive integer, got '{text}'")
+    return value
+
+
 def parse_options(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -43,7 +56,7 @@ def run(
     root: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset's released layout.")] = None,
     weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
     out: Annotated[Optional[Path], typer.Option(help="Cache folder [default: $MEDFM_OUTPUT/features].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    batch_size: Annotated[str, typer.Option(help="Images per forward pass, or auto (the largest that fits on CUDA, up to 256; 16 on the CPU).")] = "auto",
     tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store patch tokens (for DeiT heads).")] = True,
     token_dtype: Annotated[str, typer.Option(help="float16 | float32.")] = "float16",
     layers: Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")] = "-1",
@@ -52,7 +65,8 @@ def run(
     norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (the train split's, the study's).")] = "model",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: cores - 1].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: cores - 1, at most 12].")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
     split_seed: Annotated[Optional[int], typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
     opt: Annotated[Optional[list[str]], typer.Option(help="Dataset option KEY=VALUE (repeatable).")] = None,
@@ -66,8 +80,8 @@ def run(
         raise MedfmError(f"--image-size must be at least 16, got {image_size}")
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or default_output() / "features",
-        batch_size=batch_size, tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
-        image_size=image_size, in_chans=in_chans, norm=norm, device=device, precision=precision, workers=workers, skip_bad=skip_bad, manifest=manifest,
+        batch_size=parse_batch_size(batch_size), tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
+        image_size=image_size, in_chans=in_chans, norm=norm, device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest,
         dataset_options=options,
     )
     result = extract(cfg)

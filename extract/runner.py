@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
 from cache.errors import MedfmError
 from cache.fingerprint import fingerprint, manifest_hash
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, partial_path
-from extract.backbones import Backbone, create_backbone, get_spec
+from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, find_default_weights, missing_weights_message, resolve_weights
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, ImageDataset
@@ -35,6 +36,10 @@ from extract.transforms import TransformSpec, eval_transform, make_spec
 TOKEN_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NORMS = ("model", "dataset")
+MAX_WORKERS = 12
+PREFETCH_BATCHES = 4  # per worker: enough to ride out a slow image, bounded so memory stays flat
+CPU_BATCH = 16  # what --batch-size auto means on the CPU
+AUTO_BATCH_CAP = 256  # beyond this a GPU's throughput no longer grows, only the memory held
 NORM_IMAGES = 500  # train images (evenly spaced) behind --norm dataset; the count enters the fingerprint
 
 
@@ -49,7 +54,7 @@ class ExtractConfig:
     root: Path | None = None
     weights: str = "default"  # default | random | auto (default, else random with a warning) | PATH
     out: Path = field(default_factory=lambda: default_output() / "features")
-    batch_size: int = 16
+    batch_size: int | str = "auto"  # auto: the largest power of two up to 256 that fits on CUDA; 16 on the CPU
     tokens: bool = True
     token_dtype: str = "float16"
     layers: Sequence[int] | None = (-1,)  # None: every block
@@ -59,6 +64,7 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
+    compile: bool = False  # torch.compile the backbone: slower start, faster steady state on long runs
     skip_bad: bool = False
     manifest: Path | None = None  # a saved <cache>.splits.json: reproduce that split instead of the dataset's own
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -126,6 +132,55 @@ def feature_plan(model: Backbone, layers: Sequence[int], tokens: bool, token_dty
     return plan
 
 
+def uses_channels_last(model: nn.Module) -> bool:
+    """CNNs (most weights in 2-D convolutions) run faster channels-last (cuDNN and oneDNN NHWC kernels); ViTs do not care."""
+    conv = sum(p.numel() for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters(recurse=False))
+    return conv > 0.5 * sum(p.numel() for p in model.parameters())
+
+
+class BackboneForward:
+    """The backbone as extraction runs it: on its device, channels-last when a CNN, autocast, no autograd.
+
+    The benchmark's bare forward uses this same object, so the two differ only by the pipeline around it.
+    """
+
+    def __init__(self, model: Backbone, layers: Sequence[int], device: torch.device, amp: torch.dtype | None) -> None:
+        self.memory_format = torch.channels_last if uses_channels_last(model) else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format).eval()
+        self.layers, self.device, self.amp = list(layers), device, amp
+        self._forward_layers = self.model.forward_layers
+
+    def compile(self) -> None:
+        """torch.compile the forward (the first batches pay the compilation)."""
+        self._forward_layers = torch.compile(self.model.forward_layers)
+
+    def __call__(self, images: torch.Tensor) -> dict[int, Features]:
+        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            return self._forward_layers(images, self.layers)
+
+    def auto_batch_size(self, shape: tuple[int, int, int]) -> int:
+        """On CUDA, the largest power of two up to AUTO_BATCH_CAP whose forward leaves half the free memory
+        for prefetched batches and outputs in flight; CPU_BATCH on the CPU, where larger batches gain nothing."""
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        free, _ = torch.cuda.mem_get_info(self.device)
+        size = AUTO_BATCH_CAP
+        while size > 1:
+            try:
+                torch.cuda.reset_peak_memory_stats(self.device)
+                before = torch.cuda.memory_allocated(self.device)
+                self(torch.zeros(size, *shape, device=self.device))
+                torch.cuda.synchronize(self.device)
+                if torch.cuda.max_memory_allocated(self.device) - before < free / 2:
+                    return size
+            except torch.cuda.OutOfMemoryError:
+                pass
+            torch.cuda.empty_cache()
+            size //= 2
+        return 1
+
+
 def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult:
     """Extract features of every split of `cfg.dataset` with `cfg.backbone` into a fingerprinted cache."""
     console = console or Console(stderr=True)
@@ -133,8 +188,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         raise MedfmError(f"--norm must be one of {', '.join(NORMS)}, got {cfg.norm}")
     if cfg.in_chans not in (1, 3):
         raise MedfmError(f"--in-chans must be 1 (grayscale) or 3, got {cfg.in_chans}")
-    if cfg.batch_size < 1:
-        raise MedfmError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
+        raise MedfmError(f"--batch-size must be auto or at least 1, got {cfg.batch_size}")
     if cfg.token_dtype not in TOKEN_DTYPES:
         raise MedfmError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {cfg.token_dtype}")
     device = resolve_device(cfg.device)
@@ -166,6 +221,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         "transform": tspec.to_dict(),
         "norm": norm,
         "dataset": source.name,
+        "root": str(Path(cfg.root).expanduser().resolve()) if cfg.root else None,  # other images, other features
         "dataset_options": source.options,
         "manifest_hash": manifest_hash(manifest),
         "layers": layers,
@@ -217,8 +273,20 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     return ExtractResult(path, False, {s: len(v) for s, v in source.splits.items()}, rate, weights.random)
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def loader_workers(cfg: ExtractConfig) -> int:
-    return cfg.workers if cfg.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    """Decoding workers: every core but the one feeding the model, at most 12.
+
+    On the CPU the model's threads use the same cores; one worker still pays off there, since
+    decoding on a core of its own overlaps the forward instead of following it.
+    """
+    if cfg.workers is not None:
+        return cfg.workers
+    return min(MAX_WORKERS, max(1, cpu_cores() - 1)) if cpu_cores() > 1 else 0
 
 
 def dataset_norm(source: DatasetSource, size: int, interpolation: str, cfg: ExtractConfig) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
@@ -251,26 +319,53 @@ def _extract_splits(
     model: Backbone, source: DatasetSource, tspec: TransformSpec, writer: CacheWriter, cfg: ExtractConfig,
     layers: list[int], device: torch.device, amp: torch.dtype | None, console: Console,
 ) -> tuple[list[str], float | None]:
-    """Stream every split's remaining rows through the model into the writer thread."""
-    transform = eval_transform(tspec)
+    """Stream every split's remaining rows through the model into the writer thread.
+
+    One loader serves all splits (its workers start once and keep prefetching across split ends);
+    outputs leave the device by asynchronous copies that the writer thread waits for, so the model
+    is never held up by the device-to-host transfer or the disk.
+    """
     shape = (tspec.channels, tspec.size, tspec.size)
-    workers = loader_workers(cfg)
+    forward = BackboneForward(model, layers, device, amp)
+    batch_size = forward.auto_batch_size(shape) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    if cfg.compile:
+        forward.compile()
+    segments = [(name, writer.rows(name), len(split)) for name, split in source.splits.items() if writer.rows(name) < len(split)]
+    if not segments:
+        return [], None
+    transform = eval_transform(tspec)
+    data = torch.utils.data.ConcatDataset(
+        [torch.utils.data.Subset(ImageDataset(source, name, transform, shape), range(start, stop)) for name, start, stop in segments]
+    )
+    batches: list[list[int]] = []  # indices into `data`; a batch never straddles two splits
+    firsts: list[tuple[str, int]] = []  # (split, first row) of each batch
+    offset = 0
+    for name, start, stop in segments:
+        for row in range(start, stop, batch_size):
+            size = min(batch_size, stop - row)
+            batches.append(list(range(offset, offset + size)))
+            firsts.append((name, row))
+            offset += size
+    workers = min(loader_workers(cfg), len(batches))
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=PREFETCH_BATCHES if workers else None,
+    )
     token_dtype = getattr(torch, cfg.token_dtype)
     last = model.num_layers - 1
     skipped: list[str] = []
-    todo = {s: writer.planned(s) - writer.rows(s) for s in source.splits}
-    total = sum(todo.values())
-    if total == 0:
-        return skipped, None
 
     jobs: queue.Queue = queue.Queue(maxsize=4)  # bounded: the model never runs far ahead of the disk
     failure: list[BaseException] = []
 
     def write_loop() -> None:
         while (job := jobs.get()) is not None:
+            split_name, row, outputs, ok, copied = job
             if not failure:
                 try:
-                    writer.write(*job)
+                    if copied is not None:
+                        copied.synchronize()  # the asynchronous device-to-host copies have landed
+                    writer.write(split_name, row, {k: v.numpy() for k, v in outputs.items()}, ok)
                 except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                     failure.append(err)
 
@@ -281,41 +376,30 @@ def _extract_splits(
     start_time, seen = time.perf_counter(), 0
     try:
         with progress:
-            bar = progress.add_task(f"{cfg.backbone} / {source.name}", total=total, rate="-")
-            for split_name, split in source.splits.items():
-                start = writer.rows(split_name)
-                if start >= len(split):
-                    continue
-                data = torch.utils.data.Subset(ImageDataset(source, split_name, transform, shape), range(start, len(split)))
-                loader = torch.utils.data.DataLoader(
-                    data, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
-                    pin_memory=device.type == "cuda", persistent_workers=False,
-                    prefetch_factor=4 if workers else None,
-                )
-                row = start
-                for images, ok, errors in loader:
-                    if not bool(ok.all()):
-                        bad = [e for e, good in zip(errors, ok.tolist()) if not good]
-                        if not cfg.skip_bad:
-                            raise MedfmError(f"cannot read image {bad[0]}; fix or remove it, or pass --skip-bad to skip unreadable images")
-                        skipped.extend(split.ids[row + i] for i, good in enumerate(ok.tolist()) if not good)
-                        console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {bad[0]}")
-                    images = images.to(device, non_blocking=True)
-                    with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        feats = model.forward_layers(images, layers)
-                    arrays: dict[str, np.ndarray] = {}
-                    for index, f in feats.items():
-                        suffix = "" if index == last else f"@{index}"
-                        arrays[f"pooled{suffix}"] = f.pooled.float().cpu().numpy()
-                        if cfg.tokens:
-                            arrays[f"tokens{suffix}"] = f.tokens.to(token_dtype).cpu().numpy()
-                    jobs.put((split_name, row, arrays, ok.numpy()))
-                    if failure:
-                        raise failure[0]
-                    row += len(images)
-                    seen += len(images)
-                    rate = seen / (time.perf_counter() - start_time)
-                    progress.update(bar, advance=len(images), rate=f"{rate:.1f}")
+            bar = progress.add_task(f"{cfg.backbone} / {source.name}", total=offset, rate="-")
+            for (split_name, row), (images, ok, errors) in zip(firsts, loader, strict=True):
+                if not bool(ok.all()):
+                    bad = [e for e, good in zip(errors, ok.tolist(), strict=True) if not good]
+                    if not cfg.skip_bad:
+                        raise MedfmError(f"cannot read image {bad[0]}; fix or remove it, or pass --skip-bad to skip unreadable images")
+                    ids = source.splits[split_name].ids
+                    skipped.extend(ids[row + i] for i, good in enumerate(ok.tolist()) if not good)
+                    console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {bad[0]}")
+                outputs: dict[str, torch.Tensor] = {}
+                for index, f in forward(images).items():
+                    suffix = "" if index == last else f"@{index}"
+                    outputs[f"pooled{suffix}"] = f.pooled.float().to("cpu", non_blocking=True)
+                    if cfg.tokens:
+                        outputs[f"tokens{suffix}"] = f.tokens.to(token_dtype).to("cpu", non_blocking=True)
+                copied = torch.cuda.Event() if device.type == "cuda" else None
+                if copied is not None:
+                    copied.record()
+                jobs.put((split_name, row, outputs, ok.numpy(), copied))
+                if failure:
+                    raise failure[0]
+                seen += len(images)
+                rate = seen / (time.perf_counter() - start_time)
+                progress.update(bar, advance=len(images), rate=f"{rate:.1f}")
     finally:
         jobs.put(None)
         thread.join()
