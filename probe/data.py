@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import psutil
 
@@ -145,18 +144,18 @@ class FeatureSource:
         return self._labels[split][self._valid[split]]
 
     def train_batches(self, epoch_seed: tuple[int, ...]) -> Iterator[Batch]:
-        """Shuffled full batches of the train split (the last partial batch is dropped, as in the study)."""
+        """Shuffled full batches of the train split; the last partial batch is dropped, as in the study,
+        unless the split is smaller than one batch (then it is the one batch)."""
         self.passes["train"] += 1
         labels, size = self._labels["train"], self.batch_size
         if not self.streamed:
             order = np.concatenate([order for _, order in self._epoch_plan(epoch_seed)])
-            for b in range(0, len(order) // size * size, size):
+            for b in range(0, len(order) // size * size or len(order), size):
                 yield Batch(self._ram["train"][order[b : b + size]], labels[order[b : b + size]])
             return
-        dataset = self.reader.dataset("train", self.feature)
         carry, carry_rows = None, np.zeros(0, dtype=np.int64)
         for rows, order in self._epoch_plan(epoch_seed):
-            block = _read_rows(dataset, rows)
+            block = _read_rows(self.reader, self.feature, rows)
             position = np.searchsorted(rows, order)
             at = 0
             if carry is not None:
@@ -170,6 +169,8 @@ class FeatureSource:
                 yield Batch(block[position[at : at + size]], labels[order[at : at + size]])
                 at += size
             carry, carry_rows = block[position[at:]], order[at:]
+        if carry is not None and 0 < len(carry) == int(self._valid["train"].sum()):
+            yield Batch(carry, labels[carry_rows])  # a split smaller than one batch
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
         """All valid rows of `split` in file order, read chunk by chunk when streamed."""
@@ -188,7 +189,8 @@ class FeatureSource:
                     yield Batch(block[b : b + EVAL_BATCH][part], labels[start + b : start + b + EVAL_BATCH][part])
 
     def steps_per_epoch(self) -> int:
-        return int(self._valid["train"].sum()) // self.batch_size
+        rows = int(self._valid["train"].sum())
+        return rows // self.batch_size or min(rows, 1)
 
     def _epoch_plan(self, epoch_seed: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per window of shuffled chunks: its valid rows in file order, and the same rows shuffled."""
@@ -222,12 +224,14 @@ class FeatureSource:
             )
 
 
-def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """Rows (sorted) of an HDF5 dataset, read as contiguous ranges straight into one array."""
+def _read_rows(reader: CacheReader, feature: str, rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted) of the train split's `feature`, read as contiguous ranges straight into one array
+    (by `CacheReader.read_rows`, which copies raw chunks off the mapped file at memmap speed)."""
+    dataset = reader.dataset("train", feature)
     block = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     at = 0
     for part in np.split(rows, breaks):
-        dataset.read_direct(block, np.s_[part[0] : part[-1] + 1], np.s_[at : at + len(part)])
+        reader.read_rows("train", feature, int(part[0]), int(part[-1]) + 1, block[at : at + len(part)])
         at += len(part)
     return block

@@ -6,6 +6,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import timm  # noqa: F401 - imported up front, so its import does not count as traced memory below
 import torch
 
 from cache.errors import MedfmError
@@ -93,3 +94,13 @@ def test_rows_skipped_at_extraction_are_never_served(tmp_path):
             val = np.concatenate([b.features[:, 0] for b in source.eval_batches("val")])
             assert val.tolist() == [0, 1, 2, 4, 5, 6, 8, 9]
             np.testing.assert_array_equal(source.labels("val"), val.astype(int) % 2)
+
+
+def test_a_train_split_smaller_than_one_batch_is_served_whole_in_both_modes(tmp_path):
+    path = make_cache(tmp_path / "c.h5", rows={"train": 10, "val": 600, "test": 8}, tokens=(64, 512))  # big val: streams
+    with CacheReader(path) as reader:
+        for max_ram, mode in ((1 << 30, "ram"), (8 << 20, "streamed")):
+            source = FeatureSource(reader, "tokens", batch_size=16, max_ram=max_ram)
+            assert source.mode == mode
+            batches = list(source.train_batches((0, 1)))
+            assert [len(b.labels) for b in batches] == [10] and source.steps_per_epoch() == 1
