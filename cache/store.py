@@ -169,6 +169,17 @@ def _open_resumable(partial: Path, fingerprint: str) -> h5py.File | None:
     return file
 
 
+@dataclass(frozen=True)
+class _RawChunks:
+    """The file layout of an array stored as raw, whole-row chunks: what `CacheReader.read_rows` needs to copy them."""
+
+    offsets: np.ndarray  # byte offset in the file of chunk i (rows i*rows ...)
+    rows: int
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    row_bytes: int
+
+
 class CacheReader:
     """Reads a complete cache: pooled features into RAM, tokens into RAM or by contiguous slices."""
 
@@ -189,6 +200,8 @@ class CacheReader:
             raise MedfmError(f"cache {self.path} is incomplete; rerun the same `extract run` to finish it")
         self.fingerprint: str = str(attrs["fingerprint"])
         self.meta: dict[str, Any] = json.loads(attrs["meta"])
+        self._map: np.memmap | None = None  # the whole file, mapped on the first raw-chunk read
+        self._raw: dict[tuple[str, str], _RawChunks | None] = {}
 
     @property
     def task(self) -> dict[str, Any]:
@@ -215,7 +228,7 @@ class CacheReader:
 
     def features(self, split: str, name: str = "pooled") -> np.ndarray:
         """The whole feature array of the valid rows, in RAM."""
-        data = self.dataset(split, name)[:]
+        data = self.read_rows(split, name, 0, len(self.dataset(split, name)))
         valid = self.valid(split)
         return data if valid.all() else data[valid]
 
@@ -231,13 +244,55 @@ class CacheReader:
         step = ds.chunks[0] if ds.chunks else len(ds)
         starts = list(range(0, len(ds), step))
         for i in order if order is not None else range(len(starts)):
-            yield starts[i], ds[starts[i] : starts[i] + step]
+            yield starts[i], self.read_rows(split, name, starts[i], min(starts[i] + step, len(ds)))
+
+    def read_rows(self, split: str, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) of a feature array (valid or not), into `out` when given.
+
+        The writer stores chunks raw (no filters, every chunk allocated), so their bytes are copied
+        straight from a memory map of the file: on a page-cached file that runs at a NumPy memmap's
+        speed, about twice HDF5's own read path (bench/reads.py). Other layouts are read by h5py.
+        """
+        raw = self._raw_chunks(split, name)
+        if raw is None:
+            ds = self.dataset(split, name)
+            out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype) if out is None else out
+            ds.read_direct(out, np.s_[start:stop])
+            return out
+        out = np.empty((stop - start, *raw.row_shape), dtype=raw.dtype) if out is None else out
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for chunk in range(start // raw.rows, -(-stop // raw.rows)):
+            lo, hi = max(start, chunk * raw.rows), min(stop, (chunk + 1) * raw.rows)
+            at = int(raw.offsets[chunk]) + (lo - chunk * raw.rows) * raw.row_bytes
+            block = np.frombuffer(self._map, raw.dtype, (hi - lo) * raw.row_bytes // raw.dtype.itemsize, at)
+            out[lo - start : hi - start] = block.reshape(hi - lo, *raw.row_shape)
+        return out
+
+    def _raw_chunks(self, split: str, name: str) -> _RawChunks | None:
+        """Where each row-chunk of an array lies in the file, when every chunk is stored raw and whole; else None."""
+        key = (split, name)
+        if key not in self._raw:
+            ds = self.dataset(split, name)
+            self._raw[key] = None
+            whole_rows = ds.chunks is not None and ds.chunks[1:] == ds.shape[1:] and ds.dtype.isnative and len(ds) > 0
+            if whole_rows and ds.id.get_create_plist().get_nfilters() == 0:
+                rows, row_shape, dtype = ds.chunks[0], tuple(ds.shape[1:]), np.dtype(ds.dtype)
+                row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+                infos = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
+                if len(infos) == -(-len(ds) // rows) and all(i.filter_mask == 0 and i.size == rows * row_bytes for i in infos):
+                    offsets = np.empty(len(infos), dtype=np.int64)
+                    for info in infos:
+                        offsets[info.chunk_offset[0] // rows] = info.byte_offset
+                    self._raw[key] = _RawChunks(offsets, rows, row_shape, dtype, row_bytes)
+        return self._raw[key]
 
     def nbytes(self, split: str, name: str) -> int:
         ds = self.dataset(split, name)
         return int(ds.size * ds.dtype.itemsize)
 
     def close(self) -> None:
+        self._map = None
         if self._file.id.valid:
             self._file.close()
 

@@ -1,0 +1,121 @@
+"""What every benchmark shares: side-by-side timing, the machine it ran on, and the JSON summary.
+
+Other agents and processes share this machine, so a lone wall time says little. Every benchmark
+times its contenders in alternation, round after round, and keeps each one's fastest round: the
+fastest round is the one least disturbed by the neighbours, and the ratio of two fastest rounds
+taken minutes apart on the same machine is what the summary records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_ENV = "MEDFM_BENCH_SUMMARY"
+
+
+def summary_path() -> Path:
+    """outputs/bench/summary.json, or $MEDFM_BENCH_SUMMARY."""
+    if os.environ.get(SUMMARY_ENV):
+        return Path(os.environ[SUMMARY_ENV])
+    return Path(os.environ.get("MEDFM_OUTPUT", "outputs")) / "bench" / "summary.json"
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures came from, including how busy the machine was when the benchmark started."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": cpu_cores(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    return info
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device() -> torch.device:
+    """CUDA when present (the lead runs `make bench` there once), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def fastest_rounds(contenders: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Seconds of each contender's fastest round; contenders alternate inside every round."""
+    best = {name: float("inf") for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def record(bench: str, ratios: dict[str, float], targets: dict[str, float], details: dict[str, Any]) -> dict[str, Any]:
+    """Print the ratios and append them, with their targets and the machine, to the JSON summary."""
+    entry = {
+        "bench": bench,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "code_version": code_version(),
+        "machine": machine(),
+        "ratios": {k: round(float(v), 3) for k, v in ratios.items()},
+        "targets": targets,
+        "details": details,
+    }
+    for name, value in entry["ratios"].items():
+        target = targets.get(name)
+        verdict = "" if target is None else f"  (target >= {target:g}: {'met' if value >= target else 'MISSED'})"
+        print(f"{bench}: {name} = {value:.3f}{verdict}", flush=True)
+    path = summary_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = json.loads(path.read_text()) if path.exists() else []
+    entries.append(entry)
+    path.write_text(json.dumps(entries, indent=1))
+    return entry
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Entry point of `python -m bench.<name>`: offline, and a user error is one line."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from cache.errors import MedfmError
+
+    try:
+        main()
+    except MedfmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

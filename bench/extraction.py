@@ -1,0 +1,103 @@
+"""Benchmark 1: the whole extraction pipeline against the bare model forward.
+
+Pipeline: `extract.runner.extract` end to end (model build, decode, transform, forward, HDF5 write,
+finalize) into a fresh cache folder. Bare: the same model, through the same `BackboneForward` the
+runner uses, on the same images already decoded and on the device, in the same batches. The ratio
+bare time / pipeline time is the share of the model's own speed that the pipeline delivers.
+
+A ViT (DeiT-S shape) and a CNN (a 26-layer ResNet, run channels-last) with random weights, at 224 px,
+on the synthetic demo set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from bench.common import device, fastest_rounds, record, run_main, sync
+from extract.backbones import create_backbone
+from extract.datasets import get_dataset
+from extract.datasets.base import ImageDataset
+from extract.runner import CPU_BATCH, BackboneForward, ExtractConfig, autocast_dtype, extract
+from extract.transforms import eval_transform, make_spec
+
+MODELS = {
+    "vit": ("deit", {"embed_dim": 384, "depth": 12, "num_heads": 6}),  # DeiT-S shape, 22M parameters
+    "cnn": ("resnet152", {"layers": [1, 1, 1, 1]}),  # ResNet-26 shape, channels-last
+}
+IMAGE_SIZE = 224
+PER_CLASS = 24  # 4 classes -> 96 images over train/val/test
+ROUNDS = 3
+TARGET = 0.8
+
+
+def bare_inputs(forward: BackboneForward, batch_size: int) -> list[torch.Tensor]:
+    """The demo images decoded and transformed once, on the device, in the runner's batches (per split)."""
+    source = get_dataset("demo", None, per_class=PER_CLASS)
+    dc = forward.model.data_config
+    spec = make_spec(dc.input_size, dc.mean, dc.std, dc.interpolation)
+    batches = []
+    for split in source.splits:
+        data = ImageDataset(source, split, eval_transform(spec), (3, dc.input_size, dc.input_size))
+        images = torch.stack([data[i][0] for i in range(len(data))]).to(forward.device)
+        batches += list(images.split(batch_size))
+    return batches
+
+
+def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: Path) -> dict[str, float]:
+    """Seconds of the fastest pipeline and bare rounds, and the runner's own streaming rate."""
+    cfg = ExtractConfig(backbone=backbone, dataset="demo", weights="random", image_size=IMAGE_SIZE, device=str(dev),
+                        dataset_options={"per_class": PER_CLASS}, overrides=overrides)
+    model = create_backbone(backbone, "random", image_size=IMAGE_SIZE, **overrides)
+    forward = BackboneForward(model, [model.num_layers - 1], dev, autocast_dtype(cfg.precision, dev))
+    batch_size = forward.auto_batch_size((3, IMAGE_SIZE, IMAGE_SIZE)) if dev.type == "cuda" else CPU_BATCH
+    cfg.batch_size = batch_size
+    inputs = bare_inputs(forward, batch_size)
+    images = sum(len(x) for x in inputs)
+    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
+    rates: list[float] = []
+
+    def pipeline() -> None:
+        out = Path(tempfile.mkdtemp(dir=work))
+        cfg.out = out
+        result = extract(cfg, quiet)
+        rates.append(result.images_per_s or 0.0)
+        shutil.rmtree(out)
+
+    def bare() -> None:
+        for x in inputs:
+            forward(x)
+        sync(dev)
+
+    bare(), pipeline()  # warm-up: imports, allocator, kernel selection
+    best = fastest_rounds({"pipeline": pipeline, "bare": bare}, ROUNDS)
+    return {
+        "images": images,
+        "batch_size": batch_size,
+        "channels_last": forward.memory_format == torch.channels_last,
+        "bare_img_s": round(images / best["bare"], 2),
+        "pipeline_img_s": round(images / best["pipeline"], 2),
+        "streaming_img_s": round(max(rates), 2),
+        "ratio": best["bare"] / best["pipeline"],
+    }
+
+
+def main() -> dict:
+    dev = device()
+    work = Path(tempfile.mkdtemp(prefix="medfm-bench-extract-"))
+    try:
+        results = {name: compare(name, backbone, overrides, dev, work) for name, (backbone, overrides) in MODELS.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = {f"{name}_pipeline_over_bare": r.pop("ratio") for name, r in results.items()}
+    details = {"image_size": IMAGE_SIZE, "rounds": ROUNDS, "models": {k: f"{b} {o}" for k, (b, o) in MODELS.items()}, **results}
+    return record("extraction", ratios, {k: TARGET for k in ratios}, details)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,56 @@
+"""Reads straight from the raw chunks of the mapped file return exactly what HDF5 itself reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cache import store
+from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
+
+N = 23  # not a multiple of the chunk rows: the last chunk is partly beyond the data
+
+
+@pytest.fixture
+def cache_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache of several small chunks per array, written batch by batch by the real writer."""
+    monkeypatch.setattr(store, "CHUNK_BYTES", 64)
+    features = {"pooled": FeatureSpec((4,), "float32"), "tokens": FeatureSpec((3, 2), "float16")}
+    plan = {"train": SplitPlan([f"r{i}" for i in range(N)], np.arange(N) % 2, features)}
+    path = tmp_path / "c.h5"
+    writer = CacheWriter.open(path, "f" * 64, {}, plan)
+    rng = np.random.default_rng(0)
+    for start in range(0, N, 6):
+        n = min(6, N - start)
+        writer.write("train", start, {"pooled": rng.standard_normal((n, 4), dtype=np.float32),
+                                      "tokens": rng.standard_normal((n, 3, 2)).astype(np.float16)})
+    writer.finalize()
+    return path
+
+
+def test_raw_chunk_reads_equal_hdf5_reads_for_every_range(cache_file: Path) -> None:
+    with CacheReader(cache_file) as reader, h5py.File(cache_file, "r") as plain:
+        for name in ("pooled", "tokens"):
+            assert reader._raw_chunks("train", name) is not None  # the fast path is the one under test
+            assert plain["train"][name].chunks[0] < N
+            expected = plain["train"][name][:]
+            for start in range(N + 1):
+                for stop in range(start, N + 1):
+                    np.testing.assert_array_equal(reader.read_rows("train", name, start, stop), expected[start:stop])
+            np.testing.assert_array_equal(reader.features("train", name), expected)
+            out = np.zeros((5, *expected.shape[1:]), dtype=expected.dtype)
+            assert reader.read_rows("train", name, 17, 22, out) is out
+            np.testing.assert_array_equal(out, expected[17:22])
+
+
+def test_compressed_arrays_fall_back_to_hdf5_reads(cache_file: Path) -> None:
+    with h5py.File(cache_file, "a") as file:
+        data = np.arange(N * 6, dtype=np.float32).reshape(N, 6)
+        file["train"].create_dataset("squeezed", data=data, chunks=(4, 6), compression="gzip")
+    with CacheReader(cache_file) as reader:
+        assert reader._raw_chunks("train", "squeezed") is None
+        np.testing.assert_array_equal(reader.read_rows("train", "squeezed", 3, 19), data[3:19])
+        np.testing.assert_array_equal(reader.features("train", "squeezed"), data)
