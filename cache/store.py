@@ -65,9 +65,14 @@ def partial_path(path: Path) -> Path:
 
 
 def _create_early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> None:
-    """Create a chunked dataset whose chunks are all allocated now, so later writes change no metadata."""
+    """Create a chunked dataset whose chunks are all allocated now, so later writes change no metadata.
+
+    Allocated, not filled: writing zeros over the whole planned file first would double the disk writes
+    and stall the start (about 2 s per 600 MB here); rows past `rows` are never read anyway.
+    """
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, dcpl=dcpl)
 
 
