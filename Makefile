@@ -23,7 +23,7 @@ install: $(PY)
 demo: $(PY)
 	@for b in deit dinov2; do \
 	  $(BIN)/extract run --backbone $$b --dataset demo --weights auto --image-size 112 --batch-size 32 || exit 1; \
-	  $(BIN)/probe run --head linear --backbone $$b --dataset demo --epochs 30 || exit 1; \
+	  $(BIN)/probe run --head linear --backbone $$b --dataset demo --epochs 30 --standardize || exit 1; \
 	done
 	$(BIN)/probe report --dataset demo
 
