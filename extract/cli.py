@@ -65,7 +65,7 @@ def run(
     norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (the train split's, the study's).")] = "model",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: cores - 1, at most 12].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: cores - 1 (at most 12) with a GPU; on the CPU none up to 4 cores, else a quarter].")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
     split_seed: Annotated[Optional[int], typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
