@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -42,7 +42,7 @@ def _size(n: int) -> str:
 
 
 @app.command("ls")
-def ls(root: Annotated[Optional[Path], typer.Argument(help="Folder to search [default: $MEDFM_OUTPUT/features].")] = None) -> None:
+def ls(root: Annotated[Path | None, typer.Argument(help="Folder to search [default: $MEDFM_OUTPUT/features].")] = None) -> None:
     """A table of the caches under ROOT."""
     root = root or default_root()
     table = Table("backbone", "dataset", "train", "val", "test", "size", "complete", "file")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -53,24 +53,24 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
 def run(
     backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
     dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
-    root: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset's released layout.")] = None,
+    root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.")] = None,
     weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
-    out: Annotated[Optional[Path], typer.Option(help="Cache folder [default: $MEDFM_OUTPUT/features].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Cache folder [default: $MEDFM_OUTPUT/features].")] = None,
     batch_size: Annotated[str, typer.Option(help="Images per forward pass, or auto (the largest that fits on CUDA, up to 256; 16 on the CPU).")] = "auto",
     tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store patch tokens (for DeiT heads).")] = True,
     token_dtype: Annotated[str, typer.Option(help="float16 | float32.")] = "float16",
     layers: Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")] = "-1",
-    image_size: Annotated[Optional[int], typer.Option(help="Input size [default: the backbone's, 224].")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's, 224].")] = None,
     in_chans: Annotated[int, typer.Option(help="3 (grayscale replicated to RGB) | 1 (first conv from the R-channel kernel, the study's).")] = 3,
     norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (the train split's, the study's).")] = "model",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: cores - 1 (at most 12) with a GPU; on the CPU none up to 4 cores, else a quarter].")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers [default: cores - 1 (at most 12) with a GPU; on the CPU none up to 4 cores, else a quarter].")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
-    split_seed: Annotated[Optional[int], typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
-    opt: Annotated[Optional[list[str]], typer.Option(help="Dataset option KEY=VALUE (repeatable).")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help="Reproduce a saved split (<cache>.splits.json).")] = None,
+    split_seed: Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
+    opt: Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Reproduce a saved split (<cache>.splits.json).")] = None,
 ) -> None:
     """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
     options = parse_options(opt or [])

@@ -25,6 +25,7 @@ from torch import nn
 
 from cache.errors import MedfmError
 from cache.fingerprint import fingerprint, manifest_hash
+from cache.runtime import resolve_device
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, partial_path
 from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, find_default_weights, missing_weights_message, resolve_weights
@@ -78,18 +79,6 @@ class ExtractResult:
     rows: dict[str, int]
     images_per_s: float | None
     random_weights: bool
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MedfmError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MedfmError(f"device '{device}' asked for but CUDA is not available here; use --device cpu")
-    return dev
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader
 
 from cache.errors import MedfmError
 from cache.fingerprint import manifest_hash
+from cache.runtime import resolve_device
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
-from extract.runner import NORMS, ExtractConfig, dataset_norm, default_output, resolve_device, resolve_extract_weights
+from extract.runner import NORMS, ExtractConfig, dataset_norm, default_output, resolve_extract_weights
 from extract.transforms import make_spec
 from finetune import distributed
 from finetune.data import check_images, epoch_seed, make_loader

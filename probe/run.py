@@ -17,23 +17,12 @@ from rich.console import Console
 from rich.progress import Progress
 
 from cache.errors import MedfmError
+from cache.runtime import resolve_device
 from cache.store import CacheReader
 from probe.data import FeatureSource, output_root
 from probe.heads import PRESETS, RANDOM_DEIT_WARNING, deit_weights_identity
 from probe.results import Ledger, RunRecord, config_key
 from probe.train import FitResult, TrainConfig, train_head
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MedfmError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MedfmError(f"device '{device}' asked for but CUDA is not available here; use --device cpu")
-    return dev
 
 
 def validate(config: TrainConfig) -> None:

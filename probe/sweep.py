@@ -18,12 +18,13 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 from rich.progress import Progress
 
+from cache.runtime import resolve_device
 from cache.store import CacheReader
 from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING
 from probe.metrics import num_outputs
 from probe.results import Ledger, RunRecord
-from probe.run import ledger_key, resolve_device, save_run, validate, warn_random
+from probe.run import ledger_key, save_run, validate, warn_random
 from probe.train import TrainConfig, fit, make_head
 
 
