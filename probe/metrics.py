@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, softmax
 from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score, roc_auc_score
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cache.errors import MedfmError
@@ -35,9 +37,22 @@ def num_outputs(task: dict[str, Any]) -> int:
     return max(2, len(task["class_names"])) if task["kind"] == "binary" else len(task["class_names"])
 
 
+class MaskedBCEWithLogits(nn.Module):
+    """BCE-with-logits over the known labels only: NaN marks a label to ignore (e.g. CheXpert's `ignore` policy)."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        known = ~torch.isnan(target)
+        loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(target), reduction="none") * known
+        return loss if self.reduction == "none" else loss.sum() / known.sum().clamp(min=1)
+
+
 def loss_fn(task: dict[str, Any], reduction: str = "mean") -> nn.Module:
-    """Cross-entropy over classes; BCE-with-logits per label for multilabel tasks (labels as floats)."""
-    return nn.BCEWithLogitsLoss(reduction=reduction) if task["kind"] == "multilabel" else nn.CrossEntropyLoss(reduction=reduction)
+    """Cross-entropy over classes; masked BCE-with-logits per label for multilabel tasks (labels as floats, NaN unknown)."""
+    return MaskedBCEWithLogits(reduction) if task["kind"] == "multilabel" else nn.CrossEntropyLoss(reduction=reduction)
 
 
 def compute_metrics(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray) -> Metrics:
@@ -93,17 +108,19 @@ def _kappa(y: np.ndarray, pred: np.ndarray, classes: np.ndarray, problems: list[
 
 
 def _multilabel(task: dict[str, Any], y: np.ndarray, logits: np.ndarray, problems: list[str]) -> Metrics:
-    """Mean over labels of per-label ROC-AUC; a label with one class in y_true is left out and named."""
+    """Mean over labels of per-label ROC-AUC on the rows where the label is known (not NaN);
+    a label with one class among its known rows is left out and named."""
     probs = expit(logits)
     metrics: Metrics = {}
     aucs, skipped = [], []
     for j, name in enumerate(task["class_names"]):
-        column = y[:, j]
+        known = ~np.isnan(y[:, j].astype(np.float64))
+        column = y[known, j]
         if len(np.unique(column)) < 2:
             skipped.append(name)
             metrics[f"roc_auc/{name}"] = float("nan")
             continue
-        aucs.append(float(roc_auc_score(column, probs[:, j])))
+        aucs.append(float(roc_auc_score(column, probs[known, j])))
         metrics[f"roc_auc/{name}"] = aucs[-1]
     if skipped:
         problems.append(f"labels with a single class in y_true ({', '.join(skipped)}): left out of mean_roc_auc")

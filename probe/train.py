@@ -246,8 +246,9 @@ def _label_tensor(labels: np.ndarray, task: dict[str, Any], device: torch.device
 def _per_head_loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean loss of each head [H]; heads' losses are summed for backward, so their gradients stay separate."""
     heads, rows = logits.shape[:2]
-    if y.ndim == 2:  # multilabel
-        return criterion(logits, y.expand(heads, -1, -1)).mean(dim=(1, 2))
+    if y.ndim == 2:  # multilabel: masked entries (NaN labels) count in neither sum nor mean
+        known = (~torch.isnan(y)).sum().clamp(min=1)
+        return criterion(logits, y.expand(heads, -1, -1)).sum(dim=(1, 2)) / known
     return criterion(logits.flatten(0, 1), y.repeat(heads)).view(heads, rows).mean(dim=1)
 
 

@@ -53,7 +53,7 @@ def test_multilabel_mean_auc_leaves_out_and_names_constant_labels():
     assert m["mean_roc_auc"] == 1.0
     assert math.isnan(m["roc_auc/z"])
     assert any("z" in w for w in m["warnings"])
-    assert loss_fn(MULTILABEL).__class__.__name__ == "BCEWithLogitsLoss"
+    assert loss_fn(MULTILABEL).__class__.__name__ == "MaskedBCEWithLogits"
     assert loss_fn(MULTICLASS).__class__.__name__ == "CrossEntropyLoss"
 
 
@@ -66,3 +66,20 @@ def test_constant_predictions_make_kappa_nan_with_warning():
 def test_primary_metric_not_computed_for_the_kind_is_a_user_error():
     with pytest.raises(MedfmError, match="mean_roc_auc"):
         primary({**MULTICLASS, "primary_metric": "mean_roc_auc"}, compute_metrics(MULTICLASS, np.array([0, 1, 2]), np.eye(3)))
+
+
+def test_unknown_multilabel_entries_are_masked_in_loss_and_metrics() -> None:
+    """CheXpert's `ignore` policy stores NaN: such entries neither train nor score."""
+    import torch
+
+    from probe.metrics import compute_metrics, loss_fn
+
+    task = {"kind": "multilabel", "class_names": ["a", "b"], "primary_metric": "mean_roc_auc"}
+    labels = np.array([[1.0, np.nan], [0.0, 1.0], [1.0, 0.0], [0.0, np.nan]])
+    logits = np.array([[2.0, 50.0], [-2.0, 1.0], [1.0, -1.0], [-1.0, -50.0]])
+    metrics = compute_metrics(task, labels, logits)
+    assert metrics["roc_auc/a"] == 1.0 and metrics["roc_auc/b"] == 1.0
+    loss = loss_fn(task)(torch.tensor(logits), torch.tensor(labels))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, -2.0, 1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]))
+    assert torch.isfinite(loss) and torch.isclose(loss, expected.double())
