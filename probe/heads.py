@@ -10,8 +10,6 @@ this machine; without it they start random, with a visible warning and `random_i
 from __future__ import annotations
 
 import math
-import os
-import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict
 from cache.errors import MedfmError
-
-WEIGHTS_DIR_ENV = "MEDFM_WEIGHTS_DIR"
 
 
 @dataclass(frozen=True)
@@ -134,13 +131,7 @@ def build_head(kind: str, in_dim: int, num_outputs: int, **opts: Any) -> nn.Modu
 
 def find_deit_weights(spec: DeiTPreset) -> Path | None:
     """The official DeiT file in MEDFM_WEIGHTS_DIR, else timm's file in the HF hub cache; no download."""
-    weights_dir = os.environ.get(WEIGHTS_DIR_ENV)
-    if weights_dir and (Path(weights_dir) / spec.weights_file).is_file():
-        return Path(weights_dir) / spec.weights_file
-    from huggingface_hub import try_to_load_from_cache
-
-    hit = try_to_load_from_cache(spec.hub_repo, "model.safetensors")
-    return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
+    return find_weights(spec.weights_file, [(spec.hub_repo, "model.safetensors")])
 
 
 def deit_weights_identity(preset: str, weights: str) -> str:
@@ -168,7 +159,7 @@ def _create_deit(spec: DeiTPreset, depth: int, weights: str) -> tuple[nn.Module,
     kwargs: dict[str, Any] = {"num_classes": 0, "depth": depth, "drop_path_rate": 0.0}
     if path is None:
         return timm.create_model(spec.timm_name, pretrained=False, **kwargs), "random"
-    state = {k: v for k, v in _load_tensors(path).items() if _within_depth(k, depth)}
+    state = {k: v for k, v in load_state_dict(path).items() if _within_depth(k, depth)}
     model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs)
     return model, str(path)
 
@@ -177,20 +168,3 @@ def _within_depth(key: str, depth: int) -> bool:
     """Keep a checkpoint key unless it belongs to a block the truncated head does not have."""
     parts = key.split(".")
     return not (parts[0] == "blocks" and int(parts[1]) >= depth)
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a weights-only torch.load (no pickled code runs)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise MedfmError(f"cannot load DeiT head weights {path} safely: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # the official DeiT release wraps the weights
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise MedfmError(f"{path} holds no state dict of tensors; pass the official DeiT weights file")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cache.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict, unwrap_state_dict
 from cache.errors import MedfmError
 from extract.backbones.base import BackboneSpec
 
-WEIGHTS_DIR_ENV = "MEDFM_WEIGHTS_DIR"
+__all__ = ["load_state_dict", "unwrap_state_dict"]  # re-exported: every family loads through these
 
 
 @dataclass(frozen=True)
@@ -46,17 +46,7 @@ def sha256_file(path: Path) -> str:
 
 def find_default_weights(spec: BackboneSpec) -> Path | None:
     """The official file in MEDFM_WEIGHTS_DIR, else in the HF hub cache (timm / open_clip / HF); no download."""
-    weights_dir = os.environ.get(WEIGHTS_DIR_ENV)
-    if weights_dir and (Path(weights_dir) / spec.weights_file).exists():
-        return Path(weights_dir) / spec.weights_file
-    if spec.hub_files:
-        from huggingface_hub import try_to_load_from_cache
-
-        for repo_id, filename in spec.hub_files:
-            hit = try_to_load_from_cache(repo_id, filename)
-            if isinstance(hit, str) and Path(hit).exists():
-                return Path(hit)
-    return None
+    return find_weights(spec.weights_file, spec.hub_files)
 
 
 def missing_weights_message(spec: BackboneSpec) -> str:
@@ -80,39 +70,6 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
     if not path.exists():
         raise MedfmError(f"weights file {path} does not exist; pass default, random or an existing path")
     return ResolvedWeights("file", path, sha256_file(path))
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, from safetensors or a weights-only torch.load; pickled code is refused."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
-        raise MedfmError(
-            f"refusing to load {path}: it needs arbitrary pickled code to load ({first}); "
-            "convert it to a plain state dict or safetensors from a trusted environment"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise MedfmError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from None
-    return unwrap_state_dict(obj, path)
-
-
-def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Tolerate {'model': ...} / {'state_dict': ...} wrappers and a `module.` prefix (DDP checkpoints)."""
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
-    if not tensors:
-        raise MedfmError(f"{path} holds no state dict of tensors; pass the official weights file")
-    obj = tensors
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
 
 
 def take_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
