@@ -13,10 +13,10 @@ import warnings
 from typing import Any
 
 import numpy as np
-from scipy.special import expit, softmax
-from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score, roc_auc_score
 import torch
 import torch.nn.functional as F
+from scipy.special import expit, softmax
+from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score, roc_auc_score
 from torch import nn
 
 from cache.errors import MedfmError
