@@ -44,3 +44,8 @@ finetune: $(PY)
 
 report: $(PY)
 	$(BIN)/probe report $(ARGS)
+
+# Ratios measured side by side (pipeline vs bare forward, cache vs online, batched sweep, HDF5 vs memmap reads,
+# peak memory); each run appends to outputs/bench/summary.json. `make bench ARGS="reads sweep"` runs a subset.
+bench: $(PY)
+	$(PY) -m bench $(ARGS)

@@ -14,7 +14,8 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,20 @@ def code_version() -> str:
         return "unknown"
 
 
+@contextmanager
+def scratch_outputs(work: Path) -> Iterator[None]:
+    """Run folders, ledgers and caches of a benchmark go to `work`, not the user's outputs/."""
+    before = os.environ.get("MEDFM_OUTPUT")
+    os.environ["MEDFM_OUTPUT"] = str(work)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MEDFM_OUTPUT")
+        else:
+            os.environ["MEDFM_OUTPUT"] = before
+
+
 def device() -> torch.device:
     """CUDA when present (the lead runs `make bench` there once), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,8 +101,21 @@ def fastest_rounds(contenders: dict[str, Callable[[], Any]], rounds: int) -> dic
     return best
 
 
-def record(bench: str, ratios: dict[str, float], targets: dict[str, float], details: dict[str, Any]) -> dict[str, Any]:
-    """Print the ratios and append them, with their targets and the machine, to the JSON summary."""
+def at_least(value: float) -> tuple[str, float]:
+    return (">=", value)
+
+
+def at_most(value: float) -> tuple[str, float]:
+    return ("<=", value)
+
+
+def met(value: float, target: tuple[str, float]) -> bool:
+    op, bound = target
+    return value >= bound if op == ">=" else value <= bound
+
+
+def record(bench: str, ratios: dict[str, float], targets: dict[str, tuple[str, float]], details: dict[str, Any]) -> dict[str, Any]:
+    """Print the ratios and append them, with their targets (`at_least`, `at_most`) and the machine, to the JSON summary."""
     entry = {
         "bench": bench,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -99,7 +127,7 @@ def record(bench: str, ratios: dict[str, float], targets: dict[str, float], deta
     }
     for name, value in entry["ratios"].items():
         target = targets.get(name)
-        verdict = "" if target is None else f"  (target >= {target:g}: {'met' if value >= target else 'MISSED'})"
+        verdict = "" if target is None else f"  (target {target[0]} {target[1]:g}: {'met' if met(value, target) else 'MISSED'})"
         print(f"{bench}: {name} = {value:.3f}{verdict}", flush=True)
     path = summary_path()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ finalize) into a fresh cache folder. Bare: the same model, through the same `Bac
 runner uses, on the same images already decoded and on the device, in the same batches. The ratio
 bare time / pipeline time is the share of the model's own speed that the pipeline delivers.
 
-A ViT (DeiT-S shape) and a CNN (a 26-layer ResNet, run channels-last) with random weights, at 224 px,
-on the synthetic demo set.
+A ViT (DeiT-S shape) and a CNN (ResNet-50 shape, run channels-last) with random weights, at 224 px,
+on the synthetic demo set, with the runner's default workers and batch size for the device.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from bench.common import device, fastest_rounds, record, run_main, sync
+from bench.common import at_least, device, fastest_rounds, record, run_main, sync
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from extract.datasets.base import ImageDataset
@@ -28,10 +28,10 @@ from extract.transforms import eval_transform, make_spec
 
 MODELS = {
     "vit": ("deit", {"embed_dim": 384, "depth": 12, "num_heads": 6}),  # DeiT-S shape, 22M parameters
-    "cnn": ("resnet152", {"layers": [1, 1, 1, 1]}),  # ResNet-26 shape, channels-last
+    "cnn": ("resnet152", {"layers": [3, 4, 6, 3]}),  # ResNet-50 shape, channels-last
 }
 IMAGE_SIZE = 224
-PER_CLASS = 24  # 4 classes -> 96 images over train/val/test
+PER_CLASS = 16  # 4 classes -> 64 images over train/val/test
 ROUNDS = 3
 TARGET = 0.8
 
@@ -74,7 +74,7 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
             forward(x)
         sync(dev)
 
-    bare(), pipeline()  # warm-up: imports, allocator, kernel selection
+    bare()  # warm-up: allocator, kernel selection (the pipeline's own start-up costs are part of what it is timed for)
     best = fastest_rounds({"pipeline": pipeline, "bare": bare}, ROUNDS)
     return {
         "images": images,
@@ -96,7 +96,7 @@ def main() -> dict:
         shutil.rmtree(work, ignore_errors=True)
     ratios = {f"{name}_pipeline_over_bare": r.pop("ratio") for name, r in results.items()}
     details = {"image_size": IMAGE_SIZE, "rounds": ROUNDS, "models": {k: f"{b} {o}" for k, (b, o) in MODELS.items()}, **results}
-    return record("extraction", ratios, {k: TARGET for k in ratios}, details)
+    return record("extraction", ratios, {k: at_least(TARGET) for k in ratios}, details)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""`python -m bench [name ...]`: run the benchmarks one after another, each in its own process, then print
+every ratio of this run with its target. Figures accumulate in outputs/bench/summary.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import REPO, met, summary_path
+
+BENCHES = ("extraction", "reads", "memory", "cache_vs_online", "sweep", "deit_head")
+
+
+def main(names: list[str]) -> int:
+    console = Console()
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        console.print(f"error: unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+        return 2
+    path = summary_path()
+    before = len(json.loads(path.read_text())) if path.exists() else 0
+    failed = []
+    for name in names or BENCHES:
+        console.rule(name)
+        start = time.perf_counter()
+        if subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=REPO, check=False).returncode != 0:
+            failed.append(name)
+        console.print(f"[dim]{name}: {time.perf_counter() - start:.0f} s[/]")
+    entries = json.loads(path.read_text())[before:] if path.exists() else []
+    table = Table("benchmark", "ratio", "value", "target", "")
+    for entry in entries:
+        for ratio, value in entry["ratios"].items():
+            target = entry["targets"].get(ratio)
+            verdict = "" if target is None else ("[green]met[/]" if met(value, target) else "[red]MISSED[/]")
+            table.add_row(entry["bench"], ratio, f"{value:.2f}", "" if target is None else f"{target[0]} {target[1]:g}", verdict)
+    console.print(table)
+    if entries:
+        console.print(f"machine: {entries[-1]['machine']}; summary: {path}")
+    if failed:
+        console.print(f"[red]failed to run: {', '.join(failed)}[/]")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,69 @@
+"""Benchmark 6: extraction's peak memory does not grow with the number of images.
+
+Two fresh processes run `extract.runner.extract` on N and on 4N demo images; each reports its peak
+resident set. The features are made bulky on purpose (ViT-B-wide tokens in float32, 600 KB an image)
+so that keeping them around would show: holding all 4N images' tokens would add about 110 MB over N's.
+(Loader workers, when the device has any, hold a bounded prefetch; the CPU default runs none.)
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import REPO, at_most, record, run_main
+
+N = 64
+BACKBONE, OVERRIDES = "deit", {"embed_dim": 768, "depth": 1, "num_heads": 12}
+IMAGE_SIZE = 224
+TARGET = 1.10
+
+
+def child(images: int, out: str) -> None:
+    """Run one extraction and print this process's peak RSS (MiB) as JSON."""
+    import os
+
+    from rich.console import Console
+
+    from extract.runner import ExtractConfig, extract
+
+    cfg = ExtractConfig(backbone=BACKBONE, dataset="demo", weights="random", out=Path(out), image_size=IMAGE_SIZE,
+                        device="cpu", token_dtype="float32", dataset_options={"per_class": images // 4}, overrides=OVERRIDES)
+    result = extract(cfg, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    kib = 1024  # ru_maxrss is in KiB on Linux
+    print(json.dumps({
+        "images": sum(result.rows.values()),
+        "main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
+        "cache_mib": result.path.stat().st_size / 2**20,
+    }))
+
+
+def measure(images: int, work: Path) -> dict:
+    out = Path(tempfile.mkdtemp(dir=work))
+    code = f"from bench.memory import child; child({images}, {str(out)!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"extraction of {images} images failed:\n{done.stderr[-2000:]}")
+    shutil.rmtree(out)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> dict:
+    work = Path(tempfile.mkdtemp(prefix="medfm-bench-memory-"))
+    try:
+        small, large = measure(N, work), measure(4 * N, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = {"peak_rss_4n_over_n": large["main_mib"] / small["main_mib"]}
+    details = {"model": f"{BACKBONE} {OVERRIDES}", "image_size": IMAGE_SIZE, "tokens": "float32",
+               "n": {k: round(v, 1) for k, v in small.items()}, "4n": {k: round(v, 1) for k, v in large.items()}}
+    return record("memory", ratios, {k: at_most(TARGET) for k in ratios}, details)
+
+
+if __name__ == "__main__":
+    run_main(main)
