@@ -32,7 +32,7 @@ MODELS = {
 }
 IMAGE_SIZE = 224
 PER_CLASS = 16  # 4 classes -> 64 images over train/val/test
-ROUNDS = 3
+ROUNDS = 5
 TARGET = 0.8
 
 
