@@ -144,7 +144,8 @@ class BackboneForward:
         self._forward_layers = torch.compile(self.model.forward_layers)
 
     def __call__(self, images: torch.Tensor) -> dict[int, Features]:
-        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        # move first (an asynchronous copy from pinned memory), then change the layout on the device
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self._forward_layers(images, self.layers)
 
