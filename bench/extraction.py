@@ -32,7 +32,7 @@ MODELS = {
 }
 IMAGE_SIZE = 224
 PER_CLASS = 16  # 4 classes -> 64 images over train/val/test
-ROUNDS = 5
+ROUNDS = 4
 TARGET = 0.8
 
 
