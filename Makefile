@@ -6,6 +6,13 @@ BACKBONE ?= dinov2
 DATASET  ?= demo
 HEAD     ?= linear
 ARGS     ?=
+# The synthetic demo set may run on random weights (announced loudly); real datasets need the real ones.
+ifeq ($(DATASET),demo)
+WEIGHTS  ?= auto
+else
+WEIGHTS  ?= default
+endif
+DEMO_OUTPUT := outputs/demo
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint extract probe finetune bench report
@@ -20,12 +27,13 @@ install: $(PY)
 
 # A tour of the whole job in minutes: extract two backbones on the synthetic demo set, train linear
 # probes from the caches, print the report. Weights are the official ones when present, else random (said loudly).
+# It keeps its caches, runs and ledger in outputs/demo, apart from your own experiments.
 demo: $(PY)
-	@for b in deit dinov2; do \
+	@export MEDFM_OUTPUT=$(DEMO_OUTPUT); for b in deit dinov2; do \
 	  $(BIN)/extract run --backbone $$b --dataset demo --weights auto --image-size 112 --batch-size 32 || exit 1; \
 	  $(BIN)/probe run --head linear --backbone $$b --dataset demo --epochs 30 --standardize || exit 1; \
 	done
-	$(BIN)/probe report --dataset demo
+	MEDFM_OUTPUT=$(DEMO_OUTPUT) $(BIN)/probe report --dataset demo
 
 test: $(PY)
 	$(BIN)/pytest
@@ -34,13 +42,13 @@ lint: $(PY)
 	$(BIN)/ruff check .
 
 extract: $(PY)
-	$(BIN)/extract run --backbone $(BACKBONE) --dataset $(DATASET) $(ARGS)
+	$(BIN)/extract run --backbone $(BACKBONE) --dataset $(DATASET) --weights $(WEIGHTS) $(ARGS)
 
 probe: $(PY)
 	$(BIN)/probe run --head $(HEAD) --backbone $(BACKBONE) --dataset $(DATASET) $(ARGS)
 
 finetune: $(PY)
-	$(BIN)/finetune run --head $(HEAD) --backbone $(BACKBONE) --dataset $(DATASET) $(ARGS)
+	$(BIN)/finetune run --head $(HEAD) --backbone $(BACKBONE) --dataset $(DATASET) --weights $(WEIGHTS) $(ARGS)
 
 report: $(PY)
 	$(BIN)/probe report $(ARGS)
