@@ -4,6 +4,7 @@ every ratio of this run with its target. Figures accumulate in outputs/bench/sum
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import REPO, met, summary_path
+from bench.common import REPO, RUN_ENV, met, summary_path
 
 BENCHES = ("extraction", "reads", "memory", "cache_vs_online", "sweep", "deit_head")
 
@@ -23,15 +24,17 @@ def main(names: list[str]) -> int:
         console.print(f"error: unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
         return 2
     path = summary_path()
-    before = len(json.loads(path.read_text())) if path.exists() else 0
+    run = time.strftime("%Y%m%d-%H%M%S")
+    env = {**os.environ, RUN_ENV: run}
     failed = []
+    started = time.perf_counter()
     for name in names or BENCHES:
         console.rule(name)
         start = time.perf_counter()
-        if subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=REPO, check=False).returncode != 0:
+        if subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=REPO, env=env, check=False).returncode != 0:
             failed.append(name)
         console.print(f"[dim]{name}: {time.perf_counter() - start:.0f} s[/]")
-    entries = json.loads(path.read_text())[before:] if path.exists() else []
+    entries = [e for e in json.loads(path.read_text()) if e.get("run") == run] if path.exists() else []
     table = Table("benchmark", "ratio", "value", "target", "")
     for entry in entries:
         for ratio, value in entry["ratios"].items():
@@ -40,7 +43,7 @@ def main(names: list[str]) -> int:
             table.add_row(entry["bench"], ratio, f"{value:.2f}", "" if target is None else f"{target[0]} {target[1]:g}", verdict)
     console.print(table)
     if entries:
-        console.print(f"machine: {entries[-1]['machine']}; summary: {path}")
+        console.print(f"{time.perf_counter() - started:.0f} s in all; machine: {entries[-1]['machine']}; summary: {path}")
     if failed:
         console.print(f"[red]failed to run: {', '.join(failed)}[/]")
     return 1 if failed else 0

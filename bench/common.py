@@ -23,6 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_ENV = "MEDFM_BENCH_SUMMARY"
+RUN_ENV = "MEDFM_BENCH_RUN"  # set by `python -m bench`: which invocation a record belongs to
 
 
 def summary_path() -> Path:
@@ -118,6 +119,7 @@ def record(bench: str, ratios: dict[str, float], targets: dict[str, tuple[str, f
     """Print the ratios and append them, with their targets (`at_least`, `at_most`) and the machine, to the JSON summary."""
     entry = {
         "bench": bench,
+        "run": os.environ.get(RUN_ENV),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "code_version": code_version(),
         "machine": machine(),
