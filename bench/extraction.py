@@ -31,7 +31,7 @@ MODELS = {
     "cnn": ("resnet152", {"layers": [3, 4, 6, 3]}),  # ResNet-50 shape, channels-last
 }
 IMAGE_SIZE = 224
-PER_CLASS = 16  # 4 classes -> 64 images over train/val/test
+PER_CLASS = 24  # 4 classes -> 96 images over train/val/test
 ROUNDS = 4
 TARGET = 0.8
 
