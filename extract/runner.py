@@ -322,14 +322,14 @@ def _extract_splits(
     outputs leave the device by asynchronous copies that the writer thread waits for, so the model
     is never held up by the device-to-host transfer or the disk.
     """
+    segments = [(name, writer.rows(name), len(split)) for name, split in source.splits.items() if writer.rows(name) < len(split)]
+    if not segments:
+        return [], None
     shape = (tspec.channels, tspec.size, tspec.size)
     forward = BackboneForward(model, layers, device, amp)
     batch_size = forward.auto_batch_size(shape) if cfg.batch_size == "auto" else int(cfg.batch_size)
     if cfg.compile:
         forward.compile()
-    segments = [(name, writer.rows(name), len(split)) for name, split in source.splits.items() if writer.rows(name) < len(split)]
-    if not segments:
-        return [], None
     transform = eval_transform(tspec)
     data = torch.utils.data.ConcatDataset(
         [torch.utils.data.Subset(ImageDataset(source, name, transform, shape), range(start, stop)) for name, start, stop in segments]
