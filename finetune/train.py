@@ -42,8 +42,8 @@ from finetune.data import check_images, epoch_seed, make_loader
 from finetune.distributed import World
 from finetune.model import FreezePolicy, build_model, freeze_unused
 from probe.metrics import compute_metrics, loss_fn, num_outputs, primary
+from probe.recipe import param_groups, warmup_then_constant
 from probe.results import Ledger, RunRecord, config_key
-from probe.train import param_groups, warmup_then_constant
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"

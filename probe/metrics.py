@@ -55,45 +55,60 @@ def loss_fn(task: dict[str, Any], reduction: str = "mean") -> nn.Module:
     return MaskedBCEWithLogits(reduction) if task["kind"] == "multilabel" else nn.CrossEntropyLoss(reduction=reduction)
 
 
-def compute_metrics(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray) -> Metrics:
-    """Every metric of the task kind on one split; NaN plus a warning where a metric is undefined."""
+def compute_metrics(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray, only: str | None = None) -> Metrics:
+    """Every metric of the task kind on one split, or just metric `only` (what training needs each epoch);
+    NaN plus a warning where a metric is undefined."""
+    names = METRICS_BY_KIND[task["kind"]] if only is None else (_known_metric(task, only),)
     logits = np.asarray(logits, dtype=np.float64)
     problems: list[str] = []
     if task["kind"] == "multilabel":
         metrics = _multilabel(task, np.asarray(labels), logits, problems)
     else:
-        metrics = _single_label(task, np.asarray(labels).astype(np.int64), logits, problems)
+        metrics = _single_label(task, np.asarray(labels).astype(np.int64), logits, problems, names)
     metrics["warnings"] = problems
     return metrics
 
 
 def primary(task: dict[str, Any], metrics: Metrics) -> float:
     """The dataset's primary metric (the study's model-selection and reported score)."""
-    name = task["primary_metric"]
-    if name not in metrics:
-        raise MedfmError(f"primary metric '{name}' is not computed for {task['kind']} tasks; it must be one of {', '.join(METRICS_BY_KIND[task['kind']])}")
-    return float(metrics[name])
+    return float(metrics[_known_metric(task, task["primary_metric"])])
 
 
-def _single_label(task: dict[str, Any], y: np.ndarray, logits: np.ndarray, problems: list[str]) -> Metrics:
-    n_classes = logits.shape[1]
-    classes = np.arange(n_classes)
+def primary_score(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray) -> float:
+    """The primary metric alone: a fraction of `compute_metrics`' cost, for model selection every epoch."""
+    return float(compute_metrics(task, labels, logits, only=task["primary_metric"])[task["primary_metric"]])
+
+
+def _known_metric(task: dict[str, Any], name: str) -> str:
+    if name not in METRICS_BY_KIND[task["kind"]]:
+        raise MedfmError(f"metric '{name}' is not computed for {task['kind']} tasks; it must be one of {', '.join(METRICS_BY_KIND[task['kind']])}")
+    return name
+
+
+def _single_label(task: dict[str, Any], y: np.ndarray, logits: np.ndarray, problems: list[str], names: tuple[str, ...]) -> Metrics:
+    classes = np.arange(logits.shape[1])
     probs = softmax(logits, axis=1)
     pred = probs.argmax(axis=1)
     present = np.unique(y)
     missing = [task["class_names"][c] if c < len(task["class_names"]) else str(c) for c in classes if c not in present]
-    metrics: Metrics = {"accuracy": float(accuracy_score(y, pred))}
-    # Macro recall over the classes present in y_true (balanced accuracy); an absent class has no recall.
-    metrics["macro_recall"] = float(recall_score(y, pred, labels=present, average="macro", zero_division=0))
+    compute = {
+        "accuracy": lambda: float(accuracy_score(y, pred)),
+        # Macro recall over the classes present in y_true (balanced accuracy); an absent class has no recall.
+        "macro_recall": lambda: float(recall_score(y, pred, labels=present, average="macro", zero_division=0)),
+        "roc_auc": lambda: _roc_auc(y, probs, classes, missing, problems),
+        "quadratic_kappa": lambda: _kappa(y, pred, classes, problems),
+    }
+    return {name: compute[name]() for name in names}
+
+
+def _roc_auc(y: np.ndarray, probs: np.ndarray, classes: np.ndarray, missing: list[str], problems: list[str]) -> float:
+    """One-vs-rest macro ROC-AUC (binary: of the positive class); NaN when a class is absent from y_true."""
     if missing:
         problems.append(f"classes absent from y_true ({', '.join(missing)}): macro_recall averages the other classes, roc_auc is NaN")
-        metrics["roc_auc"] = float("nan")
-    elif n_classes == 2:
-        metrics["roc_auc"] = float(roc_auc_score(y, probs[:, 1]))
-    else:
-        metrics["roc_auc"] = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=classes))
-    metrics["quadratic_kappa"] = _kappa(y, pred, classes, problems)
-    return metrics
+        return float("nan")
+    if len(classes) == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=classes))
 
 
 def _kappa(y: np.ndarray, pred: np.ndarray, classes: np.ndarray, problems: list[str]) -> float:

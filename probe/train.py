@@ -1,4 +1,4 @@
-"""Training one head from cached features with the study's recipe (shared pieces reused by finetune).
+"""Training heads from cached features with the study's recipe (the optimiser pieces are in probe/recipe.py).
 
 Recipe (paper.md §5): AdamW lr 1e-4, weight decay 1e-5 on weights only (no decay on biases and any
 1-D parameter), batch 64, linear warmup then constant LR, validation every epoch, the test split
@@ -16,27 +16,12 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from probe.data import Batch, FeatureSource
 from probe.heads import LinearHead, build_head
-from probe.metrics import Metrics, compute_metrics, loss_fn, num_outputs, primary
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases plus every 1-D parameter (norms) without decay."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> LambdaLR:
-    """LR rises linearly over `warmup_steps` optimizer steps (call `.step()` after each), then stays constant."""
-    warmup_steps = max(0, int(warmup_steps))
-    return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+from probe.metrics import Metrics, compute_metrics, loss_fn, num_outputs, primary_score
+from probe.recipe import warmup_then_constant
+from probe.stack import stack_heads
 
 
 @dataclass(frozen=True)
@@ -93,24 +78,6 @@ class FitResult:
     head_init: str  # "random", the weights file of a DeiT head, or "" for a linear head
 
 
-class StackedHeads(nn.Module):
-    """Several heads on the same batch -> logits [H, B, C]; linear heads run as one batched matmul."""
-
-    def __init__(self, heads: list[nn.Module]) -> None:
-        super().__init__()
-        self.heads = nn.ModuleList(heads)
-        self.linear = all(isinstance(h, LinearHead) for h in heads)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.linear:
-            weight = torch.stack([h.linear.weight for h in self.heads])  # [H, C, D]
-            bias = torch.stack([h.linear.bias for h in self.heads])  # [H, C]
-            shift = torch.stack([h.shift for h in self.heads])[:, None, :]  # [H, 1, D]
-            scale = torch.stack([h.scale for h in self.heads])[:, None, :]
-            return torch.einsum("hbd,hcd->hbc", (x - shift) / scale, weight) + bias[:, None, :]
-        return torch.stack([h(x) for h in self.heads])
-
-
 def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:
     """The head for `config`, initialised from `config.seed` alone (the same weights in a sweep or alone)."""
     torch.manual_seed(config.seed)
@@ -133,8 +100,9 @@ def fit(
 ) -> list[FitResult]:
     """Train heads together, one pass over the train split per epoch; each keeps its best-validation weights.
 
-    Each head has its own AdamW groups (its lr and weight decay), its own gradient clipping and its own
-    early stopping, so training it here gives what training it alone gives.
+    Each head has its own learning rate, weight decay, gradient clipping and early stopping, so training
+    it here gives what training it alone gives. Each epoch scores only the primary metric; every metric
+    is computed once, on the best epoch's validation logits and on the test split.
     """
     # --- set-up
     shared = configs[0]
@@ -145,12 +113,12 @@ def fit(
         for head, c in zip(heads, configs, strict=True):
             if c.standardize and isinstance(head, LinearHead):
                 head.standardize(mean, std)
-    model = StackedHeads(heads).to(device)
-    groups = [dict(group, lr=c.lr) for head, c in zip(heads, configs, strict=True) for group in param_groups(head, c.weight_decay)]
-    optimizer = torch.optim.AdamW(groups, lr=shared.lr)
+    model = stack_heads(heads).to(device)
+    optimizer = model.optimizer([c.lr for c in configs], [c.weight_decay for c in configs])
     scheduler = warmup_then_constant(optimizer, round(shared.warmup_epochs * source.steps_per_epoch()))
     criterion = loss_fn(task, reduction="none")
     amp = device.type == "cuda"
+    metric = task["primary_metric"]
     best: list[dict[str, Any] | None] = [None] * len(heads)
     stopped = [False] * len(heads)
     history: list[list[dict[str, Any]]] = [[] for _ in heads]
@@ -169,25 +137,22 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             if shared.grad_clip:
-                for head in heads:
-                    torch.nn.utils.clip_grad_norm_(head.parameters(), shared.grad_clip)
+                model.clip_grad_norm_(shared.grad_clip)
             optimizer.step()
             scheduler.step()
             loss_sum += losses.detach()
             steps += 1
         val_logits, val_labels = predict(model, source, "val", task, device)
         val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
+        train_losses = (loss_sum / max(steps, 1)).tolist()
         for k in range(len(heads)):
             if stopped[k]:
                 continue
-            metrics = compute_metrics(task, val_labels, val_logits[k])
-            score = primary(task, metrics)
-            history[k].append({"epoch": epoch, "lr": optimizer.param_groups[2 * k]["lr"],
-                               "train_loss": float(loss_sum[k]) / max(steps, 1), "val_loss": float(val_losses[k]),
-                               **{f"val_{name}": value for name, value in metrics.items() if name != "warnings"},
-                               "seconds": round(time.perf_counter() - start, 3)})
+            score = primary_score(task, val_labels, val_logits[k])
+            history[k].append({"epoch": epoch, "lr": model.head_lr(optimizer, k), "train_loss": train_losses[k],
+                               "val_loss": float(val_losses[k]), f"val_{metric}": score, "seconds": round(time.perf_counter() - start, 3)})
             if best[k] is None or _better(score, best[k]["score"]):
-                best[k] = {"epoch": epoch, "score": score, "metrics": metrics, "state": _clone(heads[k])}
+                best[k] = {"epoch": epoch, "score": score, "val_logits": val_logits[k], "state": model.head_state(k)}
             elif shared.patience and epoch - best[k]["epoch"] >= shared.patience:
                 stopped[k] = True
         if progress is not None:
@@ -197,12 +162,13 @@ def fit(
     train_seconds = time.perf_counter() - start
 
     # --- test, once, with each head's best-validation weights
-    for head, b in zip(heads, best, strict=True):
-        head.load_state_dict(b["state"])
+    for k, b in enumerate(best):
+        model.load_head_state(k, b["state"])
     test_logits, test_labels = predict(model, source, "test", task, device)
     return [
-        FitResult(c, b["epoch"], b["score"], b["metrics"], compute_metrics(task, test_labels, test_logits[k]), history[k],
-                  b["state"], train_seconds, getattr(heads[k], "weights_source", ""))
+        FitResult(c, b["epoch"], b["score"], compute_metrics(task, val_labels, b["val_logits"]),
+                  compute_metrics(task, test_labels, test_logits[k]), history[k], b["state"], train_seconds,
+                  getattr(heads[k], "weights_source", ""))
         for k, (c, b) in enumerate(zip(configs, best, strict=True))
     ]
 
@@ -256,6 +222,3 @@ def _better(score: float, best: float) -> bool:
     """Strictly higher validation score; an undefined (NaN) score never wins."""
     return math.isfinite(score) and (not math.isfinite(best) or score > best)
 
-
-def _clone(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from probe.train import param_groups, warmup_then_constant
+from probe.recipe import param_groups, warmup_then_constant
 
 
 def test_param_groups_exempt_biases_and_norms_from_weight_decay():
