@@ -62,7 +62,7 @@ def run(
     layers: Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")] = "-1",
     image_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's, 224].")] = None,
     in_chans: Annotated[int, typer.Option(help="3 (grayscale replicated to RGB) | 1 (first conv from the R-channel kernel, the study's).")] = 3,
-    norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (the train split's, the study's).")] = "model",
+    norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (computed from the train split) | study (the study's fixed per-dataset constants).")] = "model",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [default: cores - 1 (at most 12) with a GPU; on the CPU none up to 4 cores, else a quarter].")] = None,

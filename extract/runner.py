@@ -36,7 +36,7 @@ from extract.transforms import TransformSpec, eval_transform, make_spec
 
 TOKEN_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-NORMS = ("model", "dataset")
+NORMS = ("model", "dataset", "study")
 MAX_WORKERS = 12
 PREFETCH_BATCHES = 4  # per worker: enough to ride out a slow image, bounded so memory stays flat
 CPU_BATCH = 16  # what --batch-size auto means on the CPU
@@ -61,7 +61,7 @@ class ExtractConfig:
     layers: Sequence[int] | None = (-1,)  # None: every block
     image_size: int | None = None
     in_chans: int = 3  # 1: grayscale input, first conv rebuilt from the pretrained R-channel kernel (the study's recipe)
-    norm: str = "model"  # model: the backbone's own mean/std | dataset: the train split's (the study's choice)
+    norm: str = "model"  # model: the backbone's own mean/std | dataset: the train split's | study: the study's constants
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
@@ -202,6 +202,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     mean, std, norm = dc.mean, dc.std, {"kind": "model"}
     if cfg.norm == "dataset":
         mean, std, norm = dataset_norm(source, dc.input_size, dc.interpolation, cfg)
+    elif cfg.norm == "study":
+        mean, std, norm = study_norm(source, cfg.in_chans)
     tspec = make_spec(dc.input_size, mean, std, dc.interpolation, cfg.in_chans)
     manifest = source.manifest()
     settings = {
@@ -310,6 +312,22 @@ def dataset_norm(source: DatasetSource, size: int, interpolation: str, cfg: Extr
     std = (squares / pixels - mean.square()).clamp_min(0).sqrt()
     rounded = [tuple(round(v, 6) for v in t.tolist()) for t in (mean, std)]
     return rounded[0], rounded[1], {"kind": "dataset", "images": len(rows)}
+
+
+def study_norm(source: DatasetSource, channels: int) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
+    """The study's fixed mean/std of this dataset (paper.md §1), to reproduce its inputs exactly.
+
+    Grayscale datasets have one value, repeated when the gray image is fed as RGB (without --in-chans 1).
+    """
+    if source.study_norm is None:
+        raise MedfmError(f"--norm study: {source.name} is not one of the study's datasets (aptos2019, isic2019, ddsm, "
+                         "chexpert), so it has no study statistics; use --norm dataset")
+    mean, std = source.study_norm
+    if len(mean) == 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels:
+        raise MedfmError(f"--norm study: {source.name}'s statistics are for {len(mean)} channels, not {channels}; drop --in-chans {channels}")
+    return mean, std, {"kind": "study"}
 
 
 def _extract_splits(

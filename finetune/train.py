@@ -99,7 +99,9 @@ class FinetuneResult:
 
 
 def scenario_name(head: str, freeze: FreezePolicy) -> str:
-    return f"{'frozen' if freeze.frozen_backbone else 'unfrozen'}-{head}"
+    """The study's frozen-/unfrozen-<head>; partial unfreezing (`last-K`) is a scenario of its own, last<K>-<head>."""
+    setting = {None: "unfrozen", 0: "frozen"}.get(freeze.trainable_blocks, f"last{freeze.trainable_blocks}")
+    return f"{setting}-{head}"
 
 
 def finetune(cfg: FinetuneConfig, console: Console | None = None) -> FinetuneResult:

@@ -1,9 +1,10 @@
 """The study's table and figure from the ledger.
 
-Rows are backbone x scenario (frozen/unfrozen x linear/DeiT head), columns the datasets with their
-primary test metric, then the average and the gain relative to the ImageNet baseline (`deit` with a
-linear head, same frozen/unfrozen setting), as the study reports it: the per-dataset relative gain
-(score - baseline) / baseline in %, averaged over the datasets both rows have.
+Rows are backbone x scenario (frozen/unfrozen x linear/DeiT head; finetune's partial unfreezing is a
+row of its own, last<K>-<head>), columns the datasets with their primary test metric, then the average
+and the gain relative to the ImageNet baseline (`deit` with a linear head, same freeze setting), as the
+study reports it: the per-dataset relative gain (score - baseline) / baseline in %, averaged over the
+datasets both rows have.
 
 Each cell is selected by validation, never by test: among the cell's configurations the one with the
 best mean validation score wins, and the cell shows its mean test score over seeds. Rows whose
@@ -61,7 +62,7 @@ def build_table(records: list[RunRecord]) -> tuple[pd.DataFrame, dict[str, str]]
 
 
 def _gain(table: pd.DataFrame, key: tuple, datasets: list[str]) -> float:
-    """Mean over datasets of the relative gain (%) over the deit linear row of the same freeze setting."""
+    """Mean over datasets of the relative gain (%) over the deit linear row of the same freeze setting (last<K> too)."""
     freeze = key[1].split("-")[0]
     candidates = [k for k in table.index if k[0] == BASELINE and k[1] == f"{freeze}-linear"]
     if not candidates:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -24,7 +25,8 @@ from typing import Any
 from cache.fingerprint import canonical_json
 
 STAGES = ("probe", "finetune")
-SCENARIOS = ("frozen-linear", "frozen-deit", "unfrozen-linear", "unfrozen-deit")
+# The study's four scenarios, frozen|unfrozen x linear|deit, plus partial unfreezing of the last K blocks.
+SCENARIO = re.compile(r"(frozen|unfrozen|last[1-9][0-9]*)-(linear|deit)")
 
 _COLUMNS = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -127,8 +129,8 @@ class Ledger:
         """Append one row; returns its id."""
         if record.stage not in STAGES:
             raise ValueError(f"stage {record.stage} not in {STAGES}")
-        if record.scenario not in SCENARIOS:
-            raise ValueError(f"scenario {record.scenario} not in {SCENARIOS}")
+        if not SCENARIO.fullmatch(record.scenario):
+            raise ValueError(f"scenario {record.scenario} is not frozen|unfrozen|last<K> - linear|deit")
         row = asdict(record)
         row.pop("id")
         for name in _JSON_FIELDS:

@@ -38,6 +38,7 @@ def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
         task=Task("multiclass", CLASSES, "quadratic_kappa"),
         splits=make_splits(parts, ids, labels, images),
         options={"split_seed": split_seed},
+        study_norm=((0.415, 0.221, 0.073), (0.275, 0.150, 0.081)),
     )
 
 

@@ -108,6 +108,7 @@ def build(root: Path | None, *, policy: str = "zeros", split: str = "study", spl
         splits=make_splits(parts, ids, apply_policy(raw, policy), [image_path(root, p) for p in ids]),
         grayscale=True,
         options=options,
+        study_norm=((0.503,), (0.292,)),
     )
 
 

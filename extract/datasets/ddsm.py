@@ -52,7 +52,7 @@ def build_ddsm(root: Path | None, *, classes: int = 2) -> DatasetSource:
         splits[name] = Split(ids, np.minimum(labels, classes - 1), [root / IMAGE_DIR / i for i in ids])
     task = (Task("binary", ("normal", "abnormal"), "roc_auc") if classes == 2
             else Task("multiclass", ("normal", "benign", "cancer"), "roc_auc"))
-    return DatasetSource("ddsm", task, splits, grayscale=True, options={"classes": classes})
+    return DatasetSource("ddsm", task, splits, grayscale=True, options={"classes": classes}, study_norm=((0.286,), (0.267,)))
 
 
 # --- cbis-ddsm (TCIA)

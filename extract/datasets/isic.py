@@ -46,6 +46,7 @@ def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
         task=Task("multiclass", CLASSES, "macro_recall"),
         splits=make_splits(parts, ids, onehot.argmax(axis=1).astype(np.int64), images),
         options={"split_seed": split_seed},
+        study_norm=((0.6678, 0.5296, 0.5243), (0.2238, 0.2036, 0.2154)),
     )
 
 

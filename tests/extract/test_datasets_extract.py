@@ -182,3 +182,30 @@ def test_cli_datasets_lists_every_dataset_with_metric_and_layout(capsys, monkeyp
                         ("chexpert", "mean ROC-AUC"), ("cbis-ddsm", "benign vs malignant"), ("medmnist", ".npz"),
                         ("imagefolder", "root/<class>/<image>"), ("csv", "labels.csv")]:
         assert words in blocks[name] and "layout " in blocks[name], blocks.get(name)
+
+
+@pytest.mark.parametrize(("dataset", "in_chans", "mean", "std"), [
+    ("aptos2019", 3, [0.415, 0.221, 0.073], [0.275, 0.150, 0.081]),
+    ("chexpert", 1, [0.503], [0.292]),
+    ("chexpert", 3, [0.503] * 3, [0.292] * 3),  # the gray image fed as RGB: the one value per channel
+])
+def test_study_norm_feeds_the_studys_constants_and_enters_the_fingerprint(tmp_path: Path, dataset: str, in_chans: int,
+                                                                           mean: list, std: list) -> None:
+    if dataset == "aptos2019":
+        write_aptos(root := tmp_path / "aptos")
+    else:
+        root = write_chexpert(tmp_path / "data")
+    study = run(dataset, root, tmp_path / "out", in_chans=in_chans, norm="study")
+    model = run(dataset, root, tmp_path / "out", in_chans=in_chans)
+    assert study != model
+    with CacheReader(study) as r:
+        assert r.meta["transform"]["mean"] == mean and r.meta["transform"]["std"] == std
+        assert r.meta["settings"]["norm"] == {"kind": "study"}
+
+
+def test_study_norm_on_a_dataset_outside_the_study_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(MedfmError, match="--norm study: demo is not one of the study's datasets"):
+        extract(ExtractConfig(backbone="deit", dataset="demo", weights="random", out=tmp_path, image_size=32, overrides=TINY, norm="study"), QUIET)
+    write_aptos(tmp_path / "aptos")
+    with pytest.raises(MedfmError, match="3 channels, not 1"):
+        run("aptos2019", tmp_path / "aptos", tmp_path / "out", in_chans=1, norm="study")

@@ -138,15 +138,16 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
 @pytest.mark.parametrize(
     ("backbone", "overrides", "freeze", "head", "trained_prefixes", "scenario"),
     [
-        ("deit", {**TINY_VIT, "depth": 4}, "last-2", "deit", ("blocks.2.", "blocks.3."), "unfrozen-deit"),
-        ("resnet152", TINY_RESNET, "last-1", "linear", ("layer4.",), "unfrozen-linear"),
+        ("deit", {**TINY_VIT, "depth": 4}, "last-2", "deit", ("blocks.2.", "blocks.3."), "last2-deit"),
+        ("resnet152", TINY_RESNET, "last-1", "linear", ("layer4.",), "last1-linear"),
         ("resnet152", TINY_RESNET, "all", "linear", (), "frozen-linear"),
     ],
 )
 def test_freeze_leaves_every_other_backbone_tensor_bit_identical(
     tmp_path: Path, backbone: str, overrides: dict, freeze: str, head: str, trained_prefixes: tuple[str, ...], scenario: str,
 ) -> None:
-    """Frozen weights never move, and frozen BatchNorm statistics never drift (frozen parts run in eval mode)."""
+    """Frozen weights never move, and frozen BatchNorm statistics never drift (frozen parts run in eval mode).
+    Partial unfreezing is its own scenario (last<K>-<head>), never counted as the study's unfrozen one."""
     start = create_backbone(backbone, "random", image_size=32, **overrides).model.state_dict()
     weights = tmp_path / "start.pth"
     torch.save(start, weights)

@@ -12,10 +12,10 @@ METRIC = {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall"}
 
 
 def add(ledger: Ledger, backbone: str, head: str, dataset: str, test: float, val: float = 0.5, lr: float = 1e-4,
-        seed: int = 0, random: bool = False) -> None:
+        seed: int = 0, random: bool = False, freeze: str = "frozen") -> None:
     ledger.add(RunRecord(
-        stage="probe", scenario=f"frozen-{head}", backbone=backbone, dataset=dataset, head=head, config={"lr": lr},
-        config_key=f"{backbone}{head}{dataset}{lr}{seed}{random}", cache_fingerprint="f", seed=seed,
+        stage="probe" if freeze == "frozen" else "finetune", scenario=f"{freeze}-{head}", backbone=backbone, dataset=dataset, head=head, config={"lr": lr},
+        config_key=f"{backbone}{head}{dataset}{lr}{seed}{random}{freeze}", cache_fingerprint="f", seed=seed,
         primary_metric=METRIC[dataset], val_score=val, test_metrics={METRIC[dataset]: test}, test_primary=test,
         random_weights=random,
     ))
@@ -63,3 +63,14 @@ def test_report_can_be_limited_to_some_datasets(ledger):
     report = make_report(ledger, datasets=["isic2019"])
     assert list(report.table.columns) == ["isic2019", AVERAGE, GAIN]
     assert report.runs == 4
+
+
+def test_partial_unfreezing_is_its_own_row_compared_with_deit_at_the_same_setting(ledger, isolated_outputs):
+    add(ledger, "deit", "linear", "aptos2019", 0.80, freeze="last2")
+    add(ledger, "sam", "linear", "aptos2019", 0.88, freeze="last2")
+    add(ledger, "sam", "linear", "aptos2019", 0.70, freeze="unfrozen")
+    table = make_report(ledger, out=isolated_outputs / "reports").table
+    assert table.loc[("sam", "last2-linear", False)]["aptos2019"] == pytest.approx(0.88)
+    assert table.loc[("sam", "unfrozen-linear", False)]["aptos2019"] == pytest.approx(0.70)  # not mixed with last2
+    assert table.loc[("sam", "last2-linear", False)][GAIN] == pytest.approx(10.0)
+    assert pd.isna(table.loc[("sam", "unfrozen-linear", False)][GAIN])  # no unfrozen deit baseline in this ledger

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from probe.results import Ledger, RunRecord, config_key
 
 
@@ -45,3 +47,13 @@ def test_config_key_changes_with_config_fingerprint_and_seed():
 
 def test_ledger_defaults_under_medfm_output(isolated_outputs):
     assert Ledger().path == isolated_outputs / "runs" / "results.sqlite"
+
+
+def test_ledger_accepts_the_scenarios_and_partial_unfreezing_and_refuses_anything_else(tmp_path):
+    ledger = Ledger(tmp_path / "results.sqlite")
+    for scenario in ("frozen-linear", "unfrozen-deit", "last2-linear", "last12-deit"):
+        ledger.add(record(scenario, scenario=scenario))
+    for bad in ("partial-linear", "last0-linear", "frozen-mlp", "unfrozen-linear-x"):
+        with pytest.raises(ValueError, match="scenario"):
+            ledger.add(record(bad, scenario=bad))
+    assert len(ledger.rows()) == 4
