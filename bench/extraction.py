@@ -22,7 +22,7 @@ from rich.console import Console
 from bench.common import at_least, device, fastest_rounds, record, run_main, sync
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
-from extract.datasets.base import ImageDataset
+from extract.datasets.images import ImageDataset
 from extract.runner import CPU_BATCH, BackboneForward, ExtractConfig, autocast_dtype, extract
 from extract.transforms import eval_transform, make_spec
 

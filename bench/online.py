@@ -16,7 +16,7 @@ import torch
 
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
-from extract.datasets.base import ImageDataset
+from extract.datasets.images import ImageDataset
 from extract.runner import BackboneForward, autocast_dtype, default_workers
 from extract.transforms import eval_transform, make_spec
 from probe.data import EVAL_BATCH, Batch

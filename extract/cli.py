@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cache.errors import MedfmError, run_cli
-from extract.runner import ExtractConfig, default_output, extract
+from cache.runtime import output_root
 
 app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -73,13 +73,15 @@ def run(
     manifest: Annotated[Path | None, typer.Option(help="Reproduce a saved split (<cache>.splits.json).")] = None,
 ) -> None:
     """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
+    from extract.runner import ExtractConfig, extract  # torch and the models: imported for a run, not for --help
+
     options = parse_options(opt or [])
     if split_seed is not None:
         options["split_seed"] = split_seed
     if image_size is not None and image_size < 16:
         raise MedfmError(f"--image-size must be at least 16, got {image_size}")
     cfg = ExtractConfig(
-        backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or default_output() / "features",
+        backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or output_root() / "features",
         batch_size=parse_batch_size(batch_size), tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
         image_size=image_size, in_chans=in_chans, norm=norm, device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest,
         dataset_options=options,

@@ -25,12 +25,13 @@ from torch import nn
 
 from cache.errors import MedfmError
 from cache.fingerprint import fingerprint, manifest_hash
-from cache.runtime import resolve_device
+from cache.runtime import output_root, resolve_device
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, partial_path
 from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, find_default_weights, missing_weights_message, resolve_weights
 from extract.datasets import get_dataset
-from extract.datasets.base import DatasetSource, ImageDataset
+from extract.datasets.base import DatasetSource
+from extract.datasets.images import ImageDataset
 from extract.datasets.splits import read_manifest
 from extract.transforms import TransformSpec, eval_transform, make_spec
 
@@ -44,17 +45,13 @@ AUTO_BATCH_CAP = 256  # beyond this a GPU's throughput no longer grows, only the
 NORM_IMAGES = 500  # train images (evenly spaced) behind --norm dataset; the count enters the fingerprint
 
 
-def default_output() -> Path:
-    return Path(os.environ.get("MEDFM_OUTPUT", "outputs"))
-
-
 @dataclass
 class ExtractConfig:
     backbone: str
     dataset: str
     root: Path | None = None
     weights: str = "default"  # default | random | auto (default, else random with a warning) | PATH
-    out: Path = field(default_factory=lambda: default_output() / "features")
+    out: Path = field(default_factory=lambda: output_root() / "features")
     batch_size: int | str = "auto"  # auto: the largest power of two up to 256 that fits on CUDA; 16 on the CPU
     tokens: bool = True
     token_dtype: str = "float16"

@@ -14,10 +14,8 @@ import typer
 from rich.console import Console
 
 from cache.errors import MedfmError, run_cli
+from cache.runtime import output_root
 from extract.cli import parse_options
-from extract.runner import default_output
-from finetune.distributed import is_main_process
-from finetune.train import FinetuneConfig, finetune
 
 app = typer.Typer(help="Train a backbone and a head end to end (the study's unfrozen scenarios).", no_args_is_help=True,
                   add_completion=False)
@@ -59,7 +57,7 @@ def run(
     resume: Annotated[bool, typer.Option(help="Continue this configuration's unfinished run from its last checkpoint.")] = False,
     image_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's, 224].")] = None,
     in_chans: Annotated[int, typer.Option(help="1 rebuilds the first conv for grayscale (the study's R-channel init).")] = 3,
-    norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (the train split's, the study's).")] = "model",
+    norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (computed from the train split) | study (the study's fixed per-dataset constants).")] = "model",
     head_depth: Annotated[int, typer.Option(help="DeiT head blocks (the study: 12).")] = 12,
     head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b (the study) | deit-s | deit-t.")] = "deit-b",
     head_weights: Annotated[str, typer.Option(help="DeiT head blocks: default | random | PATH.")] = "default",
@@ -73,6 +71,9 @@ def run(
         help="Backbone constructor KEY=VALUE (repeatable); for tiny test models, e.g. embed_dim=32.", hidden=True)] = None,
 ) -> None:
     """Train BACKBONE + HEAD on DATASET end to end; the result joins the ledger that `probe report` reads."""
+    from finetune.distributed import is_main_process  # torch and the models: imported for a run, not for --help
+    from finetune.train import FinetuneConfig, finetune
+
     options = parse_options(opt or [])
     if split_seed is not None:
         options["split_seed"] = split_seed
@@ -83,7 +84,7 @@ def run(
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
         augment=augment, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, head_depth=head_depth,
         head_preset=head_preset, head_weights=head_weights, seed=seed, device=device, workers=workers, resume=resume,
-        out=out or default_output() / "runs", dataset_options=options, overrides=parse_overrides(override or []),
+        out=out or output_root() / "runs", dataset_options=options, overrides=parse_overrides(override or []),
     )
     result = finetune(cfg)
     if is_main_process():

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader
 
 from cache.errors import MedfmError
 from cache.fingerprint import manifest_hash
-from cache.runtime import resolve_device
+from cache.runtime import output_root, resolve_device
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
-from extract.runner import NORMS, ExtractConfig, dataset_norm, default_output, resolve_extract_weights
+from extract.runner import NORMS, ExtractConfig, dataset_norm, resolve_extract_weights, study_norm
 from extract.transforms import make_spec
 from finetune import distributed
 from finetune.data import check_images, epoch_seed, make_loader
@@ -70,7 +70,7 @@ class FinetuneConfig:
     patience: int | None = None  # stop after this many epochs without a better validation score
     image_size: int | None = None
     in_chans: int = 3
-    norm: str = "model"  # model: the backbone's mean/std (as extract's default) | dataset: the train split's (the study's)
+    norm: str = "model"  # as extract's --norm: model (the backbone's mean/std) | dataset (the train split's) | study
     head_depth: int = 12
     head_preset: str = "deit-b"
     head_weights: str = "default"  # the DeiT head's blocks: default | random | PATH
@@ -78,7 +78,7 @@ class FinetuneConfig:
     device: str = "auto"
     workers: int | None = None
     resume: bool = False
-    out: Path = field(default_factory=lambda: default_output() / "runs")
+    out: Path = field(default_factory=lambda: output_root() / "runs")
     dataset_options: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # backbone constructor overrides (tiny test models)
 
@@ -152,6 +152,8 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     if cfg.norm == "dataset":
         stats_cfg = ExtractConfig(cfg.backbone, cfg.dataset, in_chans=cfg.in_chans, workers=cfg.workers)
         mean, std, _ = dataset_norm(source, dc.input_size, dc.interpolation, stats_cfg)
+    elif cfg.norm == "study":
+        mean, std, _ = study_norm(source, cfg.in_chans)
     tspec = make_spec(dc.input_size, mean, std, dc.interpolation, cfg.in_chans)
     unused = freeze_unused(model, torch.zeros(1, tspec.channels, tspec.size, tspec.size, device=device))
     if unused:

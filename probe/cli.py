@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cache.errors import MedfmError, run_cli
-from probe.data import feature_name, find_cache, open_cache, output_root, parse_bytes
+from cache.runtime import output_root
+from probe.data import feature_name, find_cache, open_cache, parse_bytes
 from probe.report import GAIN, make_report, row_label
 from probe.results import Ledger
 

@@ -10,7 +10,6 @@ window plus one batch of features.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import numpy as np
 import psutil
 
 from cache.errors import MedfmError
+from cache.runtime import output_root
 from cache.store import PARTIAL_SUFFIX, CacheReader
 
 RAM_FRACTION = 0.5  # default budget: half of the memory available when the run starts
@@ -34,10 +34,6 @@ def parse_bytes(text: str) -> int:
     if not match:
         raise MedfmError(f"--max-ram must be a size such as 2G, 500M or 1048576; got '{text}'")
     return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
-
-
-def output_root() -> Path:
-    return Path(os.environ.get("MEDFM_OUTPUT", "outputs"))
 
 
 def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = None, features: Path | None = None) -> Path:

@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 from cache.errors import MedfmError
-from cache.runtime import resolve_device
+from cache.runtime import output_root, resolve_device
 from cache.store import CacheReader
-from probe.data import FeatureSource, output_root
+from probe.data import FeatureSource
 from probe.heads import PRESETS, RANDOM_DEIT_WARNING, deit_weights_identity
 from probe.results import Ledger, RunRecord, config_key
 from probe.train import FitResult, TrainConfig, train_head

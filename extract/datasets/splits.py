@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from cache.errors import MedfmError
 
@@ -40,6 +39,8 @@ def stratified_split(
     ids: Sequence[str], labels: np.ndarray, fractions: tuple[float, float, float], seed: int
 ) -> dict[str, np.ndarray]:
     """Seeded train/val/test index arrays, stratified on the label when every class has enough members."""
+    from sklearn.model_selection import train_test_split  # scikit-learn takes a second to import: only when splitting
+
     index = np.arange(len(ids))
     strat = labels if labels.ndim == 1 and np.bincount(labels).min(initial=len(ids)) >= 3 else None
     train_frac, val_frac, test_frac = fractions
@@ -54,6 +55,8 @@ def grouped_holdout(groups: Sequence[str], holdout: float, seed: int) -> tuple[n
     groups = np.asarray(groups)
     if len(np.unique(groups)) < 2:
         raise MedfmError(f"a patient-grouped split needs at least 2 patients per part; found {len(np.unique(groups))}")
+    from sklearn.model_selection import GroupShuffleSplit  # scikit-learn takes a second to import: only when splitting
+
     kept, held = next(GroupShuffleSplit(1, test_size=holdout, random_state=seed).split(groups, groups=groups))
     return np.sort(kept), np.sort(held)
 

@@ -15,7 +15,7 @@ from cache.store import CacheReader
 from extract.backbones import create_backbone
 from extract.cli import parse_batch_size
 from extract.datasets import get_dataset
-from extract.datasets.base import ImageDataset
+from extract.datasets.images import ImageDataset
 from extract.runner import CPU_BATCH, BackboneForward, ExtractConfig, extract, uses_channels_last
 from extract.transforms import eval_transform, make_spec
 from tests.extract.tiny import TINY_DEIT, TINY_SIZE
