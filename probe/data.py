@@ -15,13 +15,14 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
 
 from cache.errors import MedfmError
 from cache.runtime import output_root
-from cache.store import PARTIAL_SUFFIX, CacheReader
+from cache.store import PARTIAL_SUFFIX, CacheReader, describe
 
 RAM_FRACTION = 0.5  # default budget: half of the memory available when the run starts
 EVAL_BATCH = 256
@@ -47,8 +48,8 @@ def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = N
     complete = sorted(p for p in folder.glob(f"{dataset}-*.h5") if name.match(p.name))
     partial = sorted(p for p in folder.glob(f"{dataset}-*.h5{PARTIAL_SUFFIX}") if name.match(p.name[: -len(PARTIAL_SUFFIX)]))
     if len(complete) > 1:
-        listing = ", ".join(str(p) for p in complete)
-        raise MedfmError(f"several caches for backbone {backbone} and dataset {dataset}: {listing}; choose one with --cache FILE")
+        raise MedfmError(f"several caches for backbone {backbone} and dataset {dataset}, extracted with different settings: "
+                         f"{settings_differences(complete)}; choose one with --cache FILE")
     if complete:
         return complete[0]
     if partial:
@@ -56,6 +57,27 @@ def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = N
                          f"rerun `extract run --backbone {backbone} --dataset {dataset}` with the same settings to finish it")
     raise MedfmError(f"no cache for backbone {backbone} and dataset {dataset} under {folder}; "
                      f"run `extract run --backbone {backbone} --dataset {dataset}` first (or pass --cache FILE)")
+
+
+def settings_differences(paths: list[Path]) -> str:
+    """Each cache with the extraction settings that set it apart, e.g. `a.h5 (norm.kind=study)`."""
+    flat = [_flatten(describe(path)["meta"].get("settings", {})) for path in paths]
+    differing = sorted({k for f in flat for k in f if any(g.get(k) != f.get(k) for g in flat)})
+    return "; ".join(f"{path}" + (f" ({', '.join(f'{k}={_short(f.get(k))}' for k in differing)})" if differing else "")
+                     for path, f in zip(paths, flat, strict=True))
+
+
+def _flatten(settings: dict[str, Any]) -> dict[str, Any]:
+    """{"norm": {"kind": "study"}} -> {"norm.kind": "study"}: one level, as extraction settings nest."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def open_cache(path: Path, backbone: str | None, dataset: str | None) -> CacheReader:

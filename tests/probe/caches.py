@@ -15,6 +15,7 @@ def make_cache(
     path: Path, *, rows: dict[str, int] | None = None, pooled_dim: int = 16, tokens: tuple[int, int] | None = (9, 8),
     task: dict | None = None, backbone: str = "deit", dataset: str = "demo", random_weights: bool = True,
     fingerprint: str = "f" * 64, seed: int = 0, separation: float = 3.0, extra_layers: tuple[int, ...] = (), offset: float = 0.0, scale: float = 1.0,
+    settings: dict | None = None,
 ) -> Path:
     """A complete cache whose features carry the label (linearly separable up to noise), written by CacheWriter."""
     rows = rows or {"train": 144, "val": 48, "test": 48}
@@ -38,6 +39,7 @@ def make_cache(
         "backbone": {"name": backbone, "random_weights": random_weights},
         "dataset": {"name": dataset},
         "task": task,
+        "settings": settings or {},
         "layers": layers,
     }
     writer = CacheWriter.open(path, fingerprint, meta, plan)

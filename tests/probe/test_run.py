@@ -46,12 +46,14 @@ def test_missing_several_and_partial_caches_are_clear_errors(isolated_outputs):
     (folder / "demo-0123456789ab.h5.partial").write_bytes(b"")
     with pytest.raises(MedfmError, match="incomplete"):
         find_cache("deit", "demo")
-    make_cache(folder / "demo-aaaaaaaaaaaa.h5")
-    make_cache(folder / "demo-bbbbbbbbbbbb.h5", fingerprint="b" * 64)
+    make_cache(folder / "demo-aaaaaaaaaaaa.h5", settings={"norm": {"kind": "model"}, "layers": [11]})
+    make_cache(folder / "demo-bbbbbbbbbbbb.h5", fingerprint="b" * 64, settings={"norm": {"kind": "study"}, "layers": [11]})
     make_cache(folder / "demo-extra-cccccccccccc.h5")  # another dataset whose name starts with "demo-"
     with pytest.raises(MedfmError, match="--cache") as err:
         find_cache("deit", "demo")
-    assert "demo-aaaaaaaaaaaa.h5" in str(err.value) and "demo-extra" not in str(err.value)
+    message = str(err.value)
+    assert "demo-extra" not in message and "layers" not in message  # only what tells the two apart
+    assert "demo-aaaaaaaaaaaa.h5 (norm.kind=model)" in message and "demo-bbbbbbbbbbbb.h5 (norm.kind=study)" in message
 
 
 def test_layer_and_head_pick_the_cache_array_or_say_what_is_missing(tmp_path):
