@@ -49,6 +49,14 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def dataset_options(pairs: list[str] | None, split_seed: int | None) -> dict[str, object]:
+    """--opt KEY=VALUE pairs plus --split-seed: what shapes the dataset (its builder's keyword arguments)."""
+    options: dict[str, object] = dict(parse_options(pairs or []))
+    if split_seed is not None:
+        options["split_seed"] = split_seed
+    return options
+
+
 @app.command()
 def run(
     backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
@@ -75,16 +83,11 @@ def run(
     """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
     from extract.runner import ExtractConfig, extract  # torch and the models: imported for a run, not for --help
 
-    options = parse_options(opt or [])
-    if split_seed is not None:
-        options["split_seed"] = split_seed
-    if image_size is not None and image_size < 16:
-        raise MedfmError(f"--image-size must be at least 16, got {image_size}")
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or output_root() / "features",
         batch_size=parse_batch_size(batch_size), tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
         image_size=image_size, in_chans=in_chans, norm=norm, device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest,
-        dataset_options=options,
+        dataset_options=dataset_options(opt, split_seed),
     )
     result = extract(cfg)
     rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())

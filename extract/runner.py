@@ -168,13 +168,20 @@ class BackboneForward:
         return 1
 
 
+def check_input_settings(norm: str, in_chans: int, image_size: int | None) -> None:
+    """What extract and finetune both feed a backbone: normalisation, channels and input size."""
+    if norm not in NORMS:
+        raise MedfmError(f"--norm must be one of {', '.join(NORMS)}, got {norm}")
+    if in_chans not in (1, 3):
+        raise MedfmError(f"--in-chans must be 1 (grayscale) or 3, got {in_chans}")
+    if image_size is not None and image_size < 16:
+        raise MedfmError(f"--image-size must be at least 16, got {image_size}")
+
+
 def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult:
     """Extract features of every split of `cfg.dataset` with `cfg.backbone` into a fingerprinted cache."""
     console = console or Console(stderr=True)
-    if cfg.norm not in NORMS:
-        raise MedfmError(f"--norm must be one of {', '.join(NORMS)}, got {cfg.norm}")
-    if cfg.in_chans not in (1, 3):
-        raise MedfmError(f"--in-chans must be 1 (grayscale) or 3, got {cfg.in_chans}")
+    check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size)
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
         raise MedfmError(f"--batch-size must be auto or at least 1, got {cfg.batch_size}")
     if cfg.token_dtype not in TOKEN_DTYPES:

@@ -13,9 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cache.errors import MedfmError, run_cli
+from cache.errors import run_cli
 from cache.runtime import output_root
-from extract.cli import parse_options
+from extract.cli import dataset_options, parse_options
 
 app = typer.Typer(help="Train a backbone and a head end to end (the study's unfrozen scenarios).", no_args_is_help=True,
                   add_completion=False)
@@ -74,17 +74,12 @@ def run(
     from finetune.distributed import is_main_process  # torch and the models: imported for a run, not for --help
     from finetune.train import FinetuneConfig, finetune
 
-    options = parse_options(opt or [])
-    if split_seed is not None:
-        options["split_seed"] = split_seed
-    if image_size is not None and image_size < 16:
-        raise MedfmError(f"--image-size must be at least 16, got {image_size}")
     cfg = FinetuneConfig(
         backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
         augment=augment, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, head_depth=head_depth,
         head_preset=head_preset, head_weights=head_weights, seed=seed, device=device, workers=workers, resume=resume,
-        out=out or output_root() / "runs", dataset_options=options, overrides=parse_overrides(override or []),
+        out=out or output_root() / "runs", dataset_options=dataset_options(opt, split_seed), overrides=parse_overrides(override or []),
     )
     result = finetune(cfg)
     if is_main_process():

@@ -35,7 +35,7 @@ from cache.fingerprint import manifest_hash
 from cache.runtime import output_root, resolve_device
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
-from extract.runner import NORMS, ExtractConfig, dataset_norm, resolve_extract_weights, study_norm
+from extract.runner import ExtractConfig, check_input_settings, dataset_norm, resolve_extract_weights, study_norm
 from extract.transforms import make_spec
 from finetune import distributed
 from finetune.data import check_images, epoch_seed, make_loader
@@ -265,8 +265,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise MedfmError("--lr and --grad-clip must be positive and --weight-decay not negative")
     if cfg.patience is not None and cfg.patience < 1:
         raise MedfmError(f"--patience must be at least 1, got {cfg.patience}")
-    if cfg.norm not in NORMS:
-        raise MedfmError(f"--norm must be one of {', '.join(NORMS)}, got {cfg.norm}")
+    check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size)
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise MedfmError(f"--warmup-steps must not be negative, got {cfg.warmup_steps}")
 

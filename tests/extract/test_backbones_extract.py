@@ -87,7 +87,7 @@ def test_grayscale_extraction_feeds_one_channel_normalised_by_the_train_split(tm
         assert cache.features("train", "tokens").shape == (12, 4, 64)
 
 
-@pytest.mark.parametrize("bad", [dict(norm="imagenet"), dict(in_chans=2)])
-def test_bad_norm_or_channel_count_is_a_clear_error(tmp_path: Path, bad: dict) -> None:
-    with pytest.raises(MedfmError, match="--norm|--in-chans"):
+@pytest.mark.parametrize("bad", [dict(norm="imagenet"), dict(in_chans=2), dict(image_size=8)])
+def test_bad_norm_channel_count_or_size_is_a_clear_error(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(MedfmError, match="--norm|--in-chans|--image-size"):
         run(tmp_path, "seem", **bad)

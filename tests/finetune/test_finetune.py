@@ -169,3 +169,11 @@ def test_freeze_policy_is_checked_against_the_backbone(tmp_path: Path) -> None:
             FreezePolicy.parse(bad)
     with pytest.raises(MedfmError, match="only 3 blocks"):
         finetune(tiny(tmp_path, freeze="last-4"))
+
+
+@pytest.mark.parametrize(("bad", "flag"), [(dict(norm="imagenet"), "--norm"), (dict(in_chans=2), "--in-chans"),
+                                           (dict(image_size=8), "--image-size"), (dict(norm="study"), "--norm study")])
+def test_bad_input_settings_fail_before_any_training(tmp_path: Path, bad: dict, flag: str) -> None:
+    with pytest.raises(MedfmError, match=flag):
+        finetune(tiny(tmp_path, **bad))  # --norm study: the demo set is not one of the study's datasets
+    assert not list(tmp_path.rglob("*.pt"))
