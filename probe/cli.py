@@ -89,6 +89,8 @@ def sweep(
     standardize: Standardize = False,
     max_ram: MaxRam = None,
     device: Device = "auto",
+    deit_per_pass: Annotated[int, typer.Option(help="DeiT heads trained side by side over one read of the tokens "
+                                                   "(each needs its own activation memory).")] = 1,
     force: Annotated[bool, typer.Option(help="Retrain configurations the ledger already holds.")] = False,
 ) -> None:
     """Train a grid of heads on one cache (linear heads together, in one pass per epoch); report the best by validation."""
@@ -105,7 +107,8 @@ def sweep(
         base = TrainConfig(batch_size=batch_size, epochs=epochs, warmup_epochs=warmup_epochs, patience=patience,
                            grad_clip=grad_clip or None, data_seed=data_seed, head_depth=head_depth, head_preset=head_preset,
                            head_weights=head_weights, standardize=standardize)
-        outcome = run_sweep(reader, expand(reader, grid, base), device=device, max_ram=_ram(max_ram), force=force, console=console)
+        outcome = run_sweep(reader, expand(reader, grid, base), device=device, max_ram=_ram(max_ram), force=force,
+                            deit_per_pass=deit_per_pass, console=console)
     table = Table("head", "feature", "lr", "weight decay", "seed", f"val {outcome.records[0].primary_metric}",
                   f"test {outcome.records[0].primary_metric}", title=f"sweep: {outcome.trained} trained, {outcome.skipped} already in the ledger")
     for r in outcome.records:

@@ -1,8 +1,10 @@
 """`probe sweep`: many heads over one cache, lr x weight decay x head x seed (x layer).
 
 All linear heads that share a feature array and schedule train together, as one batched computation
-over one pass of the data per epoch (DINOv2's linear evaluation does the same); DeiT heads train one
-after another. Configurations already in the ledger are skipped, so rerunning a finished sweep trains
+over one pass of the data per epoch (DINOv2's linear evaluation does the same). DeiT heads train one
+after another by default; `deit_per_pass` > 1 trains that many side by side over one read of the
+tokens, which pays when the token cache streams from disk and the device has room for their
+activations. Configurations already in the ledger are skipped, so rerunning a finished sweep trains
 nothing. The sweep's answer is the best configuration by validation score, reported with its test score.
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 from rich.progress import Progress
 
+from cache.errors import MedfmError
 from cache.runtime import resolve_device
 from cache.store import CacheReader
 from probe.data import FeatureSource, feature_name
@@ -59,7 +62,7 @@ def expand(reader: CacheReader, grid: Grid, base: TrainConfig) -> list[TrainConf
 
 def run_sweep(
     reader: CacheReader, configs: list[TrainConfig], *, device: str = "auto", max_ram: int | None = None, force: bool = False,
-    ledger: Ledger | None = None, console: Console | None = None,
+    deit_per_pass: int = 1, ledger: Ledger | None = None, console: Console | None = None,
 ) -> SweepOutcome:
     """Train the configurations not yet in the ledger (all of them with `force`) and pick the best by validation."""
     # --- set-up: what is already done, and how the rest groups into passes over the data
@@ -67,13 +70,18 @@ def run_sweep(
     ledger = ledger or Ledger()
     for config in configs:
         validate(config)
+    if deit_per_pass < 1:
+        raise MedfmError(f"--deit-per-pass must be at least 1, got {deit_per_pass}")
     keys = [ledger_key(reader, c) for c in configs]
     todo = [(c, k) for c, k in zip(configs, keys, strict=True) if force or ledger.find(k) is None]
     console.print(f"sweep of {len(configs)} configurations: {len(configs) - len(todo)} already in the ledger, {len(todo)} to train")
-    groups: dict[tuple, list[tuple[TrainConfig, str]]] = defaultdict(list)
-    for config, key in todo:
-        # linear heads sharing data and schedule train together; each DeiT head trains alone
-        groups[("linear", config.shared()) if config.head == "linear" else ("deit", key)].append((config, key))
+    by_settings: dict[tuple, list[tuple[TrainConfig, str]]] = defaultdict(list)
+    for config, key in todo:  # heads sharing data, schedule and head architecture can share a pass
+        by_settings[(config.head, config.shared(), tuple(config.head_options().items()))].append((config, key))
+    groups: list[list[tuple[TrainConfig, str]]] = []
+    for (kind, *_), members in by_settings.items():
+        size = len(members) if kind == "linear" else deit_per_pass  # linear heads: all at once, they are tiny
+        groups += [members[i : i + size] for i in range(0, len(members), size)]
     dev = resolve_device(device)
     task = reader.task
     passes = 0
@@ -83,7 +91,7 @@ def run_sweep(
     # --- train group by group: one pass over the features per epoch for each group
     with Progress(console=console, transient=True) as progress, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=RANDOM_DEIT_WARNING)
-        for members in groups.values():
+        for members in groups:
             first = members[0][0]
             source = FeatureSource(reader, first.feature, first.batch_size, max_ram)
             started = time.perf_counter()

@@ -46,3 +46,20 @@ def test_rerunning_a_finished_sweep_trains_nothing(tmp_path):
     assert [r.id for r in again.records] == [r.id for r in first.records]
     assert {r.scenario for r in first.records} == {"frozen-linear", "frozen-deit"}
     assert first.train_passes == 1 + 2  # both linear heads in one pass; each DeiT head alone
+
+
+def test_deit_heads_side_by_side_share_one_read_of_the_tokens_and_match_training_alone(tmp_path):
+    path = make_cache(tmp_path / "c.h5")
+    grid = Grid(heads=("deit",), lrs=(1e-3, 1e-2), seeds=(0, 1))
+    base = TrainConfig(epochs=2, batch_size=16, head_depth=1, head_preset="deit-t", head_weights="random")
+    with open_cache(path, None, None) as reader:
+        configs = expand(reader, grid, base)
+        outcome = run_sweep(reader, configs, device="cpu", deit_per_pass=3)
+    assert outcome.trained == 4 and outcome.train_passes == 2 * base.epochs  # a pass of 3 heads, then 1
+    for config, record in zip(configs, outcome.records, strict=True):
+        with CacheReader(path) as reader:
+            alone = train_head(config, FeatureSource(reader, config.feature, config.batch_size), reader.task, torch.device("cpu"))
+        saved = torch.load(f"{record.run_dir}/head.pt", weights_only=True)
+        for name, tensor in alone.state_dict.items():
+            torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5)
+        assert abs(record.val_score - alone.val_score) < 1e-6
