@@ -13,9 +13,17 @@ else
 WEIGHTS  ?= default
 endif
 DEMO_OUTPUT := outputs/demo
+# `make paper`: the study's grid. DATA holds one folder per dataset in its released layout.
+STUDY_BACKBONES ?= deit dino resnet152 sam seem dinov2 openclip blip
+STUDY_DATASETS  ?= aptos2019 isic2019 ddsm chexpert
+DATA            ?= data
+PAPER_OUTPUT    ?= outputs/paper
+EXTRACT_ARGS    ?=
+PROBE_ARGS      ?=
+FINETUNE_ARGS   ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint extract probe finetune bench report
+.PHONY: install demo test lint extract probe finetune bench report paper
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -52,6 +60,24 @@ finetune: $(PY)
 
 report: $(PY)
 	$(BIN)/probe report $(ARGS)
+
+# The whole study (shared/research/paper.md): every backbone x dataset in the four scenarios (frozen/unfrozen x
+# linear/DeiT head) with its inputs (224 px, the study's normalisation constants, grayscale DDSM and CheXpert as one
+# channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR; results in outputs/paper. Rerunning
+# continues where it stopped: finished caches and runs are reused and an interrupted finetune resumes.
+# EXTRACT_ARGS, PROBE_ARGS and FINETUNE_ARGS reach each stage, e.g. FINETUNE_ARGS="--device cuda:1".
+paper: $(PY)
+	@export MEDFM_OUTPUT=$(PAPER_OUTPUT); for d in $(STUDY_DATASETS); do \
+	  case $$d in ddsm|chexpert) inputs="--norm study --in-chans 1";; *) inputs="--norm study";; esac; \
+	  for b in $(STUDY_BACKBONES); do \
+	    $(BIN)/extract run --backbone $$b --dataset $$d --root $(DATA)/$$d $$inputs $(EXTRACT_ARGS) || exit 1; \
+	    for h in linear deit; do \
+	      $(BIN)/probe run --head $$h --backbone $$b --dataset $$d $(PROBE_ARGS) || exit 1; \
+	      $(BIN)/finetune run --head $$h --backbone $$b --dataset $$d --root $(DATA)/$$d $$inputs --resume $(FINETUNE_ARGS) || exit 1; \
+	    done; \
+	  done; \
+	done; \
+	$(BIN)/probe report
 
 # Ratios measured side by side (pipeline vs bare forward, cache vs online, batched sweep, HDF5 vs memmap reads,
 # peak memory); each run appends to outputs/bench/summary.json. `make bench ARGS="reads sweep"` runs a subset.
