@@ -308,6 +308,44 @@ class CacheReader:
         self.close()
 
 
+def shard_path(path: Path, rank: int, size: int) -> Path:
+    """Where process `rank` of `size` writes its block of a cache (not named *.h5: never taken for a cache)."""
+    return path.with_name(f"{path.name}.shard{rank}of{size}")
+
+
+def join_shards(shards: Sequence[Path], path: Path, fingerprint: str, meta: dict[str, Any], plan: dict[str, SplitPlan]) -> Path:
+    """One cache from the complete shards of a multi-process extraction, then the shards are removed.
+
+    Shard k holds the k-th contiguous block of rows of every split, so blocks are copied in shard order,
+    CHUNK_BYTES at a time. A join cut short leaves the shards and a `.partial` that the next join redoes.
+    """
+    writer = CacheWriter.open(path, fingerprint, meta, plan)
+    try:
+        skipped: list[str] = []
+        offset = dict.fromkeys(plan, 0)
+        for shard in shards:
+            with CacheReader(shard) as part:
+                if part.fingerprint != fingerprint:
+                    raise MedfmError(f"{shard} belongs to other extraction settings; remove it with `cache rm {shard}` and rerun")
+                skipped += part.meta.get("skipped", [])
+                for split in part.splits:
+                    names = part.feature_names(split)
+                    n, valid = len(part.dataset(split, names[0])), part.valid(split)
+                    step = min(chunk_rows(part.dataset(split, name).shape[1:], str(part.dataset(split, name).dtype), max(n, 1)) for name in names)
+                    for start in range(0, n, step):
+                        stop = min(start + step, n)
+                        block = {name: part.read_rows(split, name, start, stop) for name in names}
+                        writer.write(split, offset[split] + start, block, valid[start:stop])
+                    offset[split] += n
+        writer.set_meta(skipped=skipped)
+        writer.finalize()
+    finally:
+        writer.close()
+    for shard in shards:
+        shard.unlink()
+    return path
+
+
 def describe(path: Path) -> dict[str, Any]:
     """A summary of any cache file, complete or partial, for `cache ls` and `cache info`."""
     with h5py.File(path, "r") as file:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cache.errors import MedfmError, run_cli
-from cache.runtime import output_root
+from cache.runtime import output_root, torchrun_launch
 
 app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -90,9 +90,10 @@ def run(
         dataset_options=dataset_options(opt, split_seed),
     )
     result = extract(cfg)
-    rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
-    rate = f", {result.images_per_s:.1f} img/s" if result.images_per_s else ""
-    console.print(f"{'reused' if result.reused else 'wrote'} {result.path} ({rows}{rate})")
+    if torchrun_launch().is_main:  # under torchrun, rank 0 speaks for the joined cache
+        rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
+        rate = f", {result.images_per_s:.1f} img/s" if result.images_per_s else ""
+        console.print(f"{'reused' if result.reused else 'wrote'} {result.path} ({rows}{rate})")
 
 
 @app.command()

@@ -3,6 +3,11 @@
 Read `extract` top to bottom: resolve settings and the fingerprint, reuse a complete cache when the
 fingerprint matches, else open (or resume) the partial file and stream every split through the model
 while a writer thread flushes finished batches to disk.
+
+Under `torchrun --nproc_per_node N -m extract run ...` each process extracts one contiguous block of
+every split into its own shard file on its own GPU, and rank 0 joins the shards into the one cache.
+The processes never talk to each other: a shard is done when its file is complete, so a rank that
+finishes early waits on no collective and a rerun resumes every shard where it stopped.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +30,12 @@ from torch import nn
 
 from cache.errors import MedfmError
 from cache.fingerprint import fingerprint, manifest_hash
-from cache.runtime import output_root, resolve_device
-from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, partial_path
+from cache.runtime import output_root, rank_device, resolve_device, torchrun_launch
+from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, shard_path
 from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, find_default_weights, missing_weights_message, resolve_weights
 from extract.datasets import get_dataset
-from extract.datasets.base import DatasetSource
+from extract.datasets.base import DatasetSource, Split
 from extract.datasets.images import ImageDataset
 from extract.datasets.splits import read_manifest
 from extract.transforms import TransformSpec, eval_transform, make_spec
@@ -180,13 +185,14 @@ def check_input_settings(norm: str, in_chans: int, image_size: int | None) -> No
 
 def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult:
     """Extract features of every split of `cfg.dataset` with `cfg.backbone` into a fingerprinted cache."""
-    console = console or Console(stderr=True)
+    launch = torchrun_launch()
+    console = console or Console(stderr=True, quiet=not launch.is_main)  # one progress bar: rank 0's
     check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size)
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
         raise MedfmError(f"--batch-size must be auto or at least 1, got {cfg.batch_size}")
     if cfg.token_dtype not in TOKEN_DTYPES:
         raise MedfmError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {cfg.token_dtype}")
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device), launch)
     amp = autocast_dtype(cfg.precision, device)
 
     # --- settings -> fingerprint -> reuse?
@@ -249,24 +255,57 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         "skipped": [],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    resuming = partial_path(path).exists()
-    writer = CacheWriter.open(path, fp, meta, plan)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_file.write_text(json.dumps(manifest))
-    done = {s: writer.rows(s) for s in plan}
-    if resuming and any(done.values()):
-        console.print(f"resuming {partial_path(path).name}: " + ", ".join(f"{s} {done[s]}/{writer.planned(s)}" for s in plan))
-    else:
-        console.print(f"extracting {cfg.backbone} features of {source.name} -> {path}")
-    try:
-        skipped, rate = _extract_splits(model, source, tspec, writer, cfg, layers, device, amp, console)
-        if skipped:
-            writer.set_meta(skipped=writer.meta().get("skipped", []) + skipped)
-        writer.finalize()
-    finally:
-        writer.close()
-    console.print(f"[green]cache complete[/] {path}")
-    return ExtractResult(path, False, {s: len(v) for s, v in source.splits.items()}, rate, weights.random)
+    # this process's part: the whole cache, or under torchrun its shard (a contiguous block of every split)
+    part, target = source, path
+    if launch.size > 1:
+        part, target = source_block(source, launch.rank, launch.size), shard_path(path, launch.rank, launch.size)
+    if launch.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        manifest_file.write_text(json.dumps(manifest))
+    rate = None
+    if not target.exists():  # a shard finished before an interruption is kept
+        resuming = partial_path(target).exists()
+        part_plan = {name: SplitPlan(split.ids, split.labels, features) for name, split in part.splits.items()}
+        writer = CacheWriter.open(target, fp, meta, part_plan)
+        done = {s: writer.rows(s) for s in part_plan}
+        if resuming and any(done.values()):
+            console.print(f"resuming {partial_path(target).name}: " + ", ".join(f"{s} {done[s]}/{writer.planned(s)}" for s in part_plan))
+        else:
+            console.print(f"extracting {cfg.backbone} features of {source.name} -> {path}"
+                          + (f" ({launch.size} processes, one shard each)" if launch.size > 1 else ""))
+        try:
+            skipped, rate = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console)
+            if skipped:
+                writer.set_meta(skipped=writer.meta().get("skipped", []) + skipped)
+            writer.finalize()
+        finally:
+            writer.close()
+    if launch.is_main:
+        if launch.size > 1:
+            shards = [shard_path(path, rank, launch.size) for rank in range(launch.size)]
+            wait_for(shards, console)
+            join_shards(shards, path, fp, meta, plan)
+        console.print(f"[green]cache complete[/] {path}")
+    written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
+    return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items()}, rate, weights.random)
+
+
+def source_block(source: DatasetSource, rank: int, size: int) -> DatasetSource:
+    """Process `rank`'s block of every split: rows [n * rank // size, n * (rank + 1) // size)."""
+    blocks = {}
+    for name, split in source.splits.items():
+        start, stop = len(split) * rank // size, len(split) * (rank + 1) // size
+        blocks[name] = Split(split.ids[start:stop], split.labels[start:stop], split.images[start:stop])
+    return replace(source, splits=blocks)
+
+
+def wait_for(shards: list[Path], console: Console, poll_s: float = 2.0) -> None:
+    """Until every shard file is complete. torchrun stops all processes when one fails, so this ends."""
+    missing = [s for s in shards if not s.exists()]
+    if missing:
+        console.print(f"waiting for {len(missing)} other process(es) to finish their shards")
+    while any(not s.exists() for s in shards):
+        time.sleep(poll_s)
 
 
 def cpu_cores() -> int:

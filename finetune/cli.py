@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from cache.errors import run_cli
-from cache.runtime import output_root
+from cache.runtime import output_root, torchrun_launch
 from extract.cli import dataset_options, parse_options
 
 app = typer.Typer(help="Train a backbone and a head end to end (the study's unfrozen scenarios).", no_args_is_help=True,
@@ -71,8 +71,7 @@ def run(
         help="Backbone constructor KEY=VALUE (repeatable); for tiny test models, e.g. embed_dim=32.", hidden=True)] = None,
 ) -> None:
     """Train BACKBONE + HEAD on DATASET end to end; the result joins the ledger that `probe report` reads."""
-    from finetune.distributed import is_main_process  # torch and the models: imported for a run, not for --help
-    from finetune.train import FinetuneConfig, finetune
+    from finetune.train import FinetuneConfig, finetune  # torch and the models: imported for a run, not for --help
 
     cfg = FinetuneConfig(
         backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
@@ -82,7 +81,7 @@ def run(
         out=out or output_root() / "runs", dataset_options=dataset_options(opt, split_seed), overrides=parse_overrides(override or []),
     )
     result = finetune(cfg)
-    if is_main_process():
+    if torchrun_launch().is_main:
         Console().print(f"{backbone} {result.scenario} on {dataset}: val {result.metric} {result.val_score:.4f} "
                         f"(epoch {result.best_epoch}), test {result.metric} {result.test_score:.4f}")
 

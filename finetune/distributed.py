@@ -6,14 +6,13 @@ a world of one and every collective is a no-op, so the training loop reads the s
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from cache.errors import MedfmError
+from cache.runtime import rank_device, torchrun_launch
 
 
 @dataclass(frozen=True)
@@ -33,29 +32,15 @@ class World:
         return self.size > 1
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun launch, or a lone process (readable before and after the process group)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def start(device: torch.device) -> World:
     """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU); else a world of one.
 
     Under torchrun each rank takes the GPU of its LOCAL_RANK, whatever `device` index was asked for.
     """
-    if not launched_by_torchrun():
+    launch = torchrun_launch()
+    if launch.size == 1:
         return World(0, 1, device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise MedfmError(f"torchrun started more processes per node than there are GPUs ({torch.cuda.device_count()}); "
-                             "lower --nproc_per_node")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    device = rank_device(device, launch)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return World(dist.get_rank(), dist.get_world_size(), device)

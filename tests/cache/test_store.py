@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cache.errors import MedfmError
-from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, partial_path, verify
+from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, shard_path, verify
 
 FP = "f" * 64
 
@@ -117,3 +117,38 @@ def test_invalid_rows_are_dropped_by_reader(tmp_path: Path) -> None:
     with CacheReader(path) as reader:
         assert list(reader.ids("train")) == ["train-0", "train-2", "train-3"]
         assert len(reader.features("train")) == len(reader.labels("train")) == 3
+
+
+def write_shard(path: Path, plan: dict[str, SplitPlan], rank: int, size: int, fingerprint: str = FP, bad: str | None = None) -> Path:
+    """Shard `rank` of `size`: the rank's contiguous block of every split, as an extraction process writes it."""
+    blocks = {}
+    for split, sp in plan.items():
+        start, stop = len(sp.ids) * rank // size, len(sp.ids) * (rank + 1) // size
+        blocks[split] = (start, SplitPlan(sp.ids[start:stop], sp.labels[start:stop], sp.features))
+    writer = CacheWriter.open(shard_path(path, rank, size), fingerprint, {"skipped": []}, {s: b[1] for s, b in blocks.items()})
+    for split, (start, block) in blocks.items():
+        valid = np.array([i != bad for i in block.ids])
+        writer.write(split, 0, rows_for(split, start, start + len(block.ids)), valid)
+    writer.set_meta(skipped=[bad] if bad in blocks["train"][1].ids else [])
+    return writer.finalize()
+
+
+def test_shards_join_in_rank_order_with_their_skipped_rows_then_go(tmp_path: Path) -> None:
+    path, plan = tmp_path / "c.h5", make_plan(n=10)
+    shards = [write_shard(path, plan, rank, 3, bad="train-7") for rank in range(3)]  # blocks of 3, 3 and 4 rows
+    join_shards(shards, path, FP, {"task": {}}, plan)
+    assert not any(s.exists() for s in shards)
+    with CacheReader(path) as r:
+        assert r.meta["skipped"] == ["train-7"]
+        assert r.ids("train").tolist() == [f"train-{i}" for i in range(10) if i != 7]
+        assert r.ids("test").tolist() == [f"test-{i}" for i in range(10)]
+        np.testing.assert_array_equal(r.features("test"), rows_for("test", 0, 10)["pooled"])
+        np.testing.assert_array_equal(r.features("train", "tokens"), np.delete(rows_for("train", 0, 10)["tokens"], 7, axis=0))
+
+
+def test_a_shard_of_other_settings_is_refused_and_nothing_is_lost(tmp_path: Path) -> None:
+    path, plan = tmp_path / "c.h5", make_plan(n=4)
+    shards = [write_shard(path, plan, 0, 2), write_shard(path, plan, 1, 2, fingerprint="0" * 64)]
+    with pytest.raises(MedfmError, match="other extraction settings"):
+        join_shards(shards, path, FP, {}, plan)
+    assert all(s.exists() for s in shards) and not path.exists()
