@@ -244,7 +244,6 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
 
     # --- plan -> writer (resumes a partial file with the same fingerprint)
     features = feature_plan(model, layers, cfg.tokens, cfg.token_dtype, device)
-    plan = {name: SplitPlan(split.ids, split.labels, features) for name, split in source.splits.items()}
     meta = {
         "settings": settings,
         "backbone": {"name": cfg.backbone, "study_row": spec.study_row, "random_weights": weights.random, **weights.identity},
@@ -265,7 +264,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     rate = None
     if not target.exists():  # a shard finished before an interruption is kept
         resuming = partial_path(target).exists()
-        part_plan = {name: SplitPlan(split.ids, split.labels, features) for name, split in part.splits.items()}
+        part_plan = split_plans(part, features)
         writer = CacheWriter.open(target, fp, meta, part_plan)
         done = {s: writer.rows(s) for s in part_plan}
         if resuming and any(done.values()):
@@ -284,10 +283,14 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         if launch.size > 1:
             shards = [shard_path(path, rank, launch.size) for rank in range(launch.size)]
             wait_for(shards, console)
-            join_shards(shards, path, fp, meta, plan)
+            join_shards(shards, path, fp, meta, split_plans(source, features))
         console.print(f"[green]cache complete[/] {path}")
     written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
     return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items()}, rate, weights.random)
+
+
+def split_plans(source: DatasetSource, features: dict[str, FeatureSpec]) -> dict[str, SplitPlan]:
+    return {name: SplitPlan(split.ids, split.labels, features) for name, split in source.splits.items()}
 
 
 def source_block(source: DatasetSource, rank: int, size: int) -> DatasetSource:

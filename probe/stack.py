@@ -25,11 +25,12 @@ HeadState = dict[str, torch.Tensor]
 class StackedAdamW(torch.optim.Optimizer):
     """AdamW (torch's update, decoupled decay) over tensors whose first axis is the head, one lr and decay per head.
 
-    Each group's `lr` is a multiplier on the per-head rates, so torch's LR schedulers drive it as usual.
+    `lrs` [H] and each group's `weight_decay` [H] sit on the parameters' device. Each group's `lr` is a
+    multiplier on the per-head rates, so torch's LR schedulers drive it as usual.
     """
 
-    def __init__(self, groups: list[dict], lrs: Sequence[float], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        super().__init__(groups, {"lr": 1.0, "head_lr": torch.tensor(lrs), "weight_decay": torch.zeros(len(lrs)), "betas": betas, "eps": eps})
+    def __init__(self, groups: list[dict], lrs: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(groups, {"lr": 1.0, "head_lr": lrs, "weight_decay": torch.zeros_like(lrs), "betas": betas, "eps": eps})
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # noqa: ARG002 - torch's signature
@@ -43,8 +44,8 @@ class StackedAdamW(torch.optim.Optimizer):
                     state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
                 state["step"] += 1
                 shape = (-1,) + (1,) * (param.ndim - 1)  # per-head values broadcast over the head's slice
-                lr = (group["lr"] * group["head_lr"]).to(param.device).view(shape)
-                param.mul_(1 - lr * group["weight_decay"].to(param.device).view(shape))
+                lr = (group["lr"] * group["head_lr"]).view(shape)
+                param.mul_(1 - lr * group["weight_decay"].view(shape))
                 state["exp_avg"].lerp_(param.grad, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
                 denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(group["eps"])
@@ -67,8 +68,9 @@ class LinearStack(nn.Module):
 
     def optimizer(self, lrs: Sequence[float], weight_decays: Sequence[float]) -> StackedAdamW:
         """Each head's lr; its weight decay on its weights, none on its bias (the study's recipe)."""
-        groups = [{"params": [self.weight], "weight_decay": torch.tensor(weight_decays)}, {"params": [self.bias]}]
-        return StackedAdamW(groups, lrs)
+        on_device = {"dtype": torch.float32, "device": self.weight.device}  # per-head rates live beside the weights
+        groups = [{"params": [self.weight], "weight_decay": torch.tensor(weight_decays, **on_device)}, {"params": [self.bias]}]
+        return StackedAdamW(groups, torch.tensor(lrs, **on_device))
 
     def head_lr(self, optimizer: torch.optim.Optimizer, k: int) -> float:
         return float(optimizer.param_groups[0]["lr"] * optimizer.param_groups[0]["head_lr"][k])
