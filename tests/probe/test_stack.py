@@ -16,10 +16,12 @@ LRS = [1e-3, 3e-2, 1e-1]
 WEIGHT_DECAYS = [0.0, 1e-2, 0.5]
 
 
-def heads(dim: int = 6, classes: int = 3) -> list[LinearHead]:
+def heads(dim: int = 6, classes: int = 3, alike: bool = False) -> list[LinearHead]:
+    """Heads that standardize their input alike (a sweep's), or one of them differently."""
     torch.manual_seed(0)
     made = [LinearHead(dim, classes) for _ in LRS]
-    made[1].standardize(torch.linspace(-1, 1, dim), torch.linspace(0.5, 2, dim))
+    for head in made if alike else made[1:2]:
+        head.standardize(torch.linspace(-1, 1, dim), torch.linspace(0.5, 2, dim))
     return made
 
 
@@ -36,13 +38,15 @@ def train_alone(head: LinearHead, lr: float, wd: float, batches: list, clip: flo
     return head
 
 
+@pytest.mark.parametrize("alike", [True, False])  # one input for all heads, or one per head
 @pytest.mark.parametrize("clip", [1e-3, 1e3])  # clipping that bites on every step, and that never does
-def test_linear_stack_with_stacked_adamw_equals_each_head_trained_alone(clip):
+def test_linear_stack_with_stacked_adamw_equals_each_head_trained_alone(clip, alike):
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 6, generator=generator) * 3, torch.randint(0, 3, (8,), generator=generator)) for _ in range(8)]
-    alone = [train_alone(copy.deepcopy(h), lr, wd, batches, clip) for h, lr, wd in zip(heads(), LRS, WEIGHT_DECAYS, strict=True)]
+    alone = [train_alone(copy.deepcopy(h), lr, wd, batches, clip) for h, lr, wd in zip(heads(alike=alike), LRS, WEIGHT_DECAYS, strict=True)]
 
-    stack = LinearStack(heads())
+    stack = LinearStack(heads(alike=alike))
+    assert stack.shared_input == alike
     optimizer = stack.optimizer(LRS, WEIGHT_DECAYS)
     scheduler = warmup_then_constant(optimizer, 3)
     for x, y in batches:
@@ -57,12 +61,13 @@ def test_linear_stack_with_stacked_adamw_equals_each_head_trained_alone(clip):
         state = stack.head_state(k)
         torch.testing.assert_close(state, reference.state_dict(), rtol=1e-5, atol=1e-6)
         assert stack.head_lr(optimizer, k) == pytest.approx(LRS[k])
-    moved = [float((s.linear.weight - r.linear.weight).abs().max().detach()) for s, r in zip(heads(), alone, strict=True)]
+    moved = [float((s.linear.weight - r.linear.weight).abs().max().detach()) for s, r in zip(heads(alike=alike), alone, strict=True)]
     assert min(moved) > 1e-4  # every head actually trained
 
 
-def test_head_state_round_trips_into_a_linear_head_and_back():
-    stack = LinearStack(heads())
+@pytest.mark.parametrize("alike", [True, False])
+def test_head_state_round_trips_into_a_linear_head_and_back(alike):
+    stack = LinearStack(heads(alike=alike))
     state = stack.head_state(1)
     head = LinearHead(6, 3)
     head.load_state_dict(state)
@@ -79,3 +84,12 @@ def test_module_stack_gives_each_head_its_own_groups_and_state():
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0, 1e-2, 0.0, 0.5, 0.0]
     assert stack(torch.randn(5, 6)).shape == (3, 5, 3)
     assert set(stack.head_state(2)) == set(LinearHead(6, 3).state_dict())
+
+
+def test_loading_a_differently_standardized_head_leaves_the_shared_input_path():
+    stack = LinearStack(heads(alike=True))
+    other = LinearHead(6, 3)
+    stack.load_head_state(2, other.state_dict())
+    x = torch.randn(4, 6)
+    assert not stack.shared_input
+    torch.testing.assert_close(stack(x)[2], other(x))
