@@ -62,13 +62,13 @@ report: $(PY)
 	$(BIN)/probe report $(ARGS)
 
 # The whole study (shared/research/paper.md): every backbone x dataset in the four scenarios (frozen/unfrozen x
-# linear/DeiT head) with its inputs (224 px, the study's normalisation constants, grayscale DDSM and CheXpert as one
-# channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR; results in outputs/paper. Rerunning
+# linear/DeiT head) with its inputs (224 px, bilinear resize, the study's normalisation constants, grayscale DDSM and
+# CheXpert as one channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR; results in outputs/paper. Rerunning
 # continues where it stopped: finished caches and runs are reused and an interrupted finetune resumes.
 # EXTRACT_ARGS, PROBE_ARGS and FINETUNE_ARGS reach each stage, e.g. FINETUNE_ARGS="--device cuda:1".
 paper: $(PY)
 	@export MEDFM_OUTPUT=$(PAPER_OUTPUT); for d in $(STUDY_DATASETS); do \
-	  case $$d in ddsm|chexpert) inputs="--norm study --in-chans 1";; *) inputs="--norm study";; esac; \
+	  inputs="--norm study --interpolation bilinear"; case $$d in ddsm|chexpert) inputs="$$inputs --in-chans 1";; esac; \
 	  for b in $(STUDY_BACKBONES); do \
 	    $(BIN)/extract run --backbone $$b --dataset $$d --root $(DATA)/$$d $$inputs $(EXTRACT_ARGS) || exit 1; \
 	    for h in linear deit; do \

@@ -71,6 +71,7 @@ def run(
     image_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's, 224].")] = None,
     in_chans: Annotated[int, typer.Option(help="3 (grayscale replicated to RGB) | 1 (first conv from the R-channel kernel, the study's).")] = 3,
     norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (computed from the train split) | study (the study's fixed per-dataset constants).")] = "model",
+    interpolation: Annotated[str, typer.Option(help="Resize mode: model (the backbone's, mostly bicubic) | bilinear (the study's) | bicubic.")] = "model",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [default: cores - 1 (at most 12) with a GPU; on the CPU none up to 4 cores, else a quarter].")] = None,
@@ -86,7 +87,7 @@ def run(
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or output_root() / "features",
         batch_size=parse_batch_size(batch_size), tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
-        image_size=image_size, in_chans=in_chans, norm=norm, device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest,
+        image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest,
         dataset_options=dataset_options(opt, split_seed),
     )
     result = extract(cfg)

@@ -32,7 +32,7 @@ from cache.errors import MedfmError
 from cache.fingerprint import fingerprint, manifest_hash
 from cache.runtime import output_root, rank_device, resolve_device, torchrun_launch
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, shard_path
-from extract.backbones import Backbone, Features, create_backbone, get_spec
+from extract.backbones import Backbone, DataConfig, Features, create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, find_default_weights, missing_weights_message, resolve_weights
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, Split
@@ -43,6 +43,7 @@ from extract.transforms import TransformSpec, eval_transform, make_spec
 TOKEN_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NORMS = ("model", "dataset", "study")
+INTERPOLATIONS = ("model", "bilinear", "bicubic")  # model: the backbone's own; the study resized bilinearly
 MAX_WORKERS = 12
 PREFETCH_BATCHES = 4  # per worker: enough to ride out a slow image, bounded so memory stays flat
 CPU_BATCH = 16  # what --batch-size auto means on the CPU
@@ -64,6 +65,7 @@ class ExtractConfig:
     image_size: int | None = None
     in_chans: int = 3  # 1: grayscale input, first conv rebuilt from the pretrained R-channel kernel (the study's recipe)
     norm: str = "model"  # model: the backbone's own mean/std | dataset: the train split's | study: the study's constants
+    interpolation: str = "model"  # resize mode: model (the backbone's) | bilinear (the study's) | bicubic
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
@@ -173,10 +175,12 @@ class BackboneForward:
         return 1
 
 
-def check_input_settings(norm: str, in_chans: int, image_size: int | None) -> None:
-    """What extract and finetune both feed a backbone: normalisation, channels and input size."""
+def check_input_settings(norm: str, in_chans: int, image_size: int | None, interpolation: str) -> None:
+    """What extract and finetune both feed a backbone: normalisation, channels, input size and resampling."""
     if norm not in NORMS:
         raise MedfmError(f"--norm must be one of {', '.join(NORMS)}, got {norm}")
+    if interpolation not in INTERPOLATIONS:
+        raise MedfmError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation}")
     if in_chans not in (1, 3):
         raise MedfmError(f"--in-chans must be 1 (grayscale) or 3, got {in_chans}")
     if image_size is not None and image_size < 16:
@@ -187,7 +191,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     """Extract features of every split of `cfg.dataset` with `cfg.backbone` into a fingerprinted cache."""
     launch = torchrun_launch()
     console = console or Console(stderr=True, quiet=not launch.is_main)  # one progress bar: rank 0's
-    check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size)
+    check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size, cfg.interpolation)
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
         raise MedfmError(f"--batch-size must be auto or at least 1, got {cfg.batch_size}")
     if cfg.token_dtype not in TOKEN_DTYPES:
@@ -208,13 +212,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         layers = sorted({model.num_layers - 1, *wanted})
     except ValueError as err:
         raise MedfmError(f"--layers: {err}") from None
-    dc = model.data_config
-    mean, std, norm = dc.mean, dc.std, {"kind": "model"}
-    if cfg.norm == "dataset":
-        mean, std, norm = dataset_norm(source, dc.input_size, dc.interpolation, cfg)
-    elif cfg.norm == "study":
-        mean, std, norm = study_norm(source, cfg.in_chans)
-    tspec = make_spec(dc.input_size, mean, std, dc.interpolation, cfg.in_chans)
+    tspec, norm = input_spec(source, model.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
     manifest = source.manifest()
     settings = {
         "backbone": cfg.backbone,
@@ -316,8 +314,9 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def loader_workers(cfg: ExtractConfig, device: torch.device | None = None) -> int:
-    return cfg.workers if cfg.workers is not None else default_workers(device)
+def loader_workers(workers: int | None, device: torch.device | None = None) -> int:
+    """`--workers`, else the default for a model running on `device`."""
+    return workers if workers is not None else default_workers(device)
 
 
 def default_workers(device: torch.device | None = None) -> int:
@@ -334,20 +333,38 @@ def default_workers(device: torch.device | None = None) -> int:
     return min(MAX_WORKERS, cores - 1)
 
 
-def dataset_norm(source: DatasetSource, size: int, interpolation: str, cfg: ExtractConfig) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
+def input_spec(
+    source: DatasetSource, dc: DataConfig, norm: str, in_chans: int, interpolation: str, workers: int | None,
+) -> tuple[TransformSpec, dict[str, Any]]:
+    """The eval transform of the backbone's data config under the input settings, and how it normalises.
+
+    `norm`: model (the backbone's mean/std), dataset (the train split's) or study (the study's constants);
+    `interpolation`: model (the backbone's, bicubic for most) or a torchvision mode (the study's Resize: bilinear).
+    """
+    mode = dc.interpolation if interpolation == "model" else interpolation
+    mean, std, how = dc.mean, dc.std, {"kind": "model"}
+    if norm == "dataset":
+        mean, std, how = dataset_norm(source, dc.input_size, mode, in_chans, workers)
+    elif norm == "study":
+        mean, std, how = study_norm(source, in_chans)
+    return make_spec(dc.input_size, mean, std, mode, in_chans), how
+
+
+def dataset_norm(
+    source: DatasetSource, size: int, interpolation: str, channels: int, workers: int | None,
+) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
     """Per-channel mean/std of the train images after the eval resize and crop, from an evenly spaced sample.
 
     The study normalises every model with its dataset's statistics rather than the model's own.
     """
     if "train" not in source.splits:
         raise MedfmError(f"--norm dataset needs a train split; {source.name} has {', '.join(source.splits)}")
-    channels = cfg.in_chans
     plain = make_spec(size, (0.0,) * 3, (1.0,) * 3, interpolation, channels)
     count = len(source.splits["train"])
     rows = np.unique(np.linspace(0, count - 1, min(count, NORM_IMAGES)).round().astype(int)).tolist()
     data = torch.utils.data.Subset(ImageDataset(source, "train", eval_transform(plain), (channels, size, size)), rows)
     total, squares, pixels = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0
-    for images, ok, _ in torch.utils.data.DataLoader(data, batch_size=32, num_workers=loader_workers(cfg)):
+    for images, ok, _ in torch.utils.data.DataLoader(data, batch_size=32, num_workers=loader_workers(workers)):
         x = images[ok].double()
         total += x.sum((0, 2, 3))
         squares += x.square().sum((0, 2, 3))
@@ -407,7 +424,7 @@ def _extract_splits(
             batches.append(list(range(offset, offset + size)))
             firsts.append((name, row))
             offset += size
-    workers = min(loader_workers(cfg, device), len(batches))
+    workers = min(loader_workers(cfg.workers, device), len(batches))
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=PREFETCH_BATCHES if workers else None,

@@ -58,6 +58,7 @@ def run(
     image_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's, 224].")] = None,
     in_chans: Annotated[int, typer.Option(help="1 rebuilds the first conv for grayscale (the study's R-channel init).")] = 3,
     norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (computed from the train split) | study (the study's fixed per-dataset constants).")] = "model",
+    interpolation: Annotated[str, typer.Option(help="Resize mode: model (the backbone's, mostly bicubic) | bilinear (the study's) | bicubic.")] = "model",
     head_depth: Annotated[int, typer.Option(help="DeiT head blocks (the study: 12).")] = 12,
     head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b (the study) | deit-s | deit-t.")] = "deit-b",
     head_weights: Annotated[str, typer.Option(help="DeiT head blocks: default | random | PATH.")] = "default",
@@ -76,7 +77,7 @@ def run(
     cfg = FinetuneConfig(
         backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
-        augment=augment, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, head_depth=head_depth,
+        augment=augment, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, head_depth=head_depth,
         head_preset=head_preset, head_weights=head_weights, seed=seed, device=device, workers=workers, resume=resume,
         out=out or output_root() / "runs", dataset_options=dataset_options(opt, split_seed), overrides=parse_overrides(override or []),
     )

@@ -35,8 +35,7 @@ from cache.fingerprint import manifest_hash
 from cache.runtime import output_root, resolve_device
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
-from extract.runner import ExtractConfig, check_input_settings, dataset_norm, resolve_extract_weights, study_norm
-from extract.transforms import make_spec
+from extract.runner import check_input_settings, input_spec, resolve_extract_weights
 from finetune import distributed
 from finetune.data import check_images, epoch_seed, make_loader
 from finetune.distributed import World
@@ -71,6 +70,7 @@ class FinetuneConfig:
     image_size: int | None = None
     in_chans: int = 3
     norm: str = "model"  # as extract's --norm: model (the backbone's mean/std) | dataset (the train split's) | study
+    interpolation: str = "model"  # as extract's --interpolation: model (the backbone's) | bilinear (the study's) | bicubic
     head_depth: int = 12
     head_preset: str = "deit-b"
     head_weights: str = "default"  # the DeiT head's blocks: default | random | PATH
@@ -147,14 +147,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     backbone = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
     model = build_model(backbone.to(device), cfg.head, num_outputs(task), freeze, head_depth=cfg.head_depth,
                         head_preset=cfg.head_preset, head_weights=cfg.head_weights).to(device)
-    dc = backbone.data_config
-    mean, std = dc.mean, dc.std
-    if cfg.norm == "dataset":
-        stats_cfg = ExtractConfig(cfg.backbone, cfg.dataset, in_chans=cfg.in_chans, workers=cfg.workers)
-        mean, std, _ = dataset_norm(source, dc.input_size, dc.interpolation, stats_cfg)
-    elif cfg.norm == "study":
-        mean, std, _ = study_norm(source, cfg.in_chans)
-    tspec = make_spec(dc.input_size, mean, std, dc.interpolation, cfg.in_chans)
+    tspec, _ = input_spec(source, backbone.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
     unused = freeze_unused(model, torch.zeros(1, tspec.channels, tspec.size, tspec.size, device=device))
     if unused:
         console.print(f"{len(unused)} parameter tensors get no gradient through the {cfg.head} head and stay fixed ({unused[0]}, ...)")
@@ -265,7 +258,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise MedfmError("--lr and --grad-clip must be positive and --weight-decay not negative")
     if cfg.patience is not None and cfg.patience < 1:
         raise MedfmError(f"--patience must be at least 1, got {cfg.patience}")
-    check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size)
+    check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size, cfg.interpolation)
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise MedfmError(f"--warmup-steps must not be negative, got {cfg.warmup_steps}")
 

@@ -24,13 +24,13 @@ def test_make_paper_walks_the_studys_grid_with_its_inputs_then_reports(tmp_path:
     assert all(c.startswith("MEDFM_OUTPUT=outputs/paper ") for c in calls)
     calls = [c.split(" ", 1)[1] for c in calls]
     assert calls[:5] == [
-        "extract run --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study",
+        "extract run --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study --interpolation bilinear",
         "probe run --head linear --backbone sam --dataset aptos2019",
-        "finetune run --head linear --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study --resume --device cuda:1",
+        "finetune run --head linear --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study --interpolation bilinear --resume --device cuda:1",
         "probe run --head deit --backbone sam --dataset aptos2019",
-        "finetune run --head deit --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study --resume --device cuda:1",
+        "finetune run --head deit --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study --interpolation bilinear --resume --device cuda:1",
     ]
-    assert "extract run --backbone dinov2 --dataset chexpert --root /data/chexpert --norm study --in-chans 1" in calls
+    assert "extract run --backbone dinov2 --dataset chexpert --root /data/chexpert --norm study --interpolation bilinear --in-chans 1" in calls
     assert len(calls) == 2 * 2 * 5 + 1 and calls[-1] == "probe report"
 
 

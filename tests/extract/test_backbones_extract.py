@@ -87,7 +87,7 @@ def test_grayscale_extraction_feeds_one_channel_normalised_by_the_train_split(tm
         assert cache.features("train", "tokens").shape == (12, 4, 64)
 
 
-@pytest.mark.parametrize("bad", [dict(norm="imagenet"), dict(in_chans=2), dict(image_size=8)])
-def test_bad_norm_channel_count_or_size_is_a_clear_error(tmp_path: Path, bad: dict) -> None:
-    with pytest.raises(MedfmError, match="--norm|--in-chans|--image-size"):
+@pytest.mark.parametrize("bad", [dict(norm="imagenet"), dict(in_chans=2), dict(image_size=8), dict(interpolation="lanczos")])
+def test_bad_input_settings_are_a_clear_error(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(MedfmError, match="--norm|--in-chans|--image-size|--interpolation"):
         run(tmp_path, "seem", **bad)

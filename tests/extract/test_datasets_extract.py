@@ -189,18 +189,19 @@ def test_cli_datasets_lists_every_dataset_with_metric_and_layout(capsys, monkeyp
     ("chexpert", 1, [0.503], [0.292]),
     ("chexpert", 3, [0.503] * 3, [0.292] * 3),  # the gray image fed as RGB: the one value per channel
 ])
-def test_study_norm_feeds_the_studys_constants_and_enters_the_fingerprint(tmp_path: Path, dataset: str, in_chans: int,
-                                                                           mean: list, std: list) -> None:
+def test_study_inputs_use_the_studys_constants_and_resize_and_enter_the_fingerprint(tmp_path: Path, dataset: str, in_chans: int,
+                                                                                    mean: list, std: list) -> None:
     if dataset == "aptos2019":
         write_aptos(root := tmp_path / "aptos")
     else:
         root = write_chexpert(tmp_path / "data")
-    study = run(dataset, root, tmp_path / "out", in_chans=in_chans, norm="study")
+    study = run(dataset, root, tmp_path / "out", in_chans=in_chans, norm="study", interpolation="bilinear")
     model = run(dataset, root, tmp_path / "out", in_chans=in_chans)
     assert study != model
-    with CacheReader(study) as r:
+    with CacheReader(study) as r, CacheReader(model) as m:
         assert r.meta["transform"]["mean"] == mean and r.meta["transform"]["std"] == std
         assert r.meta["settings"]["norm"] == {"kind": "study"}
+        assert (r.meta["transform"]["interpolation"], m.meta["transform"]["interpolation"]) == ("bilinear", "bicubic")
 
 
 def test_study_norm_on_a_dataset_outside_the_study_is_a_clear_error(tmp_path: Path) -> None:

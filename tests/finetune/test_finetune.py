@@ -172,7 +172,8 @@ def test_freeze_policy_is_checked_against_the_backbone(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("bad", "flag"), [(dict(norm="imagenet"), "--norm"), (dict(in_chans=2), "--in-chans"),
-                                           (dict(image_size=8), "--image-size"), (dict(norm="study"), "--norm study")])
+                                           (dict(image_size=8), "--image-size"), (dict(norm="study"), "--norm study"),
+                                           (dict(interpolation="lanczos"), "--interpolation")])
 def test_bad_input_settings_fail_before_any_training(tmp_path: Path, bad: dict, flag: str) -> None:
     with pytest.raises(MedfmError, match=flag):
         finetune(tiny(tmp_path, **bad))  # --norm study: the demo set is not one of the study's datasets
