@@ -12,11 +12,10 @@ from rich.table import Table
 from cache.errors import MedfmError, run_cli
 from cache.runtime import output_root
 from probe.data import feature_name, find_cache, open_cache, parse_bytes
-from probe.report import GAIN, make_report, row_label
 from probe.results import Ledger
 
-# Training modules (torch, timm, scikit-learn) load inside the commands that train: seconds saved on
-# `probe report` and on every mistake reported before any training starts.
+# Training modules (torch, timm, scikit-learn) load inside the commands that train, and the report's
+# (pandas, matplotlib) inside `report`: seconds saved on --help and on every mistake caught early.
 
 app = typer.Typer(help="Train heads on cached features and report results.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -140,6 +139,8 @@ def report(
     ledger: Annotated[Path | None, typer.Option(help="Results ledger [default: $MEDFM_OUTPUT/runs/results.sqlite].")] = None,
 ) -> None:
     """The study's table (backbone x scenario by dataset, average, gain over deit linear) and figure."""
+    from probe.report import GAIN, make_report, row_label
+
     result = make_report(Ledger(ledger), dataset, out or output_root() / "reports")
     if result.table.empty:
         raise MedfmError("the ledger holds no runs" + (f" for {', '.join(dataset)}" if dataset else "") + "; train some with `probe run`")
