@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,19 +11,20 @@ from rich.console import Console
 from rich.table import Table
 
 from cache.errors import MedfmError, run_cli
-from cache.store import PARTIAL_SUFFIX, describe, verify
+from cache.runtime import output_root
+from cache.store import PARTIAL_SUFFIX, describe, is_cache_file, partial_path, verify
 
 app = typer.Typer(help="Inspect and manage HDF5 feature caches.", no_args_is_help=True, add_completion=False)
 console = Console()
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("MEDFM_OUTPUT", "outputs")) / "features"
+    return output_root() / "features"
 
 
 def cache_files(root: Path) -> list[Path]:
-    """Complete (`*.h5`) and partial (`*.h5.partial`) caches under `root`."""
-    return sorted([*root.rglob("*.h5"), *root.rglob("*.h5" + PARTIAL_SUFFIX)])
+    """Complete (`*.h5`) and partial (`*.h5.partial`) caches under `root`, and the shards of a torchrun extraction."""
+    return sorted(p for p in root.rglob("*.h5*") if is_cache_file(p))
 
 
 def _existing(path: Path) -> Path:
@@ -87,13 +87,13 @@ def rm(paths: Annotated[list[Path], typer.Argument(help="Cache files to delete."
     """Delete caches (and their split manifests)."""
     for path in paths:
         _existing(path)
-        if not (path.name.endswith(".h5") or path.name.endswith(".h5" + PARTIAL_SUFFIX)):
-            raise MedfmError(f"{path} is not a cache file (*.h5 or *.h5.partial); nothing removed")
+        if not is_cache_file(path):
+            raise MedfmError(f"{path} is not a cache file (*.h5, *.h5.partial or a shard *.h5.shardKofN); nothing removed")
     for path in paths:
         path.unlink()
         final = Path(str(path).removesuffix(PARTIAL_SUFFIX))
-        if not final.exists() and not Path(str(final) + PARTIAL_SUFFIX).exists():
-            final.with_suffix(".splits.json").unlink(missing_ok=True)
+        if final.suffix == ".h5" and not final.exists() and not partial_path(final).exists():
+            final.with_suffix(".splits.json").unlink(missing_ok=True)  # the manifest goes with its last cache file
         console.print(f"removed {path}")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +307,13 @@ class CacheReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+CACHE_FILE = re.compile(r".+\.h5(?P<shard>\.shard\d+of\d+)?(\.partial)?")  # a cache, its shards, partial or complete
+
+
+def is_cache_file(path: Path) -> bool:
+    return CACHE_FILE.fullmatch(path.name) is not None
 
 
 def shard_path(path: Path, rank: int, size: int) -> Path:

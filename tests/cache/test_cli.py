@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import CacheWriter
-from tests.cache.test_store import FP, make_plan, write_all
+from cache.store import CacheWriter, partial_path, shard_path
+from tests.cache.test_store import FP, make_plan, write_all, write_shard
 from tests.conftest import cli
 
 
@@ -61,3 +61,16 @@ def test_rm_deletes_and_refuses_what_is_not_a_cache(tmp_path: Path) -> None:
 def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
     proc = cache_cmd("verify", str(tmp_path / "none.h5"))
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: cache file {tmp_path / 'none.h5'} does not exist; list caches with `cache ls`"
+
+
+def test_ls_lists_the_shards_of_a_torchrun_extraction_and_rm_removes_them(tmp_path: Path) -> None:
+    path, plan = tmp_path / "deit" / "demo-abc.h5", make_plan(n=4)
+    shard = write_shard(path, plan, 0, 2)
+    unfinished = CacheWriter.open(shard_path(path, 1, 2), FP, {"backbone": {"name": "deit"}}, plan)
+    unfinished.close()
+    (tmp_path / "deit" / "demo-abc.splits.json").write_text("{}")
+    listed = cache_cmd("ls", str(tmp_path)).stdout
+    assert "demo-abc.h5.shard0of2" in listed and "demo-abc.h5.shard1of2.partial" in listed
+    assert cache_cmd("rm", str(shard), str(partial_path(shard_path(path, 1, 2)))).returncode == 0
+    assert not list(tmp_path.rglob("*.shard*"))
+    assert (tmp_path / "deit" / "demo-abc.splits.json").exists()  # the cache's manifest is not a shard's to remove
