@@ -25,7 +25,7 @@ from probe.train import FitResult, TrainConfig, train_head
 BACKBONE, OVERRIDES = "deit", {"embed_dim": 192, "depth": 12, "num_heads": 3}  # DeiT-Ti shape, 5.5M parameters
 IMAGE_SIZE = 112
 PER_CLASS = 32  # 128 demo images: 76 train, 26 val, 26 test
-CONFIG = TrainConfig(head="linear", feature="pooled", epochs=10, batch_size=32, lr=1e-3, warmup_epochs=1)
+CONFIG = TrainConfig(head="linear", feature="pooled", epochs=10, batch_size=32, lr=1e-3, warmup_steps=5)
 ROUNDS = 3
 TARGET = 10.0
 

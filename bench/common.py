@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from common.runtime import cpu_cores
+
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_ENV = "MEDFM_BENCH_SUMMARY"
 RUN_ENV = "MEDFM_BENCH_RUN"  # set by `python -m bench`: which invocation a record belongs to
@@ -31,11 +33,6 @@ def summary_path() -> Path:
     if os.environ.get(SUMMARY_ENV):
         return Path(os.environ[SUMMARY_ENV])
     return Path(os.environ.get("MEDFM_OUTPUT", "outputs")) / "bench" / "summary.json"
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (the container's share, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def machine() -> dict[str, Any]:
@@ -142,7 +139,7 @@ def record(bench: str, ratios: dict[str, float], targets: dict[str, tuple[str, f
 def run_main(main: Callable[[], Any]) -> None:
     """Entry point of `python -m bench.<name>`: offline, and a user error is one line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from cache.errors import MedfmError
+    from common.errors import MedfmError
 
     try:
         main()

@@ -26,7 +26,7 @@ from probe.train import TrainConfig, train_head
 BACKBONE, OVERRIDES = "deit", {"embed_dim": 384, "depth": 12, "num_heads": 6}  # DeiT-S shape
 IMAGE_SIZE = 112
 PER_CLASS = 32  # 128 demo images: 76 train (2 steps of 32), 26 val, 26 test
-CONFIG = TrainConfig(head="deit", feature="tokens", epochs=1, batch_size=32, warmup_epochs=0,
+CONFIG = TrainConfig(head="deit", feature="tokens", epochs=1, batch_size=32, warmup_steps=0,
                      head_preset="deit-t", head_depth=2, head_weights="random")
 ROUNDS = 3
 

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from common.runtime import default_workers
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from extract.datasets.images import ImageDataset
-from extract.runner import BackboneForward, autocast_dtype, default_workers
+from extract.runner import BackboneForward, autocast_dtype
 from extract.transforms import eval_transform, make_spec
 from probe.data import EVAL_BATCH, Batch
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import at_least, fastest_rounds, record, run_main
+from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from probe.data import FeatureSource
 
@@ -34,7 +35,7 @@ def write_cache(path: Path) -> None:
     """A one-split token cache through the real writer, filled batch by batch as extraction does."""
     spec = {"tokens": FeatureSpec(TOKENS, "float16"), "pooled": FeatureSpec((TOKENS[1],), "float32")}
     plan = {"train": SplitPlan([f"r{i}" for i in range(ROWS)], np.arange(ROWS) % 4, spec)}
-    meta = {"task": {"kind": "multiclass", "class_names": ["a", "b", "c", "d"], "primary_metric": "accuracy"}}
+    meta = CacheMeta(BackboneInfo("synthetic"), DatasetInfo("synthetic"), Task("multiclass", ("a", "b", "c", "d")), layers=(0,), num_layers=1)
     writer = CacheWriter.open(path, "bench-reads", meta, plan)
     rng = np.random.default_rng(0)
     for start in range(0, ROWS, 32):

@@ -21,6 +21,7 @@ import numpy as np
 from rich.console import Console
 
 from bench.common import at_least, device, fastest_rounds, record, run_main, scratch_outputs
+from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from probe.results import Ledger
 from probe.run import run_probe
@@ -29,7 +30,7 @@ from probe.train import TrainConfig
 
 ROWS = {"train": 2564, "val": 549, "test": 549}
 DIM, CLASSES = 768, 5
-BASE = TrainConfig(head="linear", feature="pooled", epochs=10, batch_size=64, warmup_epochs=1)
+BASE = TrainConfig(head="linear", feature="pooled", epochs=10, batch_size=64, warmup_steps=10)
 CONFIGS = [replace(BASE, lr=lr, weight_decay=wd) for lr in (1e-4, 3e-4, 1e-3, 3e-3) for wd in (1e-5, 1e-4, 1e-3)]
 ROUNDS = 2
 TARGET = 3.0
@@ -42,8 +43,8 @@ def write_cache(path: Path) -> Path:
     labels = {split: np.arange(n) % CLASSES for split, n in ROWS.items()}
     plan = {split: SplitPlan([f"{split}-{i}" for i in range(n)], labels[split], {"pooled": FeatureSpec((DIM,), "float32")})
             for split, n in ROWS.items()}
-    meta = {"backbone": {"name": "synthetic", "random_weights": False}, "dataset": {"name": "aptos-shaped"}, "layers": [0],
-            "task": {"kind": "multiclass", "class_names": [f"grade{i}" for i in range(CLASSES)], "primary_metric": "quadratic_kappa"}}
+    meta = CacheMeta(BackboneInfo("synthetic"), DatasetInfo("aptos-shaped"),
+                     Task("multiclass", tuple(f"grade{i}" for i in range(CLASSES)), "quadratic_kappa"), layers=(0,), num_layers=1)
     writer = CacheWriter.open(path, "bench-sweep", meta, plan)
     for split, n in ROWS.items():
         for start in range(0, n, 256):

@@ -10,9 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cache.errors import MedfmError, run_cli
-from cache.runtime import output_root
 from cache.store import PARTIAL_SUFFIX, describe, is_cache_file, partial_path, verify
+from common.cli import run_cli
+from common.errors import MedfmError
+from common.runtime import output_root
 
 app = typer.Typer(help="Inspect and manage HDF5 feature caches.", no_args_is_help=True, add_completion=False)
 console = Console()

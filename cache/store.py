@@ -2,8 +2,8 @@
 
 Layout of one file::
 
-    /                    attrs: schema_version, fingerprint, complete, meta (JSON: settings, backbone,
-                                weights, transform, dataset, manifest_hash, task, skipped, ...)
+    /                    attrs: schema_version, fingerprint, complete, meta (a `cache.schema.CacheMeta` as JSON:
+                                backbone, dataset, task, layers, settings, transform, skipped)
     /<split>/ids         [N] utf-8 strings, written at creation
     /<split>/labels      [N] int64 or [N, C] float32 (multilabel), written at creation
     /<split>/valid       [N] bool, False for images skipped as unreadable (--skip-bad)
@@ -30,7 +30,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache.errors import MedfmError
+from cache.schema import CacheMeta, Task
+from common.errors import MedfmError
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -85,7 +86,7 @@ class CacheWriter:
         self._file = file
 
     @classmethod
-    def open(cls, path: Path, fingerprint: str, meta: dict[str, Any], plan: dict[str, SplitPlan]) -> CacheWriter:
+    def open(cls, path: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, SplitPlan]) -> CacheWriter:
         """Open `path`'s partial file for writing: resume it if it matches, else create it."""
         path = Path(path)
         if path.exists():
@@ -101,7 +102,7 @@ class CacheWriter:
         file.attrs["schema_version"] = SCHEMA_VERSION
         file.attrs["fingerprint"] = fingerprint
         file.attrs["complete"] = False
-        file.attrs["meta"] = json.dumps(meta, sort_keys=True, default=str)
+        file.attrs["meta"] = meta.to_json()
         for split, sp in plan.items():
             n = len(sp.ids)
             group = file.create_group(split)
@@ -136,14 +137,12 @@ class CacheWriter:
         group.attrs["rows"] = max(stop, int(group.attrs["rows"]))
         self._file.flush()
 
-    def meta(self) -> dict[str, Any]:
-        return json.loads(self._file.attrs["meta"])
+    def meta(self) -> CacheMeta:
+        return CacheMeta.from_json(self._file.attrs["meta"], str(self.path))
 
-    def set_meta(self, **updates: Any) -> None:
-        """Merge keys into the JSON `meta` attribute (e.g. the list of skipped images)."""
-        meta = self.meta()
-        meta.update(updates)
-        self._file.attrs["meta"] = json.dumps(meta, sort_keys=True, default=str)
+    def add_skipped(self, ids: Sequence[str]) -> None:
+        """Record images left out as unreadable (--skip-bad) in the meta."""
+        self._file.attrs["meta"] = self.meta().with_skipped(ids).to_json()
 
     def finalize(self) -> Path:
         """Mark the file complete and move it to its final name; refuses if any split is short."""
@@ -205,13 +204,21 @@ class CacheReader:
         if not bool(attrs.get("complete", False)):
             raise MedfmError(f"cache {self.path} is incomplete; rerun the same `extract run` to finish it")
         self.fingerprint: str = str(attrs["fingerprint"])
-        self.meta: dict[str, Any] = json.loads(attrs["meta"])
+        self.raw_meta: dict[str, Any] = json.loads(attrs["meta"])
+        self._meta: CacheMeta | None = None
         self._map: np.memmap | None = None  # the whole file, mapped on the first raw-chunk read
         self._raw: dict[tuple[str, str], _RawChunks | None] = {}
 
     @property
-    def task(self) -> dict[str, Any]:
-        return self.meta["task"]
+    def meta(self) -> CacheMeta:
+        """The typed description of the cache (a file without one is a clear error here, not a KeyError later)."""
+        if self._meta is None:
+            self._meta = CacheMeta.from_json(self._file.attrs["meta"], f"cache {self.path}")
+        return self._meta
+
+    @property
+    def task(self) -> Task:
+        return self.meta.task
 
     @property
     def splits(self) -> list[str]:
@@ -321,7 +328,7 @@ def shard_path(path: Path, rank: int, size: int) -> Path:
     return path.with_name(f"{path.name}.shard{rank}of{size}")
 
 
-def join_shards(shards: Sequence[Path], path: Path, fingerprint: str, meta: dict[str, Any], plan: dict[str, SplitPlan]) -> Path:
+def join_shards(shards: Sequence[Path], path: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, SplitPlan]) -> Path:
     """One cache from the complete shards of a multi-process extraction, then the shards are removed.
 
     Shard k holds the k-th contiguous block of rows of every split, so blocks are copied in shard order,
@@ -335,7 +342,7 @@ def join_shards(shards: Sequence[Path], path: Path, fingerprint: str, meta: dict
             with CacheReader(shard) as part:
                 if part.fingerprint != fingerprint:
                     raise MedfmError(f"{shard} belongs to other extraction settings; remove it with `cache rm {shard}` and rerun")
-                skipped += part.meta.get("skipped", [])
+                skipped += part.meta.skipped
                 for split in part.splits:
                     names = part.feature_names(split)
                     n, valid = len(part.dataset(split, names[0])), part.valid(split)
@@ -345,7 +352,7 @@ def join_shards(shards: Sequence[Path], path: Path, fingerprint: str, meta: dict
                         block = {name: part.read_rows(split, name, start, stop) for name in names}
                         writer.write(split, offset[split] + start, block, valid[start:stop])
                     offset[split] += n
-        writer.set_meta(skipped=skipped)
+        writer.add_skipped(skipped)
         writer.finalize()
     finally:
         writer.close()

@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cache.errors import MedfmError, run_cli
-from cache.runtime import output_root, torchrun_launch
+from common.cli import dataset_options, run_cli
+from common.errors import MedfmError
+from common.runtime import output_root, torchrun_launch
 
 app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -37,24 +38,6 @@ def parse_batch_size(text: str) -> int | str:
     if value < 1:
         raise MedfmError(f"--batch-size must be auto or a positive integer, got '{text}'")
     return value
-
-
-def parse_options(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise MedfmError(f"--opt expects KEY=VALUE, got '{pair}'")
-        out[key.replace("-", "_")] = value
-    return out
-
-
-def dataset_options(pairs: list[str] | None, split_seed: int | None) -> dict[str, object]:
-    """--opt KEY=VALUE pairs plus --split-seed: what shapes the dataset (its builder's keyword arguments)."""
-    options: dict[str, object] = dict(parse_options(pairs or []))
-    if split_seed is not None:
-        options["split_seed"] = split_seed
-    return options
 
 
 @app.command()

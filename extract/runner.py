@@ -13,7 +13,6 @@ finishes early waits on no collective and a rerun resumes every shard where it s
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -22,33 +21,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from cache.errors import MedfmError
 from cache.fingerprint import fingerprint, manifest_hash
-from cache.runtime import output_root, rank_device, resolve_device, torchrun_launch
+from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, feature_key
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, shard_path
-from extract.backbones import Backbone, DataConfig, Features, create_backbone, get_spec
-from extract.backbones.weights import ResolvedWeights, find_default_weights, missing_weights_message, resolve_weights
+from common.errors import MedfmError
+from common.runtime import loader_workers, output_root, rank_device, resolve_device, torchrun_launch
+from extract.backbones import Backbone, Features, create_backbone, get_spec
+from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, Split
 from extract.datasets.images import ImageDataset
 from extract.datasets.splits import read_manifest
-from extract.transforms import TransformSpec, eval_transform, make_spec
+from extract.transforms import TransformSpec, check_input_settings, eval_transform, input_spec
 
 TOKEN_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-NORMS = ("model", "dataset", "study")
-INTERPOLATIONS = ("model", "bilinear", "bicubic")  # model: the backbone's own; the study resized bilinearly
-MAX_WORKERS = 12
 PREFETCH_BATCHES = 4  # per worker: enough to ride out a slow image, bounded so memory stays flat
 CPU_BATCH = 16  # what --batch-size auto means on the CPU
 AUTO_BATCH_CAP = 256  # beyond this a GPU's throughput no longer grows, only the memory held
-NORM_IMAGES = 500  # train images (evenly spaced) behind --norm dataset; the count enters the fingerprint
 
 
 @dataclass
@@ -83,6 +78,7 @@ class ExtractResult:
     rows: dict[str, int]
     images_per_s: float | None
     random_weights: bool
+    extracted: int = 0  # images run through the model by this call (a resumed run: only the rows still missing)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -94,18 +90,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def resolve_extract_weights(name: str, weights: str, console: Console) -> ResolvedWeights:
-    """`auto` means the official weights when present, else random weights, announced loudly."""
-    spec = get_spec(name)
-    if weights != "auto":
-        return resolve_weights(spec, weights)
-    if find_default_weights(spec) is not None:
-        return resolve_weights(spec, "default")
-    console.print(f"[bold red]WARNING: RANDOM WEIGHTS for {name}[/]: {missing_weights_message(spec)}. "
-                  "Scores from these features say nothing about the pretrained model.")
-    return resolve_weights(spec, "random")
-
-
 def cache_path(out: Path, backbone: str, dataset: str, fp: str) -> Path:
     return Path(out) / backbone / f"{dataset}-{fp[:12]}.h5"
 
@@ -115,13 +99,11 @@ def feature_plan(model: Backbone, layers: Sequence[int], tokens: bool, token_dty
     size = model.data_config.input_size
     with torch.inference_mode():
         feats = model.forward_layers(torch.zeros(1, model.in_chans, size, size, device=device), layers)
-    last = model.num_layers - 1
     plan: dict[str, FeatureSpec] = {}
     for index, f in feats.items():
-        suffix = "" if index == last else f"@{index}"
-        plan[f"pooled{suffix}"] = FeatureSpec(tuple(f.pooled.shape[1:]), "float32")
+        plan[feature_key("pooled", index, model.num_layers)] = FeatureSpec(tuple(f.pooled.shape[1:]), "float32")
         if tokens:
-            plan[f"tokens{suffix}"] = FeatureSpec(tuple(f.tokens.shape[1:]), token_dtype)
+            plan[feature_key("tokens", index, model.num_layers)] = FeatureSpec(tuple(f.tokens.shape[1:]), token_dtype)
     return plan
 
 
@@ -175,18 +157,6 @@ class BackboneForward:
         return 1
 
 
-def check_input_settings(norm: str, in_chans: int, image_size: int | None, interpolation: str) -> None:
-    """What extract and finetune both feed a backbone: normalisation, channels, input size and resampling."""
-    if norm not in NORMS:
-        raise MedfmError(f"--norm must be one of {', '.join(NORMS)}, got {norm}")
-    if interpolation not in INTERPOLATIONS:
-        raise MedfmError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation}")
-    if in_chans not in (1, 3):
-        raise MedfmError(f"--in-chans must be 1 (grayscale) or 3, got {in_chans}")
-    if image_size is not None and image_size < 16:
-        raise MedfmError(f"--image-size must be at least 16, got {image_size}")
-
-
 def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult:
     """Extract features of every split of `cfg.dataset` with `cfg.backbone` into a fingerprinted cache."""
     launch = torchrun_launch()
@@ -204,14 +174,11 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     if cfg.manifest is not None:
         source = source.with_manifest(read_manifest(cfg.manifest))
-    weights = resolve_extract_weights(cfg.backbone, cfg.weights, console)
+    weights = resolve_weights(spec, cfg.weights, warn=console.print)
     model = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
     model = model.to(device).eval()
-    try:
-        wanted = range(model.num_layers) if cfg.layers is None else model.resolve_layers(cfg.layers)
-        layers = sorted({model.num_layers - 1, *wanted})
-    except ValueError as err:
-        raise MedfmError(f"--layers: {err}") from None
+    wanted = range(model.num_layers) if cfg.layers is None else model.resolve_layers(cfg.layers)
+    layers = sorted({model.num_layers - 1, *wanted})
     tspec, norm = input_spec(source, model.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
     manifest = source.manifest()
     settings = {
@@ -242,16 +209,12 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
 
     # --- plan -> writer (resumes a partial file with the same fingerprint)
     features = feature_plan(model, layers, cfg.tokens, cfg.token_dtype, device)
-    meta = {
-        "settings": settings,
-        "backbone": {"name": cfg.backbone, "study_row": spec.study_row, "random_weights": weights.random, **weights.identity},
-        "dataset": {"name": source.name, "options": source.options, "manifest_hash": settings["manifest_hash"]},
-        "task": source.task.to_dict(),
-        "transform": tspec.to_dict(),
-        "layers": layers,
-        "skipped": [],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    meta = CacheMeta(
+        backbone=BackboneInfo(cfg.backbone, spec.study_row, weights.random, weights.identity),
+        dataset=DatasetInfo(source.name, source.options, settings["manifest_hash"]),
+        task=source.task, layers=tuple(layers), num_layers=model.num_layers, settings=settings,
+        transform=tspec.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     # this process's part: the whole cache, or under torchrun its shard (a contiguous block of every split)
     part, target = source, path
     if launch.size > 1:
@@ -259,7 +222,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     if launch.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         manifest_file.write_text(json.dumps(manifest))
-    rate = None
+    rate, extracted = None, 0
     if not target.exists():  # a shard finished before an interruption is kept
         resuming = partial_path(target).exists()
         part_plan = split_plans(part, features)
@@ -271,9 +234,9 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
             console.print(f"extracting {cfg.backbone} features of {source.name} -> {path}"
                           + (f" ({launch.size} processes, one shard each)" if launch.size > 1 else ""))
         try:
-            skipped, rate = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console)
+            skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console)
             if skipped:
-                writer.set_meta(skipped=writer.meta().get("skipped", []) + skipped)
+                writer.add_skipped(skipped)
             writer.finalize()
         finally:
             writer.close()
@@ -284,7 +247,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
             join_shards(shards, path, fp, meta, split_plans(source, features))
         console.print(f"[green]cache complete[/] {path}")
     written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
-    return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items()}, rate, weights.random)
+    return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items()}, rate, weights.random, extracted)
 
 
 def split_plans(source: DatasetSource, features: dict[str, FeatureSpec]) -> dict[str, SplitPlan]:
@@ -309,94 +272,10 @@ def wait_for(shards: list[Path], console: Console, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (a container's share, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def loader_workers(workers: int | None, device: torch.device | None = None) -> int:
-    """`--workers`, else the default for a model running on `device`."""
-    return workers if workers is not None else default_workers(device)
-
-
-def default_workers(device: torch.device | None = None) -> int:
-    """Decoding workers for a model running on `device` (None: no model runs alongside).
-
-    With the model on a GPU, or none, every core but one decodes (at most 12). With the model on the
-    CPU its threads already fill the cores and a worker fights them for the same cores: on 2 cores,
-    decoding in-line gave 0.97 of the bare forward's speed and one worker 0.91 (bench/extraction.py).
-    So up to 4 cores decode in-line, and larger CPUs lend a quarter of their cores to decoding.
-    """
-    cores = cpu_cores()
-    if device is not None and device.type == "cpu":
-        return 0 if cores <= 4 else min(MAX_WORKERS, cores // 4)
-    return min(MAX_WORKERS, cores - 1)
-
-
-def input_spec(
-    source: DatasetSource, dc: DataConfig, norm: str, in_chans: int, interpolation: str, workers: int | None,
-) -> tuple[TransformSpec, dict[str, Any]]:
-    """The eval transform of the backbone's data config under the input settings, and how it normalises.
-
-    `norm`: model (the backbone's mean/std), dataset (the train split's) or study (the study's constants);
-    `interpolation`: model (the backbone's, bicubic for most) or a torchvision mode (the study's Resize: bilinear).
-    """
-    mode = dc.interpolation if interpolation == "model" else interpolation
-    mean, std, how = dc.mean, dc.std, {"kind": "model"}
-    if norm == "dataset":
-        mean, std, how = dataset_norm(source, dc.input_size, mode, in_chans, workers)
-    elif norm == "study":
-        mean, std, how = study_norm(source, in_chans)
-    return make_spec(dc.input_size, mean, std, mode, in_chans), how
-
-
-def dataset_norm(
-    source: DatasetSource, size: int, interpolation: str, channels: int, workers: int | None,
-) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
-    """Per-channel mean/std of the train images after the eval resize and crop, from an evenly spaced sample.
-
-    The study normalises every model with its dataset's statistics rather than the model's own.
-    """
-    if "train" not in source.splits:
-        raise MedfmError(f"--norm dataset needs a train split; {source.name} has {', '.join(source.splits)}")
-    plain = make_spec(size, (0.0,) * 3, (1.0,) * 3, interpolation, channels)
-    count = len(source.splits["train"])
-    rows = np.unique(np.linspace(0, count - 1, min(count, NORM_IMAGES)).round().astype(int)).tolist()
-    data = torch.utils.data.Subset(ImageDataset(source, "train", eval_transform(plain), (channels, size, size)), rows)
-    total, squares, pixels = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0
-    for images, ok, _ in torch.utils.data.DataLoader(data, batch_size=32, num_workers=loader_workers(workers)):
-        x = images[ok].double()
-        total += x.sum((0, 2, 3))
-        squares += x.square().sum((0, 2, 3))
-        pixels += x.shape[0] * size * size
-    if pixels == 0:
-        raise MedfmError(f"--norm dataset: none of the sampled train images of {source.name} could be read")
-    mean = total / pixels
-    std = (squares / pixels - mean.square()).clamp_min(0).sqrt()
-    rounded = [tuple(round(v, 6) for v in t.tolist()) for t in (mean, std)]
-    return rounded[0], rounded[1], {"kind": "dataset", "images": len(rows)}
-
-
-def study_norm(source: DatasetSource, channels: int) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
-    """The study's fixed mean/std of this dataset (paper.md §1), to reproduce its inputs exactly.
-
-    Grayscale datasets have one value, repeated when the gray image is fed as RGB (without --in-chans 1).
-    """
-    if source.study_norm is None:
-        raise MedfmError(f"--norm study: {source.name} is not one of the study's datasets (aptos2019, isic2019, ddsm, "
-                         "chexpert), so it has no study statistics; use --norm dataset")
-    mean, std = source.study_norm
-    if len(mean) == 1:
-        mean, std = mean * channels, std * channels
-    if len(mean) != channels:
-        raise MedfmError(f"--norm study: {source.name}'s statistics are for {len(mean)} channels, not {channels}; drop --in-chans {channels}")
-    return mean, std, {"kind": "study"}
-
-
 def _extract_splits(
     model: Backbone, source: DatasetSource, tspec: TransformSpec, writer: CacheWriter, cfg: ExtractConfig,
     layers: list[int], device: torch.device, amp: torch.dtype | None, console: Console,
-) -> tuple[list[str], float | None]:
+) -> tuple[list[str], float | None, int]:
     """Stream every split's remaining rows through the model into the writer thread.
 
     One loader serves all splits (its workers start once and keep prefetching across split ends);
@@ -405,7 +284,7 @@ def _extract_splits(
     """
     segments = [(name, writer.rows(name), len(split)) for name, split in source.splits.items() if writer.rows(name) < len(split)]
     if not segments:
-        return [], None
+        return [], None, 0
     shape = (tspec.channels, tspec.size, tspec.size)
     forward = BackboneForward(model, layers, device, amp)
     batch_size = forward.auto_batch_size(shape) if cfg.batch_size == "auto" else int(cfg.batch_size)
@@ -430,7 +309,6 @@ def _extract_splits(
         prefetch_factor=PREFETCH_BATCHES if workers else None,
     )
     token_dtype = getattr(torch, cfg.token_dtype)
-    last = model.num_layers - 1
     skipped: list[str] = []
 
     jobs: queue.Queue = queue.Queue(maxsize=4)  # bounded: the model never runs far ahead of the disk
@@ -465,10 +343,9 @@ def _extract_splits(
                     console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {bad[0]}")
                 outputs: dict[str, torch.Tensor] = {}
                 for index, f in forward(images).items():
-                    suffix = "" if index == last else f"@{index}"
-                    outputs[f"pooled{suffix}"] = f.pooled.float().to("cpu", non_blocking=True)
+                    outputs[feature_key("pooled", index, model.num_layers)] = f.pooled.float().to("cpu", non_blocking=True)
                     if cfg.tokens:
-                        outputs[f"tokens{suffix}"] = f.tokens.to(token_dtype).to("cpu", non_blocking=True)
+                        outputs[feature_key("tokens", index, model.num_layers)] = f.tokens.to(token_dtype).to("cpu", non_blocking=True)
                 copied = torch.cuda.Event() if device.type == "cuda" else None
                 if copied is not None:
                     copied.record()
@@ -483,4 +360,4 @@ def _extract_splits(
         thread.join()
     if failure:
         raise failure[0]
-    return skipped, seen / (time.perf_counter() - start_time)
+    return skipped, seen / (time.perf_counter() - start_time), seen

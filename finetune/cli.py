@@ -6,16 +6,15 @@ Many: `torchrun --nproc_per_node N $(which finetune) run ...` (DDP; --batch-size
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from cache.errors import run_cli
-from cache.runtime import output_root, torchrun_launch
-from extract.cli import dataset_options, parse_options
+from common.cli import dataset_options, parse_overrides, run_cli
+from common.runtime import output_root, torchrun_launch
+from probe.recipe import STUDY
 
 app = typer.Typer(help="Train a backbone and a head end to end (the study's unfrozen scenarios).", no_args_is_help=True,
                   add_completion=False)
@@ -26,17 +25,6 @@ def commands() -> None:
     """Train a backbone and a head end to end (the study's unfrozen scenarios)."""
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """`embed_dim=32` -> {"embed_dim": 32}: values are Python literals (numbers, tuples), else strings."""
-    out: dict[str, object] = {}
-    for key, value in parse_options(pairs).items():
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 @app.command()
 def run(
     backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
@@ -45,13 +33,15 @@ def run(
     freeze: Annotated[str, typer.Option(help="none (all trains) | all (head only) | last-K (head + last K blocks).")] = "none",
     root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.")] = None,
     weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
-    epochs: Annotated[int, typer.Option(help="Training epochs (the study: 100).")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Global batch size, split across DDP processes.")] = 64,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (none on biases and norms).")] = 1e-5,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps [default: 5 epochs, at most 1000].")] = None,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clipping.")] = 1.0,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA].")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs (the study's).")] = STUDY.epochs,
+    batch_size: Annotated[int, typer.Option(help="Global batch size, split across DDP processes (the study's).")] = STUDY.batch_size,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = STUDY.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (none on biases and norms).")] = STUDY.weight_decay,
+    warmup_steps: Annotated[int | None, typer.Option(help=f"Linear warmup steps [default: the study's, {STUDY.warmup_epochs} epochs "
+                                                          f"but at most {STUDY.warmup_max_steps} steps].")] = None,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clipping.")] = STUDY.grad_clip,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision for training and validation (bf16, or fp16 with a "
+                                                                     "loss scaler where the GPU lacks bf16); test in fp32 [default: on for CUDA].")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="The study's train augmentation.")] = True,
     patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a better val score [default: never].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue this configuration's unfinished run from its last checkpoint.")] = False,

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets.base import DatasetSource
 from extract.datasets.images import ImageDataset
 from extract.transforms import TransformSpec, eval_transform, train_transform

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cache.runtime import rank_device, torchrun_launch
+from common.runtime import rank_device, torchrun_launch
 
 
 @dataclass(frozen=True)

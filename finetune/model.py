@@ -1,6 +1,6 @@
 """The finetuned model: extract's Backbone + probe's head, and which parts of it train.
 
-Freeze policies (the study's scenarios and its partial unfreezing, paper.md §4):
+Freeze policies (the study's scenarios and its partial unfreezing, docs/protocol.md §4):
 - `none`: everything trains (the unfrozen scenarios);
 - `all`: only the head trains (the frozen scenarios, trained end to end on live images);
 - `last-K`: the head and the last K of `backbone.blocks` train; the stem, earlier blocks and the
@@ -11,18 +11,16 @@ and dropout of a frozen part never change.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.backbones import Backbone
-from probe.heads import build_head
-
-HEAD_INPUT = {"linear": "pooled", "deit": "tokens"}
+from probe.heads import build_head, get_head
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class FinetuneModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.head_input = HEAD_INPUT[head_kind]
+        self.head_input = get_head(head_kind).reads
         self.freeze = freeze
         self._trainable_backbone = _trainable_backbone_parts(backbone, freeze)
         for p in backbone.parameters():
@@ -87,21 +85,10 @@ def _trainable_backbone_parts(backbone: Backbone, freeze: FreezePolicy) -> list[
     return blocks[len(blocks) - freeze.trainable_blocks:] if freeze.trainable_blocks else []
 
 
-def build_model(
-    backbone: Backbone, head_kind: str, num_outputs: int, freeze: FreezePolicy, *,
-    head_depth: int = 12, head_preset: str = "deit-b", head_weights: str = "default",
-) -> FinetuneModel:
-    """The backbone with a head sized from its features; the DeiT head's grid is the backbone's token grid."""
-    if head_kind not in HEAD_INPUT:
-        raise MedfmError(f"unknown head '{head_kind}'; choose one of {', '.join(HEAD_INPUT)}")
-    if head_kind == "linear":
-        head = build_head("linear", backbone.pooled_dim, num_outputs)
-    else:
-        num_tokens, token_dim = backbone.token_shape()
-        side = math.isqrt(num_tokens)
-        grid = (side, side) if side * side == num_tokens else None
-        head = build_head("deit", token_dim, num_outputs, depth=head_depth, preset=head_preset, weights=head_weights, grid=grid)
-    return FinetuneModel(backbone, head, head_kind, freeze)
+def build_model(backbone: Backbone, head_kind: str, num_outputs: int, freeze: FreezePolicy, **head_options: Any) -> FinetuneModel:
+    """The backbone with a head (from probe's registry) sized from the feature it reads; `head_options` are the head's own."""
+    row_shape = (backbone.pooled_dim,) if get_head(head_kind).reads == "pooled" else backbone.token_shape()
+    return FinetuneModel(backbone, build_head(head_kind, row_shape, num_outputs, **head_options), head_kind, freeze)
 
 
 def freeze_unused(model: nn.Module, example: torch.Tensor) -> list[str]:

@@ -30,24 +30,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cache.errors import MedfmError
 from cache.fingerprint import manifest_hash
-from cache.runtime import output_root, resolve_device
-from extract.backbones import create_backbone
+from cache.schema import Task
+from common.errors import MedfmError
+from common.runtime import output_root, resolve_device
+from extract.backbones import create_backbone, get_spec
+from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
-from extract.runner import check_input_settings, input_spec, resolve_extract_weights
+from extract.transforms import check_input_settings, input_spec
 from finetune import distributed
 from finetune.data import check_images, epoch_seed, make_loader
 from finetune.distributed import World
 from finetune.model import FreezePolicy, build_model, freeze_unused
-from probe.metrics import compute_metrics, loss_fn, num_outputs, primary
-from probe.recipe import param_groups, warmup_then_constant
+from probe.heads import get_head
+from probe.metrics import compute_metrics, loss_fn, primary
+from probe.recipe import STUDY, improves, param_groups, precision, warmup_then_constant
 from probe.results import Ledger, RunRecord, config_key
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
-STUDY_WARMUP_EPOCHS, STUDY_WARMUP_CAP = 5, 1000  # 5 epochs (APTOS, DDSM), at most 1000 steps (ISIC, CheXpert)
-NOT_IN_KEY = ("root", "out", "device", "workers", "resume")  # where and how fast, not what is trained
+# Left out of a run's config: where and how fast, not what is trained, and the seed, which is a column of its own
+# (the report averages a configuration over its seeds). The dataset root stays in: other images are another run.
+NOT_IN_KEY = ("out", "device", "workers", "resume", "seed")
 
 
 @dataclass
@@ -58,13 +62,13 @@ class FinetuneConfig:
     freeze: str = "none"  # none | all | last-K
     root: Path | None = None
     weights: str = "default"  # default | random | auto (default, else random with a warning) | PATH
-    epochs: int = 100
-    batch_size: int = 64  # the global batch, split evenly across DDP ranks
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    warmup_steps: int | None = None  # None: the study's, 5 epochs but at most 1000 steps
-    grad_clip: float = 1.0
-    amp: bool | None = None  # None: on for CUDA (fp16 + GradScaler); on CPU, amp means bf16
+    epochs: int = STUDY.epochs
+    batch_size: int = STUDY.batch_size  # the global batch, split evenly across DDP ranks
+    lr: float = STUDY.lr
+    weight_decay: float = STUDY.weight_decay
+    warmup_steps: int | None = None  # None: the study's, STUDY.warmup_steps(steps per epoch)
+    grad_clip: float = STUDY.grad_clip
+    amp: bool | None = None  # None: on for CUDA; see probe.recipe.precision
     augment: bool = True  # the study's train augmentation; off: the eval transform for training too
     patience: int | None = None  # stop after this many epochs without a better validation score
     image_size: int | None = None
@@ -93,7 +97,8 @@ class FinetuneResult:
     test_score: float
     test_metrics: dict[str, Any]
     history: list[dict[str, Any]]  # one entry per epoch: loss, train and val metrics, lr
-    random_weights: bool
+    backbone_random: bool
+    head_random: bool
     trained: bool  # False when the ledger already held this run
     ledger_id: int | None
 
@@ -119,19 +124,19 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     device = world.device
     if cfg.batch_size % world.size:
         raise MedfmError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world.size} processes")
-    use_amp = device.type == "cuda" if cfg.amp is None else cfg.amp
-    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if use_amp else None
+    amp = precision(device, cfg.amp)
 
     # --- identity of the run: its folder, and a finished run is not trained twice
     freeze = FreezePolicy.parse(cfg.freeze)
     scenario = scenario_name(cfg.head, freeze)
     source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
-    task = source.task.to_dict()
-    weights = resolve_extract_weights(cfg.backbone, cfg.weights, console)
+    task = source.task
+    weights = resolve_weights(get_spec(cfg.backbone), cfg.weights, warn=console.print)
     manifest = source.manifest()
     run_config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
-    run_config.update(weights=weights.identity, dataset_options=source.options, manifest_hash=manifest_hash(manifest))
-    key = config_key(run_config, None, cfg.seed)
+    run_config.update(root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None, weights=weights.identity,
+                      dataset_options=source.options, manifest_hash=manifest_hash(manifest))
+    key = config_key({"stage": "finetune", **run_config}, None, cfg.seed)
     run_dir = Path(cfg.out) / "finetune" / f"{cfg.backbone}-{source.name}-{scenario}-{key[:12]}"
     ledger = Ledger(Path(cfg.out) / "results.sqlite")
     if (done := ledger.find(key)) is not None:
@@ -145,8 +150,8 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     # --- model, data, the study's recipe
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
     backbone = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
-    model = build_model(backbone.to(device), cfg.head, num_outputs(task), freeze, head_depth=cfg.head_depth,
-                        head_preset=cfg.head_preset, head_weights=cfg.head_weights).to(device)
+    head_options = {option: getattr(cfg, f"head_{option}") for option in get_head(cfg.head).options}
+    model = build_model(backbone.to(device), cfg.head, task.num_outputs, freeze, **head_options).to(device)
     tspec, _ = input_spec(source, backbone.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
     unused = freeze_unused(model, torch.zeros(1, tspec.channels, tspec.size, tspec.size, device=device))
     if unused:
@@ -155,10 +160,10 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     train_loader, train_sampler = make_loader(source, "train", tspec, world, train=True, **loader_args)
     val_loader, _ = make_loader(source, "val", tspec, world, train=False, **loader_args)
     test_loader, _ = make_loader(source, "test", tspec, world, train=False, **loader_args)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(STUDY_WARMUP_EPOCHS * len(train_loader), STUDY_WARMUP_CAP)
+    warmup = STUDY.warmup_steps(len(train_loader)) if cfg.warmup_steps is None else cfg.warmup_steps
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = warmup_then_constant(optimizer, warmup)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.needs_scaler)
     criterion = loss_fn(task)
 
     # --- resume, or start the run folder
@@ -172,7 +177,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
         console.print(f"resuming {run_dir} after epoch {state['epoch']}/{cfg.epochs}")
     elif world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", {"config": run_config, "scenario": scenario, "config_key": key, "task": task})
+        _write_json(run_dir / "config.json", {"config": run_config, "scenario": scenario, "config_key": key, "task": task.to_dict()})
         _write_json(run_dir / "splits.json", manifest)
         console.print(f"finetuning {cfg.backbone} + {cfg.head} head ({scenario}, --freeze {cfg.freeze}) on {source.name} -> {run_dir}")
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
@@ -196,7 +201,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
             for images, labels, index, ok, errors in train_loader:
                 check_images(ok, errors)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
                     logits = trained(images)
                     loss = criterion(logits.float(), labels)
                 scaler.scale(loss).backward()
@@ -210,11 +215,11 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
                 outputs.append((index, labels, logits.detach().float()))
                 progress.advance(bar)
             train_labels, train_logits = distributed.gather_predictions(world, *map(torch.cat, zip(*outputs, strict=True)))
-            val_labels, val_logits = distributed.gather_predictions(world, *_predict(model, val_loader, device, amp_dtype))
+            val_labels, val_logits = distributed.gather_predictions(world, *_predict(model, val_loader, device, amp.dtype))
             state["train_seconds"] += time.perf_counter() - epoch_start
             val_metrics = compute_metrics(task, val_labels, val_logits)
             score = primary(task, val_metrics)
-            if _better(score, state["best_score"]):
+            if improves(score, state["best_score"]):
                 state.update(best_score=score, best_epoch=epoch + 1,
                              best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
             state["history"].append({
@@ -225,7 +230,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
             if world.is_main:
                 _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                               "scaler": scaler.state_dict(), **state}, checkpoint_path)
-            name = task["primary_metric"]
+            name = task.primary_metric
             console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {state['history'][-1]['loss']:.4f}  "
                           f"train {name} {primary(task, state['history'][-1]['train']):.4f}  val {name} {score:.4f}"
                           + ("  [green](best)[/]" if state["best_epoch"] == epoch + 1 else ""))
@@ -234,9 +239,9 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     model.load_state_dict(state["best_model"])
     test_labels, test_logits = distributed.gather_predictions(world, *_predict(model, test_loader, device, None))
     test_metrics = compute_metrics(task, test_labels, test_logits)
-    random_weights = weights.random or bool(getattr(model.head, "random_init", False))  # a random DeiT head is not the study's
-    result = FinetuneResult(run_dir, scenario, state["best_epoch"], task["primary_metric"], state["best_score"],
-                            primary(task, test_metrics), test_metrics, state["history"], random_weights, True, None)
+    head_random = bool(getattr(model.head, "random_init", False))  # a DeiT head without its ImageNet weights is not the study's
+    result = FinetuneResult(run_dir, scenario, state["best_epoch"], task.primary_metric, state["best_score"],
+                            primary(task, test_metrics), test_metrics, state["history"], weights.random, head_random, True, None)
     if world.is_main:
         _atomic_save(state["best_model"], run_dir / "best.pt")
         _write_json(run_dir / RESULT, {k: getattr(result, k) for k in ("best_epoch", "val_score", "test_metrics", "history")})
@@ -251,11 +256,13 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
 
 
 def _validate(cfg: FinetuneConfig) -> None:
+    get_head(cfg.head)  # an unknown head names the registered ones
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise MedfmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.grad_clip <= 0:
-        raise MedfmError("--lr and --grad-clip must be positive and --weight-decay not negative")
+    for name, value, low_ok in (("lr", cfg.lr, False), ("grad-clip", cfg.grad_clip, False), ("weight-decay", cfg.weight_decay, True)):
+        if not (0 <= value < math.inf if low_ok else 0 < value < math.inf):
+            raise MedfmError(f"--{name} must be a {'non-negative' if low_ok else 'positive'} number, got {value}")
     if cfg.patience is not None and cfg.patience < 1:
         raise MedfmError(f"--patience must be at least 1, got {cfg.patience}")
     check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size, cfg.interpolation)
@@ -267,13 +274,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-
-
-def _better(score: float, best: float | None) -> bool:
-    """Strictly better (the study's rule); any number beats NaN, NaN beats nothing but an empty start."""
-    if best is None:
-        return True
-    return score > best or (math.isnan(best) and not math.isnan(score))
 
 
 def _patience_spent(state: dict[str, Any], patience: int | None) -> bool:
@@ -309,13 +309,13 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key: str, scenario: str, task: dict[str, Any],
+def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key: str, scenario: str, task: Task,
             result: FinetuneResult, train_seconds: float, total_seconds: float) -> int:
     return ledger.add(RunRecord(
         stage="finetune", scenario=scenario, backbone=cfg.backbone, dataset=cfg.dataset, head=cfg.head,
         config=run_config, config_key=key, cache_fingerprint=None, seed=cfg.seed,
-        primary_metric=task["primary_metric"], val_score=result.val_score, test_metrics=result.test_metrics,
-        test_primary=result.test_score, random_weights=result.random_weights,
+        primary_metric=task.primary_metric, val_score=result.val_score, test_metrics=result.test_metrics,
+        test_primary=result.test_score, backbone_random=result.backbone_random, head_random=result.head_random,
         train_seconds=train_seconds, total_seconds=total_seconds, run_dir=str(result.run_dir),
     ))
 
@@ -323,4 +323,4 @@ def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key
 def _finished_result(record: RunRecord, run_dir: Path, scenario: str) -> FinetuneResult:
     saved = json.loads((run_dir / RESULT).read_text()) if (run_dir / RESULT).exists() else {"best_epoch": 0, "history": []}
     return FinetuneResult(run_dir, scenario, saved["best_epoch"], record.primary_metric, record.val_score, record.test_primary,
-                          record.test_metrics, saved["history"], record.random_weights, False, record.id)
+                          record.test_metrics, saved["history"], record.backbone_random, record.head_random, False, record.id)

@@ -9,9 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cache.errors import MedfmError, run_cli
-from cache.runtime import output_root
+from common.cli import run_cli
+from common.errors import MedfmError
+from common.runtime import output_root
 from probe.data import feature_name, find_cache, open_cache, parse_bytes
+from probe.recipe import STUDY
 from probe.results import Ledger
 
 # Training modules (torch, timm, scikit-learn) load inside the commands that train, and the report's
@@ -26,22 +28,27 @@ CacheFile = Annotated[Path | None, typer.Option("--cache", help="A cache file, w
 MaxRam = Annotated[str | None, typer.Option(help="RAM for features, e.g. 8G; larger token caches stream [default: half of free RAM].")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
 Standardize = Annotated[bool, typer.Option(help="Linear head: standardize features with the train mean/std (MAE-style; the study does not).")]
+Epochs = Annotated[int, typer.Option(help="Training epochs (the study's).")]
+BatchSize = Annotated[int, typer.Option(help="Rows per step (the study's).")]
+WarmupSteps = Annotated[int | None, typer.Option(help=f"Linear LR warmup in optimizer steps, constant after [default: the study's, "
+                                                     f"{STUDY.warmup_epochs} epochs but at most {STUDY.warmup_max_steps} steps].")]
+GradClip = Annotated[float, typer.Option(help="Gradient norm clip, per head (0: none).")]
 
 
 @app.command()
 def run(
-    head: Annotated[str, typer.Option(help="linear (pooled feature) | deit (DeiT blocks on the tokens).")] = "linear",
+    head: Annotated[str, typer.Option(help="linear (pooled feature) | deit (DeiT blocks on the tokens) (see probe/heads.py).")] = "linear",
     backbone: Backbone = None,
     dataset: Dataset = None,
     cache: CacheFile = None,
-    layer: Annotated[int | None, typer.Option(help="Block whose features to use, if the cache stored several [default: last].")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs (the study: 100).")] = 100,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (never on biases and norms).")] = 1e-5,
-    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 64,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear LR warmup, in epochs; constant after.")] = 5.0,
+    layer: Annotated[int | None, typer.Option(help="Block whose features to use, as extract's --layers: 8, or -4 from the end [default: last].")] = None,
+    epochs: Epochs = STUDY.epochs,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = STUDY.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (never on biases and norms).")] = STUDY.weight_decay,
+    batch_size: BatchSize = STUDY.batch_size,
+    warmup_steps: WarmupSteps = None,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better validation score.")] = None,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: none).")] = 1.0,
+    grad_clip: GradClip = STUDY.grad_clip,
     seed: Annotated[int, typer.Option(help="Seed of the head's initialisation.")] = 0,
     data_seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
     head_depth: Annotated[int, typer.Option(help="DeiT head: number of blocks (the study: 12).")] = 12,
@@ -53,14 +60,15 @@ def run(
     force: Annotated[bool, typer.Option(help="Retrain even if the ledger already holds this run.")] = False,
 ) -> None:
     """Train one head on a cache with the study's recipe; a run already in the ledger is skipped."""
+    from probe.heads import get_head
     from probe.run import run_probe
     from probe.train import TrainConfig
 
     path = find_cache(backbone, dataset, cache)
     with open_cache(path, backbone, dataset) as reader:
         config = TrainConfig(
-            head=head, feature=feature_name(reader, head, layer), lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-            epochs=epochs, warmup_epochs=warmup_epochs, patience=patience, grad_clip=grad_clip or None, seed=seed,
+            head=head, feature=feature_name(reader, get_head(head).reads, layer), lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+            epochs=epochs, warmup_steps=warmup_steps, patience=patience, grad_clip=grad_clip or None, seed=seed,
             data_seed=data_seed, head_depth=head_depth, head_preset=head_preset, head_weights=head_weights, standardize=standardize,
         )
         run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console)
@@ -72,15 +80,15 @@ def sweep(
     dataset: Dataset = None,
     cache: CacheFile = None,
     head: Annotated[str, typer.Option(help="Heads, comma-separated: linear,deit.")] = "linear",
-    lr: Annotated[str, typer.Option(help="Learning rates, comma-separated.")] = "1e-4",
-    weight_decay: Annotated[str, typer.Option(help="Weight decays, comma-separated.")] = "1e-5",
+    lr: Annotated[str, typer.Option(help="Learning rates, comma-separated.")] = f"{STUDY.lr:g}",
+    weight_decay: Annotated[str, typer.Option(help="Weight decays, comma-separated.")] = f"{STUDY.weight_decay:g}",
     seed: Annotated[str, typer.Option(help="Head-initialisation seeds, comma-separated.")] = "0",
-    layer: Annotated[str, typer.Option(help="Blocks, comma-separated, among those the cache stored; 'last' for the last.")] = "last",
-    epochs: Annotated[int, typer.Option(help="Training epochs (the study: 100).")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 64,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear LR warmup, in epochs; constant after.")] = 5.0,
+    layer: Annotated[str, typer.Option(help="Blocks, comma-separated, among those the cache stored (-4 counts from the end); 'last' for the last.")] = "last",
+    epochs: Epochs = STUDY.epochs,
+    batch_size: BatchSize = STUDY.batch_size,
+    warmup_steps: WarmupSteps = None,
     patience: Annotated[int | None, typer.Option(help="Stop a head after this many epochs without a better validation score.")] = None,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: none).")] = 1.0,
+    grad_clip: GradClip = STUDY.grad_clip,
     data_seed: Annotated[int, typer.Option(help="Seed of the batch order, shared by the whole sweep.")] = 0,
     head_depth: Annotated[int, typer.Option(help="DeiT head: number of blocks.")] = 12,
     head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b | deit-s | deit-t.")] = "deit-b",
@@ -103,7 +111,7 @@ def sweep(
             weight_decays=tuple(_values(weight_decay, float, "--weight-decay")), seeds=tuple(_values(seed, int, "--seed")),
             layers=tuple(None if v == "last" else int(v) for v in _values(layer, str, "--layer")),
         )
-        base = TrainConfig(batch_size=batch_size, epochs=epochs, warmup_epochs=warmup_epochs, patience=patience,
+        base = TrainConfig(batch_size=batch_size, epochs=epochs, warmup_steps=warmup_steps, patience=patience,
                            grad_clip=grad_clip or None, data_seed=data_seed, head_depth=head_depth, head_preset=head_preset,
                            head_weights=head_weights, standardize=standardize)
         outcome = run_sweep(reader, expand(reader, grid, base), device=device, max_ram=_ram(max_ram), force=force,
@@ -139,7 +147,7 @@ def report(
     ledger: Annotated[Path | None, typer.Option(help="Results ledger [default: $MEDFM_OUTPUT/runs/results.sqlite].")] = None,
 ) -> None:
     """The study's table (backbone x scenario by dataset, average, gain over deit linear) and figure."""
-    from probe.report import GAIN, make_report, row_label
+    from probe.report import GAIN, RANDOM_NOTE, is_random, make_report, row_label
 
     result = make_report(Ledger(ledger), dataset, out or output_root() / "reports")
     if result.table.empty:
@@ -148,10 +156,10 @@ def report(
                   title=f"test scores, {result.runs} runs (cells selected by validation)")
     for key, row in result.table.iterrows():
         label = row_label(key)
-        table.add_row(f"[bold red]{label}[/]" if key[2] else label, *[_cell(v, c == GAIN) for c, v in row.items()])
+        table.add_row(f"[bold red]{label}[/]" if is_random(key) else label, *[_cell(v, c == GAIN) for c, v in row.items()])
     console.print(table)
-    if any(key[2] for key in result.table.index):
-        console.print("[bold red]RANDOM weights[/]: features of an untrained backbone; these rows say nothing about the pretrained model.")
+    if any(is_random(key) for key in result.table.index):
+        console.print(f"[bold red]{RANDOM_NOTE}[/]")
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
 

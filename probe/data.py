@@ -1,6 +1,6 @@
 """Cache -> batches: find the cache, then serve its features in RAM when they fit the budget, else streamed from HDF5 chunk by chunk.
 
-Random row reads from HDF5 are ~100x slower than contiguous ones (DESIGN, "The cache"), so the
+Random row reads from HDF5 are ~100x slower than contiguous ones (docs/architecture.md, "The cache"), so the
 training order is built from the file's chunks: chunks in a shuffled order, grouped into windows of
 a few chunks, rows shuffled within each window. RAM mode follows the very same order, so a run's
 result does not depend on whether its features fitted in memory. Streamed mode holds at most one
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from cache.errors import MedfmError
-from cache.runtime import output_root
 from cache.store import PARTIAL_SUFFIX, CacheReader, describe
+from common.errors import MedfmError
+from common.runtime import output_root
 
 RAM_FRACTION = 0.5  # default budget: half of the memory available when the run starts
 EVAL_BATCH = 256
@@ -83,26 +83,21 @@ def _short(value: Any, limit: int = 40) -> str:
 def open_cache(path: Path, backbone: str | None, dataset: str | None) -> CacheReader:
     """Open a cache and check it holds the backbone and dataset asked for, and what a probe needs to know."""
     reader = CacheReader(path)
-    meta = reader.meta
-    if not all(isinstance(meta.get(k), dict) for k in ("backbone", "dataset", "task")):
+    try:
+        meta = reader.meta  # the typed contract: a cache without it is a clear error here
+        for flag, asked, held in (("--backbone", backbone, meta.backbone.name), ("--dataset", dataset, meta.dataset.name)):
+            if asked and asked != held:
+                raise MedfmError(f"{path} holds {flag[2:]} '{held}', not '{asked}'; drop {flag} or pass the right --cache")
+    except MedfmError:
         reader.close()
-        raise MedfmError(f"{path} lacks the backbone, dataset or task description a probe needs; re-create it with `extract run`")
-    for flag, asked, held in (("--backbone", backbone, meta["backbone"].get("name")), ("--dataset", dataset, meta["dataset"].get("name"))):
-        if asked and asked != held:
-            reader.close()
-            raise MedfmError(f"{path} holds {flag[2:]} '{held}', not '{asked}'; drop {flag} or pass the right --cache")
+        raise
     return reader
 
 
-def feature_name(reader: CacheReader, head: str, layer: int | None) -> str:
-    """The cache array a head reads: pooled (linear) or tokens (DeiT), of the last block or of block `layer`."""
-    kind = "tokens" if head == "deit" else "pooled"
-    layers = reader.meta.get("layers") or []
-    last = max(layers) if layers else None
-    if layer is None or layer == -1 or layer == last:
-        name = kind
-    else:
-        name = f"{kind}@{layer}"
+def feature_name(reader: CacheReader, kind: str, layer: int | None) -> str:
+    """The cache array of feature `kind` (pooled or tokens, what a head reads) at block `layer` (None: the last;
+    negative: from the end, so -4 of a 12-block backbone is block 8, `pooled@8`)."""
+    name = reader.meta.feature(kind, layer)
     if name not in reader.feature_names():
         held = ", ".join(reader.feature_names())
         hint = "re-extract with --tokens" if kind == "tokens" else "re-extract with --layers including it"

@@ -1,7 +1,11 @@
-"""Classification heads, shared by probe (on cached features) and finetune (on a live backbone).
+"""Classification heads and their registry, shared by probe (on cached features) and finetune (on a live backbone).
+
+A head is registered as a `HeadSpec`, as a backbone is: its name, the cache feature it reads (`pooled` or
+`tokens`), how to build it from that feature's row shape, the options it takes and what it starts from.
+Nothing else in the project switches on a head's name.
 
 `LinearHead` is the study's linear probe on the pooled feature. `DeiTHead` is the study's appended
-"DeiT classifier" (paper.md §4): each token -> Linear(d -> width) + LayerNorm -> DeiT blocks with their
+"DeiT classifier" (docs/protocol.md §4): each token -> Linear(d -> width) + LayerNorm -> DeiT blocks with their
 own CLS token and bicubically interpolated position embedding -> final norm -> CLS -> Linear.
 The DeiT blocks come from timm and start from the supervised ImageNet weights when the file is on
 this machine; without it they start random, with a visible warning and `random_init = True`.
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict
-from cache.errors import MedfmError
+from common.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict
+from common.errors import MedfmError
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,6 @@ PRESETS = {
     "deit-s": DeiTPreset("deit_small_patch16_224.fb_in1k", 384, "deit_small_patch16_224-cd65a155.pth"),
     "deit-t": DeiTPreset("deit_tiny_patch16_224.fb_in1k", 192, "deit_tiny_patch16_224-a1311bcf.pth"),
 }
-HEAD_KINDS = ("linear", "deit")
 RANDOM_DEIT_WARNING = "DeiT head weights not found"
 
 
@@ -120,15 +124,6 @@ class DeiTHead(nn.Module):
         return self.classifier(x[:, 0])
 
 
-def build_head(kind: str, in_dim: int, num_outputs: int, **opts: Any) -> nn.Module:
-    """`linear` | `deit` -> the head; `opts` reach DeiTHead (depth, preset, weights, grid)."""
-    if kind == "linear":
-        return LinearHead(in_dim, num_outputs)
-    if kind == "deit":
-        return DeiTHead(in_dim, num_outputs, **opts)
-    raise MedfmError(f"unknown head '{kind}'; choose one of {', '.join(HEAD_KINDS)}")
-
-
 def find_deit_weights(spec: DeiTPreset) -> Path | None:
     """The official DeiT file in MEDFM_WEIGHTS_DIR, else timm's file in the HF hub cache; no download."""
     return find_weights(spec.weights_file, [(spec.hub_repo, "model.safetensors")])
@@ -168,3 +163,63 @@ def _within_depth(key: str, depth: int) -> bool:
     """Keep a checkpoint key unless it belongs to a block the truncated head does not have."""
     parts = key.split(".")
     return not (parts[0] == "blocks" and int(parts[1]) >= depth)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A registry entry: what a head reads from a cache and how it is built.
+
+    `build(row_shape, num_outputs, **options)`: `row_shape` is one row of the feature it reads ([D] pooled,
+    [T, D] tokens). `options` are the head's own settings (TrainConfig's `head_<option>` fields).
+    `init(options)` says what its weights start from without building it: "" when nothing is pretrained
+    (a linear layer), "random" when pretrained weights were wanted but are missing or refused, else the file.
+    """
+
+    name: str
+    reads: str  # the cache feature kind: pooled | tokens
+    build: Callable[..., nn.Module]
+    options: tuple[str, ...] = ()
+    init: Callable[..., str] = lambda **options: ""
+    description: str = ""
+
+
+_HEADS: dict[str, HeadSpec] = {}
+
+
+def register_head(spec: HeadSpec) -> HeadSpec:
+    if spec.name in _HEADS:
+        raise ValueError(f"head {spec.name} registered twice")
+    _HEADS[spec.name] = spec
+    return spec
+
+
+def get_head(name: str) -> HeadSpec:
+    if name not in _HEADS:
+        raise MedfmError(f"unknown head '{name}'; choose one of {', '.join(_HEADS)}")
+    return _HEADS[name]
+
+
+def list_heads() -> list[HeadSpec]:
+    return list(_HEADS.values())
+
+
+def build_head(name: str, row_shape: tuple[int, ...], num_outputs: int, **options: Any) -> nn.Module:
+    """The head `name` for features of `row_shape`, with its own `options` (see `HeadSpec`)."""
+    return get_head(name).build(tuple(row_shape), num_outputs, **options)
+
+
+def _build_deit(row_shape: tuple[int, ...], num_outputs: int, **options: Any) -> DeiTHead:
+    """A DeiT head whose position embedding is resampled once to the square grid of the tokens, when they form one."""
+    side = math.isqrt(row_shape[0])
+    return DeiTHead(row_shape[-1], num_outputs, grid=(side, side) if side * side == row_shape[0] else None, **options)
+
+
+register_head(HeadSpec(
+    name="linear", reads="pooled", build=lambda row_shape, num_outputs: LinearHead(row_shape[-1], num_outputs),
+    description="a linear layer on the pooled feature (the study's linear scenarios)",
+))
+register_head(HeadSpec(
+    name="deit", reads="tokens", build=_build_deit, options=("depth", "preset", "weights"),
+    init=lambda depth=12, preset="deit-b", weights="default": deit_weights_identity(preset, weights),
+    description="DeiT blocks on the tokens, ImageNet-initialised (the study's appended DeiT classifier)",
+))

@@ -1,10 +1,12 @@
 """Task metrics with scikit-learn, shared by probe and finetune.
 
-`task` is the dict stored in the cache: {"kind", "class_names", "primary_metric"}. Binary tasks use
-two logits (softmax, as the study does); multilabel tasks use one sigmoid logit per label.
+`task` is the `cache.schema.Task` stored in the cache; this module computes every metric of its
+vocabulary (`cache.schema.METRICS`). Binary tasks use two logits (softmax, as the study does);
+multilabel tasks use one sigmoid logit per label.
 
 A metric that cannot be computed (a class absent from y_true, a constant prediction for kappa) is NaN
-and a line in `metrics["warnings"]`: never a quiet 0.5 (DESIGN, "Lessons"). Every other value is a float.
+and a line in `metrics["warnings"]`: never a quiet 0.5 (docs/architecture.md, "Lessons from peer tools").
+Every other value is a float.
 """
 
 from __future__ import annotations
@@ -19,22 +21,9 @@ from scipy.special import expit, softmax
 from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score, roc_auc_score
 from torch import nn
 
-from cache.errors import MedfmError
-
-METRICS_BY_KIND = {
-    "multiclass": ("accuracy", "macro_recall", "quadratic_kappa", "roc_auc"),
-    "binary": ("roc_auc", "accuracy", "macro_recall", "quadratic_kappa"),
-    "multilabel": ("mean_roc_auc",),
-}
+from cache.schema import METRICS, Task
 
 Metrics = dict[str, Any]  # metric name -> float, plus "warnings" -> list[str]
-
-
-def num_outputs(task: dict[str, Any]) -> int:
-    """Logits a head must produce: one per class (2 for binary, as the study), one per label."""
-    if task["kind"] not in METRICS_BY_KIND:
-        raise MedfmError(f"unknown task kind '{task['kind']}' in the cache; expected one of {', '.join(METRICS_BY_KIND)}")
-    return max(2, len(task["class_names"])) if task["kind"] == "binary" else len(task["class_names"])
 
 
 class MaskedBCEWithLogits(nn.Module):
@@ -50,18 +39,18 @@ class MaskedBCEWithLogits(nn.Module):
         return loss if self.reduction == "none" else loss.sum() / known.sum().clamp(min=1)
 
 
-def loss_fn(task: dict[str, Any], reduction: str = "mean") -> nn.Module:
+def loss_fn(task: Task, reduction: str = "mean") -> nn.Module:
     """Cross-entropy over classes; masked BCE-with-logits per label for multilabel tasks (labels as floats, NaN unknown)."""
-    return MaskedBCEWithLogits(reduction) if task["kind"] == "multilabel" else nn.CrossEntropyLoss(reduction=reduction)
+    return MaskedBCEWithLogits(reduction) if task.kind == "multilabel" else nn.CrossEntropyLoss(reduction=reduction)
 
 
-def compute_metrics(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray, only: str | None = None) -> Metrics:
+def compute_metrics(task: Task, labels: np.ndarray, logits: np.ndarray, only: str | None = None) -> Metrics:
     """Every metric of the task kind on one split, or just metric `only` (what training needs each epoch);
     NaN plus a warning where a metric is undefined."""
-    names = METRICS_BY_KIND[task["kind"]] if only is None else (_known_metric(task, only),)
+    names = METRICS[task.kind] if only is None else (only,)
     logits = np.asarray(logits, dtype=np.float64)
     problems: list[str] = []
-    if task["kind"] == "multilabel":
+    if task.kind == "multilabel":
         metrics = _multilabel(task, np.asarray(labels), logits, problems)
     else:
         metrics = _single_label(task, np.asarray(labels).astype(np.int64), logits, problems, names)
@@ -69,28 +58,22 @@ def compute_metrics(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray
     return metrics
 
 
-def primary(task: dict[str, Any], metrics: Metrics) -> float:
+def primary(task: Task, metrics: Metrics) -> float:
     """The dataset's primary metric (the study's model-selection and reported score)."""
-    return float(metrics[_known_metric(task, task["primary_metric"])])
+    return float(metrics[task.primary_metric])
 
 
-def primary_score(task: dict[str, Any], labels: np.ndarray, logits: np.ndarray) -> float:
+def primary_score(task: Task, labels: np.ndarray, logits: np.ndarray) -> float:
     """The primary metric alone: a fraction of `compute_metrics`' cost, for model selection every epoch."""
-    return float(compute_metrics(task, labels, logits, only=task["primary_metric"])[task["primary_metric"]])
+    return float(compute_metrics(task, labels, logits, only=task.primary_metric)[task.primary_metric])
 
 
-def _known_metric(task: dict[str, Any], name: str) -> str:
-    if name not in METRICS_BY_KIND[task["kind"]]:
-        raise MedfmError(f"metric '{name}' is not computed for {task['kind']} tasks; it must be one of {', '.join(METRICS_BY_KIND[task['kind']])}")
-    return name
-
-
-def _single_label(task: dict[str, Any], y: np.ndarray, logits: np.ndarray, problems: list[str], names: tuple[str, ...]) -> Metrics:
+def _single_label(task: Task, y: np.ndarray, logits: np.ndarray, problems: list[str], names: tuple[str, ...]) -> Metrics:
     classes = np.arange(logits.shape[1])
     probs = softmax(logits, axis=1)
     pred = probs.argmax(axis=1)
     present = np.unique(y)
-    missing = [task["class_names"][c] if c < len(task["class_names"]) else str(c) for c in classes if c not in present]
+    missing = [task.class_names[c] if c < len(task.class_names) else str(c) for c in classes if c not in present]
     compute = {
         "accuracy": lambda: float(accuracy_score(y, pred)),
         # Macro recall over the classes present in y_true (balanced accuracy); an absent class has no recall.
@@ -122,13 +105,13 @@ def _kappa(y: np.ndarray, pred: np.ndarray, classes: np.ndarray, problems: list[
     return value
 
 
-def _multilabel(task: dict[str, Any], y: np.ndarray, logits: np.ndarray, problems: list[str]) -> Metrics:
+def _multilabel(task: Task, y: np.ndarray, logits: np.ndarray, problems: list[str]) -> Metrics:
     """Mean over labels of per-label ROC-AUC on the rows where the label is known (not NaN);
     a label with one class among its known rows is left out and named."""
     probs = expit(logits)
     metrics: Metrics = {}
     aucs, skipped = [], []
-    for j, name in enumerate(task["class_names"]):
+    for j, name in enumerate(task.class_names):
         known = ~np.isnan(y[:, j].astype(np.float64))
         column = y[known, j]
         if len(np.unique(column)) < 2:

@@ -1,14 +1,44 @@
-"""The study's optimisation recipe (paper.md §5), shared by probe and finetune.
+"""The study's training recipe, in one place for probe, finetune and their command lines (docs/protocol.md §5, §6).
 
-AdamW with weight decay on weights only (no decay on biases and any 1-D parameter), and a linear
-warmup then a constant learning rate.
+- `STUDY`: AdamW lr 1e-4, weight decay 1e-5 on weights only (`param_groups`), batch 64, 100 epochs, gradient
+  clipping 1.0, linear warmup over min(5 epochs, 1000 steps) then a constant learning rate
+  (`warmup_then_constant`). The study warms up 5 epochs on APTOS and DDSM and 1000 steps on ISIC and CheXpert;
+  the one rule gives both.
+- `improves`: the model-selection rule of both stages (validation every epoch, strictly higher wins).
+- `precision`: the precision policy of both stages: training and validation under autocast on CUDA,
+  the test split always in fp32.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads on use: the command lines take their defaults from here and stay quick
+    import torch
+    from torch import nn
+    from torch.optim.lr_scheduler import LambdaLR
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An optimisation recipe; `STUDY` is the study's, and every default in probe and finetune points at it."""
+
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    grad_clip: float
+    warmup_epochs: int
+    warmup_max_steps: int
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of linear warmup: `warmup_epochs` epochs, at most `warmup_max_steps`."""
+        return min(self.warmup_epochs * max(steps_per_epoch, 0), self.warmup_max_steps)
+
+
+STUDY = Recipe(lr=1e-4, weight_decay=1e-5, batch_size=64, epochs=100, grad_clip=1.0, warmup_epochs=5, warmup_max_steps=1000)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -23,5 +53,45 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> LambdaLR:
     """LR rises linearly over `warmup_steps` optimizer steps (call `.step()` after each), then stays constant."""
+    from torch.optim.lr_scheduler import LambdaLR
+
     warmup_steps = max(0, int(warmup_steps))
     return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+def improves(score: float, best: float | None) -> bool:
+    """Whether this epoch's validation score replaces the best so far (the study's strict `>`).
+
+    The first epoch is the best so far whatever its score; after it, an undefined (NaN) score never wins
+    and any finite score beats an undefined best.
+    """
+    if best is None:
+        return True
+    return math.isfinite(score) and (not math.isfinite(best) or score > best)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype for training and validation (None: fp32); the test split is always scored in fp32."""
+
+    dtype: torch.dtype | None
+
+    @property
+    def needs_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 has fp32's range."""
+        import torch
+
+        return self.dtype is torch.float16
+
+
+def precision(device: torch.device, amp: bool | None = None) -> Precision:
+    """The one precision policy (docs/protocol.md §6). `amp` None: on for CUDA, off on the CPU (bf16 is several
+    times slower than fp32 on CPUs without bf16 units). On CUDA, bf16 where the GPU has it, else fp16 with a
+    GradScaler (the study's); on the CPU, amp means bf16."""
+    import torch
+
+    if not (device.type == "cuda" if amp is None else amp):
+        return Precision(None)
+    if device.type == "cuda":
+        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return Precision(torch.bfloat16)

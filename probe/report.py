@@ -7,8 +7,12 @@ study reports it: the per-dataset relative gain (score - baseline) / baseline in
 datasets both rows have.
 
 Each cell is selected by validation, never by test: among the cell's configurations the one with the
-best mean validation score wins, and the cell shows its mean test score over seeds. Rows whose
-features came from a randomly initialised backbone are labelled RANDOM and kept apart.
+best mean validation score wins, and the cell shows its mean test score over seeds.
+
+A row is (backbone, scenario, stage, backbone random, head random): a frozen scenario trained from the
+cache (`probe`) and the same scenario trained end to end on live images (`finetune --freeze all`) are
+different protocols, so they are different rows, the latter labelled "end to end". Rows whose backbone
+or pretrained head started from random weights are labelled RANDOM and kept apart.
 """
 
 from __future__ import annotations
@@ -29,32 +33,36 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINE = "deit"
+ROW_KEY = ["backbone", "scenario", "stage", "backbone_random", "head_random"]
 AVERAGE, GAIN = "average", "gain vs deit linear (%)"
+RANDOM_NOTE = ("RANDOM backbone: features of an untrained backbone; RANDOM head: a DeiT head whose ImageNet weights were "
+               "missing. Such rows say nothing about the pretrained models.")
 
 
 @dataclass
 class Report:
-    table: pd.DataFrame  # index: row labels; columns: datasets, AVERAGE, GAIN
+    table: pd.DataFrame  # index: ROW_KEY; columns: datasets, AVERAGE, GAIN
     metrics: dict[str, str]  # dataset -> its primary metric
     runs: int
     files: dict[str, Path]
 
 
 def build_table(records: list[RunRecord]) -> tuple[pd.DataFrame, dict[str, str]]:
-    """One cell per (backbone, scenario, random, dataset): the best-validation configuration's mean test score."""
+    """One cell per (row key, dataset): the best-validation configuration's mean test score."""
     groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     metrics: dict[str, str] = {}
     for r in records:
-        groups[(r.backbone, r.scenario, r.random_weights, r.dataset)][json.dumps(r.config, sort_keys=True)].append(r)
+        row = (r.backbone, r.scenario, r.stage, r.backbone_random, r.head_random)
+        groups[(*row, r.dataset)][json.dumps(r.config, sort_keys=True)].append(r)
         metrics[r.dataset] = r.primary_metric
     cells: dict[tuple, dict[str, float]] = defaultdict(dict)
-    for (backbone, scenario, random, dataset), by_config in groups.items():
+    for (*row, dataset), by_config in groups.items():
         chosen = max(by_config.values(), key=lambda runs: _finite_or_low(_mean([r.val_score for r in runs])))
-        cells[(backbone, scenario, random)][dataset] = _mean([r.test_primary for r in chosen])
+        cells[tuple(row)][dataset] = _mean([r.test_primary for r in chosen])
     datasets = sorted(metrics)
     table = pd.DataFrame(
         [[row.get(d, math.nan) for d in datasets] for row in cells.values()],
-        index=pd.MultiIndex.from_tuples(list(cells), names=["backbone", "scenario", "random_weights"]), columns=datasets,
+        index=pd.MultiIndex.from_tuples(list(cells), names=ROW_KEY), columns=datasets,
     )
     table[AVERAGE] = table[datasets].mean(axis=1, skipna=True)
     table[GAIN] = [_gain(table, key, datasets) for key in table.index]
@@ -62,20 +70,30 @@ def build_table(records: list[RunRecord]) -> tuple[pd.DataFrame, dict[str, str]]
 
 
 def _gain(table: pd.DataFrame, key: tuple, datasets: list[str]) -> float:
-    """Mean over datasets of the relative gain (%) over the deit linear row of the same freeze setting (last<K> too)."""
+    """Mean over datasets of the relative gain (%) over the deit linear row of the same freeze setting (last<K> too),
+    from the same stage when there is one, pretrained before random."""
     freeze = key[1].split("-")[0]
     candidates = [k for k in table.index if k[0] == BASELINE and k[1] == f"{freeze}-linear"]
     if not candidates:
         return math.nan
-    base = table.loc[sorted(candidates, key=lambda k: k[2])[0], datasets]  # pretrained baseline first, else random
+    base = table.loc[sorted(candidates, key=lambda k: (k[2] != key[2], k[3], k[4]))[0], datasets]
     row = table.loc[key, datasets]
     gains = [(row[d] - base[d]) / abs(base[d]) * 100 for d in datasets if np.isfinite(row[d]) and np.isfinite(base[d]) and base[d]]
     return float(np.mean(gains)) if gains else math.nan
 
 
 def row_label(key: tuple) -> str:
-    backbone, scenario, random = key
-    return f"{backbone} {scenario}" + (" (RANDOM weights)" if random else "")
+    """`dinov2 frozen-linear`, plus `end to end` for a frozen scenario trained on live images, plus what was RANDOM."""
+    backbone, scenario, stage, backbone_random, head_random = key
+    notes = ["end to end"] if stage == "finetune" and scenario.startswith("frozen") else []
+    random = [part for part, flag in (("backbone", backbone_random), ("head", head_random)) if flag]
+    if random:
+        notes.append(f"RANDOM {' and '.join(random)}")
+    return f"{backbone} {scenario}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def is_random(key: tuple) -> bool:
+    return bool(key[3] or key[4])
 
 
 def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | None = None) -> Report:
@@ -106,7 +124,7 @@ def to_markdown(table: pd.DataFrame, metrics: dict[str, str]) -> str:
         f"Gain: mean relative gain (%) over the {BASELINE} linear baseline of the same frozen/unfrozen setting.",
     ]
     if any("RANDOM" in str(label) for label in table.index):
-        notes.append("RANDOM weights: features of an untrained backbone; they say nothing about the pretrained model.")
+        notes.append(RANDOM_NOTE)
     return "\n".join(lines + notes) + "\n"
 
 

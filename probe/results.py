@@ -1,8 +1,13 @@
 """The results ledger: one SQLite row per training run, shared by probe and finetune.
 
 SQLite, because several processes (sweep workers, a finetune beside a probe) append at once and a
-report must read a consistent table. `config_key` hashes what decides a result (config, cache
+report must read a consistent table. `config_key` hashes what decides a result (stage, config, cache
 fingerprint, seed), so a run already in the ledger can be skipped instead of retrained.
+
+Columns mean one thing in both stages: `stage` is probe (heads on cached features) or finetune (live
+images); `backbone_random` says the backbone's weights were random, `head_random` that a head meant to
+start from pretrained weights (the DeiT head) started random. A ledger written before these two columns
+existed is rewritten with them when opened.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from cache.fingerprint import canonical_json
+from common.errors import MedfmError
+from common.runtime import output_root
 
 STAGES = ("probe", "finetune")
 # The study's four scenarios, frozen|unfrozen x linear|deit, plus partial unfreezing of the last K blocks.
@@ -43,7 +49,8 @@ _COLUMNS = """
     val_score REAL,
     test_metrics TEXT NOT NULL,
     test_primary REAL,
-    random_weights INTEGER NOT NULL,
+    backbone_random INTEGER NOT NULL,
+    head_random INTEGER NOT NULL,
     train_seconds REAL,
     total_seconds REAL,
     code_version TEXT,
@@ -51,10 +58,11 @@ _COLUMNS = """
     created TEXT NOT NULL
 """
 _JSON_FIELDS = ("config", "test_metrics")
+_FLAGS = ("backbone_random", "head_random")
 
 
 def default_ledger_path() -> Path:
-    return Path(os.environ.get("MEDFM_OUTPUT", "outputs")) / "runs" / "results.sqlite"
+    return output_root() / "runs" / "results.sqlite"
 
 
 def config_key(config: dict[str, Any], fingerprint: str | None, seed: int) -> str:
@@ -96,7 +104,8 @@ class RunRecord:
     val_score: float | None
     test_metrics: dict[str, Any]
     test_primary: float | None
-    random_weights: bool
+    backbone_random: bool
+    head_random: bool = False
     train_seconds: float | None = None
     total_seconds: float | None = None
     code_version: str = field(default_factory=code_version)
@@ -111,9 +120,14 @@ class Ledger:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_ledger_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute(f"CREATE TABLE IF NOT EXISTS runs ({_COLUMNS})")
-            db.execute("CREATE INDEX IF NOT EXISTS runs_config_key ON runs (config_key)")
+        try:
+            with self._connect() as db:
+                db.execute(f"CREATE TABLE IF NOT EXISTS runs ({_COLUMNS})")
+                db.execute("CREATE INDEX IF NOT EXISTS runs_config_key ON runs (config_key)")
+                _migrate(db)
+        except sqlite3.DatabaseError as err:
+            raise MedfmError(f"cannot read the results ledger {self.path} ({err}); move it aside and rerun, "
+                             "or point --ledger at another file") from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -135,7 +149,8 @@ class Ledger:
         row.pop("id")
         for name in _JSON_FIELDS:
             row[name] = json.dumps(row[name], sort_keys=True, default=str)
-        row["random_weights"] = int(bool(row["random_weights"]))
+        for flag in _FLAGS:
+            row[flag] = int(bool(row[flag]))
         names = ", ".join(row)
         marks = ", ".join(f":{n}" for n in row)
         with self._connect() as db:
@@ -164,8 +179,31 @@ class Ledger:
 
 
 def _record(row: sqlite3.Row) -> RunRecord:
-    data = dict(row)
+    data = {k: v for k, v in dict(row).items() if k in RunRecord.__dataclass_fields__}
     for name in _JSON_FIELDS:
         data[name] = json.loads(data[name])
-    data["random_weights"] = bool(data["random_weights"])
+    for flag in _FLAGS:
+        data[flag] = bool(data[flag])
     return RunRecord(**data)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Rewrite a ledger of medfm 0.1 (one `random_weights` flag) with the two flags of today.
+
+    Its probe rows flagged the backbone alone; its finetune rows flagged "backbone or DeiT head", so their
+    backbone flag is read from the weights identity in their config and the rest is the head's.
+    """
+    columns = [row[1] for row in db.execute("PRAGMA table_info(runs)")]
+    if "random_weights" not in columns:
+        return
+    rows = [dict(zip(columns, values, strict=True)) for values in db.execute("SELECT * FROM runs ORDER BY id")]
+    db.execute("DROP TABLE runs")
+    db.execute(f"CREATE TABLE runs ({_COLUMNS})")
+    db.execute("CREATE INDEX IF NOT EXISTS runs_config_key ON runs (config_key)")
+    for row in rows:
+        random = bool(row.pop("random_weights"))
+        backbone = random
+        if row["stage"] == "finetune":
+            backbone = json.loads(row["config"]).get("weights", {}).get("kind") == "random"
+        row.update(backbone_random=int(backbone), head_random=int(random and not backbone))
+        db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join(':' + n for n in row)})", row)

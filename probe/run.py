@@ -6,6 +6,7 @@ Read `run_probe` top to bottom; `probe sweep` reuses the same pieces for many co
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,25 +17,26 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from cache.errors import MedfmError
-from cache.runtime import output_root, resolve_device
 from cache.store import CacheReader
+from common.errors import MedfmError
+from common.runtime import output_root, resolve_device
 from probe.data import FeatureSource
-from probe.heads import PRESETS, RANDOM_DEIT_WARNING, deit_weights_identity
+from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.results import Ledger, RunRecord, config_key
 from probe.train import FitResult, TrainConfig, train_head
 
 
 def validate(config: TrainConfig) -> None:
     """Bad values are user errors, said before any work starts."""
+    get_head(config.head)  # an unknown head names the registered ones
     checks = [
         (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
-        (config.lr > 0, f"--lr must be positive, got {config.lr}"),
-        (config.weight_decay >= 0, f"--weight-decay must be non-negative, got {config.weight_decay}"),
+        (0 < config.lr < math.inf, f"--lr must be a positive number, got {config.lr}"),
+        (0 <= config.weight_decay < math.inf, f"--weight-decay must be a non-negative number, got {config.weight_decay}"),
         (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
-        (config.warmup_epochs >= 0, f"--warmup-epochs must be non-negative, got {config.warmup_epochs}"),
+        (config.warmup_steps is None or config.warmup_steps >= 0, f"--warmup-steps must be non-negative, got {config.warmup_steps}"),
         (config.patience is None or config.patience >= 1, f"--patience must be at least 1, got {config.patience}"),
-        (config.head in ("linear", "deit"), f"unknown head '{config.head}'; choose linear or deit"),
+        (config.grad_clip is None or 0 < config.grad_clip < math.inf, f"--grad-clip must be a positive number (0: none), got {config.grad_clip}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -48,14 +50,20 @@ class RunOutcome:
 
 
 def scenario(head: str) -> str:
+    """Heads on cached features of a frozen backbone: the study's frozen scenarios."""
     return f"frozen-{head}"
 
 
+def head_init(config: TrainConfig) -> str:
+    """What the head starts from on this machine: "" (nothing pretrained), "random" (pretrained weights missing), or a file."""
+    return get_head(config.head).init(**config.head_options())
+
+
 def ledger_key(reader: CacheReader, config: TrainConfig) -> str:
-    """Skip-if-done identity: the config, what a DeiT head starts from on this machine, the cache, the seed."""
+    """Skip-if-done identity: the stage, the config, what the head starts from on this machine, the cache, the seed."""
     identity: dict[str, Any] = {"stage": "probe", **config.to_dict()}
-    if config.head == "deit":
-        identity["head_init"] = deit_weights_identity(config.head_preset, config.head_weights)
+    if init := head_init(config):
+        identity["head_init"] = init
     return config_key(identity, reader.fingerprint, config.seed)
 
 
@@ -74,7 +82,7 @@ def run_probe(
         return RunOutcome(done, True)
     dev = resolve_device(device)
     source = FeatureSource(reader, config.feature, config.batch_size, max_ram)
-    console.print(f"training a {config.head} head on {reader.meta['backbone']['name']}/{reader.meta['dataset']['name']} "
+    console.print(f"training a {config.head} head on {reader.meta.backbone.name}/{reader.meta.dataset.name} "
                   f"{config.feature} ({source.mode}, {source.nbytes / 2**20:.1f} MiB) on {dev}")
     warn_random(reader, config, console)
     started = time.perf_counter()
@@ -87,17 +95,18 @@ def run_probe(
 
 
 def warn_random(reader: CacheReader, config: TrainConfig, console: Console) -> None:
-    """Say loudly when the backbone's features or the DeiT head's blocks are untrained."""
-    if reader.meta["backbone"].get("random_weights"):
+    """Say loudly when the backbone's features or the head's pretrained part are untrained."""
+    if reader.meta.backbone.random_weights:
         console.print(f"[bold red]WARNING: {reader.path.name} holds features of a RANDOMLY initialised "
-                      f"{reader.meta['backbone']['name']}[/]; its scores say nothing about the pretrained model")
-    if config.head == "deit" and config.head_weights == "default" and deit_weights_identity(config.head_preset, "default") == "random":
-        console.print(f"[bold red]WARNING: {RANDOM_DEIT_WARNING}[/] ({PRESETS[config.head_preset].weights_file} in "
-                      f"$MEDFM_WEIGHTS_DIR or the hub cache): the DeiT head starts from RANDOM weights, unlike the study")
+                      f"{reader.meta.backbone.name}[/]; its scores say nothing about the pretrained model")
+    if head_init(config) == "random" and config.head_weights != "random":
+        console.print(f"[bold red]WARNING: {RANDOM_DEIT_WARNING}[/] (see `--head-weights`): the {config.head} head starts "
+                      "from RANDOM weights, unlike the study")
 
 
 def describe(record: RunRecord) -> str:
-    flag = " [RANDOM backbone weights]" if record.random_weights else ""
+    flags = [f"RANDOM {part} weights" for part, random in (("backbone", record.backbone_random), ("head", record.head_random)) if random]
+    flag = f" [{', '.join(flags)}]" if flags else ""
     return (f"{record.backbone}/{record.dataset} {record.head} head: val {record.primary_metric} {record.val_score:.4f}, "
             f"test {record.primary_metric} {record.test_primary:.4f}{flag}")
 
@@ -105,13 +114,13 @@ def describe(record: RunRecord) -> str:
 def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None) -> RunRecord:
     """Write the run folder (config, history, best head, metrics) and append the ledger row."""
     meta, config = reader.meta, result.config
-    backbone, dataset = meta["backbone"]["name"], meta["dataset"]["name"]
+    backbone, dataset = meta.backbone.name, meta.dataset.name
     run_dir = output_root() / "runs" / "probe" / f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone}-{dataset}-{config.head}-{key[:8]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     full_config: dict[str, Any] = {
         "stage": "probe", **config.to_dict(), "seed": config.seed, "head_init": result.head_init,
         "cache": str(reader.path), "cache_fingerprint": reader.fingerprint, "backbone": backbone, "dataset": dataset,
-        "backbone_random_weights": bool(meta["backbone"].get("random_weights")), "task": reader.task, "config_key": key,
+        "backbone_random_weights": meta.backbone.random_weights, "task": reader.task.to_dict(), "config_key": key,
     }
     (run_dir / "config.json").write_text(json.dumps(full_config, indent=2, default=str))
     with open(run_dir / "history.jsonl", "w") as fh:
@@ -125,9 +134,9 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
     record = RunRecord(
         stage="probe", scenario=scenario(config.head), backbone=backbone, dataset=dataset, head=config.head,
         config={**config.to_dict(), "head_init": result.head_init}, config_key=key, cache_fingerprint=reader.fingerprint,
-        seed=config.seed, primary_metric=task["primary_metric"], val_score=result.val_score,
-        test_metrics=result.test_metrics, test_primary=float(result.test_metrics[task["primary_metric"]]),
-        random_weights=bool(meta["backbone"].get("random_weights")), train_seconds=result.train_seconds,
+        seed=config.seed, primary_metric=task.primary_metric, val_score=result.val_score,
+        test_metrics=result.test_metrics, test_primary=float(result.test_metrics[task.primary_metric]),
+        backbone_random=meta.backbone.random_weights, head_random=result.head_init == "random", train_seconds=result.train_seconds,
         total_seconds=total_seconds, run_dir=str(run_dir),
     )
     ledger.add(record)

@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 from rich.progress import Progress
 
-from cache.errors import MedfmError
-from cache.runtime import resolve_device
 from cache.store import CacheReader
+from common.errors import MedfmError
+from common.runtime import resolve_device
 from probe.data import FeatureSource, feature_name
-from probe.heads import RANDOM_DEIT_WARNING
-from probe.metrics import num_outputs
+from probe.heads import RANDOM_DEIT_WARNING, get_head
+from probe.recipe import STUDY
 from probe.results import Ledger, RunRecord
 from probe.run import ledger_key, save_run, validate, warn_random
 from probe.train import TrainConfig, fit, make_head
@@ -36,8 +36,8 @@ class Grid:
     """The swept values; every combination is one configuration."""
 
     heads: tuple[str, ...] = ("linear",)
-    lrs: tuple[float, ...] = (1e-4,)
-    weight_decays: tuple[float, ...] = (1e-5,)
+    lrs: tuple[float, ...] = (STUDY.lr,)
+    weight_decays: tuple[float, ...] = (STUDY.weight_decay,)
     seeds: tuple[int, ...] = (0,)
     layers: tuple[int | None, ...] = (None,)  # None: the last block
 
@@ -54,7 +54,7 @@ class SweepOutcome:
 def expand(reader: CacheReader, grid: Grid, base: TrainConfig) -> list[TrainConfig]:
     """Every configuration of the grid, on top of the shared settings in `base`."""
     configs = (
-        replace(base, head=head, feature=feature_name(reader, head, layer), lr=lr, weight_decay=wd, seed=seed)
+        replace(base, head=head, feature=feature_name(reader, get_head(head).reads, layer), lr=lr, weight_decay=wd, seed=seed)
         for layer, head, lr, wd, seed in itertools.product(grid.layers, grid.heads, grid.lrs, grid.weight_decays, grid.seeds)
     )
     return list(dict.fromkeys(configs))  # a value given twice is one configuration
@@ -80,13 +80,13 @@ def run_sweep(
         by_settings[(config.head, config.shared(), tuple(config.head_options().items()))].append((config, key))
     groups: list[list[tuple[TrainConfig, str]]] = []
     for (kind, *_), members in by_settings.items():
-        size = len(members) if kind == "linear" else deit_per_pass  # linear heads: all at once, they are tiny
+        size = len(members) if kind == "linear" else deit_per_pass  # linear heads: all at once, as one stacked layer
         groups += [members[i : i + size] for i in range(0, len(members), size)]
     dev = resolve_device(device)
     task = reader.task
     passes = 0
     if todo:
-        warn_random(reader, next((c for c, _ in todo if c.head == "deit"), todo[0][0]), console)
+        warn_random(reader, next((c for c, _ in todo if get_head(c.head).options), todo[0][0]), console)
 
     # --- train group by group: one pass over the features per epoch for each group
     with Progress(console=console, transient=True) as progress, warnings.catch_warnings():
@@ -95,7 +95,7 @@ def run_sweep(
             first = members[0][0]
             source = FeatureSource(reader, first.feature, first.batch_size, max_ram)
             started = time.perf_counter()
-            heads = [make_head(c, source.row_shape, num_outputs(task)) for c, _ in members]
+            heads = [make_head(c, source.row_shape, task.num_outputs) for c, _ in members]
             results = fit(heads, [c for c, _ in members], source, task, dev, progress)
             seconds = time.perf_counter() - started
             for result, (_, key) in zip(results, members, strict=True):

@@ -1,13 +1,11 @@
-"""Training heads from cached features with the study's recipe (the optimiser pieces are in probe/recipe.py).
+"""Training heads from cached features with the study's recipe (`probe.recipe.STUDY`, docs/protocol.md §5).
 
-Recipe (paper.md §5): AdamW lr 1e-4, weight decay 1e-5 on weights only (no decay on biases and any
-1-D parameter), batch 64, linear warmup then constant LR, validation every epoch, the test split
-scored once with the best-validation weights.
+Validation every epoch selects each head's best weights (`probe.recipe.improves`); the test split is
+scored once with them, in fp32 (`probe.recipe.precision`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,10 +15,11 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from cache.schema import Task
 from probe.data import Batch, FeatureSource
-from probe.heads import LinearHead, build_head
-from probe.metrics import Metrics, compute_metrics, loss_fn, num_outputs, primary_score
-from probe.recipe import warmup_then_constant
+from probe.heads import LinearHead, build_head, get_head
+from probe.metrics import Metrics, compute_metrics, loss_fn, primary_score
+from probe.recipe import STUDY, improves, precision, warmup_then_constant
 from probe.stack import stack_heads
 
 
@@ -28,15 +27,15 @@ from probe.stack import stack_heads
 class TrainConfig:
     """One head's training settings. Heads trained together in one pass share all but head/lr/wd/seed/head_*."""
 
-    head: str = "linear"
+    head: str = "linear"  # a name in the head registry (probe.heads)
     feature: str = "pooled"  # the cache array: pooled, tokens, pooled@K, tokens@K
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    batch_size: int = 64
-    epochs: int = 100
-    warmup_epochs: float = 5.0
+    lr: float = STUDY.lr
+    weight_decay: float = STUDY.weight_decay
+    batch_size: int = STUDY.batch_size
+    epochs: int = STUDY.epochs
+    warmup_steps: int | None = None  # None: the study's, STUDY.warmup_steps(steps per epoch)
     patience: int | None = None  # early stopping on validation; None trains every epoch (the study)
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = STUDY.grad_clip
     seed: int = 0  # head initialisation
     data_seed: int = 0  # batch order
     head_depth: int = 12
@@ -45,11 +44,12 @@ class TrainConfig:
     standardize: bool = False  # linear heads: standardize features with train mean/std (MAE-style); not the study
 
     def head_options(self) -> dict[str, Any]:
-        return {"depth": self.head_depth, "preset": self.head_preset, "weights": self.head_weights} if self.head == "deit" else {}
+        """The head's own settings (`head_<option>` fields), as its registry entry names them."""
+        return {option: getattr(self, f"head_{option}") for option in get_head(self.head).options}
 
     def shared(self) -> tuple:
         """What heads must agree on to train in the same pass over the data."""
-        return (self.feature, self.batch_size, self.epochs, self.warmup_epochs, self.patience, self.grad_clip, self.data_seed)
+        return (self.feature, self.batch_size, self.epochs, self.warmup_steps, self.patience, self.grad_clip, self.data_seed)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that decide the result (the ledger's config); head_* only for heads that use them."""
@@ -57,8 +57,9 @@ class TrainConfig:
         data.pop("seed")
         if self.head != "linear" or not self.standardize:
             data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
-        if self.head != "deit":
-            for key in ("head_depth", "head_preset", "head_weights"):
+        used = {f"head_{option}" for option in get_head(self.head).options}
+        for key in ("head_depth", "head_preset", "head_weights"):
+            if key not in used:
                 data.pop(key)
         return data
 
@@ -81,21 +82,17 @@ class FitResult:
 def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:
     """The head for `config`, initialised from `config.seed` alone (the same weights in a sweep or alone)."""
     torch.manual_seed(config.seed)
-    options = config.head_options()
-    if config.head == "deit":
-        side = math.isqrt(row_shape[0])
-        options["grid"] = (side, side) if side * side == row_shape[0] else None
-    return build_head(config.head, row_shape[-1], outputs, **options)
+    return build_head(config.head, row_shape, outputs, **config.head_options())
 
 
-def train_head(config: TrainConfig, source: FeatureSource, task: dict[str, Any], device: torch.device, progress: Progress | None = None) -> FitResult:
+def train_head(config: TrainConfig, source: FeatureSource, task: Task, device: torch.device, progress: Progress | None = None) -> FitResult:
     """Train one head from cached features (see `fit`)."""
-    head = make_head(config, source.row_shape, num_outputs(task))
+    head = make_head(config, source.row_shape, task.num_outputs)
     return fit([head], [config], source, task, device, progress)[0]
 
 
 def fit(
-    heads: list[nn.Module], configs: list[TrainConfig], source: FeatureSource, task: dict[str, Any],
+    heads: list[nn.Module], configs: list[TrainConfig], source: FeatureSource, task: Task,
     device: torch.device, progress: Progress | None = None,
 ) -> list[FitResult]:
     """Train heads together, one pass over the train split per epoch; each keeps its best-validation weights.
@@ -115,10 +112,12 @@ def fit(
                 head.standardize(mean, std)
     model = stack_heads(heads).to(device)
     optimizer = model.optimizer([c.lr for c in configs], [c.weight_decay for c in configs])
-    scheduler = warmup_then_constant(optimizer, round(shared.warmup_epochs * source.steps_per_epoch()))
+    warmup = STUDY.warmup_steps(source.steps_per_epoch()) if shared.warmup_steps is None else shared.warmup_steps
+    scheduler = warmup_then_constant(optimizer, warmup)
     criterion = loss_fn(task, reduction="none")
-    amp = device.type == "cuda"
-    metric = task["primary_metric"]
+    amp = precision(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.needs_scaler)
+    metric = task.primary_metric
     best: list[dict[str, Any] | None] = [None] * len(heads)
     stopped = [False] * len(heads)
     history: list[list[dict[str, Any]]] = [[] for _ in heads]
@@ -131,18 +130,20 @@ def fit(
         loss_sum, steps = torch.zeros(len(heads), device=device), 0
         for batch in source.train_batches((shared.data_seed, epoch)):
             x, y = _tensors(batch, task, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
                 logits = model(x)
             losses = _per_head_loss(criterion, logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            scaler.scale(losses.sum()).backward()
+            scaler.unscale_(optimizer)
             if shared.grad_clip:
                 model.clip_grad_norm_(shared.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             loss_sum += losses.detach()
             steps += 1
-        val_logits, val_labels = predict(model, source, "val", task, device)
+        val_logits, val_labels = predict(model, source, "val", task, device, amp.dtype)
         val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
         train_losses = (loss_sum / max(steps, 1)).tolist()
         for k in range(len(heads)):
@@ -151,7 +152,7 @@ def fit(
             score = primary_score(task, val_labels, val_logits[k])
             history[k].append({"epoch": epoch, "lr": model.head_lr(optimizer, k), "train_loss": train_losses[k],
                                "val_loss": float(val_losses[k]), f"val_{metric}": score, "seconds": round(time.perf_counter() - start, 3)})
-            if best[k] is None or _better(score, best[k]["score"]):
+            if improves(score, None if best[k] is None else best[k]["score"]):
                 best[k] = {"epoch": epoch, "score": score, "val_logits": val_logits[k], "state": model.head_state(k)}
             elif shared.patience and epoch - best[k]["epoch"] >= shared.patience:
                 stopped[k] = True
@@ -164,7 +165,7 @@ def fit(
     # --- test, once, with each head's best-validation weights
     for k, b in enumerate(best):
         model.load_head_state(k, b["state"])
-    test_logits, test_labels = predict(model, source, "test", task, device)
+    test_logits, test_labels = predict(model, source, "test", task, device, None)  # fp32, as the study
     return [
         FitResult(c, b["epoch"], b["score"], compute_metrics(task, val_labels, b["val_logits"]),
                   compute_metrics(task, test_labels, test_logits[k]), history[k], b["state"], train_seconds,
@@ -187,25 +188,27 @@ def feature_stats(source: FeatureSource) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, source: FeatureSource, split: str, task: dict[str, Any], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [H, N, C] of every valid row of `split` (one pass) and the labels in the same order."""
+def predict(
+    model: nn.Module, source: FeatureSource, split: str, task: Task, device: torch.device, amp: torch.dtype | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [H, N, C] of every valid row of `split` (one pass, under autocast `amp` unless None) and the labels."""
     model.eval()
     logits, labels = [], []
     for batch in source.eval_batches(split):
         x, _ = _tensors(batch, task, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits.append(model(x).float().cpu())
         labels.append(batch.labels)
     return torch.cat(logits, dim=1).numpy(), np.concatenate(labels)
 
 
-def _tensors(batch: Batch, task: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensors(batch: Batch, task: Task, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(np.ascontiguousarray(batch.features)).to(device, dtype=torch.float32, non_blocking=True)
     return x, _label_tensor(batch.labels, task, device)
 
 
-def _label_tensor(labels: np.ndarray, task: dict[str, Any], device: torch.device) -> torch.Tensor:
-    dtype = torch.float32 if task["kind"] == "multilabel" else torch.int64
+def _label_tensor(labels: np.ndarray, task: Task, device: torch.device) -> torch.Tensor:
+    dtype = torch.float32 if task.kind == "multilabel" else torch.int64
     return torch.as_tensor(labels, dtype=dtype, device=device)
 
 
@@ -216,9 +219,3 @@ def _per_head_loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) 
         known = (~torch.isnan(y)).sum().clamp(min=1)
         return criterion(logits, y.expand(heads, -1, -1)).sum(dim=(1, 2)) / known
     return criterion(logits.flatten(0, 1), y.repeat(heads)).view(heads, rows).mean(dim=1)
-
-
-def _better(score: float, best: float) -> bool:
-    """Strictly higher validation score; an undefined (NaN) score never wins."""
-    return math.isfinite(score) and (not math.isfinite(best) or score > best)
-

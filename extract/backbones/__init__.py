@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.backbones.base import Backbone, BackboneSpec, DataConfig, Features
 from extract.backbones.weights import ResolvedWeights, resolve_weights
 
@@ -55,7 +55,11 @@ def create_backbone(
     # or repeated extraction with `--weights random` stays consistent with its fingerprint.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = spec.build(resolved.path, image_size=image_size, in_chans=in_chans, **overrides)
+        model = spec.build(resolved.path, image_size=image_size, **overrides)
+    if in_chans == 1:
+        model.use_one_channel()
+    elif in_chans != 3:
+        raise MedfmError(f"in_chans must be 1 (grayscale) or 3, got {in_chans}")
     model.weights = resolved
     return model.eval()
 

@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from cache.schema import resolve_layer
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,12 +45,14 @@ class Backbone(nn.Module):
     """
 
     blocks: nn.ModuleList
+    first_conv: str  # path of the input convolution (timm's `first_conv`), rebuilt for one-channel input
 
     def __init__(self, data_config: DataConfig, pooled_dim: int, token_dim: int) -> None:
         super().__init__()
         self.data_config = data_config
         self.pooled_dim = pooled_dim
         self.token_dim = token_dim
+        self.in_chans = 3
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -62,14 +66,8 @@ class Backbone(nn.Module):
         return len(self.blocks)
 
     def resolve_layers(self, layers: Sequence[int]) -> list[int]:
-        """Turn -1-style indices into sorted block indices; bad indices are a ValueError."""
-        out = set()
-        for i in layers:
-            j = i + self.num_layers if i < 0 else i
-            if not 0 <= j < self.num_layers:
-                raise ValueError(f"layer {i} is out of range for {self.num_layers} blocks")
-            out.add(j)
-        return sorted(out)
+        """Turn -1-style indices into sorted block indices (the rule of `cache.schema.resolve_layer`)."""
+        return sorted({resolve_layer(i, self.num_layers) for i in layers})
 
     def forward_layers(self, x: torch.Tensor, layers: Sequence[int] = (-1,)) -> dict[int, Features]:
         """Features of each requested block (non-negative index -> Features) from one forward pass."""
@@ -93,13 +91,16 @@ class Backbone(nn.Module):
             feats = self(torch.zeros(1, chans, size, size, device=next(self.parameters()).device))
         return tuple(feats.tokens.shape[1:])  # type: ignore[return-value]
 
-    @property
-    def in_chans(self) -> int:
-        return int(getattr(self, "_in_chans", 3))
+    def use_one_channel(self) -> None:
+        """Take grayscale input: the first conv keeps only its pretrained R-channel kernel (the study's recipe)."""
+        parent, _, name = self.first_conv.rpartition(".")
+        owner = self.get_submodule(parent) if parent else self
+        setattr(owner, name, single_channel_conv(getattr(owner, name)))
+        self.in_chans = 1
 
 
 Builder = Callable[..., Backbone]
-"""builder(state_dict_or_None, image_size=..., in_chans=..., **overrides) -> Backbone"""
+"""builder(weights_path_or_None, image_size=..., **overrides) -> Backbone (three input channels; see `use_one_channel`)"""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.backbones import register
 from extract.backbones.base import (
     CLIP_MEAN,
@@ -24,7 +24,6 @@ from extract.backbones.base import (
     DataConfig,
     Features,
     count_parameters,
-    single_channel_conv,
 )
 from extract.backbones.timm_family import TimmViT, create_timm_model
 from extract.backbones.weights import load_state_dict, take_prefix
@@ -39,6 +38,8 @@ def blip_data_config(image_size: int) -> DataConfig:
 class HFBlipVision(Backbone):
     """transformers' BLIP vision model: pooled = CLS after the post-LayerNorm (once, not HF's double-normed
     pooler_output); tokens = the normed patch tokens. Position embeddings are interpolated to the input size."""
+
+    first_conv = "model.embeddings.patch_embedding"
 
     def __init__(self, vision: nn.Module, image_size: int) -> None:
         dim = vision.config.hidden_size
@@ -83,21 +84,13 @@ def original_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def build(weights: Path | None, *, image_size: int | None = None, in_chans: int = 3, **overrides: Any) -> Backbone:
+def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
     size = image_size or 224
     if weights is not None and weights.is_dir():
-        vision = hf_vision_model(weights)
-        if in_chans == 1:
-            vision.embeddings.patch_embedding = single_channel_conv(vision.embeddings.patch_embedding)
-        backbone: Backbone = HFBlipVision(vision, size)
-    else:
-        state_dict = original_state_dict(weights) if weights is not None else None
-        model = create_timm_model(TIMM_NAME, state_dict, img_size=size, **overrides)
-        if in_chans == 1:
-            model.patch_embed.proj = single_channel_conv(model.patch_embed.proj)
-        backbone = TimmViT(model, size, data_config=blip_data_config(size))
-    backbone._in_chans = in_chans
-    return backbone
+        return HFBlipVision(hf_vision_model(weights), size)
+    state_dict = original_state_dict(weights) if weights is not None else None
+    model = create_timm_model(TIMM_NAME, state_dict, img_size=size, **overrides)
+    return TimmViT(model, size, data_config=blip_data_config(size))
 
 
 def count_params() -> int:

@@ -23,7 +23,6 @@ from extract.backbones.base import (
     DataConfig,
     Features,
     count_parameters,
-    single_channel_conv,
 )
 from extract.backbones.weights import load_state_dict, load_strict, take_prefix
 
@@ -56,6 +55,8 @@ def visual_state_dict(path: Path, visual: nn.Module) -> dict[str, torch.Tensor]:
 class OpenCLIPBackbone(Backbone):
     """pooled = the projected image embedding (512); tokens = the 196 patch tokens after ln_post (768)."""
 
+    first_conv = "model.conv1"
+
     def __init__(self, visual: nn.Module, image_size: int) -> None:
         super().__init__(DataConfig(image_size, CLIP_MEAN, CLIP_STD, "bicubic"), visual.output_dim, visual.conv1.out_channels)
         self.model = visual
@@ -72,18 +73,14 @@ class OpenCLIPBackbone(Backbone):
         return Features(pooled @ self.model.proj, tokens)
 
 
-def build(weights: Path | None, *, image_size: int | None = None, in_chans: int = 3, **overrides: Any) -> Backbone:
+def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
     size = image_size or 224
     visual = visual_tower(size, **overrides)
     if not visual.transformer.batch_first:
         raise ValueError("open_clip built a sequence-first transformer; this wrapper feeds (batch, tokens, dim)")
     if weights is not None:
         load_strict(visual, visual_state_dict(weights, visual), weights, f"open_clip {MODEL}'s image tower")
-    if in_chans == 1:
-        visual.conv1 = single_channel_conv(visual.conv1)
-    backbone = OpenCLIPBackbone(visual, size)
-    backbone._in_chans = in_chans
-    return backbone
+    return OpenCLIPBackbone(visual, size)
 
 
 def count_params() -> int:

@@ -27,7 +27,6 @@ from extract.backbones.base import (
     DataConfig,
     Features,
     count_parameters,
-    single_channel_conv,
 )
 from extract.backbones.weights import load_state_dict, load_strict, take_prefix
 
@@ -67,6 +66,8 @@ def fit_checkpoint(state_dict: dict[str, torch.Tensor], encoder: nn.Module) -> d
 class SAMBackbone(Backbone):
     """pooled = mean of the last block's 14x14 map (768); tokens = that map as 196 tokens. No CLS token."""
 
+    first_conv = "model.patch_embed.proj"
+
     def __init__(self, encoder: nn.Module, image_size: int) -> None:
         dim = encoder.patch_embed.proj.out_channels
         super().__init__(DataConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), dim, dim)
@@ -83,16 +84,12 @@ class SAMBackbone(Backbone):
         return Features(h.mean((1, 2)), h.flatten(1, 2))
 
 
-def build(weights: Path | None, *, image_size: int | None = None, in_chans: int = 3, **overrides: Any) -> Backbone:
+def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
     size = image_size or 224
     encoder = sam_encoder(size, **overrides)
     if weights is not None:
         load_strict(encoder, fit_checkpoint(load_state_dict(weights), encoder), weights, "the SAM ViT-B image encoder")
-    if in_chans == 1:
-        encoder.patch_embed.proj = single_channel_conv(encoder.patch_embed.proj)
-    backbone = SAMBackbone(encoder, size)
-    backbone._in_chans = in_chans
-    return backbone
+    return SAMBackbone(encoder, size)
 
 
 def count_params() -> int:

@@ -26,7 +26,6 @@ from extract.backbones.base import (
     DataConfig,
     Features,
     count_parameters,
-    single_channel_conv,
 )
 from extract.backbones.weights import load_state_dict, load_strict, take_prefix
 
@@ -165,6 +164,8 @@ class FocalNetDW(nn.Module):
 class SEEMBackbone(Backbone):
     """blocks = the four stages; pooled = spatial mean of a stage's normed map; tokens = that map (res5: 49 x 768)."""
 
+    first_conv = "model.patch_embed.proj"
+
     def __init__(self, model: FocalNetDW, image_size: int) -> None:
         super().__init__(DataConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), model.dims[-1], model.dims[-1])
         self.model = model
@@ -185,15 +186,11 @@ def seem_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return take_prefix(state_dict, "backbone.") if any(k.startswith("backbone.") for k in state_dict) else state_dict
 
 
-def build(weights: Path | None, *, image_size: int | None = None, in_chans: int = 3, **overrides: Any) -> Backbone:
+def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
     model = FocalNetDW(**{**FOCAL_T, **overrides})
     if weights is not None:
         load_strict(model, seem_state_dict(weights), weights, "SEEM's Focal-T (focal_dw) backbone")
-    if in_chans == 1:
-        model.patch_embed.proj = single_channel_conv(model.patch_embed.proj)
-    backbone = SEEMBackbone(model, image_size or 224)
-    backbone._in_chans = in_chans
-    return backbone
+    return SEEMBackbone(model, image_size or 224)
 
 
 def count_params() -> int:

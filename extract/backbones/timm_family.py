@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from extract.backbones import register
-from extract.backbones.base import Backbone, BackboneSpec, DataConfig, Features, count_parameters, single_channel_conv
+from extract.backbones.base import Backbone, BackboneSpec, DataConfig, Features, count_parameters
 from extract.backbones.weights import load_state_dict, mismatch_error
 
 
@@ -45,6 +45,8 @@ class TimmViT(Backbone):
     `prenorm_tokens` keeps the tokens before the final norm (the study's DINOv2 DeiT-head input).
     """
 
+    first_conv = "model.patch_embed.proj"
+
     def __init__(self, model: nn.Module, image_size: int, prenorm_tokens: bool = False, data_config: DataConfig | None = None) -> None:
         super().__init__(data_config or timm_data_config(model, image_size), model.embed_dim, model.embed_dim)
         self.model = model
@@ -67,6 +69,8 @@ class TimmViT(Backbone):
 class TimmResNet(Backbone):
     """A timm ResNet: blocks = layer1..layer4; pooled = global average pool; tokens = the final map."""
 
+    first_conv = "model.conv1"
+
     def __init__(self, model: nn.Module, image_size: int) -> None:
         super().__init__(timm_data_config(model, image_size), model.num_features, model.num_features)
         self.model = model
@@ -85,25 +89,17 @@ class TimmResNet(Backbone):
 
 
 def _vit_builder(model_name: str, prenorm_tokens: bool = False):
-    def build(weights: Path | None, *, image_size: int | None = None, in_chans: int = 3, **overrides: Any) -> Backbone:
+    def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
         size = image_size or overrides.pop("img_size", 224)
         model = create_timm_model(model_name, weights, img_size=size, **overrides)
-        if in_chans == 1:
-            model.patch_embed.proj = single_channel_conv(model.patch_embed.proj)
-        backbone = TimmViT(model, size, prenorm_tokens)
-        backbone._in_chans = in_chans
-        return backbone
+        return TimmViT(model, size, prenorm_tokens)
 
     return build
 
 
-def _build_resnet(weights: Path | None, *, image_size: int | None = None, in_chans: int = 3, **overrides: Any) -> Backbone:
+def _build_resnet(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
     model = create_timm_model("resnet152.tv_in1k", weights, **overrides)
-    if in_chans == 1:
-        model.conv1 = single_channel_conv(model.conv1)
-    backbone = TimmResNet(model, image_size or 224)
-    backbone._in_chans = in_chans
-    return backbone
+    return TimmResNet(model, image_size or 224)
 
 
 def _count_at_native(model_name: str):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cache.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict, unwrap_state_dict
-from cache.errors import MedfmError
+from common.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict, unwrap_state_dict
+from common.errors import MedfmError
 from extract.backbones.base import BackboneSpec
 
 __all__ = ["load_state_dict", "unwrap_state_dict"]  # re-exported: every family loads through these
@@ -57,8 +58,21 @@ def missing_weights_message(spec: BackboneSpec) -> str:
     )
 
 
-def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
-    """`default` | `random` | PATH -> the file to load (and its sha256), or a clear error."""
+def resolve_weights(spec: BackboneSpec, weights: str, warn: Callable[[str], object] | None = None) -> ResolvedWeights:
+    """`default` | `random` | `auto` | PATH -> the file to load (and its sha256), or a clear error.
+
+    `auto` means the official weights when present, else random weights, announced loudly through `warn`.
+    """
+    if weights == "auto":
+        if find_default_weights(spec) is not None:
+            return resolve_weights(spec, "default")
+        if warn is None:
+            from rich.console import Console
+
+            warn = Console(stderr=True).print
+        warn(f"[bold red]WARNING: RANDOM WEIGHTS for {spec.name}[/]: {missing_weights_message(spec)}. "
+                        "Scores from these features say nothing about the pretrained model.")
+        return ResolvedWeights("random", None, None)
     if weights == "random":
         return ResolvedWeights("random", None, None)
     if weights == "default":

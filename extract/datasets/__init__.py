@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets.base import DatasetSource, Split, Task
 
 

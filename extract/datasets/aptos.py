@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Task, as_int, make_splits, read_table, require_file, require_root
 from extract.datasets.splits import STUDY_SEED, study_holdout
@@ -18,6 +18,7 @@ from extract.datasets.splits import STUDY_SEED, study_holdout
 CLASSES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")
 LAYOUT = "train.csv (id_code, diagnosis) and train_images/<id_code>.png, as unzipped from Kaggle"
 HOLDOUT = 0.3
+TASK = Task("multiclass", CLASSES, "quadratic_kappa")  # declared at import: a bad metric fails here
 
 
 def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
@@ -35,7 +36,7 @@ def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
     parts = study_holdout(len(ids), HOLDOUT, split_seed)
     return DatasetSource(
         name="aptos2019",
-        task=Task("multiclass", CLASSES, "quadratic_kappa"),
+        task=TASK,
         splits=make_splits(parts, ids, labels, images),
         options={"split_seed": split_seed},
         study_norm=((0.415, 0.221, 0.073), (0.275, 0.150, 0.081)),

@@ -7,7 +7,7 @@ bad-image handling and caching are shared (here and in the runner).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +15,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cache.errors import MedfmError
+from cache.schema import Task
+from common.errors import MedfmError
 from extract.datasets.splits import stratified_split  # noqa: F401  (re-exported for dataset modules)
 
-TASK_KINDS = ("multiclass", "binary", "multilabel")
-DEFAULT_METRIC = {"multiclass": "accuracy", "binary": "roc_auc", "multilabel": "mean_roc_auc"}
-
-
-@dataclass(frozen=True)
-class Task:
-    """What is predicted and how it is scored; it travels inside the cache to the probes."""
-
-    kind: str  # multiclass | binary | multilabel
-    class_names: tuple[str, ...]
-    primary_metric: str  # accuracy | quadratic_kappa | macro_recall | roc_auc | mean_roc_auc
-
-    def __post_init__(self) -> None:
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"task kind {self.kind} not in {TASK_KINDS}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
+__all__ = ["DatasetSource", "Split", "Task", "stratified_split"]
 
 @dataclass
 class Split:

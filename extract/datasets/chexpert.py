@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Task, as_int, choice, make_splits, read_table, require_root
 from extract.datasets.splits import STUDY_SEED, grouped_split
@@ -38,6 +38,7 @@ LAYOUT = ("the CheXpert-v1.0-small (or CheXpert-v1.0) folder: train.csv (Path, 1
 HOLDOUT = 0.2
 CUT_EXTRA = 15  # the study's "+15 ... to make a better patient split"
 PATIENT_FRACTIONS = (0.8, 0.1, 0.1)
+TASK = Task("multilabel", LABELS, "mean_roc_auc")  # declared at import: a bad metric fails here
 
 
 def find_root(root: Path) -> Path:
@@ -104,7 +105,7 @@ def build(root: Path | None, *, policy: str = "zeros", split: str = "study", spl
         options = {"policy": policy, "split": split, "split_seed": split_seed}
     return DatasetSource(
         name="chexpert",
-        task=Task("multilabel", LABELS, "mean_roc_auc"),
+        task=TASK,
         splits=make_splits(parts, ids, apply_policy(raw, policy), [image_path(root, p) for p in ids]),
         grayscale=True,
         options=options,

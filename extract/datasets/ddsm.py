@@ -18,13 +18,16 @@ import pandas as pd
 import pydicom
 from PIL import Image
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Split, Task, as_int, choice, make_splits, read_table, require_file, require_root
 from extract.datasets.splits import STUDY_SEED, grouped_holdout
 
 # --- ddsm (MIT-CSAIL release)
 PREFIX_LABEL = {"normal": 0, "benign": 1, "cancer": 2}
+# Tasks are declared at import, so a bad metric name fails here. The study merges benign and cancer (2 classes).
+DDSM_TASK = Task("binary", ("normal", "abnormal"), "roc_auc")
+DDSM_TASK_3 = Task("multiclass", ("normal", "benign", "cancer"), "roc_auc")
 LIST_DIR, IMAGE_DIR = "ddsm_raw_image_lists", "ddsm_raw"
 DDSM_LAYOUT = f"{IMAGE_DIR}/<image> and {LIST_DIR}/{{train,val,test}}.txt (one image path per line, named normal_*, benign_*, cancer_*)"
 
@@ -50,8 +53,7 @@ def build_ddsm(root: Path | None, *, classes: int = 2) -> DatasetSource:
         ids = read_list(list_file)
         labels = np.array([label_of(i, list_file) for i in ids], dtype=np.int64)
         splits[name] = Split(ids, np.minimum(labels, classes - 1), [root / IMAGE_DIR / i for i in ids])
-    task = (Task("binary", ("normal", "abnormal"), "roc_auc") if classes == 2
-            else Task("multiclass", ("normal", "benign", "cancer"), "roc_auc"))
+    task = DDSM_TASK if classes == 2 else DDSM_TASK_3
     return DatasetSource("ddsm", task, splits, grayscale=True, options={"classes": classes}, study_norm=((0.286,), (0.267,)))
 
 
@@ -62,6 +64,7 @@ PATHOLOGY = {"BENIGN": 0, "BENIGN_WITHOUT_CALLBACK": 0, "MALIGNANT": 1}
 CBIS_LAYOUT = ("{mass,calc}_case_description_{train,test}_set.csv and the DICOM download (folders such as "
                "Mass-Training_P_00001_LEFT_CC/.../*.dcm, directly or under CBIS-DDSM/)")
 VAL_FRACTION = 0.1
+CBIS_TASK = Task("binary", ("benign", "malignant"), "roc_auc")
 
 
 def read_dicom(path: Path) -> Image.Image:
@@ -123,7 +126,7 @@ def build_cbis(root: Path | None, *, abnormality: str = "both", split_seed: int 
     images = [locate_dicom(bases, p) for p in table["path"]]
     return DatasetSource(
         name="cbis-ddsm",
-        task=Task("binary", ("benign", "malignant"), "roc_auc"),
+        task=CBIS_TASK,
         splits=make_splits(parts, ids, table["label"].to_numpy(np.int64), images),
         grayscale=True,
         load_image=read_dicom,

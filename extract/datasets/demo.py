@@ -18,6 +18,7 @@ from extract.datasets.base import DatasetSource, Split, Task, stratified_split
 CLASSES = ("disc", "ring", "bars", "checker")
 TINTS = np.array([[1.0, 0.55, 0.45], [0.5, 0.9, 0.55], [0.5, 0.6, 1.0], [0.95, 0.9, 0.45]])
 SIZE = 96
+TASK = Task("multiclass", CLASSES, "accuracy")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def build(root: Path | None = None, *, per_class: int = 60, split_seed: int = 0,
     }
     return DatasetSource(
         name="demo",
-        task=Task("multiclass", CLASSES, "accuracy"),
+        task=TASK,
         splits=splits,
         load_image=DemoImages(),
         options={"per_class": per_class, "split_seed": int(split_seed)},

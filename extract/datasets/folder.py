@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
-from extract.datasets.base import DEFAULT_METRIC, DatasetSource, Task, as_int, make_splits, read_table, require_root
+from extract.datasets.base import DatasetSource, Task, as_int, make_splits, read_table, require_root
 from extract.datasets.splits import SPLIT_NAMES, grouped_split, stratified_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -24,7 +24,7 @@ FOLDER_LAYOUT = "root/<class>/<image>, or root/{train,val,test}/<class>/<image> 
 
 def classification_task(classes: tuple[str, ...]) -> Task:
     kind = "binary" if len(classes) == 2 else "multiclass"
-    return Task(kind, classes, DEFAULT_METRIC[kind])
+    return Task(kind, classes)
 
 
 def seeded_split(ids: list[str], labels: np.ndarray, groups: list[str] | None, seed: int) -> dict[str, np.ndarray]:

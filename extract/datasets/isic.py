@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Task, as_int, make_splits, read_table, require_file, require_root
 from extract.datasets.splits import STUDY_SEED, study_holdout
@@ -22,6 +22,7 @@ GROUND_TRUTH = "ISIC_2019_Training_GroundTruth.csv"
 IMAGE_DIRS = ("ISIC_2019_Training_Input/ISIC_2019_Training_Input", "ISIC_2019_Training_Input", "train")
 LAYOUT = f"{GROUND_TRUTH} (image, MEL..SCC, UNK one-hot) and ISIC_2019_Training_Input/<image>.jpg"
 HOLDOUT = 0.2
+TASK = Task("multiclass", CLASSES, "macro_recall")  # declared at import: a bad metric fails here
 
 
 def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
@@ -43,7 +44,7 @@ def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
     parts = study_holdout(len(ids), HOLDOUT, split_seed)
     return DatasetSource(
         name="isic2019",
-        task=Task("multiclass", CLASSES, "macro_recall"),
+        task=TASK,
         splits=make_splits(parts, ids, onehot.argmax(axis=1).astype(np.int64), images),
         options={"split_seed": split_seed},
         study_norm=((0.6678, 0.5296, 0.5243), (0.2238, 0.2036, 0.2154)),

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cache.errors import MedfmError
+from cache.schema import TASK_KINDS
+from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
-from extract.datasets.base import DEFAULT_METRIC, TASK_KINDS, DatasetSource, Split, Task, choice, require_root
+from extract.datasets.base import DatasetSource, Split, Task, choice, require_root
 
 SPLITS = ("train", "val", "test")
 LAYOUT = "a MedMNIST .npz file (--root FILE.npz, or a folder with one .npz) holding {train,val,test}_{images,labels}"
@@ -70,7 +71,7 @@ def build(root: Path | None, *, task: str = "auto", classes: str = "") -> Datase
     }
     return DatasetSource(
         name="medmnist",
-        task=Task(kind, names, DEFAULT_METRIC[kind]),
+        task=Task(kind, names),
         splits=splits,
         grayscale=arrays["train_images"].ndim == 3,
         load_image=Image.fromarray,

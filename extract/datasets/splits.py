@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 
 SPLIT_NAMES = ("train", "val", "test")
 STUDY_SEED = 42

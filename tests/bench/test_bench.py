@@ -15,7 +15,7 @@ from bench.common import SUMMARY_ENV, at_least, at_most, fastest_rounds, met, re
 from bench.online import OnlineFeatures
 from cache.store import CacheReader
 from extract.runner import ExtractConfig, extract
-from tests.extract.tiny import TINY_DEIT, TINY_SIZE
+from tests.tiny import TINY_SIZE, TINY_VIT
 
 
 def test_each_record_is_appended_to_the_summary_with_its_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,9 +40,9 @@ def test_fastest_rounds_keeps_each_contenders_quickest_round() -> None:
 def test_online_features_are_the_features_the_cache_holds(tmp_path: Path) -> None:
     """The online baseline differs from the cache only by recomputing: same rows, labels and values."""
     cfg = ExtractConfig(backbone="deit", dataset="demo", weights="random", out=tmp_path, image_size=TINY_SIZE, device="cpu",
-                        dataset_options={"per_class": 5}, overrides=TINY_DEIT)
+                        dataset_options={"per_class": 5}, overrides=TINY_VIT)
     path = extract(cfg, Console(file=open(os.devnull, "w"))).path
-    online = OnlineFeatures("deit", TINY_DEIT, TINY_SIZE, 5, "pooled", 4, torch.device("cpu"))
+    online = OnlineFeatures("deit", TINY_VIT, TINY_SIZE, 5, "pooled", 4, torch.device("cpu"))
     with CacheReader(path) as reader:
         for split in ("val", "test"):
             batches = list(online.eval_batches(split))
@@ -50,4 +50,4 @@ def test_online_features_are_the_features_the_cache_holds(tmp_path: Path) -> Non
             np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), reader.labels(split))
     train = list(online.train_batches((0, 1)))
     assert len(train) == online.steps_per_epoch() == 12 // 4 and online.passes["train"] == 1
-    assert all(b.features.shape == (4, TINY_DEIT["embed_dim"]) for b in train)
+    assert all(b.features.shape == (4, TINY_VIT["embed_dim"]) for b in train)

@@ -10,6 +10,7 @@ import numpy as np
 from cache.store import CacheWriter, partial_path, shard_path
 from tests.cache.test_store import FP, make_plan, write_all, write_shard
 from tests.conftest import cli
+from tests.tiny import META
 
 
 def cache_cmd(*args: str) -> subprocess.CompletedProcess:
@@ -19,7 +20,7 @@ def cache_cmd(*args: str) -> subprocess.CompletedProcess:
 
 def make_cache(root: Path, complete: bool = True) -> Path:
     path = root / "deit" / "demo-abc.h5"
-    writer = CacheWriter.open(path, FP, {"backbone": {"name": "deit"}, "dataset": {"name": "demo"}}, make_plan(n=4))
+    writer = CacheWriter.open(path, FP, META, make_plan(n=4))
     if complete:
         write_all(writer)
         return writer.finalize()
@@ -66,7 +67,7 @@ def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
 def test_ls_lists_the_shards_of_a_torchrun_extraction_and_rm_removes_them(tmp_path: Path) -> None:
     path, plan = tmp_path / "deit" / "demo-abc.h5", make_plan(n=4)
     shard = write_shard(path, plan, 0, 2)
-    unfinished = CacheWriter.open(shard_path(path, 1, 2), FP, {"backbone": {"name": "deit"}}, plan)
+    unfinished = CacheWriter.open(shard_path(path, 1, 2), FP, META, plan)
     unfinished.close()
     (tmp_path / "deit" / "demo-abc.splits.json").write_text("{}")
     listed = cache_cmd("ls", str(tmp_path)).stdout

@@ -8,8 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cache.errors import MedfmError
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, shard_path, verify
+from common.errors import MedfmError
+from tests.tiny import META
 
 FP = "f" * 64
 
@@ -37,12 +38,12 @@ def write_all(writer: CacheWriter, batch: int = 4) -> None:
 
 def test_complete_file_round_trips_rows_labels_and_meta(tmp_path: Path) -> None:
     path = tmp_path / "c.h5"
-    writer = CacheWriter.open(path, FP, {"task": {"kind": "multiclass"}}, make_plan())
+    writer = CacheWriter.open(path, FP, META, make_plan())
     write_all(writer)
     writer.finalize()
     assert not partial_path(path).exists()
     with CacheReader(path) as reader:
-        assert reader.fingerprint == FP and reader.task == {"kind": "multiclass"}
+        assert reader.fingerprint == FP and reader.meta == META and reader.task == META.task
         assert reader.ids("val")[3] == "val-3"
         np.testing.assert_array_equal(reader.labels("train"), np.arange(10) % 3)
         np.testing.assert_array_equal(reader.features("test")[:, 0], np.arange(10) + 200)
@@ -55,12 +56,12 @@ def test_complete_file_round_trips_rows_labels_and_meta(tmp_path: Path) -> None:
 def test_partial_file_is_refused_by_reader_and_resumed_by_writer(tmp_path: Path) -> None:
     path = tmp_path / "c.h5"
     plan = make_plan()
-    writer = CacheWriter.open(path, FP, {}, plan)
+    writer = CacheWriter.open(path, FP, META, plan)
     writer.write("train", 0, rows_for("train", 0, 4))
     writer.close()
     with pytest.raises(MedfmError, match="incomplete"):
         CacheReader(path)
-    resumed = CacheWriter.open(path, FP, {}, plan)
+    resumed = CacheWriter.open(path, FP, META, plan)
     assert resumed.rows("train") == 4 and resumed.rows("val") == 0
     write_all(resumed)
     resumed.finalize()
@@ -70,17 +71,17 @@ def test_partial_file_is_refused_by_reader_and_resumed_by_writer(tmp_path: Path)
 
 def test_partial_file_with_other_fingerprint_is_started_over(tmp_path: Path) -> None:
     path = tmp_path / "c.h5"
-    writer = CacheWriter.open(path, FP, {}, make_plan())
+    writer = CacheWriter.open(path, FP, META, make_plan())
     writer.write("train", 0, rows_for("train", 0, 4))
     writer.close()
-    fresh = CacheWriter.open(path, "0" * 64, {}, make_plan())
+    fresh = CacheWriter.open(path, "0" * 64, META, make_plan())
     assert fresh.rows("train") == 0
     fresh.close()
 
 
 def test_finalize_refuses_short_splits_and_leaves_no_complete_file(tmp_path: Path) -> None:
     path = tmp_path / "c.h5"
-    writer = CacheWriter.open(path, FP, {}, make_plan())
+    writer = CacheWriter.open(path, FP, META, make_plan())
     writer.write("train", 0, rows_for("train", 0, 10))
     with pytest.raises(MedfmError, match="has 0 of 10 rows"):
         writer.finalize()
@@ -91,16 +92,16 @@ def test_finalize_refuses_short_splits_and_leaves_no_complete_file(tmp_path: Pat
 
 def test_complete_file_is_never_overwritten(tmp_path: Path) -> None:
     path = tmp_path / "c.h5"
-    writer = CacheWriter.open(path, FP, {}, make_plan(n=2))
+    writer = CacheWriter.open(path, FP, META, make_plan(n=2))
     write_all(writer)
     writer.finalize()
     with pytest.raises(MedfmError, match="already exists"):
-        CacheWriter.open(path, FP, {}, make_plan(n=2))
+        CacheWriter.open(path, FP, META, make_plan(n=2))
 
 
 def test_verify_reports_non_finite_values(tmp_path: Path) -> None:
     path = tmp_path / "c.h5"
-    writer = CacheWriter.open(path, FP, {}, make_plan(n=4))
+    writer = CacheWriter.open(path, FP, META, make_plan(n=4))
     write_all(writer)
     writer.finalize()
     with h5py.File(path, "r+") as f:
@@ -110,7 +111,7 @@ def test_verify_reports_non_finite_values(tmp_path: Path) -> None:
 
 def test_invalid_rows_are_dropped_by_reader(tmp_path: Path) -> None:
     path = tmp_path / "c.h5"
-    writer = CacheWriter.open(path, FP, {}, make_plan(n=4))
+    writer = CacheWriter.open(path, FP, META, make_plan(n=4))
     for split in ("train", "val", "test"):
         writer.write(split, 0, rows_for(split, 0, 4), valid=np.array([True, False, True, True]))
     writer.finalize()
@@ -125,21 +126,21 @@ def write_shard(path: Path, plan: dict[str, SplitPlan], rank: int, size: int, fi
     for split, sp in plan.items():
         start, stop = len(sp.ids) * rank // size, len(sp.ids) * (rank + 1) // size
         blocks[split] = (start, SplitPlan(sp.ids[start:stop], sp.labels[start:stop], sp.features))
-    writer = CacheWriter.open(shard_path(path, rank, size), fingerprint, {"skipped": []}, {s: b[1] for s, b in blocks.items()})
+    writer = CacheWriter.open(shard_path(path, rank, size), fingerprint, META, {s: b[1] for s, b in blocks.items()})
     for split, (start, block) in blocks.items():
         valid = np.array([i != bad for i in block.ids])
         writer.write(split, 0, rows_for(split, start, start + len(block.ids)), valid)
-    writer.set_meta(skipped=[bad] if bad in blocks["train"][1].ids else [])
+    writer.add_skipped([bad] if bad in blocks["train"][1].ids else [])
     return writer.finalize()
 
 
 def test_shards_join_in_rank_order_with_their_skipped_rows_then_go(tmp_path: Path) -> None:
     path, plan = tmp_path / "c.h5", make_plan(n=10)
     shards = [write_shard(path, plan, rank, 3, bad="train-7") for rank in range(3)]  # blocks of 3, 3 and 4 rows
-    join_shards(shards, path, FP, {"task": {}}, plan)
+    join_shards(shards, path, FP, META, plan)
     assert not any(s.exists() for s in shards)
     with CacheReader(path) as r:
-        assert r.meta["skipped"] == ["train-7"]
+        assert r.meta.skipped == ("train-7",)
         assert r.ids("train").tolist() == [f"train-{i}" for i in range(10) if i != 7]
         assert r.ids("test").tolist() == [f"test-{i}" for i in range(10)]
         np.testing.assert_array_equal(r.features("test"), rows_for("test", 0, 10)["pooled"])
@@ -150,5 +151,5 @@ def test_a_shard_of_other_settings_is_refused_and_nothing_is_lost(tmp_path: Path
     path, plan = tmp_path / "c.h5", make_plan(n=4)
     shards = [write_shard(path, plan, 0, 2), write_shard(path, plan, 1, 2, fingerprint="0" * 64)]
     with pytest.raises(MedfmError, match="other extraction settings"):
-        join_shards(shards, path, FP, {}, plan)
+        join_shards(shards, path, FP, META, plan)
     assert all(s.exists() for s in shards) and not path.exists()

@@ -10,6 +10,7 @@ import pytest
 
 from cache import store
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
+from tests.tiny import META
 
 N = 23  # not a multiple of the chunk rows: the last chunk is partly beyond the data
 
@@ -21,7 +22,7 @@ def cache_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     features = {"pooled": FeatureSpec((4,), "float32"), "tokens": FeatureSpec((3, 2), "float16")}
     plan = {"train": SplitPlan([f"r{i}" for i in range(N)], np.arange(N) % 2, features)}
     path = tmp_path / "c.h5"
-    writer = CacheWriter.open(path, "f" * 64, {}, plan)
+    writer = CacheWriter.open(path, "f" * 64, META, plan)
     rng = np.random.default_rng(0)
     for start in range(0, N, 6):
         n = min(6, N - start)
@@ -59,7 +60,7 @@ def test_compressed_arrays_fall_back_to_hdf5_reads(cache_file: Path) -> None:
 def test_opening_a_cache_allocates_its_chunks_without_writing_them(tmp_path: Path) -> None:
     """A 100 MB plan: every chunk has its place in the file at once, yet almost nothing is written."""
     plan = {"train": SplitPlan([f"r{i}" for i in range(500)], np.zeros(500, dtype=int), {"tokens": FeatureSpec((256, 384), "float16")})}
-    writer = CacheWriter.open(tmp_path / "big.h5", "f" * 64, {}, plan)
+    writer = CacheWriter.open(tmp_path / "big.h5", "f" * 64, META, plan)
     try:
         partial = tmp_path / "big.h5.partial"
         with h5py.File(partial, "r") as file:

@@ -10,19 +10,8 @@ from rich.console import Console
 
 from extract import cli as extract_cli
 from extract.backbones import create_backbone, get_spec, list_backbones
+from tests.tiny import TINY_BACKBONES as TINY
 
-TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
-# name -> (constructor overrides, input size, pooled dim, token shape): tiny instances of the same code paths
-TINY: dict[str, tuple[dict, int, int, tuple[int, int]]] = {
-    "sam": (dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=2), 64, 32, (16, 32)),
-    "seem": (dict(embed_dim=8, depths=(1, 1, 1, 1)), 64, 64, (4, 64)),
-    "dinov2": (TINY_VIT, 56, 32, (16, 32)),
-    "openclip": (dict(embed_dim=16, width=32, layers=2, head_width=16), 64, 16, (16, 32)),
-    "blip": (TINY_VIT, 64, 32, (16, 32)),
-    "deit": (TINY_VIT, 64, 32, (16, 32)),
-    "dino": (TINY_VIT, 64, 32, (16, 32)),
-    "resnet152": (dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64)), 64, 256, (4, 256)),
-}
 FIRST_CONV = {"openclip": "model.conv1", "resnet152": "model.conv1"}  # the rest: model.patch_embed.proj
 STUDY_PARAMS = {
     "sam": 88_883_456, "seem": 29_922_288, "dinov2": 86_579_712, "openclip": 86_192_640,

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
-from cache.errors import MedfmError
 from cache.store import CacheReader
+from common.errors import MedfmError
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from extract.runner import ExtractConfig, extract
 from extract.transforms import eval_transform, make_spec
-from tests.extract.test_backbones import TINY
-from tests.extract.test_backbones_reference import TINY_SAM, official_sam_file
+from tests.extract.test_backbones_reference import official_sam_file
+from tests.tiny import QUIET, TINY_SAM_REFERENCE
+from tests.tiny import TINY_BACKBONES as TINY
 
-QUIET = Console(file=open(os.devnull, "w"))
 DEMO = {"per_class": 5}  # 20 images: 12 train, 4 val, 4 test
 
 
@@ -41,16 +39,16 @@ def test_sam_with_random_weights_fills_a_cache_of_trunk_features(tmp_path: Path)
     with CacheReader(run(tmp_path, "sam")) as cache:
         assert cache.features("train").shape == (12, 32)
         assert cache.features("test", "tokens").shape == (4, 16, 32)
-        assert cache.meta["backbone"]["random_weights"] is True
+        assert cache.meta.backbone.random_weights is True
 
 
 def test_sam_with_a_local_weights_file_stores_that_models_features(tmp_path: Path) -> None:
     path, _ = official_sam_file(tmp_path, native=128)
     with CacheReader(run(tmp_path / "out", "sam", weights=str(path))) as cache:
         stored = cache.features("train")[0]
-        assert cache.meta["backbone"]["kind"] == "file" and len(cache.meta["backbone"]["sha256"]) == 64
-        x = first_train_image(cache.meta["transform"])
-    model = create_backbone("sam", str(path), image_size=64, **TINY_SAM)
+        assert cache.meta.backbone.weights["kind"] == "file" and len(cache.meta.backbone.weights["sha256"]) == 64
+        x = first_train_image(cache.meta.transform)
+    model = create_backbone("sam", str(path), image_size=64, **TINY_SAM_REFERENCE)
     with torch.inference_mode():
         np.testing.assert_allclose(stored, model(x).pooled[0].numpy(), atol=1e-4)
 
@@ -69,21 +67,21 @@ def test_dataset_norm_uses_train_statistics_and_enters_the_fingerprint(tmp_path:
     model_norm, data_norm = run(tmp_path, "sam", weights=str(path)), run(tmp_path, "sam", weights=str(path), norm="dataset")
     assert model_norm != data_norm
     with CacheReader(data_norm) as cache:
-        tspec, settings, stored = cache.meta["transform"], cache.meta["settings"], cache.features("train")[0]
+        tspec, settings, stored = cache.meta.transform, cache.meta.settings, cache.features("train")[0]
     assert settings["norm"] == {"kind": "dataset", "images": 12}
     source = get_dataset("demo", None, **DEMO)
     raw = eval_transform(make_spec(64, (0.0,) * 3, (1.0,) * 3, tspec["interpolation"]))
     pixels = torch.stack([raw(source.load_image(ref).convert("RGB")) for ref in source.splits["train"].images])
     np.testing.assert_allclose(tspec["mean"], pixels.mean((0, 2, 3)).numpy(), atol=1e-5)
     np.testing.assert_allclose(tspec["std"], pixels.std((0, 2, 3), unbiased=False).numpy(), atol=1e-5)
-    model = create_backbone("sam", str(path), image_size=64, **TINY_SAM)
+    model = create_backbone("sam", str(path), image_size=64, **TINY_SAM_REFERENCE)
     with torch.inference_mode():  # the stored features come from images normalised with those statistics
         np.testing.assert_allclose(stored, model(first_train_image(tspec)).pooled[0].numpy(), atol=1e-4)
 
 
 def test_grayscale_extraction_feeds_one_channel_normalised_by_the_train_split(tmp_path: Path) -> None:
     with CacheReader(run(tmp_path, "seem", in_chans=1, norm="dataset")) as cache:
-        assert cache.meta["transform"]["channels"] == 1 and len(cache.meta["transform"]["mean"]) == 1
+        assert cache.meta.transform["channels"] == 1 and len(cache.meta.transform["mean"]) == 1
         assert cache.features("train", "tokens").shape == (12, 4, 64)
 
 

@@ -16,11 +16,9 @@ from torch import nn
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipVisionConfig, BlipVisionModel
 
 from extract.backbones import create_backbone
+from tests.tiny import TINY_SAM_REFERENCE, TINY_VIT
 
 DATA = Path(__file__).parent / "data"
-TINY_SAM = dict(patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0, qkv_bias=True, use_rel_pos=True,
-                window_size=2, global_attn_indexes=(1,))
-TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)
 
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -44,7 +42,7 @@ def assert_features(ours: torch.nn.Module, x: torch.Tensor, pooled: torch.Tensor
 
 def official_sam_file(tmp_path: Path, native: int) -> tuple[Path, nn.Module]:
     """A tiny SAM checkpoint laid out like sam_vit_b_01ec64.pth: image_encoder.* (with neck) + the decoder parts."""
-    encoder = randomize_(ImageEncoderViT(img_size=native, out_chans=16, norm_layer=partial(nn.LayerNorm, eps=1e-6), **TINY_SAM))
+    encoder = randomize_(ImageEncoderViT(img_size=native, out_chans=16, norm_layer=partial(nn.LayerNorm, eps=1e-6), **TINY_SAM_REFERENCE))
     state = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}
     state |= {"prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": torch.randn(2, 8), "mask_decoder.iou_token.weight": torch.randn(1, 16)}
     path = tmp_path / "sam_vit_b_01ec64.pth"
@@ -66,7 +64,7 @@ def test_sam_equals_segment_anything_encoder_at_its_native_size(tmp_path: Path) 
     path, encoder = official_sam_file(tmp_path, native=64)
     x = torch.randn(2, 3, 64, 64)
     trunk = sam_trunk(encoder, x)
-    ours = create_backbone("sam", str(path), image_size=64, **TINY_SAM)
+    ours = create_backbone("sam", str(path), image_size=64, **TINY_SAM_REFERENCE)
     assert_features(ours, x, trunk.mean((1, 2)), trunk.flatten(1, 2))
 
 
@@ -77,7 +75,7 @@ def test_sam_at_a_smaller_size_equals_segment_anything_with_its_pos_embed_interp
         encoder.pos_embed = nn.Parameter(grid.permute(0, 2, 3, 1))
     x = torch.randn(2, 3, 64, 64)
     trunk = sam_trunk(encoder, x)
-    ours = create_backbone("sam", str(path), image_size=64, **TINY_SAM)
+    ours = create_backbone("sam", str(path), image_size=64, **TINY_SAM_REFERENCE)
     assert ours.model.pos_embed.shape == (1, 4, 4, 32)
     assert_features(ours, x, trunk.mean((1, 2)), trunk.flatten(1, 2))
 
@@ -90,7 +88,7 @@ def test_sam_at_a_smaller_size_equals_timm_samvit_resampling_at_run_time(tmp_pat
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         trunk = ref.forward_intermediates(x, indices=1, intermediates_only=True)[0].permute(0, 2, 3, 1)
-    ours = create_backbone("sam", str(path), image_size=64, **TINY_SAM)
+    ours = create_backbone("sam", str(path), image_size=64, **TINY_SAM_REFERENCE)
     assert_features(ours, x, trunk.mean((1, 2)), trunk.flatten(1, 2))
 
 
@@ -104,7 +102,7 @@ def test_sam_loads_timms_copy_of_the_weights(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         trunk = ref.forward_intermediates(x, indices=1, intermediates_only=True)[0].permute(0, 2, 3, 1)
-    ours = create_backbone("sam", str(path), image_size=64, **TINY_SAM)
+    ours = create_backbone("sam", str(path), image_size=64, **TINY_SAM_REFERENCE)
     assert_features(ours, x, trunk.mean((1, 2)), trunk.flatten(1, 2))
 
 

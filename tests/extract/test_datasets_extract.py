@@ -11,23 +11,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from rich.console import Console
 
-from cache.errors import MedfmError
 from cache.store import CacheReader
+from common.errors import MedfmError
 from extract.cli import main
 from extract.datasets import get_dataset
 from extract.runner import ExtractConfig, extract
 from tests.conftest import REPO
 from tests.extract.test_datasets_layouts import write_aptos, write_cbis, write_chexpert, write_ddsm, write_medmnist
-
-TINY = dict(embed_dim=32, depth=1, num_heads=2)
-QUIET = Console(file=open(os.devnull, "w"))
+from tests.tiny import QUIET, TINY_VIT_1
 
 
 def run(dataset: str, root: Path, out: Path, **kw) -> Path:
     cfg = ExtractConfig(backbone="deit", dataset=dataset, root=root, weights="random", out=out, batch_size=8,
-                        image_size=32, workers=0, overrides=TINY, **kw)
+                        image_size=32, workers=0, overrides=TINY_VIT_1, **kw)
     return extract(cfg, QUIET).path
 
 
@@ -46,7 +43,7 @@ def test_aptos_cache_holds_the_study_split_ids_labels_and_task(tmp_path: Path) -
         assert pooled.shape == (len(ids), 32) and np.isfinite(pooled).all()
     assert json.loads(path.with_suffix(".splits.json").read_text()) == source.manifest()
     with CacheReader(path) as r:
-        assert r.task["primary_metric"] == "quadratic_kappa" and r.meta["dataset"]["options"] == {"split_seed": 42}
+        assert r.task.primary_metric == "quadratic_kappa" and r.meta.dataset.options == {"split_seed": 42}
 
 
 def test_chexpert_ignore_policy_caches_nan_labels_and_grayscale_runs_one_channel(tmp_path: Path) -> None:
@@ -60,7 +57,7 @@ def test_chexpert_ignore_policy_caches_nan_labels_and_grayscale_runs_one_channel
     val = got["val"][1]  # val[1] is train.csv's first row (study2 sorts after study1)
     assert val.shape == (14, 14) and np.isnan(val[1, 7]) and np.isnan(val).sum() == 1
     with CacheReader(path) as r:
-        assert r.meta["transform"]["channels"] == 1 and r.task["kind"] == "multilabel"
+        assert r.meta.transform["channels"] == 1 and r.task.kind == "multilabel"
 
 
 def test_ddsm_cbis_and_medmnist_extract_every_listed_image(tmp_path: Path) -> None:
@@ -108,7 +105,7 @@ def test_corrupt_image_stops_naming_the_file_and_skip_bad_records_it(tmp_path: P
         run("aptos2019", tmp_path / "aptos", tmp_path / "out")
     path = run("aptos2019", tmp_path / "aptos", tmp_path / "out", skip_bad=True)
     with CacheReader(path) as r:
-        assert sorted(r.meta["skipped"]) == sorted([ids[4], ids[9]])
+        assert sorted(r.meta.skipped) == sorted([ids[4], ids[9]])
         kept = [i for s in r.splits for i in r.ids(s)]
     assert len(kept) == 18 and ids[4] not in kept and ids[9] not in kept
 
@@ -199,14 +196,14 @@ def test_study_inputs_use_the_studys_constants_and_resize_and_enter_the_fingerpr
     model = run(dataset, root, tmp_path / "out", in_chans=in_chans)
     assert study != model
     with CacheReader(study) as r, CacheReader(model) as m:
-        assert r.meta["transform"]["mean"] == mean and r.meta["transform"]["std"] == std
-        assert r.meta["settings"]["norm"] == {"kind": "study"}
-        assert (r.meta["transform"]["interpolation"], m.meta["transform"]["interpolation"]) == ("bilinear", "bicubic")
+        assert r.meta.transform["mean"] == mean and r.meta.transform["std"] == std
+        assert r.meta.settings["norm"] == {"kind": "study"}
+        assert (r.meta.transform["interpolation"], m.meta.transform["interpolation"]) == ("bilinear", "bicubic")
 
 
 def test_study_norm_on_a_dataset_outside_the_study_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MedfmError, match="--norm study: demo is not one of the study's datasets"):
-        extract(ExtractConfig(backbone="deit", dataset="demo", weights="random", out=tmp_path, image_size=32, overrides=TINY, norm="study"), QUIET)
+        extract(ExtractConfig(backbone="deit", dataset="demo", weights="random", out=tmp_path, image_size=32, overrides=TINY_VIT_1, norm="study"), QUIET)
     write_aptos(tmp_path / "aptos")
     with pytest.raises(MedfmError, match="3 channels, not 1"):
         run("aptos2019", tmp_path / "aptos", tmp_path / "out", in_chans=1, norm="study")

@@ -17,7 +17,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets import get_dataset
 from extract.datasets.chexpert import LABELS
 from extract.datasets.ddsm import read_dicom

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.datasets import get_dataset
 from extract.datasets.chexpert import study_split
 from extract.datasets.splits import grouped_split, read_manifest, study_holdout

@@ -9,23 +9,22 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from rich.console import Console
 
-from cache.errors import MedfmError
 from cache.store import CacheReader, partial_path
+from common.errors import MedfmError
 from extract.runner import ExtractConfig, extract
 from tests.conftest import REPO
 from tests.extract import killable  # noqa: F401  (registers killable-demo)
-from tests.extract.tiny import TINY_DEIT, TINY_SIZE
-
-QUIET = Console(file=open(os.devnull, "w"))
+from tests.tiny import QUIET, TINY_SIZE, TINY_VIT
 
 
 def config(out: Path, **kw) -> ExtractConfig:
     base = dict(backbone="deit", dataset="demo", weights="random", out=out, batch_size=8, image_size=TINY_SIZE,
-                workers=0, overrides=TINY_DEIT, dataset_options={"per_class": 10})
+                workers=0, overrides=TINY_VIT, dataset_options={"per_class": 10})
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -42,8 +41,8 @@ def test_extraction_writes_every_split_with_pooled_and_tokens(tmp_path: Path) ->
         assert r.splits == ["train", "val", "test"]
         assert r.features("train").shape == (24, 32)
         assert r.features("val", "tokens").shape == (8, 4, 32)
-        assert r.meta["backbone"]["random_weights"] is True
-        assert r.task["class_names"] == ["disc", "ring", "bars", "checker"]
+        assert r.meta.backbone.random_weights is True
+        assert r.task.class_names == ("disc", "ring", "bars", "checker")
     assert result.path.with_suffix(".splits.json").exists()
 
 
@@ -73,7 +72,7 @@ def test_extra_layers_are_stored_from_one_pass(tmp_path: Path) -> None:
 
 
 def test_bad_layer_index_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(MedfmError, match="--layers: layer 5 is out of range for 2 blocks"):
+    with pytest.raises(MedfmError, match="layer 5 is out of range for a backbone of 2 blocks"):
         extract(config(tmp_path, layers=[5]), QUIET)
 
 
@@ -104,10 +103,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     proc.wait()
     partials = list(killed_out.rglob("*.h5.partial"))
     assert len(partials) == 1 and not list(killed_out.rglob("*.h5"))
+    with h5py.File(partials[0], "r") as killed:
+        held = {split: int(killed[split].attrs["rows"]) for split in ("train", "val", "test")}
+    assert sum(held.values()) > 0, held  # the killed run had flushed its first batches
 
     resumed = extract(config(killed_out, dataset="killable-demo", batch_size=4), QUIET)
     clean = extract(config(clean_out, dataset="killable-demo", batch_size=4), QUIET)
     assert not resumed.reused and not partial_path(resumed.path).exists()
+    assert resumed.extracted == clean.extracted - sum(held.values())  # it ran only the rows the killed run had not written
     got, want = read_all(resumed.path), read_all(clean.path)
     assert got.keys() == want.keys()
     for key in want:

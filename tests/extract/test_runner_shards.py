@@ -13,12 +13,14 @@ import pytest
 from cache.store import CacheReader, shard_path
 from extract.runner import extract
 from tests.conftest import REPO
-from tests.extract.test_runner import QUIET, config
+from tests.extract.test_runner import config
+from tests.tiny import QUIET
 
 TORCHRUN_SCRIPT = """
 import sys
 from pathlib import Path
-from tests.extract.test_runner import QUIET, config
+from tests.extract.test_runner import config
+from tests.tiny import QUIET
 from extract.runner import extract
 extract(config(Path(sys.argv[1])), QUIET)
 """
@@ -65,7 +67,7 @@ def test_each_rank_writes_its_shard_and_rank_zero_joins_them(tmp_path: Path, mon
     assert not list(out.rglob("*.shard*")) and zero.path.with_suffix(".splits.json").exists()
     assert_same_cache(zero.path, single)
     with CacheReader(zero.path) as r, CacheReader(single) as s:
-        assert r.fingerprint == s.fingerprint and r.meta["skipped"] == []
+        assert r.fingerprint == s.fingerprint and r.meta.skipped == ()
 
 
 def test_torchrun_with_two_processes_writes_the_same_cache_as_one(tmp_path: Path) -> None:

@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
-from cache.errors import MedfmError
 from cache.store import CacheReader
+from common.errors import MedfmError
 from extract.backbones import create_backbone
 from extract.cli import parse_batch_size
 from extract.datasets import get_dataset
 from extract.datasets.images import ImageDataset
 from extract.runner import CPU_BATCH, BackboneForward, ExtractConfig, extract, uses_channels_last
 from extract.transforms import eval_transform, make_spec
-from tests.extract.tiny import TINY_DEIT, TINY_SIZE
-
-QUIET = Console(file=open(os.devnull, "w"))
-TINY_RESNET = {"layers": [1, 1, 1, 1]}
+from tests.tiny import QUIET, TINY_RESNET, TINY_SIZE, TINY_VIT
 
 
 def test_cnns_run_channels_last_and_vits_do_not() -> None:
     resnet = create_backbone("resnet152", "random", image_size=TINY_SIZE, **TINY_RESNET)
-    vit = create_backbone("deit", "random", image_size=TINY_SIZE, **TINY_DEIT)
+    vit = create_backbone("deit", "random", image_size=TINY_SIZE, **TINY_VIT)
     assert uses_channels_last(resnet)
     assert not uses_channels_last(vit)
     forward = BackboneForward(resnet, [3], torch.device("cpu"), None)
@@ -56,7 +51,7 @@ def test_one_loader_over_all_splits_writes_each_row_where_a_plain_forward_puts_i
 
 
 def test_batch_size_auto_means_the_cpu_default_here_and_bad_values_are_one_line_errors() -> None:
-    vit = create_backbone("deit", "random", image_size=TINY_SIZE, **TINY_DEIT)
+    vit = create_backbone("deit", "random", image_size=TINY_SIZE, **TINY_VIT)
     assert BackboneForward(vit, [1], torch.device("cpu"), None).auto_batch_size((3, TINY_SIZE, TINY_SIZE)) == CPU_BATCH
     assert parse_batch_size("auto") == "auto"
     assert parse_batch_size("32") == 32

@@ -9,11 +9,12 @@ import pytest
 import timm
 import torch
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.backbones import create_backbone
 from extract.backbones.weights import load_state_dict
-from tests.extract.test_backbones import TINY
-from tests.extract.test_backbones_reference import TINY_VIT, randomize_
+from tests.extract.test_backbones_reference import randomize_
+from tests.tiny import TINY_BACKBONES as TINY
+from tests.tiny import TINY_VIT
 
 
 class RunsCodeOnLoad:

@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.backbones import create_backbone
 from finetune.model import FreezePolicy
 from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
 from probe.report import make_report
 from probe.results import Ledger
 from tests.conftest import cli
-
-TINY_VIT = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8}
-TINY_RESNET = {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)}
+from tests.tiny import TINY_RESNET, TINY_VIT_DEEP
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +39,7 @@ def tiny(out: Path, **changes) -> FinetuneConfig:
     cfg = FinetuneConfig(
         backbone="deit", dataset="demo", weights="random", image_size=32, batch_size=4, lr=5e-4, warmup_steps=2,
         epochs=3, workers=0, augment=False, head_depth=1, head_preset="deit-t", head_weights="random",
-        dataset_options={"per_class": 8}, overrides=TINY_VIT, out=out, device="cpu",
+        dataset_options={"per_class": 8}, overrides=TINY_VIT_DEEP, out=out, device="cpu",
     )
     return replace(cfg, **changes)
 
@@ -76,11 +74,11 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
     (row,) = Ledger().rows(stage="finetune")
     assert (row.scenario, row.backbone, row.dataset, row.head) == ("unfrozen-linear", "deit", "demo", "linear")
     assert row.test_primary == pytest.approx(result.test_score) and row.val_score == pytest.approx(result.val_score)
-    assert row.random_weights and row.config["freeze"] == "none"
+    assert row.backbone_random and not row.head_random and row.config["freeze"] == "none"
     assert {p.name for p in result.run_dir.iterdir()} >= {"best.pt", RESULT, "config.json", "splits.json"}
     assert not (result.run_dir / CHECKPOINT).exists()
     table = make_report(Ledger()).table  # what `probe report` prints
-    assert table.loc[("deit", "unfrozen-linear", True), "demo"] == pytest.approx(result.test_score)
+    assert table.loc[("deit", "unfrozen-linear", "finetune", True, False), "demo"] == pytest.approx(result.test_score)
     assert finetune(cfg).trained is False  # the same configuration is not trained twice
     assert len(Ledger().rows(stage="finetune")) == 1
 
@@ -138,7 +136,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
 @pytest.mark.parametrize(
     ("backbone", "overrides", "freeze", "head", "trained_prefixes", "scenario"),
     [
-        ("deit", {**TINY_VIT, "depth": 4}, "last-2", "deit", ("blocks.2.", "blocks.3."), "last2-deit"),
+        ("deit", {**TINY_VIT_DEEP, "depth": 4}, "last-2", "deit", ("blocks.2.", "blocks.3."), "last2-deit"),
         ("resnet152", TINY_RESNET, "last-1", "linear", ("layer4.",), "last1-linear"),
         ("resnet152", TINY_RESNET, "all", "linear", (), "frozen-linear"),
     ],

@@ -1,4 +1,8 @@
-"""`probe` end to end: a tiny real extraction, then the installed console script as a user types it."""
+"""`probe` end to end: a tiny real extraction, then the command line as a user types it.
+
+One run goes through the installed console script in a subprocess; the rest run its `main` in this
+process (`tests.tiny.run_main`), which exercises the same parsing and error handling in milliseconds.
+"""
 
 from __future__ import annotations
 
@@ -8,54 +12,72 @@ from pathlib import Path
 
 import pytest
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from extract.runner import ExtractConfig, extract
-from probe.cli import report
+from probe.cli import main, report
 from probe.data import open_cache
 from probe.results import Ledger
 from probe.run import run_probe
 from probe.train import TrainConfig
 from tests.conftest import cli
-
-TINY_DEIT = dict(embed_dim=32, depth=1, num_heads=2)
-
-
-def probe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([cli("probe"), *args], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+from tests.tiny import QUIET, TINY_SIZE, TINY_VIT_1, run_main
 
 
 @pytest.fixture
 def demo_cache(isolated_outputs: Path) -> Path:
-    config = ExtractConfig(backbone="deit", dataset="demo", weights="random", image_size=32, batch_size=64, workers=0,
-                           overrides=TINY_DEIT, dataset_options={"per_class": 10})
-    return extract(config).path
+    config = ExtractConfig(backbone="deit", dataset="demo", weights="random", image_size=TINY_SIZE, batch_size=64, workers=0,
+                           overrides=TINY_VIT_1, dataset_options={"per_class": 10})
+    return extract(config, QUIET).path
 
 
-def test_probe_run_twice_trains_once_and_report_shows_the_row(demo_cache, isolated_outputs):
+def test_probe_run_twice_trains_once_and_report_shows_the_row(demo_cache, isolated_outputs, monkeypatch):
     args = ["run", "--head", "deit", "--backbone", "deit", "--dataset", "demo", "--epochs", "1",
             "--head-depth", "1", "--head-preset", "deit-t", "--batch-size", "8"]
-    first = probe(*args)
+    first = subprocess.run([cli("probe"), *args], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert first.returncode == 0, first.stderr
-    assert "RANDOMLY initialised deit" in first.stdout + first.stderr  # the backbone's random weights, said loudly
-    assert "DeiT head starts from RANDOM weights" in first.stdout + first.stderr
-    second = probe(*args)
-    assert second.returncode == 0, second.stderr
-    assert "already in the ledger" in second.stdout + second.stderr
+    said = " ".join((first.stdout + first.stderr).split())
+    assert "RANDOMLY initialised deit" in said  # the backbone's random weights, said loudly
+    assert "deit head starts from RANDOM weights" in said
+    code, out, err = run_main(main, args, monkeypatch)
+    assert code == 0, err
+    assert "already in the ledger" in out + err
     with open_cache(demo_cache, "deit", "demo") as reader:
-        run_probe(reader, TrainConfig(epochs=2, batch_size=16))
+        run_probe(reader, TrainConfig(epochs=2, batch_size=16), console=QUIET)
     assert [r.scenario for r in Ledger().rows()] == ["frozen-deit", "frozen-linear"]
-    report = probe("report", "--dataset", "demo")
-    assert report.returncode == 0, report.stderr
-    assert "deit frozen-linear" in report.stdout and "deit frozen-deit" in report.stdout and "RANDOM" in report.stdout
-    assert (isolated_outputs / "reports" / "report.png").exists()
+    code, out, err = run_main(main, ["report", "--dataset", "demo"], monkeypatch)
+    assert code == 0, err
+    assert "RANDOM backbone" in out and (isolated_outputs / "reports" / "report.png").exists()
+    written = (isolated_outputs / "reports" / "report.md").read_text()
+    assert "deit frozen-linear (RANDOM backbone)" in written and "deit frozen-deit (RANDOM backbone and head)" in written
 
 
-def test_a_user_mistake_gives_one_error_line_and_exit_2(isolated_outputs):
-    proc = probe("run", "--backbone", "dinov2", "--dataset", "demo")
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "run `extract run --backbone dinov2 --dataset demo` first" in lines[0]
+def test_layer_minus_4_trains_on_block_8_of_a_12_block_backbone(isolated_outputs, monkeypatch):
+    """extract stores block -4 of 12 as `pooled@8`; probe --layer -4 resolves to the same array."""
+    config = ExtractConfig(backbone="deit", dataset="demo", weights="random", image_size=TINY_SIZE, batch_size=64, workers=0,
+                           layers=(-1, -4), tokens=False, overrides={**TINY_VIT_1, "depth": 12}, dataset_options={"per_class": 6})
+    extract(config, QUIET)
+    code, _, err = run_main(main, ["run", "--backbone", "deit", "--dataset", "demo", "--layer", "-4", "--epochs", "1"], monkeypatch)
+    assert code == 0, err
+    (row,) = Ledger().rows()
+    assert row.config["feature"] == "pooled@8"
+    code, _, err = run_main(main, ["run", "--backbone", "deit", "--dataset", "demo", "--layer", "-3", "--epochs", "1"], monkeypatch)
+    assert code == 2 and "stores blocks 8 (-4), 11 (-1) of 12, not layer -3" in err
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["run", "--backbone", "dinov2", "--dataset", "demo"], "run `extract run --backbone dinov2 --dataset demo` first"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--head", "mlp"], "unknown head 'mlp'; choose one of linear, deit"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--grad-clip", "-1"], "--grad-clip must be a positive number"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--lr", "inf"], "--lr must be a positive number"),
+    (["sweep", "--backbone", "deit", "--dataset", "demo", "--lr", "1e-3,x"], "--lr takes comma-separated float values"),
+    (["report", "--max-ram", "2G"], "No such option"),
+])
+def test_a_user_mistake_gives_one_error_line_and_exit_2(demo_cache, monkeypatch, args, fragment):
+    code, _, err = run_main(main, args, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert fragment in lines[0]
+    assert Ledger().rows() == []  # nothing trained, nothing recorded
 
 
 def test_report_of_an_empty_ledger_says_to_train_first():

@@ -9,8 +9,9 @@ import pytest
 import timm  # noqa: F401 - imported up front, so its import does not count as traced memory below
 import torch
 
-from cache.errors import MedfmError
+from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
+from common.errors import MedfmError
 from probe.data import FeatureSource, parse_bytes
 from probe.train import TrainConfig, train_head
 from tests.probe.caches import make_cache
@@ -76,9 +77,9 @@ def test_budget_below_one_shuffle_window_is_refused(tmp_path):
 
 
 def test_rows_skipped_at_extraction_are_never_served(tmp_path):
-    task = {"kind": "multiclass", "class_names": ["a", "b"], "primary_metric": "accuracy"}
+    meta = CacheMeta(BackboneInfo("deit"), DatasetInfo("demo"), Task("multiclass", ("a", "b")), layers=(0,), num_layers=1)
     plan = {s: SplitPlan([f"{s}{i}" for i in range(10)], np.arange(10) % 2, {"pooled": FeatureSpec((2,), "float32")}) for s in ("train", "val", "test")}
-    writer = CacheWriter.open(tmp_path / "c.h5", "fp", {"task": task}, plan)
+    writer = CacheWriter.open(tmp_path / "c.h5", "fp", meta, plan)
     valid = np.ones(10, dtype=bool)
     valid[[3, 7]] = False
     for s in plan:

@@ -6,12 +6,12 @@ import pytest
 import timm
 import torch
 
-from cache.errors import MedfmError
-from probe.heads import DeiTHead, LinearHead, build_head
+from common.errors import MedfmError
+from probe.heads import DeiTHead, LinearHead, build_head, get_head, list_heads
 
 
 def test_linear_head_maps_pooled_features_to_logits():
-    head = build_head("linear", 16, 3)
+    head = build_head("linear", (16,), 3)
     assert isinstance(head, LinearHead)
     assert head(torch.randn(5, 16)).shape == (5, 3)
 
@@ -59,4 +59,13 @@ def test_bad_head_options_are_user_errors(tmp_path):
     with pytest.raises(MedfmError, match="does not exist"):
         DeiTHead(8, 2, weights=str(tmp_path / "missing.pth"))
     with pytest.raises(MedfmError, match="unknown head"):
-        build_head("mlp", 8, 2)
+        build_head("mlp", (8,), 2)
+
+
+def test_the_registry_says_what_each_head_reads_and_builds_it_from_that_row_shape():
+    """One registry replaces every `if head == ...`: the feature a head reads and how it is sized come from its entry."""
+    assert {h.name: h.reads for h in list_heads()} == {"linear": "pooled", "deit": "tokens"}
+    deit = build_head("deit", (16, 8), 3, depth=1, preset="deit-t", weights="random")
+    assert deit.grid == (4, 4)  # the square grid of the 16 tokens, fixed at build
+    assert get_head("deit").init(depth=1, preset="deit-t", weights="random") == "random"
+    assert get_head("linear").init() == ""  # nothing pretrained to miss

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from cache.errors import MedfmError
-from probe.metrics import compute_metrics, loss_fn, num_outputs, primary
+from cache.schema import METRICS, Task
+from probe.metrics import compute_metrics, loss_fn, primary
+from tests.tiny import BINARY, MULTILABEL
 
-MULTICLASS = {"kind": "multiclass", "class_names": ["a", "b", "c"], "primary_metric": "quadratic_kappa"}
-BINARY = {"kind": "binary", "class_names": ["normal", "abnormal"], "primary_metric": "roc_auc"}
-MULTILABEL = {"kind": "multilabel", "class_names": ["x", "y", "z"], "primary_metric": "mean_roc_auc"}
+MULTICLASS = Task("multiclass", ("a", "b", "c"), "quadratic_kappa")
 
 
 def test_multiclass_metrics_match_sklearn_on_argmax():
@@ -37,7 +36,7 @@ def test_missing_class_gives_nan_auc_and_a_warning_not_half():
 
 
 def test_binary_uses_two_logits_and_scores_roc_auc():
-    assert num_outputs(BINARY) == 2
+    assert BINARY.num_outputs == 2
     y = np.array([0, 0, 1, 1])
     logits = np.array([[2.0, 0.0], [1.0, 0.5], [0.0, 1.0], [0.0, 3.0]])
     m = compute_metrics(BINARY, y, logits)
@@ -63,9 +62,16 @@ def test_constant_predictions_make_kappa_nan_with_warning():
     assert any("quadratic_kappa" in w for w in m["warnings"])
 
 
-def test_primary_metric_not_computed_for_the_kind_is_a_user_error():
-    with pytest.raises(MedfmError, match="mean_roc_auc"):
-        primary({**MULTICLASS, "primary_metric": "mean_roc_auc"}, compute_metrics(MULTICLASS, np.array([0, 1, 2]), np.eye(3)))
+def test_every_metric_of_the_vocabulary_is_computed_for_its_kind():
+    """cache.schema.METRICS is the contract; probe.metrics must compute each name it lists."""
+    examples = {"multiclass": (np.array([0, 1, 2, 0]), np.eye(3)[[0, 1, 2, 1]]), "binary": (np.array([0, 1, 1, 0]), np.eye(2)[[0, 1, 0, 0]]),
+                "multilabel": (np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=float), np.eye(2)[[0, 1, 1, 0]])}
+    for kind, names in METRICS.items():
+        labels, logits = examples[kind]
+        task = Task(kind, tuple("abc"[: logits.shape[1]]))
+        computed = compute_metrics(task, labels, logits)
+        for name in names:
+            assert np.isfinite(primary(Task(kind, task.class_names, name), computed)), (kind, name)
 
 
 def test_unknown_multilabel_entries_are_masked_in_loss_and_metrics() -> None:
@@ -74,7 +80,7 @@ def test_unknown_multilabel_entries_are_masked_in_loss_and_metrics() -> None:
 
     from probe.metrics import compute_metrics, loss_fn
 
-    task = {"kind": "multilabel", "class_names": ["a", "b"], "primary_metric": "mean_roc_auc"}
+    task = Task("multilabel", ("a", "b"))
     labels = np.array([[1.0, np.nan], [0.0, 1.0], [1.0, 0.0], [0.0, np.nan]])
     logits = np.array([[2.0, 50.0], [-2.0, 1.0], [1.0, -1.0], [-1.0, -50.0]])
     metrics = compute_metrics(task, labels, logits)

@@ -13,7 +13,7 @@ def record(key: str, **kw) -> RunRecord:
     base = dict(stage="probe", scenario="frozen-linear", backbone="deit", dataset="demo", head="linear",
                 config={"lr": 1e-4}, config_key=key, cache_fingerprint="f" * 64, seed=0, primary_metric="accuracy",
                 val_score=0.5, test_metrics={"accuracy": 0.75, "roc_auc": float("nan"), "warnings": ["x"]},
-                test_primary=0.75, random_weights=True)
+                test_primary=0.75, backbone_random=True)
     return RunRecord(**{**base, **kw})
 
 
@@ -22,7 +22,7 @@ def test_ledger_round_trips_a_row_and_finds_it_by_config_key(tmp_path):
     rid = ledger.add(record("k1"))
     found = ledger.find("k1")
     assert found is not None and found.id == rid
-    assert found.config == {"lr": 1e-4} and found.random_weights is True
+    assert found.config == {"lr": 1e-4} and found.backbone_random is True and found.head_random is False
     assert math.isnan(found.test_metrics["roc_auc"]) and found.test_metrics["warnings"] == ["x"]
     assert found.code_version and found.created
     assert ledger.find("other") is None
@@ -57,3 +57,35 @@ def test_ledger_accepts_the_scenarios_and_partial_unfreezing_and_refuses_anythin
         with pytest.raises(ValueError, match="scenario"):
             ledger.add(record(bad, scenario=bad))
     assert len(ledger.rows()) == 4
+
+
+def test_a_ledger_of_the_first_release_is_migrated_to_separate_backbone_and_head_flags(tmp_path):
+    """Its one `random_weights` flag meant the backbone in probe rows and "backbone or head" in finetune rows."""
+    import json
+    import sqlite3
+
+    path = tmp_path / "results.sqlite"
+    columns = ", ".join(f"{c} TEXT" for c in ("stage", "scenario", "backbone", "dataset", "head", "config", "config_key",
+                                              "cache_fingerprint", "primary_metric", "test_metrics", "code_version", "run_dir", "created"))
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, {columns}, seed INTEGER, val_score REAL, "
+                   "test_primary REAL, random_weights INTEGER NOT NULL, train_seconds REAL, total_seconds REAL)")
+        for key, stage, weights, random in (("p", "probe", {}, 1), ("f-head", "finetune", {"kind": "pretrained"}, 1),
+                                            ("f-both", "finetune", {"kind": "random"}, 1), ("f-none", "finetune", {"kind": "pretrained"}, 0)):
+            db.execute("INSERT INTO runs (stage, scenario, backbone, dataset, head, config, config_key, primary_metric, test_metrics, "
+                       "created, seed, random_weights) VALUES (?, 'frozen-deit', 'sam', 'demo', 'deit', ?, ?, 'accuracy', '{}', 'x', 0, ?)",
+                       (stage, json.dumps({"weights": weights}), key, random))
+    ledger = Ledger(path)
+    flags = {r.config_key: (r.backbone_random, r.head_random) for r in ledger.rows()}
+    assert flags == {"p": (True, False), "f-head": (False, True), "f-both": (True, False), "f-none": (False, False)}
+    ledger.add(record("new"))  # the rewritten table takes new rows
+    assert len(Ledger(path).rows()) == 5
+
+
+def test_a_corrupt_ledger_is_one_clear_error(tmp_path):
+    from common.errors import MedfmError
+
+    path = tmp_path / "results.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(MedfmError, match="cannot read the results ledger"):
+        Ledger(path)

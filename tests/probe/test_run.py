@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 from probe.data import feature_name, find_cache, open_cache
 from probe.results import Ledger
 from probe.run import run_probe
@@ -30,7 +30,7 @@ def test_run_writes_folder_and_ledger_row_then_skips_the_same_config(isolated_ou
     assert len(rows) == 3
     row = rows[0]
     assert (row.stage, row.scenario, row.backbone, row.dataset, row.head) == ("probe", "frozen-linear", "deit", "demo", "linear")
-    assert row.random_weights and row.primary_metric == "accuracy" and row.test_primary == row.test_metrics["accuracy"]
+    assert row.backbone_random and not row.head_random and row.primary_metric == "accuracy" and row.test_primary == row.test_metrics["accuracy"]
     run_dir = isolated_outputs / "runs" / "probe"
     folder = next(p for p in run_dir.iterdir() if str(p) == row.run_dir)
     assert {p.name for p in folder.iterdir()} == {"config.json", "history.jsonl", "history.csv", "head.pt", "metrics.json"}
@@ -59,14 +59,15 @@ def test_missing_several_and_partial_caches_are_clear_errors(isolated_outputs):
 def test_layer_and_head_pick_the_cache_array_or_say_what_is_missing(tmp_path):
     path = make_cache(tmp_path / "c.h5", extra_layers=(4,))
     with open_cache(path, None, None) as reader:
-        assert feature_name(reader, "linear", None) == "pooled"
-        assert feature_name(reader, "linear", 11) == "pooled"
-        assert feature_name(reader, "deit", 4) == "tokens@4"
-        with pytest.raises(MedfmError, match="pooled@7"):
-            feature_name(reader, "linear", 7)
+        assert feature_name(reader, "pooled", None) == "pooled"
+        assert feature_name(reader, "pooled", 11) == "pooled"
+        assert feature_name(reader, "tokens", 4) == "tokens@4"
+        assert feature_name(reader, "tokens", -8) == "tokens@4"  # -8 of 12 blocks: block 4
+        with pytest.raises(MedfmError, match="not layer 7"):
+            feature_name(reader, "pooled", 7)
     no_tokens = make_cache(tmp_path / "p.h5", tokens=None)
     with open_cache(no_tokens, None, None) as reader, pytest.raises(MedfmError, match="--tokens"):
-        feature_name(reader, "deit", None)
+        feature_name(reader, "tokens", None)
 
 
 def test_cache_of_another_backbone_is_refused(tmp_path):

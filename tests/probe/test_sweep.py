@@ -11,7 +11,7 @@ from probe.sweep import Grid, expand, run_sweep
 from probe.train import TrainConfig, train_head
 from tests.probe.caches import make_cache
 
-BASE = TrainConfig(epochs=2, batch_size=16, warmup_epochs=1)
+BASE = TrainConfig(epochs=2, batch_size=16, warmup_steps=9)
 
 
 def test_twelve_linear_configs_read_the_features_once_per_epoch_and_match_training_alone(tmp_path):

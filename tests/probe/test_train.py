@@ -12,6 +12,7 @@ from cache.store import CacheReader
 from probe.data import FeatureSource
 from probe.train import TrainConfig, train_head
 from tests.probe.caches import make_cache
+from tests.tiny import MULTILABEL
 
 CPU = torch.device("cpu")
 
@@ -24,7 +25,7 @@ def cache(tmp_path):
 def test_linear_head_learns_a_separable_cache_and_scores_test_once(cache):
     with CacheReader(cache) as reader:
         source = FeatureSource(reader, "pooled", batch_size=16)
-        result = train_head(TrainConfig(lr=1e-2, epochs=15, batch_size=16, warmup_epochs=1), source, reader.task, CPU)
+        result = train_head(TrainConfig(lr=1e-2, epochs=15, batch_size=16, warmup_steps=9), source, reader.task, CPU)
     assert result.test_metrics["accuracy"] > 0.9
     assert result.val_score == max(h["val_accuracy"] for h in result.history)
     assert result.best_epoch == next(h["epoch"] for h in result.history if h["val_accuracy"] == result.val_score)
@@ -61,7 +62,7 @@ def test_deit_head_trains_on_cached_tokens(cache):
 
 
 def test_multilabel_cache_trains_with_bce_and_reports_mean_auc(tmp_path):
-    task = {"kind": "multilabel", "class_names": ["x", "y", "z"], "primary_metric": "mean_roc_auc"}
+    task = MULTILABEL
     path = make_cache(tmp_path / "m.h5", task=task, tokens=None)
     with CacheReader(path) as reader:
         source = FeatureSource(reader, "pooled", batch_size=16)
@@ -77,7 +78,7 @@ def test_standardize_lets_a_head_learn_features_with_a_large_offset_and_tiny_spr
     with CacheReader(path) as reader:
         for standardize in (False, True):
             source = FeatureSource(reader, "pooled", batch_size=16)
-            result = train_head(TrainConfig(lr=1e-2, epochs=8, batch_size=16, warmup_epochs=1, standardize=standardize), source, reader.task, CPU)
+            result = train_head(TrainConfig(lr=1e-2, epochs=8, batch_size=16, warmup_steps=9, standardize=standardize), source, reader.task, CPU)
             scores[standardize] = result.test_metrics["accuracy"]
             assert result.state_dict["scale"].min() < (0.01 if standardize else 2)
     assert scores[True] > 0.9 and scores[False] < 0.6

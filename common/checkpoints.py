@@ -1,5 +1,5 @@
 """Finding and reading weights files without running pickled code, for every stage that loads weights
-(extract's backbones, probe's DeiT head). It lives in `cache`, the one package every stage may import."""
+(extract's backbones, probe's DeiT head)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cache.errors import MedfmError
+from common.errors import MedfmError
 
 WEIGHTS_DIR_ENV = "MEDFM_WEIGHTS_DIR"
 

@@ -1,0 +1,87 @@
+"""The written contract between stages: tasks with a checked metric, feature keys, and the cache meta."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task, feature_key, resolve_layer
+from common.errors import MedfmError
+from tests.tiny import MULTICLASS
+
+
+def test_an_unknown_metric_is_refused_where_the_task_is_declared_in_one_line():
+    with pytest.raises(MedfmError) as err:
+        Task("multiclass", ("a", "b"), "kappa")
+    assert "kappa" in str(err.value) and "quadratic_kappa" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(MedfmError, match="mean_roc_auc"):
+        Task("binary", ("a", "b"), "mean_roc_auc")  # a real metric, of another kind
+    assert Task("multilabel", ("x",)).primary_metric == "mean_roc_auc"  # empty: the kind's default
+
+
+def test_a_dataset_module_declaring_an_unknown_metric_fails_at_import(tmp_path):
+    """The study's dataset modules declare their Task at import; a typo there stops the import itself."""
+    module = tmp_path / "typo_dataset.py"
+    module.write_text(
+        "from extract.datasets import DatasetEntry, register\n"
+        "from extract.datasets.base import Task\n"
+        "TASK = Task('multiclass', ('a', 'b'), 'macro_recal')\n"
+    )
+    spec = importlib.util.spec_from_file_location("typo_dataset", module)
+    with pytest.raises(MedfmError, match="metric 'macro_recal' is not defined for multiclass tasks; choose one of"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_the_study_datasets_declare_their_metric_at_import():
+    from extract.datasets import aptos, chexpert, ddsm, isic
+
+    got = [m.primary_metric for m in (aptos.TASK, isic.TASK, chexpert.TASK, ddsm.DDSM_TASK)]
+    assert got == ["quadratic_kappa", "macro_recall", "mean_roc_auc", "roc_auc"]  # the study's metric per dataset
+
+
+@pytest.mark.parametrize(("layer", "name"), [(None, "pooled"), (-1, "pooled"), (11, "pooled"), (-4, "pooled@8"), (8, "pooled@8"), (0, "pooled@0")])
+def test_feature_keys_resolve_negative_layers_against_the_block_count(layer, name):
+    assert feature_key("pooled", layer, 12) == name
+    assert feature_key("tokens", layer, 12) == name.replace("pooled", "tokens")
+
+
+@pytest.mark.parametrize("layer", [12, -13])
+def test_a_layer_outside_the_backbone_is_one_clear_error(layer):
+    with pytest.raises(MedfmError, match="out of range for a backbone of 12 blocks"):
+        resolve_layer(layer, 12)
+
+
+def meta(**changes) -> CacheMeta:
+    base = dict(backbone=BackboneInfo("deit", "ImNet-1k-Sup", False, {"kind": "pretrained", "file": "d.pth", "sha256": "ab"}),
+                dataset=DatasetInfo("demo", {"per_class": 3}, "m" * 64), task=MULTICLASS, layers=(8, 11), num_layers=12)
+    return CacheMeta(**{**base, **changes})
+
+
+def test_cache_meta_round_trips_through_json_and_names_the_stored_blocks():
+    original = meta()
+    again = CacheMeta.from_json(original.to_json())
+    assert again == original
+    assert again.feature("pooled", -4) == "pooled@8" and again.feature("tokens") == "tokens"
+    with pytest.raises(MedfmError, match="re-extract with --layers"):
+        again.feature("pooled", -3)  # block 9: a valid index this cache did not store
+
+
+def test_cache_meta_of_the_first_release_still_reads():
+    """Caches written before the schema module kept the weights identity beside the backbone name and no block count."""
+    old = {"backbone": {"name": "sam", "study_row": "SAM", "random_weights": True, "kind": "random", "file": None, "sha256": None},
+           "dataset": {"name": "demo", "options": {}, "manifest_hash": "x"}, "layers": [4, 11],
+           "task": {"kind": "binary", "class_names": ["n", "a"], "primary_metric": "roc_auc"}, "settings": {}, "skipped": []}
+    parsed = CacheMeta.from_json(json.dumps(old))
+    assert parsed.num_layers == 12 and parsed.backbone.weights["kind"] == "random" and parsed.backbone.random_weights
+    assert parsed.feature("pooled", -8) == "pooled@4"
+
+
+def test_a_meta_without_a_task_is_one_clear_error():
+    data = json.loads(meta().to_json())
+    del data["task"]
+    with pytest.raises(MedfmError, match="lacks the backbone, dataset, task or layer description"):
+        CacheMeta.from_json(json.dumps(data))
+    with pytest.raises(MedfmError, match="including the last"):
+        meta(layers=(4,))
