@@ -23,7 +23,7 @@ PROBE_ARGS      ?=
 FINETUNE_ARGS   ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint extract probe finetune bench report paper
+.PHONY: install demo test test-fast lint extract probe finetune bench report paper
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +45,10 @@ demo: $(PY)
 
 test: $(PY)
 	$(BIN)/pytest
+
+# The inner loop: everything but the tests that start subprocesses (torchrun, killed runs, the installed commands).
+test-fast: $(PY)
+	$(BIN)/pytest -m "not slow"
 
 lint: $(PY)
 	$(BIN)/ruff check .

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,13 @@ import pytest
 
 from cache.store import CacheReader
 from common.errors import MedfmError
+from extract.backbones import _REGISTRY as backbone_registry
+from extract.backbones import get_spec
 from extract.cli import main
 from extract.datasets import get_dataset
 from extract.runner import ExtractConfig, extract
-from tests.conftest import REPO
 from tests.extract.test_datasets_layouts import write_aptos, write_cbis, write_chexpert, write_ddsm, write_medmnist
-from tests.tiny import QUIET, TINY_VIT_1
+from tests.tiny import QUIET, TINY_VIT_1, run_main
 
 
 def run(dataset: str, root: Path, out: Path, **kw) -> Path:
@@ -117,17 +117,6 @@ def test_missing_image_error_says_file_not_found(tmp_path: Path) -> None:
         run("ddsm", tmp_path / "ddsm", tmp_path / "out")
 
 
-TINY_CLI = """
-import dataclasses, functools, sys
-from extract.backbones import get_spec, register
-deit = get_spec("deit")
-register(dataclasses.replace(deit, name="tiny-deit", build=functools.partial(deit.build, embed_dim=32, depth=1, num_heads=2)))
-from extract.cli import main
-sys.argv = ["extract", *sys.argv[1:]]
-main()
-"""
-
-
 def error_line(code: int, stderr: str) -> str:
     """The run failed with exit 2 and exactly one `error:` line, the last thing it printed; no traceback."""
     assert code == 2, stderr
@@ -136,37 +125,33 @@ def error_line(code: int, stderr: str) -> str:
     return errors[0]
 
 
-def invoke(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """The `extract` entry point in-process (as the console script calls it): exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["extract", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    return int(exit_info.value.code or 0), out, err
+def invoke(args: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """The `extract` entry point in-process, with a one-block DeiT registered as `tiny-deit` for this test only."""
+    deit = get_spec("deit")
+    monkeypatch.setitem(backbone_registry, "tiny-deit", dataclasses.replace(deit, name="tiny-deit", build=functools.partial(deit.build, **TINY_VIT_1)))
+    return run_main(main, args, monkeypatch)
 
 
-def test_cli_corrupt_image_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
-    """The real `extract` entry point in a subprocess, with a tiny DeiT registered so the test stays fast."""
+def test_cli_corrupt_image_is_one_error_line_and_exit_2(tmp_path: Path, monkeypatch) -> None:
     ids = write_aptos(tmp_path / "aptos")
     bad = tmp_path / "aptos" / "train_images" / f"{ids[0]}.png"
     bad.write_bytes(b"\x89PNG broken")
     args = ["run", "--backbone", "tiny-deit", "--weights", "random", "--dataset", "aptos2019", "--root", str(tmp_path / "aptos"),
             "--image-size", "32", "--workers", "0", "--out", str(tmp_path / "out")]
-    proc = subprocess.run([sys.executable, "-c", TINY_CLI, *args], capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    line = error_line(proc.returncode, proc.stderr)
+    code, _, err = invoke(args, monkeypatch)
+    line = error_line(code, err)
     assert f"cannot read image {bad}" in line and "--skip-bad" in line
+    assert not list((tmp_path / "out").rglob("*.h5"))  # a partial file may stay, to resume; never a complete-looking one
 
 
-def test_cli_csv_with_a_wrong_column_is_one_error_line_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_cli_csv_with_a_wrong_column_is_one_error_line_naming_it(tmp_path: Path, monkeypatch) -> None:
     pd.DataFrame({"path": ["a.png"], "diagnosis": ["x"]}).to_csv(tmp_path / "labels.csv", index=False)
-    code, _, err = invoke(["run", "--backbone", "deit", "--weights", "random", "--dataset", "csv", "--root", str(tmp_path)],
-                          capsys, monkeypatch)
+    code, _, err = invoke(["run", "--backbone", "deit", "--weights", "random", "--dataset", "csv", "--root", str(tmp_path)], monkeypatch)
     assert "lacks column(s) label; it has path, diagnosis" in error_line(code, err)
 
 
-def test_cli_datasets_lists_every_dataset_with_metric_and_layout(capsys, monkeypatch) -> None:
-    code, out, err = invoke(["datasets"], capsys, monkeypatch)
+def test_cli_datasets_lists_every_dataset_with_metric_and_layout(monkeypatch) -> None:
+    code, out, err = invoke(["datasets"], monkeypatch)
     assert code == 0, err
     blocks: dict[str, str] = {}
     for line in out.splitlines():

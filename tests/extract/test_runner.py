@@ -87,6 +87,7 @@ extract(config(Path(sys.argv[1]), dataset="killable-demo", batch_size=4), Consol
 """
 
 
+@pytest.mark.slow  # subprocesses: an installed entry point, torchrun or a killed process
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     """Kill the extraction with SIGKILL while it waits on image 20 of 40, rerun it, compare with a clean run."""
     killed_out, clean_out, marker = tmp_path / "killed", tmp_path / "clean", tmp_path / "paused"

@@ -70,6 +70,7 @@ def test_each_rank_writes_its_shard_and_rank_zero_joins_them(tmp_path: Path, mon
         assert r.fingerprint == s.fingerprint and r.meta.skipped == ()
 
 
+@pytest.mark.slow  # subprocesses: an installed entry point, torchrun or a killed process
 def test_torchrun_with_two_processes_writes_the_same_cache_as_one(tmp_path: Path) -> None:
     script = tmp_path / "extract_two.py"
     script.write_text(TORCHRUN_SCRIPT)

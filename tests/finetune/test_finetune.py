@@ -83,6 +83,7 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
     assert len(Ledger().rows(stage="finetune")) == 1
 
 
+@pytest.mark.slow  # subprocesses: an installed entry point, torchrun or a killed process
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     killed = tiny(tmp_path / "killed", epochs=5, augment=True)  # augmentation on: its random stream must replay too
     proc = subprocess.Popen([cli("finetune"), *cli_args(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -108,6 +109,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert all(torch.equal(best_resumed[k], best_whole[k]) for k in best_whole)
 
 
+@pytest.mark.slow  # subprocesses: an installed entry point, torchrun or a killed process
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     """gloo on CPU; 7 val images over 2 ranks: the sampler's padding duplicate must not be scored.
     The train split's mean/std (--norm dataset) is computed by each rank alike."""

@@ -30,6 +30,7 @@ def demo_cache(isolated_outputs: Path) -> Path:
     return extract(config, QUIET).path
 
 
+@pytest.mark.slow  # subprocesses: an installed entry point, torchrun or a killed process
 def test_probe_run_twice_trains_once_and_report_shows_the_row(demo_cache, isolated_outputs, monkeypatch):
     args = ["run", "--head", "deit", "--backbone", "deit", "--dataset", "demo", "--epochs", "1",
             "--head-depth", "1", "--head-preset", "deit-t", "--batch-size", "8"]
