@@ -65,7 +65,7 @@ finetune: $(PY)
 report: $(PY)
 	$(BIN)/probe report $(ARGS)
 
-# The whole study (shared/research/paper.md): every backbone x dataset in the four scenarios (frozen/unfrozen x
+# The whole study (docs/protocol.md): every backbone x dataset in the four scenarios (frozen/unfrozen x
 # linear/DeiT head) with its inputs (224 px, bilinear resize, the study's normalisation constants, grayscale DDSM and
 # CheXpert as one channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR; results in outputs/paper. Rerunning
 # continues where it stopped: finished caches and runs are reused and an interrupted finetune resumes.

@@ -135,7 +135,7 @@ def dataset_norm(
 
 
 def study_norm(source: DatasetSource, channels: int) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
-    """The study's fixed mean/std of this dataset (paper.md §1), to reproduce its inputs exactly.
+    """The study's fixed mean/std of this dataset (docs/protocol.md §1), to reproduce its inputs exactly.
 
     Grayscale datasets have one value, repeated when the gray image is fed as RGB (without --in-chans 1).
     """

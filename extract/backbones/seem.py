@@ -3,7 +3,7 @@
 Stock FocalNets (timm, transformers) differ from it in three ways that change every output: each block
 has two extra depthwise convs (`dw1`, `dw2`), its post-norm is applied after the residual sum, and the
 stem conv pads by 3. The attribute names below are SEEM's own, so the `backbone.*` tensors of
-`seem_focalt_v0.pt` / `_v1.pt` load strictly with no renaming (research/backbones.md §2).
+`seem_focalt_v0.pt` / `_v1.pt` load strictly with no renaming (docs/backbones.md §2).
 """
 
 from __future__ import annotations

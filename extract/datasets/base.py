@@ -52,7 +52,7 @@ class DatasetSource:
     task: Task
     splits: dict[str, Split]
     grayscale: bool = False  # one channel in the study (DDSM, CheXpert); replicated to RGB unless --in-chans 1
-    study_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # the study's fixed mean/std (paper.md §1)
+    study_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # the study's fixed mean/std (docs/protocol.md §1)
     load_image: Callable[[Any], Image.Image] = open_image
     options: dict[str, Any] = field(default_factory=dict)  # the options that shaped it (fingerprinted)
 

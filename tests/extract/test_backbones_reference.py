@@ -159,7 +159,7 @@ TIMM_TO_HF = [("cls_token", "embeddings.class_embedding"), ("pos_embed", "embedd
 
 
 def to_hf(key: str) -> str:
-    """timm ViT key -> HF BlipVisionModel key (research/backbones.md §5)."""
+    """timm ViT key -> HF BlipVisionModel key (docs/backbones.md §5)."""
     if key.startswith("norm."):
         return "post_layernorm." + key[len("norm."):]
     for old, new in TIMM_TO_HF:

@@ -18,7 +18,7 @@ from extract.datasets.splits import grouped_split, read_manifest, study_holdout
 
 
 def study_procedure(n: int, holdout: float) -> dict[str, list[int]]:
-    """The study's split as paper.md words it: shuffle range(N) with Random(42), first int(N*h) held out, halved."""
+    """The study's split as docs/protocol.md §1 words it: shuffle range(N) with Random(42), first int(N*h) held out, halved."""
     order = list(range(n))
     random.Random(42).shuffle(order)
     held = order[: int(n * holdout)]

@@ -20,6 +20,7 @@ from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
 from probe.report import make_report
 from probe.results import Ledger
 from tests.conftest import cli
+from tests.extract.test_datasets_layouts import image
 from tests.tiny import TINY_RESNET, TINY_VIT_DEEP
 
 
@@ -178,3 +179,15 @@ def test_bad_input_settings_fail_before_any_training(tmp_path: Path, bad: dict, 
     with pytest.raises(MedfmError, match=flag):
         finetune(tiny(tmp_path, **bad))  # --norm study: the demo set is not one of the study's datasets
     assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_the_same_file_names_under_another_root_are_another_run(tmp_path: Path) -> None:
+    """The dataset root is part of a finetune run's identity: other images are never answered with "already finished"."""
+    for root, value in (("a", 60), ("b", 200)):
+        for cls in ("no", "yes"):
+            for i in range(6):
+                image(tmp_path / root / cls / f"{i}.png", value if cls == "no" else 255 - value, size=32)
+    first = finetune(tiny(tmp_path / "runs", dataset="imagefolder", root=tmp_path / "a", dataset_options={}, epochs=1, batch_size=2))
+    other = finetune(tiny(tmp_path / "runs", dataset="imagefolder", root=tmp_path / "b", dataset_options={}, epochs=1, batch_size=2))
+    assert first.trained and other.trained and first.run_dir != other.run_dir
+    assert len(Ledger(tmp_path / "runs" / "results.sqlite").rows()) == 2
