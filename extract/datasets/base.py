@@ -17,6 +17,7 @@ from PIL import Image
 
 from cache.schema import Task
 from common.errors import MedfmError
+from extract.datasets.decode import open_image  # the default `load_image`; the decoding rules live in decode.py
 from extract.datasets.splits import stratified_split  # noqa: F401  (re-exported for dataset modules)
 
 __all__ = ["DatasetSource", "Split", "Task", "stratified_split"]
@@ -35,13 +36,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def open_image(ref: Any) -> Image.Image:
-    """Decode one image file fully (so a truncated file fails here, not later)."""
-    with Image.open(ref) as img:
-        img.load()
-        return img.copy()
 
 
 @dataclass

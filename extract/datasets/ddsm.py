@@ -15,12 +15,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-import pydicom
-from PIL import Image
 
 from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Split, Task, as_int, choice, make_splits, read_table, require_file, require_root
+from extract.datasets.decode import read_dicom  # the one DICOM reader (LUTs, colour, refusals): docs/images.md
 from extract.datasets.splits import STUDY_SEED, grouped_holdout
 
 # --- ddsm (MIT-CSAIL release)
@@ -65,17 +64,6 @@ CBIS_LAYOUT = ("{mass,calc}_case_description_{train,test}_set.csv and the DICOM 
                "Mass-Training_P_00001_LEFT_CC/.../*.dcm, directly or under CBIS-DDSM/)")
 VAL_FRACTION = 0.1
 CBIS_TASK = Task("binary", ("benign", "malignant"), "roc_auc")
-
-
-def read_dicom(path: Path) -> Image.Image:
-    """A DICOM mammogram as an 8-bit grayscale image (min-max scaled; MONOCHROME1 inverted)."""
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array.astype(np.float32)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        pixels = pixels.max() - pixels
-    low, high = float(pixels.min()), float(pixels.max())
-    pixels = (pixels - low) / max(high - low, 1e-6) * 255.0
-    return Image.fromarray(pixels.round().astype(np.uint8), mode="L")
 
 
 def locate_dicom(bases: list[Path], csv_path: str) -> Path:

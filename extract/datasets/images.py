@@ -10,7 +10,9 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from common.errors import MedfmError
 from extract.datasets.base import DatasetSource
+from extract.datasets.decode import to_mode
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -27,10 +29,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.refs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
+        ref = self.refs[index]
         try:
-            image = self.load_image(self.refs[index]).convert(self.mode)
+            image = to_mode(self.load_image(ref), self.mode)  # bit depth, palette, alpha: extract/datasets/decode.py
             return self.transform(image), True, ""
         except FileNotFoundError:
-            return torch.zeros(self.shape), False, f"{self.refs[index]}: file not found"
+            return torch.zeros(self.shape), False, f"{ref}: file not found"
+        except MedfmError as err:  # a refusal that says why; the readers name the file, a conversion may not
+            return torch.zeros(self.shape), False, str(err) if str(err).startswith(str(ref)) else f"{ref}: {err}"
         except Exception as err:  # noqa: BLE001 - any decode failure is reported by the runner, with the file
-            return torch.zeros(self.shape), False, f"{self.refs[index]}: {type(err).__name__}: {err}"
+            return torch.zeros(self.shape), False, f"{ref}: {type(err).__name__}: {err}"

@@ -1,0 +1,184 @@
+"""Image files to 8-bit pixels: the one place where medfm decodes an image (docs/images.md).
+
+`open_image` reads a file (DICOM by its `.dcm`/`.dicom` suffix or its `DICM` header, anything else with
+Pillow, EXIF orientation applied) into an 8-bit `L` or `RGB` image; `to_mode` brings any decoded image
+to the model's mode (`L` or `RGB`). The rules:
+
+- 8-bit samples are kept as they are.
+- Wider samples (16- and 32-bit integers, floats, and all DICOM greyscale after its LUTs) are scaled
+  linearly so the image's own minimum becomes 0 and its maximum 255, over all channels together, then
+  rounded: `round((v - min) / (max - min) * 255)`. A 0..65535 ramp therefore becomes `round(v / 257)`.
+  Medical files seldom fill 16 bits (a 12-bit detector stores 0..4095 in them), so scaling by bit depth
+  would leave a few dark grey levels; min-max keeps 256 levels and matches what the DICOM reader does.
+  A constant image becomes black; an image holding NaN or infinity is refused.
+- Transparent pixels are composited over black (`value * alpha / 255`); palette, CMYK, 1-bit, YCbCr
+  and HSV images go through Pillow's own conversion to RGB.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from common.errors import MedfmError
+
+DECODER_VERSION = 2  # raised whenever a rule here changes: it enters every cache fingerprint, so old pixels are never reused
+DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOM_MAGIC = b"DICM"  # at byte 128 of a DICOM file (after the preamble)
+WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # more than 8 bits per sample: scaled min-max
+GREY_MODES = ("1", "L", "LA", "La", *WIDE_MODES)  # decoded as one channel
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` as an 8-bit `mode` (`L` or `RGB`) image, by the rules of this module."""
+    image = to_8bit(image)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit `L` (one channel in the file) or `RGB` (anything else), by the rules of this module."""
+    mode = image.mode
+    if mode in ("L", "RGB") and "transparency" not in image.info:
+        return image
+    if mode in WIDE_MODES:
+        return Image.fromarray(scale_to_8bit(np.asarray(image)))
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        return over_black(image)
+    if mode == "1":
+        return image.convert("L")
+    try:
+        return image.convert("RGB")  # P, CMYK, YCbCr, HSV, RGBX, ...: Pillow's own conversion
+    except ValueError:
+        raise MedfmError(f"an image of mode {mode} cannot be converted to RGB; save it as RGB or greyscale") from None
+
+
+def scale_to_8bit(pixels: np.ndarray) -> np.ndarray:
+    """Min-max scale to uint8 over the whole array (all channels together); see the module's rules."""
+    values = pixels.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise MedfmError("the image holds NaN or infinite pixel values, so it cannot be scaled to 8 bits; fix or remove it")
+    low, high = float(values.min()), float(values.max())
+    if high > low:
+        values = (values - low) / (high - low) * 255.0
+    else:
+        values = np.zeros_like(values)
+    return np.round(values).astype(np.uint8)
+
+
+def over_black(image: Image.Image) -> Image.Image:
+    """An image with transparency composited over black: each value times alpha / 255, rounded."""
+    grey = image.mode in GREY_MODES
+    pixels = np.asarray(image.convert("LA" if grey else "RGBA"), dtype=np.float64)
+    out = np.round(pixels[..., :-1] * (pixels[..., -1:] / 255.0)).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if grey else out)
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM file by its suffix, or by the `DICM` header that follows the 128-byte preamble."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == DICOM_MAGIC
+
+
+def open_image(ref: Any) -> Image.Image:
+    """Decode one image file fully (so a truncated file fails here, not later) into 8-bit `L` or `RGB`.
+
+    DICOM goes through `read_dicom`. Other files through Pillow: EXIF orientation applied; a file of
+    several frames (multi-page TIFF, animated GIF) is refused, except the primary image of an MPO JPEG.
+    """
+    if isinstance(ref, str | os.PathLike) and is_dicom(Path(ref)):
+        return read_dicom(ref)
+    with Image.open(ref) as img:
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1 and img.format != "MPO":
+            raise MedfmError(f"{ref}: the {img.format} file holds {frames} frames, so it is not one image; "
+                             "save the frame to classify as its own file")
+        img.load()
+        return to_8bit(ImageOps.exif_transpose(img))
+
+
+def read_dicom(path: Any) -> Image.Image:
+    """A single-frame DICOM image as 8-bit `L` (greyscale) or `RGB` (colour); anything else refused in one line.
+
+    Greyscale (MONOCHROME1/2): the modality LUT (or rescale slope/intercept), then the first VOI LUT (or
+    window), both pydicom's own functions; scaled min-max to 8 bits; MONOCHROME1 inverted so that high
+    is bright. Colour: YBR_FULL/YBR_FULL_422 converted to RGB with pydicom's `convert_color_space`
+    (YBR_RCT/YBR_ICT come out of the JPEG 2000 decoder as RGB), PALETTE COLOR through its palette; kept
+    as stored when 8-bit, scaled min-max when wider. Any transfer syntax and byte order that pydicom and
+    its installed decoders handle. A file of several frames (a volume, a cine loop) is refused, since
+    no one frame of it is the image.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import (
+        apply_color_lut,
+        apply_modality_lut,
+        apply_voi_lut,
+        as_pixel_options,
+        convert_color_space,
+        get_decoder,
+    )
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except InvalidDicomError:
+        raise MedfmError(f"{path}: not a DICOM Part 10 file (no 'DICM' header after a 128-byte preamble); "
+                         "export it as DICOM Part 10 or as PNG") from None
+    except Exception as err:  # noqa: BLE001 - pydicom fails in many ways on a damaged file; each is one line here
+        raise MedfmError(f"{path}: cannot read this DICOM file ({_one_line(err)}); it may be damaged") from None
+    if "PixelData" not in ds:
+        raise MedfmError(f"{path}: the DICOM file holds no image (no Pixel Data element)")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if not syntax:
+        raise MedfmError(f"{path}: the DICOM file does not say how its pixels are encoded (no Transfer Syntax UID)")
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except Exception as err:  # noqa: BLE001 - a malformed value fails on access, in several ways
+        raise MedfmError(f"{path}: its Number of Frames is not a whole number ({_one_line(err)})") from None
+    if frames > 1:
+        raise MedfmError(f"{path}: the DICOM file holds {frames} frames (a volume or a cine loop), so it is not one image; "
+                         "save the frame to classify as its own file")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise MedfmError(f"{path}: pixel data encoded as '{syntax.name}' cannot be decoded by pydicom") from None
+    try:
+        pixels, meta = decoder.as_array(ds, index=0, raw=True, **as_pixel_options(ds))
+    except Exception as err:  # noqa: BLE001 - decoders raise many types; the reason is kept, in one line
+        raise MedfmError(f"{path}: cannot decode its '{syntax.name}' pixel data: {_one_line(err)}") from None
+    photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
+    try:
+        if photometric in MONOCHROME:
+            if pixels.ndim != 2:
+                raise ValueError(f"{photometric} with {pixels.shape[-1]} samples per pixel")
+            values = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
+            scaled = scale_to_8bit(values)
+            return Image.fromarray(255 - scaled if photometric == "MONOCHROME1" else scaled)
+        if photometric in ("YBR_FULL", "YBR_FULL_422"):
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        elif photometric == "PALETTE COLOR":
+            pixels = apply_color_lut(pixels, ds)
+        elif photometric != "RGB":
+            raise MedfmError(f"{path}: photometric interpretation '{photometric}' is not supported "
+                             "(medfm reads MONOCHROME1/2, RGB, YBR_FULL(_422), YBR_RCT/ICT and PALETTE COLOR)")
+        if pixels.ndim != 3 or pixels.shape[-1] != 3:
+            raise ValueError(f"{photometric} pixels of shape {pixels.shape}")
+        rgb = pixels if pixels.dtype == np.uint8 else scale_to_8bit(pixels)
+        return Image.fromarray(np.ascontiguousarray(rgb))
+    except MedfmError as err:
+        raise MedfmError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - LUTs and colour conversions reject odd headers in many ways
+        raise MedfmError(f"{path}: cannot apply its {photometric} pixel transforms: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
