@@ -36,7 +36,7 @@ def write_cache(path: Path) -> None:
     spec = {"tokens": FeatureSpec(TOKENS, "float16"), "pooled": FeatureSpec((TOKENS[1],), "float32")}
     plan = {"train": SplitPlan([f"r{i}" for i in range(ROWS)], np.arange(ROWS) % 4, spec)}
     meta = CacheMeta(BackboneInfo("synthetic"), DatasetInfo("synthetic"), Task("multiclass", ("a", "b", "c", "d")), layers=(0,), num_layers=1)
-    writer = CacheWriter.open(path, "bench-reads", meta, plan)
+    writer = CacheWriter.open(path, meta, plan)
     rng = np.random.default_rng(0)
     for start in range(0, ROWS, 32):
         n = min(32, ROWS - start)

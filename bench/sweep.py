@@ -45,7 +45,7 @@ def write_cache(path: Path) -> Path:
             for split, n in ROWS.items()}
     meta = CacheMeta(BackboneInfo("synthetic"), DatasetInfo("aptos-shaped"),
                      Task("multiclass", tuple(f"grade{i}" for i in range(CLASSES)), "quadratic_kappa"), layers=(0,), num_layers=1)
-    writer = CacheWriter.open(path, "bench-sweep", meta, plan)
+    writer = CacheWriter.open(path, meta, plan)
     for split, n in ROWS.items():
         for start in range(0, n, 256):
             y = labels[split][start : start + 256]

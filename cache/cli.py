@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import h5py
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -13,10 +15,13 @@ from rich.table import Table
 from cache.store import PARTIAL_SUFFIX, describe, is_cache_file, partial_path, verify
 from common.cli import run_cli
 from common.errors import MedfmError
+from common.locks import holder
 from common.runtime import output_root
 
 app = typer.Typer(help="Inspect and manage HDF5 feature caches.", no_args_is_help=True, add_completion=False)
 console = Console()
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of every HDF5 file medfm writes
+CACHE_ATTRS = ("schema_version", "fingerprint")  # what makes an HDF5 file a medfm cache, in every schema version
 
 
 def default_root() -> Path:
@@ -68,7 +73,15 @@ def ls(root: Annotated[Path | None, typer.Argument(help="Folder to search [defau
 @app.command()
 def info(path: Annotated[Path, typer.Argument(help="A cache file.")]) -> None:
     """Everything a cache records: settings, backbone, dataset, task, rows and arrays."""
-    d = describe(_existing(path))
+    _existing(path)
+    _refuse_busy(path, "run `cache info` when it has finished")
+    problem = identify(path)
+    if problem is not None:
+        raise MedfmError(f"{path} {problem.reason}; {problem.advice(path)}")
+    try:
+        d = describe(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise MedfmError(f"cannot read {path} as a medfm cache ({_first_line(err)}); `cache verify {path}` lists its problems") from None
     console.print_json(json.dumps(d, default=str))
 
 
@@ -84,12 +97,27 @@ def verify_cmd(path: Annotated[Path, typer.Argument(help="A cache file.")]) -> N
 
 
 @app.command()
-def rm(paths: Annotated[list[Path], typer.Argument(help="Cache files to delete.")]) -> None:
-    """Delete caches (and their split manifests)."""
+def rm(
+    paths: Annotated[list[Path], typer.Argument(help="Cache files to delete.")],
+    force: Annotated[bool, typer.Option("--force", help="Also remove a cache file too damaged to open (truncated, a broken "
+                                                        "header); never a file that opens and is not a medfm cache.")] = False,
+) -> None:
+    """Delete caches (and their split manifests): only files that are medfm caches, partial caches or their shards.
+
+    A file is a medfm cache when its name says so (*.h5, *.h5.partial, *.h5.shardKofN) and it is an HDF5 file
+    holding medfm's `schema_version` and `fingerprint` attributes. An HDF5 file too damaged to open cannot
+    show them: it is removed only with --force. Anything else (a text file named *.h5, another program's
+    HDF5 file), and a cache an extraction is writing now, is refused and nothing is removed.
+    """
     for path in paths:
         _existing(path)
         if not is_cache_file(path):
             raise MedfmError(f"{path} is not a cache file (*.h5, *.h5.partial or a shard *.h5.shardKofN); nothing removed")
+        _refuse_busy(path, "stop it first, or let it finish; nothing removed")
+        problem = identify(path)
+        if problem is not None and not (force and problem.damaged):
+            hint = "pass --force to remove it anyway" if problem.damaged else "remove it yourself if you mean it"
+            raise MedfmError(f"{path} {problem.reason}; {hint}; nothing removed")
     for path in paths:
         path.unlink()
         final = Path(str(path).removesuffix(PARTIAL_SUFFIX))
@@ -98,5 +126,48 @@ def rm(paths: Annotated[list[Path], typer.Argument(help="Cache files to delete."
         console.print(f"removed {path}")
 
 
+@dataclass(frozen=True)
+class NotACache:
+    """Why a file is not (or cannot be shown to be) a medfm cache."""
+
+    reason: str  # completes "<path> ..."
+    damaged: bool  # an HDF5 file that does not open: perhaps a damaged cache
+
+    def advice(self, path: Path) -> str:
+        if self.damaged:
+            return f"it is damaged (truncated?): `cache verify {path}` says more, `cache rm --force {path}` removes it"
+        return "pass a cache file (see `cache ls`)"
+
+
+def identify(path: Path) -> NotACache | None:
+    """None when `path` is a medfm cache: an HDF5 file with medfm's `schema_version` and `fingerprint` attributes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(HDF5_SIGNATURE))
+    except OSError as err:
+        return NotACache(f"cannot be read ({err.strerror})", False)
+    if head != HDF5_SIGNATURE:
+        return NotACache("is not an HDF5 file, so not a medfm cache", False)
+    try:
+        with h5py.File(path, "r", locking=False) as file:
+            missing = [name for name in CACHE_ATTRS if name not in file.attrs]
+    except OSError as err:
+        return NotACache(f"does not open as HDF5 ({_first_line(err)})", True)
+    if missing:
+        return NotACache(f"is an HDF5 file but not a medfm cache (it has no {' or '.join(missing)} attribute)", False)
+    return None
+
+
+def _refuse_busy(path: Path, what_to_do: str) -> None:
+    """A cache that an extraction holds the lock of is not inspected or removed under its feet."""
+    final = Path(str(path).removesuffix(PARTIAL_SUFFIX))
+    if (writer := holder(final)) is not None:
+        raise MedfmError(f"{path} is being written by {writer}; {what_to_do}")
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main() -> None:
-    run_cli(app, "cache")
+    run_cli(app, "cache", interrupted="interrupted; nothing was changed but the files reported as removed")

@@ -9,19 +9,33 @@ Layout of one file::
     /<split>/valid       [N] bool, False for images skipped as unreadable (--skip-bad)
     /<split>/<feature>   [N, ...] e.g. pooled [N, D] float32, tokens [N, T, D] float16,
                          pooled@4 / tokens@4 for extra layers; chunked along N
-    /<split>             attrs: rows (rows written so far), n (rows planned)
+    /<split>/crc32/<feature>  [N] uint32, the CRC-32 of each stored row, computed as the row is written
+    /<split>             attrs: rows (rows written so far), n (rows planned), crc32_ids, crc32_labels, crc32_valid
+    /                    attrs: meta_sha256 (the meta as written), fingerprint = sha256 of meta.settings
 
-Crash safety: a file is written as `<name>.h5.partial` with every chunk allocated at creation, so a
-batch write touches raw data only; `rows` is raised after the batch is flushed. `finalize` marks
-`complete` and renames the file to `<name>.h5`. A killed run leaves only a `.partial` file, which the
-next run with the same fingerprint resumes from `rows`.
+Crash safety: a file is written as `<name>.h5.partial` with every chunk allocated at creation (and its
+disk space reserved, so a full disk is found before the first row, not in the middle), so a batch write
+touches raw data only; `rows` is raised after the batch is flushed. `finalize` marks `complete` and
+renames the file to `<name>.h5`. A killed run leaves only a `.partial` file, which the next run with the
+same fingerprint resumes from `rows`. One writer at a time: the writer holds `<name>.h5.lock`
+(`common.locks`), so a second identical extraction stops before it touches the first one's file.
+
+Integrity: readers refuse a file whose meta differs from its checksum or whose settings do not hash to its
+fingerprint; `verify` recomputes every row's CRC-32 and names the split, array and rows that differ.
+CRC-32 finds every error of up to 32 consecutive bits (a flipped byte among them) and is computed in
+the writer thread at memory speed; it guards against accidents, not against someone who rewrites the
+checksums too.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
+import shutil
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +44,12 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cache.fingerprint import fingerprint as settings_fingerprint
 from cache.schema import CacheMeta, Task
 from common.errors import MedfmError
+from common.locks import FileLock, acquire, holder
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-row checksums, meta checksum, fingerprint = sha256 of the settings
 SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 4 << 20  # a read of one chunk moves ~4 MiB: large enough for full disk speed
 PARTIAL_SUFFIX = ".partial"
@@ -66,6 +82,37 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+def row_crcs(array: np.ndarray) -> np.ndarray:
+    """The CRC-32 of each row's bytes, [N] uint32."""
+    rows = np.ascontiguousarray(array).reshape(len(array), -1).view(np.uint8)
+    return np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
+
+
+def array_crc(array: np.ndarray) -> int:
+    """The CRC-32 of a whole array (ids are hashed as their newline-joined text)."""
+    if array.dtype.kind in "OUS":
+        return zlib.crc32("\n".join(str(v) for v in array).encode())
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
+
+
+def meta_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def planned_bytes(plan: dict[str, SplitPlan]) -> int:
+    """The bytes a cache of this plan takes on disk, about: feature rows, their checksums, ids and labels."""
+    total = 0
+    for sp in plan.values():
+        n = len(sp.ids)
+        row = sum(int(np.prod(f.shape, dtype=np.int64)) * np.dtype(f.dtype).itemsize + 4 for f in sp.features.values())
+        total += n * row + np.asarray(sp.labels).nbytes + sum(len(i) + 16 for i in sp.ids) + n
+    return total
+
+
+def _disk_full(err: OSError) -> bool:
+    return err.errno == errno.ENOSPC or "No space left" in str(err) or "errno = 28" in str(err)
+
+
 def _create_early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> None:
     """Create a chunked dataset whose chunks are all allocated now, so later writes change no metadata.
 
@@ -79,43 +126,35 @@ def _create_early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: A
 
 
 class CacheWriter:
-    """Writes one cache file; resumes a `.partial` file with the same fingerprint."""
+    """Writes one cache file, holding its lock; resumes a `.partial` file with the same fingerprint.
 
-    def __init__(self, path: Path, file: h5py.File) -> None:
+    The fingerprint is the hash of `meta.settings`, so a file's name, fingerprint and meta always agree.
+    """
+
+    def __init__(self, path: Path, file: h5py.File, lock: FileLock) -> None:
         self.path = path
         self._file = file
+        self._lock = lock
 
     @classmethod
-    def open(cls, path: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, SplitPlan]) -> CacheWriter:
-        """Open `path`'s partial file for writing: resume it if it matches, else create it."""
+    def open(cls, path: Path, meta: CacheMeta, plan: dict[str, SplitPlan]) -> CacheWriter:
+        """Lock `path`, then open its partial file for writing: resume it if it matches, else create it."""
         path = Path(path)
-        if path.exists():
-            raise MedfmError(f"{path} already exists and is complete; reuse it or remove it with `cache rm {path}`")
-        partial = partial_path(path)
-        if partial.exists():
-            file = _open_resumable(partial, fingerprint)
-            if file is not None:
-                return cls(path, file)
-            partial.unlink()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = h5py.File(partial, "w")
-        file.attrs["schema_version"] = SCHEMA_VERSION
-        file.attrs["fingerprint"] = fingerprint
-        file.attrs["complete"] = False
-        file.attrs["meta"] = meta.to_json()
-        for split, sp in plan.items():
-            n = len(sp.ids)
-            group = file.create_group(split)
-            group.attrs["n"] = n
-            group.attrs["rows"] = 0
-            group.create_dataset("ids", data=np.array(list(sp.ids), dtype=h5py.string_dtype()))
-            group.create_dataset("labels", data=np.asarray(sp.labels))
-            group.create_dataset("valid", data=np.ones(n, dtype=bool))
-            for name, spec in sp.features.items():
-                rows = chunk_rows(spec.shape, spec.dtype, max(n, 1))
-                _create_early(group, name, (n, *spec.shape), spec.dtype, (rows, *spec.shape))
-        file.flush()
-        return cls(path, file)
+        lock = acquire(path, f"the cache {path}")
+        try:
+            if path.exists():
+                raise MedfmError(f"{path} already exists and is complete; reuse it or remove it with `cache rm {path}`")
+            fingerprint = settings_fingerprint(meta.settings)
+            partial = partial_path(path)
+            if partial.exists():
+                file = _open_resumable(partial, fingerprint)
+                if file is not None:
+                    return cls(path, file, lock)
+                partial.unlink()  # another extraction's settings, or unreadable: we hold the lock, nobody writes it
+            return cls(path, _create(partial, fingerprint, meta, plan), lock)
+        except BaseException:
+            lock.release()
+            raise
 
     def rows(self, split: str) -> int:
         """Rows of `split` already written (the resume point)."""
@@ -125,24 +164,31 @@ class CacheWriter:
         return int(self._file[split].attrs["n"])
 
     def write(self, split: str, start: int, features: dict[str, np.ndarray], valid: np.ndarray | None = None) -> None:
-        """Write rows [start, start + batch) of every feature, then advance the `rows` mark."""
+        """Write rows [start, start + batch) of every feature and their checksums, then advance the `rows` mark."""
         group = self._file[split]
         stop = start
-        for name, array in features.items():
-            stop = start + len(array)
-            group[name][start:stop] = array
-        if valid is not None and not valid.all():
-            group["valid"][start:stop] = valid
-        self._file.flush()
-        group.attrs["rows"] = max(stop, int(group.attrs["rows"]))
-        self._file.flush()
+        try:
+            for name, array in features.items():
+                stop = start + len(array)
+                group[name][start:stop] = array
+                group["crc32"][name][start:stop] = row_crcs(array)
+            if valid is not None and not valid.all():
+                group["valid"][start:stop] = valid
+            self._file.flush()
+            group.attrs["rows"] = max(stop, int(group.attrs["rows"]))
+            self._file.flush()
+        except OSError as err:
+            if _disk_full(err):
+                raise MedfmError(f"the disk of {self.path.parent} is full; {partial_path(self.path).name} keeps the rows written "
+                                 "so far and resumes when you rerun after freeing space") from None
+            raise
 
     def meta(self) -> CacheMeta:
         return CacheMeta.from_json(self._file.attrs["meta"], str(self.path))
 
     def add_skipped(self, ids: Sequence[str]) -> None:
         """Record images left out as unreadable (--skip-bad) in the meta."""
-        self._file.attrs["meta"] = self.meta().with_skipped(ids).to_json()
+        _set_meta(self._file, self.meta().with_skipped(ids).to_json())
 
     def finalize(self) -> Path:
         """Mark the file complete and move it to its final name; refuses if any split is short."""
@@ -150,16 +196,67 @@ class CacheWriter:
             group = self._file[split]
             if int(group.attrs["rows"]) != int(group.attrs["n"]):
                 raise MedfmError(f"cannot finalize {self.path}: split {split} has {group.attrs['rows']} of {group.attrs['n']} rows")
+            group.attrs["crc32_valid"] = array_crc(group["valid"][:])
         self._file.attrs["complete"] = True
         self._file.flush()
         self._file.close()
         os.replace(partial_path(self.path), self.path)
+        self._lock.release()
         return self.path
 
     def close(self) -> None:
-        """Close without finalizing (the partial file stays, resumable)."""
+        """Close without finalizing (the partial file stays, resumable) and release the lock."""
         if self._file.id.valid:
             self._file.close()
+        self._lock.release()
+
+
+def _set_meta(file: h5py.File, text: str) -> None:
+    file.attrs["meta"] = text
+    file.attrs["meta_sha256"] = meta_digest(text)
+
+
+def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, SplitPlan]) -> h5py.File:
+    """A new partial file with every array allocated and its disk space reserved, or one clear line when it cannot fit."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    need, free = planned_bytes(plan), shutil.disk_usage(partial.parent).free
+    if need > free:
+        raise MedfmError(f"{partial.name[: -len(PARTIAL_SUFFIX)]} needs {need / 2**20:.1f} MiB but {partial.parent} has "
+                         f"{free / 2**20:.1f} MiB free; free space, store fewer arrays (--no-tokens) or pass --out on a larger disk")
+    file = h5py.File(partial, "w")
+    try:
+        file.attrs["schema_version"] = SCHEMA_VERSION
+        file.attrs["fingerprint"] = fingerprint
+        file.attrs["complete"] = False
+        _set_meta(file, meta.to_json())
+        for split, sp in plan.items():
+            n = len(sp.ids)
+            group = file.create_group(split)
+            group.attrs["n"] = n
+            group.attrs["rows"] = 0
+            ids = np.array(list(sp.ids), dtype=h5py.string_dtype())
+            group.create_dataset("ids", data=ids)
+            group.create_dataset("labels", data=np.asarray(sp.labels))
+            group.create_dataset("valid", data=np.ones(n, dtype=bool))
+            group.attrs["crc32_ids"] = array_crc(np.array(list(sp.ids), dtype=object))
+            group.attrs["crc32_labels"] = array_crc(np.asarray(sp.labels))
+            group.attrs["crc32_valid"] = 0  # set at finalize; created now so that finalizing needs no new file space
+            crcs = group.create_group("crc32")
+            for name, spec in sp.features.items():
+                rows = chunk_rows(spec.shape, spec.dtype, max(n, 1))
+                _create_early(group, name, (n, *spec.shape), spec.dtype, (rows, *spec.shape))
+                crcs.create_dataset(name, shape=(n,), dtype=np.uint32)
+        file.flush()
+        with open(partial, "rb+") as fh:  # reserve the blocks now: a full disk fails here, before any row
+            os.posix_fallocate(fh.fileno(), 0, os.path.getsize(partial))
+    except OSError as err:
+        file.close()
+        partial.unlink(missing_ok=True)
+        if _disk_full(err):
+            raise MedfmError(f"not enough disk space in {partial.parent} for {partial.name[: -len(PARTIAL_SUFFIX)]} "
+                             f"({need / 2**20:.1f} MiB); free space or pass --out on a larger disk") from None
+        raise
+    return file
 
 
 def _open_resumable(partial: Path, fingerprint: str) -> h5py.File | None:
@@ -190,6 +287,9 @@ class CacheReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        final = self.path.with_name(self.path.name.removesuffix(PARTIAL_SUFFIX))
+        if (writer := holder(final)) is not None:
+            raise MedfmError(f"cache {final} is being written by {writer}; wait for it to finish")
         if not self.path.exists():
             if partial_path(self.path).exists():
                 raise MedfmError(f"cache {self.path} is incomplete (only {partial_path(self.path).name} exists); rerun the same `extract run` to finish it")
@@ -197,17 +297,40 @@ class CacheReader:
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as err:
-            raise MedfmError(f"cannot open cache {self.path}: {err}; remove it with `cache rm` and extract again") from None
-        attrs = self._file.attrs
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise MedfmError(f"cache {self.path} has schema {attrs.get('schema_version')}, this medfm reads {SCHEMA_VERSION}; extract again")
-        if not bool(attrs.get("complete", False)):
-            raise MedfmError(f"cache {self.path} is incomplete; rerun the same `extract run` to finish it")
-        self.fingerprint: str = str(attrs["fingerprint"])
-        self.raw_meta: dict[str, Any] = json.loads(attrs["meta"])
+            raise MedfmError(f"cannot open cache {self.path}: {' '.join(str(err).split())}; remove it with `cache rm` and extract again") from None
+        try:
+            self._check()
+        except MedfmError:
+            self._file.close()
+            raise
+        self.fingerprint: str = str(self._file.attrs["fingerprint"])
+        self.raw_meta: dict[str, Any] = json.loads(self._file.attrs["meta"])
         self._meta: CacheMeta | None = None
         self._map: np.memmap | None = None  # the whole file, mapped on the first raw-chunk read
         self._raw: dict[tuple[str, str], _RawChunks | None] = {}
+
+    def _check(self) -> None:
+        """Refuse what is not a complete, unedited cache of this schema, with the way out."""
+        attrs, path = self._file.attrs, self.path
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise MedfmError(f"cache {path} has schema {attrs.get('schema_version')}, this medfm reads {SCHEMA_VERSION}; "
+                             f"remove it with `cache rm {path}` and extract again")
+        if not bool(attrs.get("complete", False)):
+            if path.name.endswith(PARTIAL_SUFFIX):
+                raise MedfmError(f"cache {path} is incomplete; rerun the same `extract run` to finish it")
+            raise MedfmError(f"cache {path} carries a final name but is not marked complete; remove it with `cache rm {path}` "
+                             "and rerun the same `extract run`")
+        text = str(attrs.get("meta", ""))
+        if attrs.get("meta_sha256") != meta_digest(text):
+            raise MedfmError(f"cache {path}: its meta was changed after extraction (checksum mismatch); "
+                             f"remove it with `cache rm {path}` and extract again")
+        if settings_fingerprint(json.loads(text).get("settings", {})) != attrs.get("fingerprint"):
+            raise MedfmError(f"cache {path}: its settings do not hash to its fingerprint; remove it with `cache rm {path}` and extract again")
+        for split in [s for s in SPLITS if s in self._file]:
+            group = self._file[split]
+            arrays = [k for k in group if k not in _NOT_FEATURES]
+            if "crc32" not in group or any(name not in group["crc32"] for name in arrays):
+                raise MedfmError(f"cache {path} has no checksums for {split}; remove it with `cache rm {path}` and extract again")
 
     @property
     def meta(self) -> CacheMeta:
@@ -225,7 +348,7 @@ class CacheReader:
         return [s for s in SPLITS if s in self._file]
 
     def feature_names(self, split: str = "train") -> list[str]:
-        return [k for k in self._file[split] if k not in ("ids", "labels", "valid")]
+        return [k for k in self._file[split] if k not in _NOT_FEATURES]
 
     def valid(self, split: str) -> np.ndarray:
         return self._file[split]["valid"][:]
@@ -316,6 +439,7 @@ class CacheReader:
         self.close()
 
 
+_NOT_FEATURES = ("ids", "labels", "valid", "crc32")
 CACHE_FILE = re.compile(r".+\.h5(?P<shard>\.shard\d+of\d+)?(\.partial)?")  # a cache, its shards, partial or complete
 
 
@@ -328,13 +452,14 @@ def shard_path(path: Path, rank: int, size: int) -> Path:
     return path.with_name(f"{path.name}.shard{rank}of{size}")
 
 
-def join_shards(shards: Sequence[Path], path: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, SplitPlan]) -> Path:
+def join_shards(shards: Sequence[Path], path: Path, meta: CacheMeta, plan: dict[str, SplitPlan]) -> Path:
     """One cache from the complete shards of a multi-process extraction, then the shards are removed.
 
     Shard k holds the k-th contiguous block of rows of every split, so blocks are copied in shard order,
     CHUNK_BYTES at a time. A join cut short leaves the shards and a `.partial` that the next join redoes.
     """
-    writer = CacheWriter.open(path, fingerprint, meta, plan)
+    writer = CacheWriter.open(path, meta, plan)
+    fingerprint = settings_fingerprint(meta.settings)
     try:
         skipped: list[str] = []
         offset = dict.fromkeys(plan, 0)
@@ -369,7 +494,7 @@ def describe(path: Path) -> dict[str, Any]:
         features = {}
         for s in SPLITS:
             if s in file:
-                features = {k: (tuple(file[s][k].shape[1:]), str(file[s][k].dtype)) for k in file[s] if k not in ("ids", "labels", "valid")}
+                features = {k: (tuple(file[s][k].shape[1:]), str(file[s][k].dtype)) for k in file[s] if k not in _NOT_FEATURES}
                 break
         return {
             "path": str(path),
@@ -384,32 +509,55 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def verify(path: Path) -> list[str]:
-    """Problems found in a cache file (empty when it is sound): counts, shapes, finite values, complete."""
+    """Problems found in a cache file (empty when it is sound): counts, shapes, finite values, complete, and every
+    checksum recomputed (each feature row, ids, labels, validity, the meta and the fingerprint of its settings)."""
     problems: list[str] = []
     try:
         file = h5py.File(path, "r")
     except OSError as err:
-        return [f"unreadable: {err}"]
+        return [f"unreadable: {' '.join(str(err).split())}"]
     with file:
         if file.attrs.get("schema_version") != SCHEMA_VERSION:
-            problems.append(f"schema {file.attrs.get('schema_version')} != {SCHEMA_VERSION}")
+            return [f"schema {file.attrs.get('schema_version')} != {SCHEMA_VERSION}: written by another medfm version"]
         if not bool(file.attrs.get("complete", False)):
             problems.append("not marked complete")
+        text = str(file.attrs.get("meta", ""))
+        if file.attrs.get("meta_sha256") != meta_digest(text):
+            problems.append("meta: changed after extraction (checksum mismatch)")
+        elif settings_fingerprint(json.loads(text).get("settings", {})) != file.attrs.get("fingerprint"):
+            problems.append("fingerprint: does not match the settings in the meta")
         for split in [s for s in SPLITS if s in file]:
-            group = file[split]
-            n, rows = int(group.attrs["n"]), int(group.attrs["rows"])
-            if rows != n:
-                problems.append(f"{split}: {rows} of {n} rows written")
-            valid = group["valid"][:]
-            for key in group:
-                if len(group[key]) != n:
-                    problems.append(f"{split}/{key}: {len(group[key])} rows, expected {n}")
-            for key in [k for k in group if k not in ("ids", "labels", "valid")]:
-                ds = group[key]
-                step = ds.chunks[0] if ds.chunks else max(n, 1)
-                for start in range(0, n, step):
-                    block = ds[start : start + step][valid[start : start + step]]
-                    if not np.isfinite(block).all():
-                        problems.append(f"{split}/{key}: non-finite values near row {start}")
-                        break
+            problems += _verify_split(split, file[split])
+    return problems
+
+
+def _verify_split(split: str, group: h5py.Group) -> list[str]:
+    problems: list[str] = []
+    n, rows = int(group.attrs["n"]), int(group.attrs["rows"])
+    if rows != n:
+        problems.append(f"{split}: {rows} of {n} rows written")
+    valid = group["valid"][:]
+    for key in [k for k in group if k != "crc32"]:
+        if len(group[key]) != n:
+            problems.append(f"{split}/{key}: {len(group[key])} rows, expected {n}")
+    for key, data in (("ids", np.array(group["ids"].asstr()[:], dtype=object)), ("labels", group["labels"][:]), ("valid", valid)):
+        stored = group.attrs.get(f"crc32_{key}")
+        if stored is not None and int(stored) != array_crc(data):
+            problems.append(f"{split}/{key}: differs from its checksum")
+    for key in [k for k in group if k not in _NOT_FEATURES]:
+        ds, crcs = group[key], group["crc32"][key][:] if "crc32" in group and key in group["crc32"] else None
+        if crcs is None:
+            problems.append(f"{split}/{key}: no checksums")
+            continue
+        step = ds.chunks[0] if ds.chunks else max(n, 1)
+        bad: list[int] = []
+        finite = True
+        for start in range(0, rows, step):
+            block = ds[start : min(start + step, rows)]
+            bad += (np.flatnonzero(row_crcs(block) != crcs[start : start + len(block)]) + start).tolist()
+            finite = finite and bool(np.isfinite(block[valid[start : start + len(block)]]).all())
+        if bad:
+            problems.append(f"{split}/{key}: {len(bad)} row(s) differ from their checksums (first: row {bad[0]})")
+        if not finite:
+            problems.append(f"{split}/{key}: non-finite values")
     return problems

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,22 +33,51 @@ def find_weights(filename: str, hub_files: Iterable[tuple[str, str]] = ()) -> Pa
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, from safetensors or a weights-only torch.load; pickled code is refused."""
+    """Tensors of a checkpoint, from safetensors or a weights-only torch.load; pickled code is refused.
+
+    Every way a file can fail to load (pickled code, an empty or truncated file, bytes that are no
+    checkpoint at all, a damaged safetensors header) is a one-line `MedfmError`; torch's own warnings
+    about the pickle protocol are silenced, since the refusal says what matters.
+    """
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise MedfmError(f"cannot read weights file {path} as safetensors ({_first_line(err)}); "
+                             "pass an intact .safetensors file (download it again)") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 in the checkpoint": the error below says it better
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
         raise MedfmError(
-            f"refusing to load {path}: it needs arbitrary pickled code to load ({first}); "
+            f"refusing to load {path}: torch's safe loader cannot read it ({_unpickler_reason(err)}); it is not a plain "
+            "checkpoint of tensors (it may hold pickled code, or not be a checkpoint at all); "
             "convert it to a plain state dict or safetensors from a trusted environment"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise MedfmError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = _first_line(err) or ("the file is empty" if path.is_file() and path.stat().st_size == 0 else type(err).__name__)
+        raise MedfmError(f"cannot read weights file {path}: {reason}; pass an intact checkpoint (download it again)") from None
     return unwrap_state_dict(obj, path)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The line of torch's weights-only error that names the problem (e.g. `unsupported GLOBAL posix.system`),
+    without its boilerplate paragraphs."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    for line in str(err).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not line.startswith(boilerplate):
+            return line.rstrip(".")
+    return "unsupported object"
 
 
 def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

@@ -3,15 +3,51 @@
 from __future__ import annotations
 
 import ast
+import os
+import signal
 import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
 from common.errors import MedfmError
 
+INTERRUPTED = "interrupted; partial outputs are kept and resume on the next run"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def run_cli(app: typer.Typer, prog_name: str) -> None:
-    """Run a typer app so that user mistakes end in one `error:` line and exit code 2."""
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM, raised in the main thread where the command is.
+
+    A BaseException, so that no `except Exception` swallows it and typer, which turns KeyboardInterrupt
+    into a silent exit 130, lets it through; `finally` blocks and context managers run on the way out,
+    so a partial file is closed whole and resumes on the next run.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def run_cli(app: typer.Typer, prog_name: str, interrupted: str = INTERRUPTED) -> None:
+    """Run a typer app so that user mistakes end in one `error:` line and exit code 2.
+
+    SIGINT and SIGTERM end the command with one line, `interrupted` (what was kept and how to go on),
+    and exit code 128 + the signal (130, 143). Warnings are printed as one `warning:` line each.
+    """
+    try:
+        with _stop_signals_raise(), _one_line_warnings():
+            code = _run(app, prog_name)
+    except (Interrupted, KeyboardInterrupt) as err:  # KeyboardInterrupt: where no handler could be set (not the main thread)
+        sys.stderr.write(one_line(interrupted) + "\n")
+        sys.exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT))
+    sys.exit(code)
+
+
+def _run(app: typer.Typer, prog_name: str) -> int:
     try:
         code = app(standalone_mode=False, prog_name=prog_name)
     except MedfmError as err:
@@ -23,15 +59,61 @@ def run_cli(app: typer.Typer, prog_name: str) -> None:
             sys.stderr.write(err.format_message() + "\n")
             sys.exit(2)
         _fail(err.format_message())
-    except KeyboardInterrupt:
-        _fail("interrupted; partial outputs are kept and resume on the next run")
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
 
 
 def _fail(message: str) -> None:
-    message = " ".join(message.split())
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {one_line(message)}\n")
     sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """`message` on one line, printable: a file name that is not UTF-8 shows its odd bytes as \\xNN."""
+    message = " ".join(message.split())
+    try:
+        return message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """While the command runs, SIGINT and SIGTERM raise `Interrupted` in the main thread (then the old handlers return)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != pid:  # a forked worker (a DataLoader's) inherited this handler: act as it would by default
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings (ours, and the libraries') as one `warning:` line each, without a source line or file name."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' signature
+        (file or sys.stderr).write(f"warning: {one_line(str(message))}\n")
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def parse_options(pairs: list[str], flag: str = "--opt") -> dict[str, str]:

@@ -109,4 +109,5 @@ def datasets() -> None:
 
 
 def main() -> None:
-    run_cli(app, "extract")
+    run_cli(app, "extract", interrupted="interrupted; the partial cache (.h5.partial) keeps every row written so far, "
+                                        "and the same `extract run` resumes from there")

@@ -35,8 +35,10 @@ from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, Split
+from extract.datasets.decode import DECODER_VERSION
 from extract.datasets.images import ImageDataset
 from extract.datasets.splits import read_manifest
+from extract.input_checks import check_image_size
 from extract.transforms import TransformSpec, check_input_settings, eval_transform, input_spec
 
 TOKEN_DTYPES = ("float16", "float32")
@@ -166,6 +168,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         raise MedfmError(f"--batch-size must be auto or at least 1, got {cfg.batch_size}")
     if cfg.token_dtype not in TOKEN_DTYPES:
         raise MedfmError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {cfg.token_dtype}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise MedfmError(f"--workers must be 0 (decode in the main process) or more, got {cfg.workers}")
     device = rank_device(resolve_device(cfg.device), launch)
     amp = autocast_dtype(cfg.precision, device)
 
@@ -176,6 +180,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         source = source.with_manifest(read_manifest(cfg.manifest))
     weights = resolve_weights(spec, cfg.weights, warn=console.print)
     model = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
+    check_image_size(model, cfg.backbone)
     model = model.to(device).eval()
     wanted = range(model.num_layers) if cfg.layers is None else model.resolve_layers(cfg.layers)
     layers = sorted({model.num_layers - 1, *wanted})
@@ -186,6 +191,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         "weights": weights.identity,
         "overrides": cfg.overrides,
         "transform": tspec.to_dict(),
+        "decoder": DECODER_VERSION,  # how files became pixels (extract/datasets/decode.py)
         "norm": norm,
         "dataset": source.name,
         "root": str(Path(cfg.root).expanduser().resolve()) if cfg.root else None,  # other images, other features
@@ -226,7 +232,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     if not target.exists():  # a shard finished before an interruption is kept
         resuming = partial_path(target).exists()
         part_plan = split_plans(part, features)
-        writer = CacheWriter.open(target, fp, meta, part_plan)
+        writer = CacheWriter.open(target, meta, part_plan)
         done = {s: writer.rows(s) for s in part_plan}
         if resuming and any(done.values()):
             console.print(f"resuming {partial_path(target).name}: " + ", ".join(f"{s} {done[s]}/{writer.planned(s)}" for s in part_plan))
@@ -244,7 +250,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         if launch.size > 1:
             shards = [shard_path(path, rank, launch.size) for rank in range(launch.size)]
             wait_for(shards, console)
-            join_shards(shards, path, fp, meta, split_plans(source, features))
+            join_shards(shards, path, meta, split_plans(source, features))
         console.print(f"[green]cache complete[/] {path}")
     written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
     return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items()}, rate, weights.random, extracted)

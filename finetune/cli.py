@@ -78,4 +78,5 @@ def run(
 
 
 def main() -> None:
-    run_cli(app, "finetune")
+    run_cli(app, "finetune", interrupted="interrupted; the run's checkpoint keeps every finished epoch: rerun the same "
+                                         "`finetune run` with --resume to continue from there")

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,13 @@ from torch.utils.data import DataLoader
 from cache.fingerprint import manifest_hash
 from cache.schema import Task
 from common.errors import MedfmError
+from common.locks import acquire
 from common.runtime import output_root, resolve_device
 from extract.backbones import create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
+from extract.datasets.decode import DECODER_VERSION
+from extract.input_checks import check_image_size
 from extract.transforms import check_input_settings, input_spec
 from finetune import distributed
 from finetune.data import check_images, epoch_seed, make_loader
@@ -114,12 +118,13 @@ def finetune(cfg: FinetuneConfig, console: Console | None = None) -> FinetuneRes
     _validate(cfg)
     world = distributed.start(resolve_device(cfg.device))
     try:
-        return _finetune(cfg, world, console or Console(stderr=True, quiet=not world.is_main))
+        with ExitStack() as held:
+            return _finetune(cfg, world, console or Console(stderr=True, quiet=not world.is_main), held)
     finally:
         distributed.stop(world)
 
 
-def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneResult:
+def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitStack) -> FinetuneResult:
     start_time = time.perf_counter()
     device = world.device
     if cfg.batch_size % world.size:
@@ -133,12 +138,15 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     task = source.task
     weights = resolve_weights(get_spec(cfg.backbone), cfg.weights, warn=console.print)
     manifest = source.manifest()
-    run_config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
+    used = {f"head_{option}" for option in get_head(cfg.head).options}  # another head's settings do not change this run
+    run_config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY and (not k.startswith("head_") or k in used)}
     run_config.update(root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None, weights=weights.identity,
-                      dataset_options=source.options, manifest_hash=manifest_hash(manifest))
+                      dataset_options=source.options, manifest_hash=manifest_hash(manifest), decoder=DECODER_VERSION)
     key = config_key({"stage": "finetune", **run_config}, None, cfg.seed)
     run_dir = Path(cfg.out) / "finetune" / f"{cfg.backbone}-{source.name}-{scenario}-{key[:12]}"
     ledger = Ledger(Path(cfg.out) / "results.sqlite")
+    if world.is_main:  # one process trains a run folder: a twin launch stops here, before touching it
+        held.enter_context(acquire(run_dir / "run", f"the finetune run {run_dir}"))  # run_dir/run.lock
     if (done := ledger.find(key)) is not None:
         console.print(f"[green]already finished[/]: ledger row {done.id}, {run_dir}; nothing to train")
         return _finished_result(done, run_dir, scenario)
@@ -150,6 +158,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console) -> FinetuneRe
     # --- model, data, the study's recipe
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
     backbone = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
+    check_image_size(backbone, cfg.backbone)
     head_options = {option: getattr(cfg, f"head_{option}") for option in get_head(cfg.head).options}
     model = build_model(backbone.to(device), cfg.head, task.num_outputs, freeze, **head_options).to(device)
     tspec, _ = input_spec(source, backbone.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
@@ -268,6 +277,8 @@ def _validate(cfg: FinetuneConfig) -> None:
     check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size, cfg.interpolation)
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise MedfmError(f"--warmup-steps must not be negative, got {cfg.warmup_steps}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise MedfmError(f"--workers must be 0 (decode in the main process) or more, got {cfg.workers}")
 
 
 def _seed_everything(seed: int) -> None:

@@ -109,7 +109,7 @@ def sweep(
         grid = Grid(
             heads=tuple(_values(head, str, "--head")), lrs=tuple(_values(lr, float, "--lr")),
             weight_decays=tuple(_values(weight_decay, float, "--weight-decay")), seeds=tuple(_values(seed, int, "--seed")),
-            layers=tuple(None if v == "last" else int(v) for v in _values(layer, str, "--layer")),
+            layers=tuple(_layer(v) for v in _values(layer, str, "--layer")),
         )
         base = TrainConfig(batch_size=batch_size, epochs=epochs, warmup_steps=warmup_steps, patience=patience,
                            grad_clip=grad_clip or None, data_seed=data_seed, head_depth=head_depth, head_preset=head_preset,
@@ -138,6 +138,16 @@ def _values(text: str, kind: type, flag: str) -> list:
     if not values:
         raise MedfmError(f"{flag} needs at least one value")
     return values
+
+
+def _layer(text: str) -> int | None:
+    """A `--layer` value of a sweep: 'last' (None) or a block index such as 8 or -4."""
+    if text == "last":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise MedfmError(f"--layer takes comma-separated block indices such as 8 or -4, or 'last'; got '{text}'") from None
 
 
 @app.command()
@@ -175,4 +185,5 @@ def _ram(text: str | None) -> int | None:
 
 
 def main() -> None:
-    run_cli(app, "probe")
+    run_cli(app, "probe", interrupted="interrupted; finished runs are kept in the ledger, and the same command skips them "
+                                      "and trains the rest")

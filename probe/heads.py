@@ -2,7 +2,7 @@
 
 A head is registered as a `HeadSpec`, as a backbone is: its name, the cache feature it reads (`pooled` or
 `tokens`), how to build it from that feature's row shape, the options it takes and what it starts from.
-Nothing else in the project switches on a head's name.
+probe and finetune build heads only through the registry.
 
 `LinearHead` is the study's linear probe on the pooled feature. `DeiTHead` is the study's appended
 "DeiT classifier" (docs/protocol.md §4): each token -> Linear(d -> width) + LayerNorm -> DeiT blocks with their
@@ -171,7 +171,7 @@ class HeadSpec:
 
     `build(row_shape, num_outputs, **options)`: `row_shape` is one row of the feature it reads ([D] pooled,
     [T, D] tokens). `options` are the head's own settings (TrainConfig's `head_<option>` fields).
-    `init(options)` says what its weights start from without building it: "" when nothing is pretrained
+    `init(**options)` says what its weights start from without building it: "" when nothing is pretrained
     (a linear layer), "random" when pretrained weights were wanted but are missing or refused, else the file.
     """
 

@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from cache.store import CacheReader
 from common.errors import MedfmError
+from common.locks import FileLock, acquire
 from common.runtime import output_root, resolve_device
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
@@ -76,10 +77,21 @@ def run_probe(
     ledger = ledger or Ledger()
     validate(config)
     key = ledger_key(reader, config)
-    done = ledger.find(key)
-    if done is not None and not force:
-        console.print(f"[green]already in the ledger[/] (run {done.id}, {done.run_dir}): {describe(done)}; skipping (--force retrains)")
-        return RunOutcome(done, True)
+    with claim(ledger, key):
+        done = ledger.find(key)  # read under the claim: a twin process that finished first is not trained again
+        if done is not None and not force:
+            console.print(f"[green]already in the ledger[/] (run {done.id}, {done.run_dir}): {describe(done)}; skipping (--force retrains)")
+            return RunOutcome(done, True)
+        return _train(reader, config, key, ledger, device, max_ram, console)
+
+
+def claim(ledger: Ledger, key: str) -> FileLock:
+    """The right to train the run `key`: a second process asking for the same run stops with one line."""
+    return acquire(ledger.path.parent / "locks" / f"probe-{key[:16]}", f"the probe run {key[:8]}")
+
+
+def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, device: str, max_ram: int | None,
+           console: Console) -> RunOutcome:
     dev = resolve_device(device)
     source = FeatureSource(reader, config.feature, config.batch_size, max_ram)
     console.print(f"training a {config.head} head on {reader.meta.backbone.name}/{reader.meta.dataset.name} "

@@ -15,6 +15,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
 from rich.console import Console
@@ -27,7 +28,7 @@ from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.recipe import STUDY
 from probe.results import Ledger, RunRecord
-from probe.run import ledger_key, save_run, validate, warn_random
+from probe.run import claim, ledger_key, save_run, validate, warn_random
 from probe.train import TrainConfig, fit, make_head
 
 
@@ -73,7 +74,25 @@ def run_sweep(
     if deit_per_pass < 1:
         raise MedfmError(f"--deit-per-pass must be at least 1, got {deit_per_pass}")
     keys = [ledger_key(reader, c) for c in configs]
-    todo = [(c, k) for c, k in zip(configs, keys, strict=True) if force or ledger.find(k) is None]
+    with ExitStack() as claims:
+        todo = [(c, k) for c, k in zip(configs, keys, strict=True) if force or ledger.find(k) is None]
+        for _, key in todo:  # every run to train is ours alone, or the sweep stops before training any
+            claims.enter_context(claim(ledger, key))
+        todo = [(c, k) for c, k in todo if force or ledger.find(k) is None]  # read again, under the claims
+        passes = _train_todo(reader, configs, todo, device, max_ram, deit_per_pass, ledger, console)
+
+    # --- the answer: every configuration's row, and the best by validation
+    records = [ledger.find(k) for k in keys]
+    scored = [r for r in records if r is not None and r.val_score is not None and math.isfinite(r.val_score)]
+    best = max(scored, key=lambda r: r.val_score) if scored else None
+    return SweepOutcome([r for r in records if r is not None], best, len(todo), len(configs) - len(todo), passes)
+
+
+def _train_todo(
+    reader: CacheReader, configs: list[TrainConfig], todo: list[tuple[TrainConfig, str]], device: str, max_ram: int | None,
+    deit_per_pass: int, ledger: Ledger, console: Console,
+) -> int:
+    """Train the configurations of `todo`, grouped into passes over the features; the number of train passes."""
     console.print(f"sweep of {len(configs)} configurations: {len(configs) - len(todo)} already in the ledger, {len(todo)} to train")
     by_settings: dict[tuple, list[tuple[TrainConfig, str]]] = defaultdict(list)
     for config, key in todo:  # heads sharing data, schedule and head architecture can share a pass
@@ -103,9 +122,4 @@ def run_sweep(
             passes += source.passes["train"]
             console.print(f"trained {len(members)} {first.head} head(s) on {first.feature} in {seconds:.1f} s "
                           f"({source.passes['train']} passes over the train features)")
-
-    # --- the answer: every configuration's row, and the best by validation
-    records = [ledger.find(k) for k in keys]
-    scored = [r for r in records if r is not None and r.val_score is not None and math.isfinite(r.val_score)]
-    best = max(scored, key=lambda r: r.val_score) if scored else None
-    return SweepOutcome([r for r in records if r is not None], best, len(todo), len(configs) - len(todo), passes)
+    return passes

@@ -58,9 +58,8 @@ class TrainConfig:
         if self.head != "linear" or not self.standardize:
             data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
         used = {f"head_{option}" for option in get_head(self.head).options}
-        for key in ("head_depth", "head_preset", "head_weights"):
-            if key not in used:
-                data.pop(key)
+        for key in [k for k in data if k.startswith("head_") and k not in used]:
+            data.pop(key)
         return data
 
 

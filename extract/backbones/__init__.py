@@ -43,7 +43,7 @@ def create_backbone(
     in_chans: int = 3,
     **overrides: Any,
 ) -> Backbone:
-    """Build backbone `name` with `weights` (`default` | `random` | PATH), in eval mode.
+    """Build backbone `name` with `weights` (`default` | `random` | `auto` | PATH, or resolved ones), in eval mode.
 
     `image_size` changes the input resolution (position embeddings are resampled); `in_chans=1`
     rebuilds the first conv from the pretrained R-channel kernel (the study's grayscale recipe);

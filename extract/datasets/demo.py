@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
-from extract.datasets.base import DatasetSource, Split, Task, stratified_split
+from extract.datasets.base import DatasetSource, Split, Task, as_int, stratified_split
 
 CLASSES = ("disc", "ring", "bars", "checker")
 TINTS = np.array([[1.0, 0.55, 0.45], [0.5, 0.9, 0.55], [0.5, 0.6, 1.0], [0.95, 0.9, 0.45]])
@@ -49,12 +50,16 @@ class DemoImages:
 
 
 def build(root: Path | None = None, *, per_class: int = 60, split_seed: int = 0, **_: object) -> DatasetSource:
-    per_class = int(per_class)
+    """`per_class` images of each class (at least 1; fewer than 5 cannot be stratified and the split says so),
+    split 60/20/20 by `split_seed`."""
+    per_class, split_seed = as_int(per_class, "per_class"), as_int(split_seed, "split_seed")
+    if per_class < 1:
+        raise MedfmError(f"--opt per_class={per_class} must be at least 1 (images of each of the {len(CLASSES)} classes)")
     labels = np.repeat(np.arange(len(CLASSES)), per_class)
     ids = [f"demo-{i:05d}" for i in range(len(labels))]
-    parts = stratified_split(ids, labels, (0.6, 0.2, 0.2), seed=int(split_seed))
+    parts = stratified_split(ids, labels, (0.6, 0.2, 0.2), seed=split_seed, classes=CLASSES)
     splits = {
-        name: Split([ids[i] for i in idx], labels[idx], [(int(split_seed), int(i), int(labels[i])) for i in idx])
+        name: Split([ids[i] for i in idx], labels[idx], [(split_seed, int(i), int(labels[i])) for i in idx])
         for name, idx in parts.items()
     }
     return DatasetSource(
@@ -62,7 +67,7 @@ def build(root: Path | None = None, *, per_class: int = 60, split_seed: int = 0,
         task=TASK,
         splits=splits,
         load_image=DemoImages(),
-        options={"per_class": per_class, "split_seed": int(split_seed)},
+        options={"per_class": per_class, "split_seed": split_seed},
     )
 
 

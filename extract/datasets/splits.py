@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,19 +36,96 @@ def study_holdout(n: int, holdout: float, seed: int = STUDY_SEED) -> dict[str, n
             "test": np.array(held[half:], dtype=np.int64)}
 
 
+class SplitWarning(UserWarning):
+    """A split made differently than asked (too few images to stratify); the command line prints it as one line."""
+
+
 def stratified_split(
-    ids: Sequence[str], labels: np.ndarray, fractions: tuple[float, float, float], seed: int
+    ids: Sequence[str], labels: np.ndarray, fractions: tuple[float, float, float], seed: int,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded train/val/test index arrays, stratified on the label when every class has enough members."""
+    """Seeded train/val/test index arrays, stratified on the label when every class has enough members.
+
+    Small datasets: each of the two cuts (train | rest, then val | test) is stratified when scikit-learn
+    can stratify it, else made at random with a `SplitWarning` saying so (a class with fewer than 3
+    images, or fewer images in a part than classes) and naming the `classes` a part lacks; multilabel
+    labels are never stratified. A dataset too small for three non-empty parts is refused with
+    the number of images it needs. Whenever stratifying works the split is exactly the stratified one,
+    so caches and runs of larger datasets keep their manifests.
+    """
     from sklearn.model_selection import train_test_split  # scikit-learn takes a second to import: only when splitting
 
     index = np.arange(len(ids))
-    strat = labels if labels.ndim == 1 and np.bincount(labels).min(initial=len(ids)) >= 3 else None
+    single = labels.ndim == 1
+    stratify = single and np.bincount(labels).min(initial=len(ids)) >= 3
     train_frac, val_frac, test_frac = fractions
-    train, rest = train_test_split(index, train_size=train_frac, random_state=seed, stratify=strat)
-    rest_strat = strat[rest] if strat is not None else None
-    val, test = train_test_split(rest, test_size=test_frac / (val_frac + test_frac), random_state=seed, stratify=rest_strat)
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    random_cuts: list[str] = [] if stratify or not single else ["train", "val+test"]
+
+    def cut(part: np.ndarray, name: str, **size: float) -> tuple[np.ndarray, np.ndarray]:
+        if stratify:
+            try:
+                return train_test_split(part, random_state=seed, stratify=labels[part], **size)
+            except ValueError:  # a class with one member in `part`, or fewer rows in a side than classes
+                random_cuts.append(name)
+        try:
+            return train_test_split(part, random_state=seed, **size)
+        except ValueError:  # a side would be empty
+            need = min_split_size(fractions)
+            raise MedfmError(f"{len(ids)} images are too few for a train/val/test split of "
+                             f"{'/'.join(f'{f:.0%}' for f in fractions)}: it needs at least {need} images; "
+                             "add images, or give the split yourself") from None
+
+    train, rest = cut(index, "train", train_size=train_frac)
+    val, test = cut(rest, "val+test", test_size=test_frac / (val_frac + test_frac))
+    parts = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    if random_cuts:
+        warnings.warn(_unstratified_message(labels, parts, random_cuts, fractions, classes), SplitWarning, stacklevel=2)
+    return parts
+
+
+def min_split_size(fractions: tuple[float, float, float]) -> int:
+    """The fewest rows that an unstratified split at `fractions` cuts into three non-empty parts."""
+    from sklearn.model_selection import train_test_split
+
+    train_frac, val_frac, test_frac = fractions
+    for n in range(3, 1000):
+        try:
+            _, rest = train_test_split(np.arange(n), train_size=train_frac, random_state=0)
+            train_test_split(rest, test_size=test_frac / (val_frac + test_frac), random_state=0)
+            return n
+        except ValueError:
+            continue
+    return 1000
+
+
+def _unstratified_message(labels: np.ndarray, parts: dict[str, np.ndarray], cuts: list[str],
+                          fractions: tuple[float, float, float], classes: Sequence[str] | None) -> str:
+    counts = np.bincount(labels)
+    names = list(classes) if classes is not None and len(classes) >= len(counts) else [str(c) for c in range(len(counts))]
+    how = {("train", "val+test"): "the split is random, not stratified",
+           ("val+test",): "train is stratified, but val and test are split at random",
+           ("train",): "train and the rest are split at random, val and test stratified"}[tuple(cuts)]
+    message = (f"{len(labels)} images are too few to stratify the split by label (the smallest class has {counts.min()}; "
+               f"about {_per_class_needed(len(counts), fractions)} per class would do), so {how}")
+    missing = {name: [names[c] for c in range(len(counts)) if c not in set(labels[idx].tolist())] for name, idx in parts.items()}
+    gaps = [f"{name} has no image of {', '.join(lacking)}" for name, lacking in missing.items() if lacking]
+    return message + (f"; {'; '.join(gaps)}" if gaps else "")
+
+
+def _per_class_needed(classes: int, fractions: tuple[float, float, float]) -> int:
+    """The fewest images per class with which `classes` balanced classes stratify at `fractions`."""
+    from sklearn.model_selection import train_test_split
+
+    train_frac, val_frac, test_frac = fractions
+    for k in range(3, 200):
+        labels = np.repeat(np.arange(classes), k)
+        try:
+            _, rest = train_test_split(np.arange(len(labels)), train_size=train_frac, random_state=0, stratify=labels)
+            train_test_split(rest, test_size=test_frac / (val_frac + test_frac), random_state=0, stratify=labels[rest])
+            return k
+        except ValueError:
+            continue
+    return 200
 
 
 def grouped_holdout(groups: Sequence[str], holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

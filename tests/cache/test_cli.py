@@ -5,12 +5,16 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import h5py
 import numpy as np
+import pytest
 
+from cache.cli import main
 from cache.store import CacheWriter, partial_path, shard_path
+from common.locks import acquire
 from tests.cache.test_store import FP, make_plan, write_all, write_shard
 from tests.conftest import cli
-from tests.tiny import META
+from tests.tiny import META, run_main
 
 
 def cache_cmd(*args: str) -> subprocess.CompletedProcess:
@@ -20,7 +24,7 @@ def cache_cmd(*args: str) -> subprocess.CompletedProcess:
 
 def make_cache(root: Path, complete: bool = True) -> Path:
     path = root / "deit" / "demo-abc.h5"
-    writer = CacheWriter.open(path, FP, META, make_plan(n=4))
+    writer = CacheWriter.open(path, META, make_plan(n=4))
     if complete:
         write_all(writer)
         return writer.finalize()
@@ -67,7 +71,7 @@ def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
 def test_ls_lists_the_shards_of_a_torchrun_extraction_and_rm_removes_them(tmp_path: Path) -> None:
     path, plan = tmp_path / "deit" / "demo-abc.h5", make_plan(n=4)
     shard = write_shard(path, plan, 0, 2)
-    unfinished = CacheWriter.open(shard_path(path, 1, 2), FP, META, plan)
+    unfinished = CacheWriter.open(shard_path(path, 1, 2), META, plan)
     unfinished.close()
     (tmp_path / "deit" / "demo-abc.splits.json").write_text("{}")
     listed = cache_cmd("ls", str(tmp_path)).stdout
@@ -75,3 +79,45 @@ def test_ls_lists_the_shards_of_a_torchrun_extraction_and_rm_removes_them(tmp_pa
     assert cache_cmd("rm", str(shard), str(partial_path(shard_path(path, 1, 2)))).returncode == 0
     assert not list(tmp_path.rglob("*.shard*"))
     assert (tmp_path / "deit" / "demo-abc.splits.json").exists()  # the cache's manifest is not a shard's to remove
+
+
+def broken_files(folder: Path) -> dict[str, Path]:
+    """A truncated cache, a text file with a cache's name, and another program's HDF5 file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = make_cache(folder / "good")
+    files = {"truncated": folder / "trunc.h5", "text": folder / "important.h5", "foreign": folder / "foreign.h5"}
+    files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files["text"].write_text("my notes, not a cache")
+    with h5py.File(files["foreign"], "w") as f:
+        f["x"] = np.arange(3)
+    return files
+
+
+@pytest.mark.parametrize(("kind", "fragment"), [
+    ("truncated", "does not open as HDF5 (Unable to synchronously open file (truncated file"),
+    ("text", "is not an HDF5 file, so not a medfm cache"),
+    ("foreign", "is an HDF5 file but not a medfm cache"),
+])
+def test_info_on_a_broken_or_foreign_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, fragment: str) -> None:
+    path = broken_files(tmp_path)[kind]
+    code, out, err = run_main(main, ["info", str(path)], monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path} {fragment}"), err
+
+
+def test_rm_removes_only_medfm_caches_and_a_damaged_one_only_with_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = broken_files(tmp_path)
+    for kind in ("text", "foreign", "truncated"):
+        code, _, err = run_main(main, ["rm", str(files[kind])], monkeypatch)
+        assert code == 2 and "nothing removed" in err and files[kind].exists(), err
+    for kind in ("text", "foreign"):  # --force never removes a file that opens and is not a cache
+        code, _, err = run_main(main, ["rm", "--force", str(files[kind])], monkeypatch)
+        assert code == 2 and files[kind].exists(), err
+    code, out, err = run_main(main, ["rm", "--force", str(files["truncated"])], monkeypatch)
+    assert code == 0 and not files["truncated"].exists(), err
+    partial = make_cache(tmp_path / "p", complete=False)
+    with acquire(Path(str(partial).removesuffix(".partial")), "a test extraction"):  # an extraction writing it now
+        code, _, err = run_main(main, ["rm", str(partial)], monkeypatch)
+        assert code == 2 and "is being written by process" in err and partial.exists(), err
+    code, _, err = run_main(main, ["rm", str(partial)], monkeypatch)
+    assert code == 0 and not partial.exists(), err

@@ -1,4 +1,6 @@
-"""A demo dataset that pauses at one image and signals it, so a test can SIGKILL the extraction there.
+"""A demo dataset that pauses at one image and signals it, so a test can act while the extraction is mid-way
+(SIGKILL it, or start a second one): `MEDFM_TEST_PAUSE_AT=INDEX:MARKER[:RELEASE]` writes MARKER when image INDEX
+is reached, then waits until the file RELEASE exists (at most 600 s).
 
 Registered as `killable-demo`; its images and splits are those of `demo`, so its features are too.
 """
@@ -20,10 +22,12 @@ class PausingImages(demo.DemoImages):
     def __call__(self, ref: tuple[int, int, int]):
         spec = os.environ.get(PAUSE_ENV)
         if spec:
-            index, marker = spec.split(":", 1)
+            index, marker, *release = spec.split(":")
             if ref[1] == int(index):
                 Path(marker).write_text("paused")
-                time.sleep(600)
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline and not (release and Path(release[0]).exists()):
+                    time.sleep(0.05)
         return super().__call__(ref)
 
 

@@ -5,11 +5,15 @@ The installed console script runs once in a subprocess; every other case runs it
 
 from __future__ import annotations
 
+import os
+import pickle
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 
+from common.errors import MedfmError
 from extract.cli import main
 from tests.conftest import cli
 from tests.tiny import run_main
@@ -66,3 +70,78 @@ def test_datasets_lists_the_registry_with_layouts(monkeypatch) -> None:
     code, out, err = run_main(main, ["datasets"], monkeypatch)
     assert code == 0, err
     assert "demo" in out and "imagefolder" in out
+
+
+DEMO = ["run", "--backbone", "deit", "--dataset", "demo", "--weights", "random"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        ([*DEMO, "--workers", "-1"], ["--workers must be 0", "got -1"]),
+        ([*DEMO, "--opt", "per_class=abc"], ["--opt per_class=abc must be a whole number"]),
+        ([*DEMO, "--opt", "per_class=0"], ["--opt per_class=0 must be at least 1"]),
+        ([*DEMO, "--opt", "per_class=-5"], ["--opt per_class=-5 must be at least 1"]),
+        ([*DEMO, "--image-size", "70"], ["--image-size 70 does not fit deit's 16-pixel patches", "last 6 pixel", "use --image-size 64 or 80"]),
+    ],
+)
+def test_bad_workers_demo_options_and_image_sizes_give_one_line_before_any_file(
+        args: list[str], fragments: list[str], tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(*run_main(main, args, monkeypatch), *fragments)
+    assert not list(tmp_path.rglob("*.h5*"))  # no partial cache left behind
+
+
+def test_a_patch_grid_that_drops_pixels_is_found_and_padded_convolutions_pass() -> None:
+    from extract.backbones import create_backbone
+    from extract.input_checks import check_image_size
+    from tests.tiny import TINY_BACKBONES
+
+    for name in ("dinov2", "resnet152", "seem"):
+        overrides, _, _, _ = TINY_BACKBONES[name]
+        check_image_size(create_backbone(name, "random", image_size=70, **overrides), name)  # 70 = 5 x 14; ResNet and SEEM pad
+    overrides, _, _, _ = TINY_BACKBONES["dinov2"]
+    with pytest.raises(MedfmError, match="--image-size 64 does not fit dinov2's 14-pixel patches: the last 8 .* use --image-size 56 or 70"):
+        check_image_size(create_backbone("dinov2", "random", image_size=64, **overrides), "dinov2")
+
+
+class RunsCodeOnLoad:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("true",))
+
+
+def weights_files(folder: Path) -> dict[str, Path]:
+    """Files that are no weights: a plain pickle (protocol 4, as `pickle.dumps` writes), an empty .pt, a garbage
+    .safetensors, and a non-checkpoint under a file name that is not UTF-8."""
+    folder.mkdir()
+    files = {"pickle": folder / "evil_plain.pt", "empty": folder / "empty.pt", "safetensors": folder / "garbage.safetensors",
+             "latin1": folder / os.fsdecode(b"caf\xe9.pt")}
+    files["pickle"].write_bytes(pickle.dumps(RunsCodeOnLoad(), protocol=4))
+    files["empty"].write_bytes(b"")
+    files["safetensors"].write_bytes(b"not a safetensors header" * 8)
+    files["latin1"].write_bytes(b"\x00garbage")
+    return files
+
+
+@pytest.mark.parametrize(("kind", "fragment"), [
+    ("pickle", "refusing to load"), ("empty", "the file is empty"), ("safetensors", "as safetensors"), ("latin1", "caf\\xe9.pt"),
+])
+def test_weights_that_cannot_load_give_one_line_and_no_library_warning(tmp_path: Path, monkeypatch, kind: str, fragment: str) -> None:
+    path = weights_files(tmp_path / "w")[kind]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # torch's pickle-protocol warning would show every time, not once per process
+        code, out, err = run_main(main, [*DEMO, "--weights", str(path)], monkeypatch)
+    assert_one_line_error(code, out, err, fragment)
+    assert not caught
+
+
+def test_a_split_too_small_to_stratify_is_one_warning_line_not_a_traceback(tmp_path: Path, monkeypatch) -> None:
+    """demo with 3 images per class crashed in scikit-learn; now its split is made at random and said in one line
+    (the run then stops at the bad image size, before any work)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, out, err = run_main(main, [*DEMO, "--opt", "per_class=3", "--image-size", "70"], monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in out + err and len(lines) == 2, err
+    assert lines[0].startswith("warning: 12 images are too few to stratify the split by label") and "val has no image of" in lines[0]
+    assert lines[1].startswith("error: --image-size 70 does not fit")

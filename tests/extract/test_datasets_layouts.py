@@ -6,6 +6,7 @@ extraction tests.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from common.errors import MedfmError
 from extract.datasets import get_dataset
 from extract.datasets.chexpert import LABELS
 from extract.datasets.ddsm import read_dicom
+from extract.datasets.splits import SplitWarning
 
 
 def image(path: Path, value: int = 100, mode: str = "RGB", size: int = 8) -> Path:
@@ -391,3 +393,76 @@ def test_missing_root_or_layout_file_is_one_clear_message(tmp_path: Path) -> Non
         get_dataset("aptos2019", tmp_path)
     with pytest.raises(MedfmError, match="dataset 'ddsm' has no option\\(s\\) split_seed; it takes classes"):
         get_dataset("ddsm", tmp_path, split_seed=3)
+
+
+def test_imagefolder_refuses_an_empty_class_folder_and_ignores_hidden_ones(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        for i in range(6):
+            image(tmp_path / "three" / cls / f"{i}.png")
+    (tmp_path / "three" / "c").mkdir()  # a third class without images: a class no model can learn or be scored on
+    with pytest.raises(MedfmError, match="class folder\\(s\\) c/ under .* hold no images"):
+        get_dataset("imagefolder", tmp_path / "three")
+    image(tmp_path / "one" / "a" / "0.png")
+    (tmp_path / "one" / "b").mkdir()  # one class with images: not a "binary" task
+    with pytest.raises(MedfmError, match="class folder\\(s\\) b/"):
+        get_dataset("imagefolder", tmp_path / "one")
+    (tmp_path / "three" / "c").rmdir()
+    (tmp_path / "three" / ".ipynb_checkpoints").mkdir()
+    assert get_dataset("imagefolder", tmp_path / "three").task.class_names == ("a", "b")
+
+
+def test_imagefolder_ids_show_undecodable_file_name_bytes_as_escapes(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        for i in range(6):
+            image(tmp_path / cls / f"{i}.png")
+    image(tmp_path / "a" / os.fsdecode(b"caf\xe9.png"))  # a Latin-1 name: not UTF-8, which the cache stores
+    source = get_dataset("imagefolder", tmp_path)
+    ids = [i for split in source.splits.values() for i in split.ids]
+    assert "a/caf\\xe9.png" in ids and all(i.encode("utf-8") for i in ids)
+
+
+def test_imagefolder_of_five_images_per_class_splits_unstratified_with_a_warning(tmp_path: Path) -> None:
+    for cls in ("neg", "pos"):
+        for i in range(5):
+            image(tmp_path / cls / f"{i}.png")
+    with pytest.warns(SplitWarning, match="10 images are too few to stratify .* val and test are split at random"):
+        source = get_dataset("imagefolder", tmp_path)
+    assert sorted(i for s in source.splits.values() for i in s.ids) == sorted(f"{c}/{i}.png" for c in ("neg", "pos") for i in range(5))
+    assert all(len(s) for s in source.splits.values())
+
+
+def write_csv_rows(root: Path, rows: list[tuple[str, str]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(root / "labels.csv", index=False)
+    for path, _ in rows:
+        if not Path(path).is_absolute() and ".." not in path:
+            image(root / path)
+    return root
+
+
+def test_csv_refuses_labels_that_differ_only_in_case_or_spaces_and_a_single_label(tmp_path: Path) -> None:
+    rows = [(f"img/{i}.png", ("pos", "neg", "Pos")[i % 3]) for i in range(30)]
+    with pytest.raises(MedfmError, match="differ only in case or spaces \\('Pos' and 'pos'\\)"):
+        get_dataset("csv", write_csv_rows(tmp_path / "case", rows))
+    rows = [(f"img/{i}.png", ("pos", "pos ")[i % 2]) for i in range(30)]
+    with pytest.raises(MedfmError, match="\\('pos' and 'pos '\\)"):
+        get_dataset("csv", write_csv_rows(tmp_path / "space", rows))
+    with pytest.raises(MedfmError, match="holds only the label 'pos'; a classifier needs at least two classes"):
+        get_dataset("csv", write_csv_rows(tmp_path / "one", [(f"img/{i}.png", "pos") for i in range(30)]))
+
+
+def test_csv_refuses_paths_outside_its_folder_unless_allowed(tmp_path: Path) -> None:
+    outside = image(tmp_path / "elsewhere" / "secret.png")
+    rows = [(f"img/{i}.png", ("neg", "pos")[i % 2]) for i in range(20)]
+    root = write_csv_rows(tmp_path / "data", [*rows, ("../elsewhere/secret.png", "pos")])
+    with pytest.raises(MedfmError, match="line 22 names ../elsewhere/secret.png, outside .*data .*allow_outside_root=true"):
+        get_dataset("csv", root)
+    root = write_csv_rows(tmp_path / "abs", [*rows, (str(outside), "pos")])
+    with pytest.raises(MedfmError, match="names .*secret.png, outside"):
+        get_dataset("csv", root)
+    allowed = get_dataset("csv", root, allow_outside_root="true")
+    assert outside in [p for s in allowed.splits.values() for p in s.images]
+    inside = write_csv_rows(tmp_path / "inside", [*rows[:-1], ("img/../img/19.png", "pos")])
+    assert len([i for s in get_dataset("csv", inside).splits.values() for i in s.ids]) == 20  # `..` that stays inside is fine
+    with pytest.raises(MedfmError, match="--opt allow_outside_root=maybe must be true or false"):
+        get_dataset("csv", root, allow_outside_root="maybe")

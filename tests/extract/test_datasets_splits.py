@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from common.errors import MedfmError
 from extract.datasets import get_dataset
 from extract.datasets.chexpert import study_split
-from extract.datasets.splits import grouped_split, read_manifest, study_holdout
+from extract.datasets.splits import SplitWarning, grouped_split, read_manifest, stratified_split, study_holdout
 
 
 def study_procedure(n: int, holdout: float) -> dict[str, list[int]]:
@@ -124,3 +125,37 @@ def test_with_manifest_resplits_and_refuses_foreign_ids(tmp_path: Path) -> None:
     assert resplit.splits["test"].images == [tmp_path / "b" / "9.png"]
     with pytest.raises(MedfmError, match="1 id\\(s\\) that dataset 'imagefolder' does not hold .* c/0.png"):
         source.with_manifest({"train": ["a/0.png", "c/0.png"]})
+
+
+@pytest.mark.parametrize("per_class", [3, 4])
+def test_a_demo_too_small_to_stratify_splits_at_random_and_says_so(per_class: int) -> None:
+    """3 or 4 images of each of 4 classes: sklearn cannot stratify val | test (it crashed before)."""
+    with pytest.warns(SplitWarning, match=f"{4 * per_class} images are too few to stratify .* about 5 per class would do"):
+        source = get_dataset("demo", None, per_class=per_class)
+    ids = [i for split in source.splits.values() for i in split.ids]
+    assert sorted(ids) == [f"demo-{i:05d}" for i in range(4 * per_class)] and all(len(s) for s in source.splits.values())
+    with pytest.warns(SplitWarning):
+        again = get_dataset("demo", None, per_class=per_class)
+    assert source.manifest() == again.manifest()  # still seeded
+
+
+def test_a_split_warns_exactly_when_it_cannot_stratify_and_names_the_classes_a_part_lacks() -> None:
+    """Small-data fall-backs change nothing for data that stratifies: its split is sklearn's stratified one, silently,
+    so cached manifests stay valid."""
+    from sklearn.model_selection import train_test_split
+
+    with pytest.warns(SplitWarning, match="split is random, not stratified; train has no image of .*c"):
+        stratified_split(list("abcd"), np.arange(4), (0.6, 0.2, 0.2), seed=0, classes=("a", "b", "c", "d"))
+    labels = np.array([i % 3 for i in range(50)] + [0] * 7)
+    index = np.arange(len(labels))
+    train, rest = train_test_split(index, train_size=0.7, random_state=5, stratify=labels)
+    val, test = train_test_split(rest, test_size=0.5, random_state=5, stratify=labels[rest])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning
+        parts = stratified_split([str(i) for i in index], labels, (0.7, 0.15, 0.15), seed=5)
+    assert {k: v.tolist() for k, v in parts.items()} == {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def test_too_few_images_for_three_parts_is_one_clear_error() -> None:
+    with pytest.raises(MedfmError, match="2 images are too few for a train/val/test split of 70%/15%/15%: it needs at least 4 images"):
+        stratified_split(["a", "b"], np.array([0, 1]), (0.7, 0.15, 0.15), seed=0)

@@ -15,13 +15,14 @@ import torch
 
 from common.errors import MedfmError
 from extract.backbones import create_backbone
+from finetune.cli import main
 from finetune.model import FreezePolicy
 from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
 from probe.report import make_report
 from probe.results import Ledger
 from tests.conftest import cli
 from tests.extract.test_datasets_layouts import image
-from tests.tiny import TINY_RESNET, TINY_VIT_DEEP
+from tests.tiny import TINY_RESNET, TINY_VIT_DEEP, run_main
 
 
 @pytest.fixture(autouse=True)
@@ -191,3 +192,24 @@ def test_the_same_file_names_under_another_root_are_another_run(tmp_path: Path) 
     other = finetune(tiny(tmp_path / "runs", dataset="imagefolder", root=tmp_path / "b", dataset_options={}, epochs=1, batch_size=2))
     assert first.trained and other.trained and first.run_dir != other.run_dir
     assert len(Ledger(tmp_path / "runs" / "results.sqlite").rows()) == 2
+
+
+@pytest.mark.parametrize(("change", "extra", "fragment"), [
+    (dict(lr=float("nan")), [], "--lr must be a positive number, got nan"),
+    (dict(lr=float("inf")), [], "--lr must be a positive number, got inf"),
+    (dict(weight_decay=float("nan")), ["--weight-decay", "nan"], "--weight-decay must be a non-negative number, got nan"),
+    ({}, ["--grad-clip", "nan"], "--grad-clip must be a positive number, got nan"),
+    (dict(workers=-1), [], "--workers must be 0 (decode in the main process) or more, got -1"),
+], ids=["lr-nan", "lr-inf", "wd-nan", "clip-nan", "workers-negative"])
+def test_non_finite_settings_and_negative_workers_are_one_line_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: dict, extra: list[str], fragment: str) -> None:
+    code, out, err = run_main(main, [*cli_args(tiny(tmp_path / "runs", **change)), *extra], monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert not (tmp_path / "runs").exists()  # no orphan run folder
+
+
+def test_an_image_size_off_the_patch_grid_is_refused_naming_the_nearest_sizes(tmp_path: Path) -> None:
+    with pytest.raises(MedfmError, match="--image-size 36 does not fit deit's 8-pixel patches: the last 4 .* use --image-size 32 or 40"):
+        finetune(tiny(tmp_path, image_size=36))  # TINY_VIT_DEEP: 8-pixel patches
+    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.rglob("*.pt"))  # no run folder started

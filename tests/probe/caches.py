@@ -14,7 +14,7 @@ from tests.tiny import MULTICLASS
 def make_cache(
     path: Path, *, rows: dict[str, int] | None = None, pooled_dim: int = 16, tokens: tuple[int, int] | None = (9, 8),
     task: Task | None = None, backbone: str = "deit", dataset: str = "demo", random_weights: bool = True,
-    fingerprint: str = "f" * 64, seed: int = 0, separation: float = 3.0, extra_layers: tuple[int, ...] = (), offset: float = 0.0, scale: float = 1.0,
+    seed: int = 0, separation: float = 3.0, extra_layers: tuple[int, ...] = (), offset: float = 0.0, scale: float = 1.0,
     settings: dict | None = None,
 ) -> Path:
     """A complete cache whose features carry the label (linearly separable up to noise), written by CacheWriter."""
@@ -37,7 +37,7 @@ def make_cache(
         plan[split] = SplitPlan([f"{split}-{i}" for i in range(n)], labels[split], features)
     meta = CacheMeta(BackboneInfo(backbone, random_weights=random_weights), DatasetInfo(dataset), task,
                      layers=tuple(layers), num_layers=12, settings=settings or {})
-    writer = CacheWriter.open(path, fingerprint, meta, plan)
+    writer = CacheWriter.open(path, meta, plan)
     for split, n in rows.items():
         y = labels[split] if task.kind != "multilabel" else labels[split].argmax(1)
         arrays = {}

@@ -71,6 +71,13 @@ def test_layer_minus_4_trains_on_block_8_of_a_12_block_backbone(isolated_outputs
     (["run", "--backbone", "deit", "--dataset", "demo", "--grad-clip", "-1"], "--grad-clip must be a positive number"),
     (["run", "--backbone", "deit", "--dataset", "demo", "--lr", "inf"], "--lr must be a positive number"),
     (["sweep", "--backbone", "deit", "--dataset", "demo", "--lr", "1e-3,x"], "--lr takes comma-separated float values"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--weight-decay", "inf"], "--weight-decay must be a non-negative number"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--grad-clip", "nan"], "--grad-clip must be a positive number"),
+    (["sweep", "--backbone", "deit", "--dataset", "demo", "--lr", "1e-3,inf"], "--lr must be a positive number, got inf"),
+    (["sweep", "--backbone", "deit", "--dataset", "demo", "--weight-decay", "0,inf"], "--weight-decay must be a non-negative number"),
+    (["sweep", "--backbone", "deit", "--dataset", "demo", "--grad-clip", "nan"], "--grad-clip must be a positive number"),
+    (["sweep", "--backbone", "deit", "--dataset", "demo", "--grad-clip", "-1"], "--grad-clip must be a positive number"),
+    (["sweep", "--backbone", "deit", "--dataset", "demo", "--layer", "last,abc"], "--layer takes comma-separated block indices"),
     (["report", "--max-ram", "2G"], "No such option"),
 ])
 def test_a_user_mistake_gives_one_error_line_and_exit_2(demo_cache, monkeypatch, args, fragment):

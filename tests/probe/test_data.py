@@ -79,7 +79,7 @@ def test_budget_below_one_shuffle_window_is_refused(tmp_path):
 def test_rows_skipped_at_extraction_are_never_served(tmp_path):
     meta = CacheMeta(BackboneInfo("deit"), DatasetInfo("demo"), Task("multiclass", ("a", "b")), layers=(0,), num_layers=1)
     plan = {s: SplitPlan([f"{s}{i}" for i in range(10)], np.arange(10) % 2, {"pooled": FeatureSpec((2,), "float32")}) for s in ("train", "val", "test")}
-    writer = CacheWriter.open(tmp_path / "c.h5", "fp", meta, plan)
+    writer = CacheWriter.open(tmp_path / "c.h5", meta, plan)
     valid = np.ones(10, dtype=bool)
     valid[[3, 7]] = False
     for s in plan:

@@ -47,7 +47,7 @@ def test_missing_several_and_partial_caches_are_clear_errors(isolated_outputs):
     with pytest.raises(MedfmError, match="incomplete"):
         find_cache("deit", "demo")
     make_cache(folder / "demo-aaaaaaaaaaaa.h5", settings={"norm": {"kind": "model"}, "layers": [11]})
-    make_cache(folder / "demo-bbbbbbbbbbbb.h5", fingerprint="b" * 64, settings={"norm": {"kind": "study"}, "layers": [11]})
+    make_cache(folder / "demo-bbbbbbbbbbbb.h5", settings={"norm": {"kind": "study"}, "layers": [11]})
     make_cache(folder / "demo-extra-cccccccccccc.h5")  # another dataset whose name starts with "demo-"
     with pytest.raises(MedfmError, match="--cache") as err:
         find_cache("deit", "demo")
