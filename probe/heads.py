@@ -9,6 +9,8 @@ probe and finetune build heads only through the registry.
 own CLS token and bicubically interpolated position embedding -> final norm -> CLS -> Linear.
 The DeiT blocks come from timm and start from the supervised ImageNet weights when the file is on
 this machine; without it they start random, with a visible warning and `random_init = True`.
+Under `protocol="study"` the DeiT head keeps DeiT's native 14 x 14 position table as its parameter and
+interpolates it at every forward, as the official deit.py does (docs/protocol.md §7, row 8).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict
 from common.errors import MedfmError
+from probe.recipe import PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,18 @@ class DeiTHead(nn.Module):
     `grid` (rows, cols) fixes the token grid at build time (the position embedding is resampled once);
     without it the embedding is resampled per forward to the square grid of T tokens.
     `weights`: "default" (the official file when present, else random with a warning), "random", or a path.
+    `protocol="study"`: the parameter is always DeiT's native table (14 x 14 + CLS), interpolated to the token
+    grid at every forward by `deit_interpolate_pos_encoding` (bicubic, no antialias), so gradients train the
+    14 x 14 table; the grid must then be square. "medfm" (the default) resamples once (bicubic, antialias).
     """
 
     def __init__(
         self, in_dim: int, num_outputs: int, *, depth: int = 12, preset: str = "deit-b",
-        weights: str = "default", grid: tuple[int, int] | None = None,
+        weights: str = "default", grid: tuple[int, int] | None = None, protocol: str = "medfm",
     ) -> None:
         super().__init__()
+        if protocol not in PROTOCOLS:
+            raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
         if preset not in PRESETS:
             raise MedfmError(f"unknown DeiT head preset '{preset}'; choose one of {', '.join(PRESETS)}")
         if not 1 <= depth <= 12:
@@ -94,10 +103,13 @@ class DeiTHead(nn.Module):
         self.cls_token = vit.cls_token
         self.native_grid = tuple(vit.patch_embed.grid_size)
         self.grid = tuple(grid) if grid is not None else None
+        self.protocol = protocol
+        if protocol == "study" and self.grid is not None and self.grid[0] != self.grid[1]:
+            raise MedfmError(f"the study's DeiT head interpolates its table to square grids only, not {self.grid[0]}x{self.grid[1]}")
         pos_embed = vit.pos_embed.data
         from timm.layers import resample_abs_pos_embed  # timm (and torchvision) take seconds to import: DeiT heads only
 
-        if self.grid is not None and self.grid != self.native_grid:
+        if protocol == "medfm" and self.grid is not None and self.grid != self.native_grid:
             pos_embed = resample_abs_pos_embed(pos_embed, new_size=list(self.grid), old_size=list(self.native_grid), num_prefix_tokens=1)
         self.pos_embed = nn.Parameter(pos_embed.clone())
         self.blocks = vit.blocks
@@ -106,6 +118,10 @@ class DeiTHead(nn.Module):
 
     def position_embedding(self, num_tokens: int) -> torch.Tensor:
         """The embedding for CLS + `num_tokens` tokens, resampled bicubically when the grid differs."""
+        if self.protocol == "study":
+            if self.grid is not None and num_tokens != self.grid[0] * self.grid[1]:
+                raise MedfmError(f"DeiT head got {num_tokens} tokens but its grid is {self.grid[0]}x{self.grid[1]}")
+            return deit_interpolate_pos_encoding(self.pos_embed, num_tokens)
         grid = self.grid or self.native_grid
         if num_tokens == grid[0] * grid[1]:
             return self.pos_embed
@@ -122,6 +138,26 @@ class DeiTHead(nn.Module):
         x = x + self.position_embedding(tokens.shape[1])
         x = self.norm(self.blocks(x))
         return self.classifier(x[:, 0])
+
+
+def deit_interpolate_pos_encoding(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The official deit.py `interpolate_pos_encoding`: the native table (CLS + N patches) for CLS + `num_tokens`.
+
+    Unchanged when `num_tokens` is N; else the N-patch square is resized bicubically by the single scale factor
+    sqrt(num_tokens / N), `align_corners=False`, `recompute_scale_factor=False`, no antialias.
+    """
+    patches = pos_embed.shape[1] - 1
+    if num_tokens == patches:
+        return pos_embed
+    side, out = math.isqrt(patches), math.isqrt(num_tokens)
+    if out * out != num_tokens:
+        raise MedfmError(f"the study's DeiT head needs a square token grid, got {num_tokens} tokens")
+    dim = pos_embed.shape[-1]
+    grid = F.interpolate(pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2), scale_factor=math.sqrt(num_tokens / patches),
+                         mode="bicubic", align_corners=False, recompute_scale_factor=False)
+    if grid.shape[-1] != out:  # a floating-point slip in the output size; the official code would fail on it too
+        raise MedfmError(f"DeiT head position table resized to {grid.shape[-1]}x{grid.shape[-1]}, not {out}x{out}")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, num_tokens, dim)], dim=1)
 
 
 def find_deit_weights(spec: DeiTPreset) -> Path | None:
@@ -169,8 +205,10 @@ def _within_depth(key: str, depth: int) -> bool:
 class HeadSpec:
     """A registry entry: what a head reads from a cache and how it is built.
 
-    `build(row_shape, num_outputs, **options)`: `row_shape` is one row of the feature it reads ([D] pooled,
-    [T, D] tokens). `options` are the head's own settings (TrainConfig's `head_<option>` fields).
+    `build(row_shape, num_outputs, *, protocol="medfm", **options)`: `row_shape` is one row of the feature it reads
+    ([D] pooled, [T, D] tokens). `protocol` ("medfm" or "study", `probe.recipe.PROTOCOLS`) is taken by every
+    builder; a head with nothing to switch ignores it. `options` are the head's own settings (TrainConfig's
+    `head_<option>` fields).
     `init(**options)` says what its weights start from without building it: "" when nothing is pretrained
     (a linear layer), "random" when pretrained weights were wanted but are missing or refused, else the file.
     """
@@ -203,19 +241,28 @@ def list_heads() -> list[HeadSpec]:
     return list(_HEADS.values())
 
 
-def build_head(name: str, row_shape: tuple[int, ...], num_outputs: int, **options: Any) -> nn.Module:
-    """The head `name` for features of `row_shape`, with its own `options` (see `HeadSpec`)."""
-    return get_head(name).build(tuple(row_shape), num_outputs, **options)
+def build_head(name: str, row_shape: tuple[int, ...], num_outputs: int, protocol: str = "medfm", **options: Any) -> nn.Module:
+    """The head `name` for features of `row_shape`, with its own `options` (see `HeadSpec`), under `protocol`."""
+    if protocol not in PROTOCOLS:
+        raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
+    return get_head(name).build(tuple(row_shape), num_outputs, protocol=protocol, **options)
 
 
-def _build_deit(row_shape: tuple[int, ...], num_outputs: int, **options: Any) -> DeiTHead:
-    """A DeiT head whose position embedding is resampled once to the square grid of the tokens, when they form one."""
+def _build_linear(row_shape: tuple[int, ...], num_outputs: int, *, protocol: str = "medfm") -> LinearHead:
+    """A linear layer on the pooled feature; the same under both protocols."""
+    return LinearHead(row_shape[-1], num_outputs)
+
+
+def _build_deit(row_shape: tuple[int, ...], num_outputs: int, *, protocol: str = "medfm", **options: Any) -> DeiTHead:
+    """A DeiT head for the square grid of the tokens, when they form one: its position embedding is resampled once
+    to that grid ("medfm") or interpolated to it at every forward ("study")."""
     side = math.isqrt(row_shape[0])
-    return DeiTHead(row_shape[-1], num_outputs, grid=(side, side) if side * side == row_shape[0] else None, **options)
+    grid = (side, side) if side * side == row_shape[0] else None
+    return DeiTHead(row_shape[-1], num_outputs, grid=grid, protocol=protocol, **options)
 
 
 register_head(HeadSpec(
-    name="linear", reads="pooled", build=lambda row_shape, num_outputs: LinearHead(row_shape[-1], num_outputs),
+    name="linear", reads="pooled", build=_build_linear,
     description="a linear layer on the pooled feature (the study's linear scenarios)",
 ))
 register_head(HeadSpec(

@@ -4,7 +4,9 @@
   clipping 1.0, linear warmup over min(5 epochs, 1000 steps) then a constant learning rate
   (`warmup_then_constant`). The study warms up 5 epochs on APTOS and DDSM and 1000 steps on ISIC and CheXpert;
   the one rule gives both.
-- `improves`: the model-selection rule of both stages (validation every epoch, strictly higher wins).
+- `improves`: the model-selection rule of both stages (validation every epoch, strictly higher wins; under
+  `protocol="study"` the official rule: 3-decimal rounding, best starting at 0.0).
+- `PROTOCOLS`: "medfm" (medfm's behaviour) or "study" (the official code's, where the two differ; docs/protocol.md §7).
 - `precision`: the precision policy of both stages: training and validation under autocast on CUDA,
   the test split always in fp32.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from common.errors import MedfmError
 
 if TYPE_CHECKING:  # torch loads on use: the command lines take their defaults from here and stay quick
     import torch
@@ -38,6 +42,8 @@ class Recipe:
         return min(self.warmup_epochs * max(steps_per_epoch, 0), self.warmup_max_steps)
 
 
+PROTOCOLS = ("medfm", "study")  # extract/backbones/base.py keeps the same two names: extract may not import probe
+
 STUDY = Recipe(lr=1e-4, weight_decay=1e-5, batch_size=64, epochs=100, grad_clip=1.0, warmup_epochs=5, warmup_max_steps=1000)
 
 
@@ -59,15 +65,33 @@ def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) ->
     return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
 
 
-def improves(score: float, best: float | None) -> bool:
-    """Whether this epoch's validation score replaces the best so far (the study's strict `>`).
+def improves(score: float, best: float | None, protocol: str = "medfm") -> bool:
+    """Whether this epoch's validation score replaces the best so far (`best`: the score of the epoch kept so far,
+    None before the first epoch).
 
-    The first epoch is the best so far whatever its score; after it, an undefined (NaN) score never wins
-    and any finite score beats an undefined best.
+    "medfm": the first epoch is the best so far whatever its score; after it, a strictly greater score wins,
+    an undefined (NaN) score never wins and any finite score beats an undefined best.
+
+    "study": the official rule (the trainer of github.com/joanaapa/Foundation-Medical, its metrics rounded by
+    `round(numpy_float, 3)`): the score rounded to 3 decimals must be strictly greater than the best so far, and
+    the best starts at 0.0. So an epoch whose rounded score is <= 0 (or NaN) is never selected, and an epoch within
+    rounding of the best does not replace it. If no epoch is ever selected the study had no selected weights;
+    here the first epoch is kept instead: it is accepted provisionally (True when `best` is None), and the first
+    epoch whose rounded score beats max(0.0, rounded best) replaces it, exactly as the study selects from then on.
     """
+    if protocol not in PROTOCOLS:
+        raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
     if best is None:
         return True
+    if protocol == "study":
+        floor = _round3(best) if math.isfinite(best) else 0.0
+        return math.isfinite(score) and _round3(score) > max(floor, 0.0)
     return math.isfinite(score) and (not math.isfinite(best) or score > best)
+
+
+def _round3(value: float) -> float:
+    """numpy's `round(x, 3)` on a float64 (the study's metrics are numpy floats): x * 1000, half to even, / 1000."""
+    return round(value * 1000.0) / 1000.0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from common.errors import MedfmError
-from extract.backbones.base import Backbone, BackboneSpec, DataConfig, Features
+from extract.backbones.base import PROTOCOLS, Backbone, BackboneSpec, DataConfig, Features, check_protocol
 from extract.backbones.weights import ResolvedWeights, resolve_weights
 
 RANDOM_INIT_SEED = 0
@@ -41,21 +41,26 @@ def create_backbone(
     *,
     image_size: int | None = None,
     in_chans: int = 3,
+    protocol: str = "medfm",
     **overrides: Any,
 ) -> Backbone:
     """Build backbone `name` with `weights` (`default` | `random` | `auto` | PATH, or resolved ones), in eval mode.
 
     `image_size` changes the input resolution (position embeddings are resampled); `in_chans=1`
     rebuilds the first conv from the pretrained R-channel kernel (the study's grayscale recipe);
-    `overrides` reach the family's constructor, so tests build tiny instances of the same code path.
+    `protocol="study"` makes the families follow the official code where medfm departs from it
+    (docs/protocol.md §7): BLIP's pooled token, SEEM's one-channel stem, SAM's relative-position resize,
+    OpenCLIP's tokens and DINOv2's position embedding. `overrides` reach the family's constructor, so
+    tests build tiny instances of the same code path.
     """
+    check_protocol(protocol)
     spec = get_spec(name)
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(spec, weights)
     # Random weights are seeded: the same settings give the same model in every process, so a resumed
     # or repeated extraction with `--weights random` stays consistent with its fingerprint.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = spec.build(resolved.path, image_size=image_size, **overrides)
+        model = spec.build(resolved.path, image_size=image_size, protocol=protocol, **overrides)
     if in_chans == 1:
         model.use_one_channel()
     elif in_chans != 3:
@@ -67,4 +72,5 @@ def create_backbone(
 # Family modules register themselves on import.
 from extract.backbones import blip, openclip, sam, seem, timm_family  # noqa: E402,F401
 
-__all__ = ["Backbone", "BackboneSpec", "DataConfig", "Features", "create_backbone", "get_spec", "list_backbones", "register"]
+__all__ = ["PROTOCOLS", "Backbone", "BackboneSpec", "DataConfig", "Features", "create_backbone", "get_spec", "list_backbones",
+           "register"]

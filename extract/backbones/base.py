@@ -11,11 +11,22 @@ import torch
 from torch import nn
 
 from cache.schema import resolve_layer
+from common.errors import MedfmError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The same two names as `probe.recipe.PROTOCOLS` (extract may not import probe): "medfm" is medfm's own behaviour,
+# "study" the official code's where the two differ (docs/protocol.md §7).
+PROTOCOLS = ("medfm", "study")
+
+
+def check_protocol(protocol: str) -> str:
+    """`protocol` if it is one of `PROTOCOLS`, else a one-line user error."""
+    if protocol not in PROTOCOLS:
+        raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
+    return protocol
 
 
 class Features(NamedTuple):
@@ -41,18 +52,20 @@ class Backbone(nn.Module):
     Subclasses set `blocks` (ordered stages; partial unfreezing trains the last K) and implement
     `stem` and `readout`; `forward_layers` then gives the features of any blocks from one pass.
     A family whose stages do not chain this simply (e.g. outputs taken before a downsample)
-    overrides `forward_layers`.
+    overrides `forward_layers`. `protocol` ("medfm" or "study") says whose behaviour the family follows
+    where medfm departs from the official code (docs/protocol.md §7); most families ignore it.
     """
 
     blocks: nn.ModuleList
     first_conv: str  # path of the input convolution (timm's `first_conv`), rebuilt for one-channel input
 
-    def __init__(self, data_config: DataConfig, pooled_dim: int, token_dim: int) -> None:
+    def __init__(self, data_config: DataConfig, pooled_dim: int, token_dim: int, protocol: str = "medfm") -> None:
         super().__init__()
         self.data_config = data_config
         self.pooled_dim = pooled_dim
         self.token_dim = token_dim
         self.in_chans = 3
+        self.protocol = check_protocol(protocol)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -100,7 +113,8 @@ class Backbone(nn.Module):
 
 
 Builder = Callable[..., Backbone]
-"""builder(weights_path_or_None, image_size=..., **overrides) -> Backbone (three input channels; see `use_one_channel`)"""
+"""builder(weights_path_or_None, image_size=..., protocol="medfm", **overrides) -> Backbone (three input channels; see
+`use_one_channel`). Every builder takes `protocol`; a family with nothing to switch ignores it."""
 
 
 @dataclass(frozen=True)
@@ -124,10 +138,13 @@ class BackboneSpec:
 WeightsPath = Path | None
 
 
-def single_channel_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    """A 1-channel copy of a pretrained first conv that keeps only the R-channel kernel (the study's recipe)."""
+def single_channel_conv(conv: nn.Conv2d, padding: Any = None) -> nn.Conv2d:
+    """A 1-channel copy of a pretrained first conv that keeps only the R-channel kernel (the study's recipe).
+
+    `padding` replaces the conv's own (None: keep it)."""
     new = nn.Conv2d(
-        1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+        1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding if padding is None else padding,
+        bias=conv.bias is not None,
     )
     with torch.no_grad():
         new.weight.copy_(conv.weight[:, :1])

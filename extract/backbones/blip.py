@@ -3,7 +3,9 @@
 The original checkpoint keeps the encoder under `visual_encoder.*` with timm's key names, so it loads
 strictly into timm's ViT-B/16. A folder of HF-format weights (config.json + model.safetensors) goes through
 `BlipForConditionalGeneration`: `BlipVisionModel.from_pretrained` on a full BLIP folder silently keeps random
-vision weights. Pooled = the CLS token (index 0); the study's code took index 1, a patch token.
+vision weights. Pooled = the CLS token (index 0); the study's code took index 1, a patch token
+(`x[:,1,:]` after the final norm, utils/transformers/vit.py of the official repository), which
+`protocol="study"` reproduces (docs/protocol.md §7, row 2).
 """
 
 from __future__ import annotations
@@ -31,19 +33,28 @@ from extract.backbones.weights import load_state_dict, take_prefix
 TIMM_NAME = "vit_base_patch16_224"
 
 
+STUDY_POOLED_INDEX = 1  # the official BLIP wrapper returns `x[:, 1, :]`, the first patch token, as its pooled feature
+
+
 def blip_data_config(image_size: int) -> DataConfig:
     return DataConfig(image_size, CLIP_MEAN, CLIP_STD, "bicubic")
 
 
+def pooled_index(protocol: str) -> int:
+    """Which normed token is the pooled feature: the CLS token (0), or the study's token 1."""
+    return STUDY_POOLED_INDEX if protocol == "study" else 0
+
+
 class HFBlipVision(Backbone):
     """transformers' BLIP vision model: pooled = CLS after the post-LayerNorm (once, not HF's double-normed
-    pooler_output); tokens = the normed patch tokens. Position embeddings are interpolated to the input size."""
+    pooler_output; token 1 under the study protocol); tokens = the normed patch tokens. Position embeddings are
+    interpolated to the input size."""
 
     first_conv = "model.embeddings.patch_embedding"
 
-    def __init__(self, vision: nn.Module, image_size: int) -> None:
+    def __init__(self, vision: nn.Module, image_size: int, protocol: str = "medfm") -> None:
         dim = vision.config.hidden_size
-        super().__init__(blip_data_config(image_size), dim, dim)
+        super().__init__(blip_data_config(image_size), dim, dim, protocol)
         self.model = vision
 
     @property
@@ -55,7 +66,7 @@ class HFBlipVision(Backbone):
 
     def readout(self, h: torch.Tensor, index: int) -> Features:
         normed = self.model.post_layernorm(h)
-        return Features(normed[:, 0], normed[:, 1:])
+        return Features(normed[:, pooled_index(self.protocol)], normed[:, 1:])
 
 
 def hf_vision_model(folder: Path) -> nn.Module:
@@ -84,13 +95,13 @@ def original_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
+def build(weights: Path | None, *, image_size: int | None = None, protocol: str = "medfm", **overrides: Any) -> Backbone:
     size = image_size or 224
     if weights is not None and weights.is_dir():
-        return HFBlipVision(hf_vision_model(weights), size)
+        return HFBlipVision(hf_vision_model(weights), size, protocol)
     state_dict = original_state_dict(weights) if weights is not None else None
     model = create_timm_model(TIMM_NAME, state_dict, img_size=size, **overrides)
-    return TimmViT(model, size, data_config=blip_data_config(size))
+    return TimmViT(model, size, data_config=blip_data_config(size), pooled_index=pooled_index(protocol), protocol=protocol)
 
 
 def count_params() -> int:

@@ -3,6 +3,8 @@
 Only the visual tower is built (the text tower is never used). A checkpoint is read with our safe
 loader; its `visual.*` tensors go through open_clip's own position-embedding resize, then load strictly.
 open_clip is imported on first use: it is slow to import and most runs do not need it.
+Under `protocol="study"` the tokens are taken before `ln_post`, as the study's patched open_clip returns them
+(env_files/open_clip/transformer.py of the official repository; docs/protocol.md §7, row 6).
 """
 
 from __future__ import annotations
@@ -53,12 +55,14 @@ def visual_state_dict(path: Path, visual: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class OpenCLIPBackbone(Backbone):
-    """pooled = the projected image embedding (512); tokens = the 196 patch tokens after ln_post (768)."""
+    """pooled = the projected image embedding (512); tokens = the 196 patch tokens after ln_post (768), or before it
+    under the study protocol. The pooled feature, `ln_post(CLS) @ proj`, is the same under both."""
 
     first_conv = "model.conv1"
 
-    def __init__(self, visual: nn.Module, image_size: int) -> None:
-        super().__init__(DataConfig(image_size, CLIP_MEAN, CLIP_STD, "bicubic"), visual.output_dim, visual.conv1.out_channels)
+    def __init__(self, visual: nn.Module, image_size: int, protocol: str = "medfm") -> None:
+        super().__init__(DataConfig(image_size, CLIP_MEAN, CLIP_STD, "bicubic"), visual.output_dim, visual.conv1.out_channels,
+                         protocol)
         self.model = visual
 
     @property
@@ -70,17 +74,19 @@ class OpenCLIPBackbone(Backbone):
 
     def readout(self, h: torch.Tensor, index: int) -> Features:
         pooled, tokens = self.model._pool(h)
+        if self.protocol == "study":
+            _, tokens = self.model._global_pool(h)  # the same split, before ln_post
         return Features(pooled @ self.model.proj, tokens)
 
 
-def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
+def build(weights: Path | None, *, image_size: int | None = None, protocol: str = "medfm", **overrides: Any) -> Backbone:
     size = image_size or 224
     visual = visual_tower(size, **overrides)
     if not visual.transformer.batch_first:
         raise ValueError("open_clip built a sequence-first transformer; this wrapper feeds (batch, tokens, dim)")
     if weights is not None:
         load_strict(visual, visual_state_dict(weights, visual), weights, f"open_clip {MODEL}'s image tower")
-    return OpenCLIPBackbone(visual, size)
+    return OpenCLIPBackbone(visual, size, protocol)
 
 
 def count_params() -> int:

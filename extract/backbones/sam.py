@@ -4,6 +4,9 @@ segment_anything's encoder adds a fixed 64x64 position embedding, so it cannot t
 shipped. We build it at the requested size and resize the checkpoint to fit before a strict load:
 the position embedding bicubic with antialiasing (as timm's SAM does at run time), and the
 global-attention blocks' relative-position tables linearly (as segment_anything's `get_rel_pos` would).
+Under `protocol="study"` those tables are resized as the official code did, with `F.interpolate(size=...)`
+and its default mode, nearest (`filter_interpolate_weights` in utils/transformers/sam.py of the official
+repository; docs/protocol.md §7, row 5).
 """
 
 from __future__ import annotations
@@ -44,8 +47,15 @@ def sam_encoder(image_size: int, **overrides: Any) -> nn.Module:
     return encoder
 
 
-def fit_checkpoint(state_dict: dict[str, torch.Tensor], encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """The encoder's tensors of an official SAM file (or timm's copy of it), resized to the encoder's grid, neck dropped."""
+REL_POS_MODE = {"medfm": "linear", "study": "nearest"}  # how each protocol resizes the relative-position tables
+
+
+def fit_checkpoint(state_dict: dict[str, torch.Tensor], encoder: nn.Module, protocol: str = "medfm") -> dict[str, torch.Tensor]:
+    """The encoder's tensors of an official SAM file (or timm's copy of it), resized to the encoder's grid, neck dropped.
+
+    Only the global-attention blocks' relative-position tables change size (127 -> 27 rows at 224 px): the
+    windowed blocks' tables fit the 14-token window whatever the input size. `protocol` picks the resize mode.
+    """
     if any(k.startswith("image_encoder.") for k in state_dict):
         state_dict = take_prefix(state_dict, "image_encoder.")
     else:  # timm's `samvit_base_patch16.sa1b` names the MLP layers fc1/fc2
@@ -58,7 +68,7 @@ def fit_checkpoint(state_dict: dict[str, torch.Tensor], encoder: nn.Module) -> d
         if key == "pos_embed" and value.shape != shape:
             value = resample_abs_pos_embed_nhwc(value, list(shape[1:3]))
         elif key.endswith(("rel_pos_h", "rel_pos_w")) and value.shape != shape:
-            value = F.interpolate(value.T[None], size=shape[0], mode="linear")[0].T
+            value = F.interpolate(value.T[None], size=shape[0], mode=REL_POS_MODE[protocol])[0].T
         out[key] = value
     return out
 
@@ -68,9 +78,9 @@ class SAMBackbone(Backbone):
 
     first_conv = "model.patch_embed.proj"
 
-    def __init__(self, encoder: nn.Module, image_size: int) -> None:
+    def __init__(self, encoder: nn.Module, image_size: int, protocol: str = "medfm") -> None:
         dim = encoder.patch_embed.proj.out_channels
-        super().__init__(DataConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), dim, dim)
+        super().__init__(DataConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), dim, dim, protocol)
         self.model = encoder
 
     @property
@@ -84,12 +94,12 @@ class SAMBackbone(Backbone):
         return Features(h.mean((1, 2)), h.flatten(1, 2))
 
 
-def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
+def build(weights: Path | None, *, image_size: int | None = None, protocol: str = "medfm", **overrides: Any) -> Backbone:
     size = image_size or 224
     encoder = sam_encoder(size, **overrides)
     if weights is not None:
-        load_strict(encoder, fit_checkpoint(load_state_dict(weights), encoder), weights, "the SAM ViT-B image encoder")
-    return SAMBackbone(encoder, size)
+        load_strict(encoder, fit_checkpoint(load_state_dict(weights), encoder, protocol), weights, "the SAM ViT-B image encoder")
+    return SAMBackbone(encoder, size, protocol)
 
 
 def count_params() -> int:

@@ -4,6 +4,9 @@ Stock FocalNets (timm, transformers) differ from it in three ways that change ev
 has two extra depthwise convs (`dw1`, `dw2`), its post-norm is applied after the residual sum, and the
 stem conv pads by 3. The attribute names below are SEEM's own, so the `backbone.*` tensors of
 `seem_focalt_v0.pt` / `_v1.pt` load strictly with no renaming (docs/backbones.md §2).
+
+Grayscale input under `protocol="study"` gets the official one-channel rebuild of the stem (`StudyGrayStem`,
+docs/protocol.md §7, row 3), which keeps the pretrained R-channel kernel but loses the padding and the LayerNorm.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from extract.backbones.base import (
     DataConfig,
     Features,
     count_parameters,
+    single_channel_conv,
 )
 from extract.backbones.weights import load_state_dict, load_strict, take_prefix
 
@@ -55,6 +59,29 @@ class ConvEmbed(nn.Module):
         height, width = x.shape[-2:]
         x = F.pad(x, (0, -width % self.stride, 0, -height % self.stride))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class StudyGrayStem(nn.Module):
+    """The study's one-channel SEEM stem: the pretrained R-channel 7x7 kernel, stride 4, no padding, no LayerNorm.
+
+    The official code (`defaults/models.py` with `PatchEmbed` of utils/transformers/focal_dw.py) rebuilds the stem
+    as `PatchEmbed(in_chans=1, is_stem=True, patch_size=4, embed_dim=96)`, whose defaults are a plain 4x4
+    stride-4 conv without padding and no norm, then assigns the 7x7 R-channel kernel and the bias to it: the
+    conv runs the 7x7 kernel with stride 4 and no padding. The input is first padded right/bottom to a multiple
+    of 4, as before. A 224 input gives a 55 x 55 map (SEEM's own stem: 56 x 56), and the last pixel row and
+    column are never read; the later stages pad their odd maps and run unchanged (28, 14, 7).
+    """
+
+    def __init__(self, stem: ConvEmbed) -> None:
+        super().__init__()
+        self.stride = stem.stride
+        self.proj = single_channel_conv(stem.proj, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, H', W', C), channels last, not normalised."""
+        height, width = x.shape[-2:]
+        x = F.pad(x, (0, -width % self.stride, 0, -height % self.stride))
+        return self.proj(x).permute(0, 2, 3, 1)
 
 
 class FocalModulation(nn.Module):
@@ -166,13 +193,23 @@ class SEEMBackbone(Backbone):
 
     first_conv = "model.patch_embed.proj"
 
-    def __init__(self, model: FocalNetDW, image_size: int) -> None:
-        super().__init__(DataConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), model.dims[-1], model.dims[-1])
+    def __init__(self, model: FocalNetDW, image_size: int, protocol: str = "medfm") -> None:
+        super().__init__(DataConfig(image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"), model.dims[-1], model.dims[-1], protocol)
         self.model = model
 
     @property
     def blocks(self) -> nn.ModuleList:  # type: ignore[override]
         return self.model.layers
+
+    def use_one_channel(self) -> None:
+        """The R-channel kernel in SEEM's own stem (medfm), or the study's rebuilt stem (`StudyGrayStem`)."""
+        if self.protocol != "study":
+            return super().use_one_channel()
+        self.model.patch_embed = StudyGrayStem(self.model.patch_embed)
+        # The stem is named, not its conv: an unpadded 7x7 stride-4 conv never covers a whole input, and the
+        # patch-fit check (extract/input_checks.py) would refuse every size the study ran at.
+        self.first_conv = "model.patch_embed"
+        self.in_chans = 1
 
     def forward_layers(self, x: torch.Tensor, layers: Sequence[int] = (-1,)) -> dict[int, Features]:
         wanted = self.resolve_layers(layers)
@@ -186,11 +223,11 @@ def seem_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return take_prefix(state_dict, "backbone.") if any(k.startswith("backbone.") for k in state_dict) else state_dict
 
 
-def build(weights: Path | None, *, image_size: int | None = None, **overrides: Any) -> Backbone:
+def build(weights: Path | None, *, image_size: int | None = None, protocol: str = "medfm", **overrides: Any) -> Backbone:
     model = FocalNetDW(**{**FOCAL_T, **overrides})
     if weights is not None:
         load_strict(model, seem_state_dict(weights), weights, "SEEM's Focal-T (focal_dw) backbone")
-    return SEEMBackbone(model, image_size or 224)
+    return SEEMBackbone(model, image_size or 224, protocol)
 
 
 def count_params() -> int:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
-from probe.recipe import param_groups, warmup_then_constant
+from common.errors import MedfmError
+from probe.recipe import PROTOCOLS, improves, param_groups, warmup_then_constant
 
 
 def test_param_groups_exempt_biases_and_norms_from_weight_decay():
@@ -26,3 +30,17 @@ def test_warmup_rises_linearly_then_stays_constant():
         opt.step()
         sched.step()
     assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_improves_keeps_the_first_epoch_then_needs_a_strictly_greater_defined_score():
+    assert improves(-0.4, None) and improves(math.nan, None)
+    assert improves(0.5000001, 0.5) and not improves(0.5, 0.5) and not improves(math.nan, 0.5)
+    assert improves(0.1, math.nan)  # any defined score beats an undefined best
+
+
+def test_the_protocols_are_the_same_two_names_in_probe_and_extract_and_others_are_refused():
+    from extract.backbones import PROTOCOLS as EXTRACT_PROTOCOLS
+
+    assert PROTOCOLS == EXTRACT_PROTOCOLS == ("medfm", "study")
+    with pytest.raises(MedfmError, match="^--protocol must be medfm or study"):
+        improves(0.5, 0.4, "paper")
