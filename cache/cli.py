@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import h5py
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cache.store import PARTIAL_SUFFIX, describe, is_cache_file, partial_path, verify
@@ -48,26 +49,62 @@ def _size(n: int) -> str:
 
 
 @app.command("ls")
-def ls(root: Annotated[Path | None, typer.Argument(help="Folder to search [default: $MEDFM_OUTPUT/features].")] = None) -> None:
-    """A table of the caches under ROOT."""
+def ls(root: Annotated[Path | None, typer.Argument(help="Folder to search.", show_default="$MEDFM_OUTPUT/features")] = None) -> None:
+    """A table of the caches under ROOT: folder, file, size, rows, and the settings that tell same-named caches apart."""
     root = root or default_root()
-    table = Table("backbone", "dataset", "train", "val", "test", "size", "complete", "file")
+    table = Table("backbone", "dataset", "settings", "train", "val", "test", "size", "complete", "folder", "file")
+    listed = []
     for path in cache_files(root):
         try:
-            d = describe(path)
+            listed.append((path, describe(path)))
         except OSError:
-            table.add_row("?", "?", "", "", "", _size(path.stat().st_size), "[red]unreadable[/]", str(path))
-            continue
+            table.add_row("?", "?", "", "", "", "", _size(path.stat().st_size), "[red]unreadable[/]", str(path.parent), path.name)
+    settings = cache_settings([d for _, d in listed])
+    for (path, d), text in zip(listed, settings, strict=True):
         meta = d["meta"]
         rows = {s: f"{r}/{n}" if r != n else str(n) for s, (r, n) in d["rows"].items()}
         random = " [red](random weights)[/]" if meta.get("backbone", {}).get("random_weights") else ""
-        table.add_row(meta.get("backbone", {}).get("name", "?") + random, meta.get("dataset", {}).get("name", "?"),
+        table.add_row(meta.get("backbone", {}).get("name", "?") + random, meta.get("dataset", {}).get("name", "?"), escape(text),
                       rows.get("train", ""), rows.get("val", ""), rows.get("test", ""), _size(d["size"]),
-                      "[green]yes[/]" if d["complete"] else "[yellow]no[/]", str(path))
+                      "[green]yes[/]" if d["complete"] else "[yellow]no[/]", str(path.parent), path.name)
     if not table.row_count:
         console.print(f"no caches under {root}")
         return
     console.print(table)
+
+
+def cache_settings(described: list[dict[str, Any]]) -> list[str]:
+    """Per cache: its inputs (`224 px, 3 ch, norm model, bicubic`), plus every other setting in which it differs from a
+    cache of the same backbone and dataset (`root=/data/a`, `layers=[8, 11]`), so same-named caches read apart."""
+    flat = [_flatten(d["meta"].get("settings", {})) for d in described]
+    names = [(d["meta"].get("backbone", {}).get("name"), d["meta"].get("dataset", {}).get("name")) for d in described]
+    shown = ("transform.size", "transform.channels", "norm.kind", "transform.interpolation")
+    out = []
+    for i, f in enumerate(flat):
+        twins = [g for j, g in enumerate(flat) if j != i and names[j] == names[i]]
+        parts = [] if not f else [f"{f.get('transform.size', '?')} px", f"{f.get('transform.channels', '?')} ch",
+                                  f"norm {f.get('norm.kind', '?')}", str(f.get("transform.interpolation", "?"))]
+        differing = sorted({k for g in twins for k in {*f, *g} if g.get(k) != f.get(k)} - set(shown))
+        parts += [f"{k}={_brief(f.get(k))}" for k in differing]
+        out.append(", ".join(parts) or "-")
+    return out
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"norm": {"kind": "model"}} -> {"norm.kind": "model"}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _brief(value: Any) -> str:
+    """A setting's value in a table cell: a hash cut to its first 12 digits, anything else whole."""
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:12] + "..." if len(text) >= 32 and all(c in "0123456789abcdef" for c in text) else text
 
 
 @app.command()
@@ -100,7 +137,7 @@ def verify_cmd(path: Annotated[Path, typer.Argument(help="A cache file.")]) -> N
 def rm(
     paths: Annotated[list[Path], typer.Argument(help="Cache files to delete.")],
     force: Annotated[bool, typer.Option("--force", help="Also remove a cache file too damaged to open (truncated, a broken "
-                                                        "header); never a file that opens and is not a medfm cache.")] = False,
+                                                        "header); never a file that opens and is not a medfm cache.", show_default="off")] = False,
 ) -> None:
     """Delete caches (and their split manifests): only files that are medfm caches, partial caches or their shards.
 

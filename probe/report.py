@@ -4,91 +4,285 @@ Rows are backbone x scenario (frozen/unfrozen x linear/DeiT head; finetune's par
 row of its own, last<K>-<head>), columns the datasets with their primary test metric, then the average
 and the gain relative to the ImageNet baseline (`deit` with a linear head, same freeze setting), as the
 study reports it: the per-dataset relative gain (score - baseline) / baseline in %, averaged over the
-datasets both rows have.
+datasets.
 
 Each cell is selected by validation, never by test: among the cell's configurations the one with the
-best mean validation score wins, and the cell shows its mean test score over seeds.
+best mean validation score over its seeds wins (`probe.results.best_configuration`, the rule `probe sweep`
+uses too), and the cell shows its mean test score and how many seeds it averages (n).
 
-A row is (backbone, scenario, stage, backbone random, head random): a frozen scenario trained from the
-cache (`probe`) and the same scenario trained end to end on live images (`finetune --freeze all`) are
-different protocols, so they are different rows, the latter labelled "end to end". Rows whose backbone
-or pretrained head started from random weights are labelled RANDOM and kept apart.
+A column is one `dataset_id`: the same data (name, root, options, split manifest) fed the same way (image
+size, channels, normalisation, interpolation), with one metric. The same dataset at two image sizes, or two
+folders of your own data under one loader name, are two columns, named apart (`aptos2019 (112 px)`,
+`csv:a1b2`); `names` (`probe report --name`) renames a column.
+
+A row is (backbone, scenario, stage, backbone random, head random, protocol): a frozen scenario trained from
+the cache (`probe`) and the same scenario trained end to end on live images (`finetune --freeze all`) are
+different protocols, so they are different rows, the latter labelled "end to end"; runs of the study's
+protocol never share a cell with medfm's. Rows whose backbone or pretrained head started from random
+weights are labelled RANDOM and kept apart. A row is also marked when it lacks a dataset (`1/2 datasets`:
+left out of the average and the gain unless `partial`), when it has no counterpart in the study
+(`extension`), when its chosen runs departed from the study's recipe (`off-recipe`, the recipe in the CSV),
+and a cell when its best validation epoch came in the last tenth of the epochs (`late`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 import pandas as pd
 
-from probe.results import Ledger, RunRecord
+from probe.recipe import STUDY
+from probe.results import Ledger, RunRecord, best_configuration, mean_score
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINE = "deit"
-ROW_KEY = ["backbone", "scenario", "stage", "backbone_random", "head_random"]
+ROW_KEY = ["backbone", "scenario", "stage", "backbone_random", "head_random", "protocol"]
 AVERAGE, GAIN = "average", "gain vs deit linear (%)"
-RANDOM_NOTE = ("RANDOM backbone: features of an untrained backbone; RANDOM head: a DeiT head whose ImageNet weights were "
-               "missing. Such rows say nothing about the pretrained models.")
+DEFAULT_PROTOCOL = "medfm"
+STUDY_BACKBONES = ("sam", "seem", "dinov2", "openclip", "blip", "deit", "dino", "resnet152")
+IMAGENET_BACKBONES = ("deit", "dino", "resnet152")  # the study appends its DeiT classifier to the foundation models only
+STUDY_IMAGE_SIZE, STUDY_HEAD_DEPTH, STUDY_HEAD_PRESET = 224, 12, "deit-b"
+RANDOM_BACKBONE_NOTE = "RANDOM backbone: features of an untrained backbone"
+RANDOM_HEAD_NOTE = "RANDOM head: a DeiT head whose ImageNet weights were missing"
+LATE_NOTE = ("late: the chosen runs' best validation epoch came in the last tenth of their epochs, so they may not have "
+             "converged; raise --epochs (or, for a linear probe, use --standardize).")
+PARTIAL_NOTE = "rows marked k/n datasets lack a dataset: left out of the average and the gain (`probe report --partial` includes them)."
+EXTENSION_NOTE = ("extension: no counterpart in the study (a DeiT head on an ImageNet backbone, partial unfreezing, or a "
+                  "backbone outside its eight).")
+SCENARIO_COLORS = {"frozen-linear": "#4f81bd", "frozen-deit": "#9bbb59", "unfrozen-linear": "#f79646", "unfrozen-deit": "#8064a2"}
+OTHER_COLOR = "#7f7f7f"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the table: a dataset identity and its metric, with the name a reader sees."""
+
+    dataset_id: str
+    metric: str
+    dataset: str
+    label: str
+    inputs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def header(self) -> str:
+        return f"{self.label} ({self.metric})"
+
+
+@dataclass
+class RowInfo:
+    """What the table says about a row beside its numbers."""
+
+    label: str
+    covered: int  # columns with a score
+    total: int  # columns of the report
+    extension: bool
+    recipe: list[str]  # departures from the study's recipe of the chosen runs; [] when none
+    late: list[str]  # labels of the columns whose chosen runs' best epoch came late
+    included: bool  # in the average and the gain
+
+    @property
+    def partial(self) -> bool:
+        return self.covered < self.total
 
 
 @dataclass
 class Report:
-    table: pd.DataFrame  # index: ROW_KEY; columns: datasets, AVERAGE, GAIN
-    metrics: dict[str, str]  # dataset -> its primary metric
+    table: pd.DataFrame  # index: ROW_KEY; columns: column labels, AVERAGE, GAIN
+    metrics: dict[str, str]  # column label -> its primary metric
     runs: int
     files: dict[str, Path]
+    seeds: pd.DataFrame = field(default_factory=pd.DataFrame)  # seeds averaged per cell (0: no cell)
+    late: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell: the chosen runs' best epoch came late
+    rows: dict[tuple, RowInfo] = field(default_factory=dict)
+    columns: list[Column] = field(default_factory=list)
+    partial: bool = False
+    figure_texts: list[str] = field(default_factory=list)  # what the figure writes: each bar's value, or why it has none
+
+    def cell(self, key: tuple, label: str) -> str:
+        """A cell as a reader sees it: `0.9375 (n=3)`, `late` when flagged, `-` when empty."""
+        value = self.table.loc[key, label]
+        if not np.isfinite(value):
+            return "-"
+        n = int(self.seeds.loc[key, label])
+        return f"{value:.4f} (n={n}{', late' if self.late.loc[key, label] else ''})"
 
 
-def build_table(records: list[RunRecord]) -> tuple[pd.DataFrame, dict[str, str]]:
-    """One cell per (row key, dataset): the best-validation configuration's mean test score."""
+def row_key(record: RunRecord) -> tuple:
+    return (record.backbone, record.scenario, record.stage, record.backbone_random, record.head_random, record.protocol)
+
+
+def build_report(records: list[RunRecord], partial: bool = False, names: dict[str, str] | None = None) -> Report:
+    """One cell per (row key, column): the best-validation configuration's mean test score over its seeds."""
+    records = _latest(records)
+    columns = _columns(records, names or {})
+    column_of = {(c.dataset_id, c.metric): c for c in columns}
     groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
-    metrics: dict[str, str] = {}
     for r in records:
-        row = (r.backbone, r.scenario, r.stage, r.backbone_random, r.head_random)
-        groups[(*row, r.dataset)][json.dumps(r.config, sort_keys=True)].append(r)
-        metrics[r.dataset] = r.primary_metric
-    cells: dict[tuple, dict[str, float]] = defaultdict(dict)
-    for (*row, dataset), by_config in groups.items():
-        chosen = max(by_config.values(), key=lambda runs: _finite_or_low(_mean([r.val_score for r in runs])))
-        cells[tuple(row)][dataset] = _mean([r.test_primary for r in chosen])
-    datasets = sorted(metrics)
-    table = pd.DataFrame(
-        [[row.get(d, math.nan) for d in datasets] for row in cells.values()],
-        index=pd.MultiIndex.from_tuples(list(cells), names=ROW_KEY), columns=datasets,
-    )
-    table[AVERAGE] = table[datasets].mean(axis=1, skipna=True)
-    table[GAIN] = [_gain(table, key, datasets) for key in table.index]
-    return table.sort_values(GAIN, na_position="last"), metrics
+        groups[row_key(r)][column_of[(r.dataset_id, r.primary_metric)].label].append(r)
+    labels = [c.label for c in columns]
+    keys = list(groups)
+    cells: dict[str, dict[tuple, tuple[float, int, bool]]] = {label: {} for label in labels}  # (mean test, seeds, late)
+    recipes: dict[tuple, list[str]] = defaultdict(list)
+    for key, by_column in groups.items():
+        for label, runs in by_column.items():
+            chosen = best_configuration(runs)
+            cells[label][key] = (mean_score([r.test_primary for r in chosen]), len({r.seed for r in chosen}),
+                                 any(r.late_best for r in chosen))
+            for departure in recipe_departures(chosen[0]):
+                if departure not in recipes[key]:
+                    recipes[key].append(departure)
+    index = pd.MultiIndex.from_tuples(keys, names=ROW_KEY) if keys else pd.MultiIndex.from_tuples([], names=ROW_KEY)
+
+    def frame(part: int, empty: Any, dtype: type) -> pd.DataFrame:
+        return pd.DataFrame({label: [cells[label][key][part] if key in cells[label] else empty for key in keys] for label in labels},
+                            index=index, columns=labels, dtype=dtype)
+
+    values, seeds, late = frame(0, math.nan, float), frame(1, 0, int), frame(2, False, bool)
+    covered = {key: sum(key in cells[label] for label in labels) for key in keys}
+    included = {key: partial or covered[key] == len(labels) for key in keys}
+    table = values.copy()
+    table[AVERAGE] = [values.loc[key, labels].mean(skipna=True) if included[key] else math.nan for key in keys]
+    table[GAIN] = [_gain(values, key, labels, included, partial) for key in keys]
+    rows = {
+        key: RowInfo("", covered[key], len(labels), is_extension(key), recipes[key],
+                     [label for label in labels if late.loc[key, label]], included[key])
+        for key in keys
+    }
+    for key, info in rows.items():
+        info.label = row_label(key, info)
+    order = table.sort_values(GAIN, na_position="last").index if keys else table.index
+    metrics = {c.label: c.metric for c in columns}
+    return Report(table.loc[order], metrics, len(records), {}, seeds.loc[order], late.loc[order], rows, columns, partial)
 
 
-def _gain(table: pd.DataFrame, key: tuple, datasets: list[str]) -> float:
-    """Mean over datasets of the relative gain (%) over the deit linear row of the same freeze setting (last<K> too),
-    from the same stage when there is one, pretrained before random."""
+def _latest(records: list[RunRecord]) -> list[RunRecord]:
+    """One row per run: a run retrained with --force replaces its earlier row, never counts as another seed."""
+    return list({r.config_key: r for r in records}.values())
+
+
+def _columns(records: list[RunRecord], names: dict[str, str]) -> list[Column]:
+    """The distinct (dataset_id, metric) pairs, each named so that no two columns read alike."""
+    first: dict[tuple[str, str], RunRecord] = {}
+    for r in records:
+        first.setdefault((r.dataset_id, r.primary_metric), r)
+    base = {k: _user_name(r, names) or r.dataset_label or r.dataset for k, r in first.items()}
+    by_base: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for k, label in base.items():
+        by_base[label].append(k)
+    columns = []
+    for label, keys in by_base.items():
+        named = _tell_apart(label, [first[k] for k in keys]) if len(keys) > 1 else [label]
+        columns += [Column(k[0], k[1], first[k].dataset, name, first[k].dataset_inputs) for k, name in zip(keys, named, strict=True)]
+    return sorted(columns, key=lambda c: (c.dataset, c.label))
+
+
+def _user_name(record: RunRecord, names: dict[str, str]) -> str | None:
+    """A user's name for a dataset, given by its label (`csv:a1b2`) or by a prefix of its id (4 digits at least)."""
+    for given, name in names.items():
+        if given in (record.dataset_label, record.dataset) or (len(given) >= 4 and record.dataset_id.startswith(given)):
+            return name
+    return None
+
+
+def _tell_apart(label: str, runs: list[RunRecord]) -> list[str]:
+    """Names for columns that share a label: what differs among their data and inputs, else their metric or id."""
+    recorded = [r.dataset_inputs for r in runs if r.dataset_inputs]
+    content = ("dataset", "root", "options", "manifest_hash")
+    tags = {str(sorted((k, str(i.get(k))) for k in content)) for i in recorded}
+    differing = [k for k in ("image_size", "channels", "norm", "interpolation") if len({str(i.get(k)) for i in recorded}) > 1]
+    names = []
+    for r in runs:
+        inputs = r.dataset_inputs
+        if not inputs:
+            names.append(f"{label} (settings not recorded)")
+            continue
+        name = f"{label}:{r.dataset_id[:4]}" if len(tags) > 1 and ":" not in label else label
+        parts = [_input_text(k, inputs.get(k)) for k in differing]
+        names.append(name + (f" ({', '.join(parts)})" if parts else ""))
+    if len(set(names)) < len(names):
+        names = [f"{n} [{r.primary_metric}]" for n, r in zip(names, runs, strict=True)]
+    if len(set(names)) < len(names):
+        names = [f"{n} {r.dataset_id[:6]}" for n, r in zip(names, runs, strict=True)]
+    return names
+
+
+def _input_text(key: str, value: Any) -> str:
+    return {"image_size": f"{value} px", "channels": f"{value} channel{'s' if value != 1 else ''}",
+            "norm": f"norm {value}", "interpolation": f"{value} resize"}[key]
+
+
+def recipe_departures(record: RunRecord) -> list[str]:
+    """How a run's settings departed from the study's recipe (`probe.recipe.STUDY`, 224 px, a 12-block DeiT-B head)."""
+    config, out = record.config, []
+    for name, text, study in (("epochs", "epochs {}", STUDY.epochs), ("lr", "lr {:g}", STUDY.lr),
+                              ("weight_decay", "weight decay {:g}", STUDY.weight_decay), ("batch_size", "batch {}", STUDY.batch_size)):
+        if name in config and config[name] != study:
+            out.append(text.format(config[name]))
+    size = record.dataset_inputs.get("image_size")
+    if size is not None and size != STUDY_IMAGE_SIZE:
+        out.append(f"{size} px")
+    if config.get("head_depth", STUDY_HEAD_DEPTH) != STUDY_HEAD_DEPTH:
+        out.append(f"head depth {config['head_depth']}")
+    if config.get("head_preset", STUDY_HEAD_PRESET) != STUDY_HEAD_PRESET:
+        out.append(f"head {config['head_preset']}")
+    if config.get("grad_clip", STUDY.grad_clip) != STUDY.grad_clip:
+        out.append(f"grad clip {config['grad_clip'] or 'none'}")
+    for name, text in (("warmup_steps", "warmup {} steps"), ("patience", "patience {}")):
+        if config.get(name) is not None:
+            out.append(text.format(config[name]))
+    if config.get("standardize"):
+        out.append("standardize")
+    return out
+
+
+def _gain(values: pd.DataFrame, key: tuple, labels: list[str], included: dict[tuple, bool], partial: bool) -> float:
+    """Mean over datasets of the relative gain (%) over the deit linear row of the same freeze setting (last<K> too) and
+    protocol, from the same stage when there is one, pretrained before random. Without `partial`, both rows must have
+    every dataset."""
+    if not included[key]:
+        return math.nan
     freeze = key[1].split("-")[0]
-    candidates = [k for k in table.index if k[0] == BASELINE and k[1] == f"{freeze}-linear"]
+    candidates = [k for k in values.index if k[0] == BASELINE and k[1] == f"{freeze}-linear" and k[5] == key[5]]
     if not candidates:
         return math.nan
-    base = table.loc[sorted(candidates, key=lambda k: (k[2] != key[2], k[3], k[4]))[0], datasets]
-    row = table.loc[key, datasets]
-    gains = [(row[d] - base[d]) / abs(base[d]) * 100 for d in datasets if np.isfinite(row[d]) and np.isfinite(base[d]) and base[d]]
+    base_key = sorted(candidates, key=lambda k: (k[2] != key[2], k[3], k[4]))[0]
+    if not included[base_key]:
+        return math.nan
+    base, row = values.loc[base_key, labels], values.loc[key, labels]
+    gains = [(row[d] - base[d]) / abs(base[d]) * 100 for d in labels if np.isfinite(row[d]) and np.isfinite(base[d]) and base[d]]
     return float(np.mean(gains)) if gains else math.nan
 
 
-def row_label(key: tuple) -> str:
-    """`dinov2 frozen-linear`, plus `end to end` for a frozen scenario trained on live images, plus what was RANDOM."""
-    backbone, scenario, stage, backbone_random, head_random = key
+def is_extension(key: tuple) -> bool:
+    """No counterpart in the study: a backbone outside its eight, partial unfreezing, a DeiT head on an ImageNet backbone."""
+    backbone, scenario = key[0], key[1]
+    freeze, head = scenario.split("-")
+    return backbone not in STUDY_BACKBONES or freeze not in ("frozen", "unfrozen") or (head == "deit" and backbone in IMAGENET_BACKBONES)
+
+
+def row_label(key: tuple, info: RowInfo | None = None) -> str:
+    """`dinov2 frozen-linear`, plus `end to end` for a frozen scenario trained on live images, what was RANDOM, a protocol
+    other than medfm's, and (given the row's `info`) extension, off-recipe and missing datasets."""
+    backbone, scenario, stage, backbone_random, head_random = key[:5]
+    protocol = key[5] if len(key) > 5 else DEFAULT_PROTOCOL
     notes = ["end to end"] if stage == "finetune" and scenario.startswith("frozen") else []
     random = [part for part, flag in (("backbone", backbone_random), ("head", head_random)) if flag]
     if random:
         notes.append(f"RANDOM {' and '.join(random)}")
+    if protocol != DEFAULT_PROTOCOL:
+        notes.append(f"{protocol} protocol")
+    if info is not None:
+        notes += ["extension"] * info.extension + ["off-recipe"] * bool(info.recipe)
+        if info.partial:
+            notes.append(f"{info.covered}/{info.total} datasets")
     return f"{backbone} {scenario}" + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -96,54 +290,132 @@ def is_random(key: tuple) -> bool:
     return bool(key[3] or key[4])
 
 
-def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | None = None) -> Report:
+def select(records: list[RunRecord], datasets: list[str]) -> list[RunRecord]:
+    """The runs of the named datasets: a name (`aptos2019`), a label (`csv:a1b2`) or a dataset id prefix."""
+    return [r for r in records if any(d in (r.dataset, r.dataset_label) or (len(d) >= 4 and r.dataset_id.startswith(d)) for d in datasets)]
+
+
+def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | None = None, *, partial: bool = False,
+                names: dict[str, str] | None = None) -> Report:
     """Build the table from the ledger and write report.csv, report.md and report.png into `out`."""
-    records = ledger.rows(dataset=datasets) if datasets else ledger.rows()
-    table, metrics = build_table(records)
-    files: dict[str, Path] = {}
-    if out is not None and len(table):
+    records = ledger.rows()
+    if datasets:
+        records = select(records, datasets)
+    report = build_report(records, partial, names)
+    if out is not None and len(report.table):
         out.mkdir(parents=True, exist_ok=True)
-        labelled = table.set_axis([row_label(k) for k in table.index])
-        files["csv"] = out / "report.csv"
-        labelled.rename_axis("row").to_csv(files["csv"], float_format="%.4f")
-        files["markdown"] = out / "report.md"
-        files["markdown"].write_text(to_markdown(labelled, metrics))
-        files["figure"] = out / "report.png"
-        plot_gain(labelled, files["figure"])
-    return Report(table, metrics, len(records), files)
+        report.files["csv"] = out / "report.csv"
+        to_csv(report).to_csv(report.files["csv"], index=False, float_format="%.4f")
+        report.files["markdown"] = out / "report.md"
+        report.files["markdown"].write_text(to_markdown(report))
+        report.files["figure"] = out / "report.png"
+        report.figure_texts = plot_gain(report, report.files["figure"])
+    return report
 
 
-def to_markdown(table: pd.DataFrame, metrics: dict[str, str]) -> str:
-    header = ["backbone x scenario"] + [f"{c} ({metrics[c]})" if c in metrics else c for c in table.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, row in table.iterrows():
-        lines.append("| " + " | ".join([str(label)] + [_fmt(v, c == GAIN) for c, v in row.items()]) + " |")
-    notes = [
-        "",
-        "Test scores of the configuration with the best validation score (mean over seeds).",
-        f"Gain: mean relative gain (%) over the {BASELINE} linear baseline of the same frozen/unfrozen setting.",
+def to_csv(report: Report) -> pd.DataFrame:
+    """One line per row: each column's score and seeds, the average and gain, then what the row's label says, one field each."""
+    lines = []
+    for key in report.table.index:
+        info = report.rows[key]
+        line: dict[str, Any] = {"row": info.label}
+        for c in report.columns:
+            line[c.header] = report.table.loc[key, c.label]
+            line[f"{c.label} n"] = int(report.seeds.loc[key, c.label])
+        line[AVERAGE], line[GAIN] = report.table.loc[key, AVERAGE], report.table.loc[key, GAIN]
+        line.update(dict(zip(ROW_KEY, key, strict=True)))
+        line.update(datasets=f"{info.covered}/{info.total}", included=info.included, extension=info.extension,
+                    recipe="; ".join(info.recipe) or "study", late_best="; ".join(info.late))
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def notes(report: Report) -> list[str]:
+    """The lines under the table: how cells were chosen, and what each mark in it means."""
+    rows = report.rows.values()
+    out = [
+        "Test scores of the configuration with the best mean validation score over its seeds (n: seeds averaged).",
+        f"Gain: mean relative gain (%) over the {BASELINE} linear baseline of the same frozen/unfrozen setting and protocol.",
     ]
-    if any("RANDOM" in str(label) for label in table.index):
-        notes.append(RANDOM_NOTE)
-    return "\n".join(lines + notes) + "\n"
+    parts = [note for note, level in ((RANDOM_BACKBONE_NOTE, 3), (RANDOM_HEAD_NOTE, 4)) if any(key[level] for key in report.table.index)]
+    if parts:
+        out.append(f"{'; '.join(parts)}. Such rows say nothing about the pretrained models.")
+    if any(info.partial for info in rows):
+        out.append(PARTIAL_NOTE if not report.partial else "rows marked k/n datasets lack a dataset; their average and gain cover "
+                                                           "the datasets they have (--partial).")
+    if any(info.extension for info in rows):
+        out.append(EXTENSION_NOTE)
+    off = [info for info in rows if info.recipe]
+    if off:
+        out.append("off-recipe (the study: " + f"{STUDY.epochs} epochs, lr {STUDY.lr:g}, weight decay {STUDY.weight_decay:g}, batch "
+                   f"{STUDY.batch_size}, {STUDY_IMAGE_SIZE} px, a {STUDY_HEAD_DEPTH}-block DeiT-B head): "
+                   + "; ".join(f"{info.label.split(' (')[0]}: {', '.join(info.recipe)}" for info in off) + ".")
+    if any(info.late for info in rows):
+        out.append(LATE_NOTE)
+    if any(key[5] != DEFAULT_PROTOCOL for key in report.table.index):
+        out.append("Rows of another protocol than medfm's (e.g. the study's) are compared only with their own baseline.")
+    return out
 
 
-def plot_gain(table: pd.DataFrame, path: Path) -> None:
-    """The study's figure: relative gain per backbone x head, sorted, one horizontal bar each."""
-    gains = table[GAIN].dropna().sort_values()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(gains), 1) + 1.6))
-    colors = ["#c0504d" if v < 0 else "#4f81bd" for v in gains.values]
-    bars = ax.barh(range(len(gains)), gains.values, color=colors)
-    for bar, label in zip(bars, gains.index, strict=True):
-        if "RANDOM" in label:
+def to_markdown(report: Report) -> str:
+    header = ["backbone x scenario"] + [c.header for c in report.columns] + [AVERAGE, GAIN]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in report.table.index:
+        cells = [report.cell(key, c.label) for c in report.columns]
+        cells += [_fmt(report.table.loc[key, AVERAGE]), _fmt(report.table.loc[key, GAIN], True)]
+        lines.append("| " + " | ".join([report.rows[key].label, *cells]) + " |")
+    return "\n".join(lines + [""] + notes(report)) + "\n"
+
+
+def plot_gain(report: Report, path: Path) -> list[str]:
+    """The study's figure: relative gain per backbone x scenario, one horizontal bar each, coloured by scenario, its value
+    beside it; the baseline is the line at 0. Without any gain to show, the figure says why instead of staying empty.
+    Returns the texts written on the plot (values, or the message)."""
+    gains = report.table[GAIN].dropna().sort_values()
+    keys = list(gains.index)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(keys), 1) + 1.8))
+    if not keys:
+        message = "No gain to show: " + _why_no_gain(report)
+        ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=10, transform=ax.transAxes)
+        ax.set_axis_off()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return [message]
+    values = gains.to_numpy(dtype=float)
+    colors = [SCENARIO_COLORS.get(key[1], OTHER_COLOR) for key in keys]
+    bars = ax.barh(range(len(keys)), values, color=colors, edgecolor="black", linewidth=0.4)
+    span = max(float(np.abs(values).max()), 1.0)
+    texts = []
+    for bar, key, value in zip(bars, keys, values, strict=True):
+        if is_random(key):
             bar.set_hatch("//")
-    ax.set_yticks(range(len(gains)), list(gains.index))
-    ax.axvline(0, color="black", linewidth=0.8)
+        baseline = key[0] == BASELINE and key[1].endswith("-linear") and value == 0
+        text = f"{value:+.2f}" if not baseline else "0.00 (baseline)"
+        ax.text(value + (0.02 * span if value >= 0 else -0.02 * span), bar.get_y() + bar.get_height() / 2, text,
+                va="center", ha="left" if value >= 0 else "right", fontsize=8)
+        texts.append(text)
+    ax.set_yticks(range(len(keys)), [report.rows[key].label for key in keys], fontsize=8)
+    ax.axvline(0, color="black", linewidth=1.2, linestyle="--", label=f"{BASELINE} linear (baseline)")
+    ax.set_xlim(-1.25 * span if values.min() < 0 else -0.1 * span, 1.25 * span if values.max() > 0 else 0.1 * span)
+    shown = dict.fromkeys(key[1] for key in keys)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=SCENARIO_COLORS.get(s, OTHER_COLOR), label=s) for s in shown]
+    ax.legend(handles=[*handles, ax.get_lines()[0]], fontsize=8, loc="lower right")
     ax.set_xlabel(f"relative gain over {BASELINE} linear (%), mean over datasets")
-    ax.set_title("Gain over the ImageNet baseline" + ("\n(hatched: RANDOM weights)" if any("RANDOM" in i for i in gains.index) else ""), fontsize=10)
+    hatched = "\n(hatched: RANDOM weights)" if any(is_random(k) for k in keys) else ""
+    ax.set_title(f"Gain over the ImageNet baseline{hatched}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return texts
+
+
+def _why_no_gain(report: Report) -> str:
+    keys = list(report.table.index)
+    if not any(k[0] == BASELINE and k[1].endswith("-linear") for k in keys):
+        return f"no {BASELINE} linear run to compare with; train one (`probe run --backbone {BASELINE}`)."
+    if not any(info.included for info in report.rows.values()):
+        return "every row lacks a dataset; `probe report --partial` compares the datasets they have."
+    return f"no row shares a freeze setting, protocol and dataset with a {BASELINE} linear row."
 
 
 def _fmt(value: float, percent: bool = False) -> str:
@@ -151,12 +423,3 @@ def _fmt(value: float, percent: bool = False) -> str:
         return "-"
     return f"{value:+.2f}" if percent else f"{value:.4f}"
 
-
-def _mean(values: list[float | None]) -> float:
-    """Mean of the finite values; NaN when there is none."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def _finite_or_low(value: float) -> float:
-    return value if np.isfinite(value) else -math.inf

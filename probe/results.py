@@ -8,6 +8,13 @@ Columns mean one thing in both stages: `stage` is probe (heads on cached feature
 images); `backbone_random` says the backbone's weights were random, `head_random` that a head meant to
 start from pretrained weights (the DeiT head) started random. A ledger written before these two columns
 existed is rewritten with them when opened.
+
+What makes results comparable is the data and how it was fed: `dataset_id` is a short hash of the dataset's
+name, root, options and split manifest and of the input settings (image size, channels, normalisation,
+interpolation), `dataset_label` its name for a reader (`csv:a1b2` for your own data, whose loader name says
+nothing), `dataset_inputs` those settings. The report makes a column per `dataset_id`. `late_best` flags a run
+whose best validation epoch fell in the last tenth of its epochs. Rows written before these columns existed
+get the dataset name alone as their identity (settings not recorded) and no late flag.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 import sqlite3
 import subprocess
@@ -55,10 +63,20 @@ _COLUMNS = """
     total_seconds REAL,
     code_version TEXT,
     run_dir TEXT,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    dataset_id TEXT NOT NULL DEFAULT '',
+    dataset_label TEXT NOT NULL DEFAULT '',
+    dataset_inputs TEXT NOT NULL DEFAULT '{}',
+    late_best INTEGER NOT NULL DEFAULT 0
 """
-_JSON_FIELDS = ("config", "test_metrics")
-_FLAGS = ("backbone_random", "head_random")
+# Columns added after the first release, with what old rows get: ALTER TABLE adds them to an older ledger.
+_ADDED = {"dataset_id": "TEXT NOT NULL DEFAULT ''", "dataset_label": "TEXT NOT NULL DEFAULT ''",
+          "dataset_inputs": "TEXT NOT NULL DEFAULT '{}'", "late_best": "INTEGER NOT NULL DEFAULT 0"}
+_JSON_FIELDS = ("config", "test_metrics", "dataset_inputs")
+_FLAGS = ("backbone_random", "head_random", "late_best")
+# Loaders of your own data: their name alone does not say which images, so a label carries a content tag.
+OWN_DATA = ("imagefolder", "csv", "medmnist")
+LATE_FRACTION = 10  # a best epoch in the last tenth of the epochs: perhaps not converged
 
 
 def default_ledger_path() -> Path:
@@ -87,6 +105,46 @@ def code_version() -> str:
         return "unknown"
 
 
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """Which data, fed how: what must be equal for two scores to share a report column."""
+
+    id: str  # 12 hex digits
+    label: str  # the dataset's name, or `name:tag` for your own data (tag: 4 hex digits of the content)
+    inputs: dict[str, Any]  # root, options, manifest hash, image size, channels, norm, interpolation; {} when unrecorded
+
+
+def _short(obj: Any, digits: int = 12) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:digits]
+
+
+def dataset_identity(name: str, *, root: str | None, manifest_hash: str, options: dict[str, Any] | None,
+                     image_size: int | None, channels: int | None, norm: str | None, interpolation: str | None) -> DatasetIdentity:
+    """The identity of a dataset as a run saw it: its content (name, root, options, split manifest) and the inputs
+    made of it (size, channels, normalisation kind, resize interpolation), as probe (from the cache) and finetune
+    (from its transform) both record them."""
+    content = {"dataset": name, "root": root, "options": options or {}, "manifest_hash": manifest_hash}
+    inputs = {"image_size": image_size, "channels": channels, "norm": norm, "interpolation": interpolation}
+    label = f"{name}:{_short(content, 4)}" if name in OWN_DATA else name
+    return DatasetIdentity(_short({**content, **inputs}), label, {**content, **inputs})
+
+
+def unrecorded_identity(name: str) -> DatasetIdentity:
+    """The identity of a row that recorded only the dataset's name (ledgers before `dataset_id`, hand-made rows)."""
+    return DatasetIdentity(_short({"dataset": name, "inputs": "unrecorded"}), name, {})
+
+
+def late_best(best_epoch: int, epochs: int) -> bool:
+    """Whether the best validation epoch (1-based) is in the last tenth of `epochs`: the run may still be improving."""
+    return epochs >= 1 and best_epoch > epochs - math.ceil(epochs / LATE_FRACTION)
+
+
+def late_best_note(best_epoch: int, epochs: int, hint: str = "raise --epochs") -> str:
+    """The one line said at the end of a run flagged `late_best`."""
+    return (f"note: the best validation epoch is {best_epoch} of {epochs}, in the last tenth: the run may not have "
+            f"converged; {hint}")
+
+
 @dataclass
 class RunRecord:
     """One finished run, as the ledger stores it (`id` and `created` are filled on `add`)."""
@@ -111,7 +169,47 @@ class RunRecord:
     code_version: str = field(default_factory=code_version)
     run_dir: str | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    dataset_id: str = ""  # see `dataset_identity`; empty: filled on `add` from the dataset name alone
+    dataset_label: str = ""
+    dataset_inputs: dict[str, Any] = field(default_factory=dict)
+    late_best: bool = False  # the best validation epoch in the last tenth (`late_best`)
     id: int | None = None
+
+    @property
+    def protocol(self) -> str:
+        """Whose protocol the run followed: "medfm" (the default, and every run before the field) or "study"."""
+        return str(self.config.get("protocol", "medfm"))
+
+    def with_identity(self, identity: DatasetIdentity) -> RunRecord:
+        self.dataset_id, self.dataset_label, self.dataset_inputs = identity.id, identity.label, identity.inputs
+        return self
+
+
+def configuration_key(record: RunRecord) -> str:
+    """What a run shares with its other seeds: its config (which holds no seed), features and data."""
+    return canonical_json({"config": record.config, "cache": record.cache_fingerprint, "dataset": record.dataset_id})
+
+
+def mean_score(values: list[float | None]) -> float:
+    """Mean of the finite values; NaN when there is none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def best_configuration(records: list[RunRecord]) -> list[RunRecord]:
+    """The seeds of the configuration with the best mean validation score, the rule of `probe sweep` and of the
+    report alike; a configuration without a finite validation score never wins over one with it ([] if no runs)."""
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault(configuration_key(r), []).append(r)
+    if not groups:
+        return []
+
+    def score(runs: list[RunRecord]) -> float:
+        mean = mean_score([r.val_score for r in runs])
+        return mean if math.isfinite(mean) else -math.inf
+
+    return max(groups.values(), key=score)
 
 
 class Ledger:
@@ -122,9 +220,11 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with self._connect() as db:
-                db.execute(f"CREATE TABLE IF NOT EXISTS runs ({_COLUMNS})")
-                db.execute("CREATE INDEX IF NOT EXISTS runs_config_key ON runs (config_key)")
-                _migrate(db)
+                if not _up_to_date(db):  # a read-only ledger of today's layout is read, never written
+                    db.execute("BEGIN IMMEDIATE")  # one process at a time creates or migrates the table
+                    db.execute(f"CREATE TABLE IF NOT EXISTS runs ({_COLUMNS})")
+                    db.execute("CREATE INDEX IF NOT EXISTS runs_config_key ON runs (config_key)")
+                    _migrate(db)
         except sqlite3.DatabaseError as err:
             raise MedfmError(f"cannot read the results ledger {self.path} ({err}); move it aside and rerun, "
                              "or point --ledger at another file") from None
@@ -145,6 +245,8 @@ class Ledger:
             raise ValueError(f"stage {record.stage} not in {STAGES}")
         if not SCENARIO.fullmatch(record.scenario):
             raise ValueError(f"scenario {record.scenario} is not frozen|unfrozen|last<K> - linear|deit")
+        if not record.dataset_id:
+            record.with_identity(unrecorded_identity(record.dataset))
         row = asdict(record)
         row.pop("id")
         for name in _JSON_FIELDS:
@@ -187,7 +289,26 @@ def _record(row: sqlite3.Row) -> RunRecord:
     return RunRecord(**data)
 
 
+def _up_to_date(db: sqlite3.Connection) -> bool:
+    """Whether the ledger's table exists with today's columns (nothing to create or migrate)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    return bool(columns) and set(_ADDED) <= columns and "random_weights" not in columns
+
+
 def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older ledger to today's columns: the two random flags, then the dataset identity and late flag."""
+    _split_random_flag(db)
+    columns = [row[1] for row in db.execute("PRAGMA table_info(runs)")]
+    for name, declaration in _ADDED.items():
+        if name not in columns:
+            db.execute(f"ALTER TABLE runs ADD COLUMN {name} {declaration}")
+    unnamed = db.execute("SELECT id, dataset FROM runs WHERE dataset_id = ''").fetchall()
+    for rid, dataset in unnamed:
+        identity = unrecorded_identity(dataset)
+        db.execute("UPDATE runs SET dataset_id = ?, dataset_label = ? WHERE id = ?", (identity.id, identity.label, rid))
+
+
+def _split_random_flag(db: sqlite3.Connection) -> None:
     """Rewrite a ledger of medfm 0.1 (one `random_weights` flag) with the two flags of today.
 
     Its probe rows flagged the backbone alone; its finetune rows flagged "backbone or DeiT head", so their

@@ -121,3 +121,22 @@ def test_rm_removes_only_medfm_caches_and_a_damaged_one_only_with_force(tmp_path
         assert code == 2 and "is being written by process" in err and partial.exists(), err
     code, _, err = run_main(main, ["rm", str(partial)], monkeypatch)
     assert code == 0 and not partial.exists(), err
+
+
+def test_ls_shows_folder_size_and_the_settings_that_tell_same_named_caches_apart(tmp_path: Path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    inputs = {"transform": {"size": 224, "channels": 3, "interpolation": "bicubic"}, "norm": {"kind": "model"}, "layers": [11]}
+    for name, settings in (("demo-aaa.h5", {**inputs, "root": "/data/ward-a"}),
+                           ("demo-bbb.h5", {**inputs, "root": "/data/ward-b", "transform": {**inputs["transform"], "size": 112}})):
+        writer = CacheWriter.open(tmp_path / "deit" / name, replace(META, settings=settings), make_plan(n=4))
+        write_all(writer)
+        writer.finalize()
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, err = run_main(main, ["ls", str(tmp_path)], monkeypatch)
+    assert code == 0, err
+    rows = {line.split("│")[-2].strip(): line for line in out.splitlines() if "demo-" in line}
+    assert set(rows) == {"demo-aaa.h5", "demo-bbb.h5"}
+    assert "224 px, 3 ch, norm model, bicubic, root=/data/ward-a" in rows["demo-aaa.h5"]
+    assert "112 px, 3 ch, norm model, bicubic, root=/data/ward-b" in rows["demo-bbb.h5"]
+    assert all(str(tmp_path / "deit") in line and " KB" in line for line in rows.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from common.errors import MedfmError
 from extract.cli import main
-from tests.conftest import cli
+from tests.conftest import REPO, cli
 from tests.tiny import run_main
 
 
@@ -145,3 +146,85 @@ def test_a_split_too_small_to_stratify_is_one_warning_line_not_a_traceback(tmp_p
     assert code == 2 and "Traceback" not in out + err and len(lines) == 2, err
     assert lines[0].startswith("warning: 12 images are too few to stratify the split by label") and "val has no image of" in lines[0]
     assert lines[1].startswith("error: --image-size 70 does not fit")
+
+
+REGISTRIES = """
+from extract.backbones import list_backbones
+from extract.datasets import list_datasets
+from extract.names import BACKBONES, DATASETS
+from probe.heads import list_heads
+from probe.names import HEADS
+assert BACKBONES == tuple(spec.name for spec in list_backbones()), [spec.name for spec in list_backbones()]
+assert DATASETS == tuple(entry.name for entry in list_datasets()), [entry.name for entry in list_datasets()]
+assert HEADS == tuple(spec.name for spec in list_heads()), [spec.name for spec in list_heads()]
+"""
+
+
+def test_the_names_checked_before_torch_loads_are_the_registries() -> None:
+    """In a fresh process: tests register entries of their own (`tiny-deit`, `killable-demo`) in this one."""
+    proc = subprocess.run([sys.executable, "-c", REGISTRIES], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+TYPOS = """
+import sys
+from extract.cli import main as extract
+from finetune.cli import main as finetune
+from probe.cli import main as probe
+for main, args in [(extract, ["run", "--backbone", "sam2", "--dataset", "demo"]), (extract, ["run", "--backbone", "sam", "--dataset", "aptos"]),
+                   (finetune, ["run", "--backbone", "sam2", "--dataset", "demo"]), (finetune, ["run", "--backbone", "sam", "--dataset", "demo", "--head", "mlp"]),
+                   (probe, ["run", "--head", "mlp"]), (probe, ["sweep", "--head", "linear,mlp"])]:
+    sys.argv = ["prog", *args]
+    try:
+        main()
+    except SystemExit as exit_:
+        assert exit_.code == 2, (args, exit_.code)
+loaded = [m for m in ("torch", "timm", "open_clip", "h5py") if m in sys.modules]
+assert "torch" not in sys.modules, loaded
+print("no torch")
+"""
+
+
+def test_a_mistyped_backbone_dataset_or_head_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    """`extract run --backbone sam2` answers in a fraction of a second: the names are checked before the models load."""
+    proc = subprocess.run([sys.executable, "-c", TYPOS], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "no torch", proc.stderr
+    errors = proc.stderr.strip().splitlines()
+    assert errors[0] == ("error: unknown backbone 'sam2'; choose one of: deit, dino, dinov2, resnet152, blip, openclip, sam, seem "
+                         "(see `extract backbones`)")
+    assert len(errors) == 6 and all(e.startswith("error: unknown ") for e in errors)
+
+
+def commands() -> list[tuple[str, str, object]]:
+    import typer.main
+
+    import cache.cli
+    import extract.cli
+    import finetune.cli
+    import probe.cli
+
+    return [(module.__name__.split(".")[0], name, command)
+            for module in (extract.cli, probe.cli, finetune.cli, cache.cli)
+            for name, command in typer.main.get_command(module.app).commands.items()]
+
+
+def test_every_option_of_every_command_shows_its_default_in_help(monkeypatch) -> None:
+    """Each option's help ends in `[default: ...]` (typer's show_default), never a `[default: ...]` written into the help
+    text, which the rich help renders as markup and drops."""
+    import typer
+
+    missing, in_text = [], []
+    for program, name, command in commands():
+        ctx = typer.Context(command, info_name=name)
+        for param in command.params:
+            if param.name == "help" or param.required or getattr(param, "hidden", False):
+                continue
+            shown = param.get_help_record(ctx)[1] if param.param_type_name == "option" else str(param.show_default)
+            if "default:" not in shown and not isinstance(param.show_default, str):
+                missing.append(f"{program} {name} {param.name}")
+            if "[default" in (getattr(param, "help", None) or ""):
+                in_text.append(f"{program} {name} {param.name}")
+    assert missing == [] and in_text == []
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = run_main(main, ["run", "--help"], monkeypatch)
+    assert code == 0 and "[default: (the backbone's, 224)]" in out and "[default: auto]" in out

@@ -1,29 +1,46 @@
-"""`probe report`: cells chosen by validation, gain over the deit linear baseline, CSV/Markdown/PNG written."""
+"""`probe report`: cells chosen by validation, one column per dataset identity, honest row marks, gain over the deit
+linear baseline, CSV/Markdown/PNG written."""
 
 from __future__ import annotations
+
+import math
 
 import pandas as pd
 import pytest
 
-from probe.report import AVERAGE, GAIN, make_report
-from probe.results import Ledger, RunRecord
+from probe.report import AVERAGE, GAIN, build_report, make_report, recipe_departures
+from probe.results import Ledger, RunRecord, dataset_identity
 
-METRIC = {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall"}
+METRIC = {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall", "csv": "accuracy"}
+
+
+def identity(dataset: str, size: int = 224, root: str | None = None, manifest: str = "m"):
+    return dataset_identity(dataset, root=root or f"/data/{dataset}", manifest_hash=manifest, options={}, image_size=size,
+                            channels=3, norm="model", interpolation="bicubic")
 
 
 def add(ledger: Ledger, backbone: str, head: str, dataset: str, test: float, val: float = 0.5, lr: float = 1e-4,
-        seed: int = 0, random: bool = False, freeze: str = "frozen", stage: str | None = None, head_random: bool = False) -> None:
+        seed: int = 0, random: bool = False, freeze: str = "frozen", stage: str | None = None, head_random: bool = False,
+        protocol: str | None = None, epochs: int = 100, late: bool = False, size: int = 224, root: str | None = None,
+        manifest: str = "m", metric: str | None = None, named: bool = True) -> RunRecord:
     stage = stage or ("probe" if freeze == "frozen" else "finetune")
-    ledger.add(RunRecord(
-        stage=stage, scenario=f"{freeze}-{head}", backbone=backbone, dataset=dataset, head=head, config={"lr": lr},
-        config_key=f"{stage}{backbone}{head}{dataset}{lr}{seed}{random}{freeze}{head_random}", cache_fingerprint="f", seed=seed,
-        primary_metric=METRIC[dataset], val_score=val, test_metrics={METRIC[dataset]: test}, test_primary=test,
-        backbone_random=random, head_random=head_random,
-    ))
+    metric = metric or METRIC[dataset]
+    config = {"lr": lr, "epochs": epochs, **({"protocol": protocol} if protocol else {})}
+    record = RunRecord(
+        stage=stage, scenario=f"{freeze}-{head}", backbone=backbone, dataset=dataset, head=head, config=config,
+        config_key=f"{stage}{backbone}{head}{dataset}{lr}{seed}{random}{freeze}{head_random}{protocol}{epochs}{size}{root}{manifest}{named}",
+        cache_fingerprint="f", seed=seed, primary_metric=metric, val_score=val, test_metrics={metric: test}, test_primary=test,
+        backbone_random=random, head_random=head_random, late_best=late,
+    )
+    if named:
+        record.with_identity(identity(dataset, size, root, manifest))
+    ledger.add(record)
+    return record
 
 
-def row(backbone: str, scenario: str, stage: str = "probe", random: bool = False, head_random: bool = False) -> tuple:
-    return (backbone, scenario, stage, random, head_random)
+def row(backbone: str, scenario: str, stage: str = "probe", random: bool = False, head_random: bool = False,
+        protocol: str = "medfm") -> tuple:
+    return (backbone, scenario, stage, random, head_random, protocol)
 
 
 @pytest.fixture
@@ -45,11 +62,22 @@ def test_report_selects_by_validation_and_computes_gain_over_deit_linear(ledger,
     table = report.table
     dinov2 = table.loc[row("dinov2", "frozen-linear")]
     assert dinov2["isic2019"] == pytest.approx(0.65)  # mean of the two seeds of the best-validation config
+    assert report.seeds.loc[row("dinov2", "frozen-linear"), "isic2019"] == 2
+    assert report.cell(row("dinov2", "frozen-linear"), "isic2019") == "0.6500 (n=2)"
     assert dinov2[AVERAGE] == pytest.approx((0.80 + 0.65) / 2)
     assert dinov2[GAIN] == pytest.approx(((0.80 - 0.75) / 0.75 + (0.65 - 0.50) / 0.50) / 2 * 100)
     assert table.loc[row("deit", "frozen-linear")][GAIN] == pytest.approx(0.0)
-    assert table.loc[row("sam", "frozen-deit")][GAIN] == pytest.approx(-20.0)
-    assert report.metrics == METRIC
+    assert report.metrics == {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall"}
+
+
+def test_a_row_that_lacks_a_dataset_is_marked_and_left_out_of_average_and_gain_unless_partial(ledger):
+    report = make_report(ledger)
+    sam = row("sam", "frozen-deit")
+    assert math.isnan(report.table.loc[sam, AVERAGE]) and math.isnan(report.table.loc[sam, GAIN])
+    assert report.rows[sam].label == "sam frozen-deit (1/2 datasets)" and not report.rows[sam].included
+    partial = make_report(ledger, partial=True)
+    assert partial.table.loc[sam, GAIN] == pytest.approx(-20.0) and partial.table.loc[sam, AVERAGE] == pytest.approx(0.60)
+    assert partial.rows[sam].label == "sam frozen-deit (1/2 datasets)"  # still marked
 
 
 def test_report_writes_csv_markdown_and_png_and_marks_random_weights(ledger, isolated_outputs):
@@ -57,10 +85,14 @@ def test_report_writes_csv_markdown_and_png_and_marks_random_weights(ledger, iso
     report = make_report(ledger, out=out)
     assert set(report.files) == {"csv", "markdown", "figure"}
     csv = pd.read_csv(report.files["csv"])
-    assert "sam frozen-linear (RANDOM backbone)" in set(csv["row"])
-    assert {"aptos2019", "isic2019", AVERAGE, GAIN} <= set(csv.columns)
+    assert "sam frozen-linear (RANDOM backbone, 1/2 datasets)" in set(csv["row"])
+    assert {"aptos2019 (quadratic_kappa)", "isic2019 (macro_recall)", "aptos2019 n", AVERAGE, GAIN, "recipe", "datasets",
+            "protocol", "late_best"} <= set(csv.columns)
+    dinov2 = csv[csv["row"] == "dinov2 frozen-linear"].iloc[0]
+    assert dinov2["isic2019 n"] == 2 and dinov2["recipe"] == "study" and dinov2["datasets"] == "2/2"
     markdown = report.files["markdown"].read_text()
     assert "aptos2019 (quadratic_kappa)" in markdown and "RANDOM backbone: features of an untrained backbone" in markdown
+    assert "0.6500 (n=2)" in markdown
     assert report.files["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -74,28 +106,142 @@ def test_partial_unfreezing_is_its_own_row_compared_with_deit_at_the_same_settin
     add(ledger, "deit", "linear", "aptos2019", 0.80, freeze="last2")
     add(ledger, "sam", "linear", "aptos2019", 0.88, freeze="last2")
     add(ledger, "sam", "linear", "aptos2019", 0.70, freeze="unfrozen")
-    table = make_report(ledger, out=isolated_outputs / "reports").table
+    report = make_report(ledger, out=isolated_outputs / "reports", partial=True)
+    table = report.table
     assert table.loc[row("sam", "last2-linear", "finetune")]["aptos2019"] == pytest.approx(0.88)
     assert table.loc[row("sam", "unfrozen-linear", "finetune")]["aptos2019"] == pytest.approx(0.70)  # not mixed with last2
     assert table.loc[row("sam", "last2-linear", "finetune")][GAIN] == pytest.approx(10.0)
     assert pd.isna(table.loc[row("sam", "unfrozen-linear", "finetune")][GAIN])  # no unfrozen deit baseline in this ledger
+    assert "extension" in report.rows[row("sam", "last2-linear", "finetune")].label  # the study did not unfreeze partly
 
 
 def test_a_frozen_scenario_trained_end_to_end_is_its_own_row_never_mixed_with_the_cached_probe(ledger, isolated_outputs):
     """finetune --freeze all and probe run are both frozen-linear, but different protocols: two rows, never one mean."""
     add(ledger, "dinov2", "linear", "aptos2019", 0.60, stage="finetune")
     add(ledger, "deit", "linear", "aptos2019", 0.50, stage="finetune")
-    report = make_report(ledger, out=isolated_outputs / "reports")
+    report = make_report(ledger, out=isolated_outputs / "reports", partial=True)
     table = report.table
     assert table.loc[row("dinov2", "frozen-linear")]["aptos2019"] == pytest.approx(0.80)
     assert table.loc[row("dinov2", "frozen-linear", "finetune")]["aptos2019"] == pytest.approx(0.60)
     # each row's gain is over the deit linear baseline of its own stage
     assert table.loc[row("dinov2", "frozen-linear", "finetune")][GAIN] == pytest.approx(20.0)
-    assert "dinov2 frozen-linear (end to end)" in set(pd.read_csv(report.files["csv"])["row"])
+    assert "dinov2 frozen-linear (end to end, 1/2 datasets)" in set(pd.read_csv(report.files["csv"])["row"])
 
 
 def test_a_random_deit_head_on_a_pretrained_backbone_says_so_and_not_that_the_backbone_is_random(ledger, isolated_outputs):
     add(ledger, "dinov2", "deit", "aptos2019", 0.70, head_random=True)
     report = make_report(ledger, out=isolated_outputs / "reports")
     assert report.table.loc[row("dinov2", "frozen-deit", head_random=True)]["aptos2019"] == pytest.approx(0.70)
-    assert "dinov2 frozen-deit (RANDOM head)" in set(pd.read_csv(report.files["csv"])["row"])
+    assert "dinov2 frozen-deit (RANDOM head, 1/2 datasets)" in set(pd.read_csv(report.files["csv"])["row"])
+
+
+def test_two_same_named_user_datasets_of_different_content_and_metrics_are_two_columns_headed_apart(isolated_outputs):
+    ledger = Ledger()
+    ward_a = add(ledger, "deit", "linear", "csv", 0.70, root="/data/ward-a", manifest="a", metric="accuracy")
+    ward_b = add(ledger, "deit", "linear", "csv", 0.90, root="/data/ward-b", manifest="b", metric="roc_auc")
+    add(ledger, "dinov2", "linear", "csv", 0.77, root="/data/ward-a", manifest="a", metric="accuracy")
+    add(ledger, "dinov2", "linear", "csv", 0.81, root="/data/ward-b", manifest="b", metric="roc_auc")
+    assert ward_a.dataset_label.startswith("csv:") and ward_a.dataset_label != ward_b.dataset_label
+    report = make_report(ledger, out=isolated_outputs / "reports")
+    assert report.metrics == {ward_a.dataset_label: "accuracy", ward_b.dataset_label: "roc_auc"}
+    dinov2 = report.table.loc[row("dinov2", "frozen-linear")]
+    assert dinov2[ward_a.dataset_label] == pytest.approx(0.77) and dinov2[ward_b.dataset_label] == pytest.approx(0.81)
+    assert dinov2[GAIN] == pytest.approx(((0.77 - 0.70) / 0.70 + (0.81 - 0.90) / 0.90) / 2 * 100)
+    csv = pd.read_csv(report.files["csv"])
+    assert {f"{ward_a.dataset_label} (accuracy)", f"{ward_b.dataset_label} (roc_auc)"} <= set(csv.columns)
+    named = make_report(ledger, names={ward_a.dataset_label: "ward-a", ward_b.dataset_id[:6]: "ward-b"})
+    assert named.metrics == {"ward-a": "accuracy", "ward-b": "roc_auc"}
+
+
+def test_one_benchmark_at_two_image_sizes_is_two_columns_named_by_size(isolated_outputs):
+    ledger = Ledger()
+    for size, scores in ((224, (0.70, 0.80)), (112, (0.60, 0.66))):
+        add(ledger, "deit", "linear", "aptos2019", scores[0], size=size)
+        add(ledger, "dinov2", "linear", "aptos2019", scores[1], size=size)
+    report = make_report(ledger)
+    assert report.metrics == {"aptos2019 (112 px)": "quadratic_kappa", "aptos2019 (224 px)": "quadratic_kappa"}
+    dinov2 = report.table.loc[row("dinov2", "frozen-linear")]
+    assert dinov2["aptos2019 (224 px)"] == pytest.approx(0.80) and dinov2["aptos2019 (112 px)"] == pytest.approx(0.66)
+    assert "112 px" in report.rows[row("dinov2", "frozen-linear")].recipe  # not the study's 224
+
+
+def test_rows_without_a_recorded_identity_get_a_column_of_their_own(isolated_outputs):
+    ledger = Ledger()
+    add(ledger, "deit", "linear", "aptos2019", 0.70, named=False)  # an older ledger's row: the dataset name alone
+    add(ledger, "deit", "linear", "aptos2019", 0.80)
+    assert set(make_report(ledger).metrics) == {"aptos2019", "aptos2019 (settings not recorded)"}
+
+
+def test_protocols_never_share_a_cell_and_each_row_of_the_studys_is_marked(ledger):
+    add(ledger, "dinov2", "linear", "aptos2019", 0.10, val=0.99, protocol="study")  # best on val: would win a shared cell
+    add(ledger, "dinov2", "linear", "isic2019", 0.20, protocol="study")
+    add(ledger, "deit", "linear", "aptos2019", 0.05, protocol="study")
+    add(ledger, "deit", "linear", "isic2019", 0.10, protocol="study")
+    report = make_report(ledger)
+    assert report.table.loc[row("dinov2", "frozen-linear"), "aptos2019"] == pytest.approx(0.80)
+    study = row("dinov2", "frozen-linear", protocol="study")
+    assert report.table.loc[study, "aptos2019"] == pytest.approx(0.10)
+    assert report.rows[study].label == "dinov2 frozen-linear (study protocol)"
+    assert report.table.loc[study, GAIN] == pytest.approx(((0.10 - 0.05) / 0.05 + (0.20 - 0.10) / 0.10) / 2 * 100)  # its own baseline
+
+
+def test_deit_heads_on_imagenet_backbones_are_extensions_and_foundation_models_are_not(isolated_outputs):
+    ledger = Ledger()
+    for backbone in ("deit", "dino", "resnet152", "dinov2", "mybackbone"):
+        add(ledger, backbone, "deit", "aptos2019", 0.5)
+    rows = make_report(ledger).rows
+    flagged = {key[0] for key, info in rows.items() if info.extension}
+    assert flagged == {"deit", "dino", "resnet152", "mybackbone"}
+    assert rows[row("deit", "frozen-deit")].label == "deit frozen-deit (extension)"
+
+
+def test_off_recipe_runs_are_marked_and_their_recipe_written_in_the_csv(ledger, isolated_outputs):
+    add(ledger, "openclip", "linear", "aptos2019", 0.7, epochs=30, size=112)
+    add(ledger, "openclip", "linear", "isic2019", 0.6, epochs=30, size=112)
+    report = make_report(ledger, out=isolated_outputs / "reports")
+    key = row("openclip", "frozen-linear")
+    assert report.rows[key].label == "openclip frozen-linear (off-recipe, 2/4 datasets)"
+    csv = pd.read_csv(report.files["csv"])
+    assert csv[csv["row"] == report.rows[key].label].iloc[0]["recipe"] == "epochs 30; 112 px"
+    assert "openclip frozen-linear: epochs 30, 112 px" in report.files["markdown"].read_text()
+
+
+def test_recipe_departures_name_each_setting_that_differs_from_the_studys():
+    record = RunRecord(stage="probe", scenario="frozen-deit", backbone="sam", dataset="demo", head="deit",
+                       config={"epochs": 100, "lr": 1e-3, "weight_decay": 1e-5, "batch_size": 32, "head_depth": 1,
+                               "head_preset": "deit-t", "grad_clip": 1.0, "warmup_steps": None, "patience": None},
+                       config_key="k", cache_fingerprint=None, seed=0, primary_metric="accuracy", val_score=0.5,
+                       test_metrics={}, test_primary=0.5, backbone_random=False)
+    assert recipe_departures(record) == ["lr 0.001", "batch 32", "head depth 1", "head deit-t"]
+
+
+def test_seeds_are_counted_per_cell_and_a_forced_rerun_is_not_another_seed(isolated_outputs):
+    ledger = Ledger()
+    for seed in (0, 1, 2):
+        add(ledger, "deit", "linear", "aptos2019", 0.7 + seed / 100, seed=seed)
+    add(ledger, "deit", "linear", "aptos2019", 0.72)  # seed 0 again (`--force`): replaces its earlier row
+    report = build_report(ledger.rows())
+    assert report.seeds.loc[row("deit", "frozen-linear"), "aptos2019"] == 3
+    assert report.table.loc[row("deit", "frozen-linear"), "aptos2019"] == pytest.approx((0.72 + 0.71 + 0.72) / 3)
+    assert report.cell(row("deit", "frozen-linear"), "aptos2019") == "0.7167 (n=3)"
+
+
+def test_a_run_whose_best_epoch_came_last_is_flagged_in_the_cell_csv_and_notes(ledger, isolated_outputs):
+    add(ledger, "dinov2", "linear", "aptos2019", 0.85, val=0.9, lr=3e-4, late=True)
+    report = make_report(ledger, out=isolated_outputs / "reports")
+    key = row("dinov2", "frozen-linear")
+    assert report.cell(key, "aptos2019") == "0.8500 (n=1, late)" and report.rows[key].late == ["aptos2019"]
+    csv = pd.read_csv(report.files["csv"])
+    assert csv[csv["row"] == report.rows[key].label].iloc[0]["late_best"] == "aptos2019"
+    assert "raise --epochs" in report.files["markdown"].read_text()
+
+
+def test_the_figure_labels_the_baseline_and_each_bar_and_explains_an_empty_plot(ledger, isolated_outputs):
+    report = make_report(ledger, out=isolated_outputs / "reports")
+    assert "0.00 (baseline)" in report.figure_texts
+    assert f"{report.table.loc[row('dinov2', 'frozen-linear'), GAIN]:+.2f}" in report.figure_texts
+    lonely = Ledger(isolated_outputs / "other.sqlite")
+    add(lonely, "sam", "linear", "aptos2019", 0.5)
+    empty = make_report(lonely, out=isolated_outputs / "empty")
+    assert empty.figure_texts == ["No gain to show: no deit linear run to compare with; train one (`probe run --backbone deit`)."]
+    assert empty.files["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -89,3 +89,62 @@ def test_a_corrupt_ledger_is_one_clear_error(tmp_path):
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(MedfmError, match="cannot read the results ledger"):
         Ledger(path)
+
+
+def test_a_ledger_without_the_dataset_identity_columns_gets_them_with_defaults_for_its_rows(tmp_path):
+    """A ledger of the previous release (two random flags, no dataset identity or late flag) opens, and its rows read
+    with the dataset name alone as their identity."""
+    import sqlite3
+
+    from probe.results import unrecorded_identity
+
+    path = tmp_path / "results.sqlite"
+    text = ", ".join(f"{c} TEXT" for c in ("stage", "scenario", "backbone", "dataset", "head", "config", "config_key", "cache_fingerprint",
+                                          "primary_metric", "test_metrics", "code_version", "run_dir", "created"))
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, {text}, seed INTEGER, val_score REAL, test_primary REAL, "
+                   "backbone_random INTEGER NOT NULL, head_random INTEGER NOT NULL, train_seconds REAL, total_seconds REAL)")
+        db.execute("INSERT INTO runs (stage, scenario, backbone, dataset, head, config, config_key, seed, primary_metric, "
+                   "test_metrics, backbone_random, head_random, created) VALUES ('probe', 'frozen-linear', 'deit', 'aptos2019', "
+                   "'linear', '{}', 'old', 0, 'accuracy', '{}', 0, 0, 'x')")
+    ledger = Ledger(path)
+    (row,) = ledger.rows()
+    assert (row.dataset_id, row.dataset_label, row.dataset_inputs, row.late_best) == (
+        unrecorded_identity("aptos2019").id, "aptos2019", {}, False)
+    ledger.add(record("new", late_best=True))
+    assert [r.late_best for r in Ledger(path).rows()] == [False, True]
+
+
+def test_dataset_identity_tells_apart_content_and_inputs_and_tags_own_data():
+    from probe.results import dataset_identity
+
+    def ident(name="aptos2019", **kw):
+        base = dict(root="/data/a", manifest_hash="m", options={}, image_size=224, channels=3, norm="model", interpolation="bicubic")
+        return dataset_identity(name, **{**base, **kw})
+
+    same = ident()
+    assert same == ident() and same.label == "aptos2019" and len(same.id) == 12
+    others = [ident(root="/data/b"), ident(manifest_hash="n"), ident(options={"policy": "ones"}), ident(image_size=112),
+              ident(channels=1), ident(norm="study"), ident(interpolation="bilinear")]
+    assert len({same.id, *(o.id for o in others)}) == 8
+    a, b = ident("csv", root="/data/a"), ident("csv", root="/data/b")
+    assert a.label.startswith("csv:") and len(a.label) == 8 and a.label != b.label
+    assert ident("csv", root="/data/a", image_size=112).label == a.label  # the tag names the images, not the inputs
+
+
+def test_late_best_is_a_best_epoch_in_the_last_tenth():
+    from probe.results import late_best
+
+    assert [late_best(b, 100) for b in (90, 91, 100)] == [False, True, True]
+    assert [late_best(b, 30) for b in (27, 28)] == [False, True]
+    assert late_best(1, 1) and late_best(5, 5) and not late_best(4, 5)
+
+
+def test_the_best_configuration_is_the_best_mean_validation_over_its_seeds_not_the_best_single_run():
+    from probe.results import best_configuration
+
+    lucky = [record(f"a{s}", config={"lr": 1e-3}, seed=s, val_score=v) for s, v in enumerate((0.95, 0.40, 0.45))]  # mean 0.60
+    steady = [record(f"b{s}", config={"lr": 1e-4}, seed=s, val_score=v) for s, v in enumerate((0.70, 0.72, 0.68))]  # mean 0.70
+    undefined = [record("c", config={"lr": 1e-2}, val_score=float("nan"))]
+    assert best_configuration(lucky + steady + undefined) == steady
+    assert best_configuration(undefined) == undefined and best_configuration([]) == []

@@ -1,0 +1,35 @@
+"""The names in the backbone and dataset registries, known without building or importing anything heavy.
+
+The command lines check `--backbone` and `--dataset` against these before torch is imported, so a typo
+(`extract run --backbone sam2`) is one line in a fraction of a second. `tests/extract/test_cli.py` checks that
+they equal the registries (`extract.backbones`, `extract.datasets`); a new entry goes in both.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from common.errors import MedfmError
+
+BACKBONES = ("deit", "dino", "dinov2", "resnet152", "blip", "openclip", "sam", "seem")
+DATASETS = ("aptos2019", "chexpert", "ddsm", "cbis-ddsm", "demo", "imagefolder", "csv", "isic2019", "medmnist")
+
+
+def check_backbone(name: str) -> None:
+    """An unknown backbone is the registry's own error (`extract.backbones.get_spec`), said without loading it."""
+    names = _loaded("extract.backbones", "list_backbones") or BACKBONES
+    if name not in names:
+        raise MedfmError(f"unknown backbone '{name}'; choose one of: {', '.join(names)} (see `extract backbones`)")
+
+
+def check_dataset(name: str) -> None:
+    """An unknown dataset is the registry's own error (`extract.datasets.get_dataset`), said without loading it."""
+    names = _loaded("extract.datasets", "list_datasets") or DATASETS
+    if name not in names:
+        raise MedfmError(f"unknown dataset '{name}'; choose one of: {', '.join(names)} (see `extract datasets`)")
+
+
+def _loaded(module: str, listing: str) -> tuple[str, ...]:
+    """The names of a registry already imported in this process (entries registered at run time included), else ()."""
+    registry = sys.modules.get(module)
+    return tuple(entry.name for entry in getattr(registry, listing)()) if registry is not None else ()
