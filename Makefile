@@ -18,6 +18,8 @@ STUDY_BACKBONES ?= deit dino resnet152 sam seem dinov2 openclip blip
 STUDY_DATASETS  ?= aptos2019 isic2019 ddsm chexpert
 DATA            ?= data
 PAPER_OUTPUT    ?= outputs/paper
+PROTOCOL        ?= study
+PAPER_EPOCHS    ?= 100
 EXTRACT_ARGS    ?=
 PROBE_ARGS      ?=
 FINETUNE_ARGS   ?=
@@ -67,18 +69,33 @@ report: $(PY)
 
 # The whole study (docs/protocol.md): every backbone x dataset in the four scenarios (frozen/unfrozen x
 # linear/DeiT head) with its inputs (224 px, bilinear resize, the study's normalisation constants, grayscale DDSM and
-# CheXpert as one channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR; results in outputs/paper. Rerunning
-# continues where it stopped: finished caches and runs are reused and an interrupted finetune resumes.
+# CheXpert as one channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR; results in outputs/paper.
+# PROTOCOL=study (default) runs every cell as the official code did (--protocol study): frozen linear heads on
+# PAPER_EPOCHS augmented views of the train split (one view per epoch, as the study's frozen backbone sees a fresh
+# augmentation each epoch), frozen DeiT heads end to end on live augmented images (token views would take
+# PAPER_EPOCHS x the disk). PROTOCOL=fast trains the frozen cells on one cached eval view: far cheaper, not the study's.
+# Rerunning continues where it stopped: finished caches and runs are reused and an interrupted finetune resumes.
 # EXTRACT_ARGS, PROBE_ARGS and FINETUNE_ARGS reach each stage, e.g. FINETUNE_ARGS="--device cuda:1".
 paper: $(PY)
-	@export MEDFM_OUTPUT=$(PAPER_OUTPUT); for d in $(STUDY_DATASETS); do \
+	@case "$(PROTOCOL)" in study|fast) ;; *) echo "error: PROTOCOL must be study or fast, got '$(PROTOCOL)'" >&2; exit 2;; esac; \
+	export MEDFM_OUTPUT=$(PAPER_OUTPUT); for d in $(STUDY_DATASETS); do \
 	  inputs="--norm study --interpolation bilinear"; case $$d in ddsm|chexpert) inputs="$$inputs --in-chans 1";; esac; \
 	  for b in $(STUDY_BACKBONES); do \
-	    $(BIN)/extract run --backbone $$b --dataset $$d --root $(DATA)/$$d $$inputs $(EXTRACT_ARGS) || exit 1; \
-	    for h in linear deit; do \
-	      $(BIN)/probe run --head $$h --backbone $$b --dataset $$d $(PROBE_ARGS) || exit 1; \
-	      $(BIN)/finetune run --head $$h --backbone $$b --dataset $$d --root $(DATA)/$$d $$inputs --resume $(FINETUNE_ARGS) || exit 1; \
-	    done; \
+	    run="--backbone $$b --dataset $$d"; live="$$run --root $(DATA)/$$d $$inputs"; \
+	    if [ "$(PROTOCOL)" = study ]; then \
+	      $(BIN)/extract run $$live --protocol study --views $(PAPER_EPOCHS) --augment study --no-tokens $(EXTRACT_ARGS) || exit 1; \
+	      $(BIN)/probe run --head linear $$run --protocol study --epochs $(PAPER_EPOCHS) $(PROBE_ARGS) || exit 1; \
+	      $(BIN)/finetune run --head deit --freeze all $$live --protocol study --epochs $(PAPER_EPOCHS) --resume $(FINETUNE_ARGS) || exit 1; \
+	      for h in linear deit; do \
+	        $(BIN)/finetune run --head $$h $$live --protocol study --epochs $(PAPER_EPOCHS) --resume $(FINETUNE_ARGS) || exit 1; \
+	      done; \
+	    else \
+	      $(BIN)/extract run $$live $(EXTRACT_ARGS) || exit 1; \
+	      for h in linear deit; do \
+	        $(BIN)/probe run --head $$h $$run --epochs $(PAPER_EPOCHS) $(PROBE_ARGS) || exit 1; \
+	        $(BIN)/finetune run --head $$h $$live --epochs $(PAPER_EPOCHS) --resume $(FINETUNE_ARGS) || exit 1; \
+	      done; \
+	    fi; \
 	  done; \
 	done; \
 	$(BIN)/probe report

@@ -27,6 +27,12 @@ METRICS: dict[str, tuple[str, ...]] = {
     "multilabel": ("mean_roc_auc",),
 }
 FEATURE_KINDS = ("pooled", "tokens")  # pooled [N, D] feeds a linear head; tokens [N, T, D] a DeiT head
+VIEW_PREFIX = "train+view"  # group of augmented train view v: `train+view<v>`; `train` itself is the eval view
+
+
+def view_group(view: int) -> str:
+    """The cache group holding augmented train view `view` (0-based): same ids and labels as `train`, its own features."""
+    return f"{VIEW_PREFIX}{view}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,8 @@ class CacheMeta:
     transform: dict[str, Any] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()  # ids of unreadable images left out (--skip-bad)
     created: str = ""
+    views: int = 0  # augmented train views stored beside the eval view (`view_group`); 0: none
+    augment: str = "none"  # the augmentation the views were drawn with (extract.transforms.AUGMENTS)
 
     def __post_init__(self) -> None:
         if not self.layers or max(self.layers) != self.num_layers - 1 or min(self.layers) < 0:
@@ -158,6 +166,8 @@ class CacheMeta:
                 transform=data.get("transform", {}),
                 skipped=tuple(data.get("skipped", ())),
                 created=data.get("created", ""),
+                views=int(data.get("views", 0)),
+                augment=data.get("augment", "none"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise MedfmError(f"{where} lacks the backbone, dataset, task or layer description a reader needs "

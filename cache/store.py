@@ -10,6 +10,9 @@ Layout of one file::
     /<split>/<feature>   [N, ...] e.g. pooled [N, D] float32, tokens [N, T, D] float16,
                          pooled@4 / tokens@4 for extra layers; chunked along N
     /<split>/crc32/<feature>  [N] uint32, the CRC-32 of each stored row, computed as the row is written
+    /train+view<v>/...   augmented train view v (`extract --views K`): the same ids and labels as train, its
+                         own features, rows mark and checksums, so each view resumes on its own and reading
+                         one view is a contiguous slice
     /<split>             attrs: rows (rows written so far), n (rows planned), crc32_ids, crc32_labels, crc32_valid
     /                    attrs: meta_sha256 (the meta as written), fingerprint = sha256 of meta.settings
 
@@ -45,7 +48,7 @@ import h5py
 import numpy as np
 
 from cache.fingerprint import fingerprint as settings_fingerprint
-from cache.schema import CacheMeta, Task
+from cache.schema import VIEW_PREFIX, CacheMeta, Task
 from common.errors import MedfmError
 from common.locks import FileLock, acquire, holder
 
@@ -326,7 +329,7 @@ class CacheReader:
                              f"remove it with `cache rm {path}` and extract again")
         if settings_fingerprint(json.loads(text).get("settings", {})) != attrs.get("fingerprint"):
             raise MedfmError(f"cache {path}: its settings do not hash to its fingerprint; remove it with `cache rm {path}` and extract again")
-        for split in [s for s in SPLITS if s in self._file]:
+        for split in groups(self._file):
             group = self._file[split]
             arrays = [k for k in group if k not in _NOT_FEATURES]
             if "crc32" not in group or any(name not in group["crc32"] for name in arrays):
@@ -346,6 +349,11 @@ class CacheReader:
     @property
     def splits(self) -> list[str]:
         return [s for s in SPLITS if s in self._file]
+
+    @property
+    def groups(self) -> list[str]:
+        """The splits, then the augmented train views (`cache.schema.view_group`)."""
+        return groups(self._file)
 
     def feature_names(self, split: str = "train") -> list[str]:
         return [k for k in self._file[split] if k not in _NOT_FEATURES]
@@ -440,6 +448,14 @@ class CacheReader:
 
 
 _NOT_FEATURES = ("ids", "labels", "valid", "crc32")
+
+
+def groups(file: h5py.File) -> list[str]:
+    """The split groups of a file in order: train, val, test, then the augmented train views by index."""
+    views = sorted((k for k in file if k.startswith(VIEW_PREFIX)), key=lambda k: int(k[len(VIEW_PREFIX):]))
+    return [s for s in SPLITS if s in file] + views
+
+
 CACHE_FILE = re.compile(r".+\.h5(?P<shard>\.shard\d+of\d+)?(\.partial)?")  # a cache, its shards, partial or complete
 
 
@@ -468,7 +484,7 @@ def join_shards(shards: Sequence[Path], path: Path, meta: CacheMeta, plan: dict[
                 if part.fingerprint != fingerprint:
                     raise MedfmError(f"{shard} belongs to other extraction settings; remove it with `cache rm {shard}` and rerun")
                 skipped += part.meta.skipped
-                for split in part.splits:
+                for split in part.groups:
                     names = part.feature_names(split)
                     n, valid = len(part.dataset(split, names[0])), part.valid(split)
                     step = min(chunk_rows(part.dataset(split, name).shape[1:], str(part.dataset(split, name).dtype), max(n, 1)) for name in names)
@@ -490,7 +506,7 @@ def describe(path: Path) -> dict[str, Any]:
     """A summary of any cache file, complete or partial, for `cache ls` and `cache info`."""
     with h5py.File(path, "r") as file:
         meta = json.loads(file.attrs.get("meta", "{}"))
-        rows = {s: (int(file[s].attrs["rows"]), int(file[s].attrs["n"])) for s in SPLITS if s in file}
+        rows = {s: (int(file[s].attrs["rows"]), int(file[s].attrs["n"])) for s in groups(file)}
         features = {}
         for s in SPLITS:
             if s in file:
@@ -526,7 +542,7 @@ def verify(path: Path) -> list[str]:
             problems.append("meta: changed after extraction (checksum mismatch)")
         elif settings_fingerprint(json.loads(text).get("settings", {})) != file.attrs.get("fingerprint"):
             problems.append("fingerprint: does not match the settings in the meta")
-        for split in [s for s in SPLITS if s in file]:
+        for split in groups(file):
             problems += _verify_split(split, file[split])
     return problems
 

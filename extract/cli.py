@@ -12,6 +12,7 @@ from rich.table import Table
 from common.cli import dataset_options, run_cli
 from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
+from extract.names import check_backbone, check_dataset
 
 app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -44,33 +45,42 @@ def parse_batch_size(text: str) -> int | str:
 def run(
     backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
     dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
-    root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.")] = None,
+    root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.", show_default="none (demo needs none)")] = None,
     weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
-    out: Annotated[Path | None, typer.Option(help="Cache folder [default: $MEDFM_OUTPUT/features].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Cache folder.", show_default="$MEDFM_OUTPUT/features")] = None,
     batch_size: Annotated[str, typer.Option(help="Images per forward pass, or auto (the largest that fits on CUDA, up to 256; 16 on the CPU).")] = "auto",
     tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store patch tokens (for DeiT heads).")] = True,
     token_dtype: Annotated[str, typer.Option(help="float16 | float32.")] = "float16",
     layers: Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")] = "-1",
-    image_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's, 224].")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size.", show_default="the backbone's, 224")] = None,
     in_chans: Annotated[int, typer.Option(help="3 (grayscale replicated to RGB) | 1 (first conv from the R-channel kernel, the study's).")] = 3,
     norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (computed from the train split) | study (the study's fixed per-dataset constants).")] = "model",
     interpolation: Annotated[str, typer.Option(help="Resize mode: model (the backbone's, mostly bicubic) | bilinear (the study's) | bicubic.")] = "model",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers [default: cores - 1 (at most 12) with a GPU; on the CPU none up to 4 cores, else a quarter].")] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).")] = False,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.", show_default="cores - 1, at most 12, with a GPU; on the CPU none up to 4 cores, else a quarter")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).", show_default="off")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
-    split_seed: Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
-    opt: Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="Reproduce a saved split (<cache>.splits.json).")] = None,
+    views: Annotated[int, typer.Option(help="Augmented views of the train split stored beside its eval view, each a seeded draw "
+                                            "of --augment; a probe then trains epoch e on view (e-1) mod K (the study's frozen protocol).")] = 0,
+    augment: Annotated[str, typer.Option(help="The augmentation of the views: none | study (the study's train transform).")] = "none",
+    augment_seed: Annotated[int, typer.Option(help="Seed of the views' draws (finetune draws epoch v from its --seed alike).")] = 0,
+    protocol: Annotated[str, typer.Option(help="medfm | study: the official code's backbone rules where they differ from ours "
+                                               "(docs/protocol.md §7); study needs the study's inputs (--norm study --interpolation bilinear).")] = "medfm",
+    split_seed: Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.", show_default="the dataset's own (see `extract datasets`)")] = None,
+    opt: Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).", show_default="none")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Reproduce a saved split (<cache>.splits.json).", show_default="the dataset's own split")] = None,
 ) -> None:
     """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
+    check_backbone(backbone)  # a typo is one line before torch and the models load
+    check_dataset(dataset)
     from extract.runner import ExtractConfig, extract  # torch and the models: imported for a run, not for --help
 
     cfg = ExtractConfig(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or output_root() / "features",
         batch_size=parse_batch_size(batch_size), tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
         image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest,
+        views=views, augment=augment, augment_seed=augment_seed, protocol=protocol,
         dataset_options=dataset_options(opt, split_seed),
     )
     result = extract(cfg)

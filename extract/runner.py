@@ -27,8 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from cache.fingerprint import fingerprint, manifest_hash
-from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, feature_key
-from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, shard_path
+from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, feature_key, view_group
+from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, planned_bytes, shard_path
 from common.errors import MedfmError
 from common.runtime import loader_workers, output_root, rank_device, resolve_device, torchrun_launch
 from extract.backbones import Backbone, Features, create_backbone, get_spec
@@ -39,7 +39,16 @@ from extract.datasets.decode import DECODER_VERSION
 from extract.datasets.images import ImageDataset
 from extract.datasets.splits import read_manifest
 from extract.input_checks import check_image_size
-from extract.transforms import TransformSpec, check_input_settings, eval_transform, input_spec
+from extract.transforms import (
+    TransformSpec,
+    check_input_settings,
+    check_study_inputs,
+    check_views,
+    eval_transform,
+    input_spec,
+    train_transform,
+    view_seed,
+)
 
 TOKEN_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -68,6 +77,10 @@ class ExtractConfig:
     workers: int | None = None
     compile: bool = False  # torch.compile the backbone: slower start, faster steady state on long runs
     skip_bad: bool = False
+    views: int = 0  # augmented train views stored beside the eval view (docs/protocol.md §4): the study's frozen protocol
+    augment: str = "none"  # the augmentation the views are drawn with: none | study
+    augment_seed: int = 0  # image i of view v is drawn from view_seed(augment_seed, v, id); finetune's epoch v from its --seed
+    protocol: str = "medfm"  # medfm | study: the official code's backbone rules where they differ (docs/protocol.md §7)
     manifest: Path | None = None  # a saved <cache>.splits.json: reproduce that split instead of the dataset's own
     dataset_options: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # backbone constructor overrides (tests, tiny models)
@@ -170,6 +183,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         raise MedfmError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {cfg.token_dtype}")
     if cfg.workers is not None and cfg.workers < 0:
         raise MedfmError(f"--workers must be 0 (decode in the main process) or more, got {cfg.workers}")
+    check_views(cfg.views, cfg.augment)
     device = rank_device(resolve_device(cfg.device), launch)
     amp = autocast_dtype(cfg.precision, device)
 
@@ -178,8 +192,10 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     if cfg.manifest is not None:
         source = source.with_manifest(read_manifest(cfg.manifest))
+    check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)
     weights = resolve_weights(spec, cfg.weights, warn=console.print)
-    model = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
+    model = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, protocol=cfg.protocol,
+                            **cfg.overrides)
     check_image_size(model, cfg.backbone)
     model = model.to(device).eval()
     wanted = range(model.num_layers) if cfg.layers is None else model.resolve_layers(cfg.layers)
@@ -201,6 +217,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         "tokens": cfg.tokens,
         "token_dtype": cfg.token_dtype,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "views": {"count": cfg.views, "augment": cfg.augment, "seed": cfg.augment_seed} if cfg.views else None,
+        "protocol": cfg.protocol,
     }
     fp = fingerprint(settings)
     path = cache_path(cfg.out, cfg.backbone, source.name, fp)
@@ -219,9 +237,14 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         backbone=BackboneInfo(cfg.backbone, spec.study_row, weights.random, weights.identity),
         dataset=DatasetInfo(source.name, source.options, settings["manifest_hash"]),
         task=source.task, layers=tuple(layers), num_layers=model.num_layers, settings=settings,
-        transform=tspec.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        transform=tspec.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S"), views=cfg.views, augment=cfg.augment,
     )
-    # this process's part: the whole cache, or under torchrun its shard (a contiguous block of every split)
+    # every group the cache holds: the splits, then each augmented train view (same images, its own draws)
+    views = {view_group(v): v for v in range(cfg.views)}
+    if views and "train" not in source.splits:
+        raise MedfmError(f"--views needs a train split; {source.name} has {', '.join(source.splits)}")
+    source = replace(source, splits={**source.splits, **dict.fromkeys(views, source.splits.get("train"))})
+    # this process's part: the whole cache, or under torchrun its shard (a contiguous block of every group)
     part, target = source, path
     if launch.size > 1:
         part, target = source_block(source, launch.rank, launch.size), shard_path(path, launch.rank, launch.size)
@@ -237,10 +260,12 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         if resuming and any(done.values()):
             console.print(f"resuming {partial_path(target).name}: " + ", ".join(f"{s} {done[s]}/{writer.planned(s)}" for s in part_plan))
         else:
-            console.print(f"extracting {cfg.backbone} features of {source.name} -> {path}"
-                          + (f" ({launch.size} processes, one shard each)" if launch.size > 1 else ""))
+            console.print(f"extracting {cfg.backbone} features of {source.name} -> {path} "
+                          f"({planned_bytes(split_plans(source, features)) / 2**30:.2f} GiB"
+                          + (f", {cfg.views} augmented train views" if views else "")
+                          + (f"; {launch.size} processes, one shard each)" if launch.size > 1 else ")"))
         try:
-            skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console)
+            skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views)
             if skipped:
                 writer.add_skipped(skipped)
             writer.finalize()
@@ -253,7 +278,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
             join_shards(shards, path, meta, split_plans(source, features))
         console.print(f"[green]cache complete[/] {path}")
     written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
-    return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items()}, rate, weights.random, extracted)
+    return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items() if s not in views}, rate, weights.random, extracted)
 
 
 def split_plans(source: DatasetSource, features: dict[str, FeatureSpec]) -> dict[str, SplitPlan]:
@@ -269,6 +294,17 @@ def source_block(source: DatasetSource, rank: int, size: int) -> DatasetSource:
     return replace(source, splits=blocks)
 
 
+def group_images(source: DatasetSource, group: str, tspec: TransformSpec, view: int | None, seed: int) -> ImageDataset:
+    """The images of one cache group: a split under the eval transform, or augmented train view `view`, image i
+    drawn from `view_seed(seed, view, id_i)` whichever process, shard or worker decodes it."""
+    shape = (tspec.channels, tspec.size, tspec.size)
+    if view is None:
+        return ImageDataset(source, group, eval_transform(tspec), shape)
+    images = ImageDataset(source, group, train_transform(tspec), shape)
+    images.draw([view_seed(seed, view, i) for i in images.ids])
+    return images
+
+
 def wait_for(shards: list[Path], console: Console, poll_s: float = 2.0) -> None:
     """Until every shard file is complete. torchrun stops all processes when one fails, so this ends."""
     missing = [s for s in shards if not s.exists()]
@@ -280,7 +316,7 @@ def wait_for(shards: list[Path], console: Console, poll_s: float = 2.0) -> None:
 
 def _extract_splits(
     model: Backbone, source: DatasetSource, tspec: TransformSpec, writer: CacheWriter, cfg: ExtractConfig,
-    layers: list[int], device: torch.device, amp: torch.dtype | None, console: Console,
+    layers: list[int], device: torch.device, amp: torch.dtype | None, console: Console, views: dict[str, int],
 ) -> tuple[list[str], float | None, int]:
     """Stream every split's remaining rows through the model into the writer thread.
 
@@ -296,9 +332,9 @@ def _extract_splits(
     batch_size = forward.auto_batch_size(shape) if cfg.batch_size == "auto" else int(cfg.batch_size)
     if cfg.compile:
         forward.compile()
-    transform = eval_transform(tspec)
     data = torch.utils.data.ConcatDataset(
-        [torch.utils.data.Subset(ImageDataset(source, name, transform, shape), range(start, stop)) for name, start, stop in segments]
+        [torch.utils.data.Subset(group_images(source, name, tspec, views.get(name), cfg.augment_seed), range(start, stop))
+         for name, start, stop in segments]
     )
     batches: list[list[int]] = []  # indices into `data`; a batch never straddles two splits
     firsts: list[tuple[str, int]] = []  # (split, first row) of each batch

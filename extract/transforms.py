@@ -8,6 +8,7 @@ the backbone was rebuilt for one channel.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +28,40 @@ CROP_FRACTION = 0.875  # 224 / 256, the study's resize-then-crop ratio
 NORMS = ("model", "dataset", "study")
 INTERPOLATIONS = ("model", "bilinear", "bicubic")  # model: the backbone's own; the study resized bilinearly
 NORM_IMAGES = 500  # train images (evenly spaced) behind --norm dataset; the count enters the fingerprint
+AUGMENTS = ("none", "study")  # study: `train_transform`, the study's train augmentation
+
+
+def check_views(views: int, augment: str) -> None:
+    """`--views K --augment KIND`: K augmented train views need an augmentation to draw them with."""
+    if augment not in AUGMENTS:
+        raise MedfmError(f"--augment must be one of {', '.join(AUGMENTS)}, got {augment}")
+    if views < 0:
+        raise MedfmError(f"--views must be 0 (the eval view only) or a positive number of augmented views, got {views}")
+    if views and augment == "none":
+        raise MedfmError(f"--views {views} needs --augment study: views drawn without augmentation would all be the eval view")
+
+
+def check_study_inputs(protocol: str, source: DatasetSource, norm: str, interpolation: str, in_chans: int) -> None:
+    """`--protocol study` runs on the study's inputs (docs/protocol.md §3), asked for explicitly rather than implied."""
+    if protocol != "study":
+        return
+    wanted = {"--norm study": norm == "study", "--interpolation bilinear": interpolation == "bilinear",
+              "--in-chans 1": in_chans == 1 or not source.grayscale}
+    missing = [flag for flag, ok in wanted.items() if not ok]
+    if missing:
+        raise MedfmError(f"--protocol study runs on the study's inputs: add {' '.join(missing)} "
+                         f"(the study fed {source.name} {'as one channel, ' if source.grayscale else ''}normalised with its own constants, "
+                         "resized bilinearly)")
+
+
+def view_seed(seed: int, view: int, image_id: str) -> int:
+    """The seed of one augmented draw, a function of the augmentation seed, the view and the image id alone.
+
+    extract's view v and finetune's epoch v draw image i from the same seed, so a head trained on cached views
+    sees what the same head trained online sees; a resumed, sharded or multi-worker run draws the same images.
+    """
+    digest = hashlib.sha256(f"{seed}:{view}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from rich.console import Console
 
 from common.cli import dataset_options, parse_overrides, run_cli
 from common.runtime import output_root, torchrun_launch
+from extract.names import check_backbone, check_dataset
+from probe.names import check_head
 from probe.recipe import STUDY
 
 app = typer.Typer(help="Train a backbone and a head end to end (the study's unfrozen scenarios).", no_args_is_help=True,
@@ -31,21 +33,24 @@ def run(
     dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
     head: Annotated[str, typer.Option(help="linear (on the pooled feature) | deit (DeiT blocks on the tokens).")] = "linear",
     freeze: Annotated[str, typer.Option(help="none (all trains) | all (head only) | last-K (head + last K blocks).")] = "none",
-    root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.")] = None,
+    root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.", show_default="none (demo needs none)")] = None,
     weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
     epochs: Annotated[int, typer.Option(help="Training epochs (the study's).")] = STUDY.epochs,
     batch_size: Annotated[int, typer.Option(help="Global batch size, split across DDP processes (the study's).")] = STUDY.batch_size,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = STUDY.lr,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (none on biases and norms).")] = STUDY.weight_decay,
-    warmup_steps: Annotated[int | None, typer.Option(help=f"Linear warmup steps [default: the study's, {STUDY.warmup_epochs} epochs "
-                                                          f"but at most {STUDY.warmup_max_steps} steps].")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.", show_default=(
+        f"the study's, {STUDY.warmup_epochs} epochs but at most {STUDY.warmup_max_steps} steps"))] = None,
     grad_clip: Annotated[float, typer.Option(help="Gradient norm clipping.")] = STUDY.grad_clip,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision for training and validation (bf16, or fp16 with a "
-                                                                     "loss scaler where the GPU lacks bf16); test in fp32 [default: on for CUDA].")] = None,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="The study's train augmentation.")] = True,
-    patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a better val score [default: never].")] = None,
+                                                                     "loss scaler where the GPU lacks bf16); test in fp32.", show_default="on for CUDA")] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="The study's train augmentation, image i of epoch e drawn "
+                                                                        "from (--seed, e, its id): the draws of extract's view e.")] = True,
+    protocol: Annotated[str, typer.Option(help="medfm | study: the official code's rules where they differ from ours (docs/protocol.md §7); "
+                                               "study needs the study's inputs (--norm study --interpolation bilinear).")] = "medfm",
+    patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a better val score.", show_default="never")] = None,
     resume: Annotated[bool, typer.Option(help="Continue this configuration's unfinished run from its last checkpoint.")] = False,
-    image_size: Annotated[int | None, typer.Option(help="Input size [default: the backbone's, 224].")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size.", show_default="the backbone's, 224")] = None,
     in_chans: Annotated[int, typer.Option(help="1 rebuilds the first conv for grayscale (the study's R-channel init).")] = 3,
     norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (computed from the train split) | study (the study's fixed per-dataset constants).")] = "model",
     interpolation: Annotated[str, typer.Option(help="Resize mode: model (the backbone's, mostly bicubic) | bilinear (the study's) | bicubic.")] = "model",
@@ -54,20 +59,23 @@ def run(
     head_weights: Annotated[str, typer.Option(help="DeiT head blocks: default | random | PATH.")] = "default",
     seed: Annotated[int, typer.Option(help="Training seed (initial head, shuffle order, augmentation).")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU).")] = "auto",
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers per process [default: from the cores].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Runs folder and ledger [default: $MEDFM_OUTPUT/runs].")] = None,
-    split_seed: Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.")] = None,
-    opt: Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers per process.", show_default="from the cores")] = None,
+    out: Annotated[Path | None, typer.Option(help="Runs folder and ledger.", show_default="$MEDFM_OUTPUT/runs")] = None,
+    split_seed: Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.",
+                                                   show_default="the dataset's own (see `extract datasets`)")] = None,
+    opt: Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).", show_default="none")] = None,
     override: Annotated[list[str] | None, typer.Option(
         help="Backbone constructor KEY=VALUE (repeatable); for tiny test models, e.g. embed_dim=32.", hidden=True)] = None,
 ) -> None:
     """Train BACKBONE + HEAD on DATASET end to end; the result joins the ledger that `probe report` reads."""
+    for check, name in ((check_backbone, backbone), (check_dataset, dataset), (check_head, head)):
+        check(name)  # a typo is one line before torch and the models load
     from finetune.train import FinetuneConfig, finetune  # torch and the models: imported for a run, not for --help
 
     cfg = FinetuneConfig(
         backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
-        augment=augment, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, head_depth=head_depth,
+        augment=augment, protocol=protocol, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, head_depth=head_depth,
         head_preset=head_preset, head_weights=head_weights, seed=seed, device=device, workers=workers, resume=resume,
         out=out or output_root() / "runs", dataset_options=dataset_options(opt, split_seed), overrides=parse_overrides(override or []),
     )

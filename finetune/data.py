@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from common.errors import MedfmError
 from extract.datasets.base import DatasetSource
 from extract.datasets.images import ImageDataset
-from extract.transforms import TransformSpec, eval_transform, train_transform
+from extract.transforms import TransformSpec, eval_transform, train_transform, view_seed
 from finetune.distributed import World
 
 
@@ -58,6 +58,14 @@ def make_loader(
     if train and len(loader) == 0:
         raise MedfmError(f"the train split has {len(data)} images, fewer than one batch of {batch_size}; lower --batch-size")
     return loader, sampler
+
+
+def draw_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Seed epoch `epoch`'s augmentation of each image from (seed, epoch, image id) (`extract.transforms.view_seed`):
+    the same draws as the cache's augmented train view `epoch` extracted with `--augment-seed seed`, on any number
+    of ranks and workers."""
+    images = loader.dataset.images
+    images.draw([view_seed(seed, epoch, i) for i in images.ids])
 
 
 def check_images(ok: torch.Tensor, errors: list[str]) -> None:

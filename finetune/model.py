@@ -85,10 +85,12 @@ def _trainable_backbone_parts(backbone: Backbone, freeze: FreezePolicy) -> list[
     return blocks[len(blocks) - freeze.trainable_blocks:] if freeze.trainable_blocks else []
 
 
-def build_model(backbone: Backbone, head_kind: str, num_outputs: int, freeze: FreezePolicy, **head_options: Any) -> FinetuneModel:
+def build_model(backbone: Backbone, head_kind: str, num_outputs: int, freeze: FreezePolicy, protocol: str = "medfm",
+                **head_options: Any) -> FinetuneModel:
     """The backbone with a head (from probe's registry) sized from the feature it reads; `head_options` are the head's own."""
     row_shape = (backbone.pooled_dim,) if get_head(head_kind).reads == "pooled" else backbone.token_shape()
-    return FinetuneModel(backbone, build_head(head_kind, row_shape, num_outputs, **head_options), head_kind, freeze)
+    head = build_head(head_kind, row_shape, num_outputs, protocol=protocol, **head_options)
+    return FinetuneModel(backbone, head, head_kind, freeze)
 
 
 def freeze_unused(model: nn.Module, example: torch.Tensor) -> list[str]:

@@ -5,9 +5,10 @@ checkpoint if asked, the epoch loop (train, validate, keep the best, checkpoint)
 split scored once with the best-validation weights and one row in the results ledger.
 
 Exact resume: a checkpoint after every epoch holds model, optimizer, scheduler, scaler, best score
-and best weights, and the history. Random state is not saved: each epoch's randomness (shuffle
-order, augmentation, dropout, loader workers) is seeded from (seed, epoch, rank) at the epoch's
-start, so a resumed epoch replays exactly on every rank, which saved states of rank 0 alone could not do.
+and best weights, and the history. Random state is not saved: each epoch's randomness is seeded at the
+epoch's start, the shuffle order, dropout and loader workers from (seed, epoch, rank), and each image's
+augmentation from (seed, epoch, image id) (`finetune.data.draw_epoch`, the draws of the cache's augmented
+views), so a resumed epoch replays exactly on every rank, which saved states of rank 0 alone could not do.
 Only rank 0 writes; every rank reads the checkpoint on resume, so a multi-node run needs a shared --out.
 """
 
@@ -41,15 +42,16 @@ from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
 from extract.datasets.decode import DECODER_VERSION
 from extract.input_checks import check_image_size
-from extract.transforms import check_input_settings, input_spec
+from extract.transforms import TransformSpec, check_input_settings, check_study_inputs, input_spec
 from finetune import distributed
-from finetune.data import check_images, epoch_seed, make_loader
+from finetune.data import check_images, draw_epoch, epoch_seed, make_loader
 from finetune.distributed import World
 from finetune.model import FreezePolicy, build_model, freeze_unused
 from probe.heads import get_head
 from probe.metrics import compute_metrics, loss_fn, primary
-from probe.recipe import STUDY, improves, param_groups, precision, warmup_then_constant
-from probe.results import Ledger, RunRecord, config_key
+from probe.recipe import PROTOCOLS, STUDY, improves, param_groups, precision, warmup_then_constant
+from probe.results import Ledger, RunRecord, config_key, dataset_identity, late_best, late_best_note
+from probe.train import Pace
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -74,6 +76,7 @@ class FinetuneConfig:
     grad_clip: float = STUDY.grad_clip
     amp: bool | None = None  # None: on for CUDA; see probe.recipe.precision
     augment: bool = True  # the study's train augmentation; off: the eval transform for training too
+    protocol: str = "medfm"  # medfm | study: the official code's rules where they differ from ours (docs/protocol.md §7)
     patience: int | None = None  # stop after this many epochs without a better validation score
     image_size: int | None = None
     in_chans: int = 3
@@ -135,6 +138,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
     freeze = FreezePolicy.parse(cfg.freeze)
     scenario = scenario_name(cfg.head, freeze)
     source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)
     task = source.task
     weights = resolve_weights(get_spec(cfg.backbone), cfg.weights, warn=console.print)
     manifest = source.manifest()
@@ -157,10 +161,11 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
 
     # --- model, data, the study's recipe
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
-    backbone = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, **cfg.overrides)
+    backbone = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, protocol=cfg.protocol,
+                               **cfg.overrides)
     check_image_size(backbone, cfg.backbone)
     head_options = {option: getattr(cfg, f"head_{option}") for option in get_head(cfg.head).options}
-    model = build_model(backbone.to(device), cfg.head, task.num_outputs, freeze, **head_options).to(device)
+    model = build_model(backbone.to(device), cfg.head, task.num_outputs, freeze, cfg.protocol, **head_options).to(device)
     tspec, _ = input_spec(source, backbone.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
     unused = freeze_unused(model, torch.zeros(1, tspec.channels, tspec.size, tspec.size, device=device))
     if unused:
@@ -195,8 +200,10 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
     # --- the epoch loop: train, validate, keep the best, checkpoint
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True)
+    steps, first_epoch = len(train_loader), state["epoch"]
+    pace = Pace(console, f"finetuning {cfg.backbone} ({scenario})", (cfg.epochs - state["epoch"]) * steps)
     with progress:
-        bar = progress.add_task("epoch", total=len(train_loader))
+        bar = progress.add_task("epoch", total=steps)
         for epoch in range(state["epoch"], cfg.epochs):
             if _patience_spent(state, cfg.patience):
                 console.print(f"no better validation score for {cfg.patience} epochs: stopping early")
@@ -204,6 +211,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
             epoch_start = time.perf_counter()
             _seed_everything(epoch_seed(cfg.seed, epoch, world.rank))
             train_sampler.set_epoch(epoch)
+            draw_epoch(train_loader, cfg.seed, epoch)
             progress.reset(bar, description=f"epoch {epoch + 1}/{cfg.epochs}")
             trained.train()
             losses, outputs = [], []  # kept on the device: no host sync per step
@@ -223,12 +231,13 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
                 losses.append(loss.detach())
                 outputs.append((index, labels, logits.detach().float()))
                 progress.advance(bar)
+                pace.step((epoch - first_epoch) * steps + len(losses), f"epoch {epoch + 1}/{cfg.epochs}")
             train_labels, train_logits = distributed.gather_predictions(world, *map(torch.cat, zip(*outputs, strict=True)))
             val_labels, val_logits = distributed.gather_predictions(world, *_predict(model, val_loader, device, amp.dtype))
             state["train_seconds"] += time.perf_counter() - epoch_start
             val_metrics = compute_metrics(task, val_labels, val_logits)
             score = primary(task, val_metrics)
-            if improves(score, state["best_score"]):
+            if improves(score, state["best_score"], cfg.protocol):
                 state.update(best_score=score, best_epoch=epoch + 1,
                              best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
             state["history"].append({
@@ -255,17 +264,21 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
         _atomic_save(state["best_model"], run_dir / "best.pt")
         _write_json(run_dir / RESULT, {k: getattr(result, k) for k in ("best_epoch", "val_score", "test_metrics", "history")})
         result.ledger_id = _record(ledger, cfg, run_config, key, scenario, task, result, state["train_seconds"],
-                                   time.perf_counter() - start_time)
+                                   time.perf_counter() - start_time, tspec)
         checkpoint_path.unlink(missing_ok=True)
         for problem in test_metrics.get("warnings", []):
             console.print(f"[yellow]warning[/]: {problem}")
         console.print(f"[green]done[/]: ledger row {result.ledger_id}, {run_dir}")
+        if late_best(result.best_epoch, cfg.epochs):
+            console.print(f"[yellow]{late_best_note(result.best_epoch, cfg.epochs)}[/]")
     distributed.barrier(world)
     return result
 
 
 def _validate(cfg: FinetuneConfig) -> None:
     get_head(cfg.head)  # an unknown head names the registered ones
+    if cfg.protocol not in PROTOCOLS:
+        raise MedfmError(f"--protocol must be {' or '.join(PROTOCOLS)}, got '{cfg.protocol}'")
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise MedfmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -321,14 +334,20 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key: str, scenario: str, task: Task,
-            result: FinetuneResult, train_seconds: float, total_seconds: float) -> int:
+            result: FinetuneResult, train_seconds: float, total_seconds: float, inputs: TransformSpec) -> int:
+    """The run's ledger row; its dataset identity is the one a cache of the same data and inputs records."""
+    identity = dataset_identity(
+        cfg.dataset, root=run_config["root"], manifest_hash=run_config["manifest_hash"], options=run_config["dataset_options"],
+        image_size=inputs.size, channels=inputs.channels, norm=cfg.norm, interpolation=inputs.interpolation,
+    )
     return ledger.add(RunRecord(
         stage="finetune", scenario=scenario, backbone=cfg.backbone, dataset=cfg.dataset, head=cfg.head,
         config=run_config, config_key=key, cache_fingerprint=None, seed=cfg.seed,
         primary_metric=task.primary_metric, val_score=result.val_score, test_metrics=result.test_metrics,
         test_primary=result.test_score, backbone_random=result.backbone_random, head_random=result.head_random,
         train_seconds=train_seconds, total_seconds=total_seconds, run_dir=str(result.run_dir),
-    ))
+        late_best=late_best(result.best_epoch, cfg.epochs),
+    ).with_identity(identity))
 
 
 def _finished_result(record: RunRecord, run_dir: Path, scenario: str) -> FinetuneResult:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from cache.schema import view_group
 from cache.store import PARTIAL_SUFFIX, CacheReader, describe
 from common.errors import MedfmError
 from common.runtime import output_root
@@ -119,21 +120,27 @@ class FeatureSource:
     """One feature array of a cache (e.g. `pooled`, `tokens@4`) with its labels, split by split.
 
     `passes[split]` counts the passes over that split's features (a sweep proves it reads them once per epoch).
+    With `views` K > 0 the train batches of epoch e (1-based) come from the cache's augmented train view
+    (e - 1) mod K instead of the eval view: the study's augmented frozen protocol, one view per epoch.
     """
 
-    def __init__(self, reader: CacheReader, feature: str, batch_size: int, max_ram: int | None = None) -> None:
+    def __init__(self, reader: CacheReader, feature: str, batch_size: int, max_ram: int | None = None, views: int = 0) -> None:
         if batch_size < 1:
             raise MedfmError(f"--batch-size must be at least 1, got {batch_size}")
+        if views > reader.meta.views:
+            raise MedfmError(f"--views {views}: the cache {reader.path.name} holds {reader.meta.views} augmented train views; "
+                             "extract it with --views K --augment study, or train on --views 0 (the eval view)")
         self.reader, self.feature, self.batch_size = reader, feature, batch_size
-        self.splits = reader.splits
+        self.train_groups = [view_group(v) for v in range(views)] or ["train"]
+        self.splits = [*reader.splits, *(g for g in self.train_groups if g != "train")]  # the eval view too: for --standardize
         for split in self.splits:
             reader.dataset(split, feature)  # a clear error when the cache lacks this feature
         self.budget = default_budget() if max_ram is None else int(max_ram)
         self.nbytes = sum(reader.nbytes(s, feature) for s in self.splits)
         self.streamed = self.nbytes > self.budget
         self.passes: Counter[str] = Counter()
-        self._valid = {s: reader.valid(s) for s in self.splits}
-        self._labels = {s: self._raw_labels(s) for s in self.splits}
+        self._valid = {s: reader.valid(s) for s in reader.splits}
+        self._labels = {s: self._raw_labels(s) for s in reader.splits}
         train = reader.dataset("train", feature)
         self.chunk_rows = train.chunks[0] if train.chunks else max(len(train), 1)
         self.window_chunks = max(1, math.ceil(2 * batch_size / self.chunk_rows))
@@ -158,17 +165,21 @@ class FeatureSource:
 
     def train_batches(self, epoch_seed: tuple[int, ...]) -> Iterator[Batch]:
         """Shuffled full batches of the train split; the last partial batch is dropped, as in the study,
-        unless the split is smaller than one batch (then it is the one batch)."""
+        unless the split is smaller than one batch (then it is the one batch).
+
+        `epoch_seed` is (data seed, epoch): it orders the batches and, with augmented views, picks the view.
+        """
         self.passes["train"] += 1
+        group = self.train_groups[(epoch_seed[-1] - 1) % len(self.train_groups)]
         labels, size = self._labels["train"], self.batch_size
         if not self.streamed:
             order = np.concatenate([order for _, order in self._epoch_plan(epoch_seed)])
             for b in range(0, len(order) // size * size or len(order), size):
-                yield Batch(self._ram["train"][order[b : b + size]], labels[order[b : b + size]])
+                yield Batch(self._ram[group][order[b : b + size]], labels[order[b : b + size]])
             return
         carry, carry_rows = None, np.zeros(0, dtype=np.int64)
         for rows, order in self._epoch_plan(epoch_seed):
-            block = _read_rows(self.reader, self.feature, rows)
+            block = _read_rows(self.reader, group, self.feature, rows)
             position = np.searchsorted(rows, order)
             at = 0
             if carry is not None:
@@ -237,14 +248,14 @@ class FeatureSource:
             )
 
 
-def _read_rows(reader: CacheReader, feature: str, rows: np.ndarray) -> np.ndarray:
-    """Rows (sorted) of the train split's `feature`, read as contiguous ranges straight into one array
-    (by `CacheReader.read_rows`, which copies raw chunks off the mapped file at memmap speed)."""
-    dataset = reader.dataset("train", feature)
+def _read_rows(reader: CacheReader, group: str, feature: str, rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted) of a train group's `feature` (the eval view or an augmented one), read as contiguous ranges
+    straight into one array (by `CacheReader.read_rows`, which copies raw chunks off the mapped file at memmap speed)."""
+    dataset = reader.dataset(group, feature)
     block = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     at = 0
     for part in np.split(rows, breaks):
-        reader.read_rows("train", feature, int(part[0]), int(part[-1]) + 1, block[at : at + len(part)])
+        reader.read_rows(group, feature, int(part[0]), int(part[-1]) + 1, block[at : at + len(part)])
         at += len(part)
     return block

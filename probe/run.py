@@ -17,13 +17,24 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from cache.schema import CacheMeta
 from cache.store import CacheReader
 from common.errors import MedfmError
 from common.locks import FileLock, acquire
 from common.runtime import output_root, resolve_device
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
-from probe.results import Ledger, RunRecord, config_key
+from probe.recipe import PROTOCOLS
+from probe.results import (
+    DatasetIdentity,
+    Ledger,
+    RunRecord,
+    config_key,
+    dataset_identity,
+    late_best,
+    late_best_note,
+    unrecorded_identity,
+)
 from probe.train import FitResult, TrainConfig, train_head
 
 
@@ -32,6 +43,8 @@ def validate(config: TrainConfig) -> None:
     get_head(config.head)  # an unknown head names the registered ones
     checks = [
         (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
+        (config.protocol in PROTOCOLS, f"--protocol must be {' or '.join(PROTOCOLS)}, got '{config.protocol}'"),
+        (config.views >= 0, f"--views must be auto, 0 (the eval view) or a number of augmented views, got {config.views}"),
         (0 < config.lr < math.inf, f"--lr must be a positive number, got {config.lr}"),
         (0 <= config.weight_decay < math.inf, f"--weight-decay must be a non-negative number, got {config.weight_decay}"),
         (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
@@ -93,7 +106,7 @@ def claim(ledger: Ledger, key: str) -> FileLock:
 def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, device: str, max_ram: int | None,
            console: Console) -> RunOutcome:
     dev = resolve_device(device)
-    source = FeatureSource(reader, config.feature, config.batch_size, max_ram)
+    source = FeatureSource(reader, config.feature, config.batch_size, max_ram, config.views)
     console.print(f"training a {config.head} head on {reader.meta.backbone.name}/{reader.meta.dataset.name} "
                   f"{config.feature} ({source.mode}, {source.nbytes / 2**20:.1f} MiB) on {dev}")
     warn_random(reader, config, console)
@@ -103,7 +116,14 @@ def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, d
         result = train_head(config, source, reader.task, dev, progress)
     record = save_run(reader, result, key, ledger, total_seconds=time.perf_counter() - started)
     console.print(f"{describe(record)} -> {record.run_dir}")
+    if record.late_best:
+        console.print(f"[yellow]{late_best_note(result.best_epoch, config.epochs, late_hint(config))}[/]")
     return RunOutcome(record, False)
+
+
+def late_hint(config: TrainConfig) -> str:
+    """What to try when a head's best epoch came late: more epochs, or standardized features for a linear head."""
+    return "raise --epochs or use --standardize" if config.head == "linear" and not config.standardize else "raise --epochs"
 
 
 def warn_random(reader: CacheReader, config: TrainConfig, console: Console) -> None:
@@ -117,10 +137,32 @@ def warn_random(reader: CacheReader, config: TrainConfig, console: Console) -> N
 
 
 def describe(record: RunRecord) -> str:
+    """One line: backbone/dataset head, val and test scores, and what was RANDOM or late."""
     flags = [f"RANDOM {part} weights" for part, random in (("backbone", record.backbone_random), ("head", record.head_random)) if random]
+    if record.late_best:
+        flags.append("best epoch late")
     flag = f" [{', '.join(flags)}]" if flags else ""
-    return (f"{record.backbone}/{record.dataset} {record.head} head: val {record.primary_metric} {record.val_score:.4f}, "
-            f"test {record.primary_metric} {record.test_primary:.4f}{flag}")
+    dataset = record.dataset_label or record.dataset
+    return (f"{record.backbone}/{dataset} {record.head} head: val {record.primary_metric} {_score(record.val_score)}, "
+            f"test {record.primary_metric} {_score(record.test_primary)}{flag}")
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def cache_identity(meta: CacheMeta) -> DatasetIdentity:
+    """The dataset identity of a cache's features (`probe.results.dataset_identity`) from its recorded settings."""
+    settings = meta.settings
+    if not settings:
+        return unrecorded_identity(meta.dataset.name)
+    transform = settings.get("transform") or meta.transform
+    norm = settings.get("norm")
+    return dataset_identity(
+        meta.dataset.name, root=settings.get("root"), manifest_hash=meta.dataset.manifest_hash or settings.get("manifest_hash", ""),
+        options=meta.dataset.options, image_size=transform.get("size"), channels=transform.get("channels"),
+        norm=norm.get("kind") if isinstance(norm, dict) else norm, interpolation=transform.get("interpolation"),
+    )
 
 
 def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None) -> RunRecord:
@@ -140,7 +182,8 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
             fh.write(json.dumps(row) + "\n")
     pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
     torch.save(result.state_dict, run_dir / "head.pt")
-    metrics = {"best_epoch": result.best_epoch, "val": result.val_metrics, "test": result.test_metrics}
+    late = late_best(result.best_epoch, config.epochs)
+    metrics = {"best_epoch": result.best_epoch, "late_best": late, "val": result.val_metrics, "test": result.test_metrics}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     task = reader.task
     record = RunRecord(
@@ -149,7 +192,7 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
         seed=config.seed, primary_metric=task.primary_metric, val_score=result.val_score,
         test_metrics=result.test_metrics, test_primary=float(result.test_metrics[task.primary_metric]),
         backbone_random=meta.backbone.random_weights, head_random=result.head_init == "random", train_seconds=result.train_seconds,
-        total_seconds=total_seconds, run_dir=str(run_dir),
-    )
+        total_seconds=total_seconds, run_dir=str(run_dir), late_best=late,
+    ).with_identity(cache_identity(meta))
     ledger.add(record)
     return record

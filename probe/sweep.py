@@ -5,7 +5,8 @@ over one pass of the data per epoch (DINOv2's linear evaluation does the same). 
 after another by default; `deit_per_pass` > 1 trains that many side by side over one read of the
 tokens, which pays when the token cache streams from disk and the device has room for their
 activations. Configurations already in the ledger are skipped, so rerunning a finished sweep trains
-nothing. The sweep's answer is the best configuration by validation score, reported with its test score.
+nothing. The sweep's answer is the best configuration by mean validation score over its seeds, reported with
+its mean test score: the rule of `probe report` (`probe.results.best_configuration`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import warnings
 from collections import defaultdict
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from rich.console import Console
 from rich.progress import Progress
@@ -27,7 +28,7 @@ from common.runtime import resolve_device
 from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.recipe import STUDY
-from probe.results import Ledger, RunRecord
+from probe.results import Ledger, RunRecord, best_configuration, mean_score
 from probe.run import claim, ledger_key, save_run, validate, warn_random
 from probe.train import TrainConfig, fit, make_head
 
@@ -45,11 +46,20 @@ class Grid:
 
 @dataclass
 class SweepOutcome:
-    records: list[RunRecord]  # one per configuration, in grid order (trained now or found in the ledger)
-    best: RunRecord | None  # best validation score
+    records: list[RunRecord]  # one per configuration and seed, in grid order (trained now or found in the ledger)
+    best: RunRecord | None  # a run of the best configuration (the first of its seeds)
     trained: int
     skipped: int
     train_passes: int  # passes over train features, all groups together
+    best_runs: list[RunRecord] = field(default_factory=list)  # every seed of the best configuration by mean validation
+
+    @property
+    def best_val(self) -> float:
+        return mean_score([r.val_score for r in self.best_runs])
+
+    @property
+    def best_test(self) -> float:
+        return mean_score([r.test_primary for r in self.best_runs])
 
 
 def expand(reader: CacheReader, grid: Grid, base: TrainConfig) -> list[TrainConfig]:
@@ -81,11 +91,12 @@ def run_sweep(
         todo = [(c, k) for c, k in todo if force or ledger.find(k) is None]  # read again, under the claims
         passes = _train_todo(reader, configs, todo, device, max_ram, deit_per_pass, ledger, console)
 
-    # --- the answer: every configuration's row, and the best by validation
-    records = [ledger.find(k) for k in keys]
-    scored = [r for r in records if r is not None and r.val_score is not None and math.isfinite(r.val_score)]
-    best = max(scored, key=lambda r: r.val_score) if scored else None
-    return SweepOutcome([r for r in records if r is not None], best, len(todo), len(configs) - len(todo), passes)
+    # --- the answer: every configuration's row, and the configuration with the best mean validation over its seeds
+    records = [r for r in (ledger.find(k) for k in keys) if r is not None]
+    best_runs = best_configuration(records)
+    if not math.isfinite(mean_score([r.val_score for r in best_runs])):
+        best_runs = []  # no configuration has a validation score
+    return SweepOutcome(records, best_runs[0] if best_runs else None, len(todo), len(configs) - len(todo), passes, best_runs)
 
 
 def _train_todo(
@@ -112,7 +123,7 @@ def _train_todo(
         warnings.filterwarnings("ignore", message=RANDOM_DEIT_WARNING)
         for members in groups:
             first = members[0][0]
-            source = FeatureSource(reader, first.feature, first.batch_size, max_ram)
+            source = FeatureSource(reader, first.feature, first.batch_size, max_ram, first.views)
             started = time.perf_counter()
             heads = [make_head(c, source.row_shape, task.num_outputs) for c, _ in members]
             results = fit(heads, [c for c, _ in members], source, task, dev, progress)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
@@ -42,6 +43,8 @@ class TrainConfig:
     head_preset: str = "deit-b"
     head_weights: str = "default"
     standardize: bool = False  # linear heads: standardize features with train mean/std (MAE-style); not the study
+    views: int = 0  # augmented train views of the cache to cycle, epoch e on view (e-1) mod K; 0: the eval view (docs/protocol.md §4)
+    protocol: str = "medfm"  # medfm | study: model selection and DeiT-head rules (docs/protocol.md §7)
 
     def head_options(self) -> dict[str, Any]:
         """The head's own settings (`head_<option>` fields), as its registry entry names them."""
@@ -49,7 +52,8 @@ class TrainConfig:
 
     def shared(self) -> tuple:
         """What heads must agree on to train in the same pass over the data."""
-        return (self.feature, self.batch_size, self.epochs, self.warmup_steps, self.patience, self.grad_clip, self.data_seed)
+        return (self.feature, self.batch_size, self.epochs, self.warmup_steps, self.patience, self.grad_clip, self.data_seed,
+                self.views, self.protocol)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that decide the result (the ledger's config); head_* only for heads that use them."""
@@ -78,10 +82,55 @@ class FitResult:
     head_init: str  # "random", the weights file of a DeiT head, or "" for a linear head
 
 
+def duration(seconds: float) -> str:
+    """`45 s`, `12 min`, `3.5 h`: a duration as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Pace:
+    """The estimated time of a whole run, said once after its first steps, and a plain progress line at most every
+    `every` seconds when the console is not a terminal (a log file, a pipe, a batch job), where no live bar shows.
+
+    `probe` (`fit`) and `finetune` both report through it. Short runs stay quiet: the estimate is said only when
+    the run will take at least `quiet_below` seconds.
+    """
+
+    clock = staticmethod(time.monotonic)
+    eta_after = 20  # steps measured before the estimate
+    quiet_below = 30.0
+
+    def __init__(self, console: Console | None, what: str, total_steps: int, every: float = 30.0) -> None:
+        self.console, self.what, self.total, self.every = console, what, max(int(total_steps), 1), every
+        self.plain = console is not None and not console.is_terminal
+        self.start = self.last = self.clock()
+        self.estimated = False
+
+    def step(self, done: int, where: str = "") -> None:
+        """`done` steps of the run are finished; `where` says where it is (e.g. `epoch 3/100`)."""
+        if self.console is None:
+            return
+        done, now = min(done, self.total), self.clock()
+        elapsed = now - self.start
+        left = elapsed / max(done, 1) * (self.total - done)
+        if not self.estimated and done >= min(self.eta_after, self.total):
+            self.estimated = True
+            if elapsed + left >= self.quiet_below:
+                self.console.print(f"{self.what}: about {duration(elapsed + left)} for the whole run "
+                                   f"(estimated from the first {done} of {self.total} steps)", highlight=False, soft_wrap=True)
+        if self.plain and now - self.last >= self.every and done < self.total:
+            self.last = now
+            self.console.print(f"{self.what}: {where + ', ' if where else ''}step {done}/{self.total} ({100 * done / self.total:.0f}%), "
+                               f"{duration(elapsed)} elapsed, about {duration(left)} left", highlight=False, soft_wrap=True)
+
+
 def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:
     """The head for `config`, initialised from `config.seed` alone (the same weights in a sweep or alone)."""
     torch.manual_seed(config.seed)
-    return build_head(config.head, row_shape, outputs, **config.head_options())
+    return build_head(config.head, row_shape, outputs, protocol=config.protocol, **config.head_options())
 
 
 def train_head(config: TrainConfig, source: FeatureSource, task: Task, device: torch.device, progress: Progress | None = None) -> FitResult:
@@ -120,7 +169,10 @@ def fit(
     best: list[dict[str, Any] | None] = [None] * len(heads)
     stopped = [False] * len(heads)
     history: list[list[dict[str, Any]]] = [[] for _ in heads]
-    bar = progress.add_task(f"{len(heads)} {shared.head} head(s)", total=shared.epochs) if progress else None
+    steps_per_epoch = max(source.steps_per_epoch(), 1)
+    what = f"{len(heads)} {shared.head} head(s)"
+    bar = progress.add_task(what, total=shared.epochs * steps_per_epoch) if progress else None
+    pace = Pace(progress.console if progress is not None else None, what, shared.epochs * steps_per_epoch)
     start = time.perf_counter()
 
     # --- loop: train one epoch, validate, keep the best weights per head
@@ -142,6 +194,9 @@ def fit(
             scheduler.step()
             loss_sum += losses.detach()
             steps += 1
+            if progress is not None:
+                progress.update(bar, advance=1, description=f"{what}, epoch {epoch}/{shared.epochs}")
+                pace.step((epoch - 1) * steps_per_epoch + steps, f"epoch {epoch}/{shared.epochs}")
         val_logits, val_labels = predict(model, source, "val", task, device, amp.dtype)
         val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
         train_losses = (loss_sum / max(steps, 1)).tolist()
@@ -151,12 +206,12 @@ def fit(
             score = primary_score(task, val_labels, val_logits[k])
             history[k].append({"epoch": epoch, "lr": model.head_lr(optimizer, k), "train_loss": train_losses[k],
                                "val_loss": float(val_losses[k]), f"val_{metric}": score, "seconds": round(time.perf_counter() - start, 3)})
-            if improves(score, None if best[k] is None else best[k]["score"]):
+            if improves(score, None if best[k] is None else best[k]["score"], shared.protocol):
                 best[k] = {"epoch": epoch, "score": score, "val_logits": val_logits[k], "state": model.head_state(k)}
             elif shared.patience and epoch - best[k]["epoch"] >= shared.patience:
                 stopped[k] = True
         if progress is not None:
-            progress.update(bar, advance=1)
+            progress.update(bar, completed=epoch * steps_per_epoch)
         if all(stopped):
             break
     train_seconds = time.perf_counter() - start

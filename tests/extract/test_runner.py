@@ -23,16 +23,17 @@ from tests.tiny import QUIET, TINY_SIZE, TINY_VIT
 
 
 def config(out: Path, **kw) -> ExtractConfig:
+    """A tiny extraction with two augmented train views, so resume, shards and torchrun cover the views too."""
     base = dict(backbone="deit", dataset="demo", weights="random", out=out, batch_size=8, image_size=TINY_SIZE,
-                workers=0, overrides=TINY_VIT, dataset_options={"per_class": 10})
+                workers=0, overrides=TINY_VIT, dataset_options={"per_class": 10}, views=2, augment="study")
     base.update(kw)
     return ExtractConfig(**base)
 
 
 def read_all(path: Path) -> dict[str, np.ndarray]:
     with CacheReader(path) as r:
-        return {f"{s}/{k}": r.features(s, k) for s in r.splits for k in r.feature_names(s)} | {
-            f"{s}/ids": r.ids(s) for s in r.splits}
+        return {f"{s}/{k}": r.features(s, k) for s in r.groups for k in r.feature_names(s)} | {
+            f"{s}/ids": r.ids(s) for s in r.groups}
 
 
 def test_extraction_writes_every_split_with_pooled_and_tokens(tmp_path: Path) -> None:

@@ -28,8 +28,9 @@ extract(config(Path(sys.argv[1])), QUIET)
 
 def contents(path: Path) -> dict[str, np.ndarray]:
     with CacheReader(path) as r:
-        arrays = {f"{s}/{k}": r.features(s, k) for s in r.splits for k in r.feature_names(s)}
-        return arrays | {f"{s}/ids": r.ids(s) for s in r.splits} | {f"{s}/labels": r.labels(s) for s in r.splits}
+        assert len(r.groups) == 5  # the splits and two augmented train views
+        arrays = {f"{s}/{k}": r.features(s, k) for s in r.groups for k in r.feature_names(s)}
+        return arrays | {f"{s}/ids": r.ids(s) for s in r.groups} | {f"{s}/labels": r.labels(s) for s in r.groups}
 
 
 def assert_same_cache(got: Path, want: Path) -> None:

@@ -80,7 +80,7 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
     assert {p.name for p in result.run_dir.iterdir()} >= {"best.pt", RESULT, "config.json", "splits.json"}
     assert not (result.run_dir / CHECKPOINT).exists()
     table = make_report(Ledger()).table  # what `probe report` prints
-    assert table.loc[("deit", "unfrozen-linear", "finetune", True, False), "demo"] == pytest.approx(result.test_score)
+    assert table.loc[("deit", "unfrozen-linear", "finetune", True, False, "medfm"), "demo"] == pytest.approx(result.test_score)
     assert finetune(cfg).trained is False  # the same configuration is not trained twice
     assert len(Ledger().rows(stage="finetune")) == 1
 
@@ -213,3 +213,48 @@ def test_an_image_size_off_the_patch_grid_is_refused_naming_the_nearest_sizes(tm
     with pytest.raises(MedfmError, match="--image-size 36 does not fit deit's 8-pixel patches: the last 4 .* use --image-size 32 or 40"):
         finetune(tiny(tmp_path, image_size=36))  # TINY_VIT_DEEP: 8-pixel patches
     assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.rglob("*.pt"))  # no run folder started
+
+
+@pytest.mark.filterwarnings("ignore:DeiT head weights not found")
+def test_a_random_deit_head_on_a_pretrained_backbone_is_labelled_so_and_a_last_epoch_best_is_flagged(tmp_path: Path) -> None:
+    """The DeiT head's ImageNet weights are missing, the backbone's are a file: RANDOM head, not RANDOM backbone. One
+    epoch: its best epoch is its last, flagged in the ledger, in one line at the end of the run and in the report."""
+    import io
+
+    from rich.console import Console
+
+    weights = tmp_path / "start.pth"
+    torch.save(create_backbone("deit", "random", image_size=32, **TINY_VIT_DEEP).model.state_dict(), weights)
+    said = io.StringIO()
+    result = finetune(tiny(tmp_path / "runs", weights=str(weights), head="deit", head_weights="default", epochs=1),
+                      Console(file=said, width=300))
+    (row,) = Ledger(tmp_path / "runs" / "results.sqlite").rows()
+    assert (row.backbone_random, row.head_random, result.head_random) == (False, True, True)
+    assert row.late_best and "note: the best validation epoch is 1 of 1, in the last tenth" in said.getvalue()
+    report = make_report(Ledger(tmp_path / "runs" / "results.sqlite"))
+    key = ("deit", "unfrozen-deit", "finetune", False, True, "medfm")
+    assert report.rows[key].label.startswith("deit unfrozen-deit (RANDOM head, ")
+    assert report.cell(key, "demo").endswith("(n=1, late)")
+
+
+def test_a_finetune_run_and_a_cache_of_the_same_data_and_inputs_share_a_dataset_column(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from extract.runner import ExtractConfig, extract
+    from probe.data import open_cache
+    from probe.run import cache_identity
+
+    cfg = tiny(tmp_path / "runs", epochs=1)
+    cache = extract(ExtractConfig(backbone="deit", dataset="demo", weights="random", image_size=32, batch_size=64, workers=0,
+                                  overrides=TINY_VIT_DEEP, dataset_options=cfg.dataset_options, out=tmp_path / "features"),
+                    Console(file=io.StringIO())).path
+    finetune(cfg)
+    (row,) = Ledger(tmp_path / "runs" / "results.sqlite").rows()
+    with open_cache(cache, "deit", "demo") as reader:
+        identity = cache_identity(reader.meta)
+    assert (identity.id, identity.label) == (row.dataset_id, row.dataset_label) == (row.dataset_id, "demo")
+    assert row.dataset_inputs["image_size"] == 32
+    assert finetune(replace(cfg, image_size=24)).trained  # the same images at another size: another column
+    assert len({r.dataset_id for r in Ledger(tmp_path / "runs" / "results.sqlite").rows()}) == 2

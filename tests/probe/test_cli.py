@@ -49,7 +49,8 @@ def test_probe_run_twice_trains_once_and_report_shows_the_row(demo_cache, isolat
     assert code == 0, err
     assert "RANDOM backbone" in out and (isolated_outputs / "reports" / "report.png").exists()
     written = (isolated_outputs / "reports" / "report.md").read_text()
-    assert "deit frozen-linear (RANDOM backbone)" in written and "deit frozen-deit (RANDOM backbone and head)" in written
+    assert "deit frozen-linear (RANDOM backbone, off-recipe)" in written
+    assert "deit frozen-deit (RANDOM backbone and head, extension, off-recipe)" in written
 
 
 def test_layer_minus_4_trains_on_block_8_of_a_12_block_backbone(isolated_outputs, monkeypatch):
@@ -91,3 +92,86 @@ def test_a_user_mistake_gives_one_error_line_and_exit_2(demo_cache, monkeypatch,
 def test_report_of_an_empty_ledger_says_to_train_first():
     with pytest.raises(MedfmError, match="probe run"):
         report(dataset=None, out=None, ledger=None)
+
+
+SETTINGS = {"root": "/data/demo", "manifest_hash": "m", "norm": {"kind": "model"},
+            "transform": {"size": 224, "resize": 256, "mean": [0.5], "std": [0.5], "interpolation": "bicubic", "channels": 3}}
+
+
+def cached(path: Path, **kw) -> Path:
+    from tests.probe.caches import make_cache
+
+    return make_cache(path, settings=SETTINGS, **kw)
+
+
+def test_a_random_deit_head_on_a_pretrained_backbone_is_labelled_random_head_not_random_backbone(isolated_outputs, monkeypatch):
+    path = cached(isolated_outputs / "c.h5", random_weights=False)
+    code, out, err = run_main(main, ["run", "--cache", str(path), "--head", "deit", "--head-depth", "1", "--head-preset", "deit-t",
+                                     "--epochs", "2", "--batch-size", "16"], monkeypatch)
+    assert code == 0, err
+    said = " ".join((out + err).split())
+    assert "[RANDOM head weights, best epoch late]" in said and "RANDOM backbone" not in said and "RANDOMLY initialised" not in said
+    (row,) = Ledger().rows()
+    assert (row.backbone_random, row.head_random) == (False, True)
+    code, out, err = run_main(main, ["report"], monkeypatch)
+    assert code == 0, err
+    written = (isolated_outputs / "reports" / "report.md").read_text()
+    assert "| deit frozen-deit (RANDOM head, extension, off-recipe) |" in written and "RANDOM backbone" not in written
+    assert "RANDOM head: a DeiT head whose ImageNet weights were missing" in written
+
+
+def test_a_run_whose_best_epoch_is_the_last_is_flagged_in_the_ledger_and_the_report(isolated_outputs, monkeypatch):
+    path = cached(isolated_outputs / "c.h5")
+    code, out, err = run_main(main, ["run", "--cache", str(path), "--epochs", "1", "--batch-size", "16"], monkeypatch)
+    assert code == 0, err
+    said = " ".join((out + err).split())
+    assert "best validation epoch is 1 of 1, in the last tenth" in said and "raise --epochs or use --standardize" in said
+    (row,) = Ledger().rows()
+    assert row.late_best and row.dataset_label == "demo" and row.dataset_inputs["image_size"] == 224
+    code, out, err = run_main(main, ["report"], monkeypatch)
+    assert code == 0, err
+    assert "(n=1, late)" in out and "raise --epochs" in " ".join(out.split())
+
+
+def test_a_long_run_says_its_estimated_time_and_logs_plain_progress_lines_when_not_a_terminal(isolated_outputs, monkeypatch):
+    """Each clock reading is 10 s later: 27 steps (3 epochs x 9) look like 4.5 minutes to the run."""
+    from probe.train import Pace
+
+    ticks = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(Pace, "clock", staticmethod(lambda: float(next(ticks))))
+    path = cached(isolated_outputs / "c.h5")
+    code, out, err = run_main(main, ["run", "--cache", str(path), "--epochs", "3", "--batch-size", "16"], monkeypatch)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "1 linear head(s): about 4 min for the whole run (estimated from the first 20 of 27 steps)" in lines
+    plain = [line for line in lines if line.startswith("1 linear head(s): epoch")]
+    assert len(plain) >= 3 and plain[0] == "1 linear head(s): epoch 1/3, step 3/27 (11%), 30 s elapsed, about 4 min left"
+
+
+def test_sweep_and_report_combine_seeds_alike_and_pick_the_same_configuration(isolated_outputs, monkeypatch):
+    from probe.report import build_report
+    from probe.results import best_configuration, mean_score
+
+    path = cached(isolated_outputs / "c.h5")
+    code, out, err = run_main(main, ["sweep", "--cache", str(path), "--lr", "1e-3,3e-2", "--seed", "0,1,2", "--epochs", "2",
+                                     "--batch-size", "16"], monkeypatch)
+    assert code == 0, err
+    best = best_configuration(Ledger().rows())
+    assert len(best) == 3 and len({r.config["lr"] for r in best}) == 1
+    test = mean_score([r.test_primary for r in best])
+    said = " ".join(out.split())
+    assert f"best by mean validation: linear head, pooled, lr {best[0].config['lr']:g}" in said
+    assert "mean over 3 seeds (0, 1, 2)" in said and f"test accuracy {test:.4f} (n=3" in said
+    report = build_report(Ledger().rows())
+    key = ("deit", "frozen-linear", "probe", True, False, "medfm")
+    assert report.table.loc[key, "demo"] == pytest.approx(test) and report.seeds.loc[key, "demo"] == 3
+
+
+def test_report_names_columns_and_refuses_a_malformed_name(isolated_outputs, monkeypatch):
+    path = cached(isolated_outputs / "c.h5")
+    assert run_main(main, ["run", "--cache", str(path), "--epochs", "2", "--batch-size", "16"], monkeypatch)[0] == 0
+    code, out, err = run_main(main, ["report", "--name", "demo=my synthetic set"], monkeypatch)
+    assert code == 0, err
+    assert "my synthetic set" in out and "(accuracy)" in out
+    code, _, err = run_main(main, ["report", "--name", "nonsense"], monkeypatch)
+    assert code == 2 and err.strip() == "error: --name expects LABEL=NAME or ID=NAME, got 'nonsense'"

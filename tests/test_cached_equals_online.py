@@ -1,0 +1,87 @@
+"""The cache changes the cost, not the result: a frozen linear head trained from K augmented cached views equals
+the same head trained online (finetune --freeze all) on freshly augmented images, when K is the number of epochs.
+
+Both sides draw image i of epoch/view v from `view_seed(seed, v, id)`, start the head from the same seed and
+take one batch per epoch (the whole train split, so batch order cannot matter); what is left to differ is
+float summation order and torch's AdamW against the probe's stacked AdamW.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.store import CacheReader, verify
+from common.errors import MedfmError
+from extract.runner import ExtractConfig, extract
+from finetune.train import FinetuneConfig, finetune
+from probe.data import FeatureSource
+from probe.train import TrainConfig, train_head
+from tests.tiny import QUIET, TINY_SIZE, TINY_VIT_1
+
+EPOCHS, PER_CLASS, SEED = 3, 8, 0
+COMMON = dict(backbone="deit", dataset="demo", weights="random", image_size=TINY_SIZE, workers=0, device="cpu",
+              overrides=TINY_VIT_1, dataset_options={"per_class": PER_CLASS})
+
+
+def cached_head(out: Path, augment_seed: int = SEED, view_shift: int = 0) -> tuple[torch.Tensor, float, int]:
+    cache = extract(ExtractConfig(**COMMON, out=out, tokens=False, views=EPOCHS, augment="study", augment_seed=augment_seed), QUIET)
+    with CacheReader(cache.path) as reader:
+        n_train = len(reader.ids("train"))
+        source = FeatureSource(reader, "pooled", n_train, views=EPOCHS)
+        if view_shift:  # the wrong view for each epoch: the test must notice
+            source.train_groups = source.train_groups[view_shift:] + source.train_groups[:view_shift]
+        config = TrainConfig(lr=1e-2, epochs=EPOCHS, batch_size=n_train, views=EPOCHS, seed=SEED)
+        result = train_head(config, source, reader.task, torch.device("cpu"))
+    return result.state_dict["linear.weight"], result.test_metrics["accuracy"], n_train
+
+
+def online_head(out: Path, n_train: int) -> tuple[torch.Tensor, float]:
+    result = finetune(FinetuneConfig(**COMMON, out=out, head="linear", freeze="all", epochs=EPOCHS, batch_size=n_train,
+                                     lr=1e-2, seed=SEED, augment=True), QUIET)
+    best = torch.load(result.run_dir / "best.pt", weights_only=True)
+    return best["head.linear.weight"], result.test_metrics["accuracy"]
+
+
+def test_a_head_on_cached_augmented_views_equals_the_head_trained_online(tmp_path: Path) -> None:
+    weight, test, n_train = cached_head(tmp_path / "cache")
+    online, online_test = online_head(tmp_path / "runs", n_train)
+    torch.testing.assert_close(weight, online, rtol=1e-4, atol=1e-5)
+    assert test == online_test
+
+
+@pytest.mark.parametrize("change", ["augment_seed", "view"])
+def test_other_draws_give_another_head(tmp_path: Path, change: str) -> None:
+    """The equality above is no accident of augmentation doing nothing: other seeds or views change the head."""
+    reference, _, _ = cached_head(tmp_path / "a")
+    other, _, _ = cached_head(tmp_path / "b", **({"augment_seed": SEED + 1} if change == "augment_seed" else {"view_shift": 1}))
+    assert not torch.allclose(reference, other, rtol=1e-3, atol=1e-4)
+
+
+def test_views_are_seeded_per_image_and_resume_and_verify(tmp_path: Path) -> None:
+    """Each augmented view is its own group: different draws from the eval view and from each other, checksummed."""
+    cache = extract(ExtractConfig(**COMMON, out=tmp_path, tokens=False, views=2, augment="study"), QUIET)
+    with CacheReader(cache.path) as reader:
+        assert reader.meta.views == 2 and reader.groups == ["train", "val", "test", "train+view0", "train+view1"]
+        eval_view, v0, v1 = (reader.features(g) for g in ("train", "train+view0", "train+view1"))
+        assert not np.allclose(eval_view, v0) and not np.allclose(v0, v1)
+        assert reader.ids("train+view1").tolist() == reader.ids("train").tolist()
+    assert verify(cache.path) == []
+
+
+@pytest.mark.parametrize(("views", "augment", "message"), [
+    (2, "none", "--views 2 needs --augment study"), (-1, "study", "--views must be 0"), (1, "heavy", "--augment must be one of"),
+])
+def test_bad_view_settings_are_one_line_before_any_file(tmp_path: Path, views: int, augment: str, message: str) -> None:
+    with pytest.raises(MedfmError, match=message):
+        extract(ExtractConfig(**COMMON, out=tmp_path, views=views, augment=augment), QUIET)
+    assert not any(tmp_path.rglob("*.h5*"))
+
+
+def test_a_probe_asking_for_more_views_than_the_cache_holds_is_refused(tmp_path: Path) -> None:
+    cache = extract(ExtractConfig(**COMMON, out=tmp_path, tokens=False), QUIET)
+    with CacheReader(cache.path) as reader, pytest.raises(MedfmError, match="holds 0 augmented train views"):
+        FeatureSource(reader, "pooled", 8, views=3)
