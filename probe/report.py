@@ -278,7 +278,7 @@ def row_label(key: tuple, info: RowInfo | None = None) -> str:
     if random:
         notes.append(f"RANDOM {' and '.join(random)}")
     if protocol != DEFAULT_PROTOCOL:
-        notes.append(f"{protocol} protocol")
+        notes.append(protocol if "views" in protocol else f"{protocol} protocol")
     if info is not None:
         notes += ["extension"] * info.extension + ["off-recipe"] * bool(info.recipe)
         if info.partial:

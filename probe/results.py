@@ -177,8 +177,11 @@ class RunRecord:
 
     @property
     def protocol(self) -> str:
-        """Whose protocol the run followed: "medfm" (the default, and every run before the field) or "study"."""
-        return str(self.config.get("protocol", "medfm"))
+        """Whose protocol the run followed: "medfm" (the default, and every run before the field) or "study", and for
+        heads trained on augmented cached views how many (`study, 100 augmented views`): never one cell with others."""
+        protocol = str(self.config.get("protocol", "medfm"))
+        views = int(self.config.get("views", 0) or 0)
+        return f"{protocol}, {views} augmented views" if views else protocol
 
     def with_identity(self, identity: DatasetIdentity) -> RunRecord:
         self.dataset_id, self.dataset_label, self.dataset_inputs = identity.id, identity.label, identity.inputs

@@ -3,6 +3,7 @@ linear baseline, CSV/Markdown/PNG written."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -245,3 +246,18 @@ def test_the_figure_labels_the_baseline_and_each_bar_and_explains_an_empty_plot(
     empty = make_report(lonely, out=isolated_outputs / "empty")
     assert empty.figure_texts == ["No gain to show: no deit linear run to compare with; train one (`probe run --backbone deit`)."]
     assert empty.files["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heads_on_augmented_views_are_their_own_rows_compared_with_a_baseline_on_as_many_views(ledger):
+    """A probe on 3 augmented cached views and one on the eval view are different protocols: never one cell."""
+    for backbone, score in (("dinov2", 0.70), ("deit", 0.50)):
+        record = add(ledger, backbone, "linear", "aptos2019", score, val=0.99, lr=1e-3)
+        record.config["views"] = 3  # what `probe run --views 3` records
+        with ledger._connect() as db:
+            db.execute("UPDATE runs SET config = ? WHERE id = ?", (json.dumps(record.config), record.id))
+    report = make_report(ledger, partial=True)
+    views = row("dinov2", "frozen-linear", protocol="medfm, 3 augmented views")
+    assert report.table.loc[row("dinov2", "frozen-linear"), "aptos2019"] == pytest.approx(0.80)  # the eval-view row as it was
+    assert report.table.loc[views, "aptos2019"] == pytest.approx(0.70)
+    assert report.rows[views].label.startswith("dinov2 frozen-linear (medfm, 3 augmented views")
+    assert report.table.loc[views, GAIN] == pytest.approx((0.70 - 0.50) / 0.50 * 100)  # against deit on 3 views too
