@@ -41,6 +41,13 @@ def parse_batch_size(text: str) -> int | str:
     return value
 
 
+def parse_views(views: int | None) -> int:
+    """`--views K` asks for K >= 1 augmented views; leaving it out stores the eval view only."""
+    if views is not None and views < 1:
+        raise MedfmError(f"--views must be at least 1, got {views}; leave it out to store the eval view only")
+    return views or 0
+
+
 @app.command()
 def run(
     backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
@@ -61,8 +68,9 @@ def run(
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.", show_default="cores - 1, at most 12, with a GPU; on the CPU none up to 4 cores, else a quarter")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).", show_default="off")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
-    views: Annotated[int, typer.Option(help="Augmented views of the train split stored beside its eval view, each a seeded draw "
-                                            "of --augment; a probe then trains epoch e on view (e-1) mod K (the study's frozen protocol).")] = 0,
+    views: Annotated[int | None, typer.Option(help="Augmented views of the train split stored beside its eval view, each a seeded "
+                                                   "draw of --augment; a probe then trains epoch e on view (e-1) mod K (the study's frozen protocol).",
+                                              show_default="none: the eval view only")] = None,
     augment: Annotated[str, typer.Option(help="The augmentation of the views: none | study (the study's train transform).")] = "none",
     augment_seed: Annotated[int, typer.Option(help="Seed of the views' draws (finetune draws epoch v from its --seed alike).")] = 0,
     protocol: Annotated[str, typer.Option(help="medfm | study: the official code's backbone rules where they differ from ours "
@@ -80,7 +88,7 @@ def run(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or output_root() / "features",
         batch_size=parse_batch_size(batch_size), tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
         image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest,
-        views=views, augment=augment, augment_seed=augment_seed, protocol=protocol,
+        views=parse_views(views), augment=augment, augment_seed=augment_seed, protocol=protocol,
         dataset_options=dataset_options(opt, split_seed),
     )
     result = extract(cfg)

@@ -85,3 +85,19 @@ def test_a_probe_asking_for_more_views_than_the_cache_holds_is_refused(tmp_path:
     cache = extract(ExtractConfig(**COMMON, out=tmp_path, tokens=False), QUIET)
     with CacheReader(cache.path) as reader, pytest.raises(MedfmError, match="holds 0 augmented train views"):
         FeatureSource(reader, "pooled", 8, views=3)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--views", "0", "--augment", "study"], "--views must be at least 1, got 0; leave it out"),
+    (["--views", "3"], "--views 3 needs --augment study"),
+    (["--protocol", "exact"], "--protocol must be medfm or study"),
+    (["--protocol", "study"], "--protocol study runs on the study's inputs: add --norm study --interpolation bilinear"),
+])
+def test_bad_view_and_protocol_flags_are_one_line_and_exit_2(tmp_path: Path, monkeypatch, args: list[str], message: str) -> None:
+    from extract.cli import main
+    from tests.tiny import run_main
+
+    code, _, err = run_main(main, ["run", "--backbone", "deit", "--dataset", "demo", "--weights", "random", "--out", str(tmp_path), *args],
+                            monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not any(tmp_path.rglob("*.h5*"))
