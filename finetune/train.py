@@ -49,6 +49,7 @@ from finetune.distributed import World
 from finetune.model import FreezePolicy, build_model, freeze_unused
 from probe.heads import get_head
 from probe.metrics import compute_metrics, loss_fn, primary
+from probe.predictions import Predictions, save_predictions
 from probe.recipe import PROTOCOLS, STUDY, improves, param_groups, precision, warmup_then_constant
 from probe.results import Ledger, RunRecord, config_key, dataset_identity, late_best, late_best_note
 from probe.train import Pace
@@ -181,7 +182,8 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
     criterion = loss_fn(task)
 
     # --- resume, or start the run folder
-    state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": None, "best_model": None, "history": [], "train_seconds": 0.0}
+    state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": None, "best_model": None, "best_val": None, "history": [],
+                             "train_seconds": 0.0}
     if cfg.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.pop("model"))
@@ -238,7 +240,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
             val_metrics = compute_metrics(task, val_labels, val_logits)
             score = primary(task, val_metrics)
             if improves(score, state["best_score"], cfg.protocol):
-                state.update(best_score=score, best_epoch=epoch + 1,
+                state.update(best_score=score, best_epoch=epoch + 1, best_val=(torch.from_numpy(val_labels), torch.from_numpy(val_logits)),  # tensors: checkpoints load weights-only
                              best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
             state["history"].append({
                 "epoch": epoch + 1, "loss": distributed.all_mean(world, torch.stack(losses).mean().item()), "lr": scheduler.get_last_lr()[0],
@@ -262,6 +264,8 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
                             primary(task, test_metrics), test_metrics, state["history"], weights.random, head_random, True, None)
     if world.is_main:
         _atomic_save(state["best_model"], run_dir / "best.pt")
+        save_predictions(run_dir, {"val": Predictions(source.splits["val"].ids, *map(np.asarray, state["best_val"])),
+                                   "test": Predictions(source.splits["test"].ids, np.asarray(test_labels), np.asarray(test_logits))})
         _write_json(run_dir / RESULT, {k: getattr(result, k) for k in ("best_epoch", "val_score", "test_metrics", "history")})
         result.ledger_id = _record(ledger, cfg, run_config, key, scenario, task, result, state["train_seconds"],
                                    time.perf_counter() - start_time, tspec)

@@ -24,6 +24,7 @@ from common.locks import FileLock, acquire
 from common.runtime import output_root, resolve_device
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
+from probe.predictions import Predictions, save_predictions
 from probe.recipe import PROTOCOLS
 from probe.results import (
     DatasetIdentity,
@@ -182,6 +183,7 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
             fh.write(json.dumps(row) + "\n")
     pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
     torch.save(result.state_dict, run_dir / "head.pt")
+    save_predictions(run_dir, {split: Predictions(reader.ids(split), labels, logits) for split, (labels, logits) in result.predictions.items()})
     late = late_best(result.best_epoch, config.epochs)
     metrics = {"best_epoch": result.best_epoch, "late_best": late, "val": result.val_metrics, "test": result.test_metrics}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

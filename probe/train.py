@@ -80,6 +80,7 @@ class FitResult:
     state_dict: dict[str, torch.Tensor]
     train_seconds: float
     head_init: str  # "random", the weights file of a DeiT head, or "" for a linear head
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (labels, logits) of the best epoch, in row order
 
 
 def duration(seconds: float) -> str:
@@ -223,7 +224,7 @@ def fit(
     return [
         FitResult(c, b["epoch"], b["score"], compute_metrics(task, val_labels, b["val_logits"]),
                   compute_metrics(task, test_labels, test_logits[k]), history[k], b["state"], train_seconds,
-                  getattr(heads[k], "weights_source", ""))
+                  getattr(heads[k], "weights_source", ""), {"val": (val_labels, b["val_logits"]), "test": (test_labels, test_logits[k])})
         for k, (c, b) in enumerate(zip(configs, best, strict=True))
     ]
 

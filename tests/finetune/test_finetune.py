@@ -18,6 +18,7 @@ from extract.backbones import create_backbone
 from finetune.cli import main
 from finetune.model import FreezePolicy
 from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
+from probe.predictions import load_predictions
 from probe.report import make_report
 from probe.results import Ledger
 from tests.conftest import cli
@@ -79,6 +80,9 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
     assert row.backbone_random and not row.head_random and row.config["freeze"] == "none"
     assert {p.name for p in result.run_dir.iterdir()} >= {"best.pt", RESULT, "config.json", "splits.json"}
     assert not (result.run_dir / CHECKPOINT).exists()
+    stored = load_predictions(result.run_dir, "test")  # kept with the ids: intervals later, no retraining
+    assert len(stored.ids) == len(stored.labels) == len(stored.logits) and (stored.logits.argmax(1) == stored.labels).mean() == pytest.approx(
+        result.test_metrics["accuracy"])
     table = make_report(Ledger()).table  # what `probe report` prints
     assert table.loc[("deit", "unfrozen-linear", "finetune", True, False, "medfm"), "demo"] == pytest.approx(result.test_score)
     assert finetune(cfg).trained is False  # the same configuration is not trained twice

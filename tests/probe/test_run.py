@@ -8,10 +8,13 @@ import pytest
 
 from common.errors import MedfmError
 from probe.data import feature_name, find_cache, open_cache
+from probe.metrics import compute_metrics
+from probe.predictions import load_predictions
 from probe.results import Ledger
 from probe.run import run_probe
 from probe.train import TrainConfig
 from tests.probe.caches import make_cache
+from tests.tiny import MULTICLASS
 
 FAST = TrainConfig(epochs=2, batch_size=32)
 
@@ -33,7 +36,11 @@ def test_run_writes_folder_and_ledger_row_then_skips_the_same_config(isolated_ou
     assert row.backbone_random and not row.head_random and row.primary_metric == "accuracy" and row.test_primary == row.test_metrics["accuracy"]
     run_dir = isolated_outputs / "runs" / "probe"
     folder = next(p for p in run_dir.iterdir() if str(p) == row.run_dir)
-    assert {p.name for p in folder.iterdir()} == {"config.json", "history.jsonl", "history.csv", "head.pt", "metrics.json"}
+    assert {p.name for p in folder.iterdir()} == {"config.json", "history.jsonl", "history.csv", "head.pt", "metrics.json", "predictions.npz"}
+    stored = load_predictions(folder, "test")  # what intervals and paired tests are computed from, without retraining
+    with open_cache(path, "deit", "demo") as reader:
+        assert stored.ids.tolist() == reader.ids("test").tolist() and stored.labels.tolist() == reader.labels("test").tolist()
+    assert compute_metrics(MULTICLASS, stored.labels, stored.logits)["accuracy"] == pytest.approx(row.test_primary)
     assert json.loads((folder / "config.json").read_text())["config_key"] == row.config_key
     assert len((folder / "history.jsonl").read_text().splitlines()) == 2
 
