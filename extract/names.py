@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from common.errors import MedfmError
+from common.registry import unknown
 
 BACKBONES = ("deit", "dino", "dinov2", "resnet152", "blip", "openclip", "sam", "seem")
 DATASETS = ("aptos2019", "chexpert", "ddsm", "cbis-ddsm", "demo", "imagefolder", "csv", "isic2019", "medmnist")
@@ -19,14 +19,14 @@ def check_backbone(name: str) -> None:
     """An unknown backbone is the registry's own error (`extract.backbones.get_spec`), said without loading it."""
     names = _loaded("extract.backbones", "list_backbones") or BACKBONES
     if name not in names:
-        raise MedfmError(f"unknown backbone '{name}'; choose one of: {', '.join(names)} (see `extract backbones`)")
+        raise unknown("backbone", name, names, "extract backbones")
 
 
 def check_dataset(name: str) -> None:
     """An unknown dataset is the registry's own error (`extract.datasets.get_dataset`), said without loading it."""
     names = _loaded("extract.datasets", "list_datasets") or DATASETS
     if name not in names:
-        raise MedfmError(f"unknown dataset '{name}'; choose one of: {', '.join(names)} (see `extract datasets`)")
+        raise unknown("dataset", name, names, "extract datasets")
 
 
 def _loaded(module: str, listing: str) -> tuple[str, ...]:

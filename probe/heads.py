@@ -28,6 +28,7 @@ from torch import nn
 
 from common.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict
 from common.errors import MedfmError
+from common.registry import Registry
 from probe.recipe import PROTOCOLS
 
 
@@ -221,24 +222,19 @@ class HeadSpec:
     description: str = ""
 
 
-_HEADS: dict[str, HeadSpec] = {}
+REGISTRY: Registry[HeadSpec] = Registry("head")
 
 
 def register_head(spec: HeadSpec) -> HeadSpec:
-    if spec.name in _HEADS:
-        raise ValueError(f"head {spec.name} registered twice")
-    _HEADS[spec.name] = spec
-    return spec
+    return REGISTRY.register(spec.name, spec)
 
 
 def get_head(name: str) -> HeadSpec:
-    if name not in _HEADS:
-        raise MedfmError(f"unknown head '{name}'; choose one of {', '.join(_HEADS)}")
-    return _HEADS[name]
+    return REGISTRY.get(name)
 
 
 def list_heads() -> list[HeadSpec]:
-    return list(_HEADS.values())
+    return REGISTRY.values()
 
 
 def build_head(name: str, row_shape: tuple[int, ...], num_outputs: int, protocol: str = "medfm", **options: Any) -> nn.Module:

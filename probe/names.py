@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from common.errors import MedfmError
+from common.registry import unknown
 
 HEADS = ("linear", "deit")
 
@@ -19,4 +19,4 @@ def check_head(name: str) -> None:
     registry = sys.modules.get("probe.heads")
     names = tuple(spec.name for spec in registry.list_heads()) if registry is not None else HEADS
     if name not in names:
-        raise MedfmError(f"unknown head '{name}'; choose one of {', '.join(names)}")
+        raise unknown("head", name, names)

@@ -11,28 +11,24 @@ from typing import Any
 import torch
 
 from common.errors import MedfmError
+from common.registry import Registry
 from extract.backbones.base import PROTOCOLS, Backbone, BackboneSpec, DataConfig, Features, check_protocol
 from extract.backbones.weights import ResolvedWeights, resolve_weights
 
 RANDOM_INIT_SEED = 0
-_REGISTRY: dict[str, BackboneSpec] = {}
+REGISTRY: Registry[BackboneSpec] = Registry("backbone", "extract backbones")
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"backbone {spec.name} registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return REGISTRY.register(spec.name, spec)
 
 
 def get_spec(name: str) -> BackboneSpec:
-    if name not in _REGISTRY:
-        raise MedfmError(f"unknown backbone '{name}'; choose one of: {', '.join(_REGISTRY)} (see `extract backbones`)")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def list_backbones() -> list[BackboneSpec]:
-    return list(_REGISTRY.values())
+    return REGISTRY.values()
 
 
 def create_backbone(

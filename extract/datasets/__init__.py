@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import MedfmError
+from common.registry import Registry
 from extract.datasets.base import DatasetSource, Split, Task
 
 
@@ -22,24 +23,19 @@ class DatasetEntry:
     split: str = ""  # the split rule, in words
 
 
-_REGISTRY: dict[str, DatasetEntry] = {}
+REGISTRY: Registry[DatasetEntry] = Registry("dataset", "extract datasets")
 
 
 def register(entry: DatasetEntry) -> DatasetEntry:
-    if entry.name in _REGISTRY:
-        raise ValueError(f"dataset {entry.name} registered twice")
-    _REGISTRY[entry.name] = entry
-    return entry
+    return REGISTRY.register(entry.name, entry)
 
 
 def list_datasets() -> list[DatasetEntry]:
-    return list(_REGISTRY.values())
+    return REGISTRY.values()
 
 
 def get_dataset(name: str, root: Path | None = None, **options: Any) -> DatasetSource:
-    if name not in _REGISTRY:
-        raise MedfmError(f"unknown dataset '{name}'; choose one of: {', '.join(_REGISTRY)} (see `extract datasets`)")
-    build = _REGISTRY[name].build
+    build = REGISTRY.get(name).build
     params = inspect.signature(build).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         accepted = [p for p in params if p != "root"]

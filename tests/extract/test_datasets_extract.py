@@ -13,7 +13,7 @@ import pytest
 
 from cache.store import CacheReader
 from common.errors import MedfmError
-from extract.backbones import _REGISTRY as backbone_registry
+from extract.backbones import REGISTRY as backbone_registry
 from extract.backbones import get_spec
 from extract.cli import main
 from extract.datasets import get_dataset
@@ -128,7 +128,7 @@ def error_line(code: int, stderr: str) -> str:
 def invoke(args: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
     """The `extract` entry point in-process, with a one-block DeiT registered as `tiny-deit` for this test only."""
     deit = get_spec("deit")
-    monkeypatch.setitem(backbone_registry, "tiny-deit", dataclasses.replace(deit, name="tiny-deit", build=functools.partial(deit.build, **TINY_VIT_1)))
+    monkeypatch.setitem(backbone_registry.entries, "tiny-deit", dataclasses.replace(deit, name="tiny-deit", build=functools.partial(deit.build, **TINY_VIT_1)))
     return run_main(main, args, monkeypatch)
 
 
