@@ -153,11 +153,8 @@ class CacheMeta:
         try:
             data = json.loads(text)
             layers = tuple(int(i) for i in data["layers"])
-            backbone = dict(data["backbone"])
-            if "weights" not in backbone:  # caches of medfm 0.1 kept the weights identity beside the name
-                backbone["weights"] = {k: backbone.pop(k) for k in ("kind", "file", "sha256") if k in backbone}
             return cls(
-                backbone=BackboneInfo(**backbone),
+                backbone=BackboneInfo(**data["backbone"]),
                 dataset=DatasetInfo(**data["dataset"]),
                 task=Task.from_dict(data["task"]),
                 layers=layers,

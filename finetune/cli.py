@@ -6,6 +6,9 @@ Many: `torchrun --nproc_per_node N $(which finetune) run ...` (DDP; --batch-size
 
 from __future__ import annotations
 
+import math
+import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +16,7 @@ import typer
 from rich.console import Console
 
 from common.cli import dataset_options, parse_overrides, run_cli
+from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
 from extract.names import check_backbone, check_dataset
 from probe.names import check_head
@@ -57,7 +61,9 @@ def run(
     head_depth: Annotated[int, typer.Option(help="DeiT head blocks (the study: 12).")] = 12,
     head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b (the study) | deit-s | deit-t.")] = "deit-b",
     head_weights: Annotated[str, typer.Option(help="DeiT head blocks: default | random | PATH.")] = "default",
-    seed: Annotated[int, typer.Option(help="Training seed (initial head, shuffle order, augmentation).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Training seed (initial head, shuffle order, augmentation).", show_default="0")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Several seeds, comma-separated (0,1,2): one run each, one after another, each its "
+                                                   "own ledger row; the report averages them.", show_default="none, --seed alone")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU).")] = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers per process.", show_default="from the cores")] = None,
     out: Annotated[Path | None, typer.Option(help="Runs folder and ledger.", show_default="$MEDFM_OUTPUT/runs")] = None,
@@ -70,19 +76,43 @@ def run(
     """Train BACKBONE + HEAD on DATASET end to end; the result joins the ledger that `probe report` reads."""
     for check, name in ((check_backbone, backbone), (check_dataset, dataset), (check_head, head)):
         check(name)  # a typo is one line before torch and the models load
+    several = _seeds(seeds, seed)
     from finetune.train import FinetuneConfig, finetune  # torch and the models: imported for a run, not for --help
 
     cfg = FinetuneConfig(
         backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
         augment=augment, protocol=protocol, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, head_depth=head_depth,
-        head_preset=head_preset, head_weights=head_weights, seed=seed, device=device, workers=workers, resume=resume,
+        head_preset=head_preset, head_weights=head_weights, seed=several[0], device=device, workers=workers, resume=resume,
         out=out or output_root() / "runs", dataset_options=dataset_options(opt, split_seed), overrides=parse_overrides(override or []),
     )
-    result = finetune(cfg)
-    if torchrun_launch().is_main:
-        Console().print(f"{backbone} {result.scenario} on {dataset}: val {result.metric} {result.val_score:.4f} "
-                        f"(epoch {result.best_epoch}), test {result.metric} {result.test_score:.4f}")
+    tests = []
+    for one in several:
+        result = finetune(replace(cfg, seed=one))
+        tests.append(result.test_score)
+        if torchrun_launch().is_main:
+            Console().print(f"{backbone} {result.scenario} on {dataset}{f' (seed {one})' if seeds else ''}: val {result.metric} "
+                            f"{result.val_score:.4f} (epoch {result.best_epoch}), test {result.metric} {result.test_score:.4f}")
+    if len(several) > 1 and torchrun_launch().is_main:
+        finite = [t for t in tests if math.isfinite(t)]
+        spread = f" ± {statistics.stdev(finite):.4f} (std over seeds)" if len(finite) > 1 else ""
+        Console().print(f"mean over {len(several)} seeds ({', '.join(map(str, several))}): test {result.metric} "
+                        f"{statistics.fmean(finite) if finite else math.nan:.4f}{spread}")
+
+
+def _seeds(seeds: str | None, seed: int | None) -> list[int]:
+    """The seeds to run: `--seeds 0,1,2` (a seed given twice runs once), else `--seed` (0 by default)."""
+    if seeds is None:
+        return [0 if seed is None else seed]
+    if seed is not None:
+        raise MedfmError("give --seed or --seeds, not both")
+    try:
+        values = [int(v.strip()) for v in seeds.split(",") if v.strip()]
+    except ValueError:
+        raise MedfmError(f"--seeds takes comma-separated integers such as 0,1,2, got '{seeds}'") from None
+    if not values:
+        raise MedfmError("--seeds needs at least one seed, e.g. 0,1,2")
+    return list(dict.fromkeys(values))
 
 
 def main() -> None:

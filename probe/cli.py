@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Annotated
 
@@ -66,7 +67,9 @@ def run(
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better validation score.",
                                                  show_default="never, every epoch trains")] = None,
     grad_clip: GradClip = STUDY.grad_clip,
-    seed: Annotated[int, typer.Option(help="Seed of the head's initialisation.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the head's initialisation.", show_default="0")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Several head seeds, comma-separated (0,1,2): one head each, trained together "
+                                                   "as a sweep; the report averages them.", show_default="none, --seed alone")] = None,
     data_seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
     head_depth: Annotated[int, typer.Option(help="DeiT head: number of blocks (the study: 12).")] = 12,
     head_preset: Annotated[str, typer.Option(help="DeiT head width: deit-b (the study) | deit-s | deit-t.")] = "deit-b",
@@ -78,21 +81,56 @@ def run(
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Retrain even if the ledger already holds this run.")] = False,
 ) -> None:
-    """Train one head on a cache with the study's recipe; a run already in the ledger is skipped."""
+    """Train one head on a cache with the study's recipe (one per seed with --seeds); a run already in the ledger is skipped."""
     check_head(head)  # a typo is one line before torch loads
+    several = parse_seeds(seeds, seed)
     from probe.heads import get_head
-    from probe.run import run_probe
+    from probe.run import late_hint, run_probe
     from probe.train import TrainConfig
 
     path = find_cache(backbone, dataset, cache)
     with open_cache(path, backbone, dataset) as reader:
         config = TrainConfig(
             head=head, feature=feature_name(reader, get_head(head).reads, layer), lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-            epochs=epochs, warmup_steps=warmup_steps, patience=patience, grad_clip=grad_clip or None, seed=seed,
+            epochs=epochs, warmup_steps=warmup_steps, patience=patience, grad_clip=grad_clip or None, seed=seed or 0,
             data_seed=data_seed, head_depth=head_depth, head_preset=head_preset, head_weights=head_weights, standardize=standardize,
             views=parse_views(views, reader.meta.views), protocol=protocol,
         )
-        run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console)
+        if several is None:
+            run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console)
+            return
+        from probe.sweep import Grid, expand, run_sweep
+
+        grid = Grid(heads=(head,), lrs=(lr,), weight_decays=(weight_decay,), seeds=tuple(several), layers=(layer,))
+        outcome = run_sweep(reader, expand(reader, grid, config), device=device, max_ram=_ram(max_ram), force=force, console=console)
+    _say_seeds(outcome.records, late_hint(config))
+
+
+def parse_seeds(seeds: str | None, seed: int | None) -> list[int] | None:
+    """`--seeds 0,1,2` -> [0, 1, 2] (a seed given twice is one run); None when only --seed (or neither) is given."""
+    if seeds is None:
+        return None
+    if seed is not None:
+        raise MedfmError("give --seed or --seeds, not both")
+    return list(dict.fromkeys(_values(seeds, int, "--seeds")))
+
+
+def _say_seeds(records: list, hint: str) -> None:
+    """Each seed's line, then their mean and standard deviation: what the report's cell will show."""
+    from probe.results import mean_score
+    from probe.run import describe
+
+    for r in records:
+        console.print(f"seed {r.seed}: {describe(r)}")
+    tests = [r.test_primary for r in records if r.test_primary is not None and r.test_primary == r.test_primary]
+    spread = f" ± {statistics.stdev(tests):.4f} (std over seeds)" if len(tests) > 1 else ""
+    r = records[0]
+    console.print(f"mean over {len(records)} seeds ({', '.join(str(r.seed) for r in records)}): val {r.primary_metric} "
+                  f"{mean_score([r.val_score for r in records]):.4f}, test {r.primary_metric} {mean_score(tests):.4f}{spread}")
+    late = [r for r in records if r.late_best]
+    if late:
+        console.print(f"[yellow]{len(late)} of {len(records)} seeds had their best validation epoch in the last tenth of their "
+                      f"epochs and may not have converged; {hint}[/]")
 
 
 @app.command()
@@ -193,13 +231,25 @@ def report(
     partial: Annotated[bool, typer.Option(help="Also average rows that lack a dataset, over the datasets they have (still marked).")] = False,
     name: Annotated[list[str] | None, typer.Option(help="Name a dataset column, LABEL=NAME or ID=NAME (repeatable), e.g. "
                                                         "csv:a1b2=ward-a.", show_default="none")] = None,
+    ci: Annotated[float | None, typer.Option(help="Confidence level (%) of bootstrap intervals for every cell, average and gain, "
+                                                  "from the runs' stored test predictions, e.g. 95.", show_default="none, no intervals")] = None,
+    boot: Annotated[int | None, typer.Option(help="Bootstrap resamples of the test set (with --ci).", show_default="1000")] = None,
+    boot_seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples (with --ci).")] = 0,
+    jobs: Annotated[int, typer.Option(help="Processes that share the bootstrap resamples (with --ci).")] = 1,
 ) -> None:
     """The study's table (backbone x scenario by dataset, average, gain over deit linear) and figure."""
     from rich.markup import escape
 
+    from probe.bootstrap import check_settings
     from probe.report import AVERAGE, GAIN, is_random, make_report, notes
 
-    result = make_report(Ledger(ledger), dataset, out or output_root() / "reports", partial=partial, names=_names(name or []))
+    if ci is None and boot is not None:
+        raise MedfmError("--boot sets the resamples of --ci intervals; give --ci too (e.g. --ci 95)")
+    boot = 1000 if boot is None else boot
+    if ci is not None:
+        check_settings(ci, boot, jobs, boot_seed)
+    result = make_report(Ledger(ledger), dataset, out or output_root() / "reports", partial=partial, names=_names(name or []),
+                         ci=ci, boot=boot, boot_seed=boot_seed, jobs=jobs)
     if result.table.empty:
         raise MedfmError("the ledger holds no runs" + (f" for {', '.join(dataset)}" if dataset else "") + "; train some with `probe run`")
     table = Table("backbone x scenario", *[escape(f"{c.label}\n({c.metric})") for c in result.columns], AVERAGE, "gain vs deit\nlinear (%)",
@@ -207,7 +257,7 @@ def report(
     for key in result.table.index:
         label = escape(result.rows[key].label)
         table.add_row(f"[bold red]{label}[/]" if is_random(key) else label, *[result.cell(key, c.label) for c in result.columns],
-                      _cell(result.table.loc[key, AVERAGE], False), _cell(result.table.loc[key, GAIN], True))
+                      result.summary(key, AVERAGE), result.summary(key, GAIN))
     console.print(table)
     for line in notes(result)[2:]:
         console.print(f"[bold red]{escape(line)}[/]" if line.startswith("RANDOM") else escape(line), highlight=False)
@@ -234,6 +284,114 @@ def _cell(value: float, percent: bool) -> str:
 
 def _ram(text: str | None) -> int | None:
     return parse_bytes(text) if text is not None else None
+
+
+@app.command()
+def compare(
+    run_a: Annotated[int | None, typer.Argument(help="Ledger id of run A (the sweep's and report's run ids).",
+                                                show_default="none: pick A with --backbone")] = None,
+    run_b: Annotated[int | None, typer.Argument(help="Ledger id of run B.", show_default="none: pick B with --vs")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Side A: the best configuration by validation of this backbone (with "
+                                                      "--vs, --dataset, --scenario).", show_default="none, use RUN_A")] = None,
+    vs: Annotated[str | None, typer.Option(help="Side B: the best configuration by validation of this backbone.",
+                                           show_default="none, use RUN_B")] = None,
+    scenario: Annotated[str, typer.Option(help="Scenario of both sides with --backbone/--vs: frozen|unfrozen|last<K>-linear|deit.")] = "frozen-linear",
+    dataset: Annotated[str | None, typer.Option(help="Dataset of both sides with --backbone/--vs: a name, a label such as csv:a1b2, "
+                                                     "or a dataset id prefix.", show_default="none, needed with --backbone")] = None,
+    boot: Annotated[int, typer.Option(help="Bootstrap resamples of the test rows.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
+    ledger: Annotated[Path | None, typer.Option(help="Results ledger.", show_default="$MEDFM_OUTPUT/runs/results.sqlite")] = None,
+) -> None:
+    """Paired comparison of two runs on the same test rows: bootstrap interval and p-value of A - B (DeLong for binary tasks)."""
+    if boot < 1:
+        raise MedfmError(f"--boot must be a positive number of bootstrap resamples, got {boot}")
+    by_id, by_choice = run_a is not None or run_b is not None, backbone is not None or vs is not None
+    if by_id == by_choice:
+        raise MedfmError("compare two runs by id (probe compare RUN_A RUN_B) or pick them with --backbone A --vs B --dataset D")
+    if by_id and (run_a is None or run_b is None):
+        raise MedfmError("give both run ids: probe compare RUN_A RUN_B")
+    if by_choice and not (backbone and vs and dataset):
+        raise MedfmError("picking the runs needs --backbone A, --vs B and --dataset D (and --scenario, default frozen-linear)")
+    from probe.compare import best_runs, describe, runs_by_id
+    from probe.compare import compare as paired_comparison
+
+    runs = Ledger(ledger)
+    if by_id:
+        a, b = runs_by_id(runs, run_a), runs_by_id(runs, run_b)
+    else:
+        a, b = best_runs(runs, backbone, scenario, dataset), best_runs(runs, vs, scenario, dataset)
+    for line in describe(paired_comparison(a, b, boot=boot, seed=seed)):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def curve(
+    backbone: Annotated[str | None, typer.Option(help="Backbones, comma-separated, one cache each (see `cache ls`).",
+                                                 show_default="none, needed unless --cache")] = None,
+    dataset: Dataset = None,
+    cache: Annotated[list[Path] | None, typer.Option("--cache", help="Cache files (repeatable), instead of --backbone and --dataset.",
+                                                     show_default="found from --backbone and --dataset")] = None,
+    head: Annotated[str, typer.Option(help="linear | deit: the head trained on every subset.")] = "linear",
+    layer: Annotated[int | None, typer.Option(help="Block whose features to use: 8, or -4 from the end.", show_default="the last")] = None,
+    fractions: Annotated[str | None, typer.Option(help="Labelled fractions of each class's train rows, comma-separated, in (0, 1].",
+                                                  show_default="0.01,0.05,0.1,0.25,0.5,1 unless --shots")] = None,
+    shots: Annotated[str | None, typer.Option(help="Labelled train rows per class, comma-separated, instead of --fractions.",
+                                              show_default="none")] = None,
+    repeats: Annotated[int, typer.Option(help="Subsets drawn per point (repeat r: its own subset and head seed r).")] = 3,
+    subset_seed: Annotated[int, typer.Option(help="Seed of the subsets' draw.")] = 0,
+    epochs: Epochs = STUDY.epochs,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = STUDY.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = STUDY.weight_decay,
+    batch_size: BatchSize = STUDY.batch_size,
+    warmup_steps: WarmupSteps = None,
+    standardize: Standardize = False,
+    views: Views = "auto",
+    max_ram: MaxRam = None,
+    device: Device = "auto",
+    out: Annotated[Path | None, typer.Option(help="Folder for curve.csv and curve.png.", show_default="$MEDFM_OUTPUT/reports")] = None,
+) -> None:
+    """Label efficiency: test score against the labelled share of the train split, nested stratified subsets, per backbone."""
+    if fractions is not None and shots is not None:
+        raise MedfmError("--fractions and --shots draw different curves; give one of them")
+    kind, amounts = ("shots", _values(shots, int, "--shots")) if shots is not None else \
+        ("fraction", _values(fractions or "0.01,0.05,0.1,0.25,0.5,1", float, "--fractions"))
+    if kind == "fraction" and not all(0 < a <= 1 for a in amounts):
+        raise MedfmError(f"--fractions must lie in (0, 1], got {fractions}")
+    if kind == "shots" and not all(a >= 1 for a in amounts):
+        raise MedfmError(f"--shots must be at least 1 row per class, got {shots}")
+    if repeats < 1:
+        raise MedfmError(f"--repeats must be at least 1, got {repeats}")
+    check_head(head)
+    if not cache and not (backbone and dataset):
+        raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
+    from contextlib import ExitStack
+
+    from probe.curve import run_curve, write_curve
+    from probe.train import TrainConfig
+
+    if cache:
+        caches = [(path, None) for path in cache]
+    else:
+        caches = [(find_cache(name, dataset, None), name) for name in _values(backbone, str, "--backbone")]
+    with ExitStack() as stack:
+        readers = [stack.enter_context(open_cache(path, name, dataset)) for path, name in caches]
+        held = min(reader.meta.views for reader in readers)  # auto: the views every cache holds
+        base = TrainConfig(head=head, lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, warmup_steps=warmup_steps,
+                           standardize=standardize, views=parse_views(views, held))
+        outcome = run_curve(readers, base, kind, amounts, repeats, layer=layer, subset_seed=subset_seed, device=device,
+                            max_ram=_ram(max_ram), console=console)
+    files = write_curve(outcome, out or output_root() / "reports")
+    table = outcome.table()
+    backbones = list(dict.fromkeys(table["backbone"]))
+    shown = Table(kind, "train rows", *backbones, title=f"test {outcome.metric} on {outcome.dataset}: mean (min-max) over {repeats} repeats")
+    for amount, group in table.groupby(kind, sort=False):
+        cells = {row.backbone: f"{row.mean:.4f} ({row.min:.4f}-{row.max:.4f})" for row in group.itertuples()}
+        shown.add_row(f"{amount:g}", f"{group['train_rows'].mean():.0f}", *[cells.get(b, "-") for b in backbones])
+    console.print(shown)
+    console.print(f"{outcome.trained} heads trained, {outcome.skipped} already in the ledger "
+                  f"({outcome.train_passes} passes over train features)")
+    for kind_, path in files.items():
+        console.print(f"{kind_}: {path}")
 
 
 def main() -> None:

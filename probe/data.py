@@ -122,9 +122,13 @@ class FeatureSource:
     `passes[split]` counts the passes over that split's features (a sweep proves it reads them once per epoch).
     With `views` K > 0 the train batches of epoch e (1-based) come from the cache's augmented train view
     (e - 1) mod K instead of the eval view: the study's augmented frozen protocol, one view per epoch.
+    With `rows` (file row indices of the train split, e.g. a label-efficiency subset) only those train rows are
+    served, in training, in `eval_batches("train")` and in `labels("train")`; rows skipped at extraction stay out
+    (the filter composes with `valid`). Validation and test are never filtered.
     """
 
-    def __init__(self, reader: CacheReader, feature: str, batch_size: int, max_ram: int | None = None, views: int = 0) -> None:
+    def __init__(self, reader: CacheReader, feature: str, batch_size: int, max_ram: int | None = None, views: int = 0,
+                 rows: np.ndarray | None = None) -> None:
         if batch_size < 1:
             raise MedfmError(f"--batch-size must be at least 1, got {batch_size}")
         if views > reader.meta.views:
@@ -140,7 +144,11 @@ class FeatureSource:
         self.streamed = self.nbytes > self.budget
         self.passes: Counter[str] = Counter()
         self._valid = {s: reader.valid(s) for s in reader.splits}
-        self._labels = {s: self._raw_labels(s) for s in reader.splits}
+        self._labels = {s: self._raw_labels(s) for s in reader.splits}  # before the rows filter: labels sit at valid rows
+        if rows is not None:
+            self._valid["train"] = self._valid["train"] & _row_mask(rows, len(self._valid["train"]))
+            if not self._valid["train"].any():
+                raise MedfmError(f"the train subset selects none of the {len(self._valid['train'])} train rows of {reader.path.name}")
         train = reader.dataset("train", feature)
         self.chunk_rows = train.chunks[0] if train.chunks else max(len(train), 1)
         self.window_chunks = max(1, math.ceil(2 * batch_size / self.chunk_rows))
@@ -246,6 +254,16 @@ class FeatureSource:
                 f"--max-ram {self.budget / 2**20:.0f} MiB is below what streaming needs ({need / 2**20:.0f} MiB: a shuffle window of "
                 f"{self.window_chunks} chunk(s) of {self.chunk_rows} rows plus a batch); raise --max-ram or lower --batch-size"
             )
+
+
+def _row_mask(rows: np.ndarray, n: int) -> np.ndarray:
+    """A boolean mask over `n` file rows that is True at `rows` (indices, any order, repeats ignored)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"train rows must lie in [0, {n}); got {rows.min()}..{rows.max()}")
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return mask
 
 
 def _read_rows(reader: CacheReader, group: str, feature: str, rows: np.ndarray) -> np.ndarray:

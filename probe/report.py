@@ -23,10 +23,17 @@ weights are labelled RANDOM and kept apart. A row is also marked when it lacks a
 left out of the average and the gain unless `partial`), when it has no counterpart in the study
 (`extension`), when its chosen runs departed from the study's recipe (`off-recipe`, the recipe in the CSV),
 and a cell when its best validation epoch came in the last tenth of the epochs (`late`).
+
+Seeds: a cell averages the seeds of its configuration; the CSV gives their sample standard deviation
+(`<column> std`, n-1 in the denominator; empty for one seed). Intervals (`add_intervals`, `probe report --ci 95`):
+a percentile bootstrap of each cell's test score from its runs' stored predictions (`probe.bootstrap`), over the
+seed-mean when a cell averages seeds (every seed scored on the same resamples of the shared test rows), and of each
+row's average and gain, the gain paired with its baseline's cells on the same resamples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,6 +44,9 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
+from common.errors import MedfmError
+from probe.bootstrap import Interval, check_settings, interval, resample_metric
+from probe.predictions import load_predictions
 from probe.recipe import STUDY
 from probe.results import Ledger, RunRecord, best_configuration, mean_score
 
@@ -105,14 +115,31 @@ class Report:
     columns: list[Column] = field(default_factory=list)
     partial: bool = False
     figure_texts: list[str] = field(default_factory=list)  # what the figure writes: each bar's value, or why it has none
+    std: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell: sample std of the test score over its seeds (NaN: one seed)
+    chosen: dict[tuple, list[RunRecord]] = field(default_factory=dict)  # (row key, column label) -> the runs the cell averages
+    intervals: dict[tuple, Interval] = field(default_factory=dict)  # (row key, column label | AVERAGE | GAIN) -> its interval
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # the intervals' settings: level, boot, seed; {} without intervals
 
     def cell(self, key: tuple, label: str) -> str:
-        """A cell as a reader sees it: `0.9375 (n=3)`, `late` when flagged, `-` when empty."""
+        """A cell as a reader sees it: `0.9375 (n=3)`, with its interval `0.9375 [0.9100, 0.9600] (n=3)` when computed,
+        `late` when flagged, `-` when empty."""
         value = self.table.loc[key, label]
         if not np.isfinite(value):
             return "-"
         n = int(self.seeds.loc[key, label])
-        return f"{value:.4f} (n={n}{', late' if self.late.loc[key, label] else ''})"
+        return f"{value:.4f}{self._bounds(key, label, False)} (n={n}{', late' if self.late.loc[key, label] else ''})"
+
+    def summary(self, key: tuple, name: str) -> str:
+        """The row's AVERAGE or GAIN as a reader sees it, with its interval when computed: `+2.22 [-0.50, +4.90]`."""
+        percent = name == GAIN
+        text = _fmt(self.table.loc[key, name], percent)
+        return text + self._bounds(key, name, percent) if text != "-" else text
+
+    def _bounds(self, key: tuple, name: str, percent: bool) -> str:
+        found = self.intervals.get((key, name))
+        if found is None:
+            return ""
+        return f" [{_fmt(found.low, percent)}, {_fmt(found.high, percent)}]"
 
 
 def row_key(record: RunRecord) -> tuple:
@@ -129,13 +156,15 @@ def build_report(records: list[RunRecord], partial: bool = False, names: dict[st
         groups[row_key(r)][column_of[(r.dataset_id, r.primary_metric)].label].append(r)
     labels = [c.label for c in columns]
     keys = list(groups)
-    cells: dict[str, dict[tuple, tuple[float, int, bool]]] = {label: {} for label in labels}  # (mean test, seeds, late)
+    cells: dict[str, dict[tuple, tuple[float, int, bool, float]]] = {label: {} for label in labels}  # (mean test, seeds, late, std)
     recipes: dict[tuple, list[str]] = defaultdict(list)
+    chosen_runs: dict[tuple, list[RunRecord]] = {}
     for key, by_column in groups.items():
         for label, runs in by_column.items():
             chosen = best_configuration(runs)
+            chosen_runs[(key, label)] = chosen
             cells[label][key] = (mean_score([r.test_primary for r in chosen]), len({r.seed for r in chosen}),
-                                 any(r.late_best for r in chosen))
+                                 any(r.late_best for r in chosen), seed_std([r.test_primary for r in chosen]))
             for departure in recipe_departures(chosen[0]):
                 if departure not in recipes[key]:
                     recipes[key].append(departure)
@@ -145,7 +174,7 @@ def build_report(records: list[RunRecord], partial: bool = False, names: dict[st
         return pd.DataFrame({label: [cells[label][key][part] if key in cells[label] else empty for key in keys] for label in labels},
                             index=index, columns=labels, dtype=dtype)
 
-    values, seeds, late = frame(0, math.nan, float), frame(1, 0, int), frame(2, False, bool)
+    values, seeds, late, std = frame(0, math.nan, float), frame(1, 0, int), frame(2, False, bool), frame(3, math.nan, float)
     covered = {key: sum(key in cells[label] for label in labels) for key in keys}
     included = {key: partial or covered[key] == len(labels) for key in keys}
     table = values.copy()
@@ -160,7 +189,14 @@ def build_report(records: list[RunRecord], partial: bool = False, names: dict[st
         info.label = row_label(key, info)
     order = table.sort_values(GAIN, na_position="last").index if keys else table.index
     metrics = {c.label: c.metric for c in columns}
-    return Report(table.loc[order], metrics, len(records), {}, seeds.loc[order], late.loc[order], rows, columns, partial)
+    return Report(table.loc[order], metrics, len(records), {}, seeds.loc[order], late.loc[order], rows, columns, partial,
+                  std=std.loc[order], chosen=chosen_runs)
+
+
+def seed_std(values: list[float | None]) -> float:
+    """Sample standard deviation (n-1) of the finite values; NaN with fewer than two."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
 
 
 def _latest(records: list[RunRecord]) -> list[RunRecord]:
@@ -247,18 +283,30 @@ def _gain(values: pd.DataFrame, key: tuple, labels: list[str], included: dict[tu
     """Mean over datasets of the relative gain (%) over the deit linear row of the same freeze setting (last<K> too) and
     protocol, from the same stage when there is one, pretrained before random. Without `partial`, both rows must have
     every dataset."""
-    if not included[key]:
-        return math.nan
-    freeze = key[1].split("-")[0]
-    candidates = [k for k in values.index if k[0] == BASELINE and k[1] == f"{freeze}-linear" and k[5] == key[5]]
-    if not candidates:
-        return math.nan
-    base_key = sorted(candidates, key=lambda k: (k[2] != key[2], k[3], k[4]))[0]
-    if not included[base_key]:
+    base_key = _baseline_key(list(values.index), key, included)
+    if base_key is None:
         return math.nan
     base, row = values.loc[base_key, labels], values.loc[key, labels]
-    gains = [(row[d] - base[d]) / abs(base[d]) * 100 for d in labels if np.isfinite(row[d]) and np.isfinite(base[d]) and base[d]]
+    gains = [(row[d] - base[d]) / abs(base[d]) * 100 for d in _gain_labels(values, key, base_key, labels)]
     return float(np.mean(gains)) if gains else math.nan
+
+
+def _baseline_key(keys: list[tuple], key: tuple, included: dict[tuple, bool]) -> tuple | None:
+    """The row a row's gain is over (see `_gain`), or None when there is none or either row is left out."""
+    if not included[key]:
+        return None
+    freeze = key[1].split("-")[0]
+    candidates = [k for k in keys if k[0] == BASELINE and k[1] == f"{freeze}-linear" and k[5] == key[5]]
+    if not candidates:
+        return None
+    base_key = sorted(candidates, key=lambda k: (k[2] != key[2], k[3], k[4]))[0]
+    return base_key if included[base_key] else None
+
+
+def _gain_labels(values: pd.DataFrame, key: tuple, base_key: tuple, labels: list[str]) -> list[str]:
+    """The columns a gain averages: both rows scored, the baseline's score not 0."""
+    base, row = values.loc[base_key, labels], values.loc[key, labels]
+    return [d for d in labels if np.isfinite(row[d]) and np.isfinite(base[d]) and base[d]]
 
 
 def is_extension(key: tuple) -> bool:
@@ -296,12 +344,18 @@ def select(records: list[RunRecord], datasets: list[str]) -> list[RunRecord]:
 
 
 def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | None = None, *, partial: bool = False,
-                names: dict[str, str] | None = None) -> Report:
-    """Build the table from the ledger and write report.csv, report.md and report.png into `out`."""
-    records = ledger.rows()
+                names: dict[str, str] | None = None, ci: float | None = None, boot: int = 1000, boot_seed: int = 0,
+                jobs: int = 1) -> Report:
+    """Build the table from the ledger, with `ci`% bootstrap intervals when asked (`add_intervals`), and write
+    report.csv, report.md and report.png into `out`."""
+    if ci is not None:
+        check_settings(ci, boot, jobs, boot_seed)  # before any work
+    records = [r for r in ledger.rows() if not r.config.get("train_subset")]  # label-efficiency runs belong to `probe curve`
     if datasets:
         records = select(records, datasets)
     report = build_report(records, partial, names)
+    if ci is not None and len(report.table):
+        add_intervals(report, ci, boot, boot_seed, jobs)
     if out is not None and len(report.table):
         out.mkdir(parents=True, exist_ok=True)
         report.files["csv"] = out / "report.csv"
@@ -313,8 +367,65 @@ def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | N
     return report
 
 
+def add_intervals(report: Report, level: float, boot: int, seed: int = 0, jobs: int = 1) -> None:
+    """`level`% percentile bootstrap intervals of every cell, average and gain (`probe.bootstrap`), into `report.intervals`.
+
+    Each column's resamples are drawn once per (seed, dataset identity): every cell of the column, each of its seeds, is
+    scored on the same resamples of the same test rows (matched by sample id), so a cell's interval is over its seed-mean,
+    a row's average is averaged per resample, and its gain is paired with the baseline's cells resample by resample."""
+    check_settings(level, boot, jobs, seed)
+    labels = [c.label for c in report.columns]
+    samples: dict[tuple, dict[str, np.ndarray]] = defaultdict(dict)
+    for column in report.columns:
+        reference: tuple[str, np.ndarray, np.ndarray] | None = None  # (the row that set it, sorted ids, their labels)
+        stream = int(hashlib.sha256(column.dataset_id.encode()).hexdigest()[:8], 16)
+        for key in report.table.index:
+            runs = report.chosen.get((key, column.label))
+            if not runs:
+                continue
+            logits = []
+            for run in runs:
+                ids, truth, scores = _sorted_predictions(run, report.rows[key].label, column)
+                if reference is None:
+                    reference = (report.rows[key].label, ids, truth)
+                elif not (np.array_equal(ids, reference[1]) and np.array_equal(truth, reference[2], equal_nan=truth.dtype.kind == "f")):
+                    raise MedfmError(f"no interval for {report.rows[key].label} on {column.label}: its stored test rows (ids or "
+                                     f"labels, {run.run_dir}) differ from those of {reference[0]}; cells of one column must share them")
+                logits.append(scores)
+            assert reference is not None
+            samples[key][column.label] = resample_metric(column.metric, reference[2], logits, boot=boot, seed=seed, stream=stream, jobs=jobs)
+            report.intervals[(key, column.label)] = interval(samples[key][column.label], level)
+    values = report.table[labels]
+    included = {key: info.included for key, info in report.rows.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for key in report.table.index:
+            if not np.isfinite(report.table.loc[key, AVERAGE]):
+                continue
+            scored = [d for d in labels if np.isfinite(values.loc[key, d])]
+            report.intervals[(key, AVERAGE)] = interval(np.mean([samples[key][d] for d in scored], axis=0), level)
+            base_key = _baseline_key(list(values.index), key, included)
+            if base_key is None or not np.isfinite(report.table.loc[key, GAIN]):
+                continue
+            gains = [(samples[key][d] - samples[base_key][d]) / np.abs(samples[base_key][d]) * 100
+                     for d in _gain_labels(values, key, base_key, labels)]
+            gain = np.mean(gains, axis=0)
+            report.intervals[(key, GAIN)] = interval(np.where(np.isfinite(gain), gain, np.nan), level)  # a baseline of 0: undefined
+    report.bootstrap = {"level": level, "boot": boot, "seed": seed}
+
+
+def _sorted_predictions(run: RunRecord, row: str, column: Column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A run's stored test ids, labels and logits, in the order of the ids; a run without them is one clear error."""
+    try:
+        stored = load_predictions(run.run_dir, "test")
+    except MedfmError as err:
+        raise MedfmError(f"no interval for {row} on {column.label}: {err}") from None
+    order = np.argsort(stored.ids, kind="stable")
+    return stored.ids[order], stored.labels[order], stored.logits[order]
+
+
 def to_csv(report: Report) -> pd.DataFrame:
-    """One line per row: each column's score and seeds, the average and gain, then what the row's label says, one field each."""
+    """One line per row: each column's score, seeds and their std (and interval), the average and gain (and theirs), then
+    what the row's label says, one field each."""
     lines = []
     for key in report.table.index:
         info = report.rows[key]
@@ -322,12 +433,26 @@ def to_csv(report: Report) -> pd.DataFrame:
         for c in report.columns:
             line[c.header] = report.table.loc[key, c.label]
             line[f"{c.label} n"] = int(report.seeds.loc[key, c.label])
+            line[f"{c.label} std"] = report.std.loc[key, c.label]
+            line.update(_interval_fields(report, key, c.label))
         line[AVERAGE], line[GAIN] = report.table.loc[key, AVERAGE], report.table.loc[key, GAIN]
+        for name in (AVERAGE, GAIN):
+            line.update(_interval_fields(report, key, name))
         line.update(dict(zip(ROW_KEY, key, strict=True)))
         line.update(datasets=f"{info.covered}/{info.total}", included=info.included, extension=info.extension,
                     recipe="; ".join(info.recipe) or "study", late_best="; ".join(info.late))
         lines.append(line)
     return pd.DataFrame(lines)
+
+
+def _interval_fields(report: Report, key: tuple, name: str) -> dict[str, Any]:
+    """`<name> ci low`, `ci high` and `nan resamples` of a report with intervals (blank where a cell has none); {} without."""
+    if not report.bootstrap:
+        return {}
+    found = report.intervals.get((key, name))
+    if found is None:
+        return {f"{name} ci low": math.nan, f"{name} ci high": math.nan, f"{name} nan resamples": pd.NA}
+    return {f"{name} ci low": found.low, f"{name} ci high": found.high, f"{name} nan resamples": found.nan_resamples}
 
 
 def notes(report: Report) -> list[str]:
@@ -354,6 +479,22 @@ def notes(report: Report) -> list[str]:
         out.append(LATE_NOTE)
     if any(key[5] != DEFAULT_PROTOCOL for key in report.table.index):
         out.append("Rows of another protocol than medfm's (e.g. the study's) are compared only with their own baseline.")
+    out += interval_notes(report)
+    return out
+
+
+def interval_notes(report: Report) -> list[str]:
+    """What the intervals are, and each one with undefined resamples, counted (never hidden)."""
+    if not report.bootstrap:
+        return []
+    b = report.bootstrap
+    out = [f"[low, high]: {b['level']:g}% percentile bootstrap interval over {b['boot']} resamples of the test set (seed {b['seed']}; "
+           "stratified by class, multilabel rows resampled plainly); of the seed-mean when a cell averages seeds (each seed "
+           "scored on the same resamples); the gain's paired with its baseline's resamples. The CSV gives each cell's std over seeds."]
+    for (key, name), found in report.intervals.items():
+        if found.nan_resamples:
+            out.append(f"{report.rows[key].label}, {name}: the metric is undefined on {found.nan_resamples} of {found.resamples} "
+                       f"resamples (a class or label missing); its interval is over the other {found.defined}.")
     return out
 
 
@@ -362,15 +503,16 @@ def to_markdown(report: Report) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in report.table.index:
         cells = [report.cell(key, c.label) for c in report.columns]
-        cells += [_fmt(report.table.loc[key, AVERAGE]), _fmt(report.table.loc[key, GAIN], True)]
+        cells += [report.summary(key, AVERAGE), report.summary(key, GAIN)]
         lines.append("| " + " | ".join([report.rows[key].label, *cells]) + " |")
     return "\n".join(lines + [""] + notes(report)) + "\n"
 
 
 def plot_gain(report: Report, path: Path) -> list[str]:
     """The study's figure: relative gain per backbone x scenario, one horizontal bar each, coloured by scenario, its value
-    beside it; the baseline is the line at 0. Without any gain to show, the figure says why instead of staying empty.
-    Returns the texts written on the plot (values, or the message)."""
+    beside it; the baseline is the line at 0. With intervals (`add_intervals`), each bar has its gain's interval as an
+    error bar. Without any gain to show, the figure says why instead of staying empty. Returns the texts written on the
+    plot (values and what the error bars are, or the message)."""
     gains = report.table[GAIN].dropna().sort_values()
     keys = list(gains.index)
     fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(keys), 1) + 1.8))
@@ -383,26 +525,37 @@ def plot_gain(report: Report, path: Path) -> list[str]:
         return [message]
     values = gains.to_numpy(dtype=float)
     colors = [SCENARIO_COLORS.get(key[1], OTHER_COLOR) for key in keys]
-    bars = ax.barh(range(len(keys)), values, color=colors, edgecolor="black", linewidth=0.4)
-    span = max(float(np.abs(values).max()), 1.0)
+    found = [report.intervals.get((key, GAIN)) for key in keys]
+    low = np.array([f.low if f is not None and np.isfinite(f.low) else v for f, v in zip(found, values, strict=True)])
+    high = np.array([f.high if f is not None and np.isfinite(f.high) else v for f, v in zip(found, values, strict=True)])
+    errors = np.clip(np.stack([values - low, high - values]), 0, None) if any(f is not None for f in found) else None
+    bars = ax.barh(range(len(keys)), values, color=colors, edgecolor="black", linewidth=0.4, xerr=errors,
+                   error_kw={"elinewidth": 1, "capsize": 3, "ecolor": "black"})
+    ends = (np.minimum(values, low), np.maximum(values, high))
+    span = max(float(np.abs(np.concatenate(ends)).max()), 1.0)
     texts = []
-    for bar, key, value in zip(bars, keys, values, strict=True):
+    for i, (bar, key, value) in enumerate(zip(bars, keys, values, strict=True)):
         if is_random(key):
             bar.set_hatch("//")
         baseline = key[0] == BASELINE and key[1].endswith("-linear") and value == 0
         text = f"{value:+.2f}" if not baseline else "0.00 (baseline)"
-        ax.text(value + (0.02 * span if value >= 0 else -0.02 * span), bar.get_y() + bar.get_height() / 2, text,
+        end = ends[1][i] if value >= 0 else ends[0][i]
+        ax.text(end + (0.02 * span if value >= 0 else -0.02 * span), bar.get_y() + bar.get_height() / 2, text,
                 va="center", ha="left" if value >= 0 else "right", fontsize=8)
         texts.append(text)
     ax.set_yticks(range(len(keys)), [report.rows[key].label for key in keys], fontsize=8)
-    ax.axvline(0, color="black", linewidth=1.2, linestyle="--", label=f"{BASELINE} linear (baseline)")
-    ax.set_xlim(-1.25 * span if values.min() < 0 else -0.1 * span, 1.25 * span if values.max() > 0 else 0.1 * span)
+    line = ax.axvline(0, color="black", linewidth=1.2, linestyle="--", label=f"{BASELINE} linear (baseline)")
+    ax.set_xlim(-1.25 * span if ends[0].min() < 0 else -0.1 * span, 1.25 * span if ends[1].max() > 0 else 0.1 * span)
     shown = dict.fromkeys(key[1] for key in keys)
     handles = [plt.Rectangle((0, 0), 1, 1, color=SCENARIO_COLORS.get(s, OTHER_COLOR), label=s) for s in shown]
-    ax.legend(handles=[*handles, ax.get_lines()[0]], fontsize=8, loc="lower right")
+    ax.legend(handles=[*handles, line], fontsize=8, loc="lower right")
     ax.set_xlabel(f"relative gain over {BASELINE} linear (%), mean over datasets")
     hatched = "\n(hatched: RANDOM weights)" if any(is_random(k) for k in keys) else ""
-    ax.set_title(f"Gain over the ImageNet baseline{hatched}", fontsize=10)
+    caption = ""
+    if errors is not None:
+        caption = f"error bars: {report.bootstrap['level']:g}% bootstrap intervals, paired with the baseline"
+        texts.append(caption)
+    ax.set_title(f"Gain over the ImageNet baseline{hatched}" + (f"\n{caption}" if caption else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

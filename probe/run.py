@@ -22,6 +22,7 @@ from cache.store import CacheReader
 from common.errors import MedfmError
 from common.locks import FileLock, acquire
 from common.runtime import output_root, resolve_device
+from probe.curve import subset_rows
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.predictions import Predictions, save_predictions
@@ -107,7 +108,8 @@ def claim(ledger: Ledger, key: str) -> FileLock:
 def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, device: str, max_ram: int | None,
            console: Console) -> RunOutcome:
     dev = resolve_device(device)
-    source = FeatureSource(reader, config.feature, config.batch_size, max_ram, config.views)
+    rows = subset_rows(reader, config.train_subset) if config.train_subset is not None else None  # `probe curve`'s subsets
+    source = FeatureSource(reader, config.feature, config.batch_size, max_ram, config.views, rows=rows)
     console.print(f"training a {config.head} head on {reader.meta.backbone.name}/{reader.meta.dataset.name} "
                   f"{config.feature} ({source.mode}, {source.nbytes / 2**20:.1f} MiB) on {dev}")
     warn_random(reader, config, console)

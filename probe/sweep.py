@@ -4,7 +4,8 @@ All linear heads that share a feature array and schedule train together, as one 
 over one pass of the data per epoch (DINOv2's linear evaluation does the same). DeiT heads train one
 after another by default; `deit_per_pass` > 1 trains that many side by side over one read of the
 tokens, which pays when the token cache streams from disk and the device has room for their
-activations. Configurations already in the ledger are skipped, so rerunning a finished sweep trains
+activations. A configuration with a `train_subset` (`probe curve`) trains on those train rows alone (heads of one
+subset share their passes). Configurations already in the ledger are skipped, so rerunning a finished sweep trains
 nothing. The sweep's answer is the best configuration by mean validation score over its seeds, reported with
 its mean test score: the rule of `probe report` (`probe.results.best_configuration`).
 """
@@ -25,6 +26,7 @@ from rich.progress import Progress
 from cache.store import CacheReader
 from common.errors import MedfmError
 from common.runtime import resolve_device
+from probe.curve import subset_rows
 from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.recipe import STUDY
@@ -123,7 +125,8 @@ def _train_todo(
         warnings.filterwarnings("ignore", message=RANDOM_DEIT_WARNING)
         for members in groups:
             first = members[0][0]
-            source = FeatureSource(reader, first.feature, first.batch_size, max_ram, first.views)
+            rows = subset_rows(reader, first.train_subset) if first.train_subset is not None else None  # `probe curve`
+            source = FeatureSource(reader, first.feature, first.batch_size, max_ram, first.views, rows=rows)
             started = time.perf_counter()
             heads = [make_head(c, source.row_shape, task.num_outputs) for c, _ in members]
             results = fit(heads, [c for c, _ in members], source, task, dev, progress)
@@ -131,6 +134,7 @@ def _train_todo(
             for result, (_, key) in zip(results, members, strict=True):
                 save_run(reader, result, key, ledger, total_seconds=seconds)
             passes += source.passes["train"]
-            console.print(f"trained {len(members)} {first.head} head(s) on {first.feature} in {seconds:.1f} s "
+            subset = f" ({len(rows)} train rows)" if rows is not None else ""
+            console.print(f"trained {len(members)} {first.head} head(s) on {first.feature}{subset} in {seconds:.1f} s "
                           f"({source.passes['train']} passes over the train features)")
     return passes

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from probe.heads import LinearHead, build_head, get_head
 from probe.metrics import Metrics, compute_metrics, loss_fn, primary_score
 from probe.recipe import STUDY, improves, precision, warmup_then_constant
 from probe.stack import stack_heads
+
+if TYPE_CHECKING:
+    from probe.curve import Subset
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class TrainConfig:
     standardize: bool = False  # linear heads: standardize features with train mean/std (MAE-style); not the study
     views: int = 0  # augmented train views of the cache to cycle, epoch e on view (e-1) mod K; 0: the eval view (docs/protocol.md §4)
     protocol: str = "medfm"  # medfm | study: model selection and DeiT-head rules (docs/protocol.md §7)
+    train_subset: Subset | None = None  # a labelled subset of the train rows (probe.curve); None: every train row
 
     def head_options(self) -> dict[str, Any]:
         """The head's own settings (`head_<option>` fields), as its registry entry names them."""
@@ -53,7 +57,7 @@ class TrainConfig:
     def shared(self) -> tuple:
         """What heads must agree on to train in the same pass over the data."""
         return (self.feature, self.batch_size, self.epochs, self.warmup_steps, self.patience, self.grad_clip, self.data_seed,
-                self.views, self.protocol)
+                self.views, self.protocol, self.train_subset)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that decide the result (the ledger's config); head_* only for heads that use them."""
@@ -61,6 +65,8 @@ class TrainConfig:
         data.pop("seed")
         if self.head != "linear" or not self.standardize:
             data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
+        if self.train_subset is None:
+            data.pop("train_subset")  # absent when every train row is used: the keys of earlier runs stay as they were
         used = {f"head_{option}" for option in get_head(self.head).options}
         for key in [k for k in data if k.startswith("head_") and k not in used]:
             data.pop(key)

@@ -68,16 +68,6 @@ def test_cache_meta_round_trips_through_json_and_names_the_stored_blocks():
         again.feature("pooled", -3)  # block 9: a valid index this cache did not store
 
 
-def test_cache_meta_of_the_first_release_still_reads():
-    """Caches written before the schema module kept the weights identity beside the backbone name and no block count."""
-    old = {"backbone": {"name": "sam", "study_row": "SAM", "random_weights": True, "kind": "random", "file": None, "sha256": None},
-           "dataset": {"name": "demo", "options": {}, "manifest_hash": "x"}, "layers": [4, 11],
-           "task": {"kind": "binary", "class_names": ["n", "a"], "primary_metric": "roc_auc"}, "settings": {}, "skipped": []}
-    parsed = CacheMeta.from_json(json.dumps(old))
-    assert parsed.num_layers == 12 and parsed.backbone.weights["kind"] == "random" and parsed.backbone.random_weights
-    assert parsed.feature("pooled", -8) == "pooled@4"
-
-
 def test_a_meta_without_a_task_is_one_clear_error():
     data = json.loads(meta().to_json())
     del data["task"]

@@ -262,3 +262,17 @@ def test_a_finetune_run_and_a_cache_of_the_same_data_and_inputs_share_a_dataset_
     assert row.dataset_inputs["image_size"] == 32
     assert finetune(replace(cfg, image_size=24)).trained  # the same images at another size: another column
     assert len({r.dataset_id for r in Ledger(tmp_path / "runs" / "results.sqlite").rows()}) == 2
+
+
+def test_seeds_run_one_finetune_per_seed_each_its_own_ledger_row_and_the_report_averages_them(tmp_path: Path, monkeypatch) -> None:
+    cfg = tiny(tmp_path / "runs", epochs=1)
+    code, _, err = run_main(main, [*cli_args(cfg), "--seeds", "0,x"], monkeypatch)
+    assert code == 2 and err.strip() == "error: --seeds takes comma-separated integers such as 0,1,2, got '0,x'"
+    code, out, err = run_main(main, [*cli_args(cfg), "--seeds", "0,1"], monkeypatch)
+    assert code == 0, err
+    rows = Ledger(tmp_path / "runs" / "results.sqlite").rows()
+    assert sorted(r.seed for r in rows) == [0, 1] and rows[0].config == rows[1].config and rows[0].config_key != rows[1].config_key
+    said = " ".join(out.split())
+    assert "demo (seed 1): val accuracy" in said and "mean over 2 seeds (0, 1): test accuracy" in said
+    key = ("deit", "unfrozen-linear", "finetune", True, False, "medfm")
+    assert make_report(Ledger(tmp_path / "runs" / "results.sqlite")).seeds.loc[key, "demo"] == 2

@@ -68,7 +68,7 @@ def test_layer_minus_4_trains_on_block_8_of_a_12_block_backbone(isolated_outputs
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["run", "--backbone", "dinov2", "--dataset", "demo"], "run `extract run --backbone dinov2 --dataset demo` first"),
-    (["run", "--backbone", "deit", "--dataset", "demo", "--head", "mlp"], "unknown head 'mlp'; choose one of linear, deit"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--head", "mlp"], "unknown head 'mlp'; choose one of: linear, deit"),
     (["run", "--backbone", "deit", "--dataset", "demo", "--grad-clip", "-1"], "--grad-clip must be a positive number"),
     (["run", "--backbone", "deit", "--dataset", "demo", "--lr", "inf"], "--lr must be a positive number"),
     (["sweep", "--backbone", "deit", "--dataset", "demo", "--lr", "1e-3,x"], "--lr takes comma-separated float values"),
@@ -175,3 +175,48 @@ def test_report_names_columns_and_refuses_a_malformed_name(isolated_outputs, mon
     assert "my synthetic set" in out and "(accuracy)" in out
     code, _, err = run_main(main, ["report", "--name", "nonsense"], monkeypatch)
     assert code == 2 and err.strip() == "error: --name expects LABEL=NAME or ID=NAME, got 'nonsense'"
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["run", "--backbone", "deit", "--dataset", "demo", "--seeds", ""], "--seeds needs at least one value"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--seeds", "0,1.5"], "--seeds takes comma-separated int values, got '0,1.5'"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--seeds", "a"], "--seeds takes comma-separated int values"),
+    (["run", "--backbone", "deit", "--dataset", "demo", "--seed", "1", "--seeds", "0,1"], "give --seed or --seeds, not both"),
+    (["report", "--ci", "95", "--boot", "0"], "--boot must be at least 1 resample, got 0"),
+    (["report", "--ci", "100"], "--ci is a confidence level in percent, strictly between 0 and 100"),
+    (["report", "--ci", "-5"], "strictly between 0 and 100 (e.g. 95), got -5"),
+    (["report", "--ci", "95", "--jobs", "0"], "--jobs must be at least 1"),
+    (["report", "--ci", "95", "--boot-seed", "-1"], "--boot-seed must be a non-negative integer"),
+    (["report", "--boot", "500"], "give --ci too"),
+])
+def test_bad_seeds_and_interval_settings_are_one_line_and_exit_2_before_any_work(monkeypatch, args, fragment):
+    code, _, err = run_main(main, args, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert fragment in lines[0]
+
+
+def test_run_with_seeds_trains_a_head_per_seed_in_one_sweep_and_the_report_gives_their_spread_and_intervals(isolated_outputs, monkeypatch):
+    import pandas as pd
+
+    path = cached(isolated_outputs / "c.h5")
+    code, out, err = run_main(main, ["run", "--cache", str(path), "--seeds", "0,1,2,1", "--epochs", "2", "--batch-size", "16"], monkeypatch)
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "trained 3 linear head(s) on pooled" in said  # one batched pass, not three runs
+    rows = Ledger().rows()
+    assert sorted(r.seed for r in rows) == [0, 1, 2] and len({r.config_key for r in rows}) == 3
+    assert len({str({k: v for k, v in r.config.items() if k != "seed"}) for r in rows}) == 1  # one configuration, three seeds
+    assert "mean over 3 seeds (0, 1, 2): val accuracy" in said and "(std over seeds)" in said
+    code, out, err = run_main(main, ["run", "--cache", str(path), "--seed", "1", "--epochs", "2", "--batch-size", "16"], monkeypatch)
+    assert code == 0 and "already in the ledger" in out + err  # `--seed 1` is the run `--seeds` trained
+    code, out, err = run_main(main, ["report", "--ci", "90", "--boot", "200"], monkeypatch)
+    assert code == 0, err
+    csv = pd.read_csv(isolated_outputs / "reports" / "report.csv")
+    (line,) = csv.to_dict("records")
+    assert line["demo n"] == 3 and line["demo std"] >= 0 and line["demo ci low"] <= line["demo (accuracy)"] <= line["demo ci high"]
+    assert f"[{line['demo ci low']:.4f}, {line['demo ci high']:.4f}] (n=3" in (isolated_outputs / "reports" / "report.md").read_text()
+    (Path(rows[1].run_dir) / "predictions.npz").unlink()  # a run of an older medfm
+    code, _, err = run_main(main, ["report", "--ci", "95"], monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "has no stored predictions" in lines[0] and "retrain it with --force" in lines[0]

@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from common.errors import MedfmError
+from probe.metrics import compute_metrics
+from probe.predictions import Predictions, save_predictions
 from probe.report import AVERAGE, GAIN, build_report, make_report, recipe_departures
 from probe.results import Ledger, RunRecord, dataset_identity
+from tests.tiny import MULTICLASS, MULTILABEL
 
 METRIC = {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall", "csv": "accuracy"}
 
@@ -23,7 +28,7 @@ def identity(dataset: str, size: int = 224, root: str | None = None, manifest: s
 def add(ledger: Ledger, backbone: str, head: str, dataset: str, test: float, val: float = 0.5, lr: float = 1e-4,
         seed: int = 0, random: bool = False, freeze: str = "frozen", stage: str | None = None, head_random: bool = False,
         protocol: str | None = None, epochs: int = 100, late: bool = False, size: int = 224, root: str | None = None,
-        manifest: str = "m", metric: str | None = None, named: bool = True) -> RunRecord:
+        manifest: str = "m", metric: str | None = None, named: bool = True, run_dir: str | None = None) -> RunRecord:
     stage = stage or ("probe" if freeze == "frozen" else "finetune")
     metric = metric or METRIC[dataset]
     config = {"lr": lr, "epochs": epochs, **({"protocol": protocol} if protocol else {})}
@@ -31,7 +36,7 @@ def add(ledger: Ledger, backbone: str, head: str, dataset: str, test: float, val
         stage=stage, scenario=f"{freeze}-{head}", backbone=backbone, dataset=dataset, head=head, config=config,
         config_key=f"{stage}{backbone}{head}{dataset}{lr}{seed}{random}{freeze}{head_random}{protocol}{epochs}{size}{root}{manifest}{named}",
         cache_fingerprint="f", seed=seed, primary_metric=metric, val_score=val, test_metrics={metric: test}, test_primary=test,
-        backbone_random=random, head_random=head_random, late_best=late,
+        backbone_random=random, head_random=head_random, late_best=late, run_dir=run_dir,
     )
     if named:
         record.with_identity(identity(dataset, size, root, manifest))
@@ -261,3 +266,102 @@ def test_heads_on_augmented_views_are_their_own_rows_compared_with_a_baseline_on
     assert report.table.loc[views, "aptos2019"] == pytest.approx(0.70)
     assert report.rows[views].label.startswith("dinov2 frozen-linear (medfm, 3 augmented views")
     assert report.table.loc[views, GAIN] == pytest.approx((0.70 - 0.50) / 0.50 * 100)  # against deit on 3 views too
+
+
+def test_the_csv_gives_each_cells_standard_deviation_over_its_seeds(ledger, isolated_outputs):
+    csv = pd.read_csv(make_report(ledger, out=isolated_outputs / "reports").files["csv"])
+    dinov2 = csv[csv["row"] == "dinov2 frozen-linear"].iloc[0]
+    assert dinov2["isic2019 std"] == pytest.approx(np.std([0.60, 0.70], ddof=1), abs=1e-4)  # two seeds, n-1
+    assert pd.isna(dinov2["aptos2019 std"])  # one seed: no spread to give
+
+
+def scored(ledger: Ledger, where, backbone: str, labels: np.ndarray, logits: np.ndarray, seed: int = 0, task=MULTICLASS,
+           order: np.ndarray | None = None, **kw) -> RunRecord:
+    """A run with stored test predictions (rows in `order` when given) and the test score they give."""
+    order = np.arange(len(labels)) if order is None else order
+    run_dir = where / f"{backbone}-{seed}-{len(list(where.glob('*')))}"
+    run_dir.mkdir(parents=True)
+    ids = np.array([f"img{i:04d}" for i in range(len(labels))])
+    save_predictions(run_dir, {"test": Predictions(ids[order], labels[order], logits[order].astype(np.float32))})
+    test = compute_metrics(task, labels, logits)[task.primary_metric]
+    return add(ledger, backbone, "linear", "csv", test, seed=seed, metric=task.primary_metric, run_dir=str(run_dir), **kw)
+
+
+def classified(n: int, seed: int, signal: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 4
+    return y, rng.normal(size=(n, 4)) + signal * np.eye(4)[y]
+
+
+def test_intervals_are_over_the_seed_mean_and_gains_are_paired_with_the_baseline_on_the_same_resamples(isolated_outputs, monkeypatch):
+    """deit and dinov2 seed 0 have the same logits, dinov2's seed 1 too (stored in another row order): every cell is
+    scored on the same resamples of the same rows, so the cells' intervals are equal and the gain's is exactly [0, 0]
+    (unpaired resamples would spread it); sam's other logits give an interval of its own around its score."""
+    ledger, where = Ledger(), isolated_outputs / "runs"
+    labels, logits = classified(400, 0)
+    scored(ledger, where, "deit", labels, logits)
+    scored(ledger, where, "dinov2", labels, logits, seed=0)
+    scored(ledger, where, "dinov2", labels, logits, seed=1, order=np.random.default_rng(5).permutation(400))
+    sam = scored(ledger, where, "sam", labels, classified(400, 1, signal=0.5)[1])
+    report = make_report(ledger, out=isolated_outputs / "reports", ci=95, boot=300, boot_seed=2)
+    deit, dinov2, sam_key = row("deit", "frozen-linear"), row("dinov2", "frozen-linear"), row("sam", "frozen-linear")
+    label = report.columns[0].label  # the one column, `csv:<tag>`
+    assert report.intervals[(dinov2, label)] == report.intervals[(deit, label)]
+    assert report.intervals[(dinov2, GAIN)].low == 0 and report.intervals[(dinov2, GAIN)].high == 0
+    found = report.intervals[(sam_key, label)]
+    assert found.low < sam.test_primary < found.high and found.resamples == 300 and found.nan_resamples == 0
+    gain = report.intervals[(sam_key, GAIN)]
+    assert gain.low < report.table.loc[sam_key, GAIN] < gain.high
+    assert report.cell(dinov2, label) == f"{report.table.loc[dinov2, label]:.4f} [{found_text(report, dinov2, label)}] (n=2)"
+    markdown = report.files["markdown"].read_text()
+    assert "95% percentile bootstrap interval over 300 resamples" in markdown and report.cell(sam_key, label) in markdown
+    csv = pd.read_csv(report.files["csv"])
+    line = csv[csv["row"] == "sam frozen-linear"].iloc[0]
+    assert line[f"{label} ci low"] == pytest.approx(found.low, abs=1e-4) and line[f"{label} nan resamples"] == 0
+    assert line[f"{GAIN} ci high"] == pytest.approx(gain.high, abs=1e-4) and f"{AVERAGE} ci low" in csv.columns
+    assert "error bars: 95% bootstrap intervals, paired with the baseline" in report.figure_texts
+    monkeypatch.setattr("probe.bootstrap.BLOCK_ELEMENTS", 400 * 50)  # blocks of 50 resamples, shared by two processes
+    assert make_report(ledger, ci=95, boot=300, boot_seed=2, jobs=2).intervals == report.intervals  # the same resamples
+    other = make_report(ledger, ci=95, boot=300, boot_seed=3)
+    assert other.intervals[(sam_key, label)] != found
+
+
+def found_text(report, key, label) -> str:
+    found = report.intervals[(key, label)]
+    return f"{found.low:.4f}, {found.high:.4f}"
+
+
+def test_resamples_where_the_metric_is_undefined_are_counted_in_the_notes_and_csv(isolated_outputs):
+    rng = np.random.default_rng(0)
+    labels = np.zeros((60, 3), dtype=np.float32)
+    labels[rng.random(60) < 0.5, 0] = 1
+    labels[rng.random(60) < 0.5, 1] = 1
+    labels[0, 2] = 1  # one positive of label z: lost by about a third of the plain resamples
+    ledger, where = Ledger(), isolated_outputs / "runs"
+    scored(ledger, where, "deit", labels, rng.normal(size=(60, 3)) + labels, task=MULTILABEL)
+    report = make_report(ledger, out=isolated_outputs / "reports", ci=90, boot=200)
+    found = report.intervals[(row("deit", "frozen-linear"), report.columns[0].label)]
+    assert 40 < found.nan_resamples < 100 and np.isfinite(found.low)
+    assert (f"deit frozen-linear, {report.columns[0].label}: the metric is undefined on {found.nan_resamples} of 200 resamples"
+            in report.files["markdown"].read_text())
+
+
+def test_an_interval_of_a_run_without_stored_predictions_is_one_error_saying_to_retrain(isolated_outputs):
+    ledger, where = Ledger(), isolated_outputs / "runs"
+    labels, logits = classified(40, 0)
+    scored(ledger, where, "deit", labels, logits)
+    add(ledger, "dinov2", "linear", "csv", 0.5, metric="accuracy", run_dir=str(where / "old-run"))  # a run of medfm 0.1
+    with pytest.raises(MedfmError, match=r"no interval for dinov2 frozen-linear on csv:\w+: run .*old-run has no stored "
+                                         r"predictions .* retrain it with --force"):
+        make_report(ledger, out=isolated_outputs / "reports", ci=95, boot=10)
+    assert not (isolated_outputs / "reports").exists()  # nothing written
+    assert make_report(ledger).table.loc[row("dinov2", "frozen-linear")].notna().any()  # without --ci the report is as before
+
+
+def test_label_efficiency_runs_stay_out_of_the_report(ledger):
+    """`probe curve`'s subset heads are not the cell's configurations: a lucky 5 % subset never wins a cell."""
+    record = add(ledger, "dinov2", "linear", "aptos2019", 0.99, val=0.999, lr=3e-3)
+    record.config["train_subset"] = {"kind": "fraction", "amount": 0.05, "repeat": 0, "seed": 0}
+    with ledger._connect() as db:
+        db.execute("UPDATE runs SET config = ? WHERE id = ?", (json.dumps(record.config), record.id))
+    assert make_report(ledger).table.loc[row("dinov2", "frozen-linear"), "aptos2019"] == pytest.approx(0.80)
