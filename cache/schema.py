@@ -127,6 +127,8 @@ class CacheMeta:
     created: str = ""
     views: int = 0  # augmented train views stored beside the eval view (`view_group`); 0: none
     augment: str = "none"  # the augmentation the views were drawn with (extract.transforms.AUGMENTS)
+    extract_seconds: float = 0.0  # wall seconds the extraction took, summed over resumed runs and shards (0: not recorded)
+    extract_device: str = ""  # where it ran (`common.runtime.device_label`); "": not recorded
 
     def __post_init__(self) -> None:
         if not self.layers or max(self.layers) != self.num_layers - 1 or min(self.layers) < 0:
@@ -165,6 +167,8 @@ class CacheMeta:
                 created=data.get("created", ""),
                 views=int(data.get("views", 0)),
                 augment=data.get("augment", "none"),
+                extract_seconds=float(data.get("extract_seconds", 0.0)),
+                extract_device=str(data.get("extract_device", "")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise MedfmError(f"{where} lacks the backbone, dataset, task or layer description a reader needs "
@@ -172,3 +176,7 @@ class CacheMeta:
 
     def with_skipped(self, ids: Sequence[str]) -> CacheMeta:
         return replace(self, skipped=(*self.skipped, *ids))
+
+    def with_cost(self, seconds: float, device: str) -> CacheMeta:
+        """`seconds` more of extraction (a resumed run adds to what the killed one recorded), on `device`."""
+        return replace(self, extract_seconds=self.extract_seconds + float(seconds), extract_device=device or self.extract_device)

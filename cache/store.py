@@ -40,7 +40,7 @@ import re
 import shutil
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class SplitPlan:
     ids: Sequence[str]
     labels: np.ndarray
     features: dict[str, FeatureSpec]
+    metadata: dict[str, Sequence[str]] = field(default_factory=dict)  # per-sample columns (sex, age, ...), text per row
 
 
 def chunk_rows(row_shape: Sequence[int], dtype: str, n: int) -> int:
@@ -193,6 +194,10 @@ class CacheWriter:
         """Record images left out as unreadable (--skip-bad) in the meta."""
         _set_meta(self._file, self.meta().with_skipped(ids).to_json())
 
+    def add_cost(self, seconds: float, device: str) -> None:
+        """Add `seconds` of extraction on `device` to the meta's cost (outside the fingerprinted settings)."""
+        _set_meta(self._file, self.meta().with_cost(seconds, device).to_json())
+
     def finalize(self) -> Path:
         """Mark the file complete and move it to its final name; refuses if any split is short."""
         for split in self._file:
@@ -244,6 +249,8 @@ def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, Sp
             group.attrs["crc32_ids"] = array_crc(np.array(list(sp.ids), dtype=object))
             group.attrs["crc32_labels"] = array_crc(np.asarray(sp.labels))
             group.attrs["crc32_valid"] = 0  # set at finalize; created now so that finalizing needs no new file space
+            if sp.metadata:
+                _write_metadata(group, sp.metadata)
             crcs = group.create_group("crc32")
             for name, spec in sp.features.items():
                 rows = chunk_rows(spec.shape, spec.dtype, max(n, 1))
@@ -260,6 +267,35 @@ def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, Sp
                              f"({need / 2**20:.1f} MiB); free space or pass --out on a larger disk") from None
         raise
     return file
+
+
+META_GROUP = "meta"  # <split>/meta/<column>: per-sample metadata as utf-8 text, a checksum each (crc32_meta_<column>)
+
+
+def meta_key(column: str) -> str:
+    """An HDF5-safe name for a metadata column ("Frontal/Lateral" -> "Frontal%2FLateral")."""
+    return column.replace("%", "%25").replace("/", "%2F")
+
+
+def _write_metadata(group: h5py.Group, metadata: dict[str, Sequence[str]]) -> None:
+    meta = group.create_group(META_GROUP)
+    for column, values in metadata.items():
+        text = np.array([str(v) for v in values], dtype=object)
+        if len(text) != int(group.attrs["n"]):
+            raise ValueError(f"metadata column {column}: {len(text)} values for {group.attrs['n']} rows")
+        meta.create_dataset(meta_key(column), data=text.astype(h5py.string_dtype()), dtype=h5py.string_dtype())
+        group.attrs[f"crc32_meta_{meta_key(column)}"] = array_crc(text)
+
+
+def _read_metadata(group: h5py.Group, where: str) -> dict[str, np.ndarray]:
+    """Every metadata column of a split (all rows), checked against its checksum."""
+    out = {}
+    for key in group.get(META_GROUP, {}):
+        values = np.array(group[META_GROUP][key].asstr()[:], dtype=object)
+        if int(group.attrs.get(f"crc32_meta_{key}", -1)) != array_crc(values):
+            raise MedfmError(f"{where}: metadata column {key} differs from its checksum; re-create the cache with `extract run`")
+        out[key.replace("%2F", "/").replace("%25", "%")] = values
+    return out
 
 
 def _open_resumable(partial: Path, fingerprint: str) -> h5py.File | None:
@@ -366,6 +402,11 @@ class CacheReader:
         ids = self._file[split]["ids"].asstr()[:]
         return ids[self.valid(split)]
 
+    def metadata(self, split: str) -> dict[str, np.ndarray]:
+        """Per-sample metadata columns of the valid rows (text; "" where the release had none); {} when none was stored."""
+        valid = self.valid(split)
+        return {column: values[valid] for column, values in _read_metadata(self._file[split], f"cache {self.path}, {split}").items()}
+
     def labels(self, split: str) -> np.ndarray:
         """Labels of the valid rows."""
         return self._file[split]["labels"][:][self.valid(split)]
@@ -447,7 +488,7 @@ class CacheReader:
         self.close()
 
 
-_NOT_FEATURES = ("ids", "labels", "valid", "crc32")
+_NOT_FEATURES = ("ids", "labels", "valid", "crc32", META_GROUP)
 
 
 def groups(file: h5py.File) -> list[str]:
@@ -478,12 +519,14 @@ def join_shards(shards: Sequence[Path], path: Path, meta: CacheMeta, plan: dict[
     fingerprint = settings_fingerprint(meta.settings)
     try:
         skipped: list[str] = []
+        seconds, device = 0.0, ""
         offset = dict.fromkeys(plan, 0)
         for shard in shards:
             with CacheReader(shard) as part:
                 if part.fingerprint != fingerprint:
                     raise MedfmError(f"{shard} belongs to other extraction settings; remove it with `cache rm {shard}` and rerun")
                 skipped += part.meta.skipped
+                seconds, device = seconds + part.meta.extract_seconds, device or part.meta.extract_device  # device-seconds
                 for split in part.groups:
                     names = part.feature_names(split)
                     n, valid = len(part.dataset(split, names[0])), part.valid(split)
@@ -494,6 +537,8 @@ def join_shards(shards: Sequence[Path], path: Path, meta: CacheMeta, plan: dict[
                         writer.write(split, offset[split] + start, block, valid[start:stop])
                     offset[split] += n
         writer.add_skipped(skipped)
+        if seconds:
+            writer.add_cost(seconds, f"{device} x{len(shards)}" if device else "")
         writer.finalize()
     finally:
         writer.close()
@@ -553,13 +598,17 @@ def _verify_split(split: str, group: h5py.Group) -> list[str]:
     if rows != n:
         problems.append(f"{split}: {rows} of {n} rows written")
     valid = group["valid"][:]
-    for key in [k for k in group if k != "crc32"]:
+    for key in [k for k in group if k not in ("crc32", META_GROUP)]:
         if len(group[key]) != n:
             problems.append(f"{split}/{key}: {len(group[key])} rows, expected {n}")
     for key, data in (("ids", np.array(group["ids"].asstr()[:], dtype=object)), ("labels", group["labels"][:]), ("valid", valid)):
         stored = group.attrs.get(f"crc32_{key}")
         if stored is not None and int(stored) != array_crc(data):
             problems.append(f"{split}/{key}: differs from its checksum")
+    try:
+        _read_metadata(group, split)
+    except MedfmError as err:
+        problems.append(str(err).split(";")[0])
     for key in [k for k in group if k not in _NOT_FEATURES]:
         ds, crcs = group[key], group["crc32"][key][:] if "crc32" in group and key in group["crc32"] else None
         if crcs is None:

@@ -40,6 +40,21 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def device_label(device: torch.device | str) -> str:
+    """What a cost was paid on, as the ledger and cache meta record it: `cpu`, or `cuda (NVIDIA H200)`."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def device_kind(label: str) -> str:
+    """`GPU` for a recorded device other than the CPU, `CPU` for the CPU, "" when none was recorded."""
+    return "" if not label else ("CPU" if label.split()[0] == "cpu" else "GPU")
+
+
 @dataclass(frozen=True)
 class Launch:
     """This process's place in a torchrun launch, as torchrun's environment names it; 0 of 1 when started alone."""

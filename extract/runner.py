@@ -12,6 +12,7 @@ finishes early waits on no collective and a rerun resumes every shard where it s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -30,7 +31,7 @@ from cache.fingerprint import fingerprint, manifest_hash
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, feature_key, view_group
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, planned_bytes, shard_path
 from common.errors import MedfmError
-from common.runtime import loader_workers, output_root, rank_device, resolve_device, torchrun_launch
+from common.runtime import device_label, loader_workers, output_root, rank_device, resolve_device, torchrun_launch
 from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
@@ -264,11 +265,19 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
                           f"({planned_bytes(split_plans(source, features)) / 2**30:.2f} GiB"
                           + (f", {cfg.views} augmented train views" if views else "")
                           + (f"; {launch.size} processes, one shard each)" if launch.size > 1 else ")"))
+        started, recorded = time.perf_counter(), False  # the cost: this call's wall seconds, added to a killed run's
         try:
             skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views)
             if skipped:
                 writer.add_skipped(skipped)
+            writer.add_cost(time.perf_counter() - started, device_label(device))
+            recorded = True
             writer.finalize()
+        except BaseException:
+            with contextlib.suppress(Exception):  # an interrupted extraction's seconds count too, when it resumes
+                if not recorded:
+                    writer.add_cost(time.perf_counter() - started, device_label(device))
+            raise
         finally:
             writer.close()
     if launch.is_main:
@@ -282,7 +291,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
 
 
 def split_plans(source: DatasetSource, features: dict[str, FeatureSpec]) -> dict[str, SplitPlan]:
-    return {name: SplitPlan(split.ids, split.labels, features) for name, split in source.splits.items()}
+    return {name: SplitPlan(split.ids, split.labels, features, split.metadata) for name, split in source.splits.items()}
 
 
 def source_block(source: DatasetSource, rank: int, size: int) -> DatasetSource:
@@ -290,7 +299,8 @@ def source_block(source: DatasetSource, rank: int, size: int) -> DatasetSource:
     blocks = {}
     for name, split in source.splits.items():
         start, stop = len(split) * rank // size, len(split) * (rank + 1) // size
-        blocks[name] = Split(split.ids[start:stop], split.labels[start:stop], split.images[start:stop])
+        blocks[name] = Split(split.ids[start:stop], split.labels[start:stop], split.images[start:stop],
+                             {c: v[start:stop] for c, v in split.metadata.items()})
     return replace(source, splits=blocks)
 
 

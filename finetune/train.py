@@ -36,7 +36,7 @@ from cache.fingerprint import manifest_hash
 from cache.schema import Task
 from common.errors import MedfmError
 from common.locks import acquire
-from common.runtime import output_root, resolve_device
+from common.runtime import device_label, output_root, resolve_device
 from extract.backbones import create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
@@ -267,8 +267,10 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
         save_predictions(run_dir, {"val": Predictions(source.splits["val"].ids, *map(np.asarray, state["best_val"])),
                                    "test": Predictions(source.splits["test"].ids, np.asarray(test_labels), np.asarray(test_logits))})
         _write_json(run_dir / RESULT, {k: getattr(result, k) for k in ("best_epoch", "val_score", "test_metrics", "history")})
+        cost = Cost(device_label(device) + (f" x{world.size}" if world.size > 1 else ""), world.size,
+                    len(source.splits["train"]) * len(state["history"]))
         result.ledger_id = _record(ledger, cfg, run_config, key, scenario, task, result, state["train_seconds"],
-                                   time.perf_counter() - start_time, tspec)
+                                   time.perf_counter() - start_time, tspec, cost)
         checkpoint_path.unlink(missing_ok=True)
         for problem in test_metrics.get("warnings", []):
             console.print(f"[yellow]warning[/]: {problem}")
@@ -338,8 +340,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key: str, scenario: str, task: Task,
-            result: FinetuneResult, train_seconds: float, total_seconds: float, inputs: TransformSpec) -> int:
-    """The run's ledger row; its dataset identity is the one a cache of the same data and inputs records."""
+            result: FinetuneResult, train_seconds: float, total_seconds: float, inputs: TransformSpec, cost: Cost | None = None) -> int:
+    """The run's ledger row; its dataset identity is the one a cache of the same data and inputs records. Its cost: the
+    wall seconds of this call times its devices (a resumed run: this call's part), and train images per second."""
+    cost = cost or Cost()
     identity = dataset_identity(
         cfg.dataset, root=run_config["root"], manifest_hash=run_config["manifest_hash"], options=run_config["dataset_options"],
         image_size=inputs.size, channels=inputs.channels, norm=cfg.norm, interpolation=inputs.interpolation,
@@ -350,8 +354,18 @@ def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key
         primary_metric=task.primary_metric, val_score=result.val_score, test_metrics=result.test_metrics,
         test_primary=result.test_score, backbone_random=result.backbone_random, head_random=result.head_random,
         train_seconds=train_seconds, total_seconds=total_seconds, run_dir=str(result.run_dir),
-        late_best=late_best(result.best_epoch, cfg.epochs),
+        late_best=late_best(result.best_epoch, cfg.epochs), device=cost.device, cost_seconds=total_seconds * cost.devices,
+        throughput=cost.images / train_seconds if train_seconds > 0 and cost.images else None,
     ).with_identity(identity))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a finetune ran on: the device label, how many devices, the train images it went through."""
+
+    device: str = ""
+    devices: int = 1
+    images: int = 0
 
 
 def _finished_result(record: RunRecord, run_dir: Path, scenario: str) -> FinetuneResult:

@@ -53,7 +53,7 @@ def parse_views(text: str, held: int) -> int:
 
 @app.command()
 def run(
-    head: Annotated[str, typer.Option(help="linear (pooled feature) | deit (DeiT blocks on the tokens) (see probe/heads.py).")] = "linear",
+    head: Annotated[str, typer.Option(help="linear (pooled feature) | deit (DeiT blocks on the tokens) | knn (nearest neighbours, no training) (see probe/heads.py).")] = "linear",
     backbone: Backbone = None,
     dataset: Dataset = None,
     cache: CacheFile = None,
@@ -80,10 +80,14 @@ def run(
     max_ram: MaxRam = None,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Retrain even if the ledger already holds this run.")] = False,
+    calibrate: Annotated[bool, typer.Option(help="Fit a temperature on the validation logits and add the test split's calibration "
+                                                 "metrics with it (<name>_calibrated; T in metrics.json). Single-label tasks.")] = False,
 ) -> None:
     """Train one head on a cache with the study's recipe (one per seed with --seeds); a run already in the ledger is skipped."""
     check_head(head)  # a typo is one line before torch loads
     several = parse_seeds(seeds, seed)
+    if calibrate and several is not None:
+        raise MedfmError("--calibrate applies to one run: give --seed, not --seeds")
     from probe.heads import get_head
     from probe.run import late_hint, run_probe
     from probe.train import TrainConfig
@@ -94,10 +98,10 @@ def run(
             head=head, feature=feature_name(reader, get_head(head).reads, layer), lr=lr, weight_decay=weight_decay, batch_size=batch_size,
             epochs=epochs, warmup_steps=warmup_steps, patience=patience, grad_clip=grad_clip or None, seed=seed or 0,
             data_seed=data_seed, head_depth=head_depth, head_preset=head_preset, head_weights=head_weights, standardize=standardize,
-            views=parse_views(views, reader.meta.views), protocol=protocol,
+            views=parse_views(views, reader.meta.views) if get_head(head).trains else 0, protocol=protocol,  # kNN: the eval view
         )
         if several is None:
-            run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console)
+            run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console, calibrate=calibrate)
             return
         from probe.sweep import Grid, expand, run_sweep
 
@@ -236,12 +240,17 @@ def report(
     boot: Annotated[int | None, typer.Option(help="Bootstrap resamples of the test set (with --ci).", show_default="1000")] = None,
     boot_seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples (with --ci).")] = 0,
     jobs: Annotated[int, typer.Option(help="Processes that share the bootstrap resamples (with --ci).")] = 1,
+    cost: Annotated[bool, typer.Option("--cost", help="Show each row's cost (device hours of its chosen runs and their caches' "
+                                                      "extraction) and print the grid's total.", show_default="off")] = False,
+    by: Annotated[str | None, typer.Option(help="Per-subgroup scores by a per-sample column of the datasets (e.g. sex, age in "
+                                                "decades, Frontal/Lateral): each group's score and n, the worst group and the gap; "
+                                                "also written to report_by_<column>.csv.", show_default="none")] = None,
 ) -> None:
     """The study's table (backbone x scenario by dataset, average, gain over deit linear) and figure."""
     from rich.markup import escape
 
     from probe.bootstrap import check_settings
-    from probe.report import AVERAGE, GAIN, is_random, make_report, notes
+    from probe.report import AVERAGE, COST_NOTE, GAIN, cost_text, is_random, make_report, notes
 
     if ci is None and boot is not None:
         raise MedfmError("--boot sets the resamples of --ci intervals; give --ci too (e.g. --ci 95)")
@@ -253,16 +262,39 @@ def report(
     if result.table.empty:
         raise MedfmError("the ledger holds no runs" + (f" for {', '.join(dataset)}" if dataset else "") + "; train some with `probe run`")
     table = Table("backbone x scenario", *[escape(f"{c.label}\n({c.metric})") for c in result.columns], AVERAGE, "gain vs deit\nlinear (%)",
-                  title=f"test scores, {result.runs} runs (cells selected by validation)")
+                  *(["cost"] if cost else []), title=f"test scores, {result.runs} runs (cells selected by validation)")
     for key in result.table.index:
         label = escape(result.rows[key].label)
         table.add_row(f"[bold red]{label}[/]" if is_random(key) else label, *[result.cell(key, c.label) for c in result.columns],
-                      result.summary(key, AVERAGE), result.summary(key, GAIN))
+                      result.summary(key, AVERAGE), result.summary(key, GAIN), *([cost_text(result.costs[key])] if cost else []))
     console.print(table)
+    if cost:
+        console.print(escape(COST_NOTE), highlight=False)
+        console.print(f"total cost of the grid ({result.runs} runs, each cache's extraction once): {cost_text(result.total_cost)}",
+                      highlight=False)
     for line in notes(result)[2:]:
         console.print(f"[bold red]{escape(line)}[/]" if line.startswith("RANDOM") else escape(line), highlight=False)
+    if by:
+        _print_subgroups(result, by, out or output_root() / "reports")
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
+
+
+def _print_subgroups(result, by: str, out: Path) -> None:  # noqa: ANN001 - a probe.report.Report
+    """`probe report --by`: the subgroup table, its notes, and its CSV among the report's files."""
+    from rich.markup import escape
+
+    from probe.subgroups import subgroup_table, summary_lines, write_subgroups
+
+    table, lines = subgroup_table(result, by)
+    shown = Table("backbone x scenario", "dataset", f"{by}: score (n) per group", "worst group", "gap (best - worst)",
+                  title=f"test scores by {by} (the report's chosen runs)")
+    for line in summary_lines(table):
+        shown.add_row(*map(escape, line))
+    console.print(shown)
+    for line in lines:
+        console.print(escape(line), highlight=False)
+    result.files[f"by {by}"] = write_subgroups(table, out, by)
 
 
 def _names(pairs: list[str]) -> dict[str, str]:

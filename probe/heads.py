@@ -212,6 +212,9 @@ class HeadSpec:
     `head_<option>` fields).
     `init(**options)` says what its weights start from without building it: "" when nothing is pretrained
     (a linear layer), "random" when pretrained weights were wanted but are missing or refused, else the file.
+    `fit(config, source, task, device, progress) -> probe.train.FitResult`: set for a head without a training loop
+    (the kNN probe, `probe.knn`); `probe run` calls it instead of `probe.train.train_head`, `probe sweep` refuses
+    such a head, and its `build` refuses (there is no module to build or finetune).
     """
 
     name: str
@@ -220,6 +223,12 @@ class HeadSpec:
     options: tuple[str, ...] = ()
     init: Callable[..., str] = lambda **options: ""
     description: str = ""
+    fit: Callable[..., Any] | None = None
+
+    @property
+    def trains(self) -> bool:
+        """Whether the head is a module trained by gradient descent (`probe.train.fit`), not a fit of its own."""
+        return self.fit is None
 
 
 REGISTRY: Registry[HeadSpec] = Registry("head")
@@ -265,4 +274,20 @@ register_head(HeadSpec(
     name="deit", reads="tokens", build=_build_deit, options=("depth", "preset", "weights"),
     init=lambda depth=12, preset="deit-b", weights="default": deit_weights_identity(preset, weights),
     description="DeiT blocks on the tokens, ImageNet-initialised (the study's appended DeiT classifier)",
+))
+
+
+def _build_knn(row_shape: tuple[int, ...], num_outputs: int, *, protocol: str = "medfm") -> nn.Module:
+    raise MedfmError("the knn head has no module to build or finetune: use it on cached features, `probe run --head knn`")
+
+
+def _fit_knn(*args: Any, **kwargs: Any) -> Any:
+    from probe.knn import fit_knn  # probe.knn imports probe.train, which imports this module
+
+    return fit_knn(*args, **kwargs)
+
+
+register_head(HeadSpec(
+    name="knn", reads="pooled", build=_build_knn, fit=_fit_knn,
+    description="k nearest train neighbours by cosine similarity, DINO's weighted vote; k chosen on validation (not in the study)",
 ))

@@ -10,7 +10,7 @@ import sys
 
 from common.registry import unknown
 
-HEADS = ("linear", "deit")
+HEADS = ("linear", "deit", "knn")
 
 
 def check_head(name: str) -> None:

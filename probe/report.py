@@ -22,7 +22,8 @@ protocol never share a cell with medfm's. Rows whose backbone or pretrained head
 weights are labelled RANDOM and kept apart. A row is also marked when it lacks a dataset (`1/2 datasets`:
 left out of the average and the gain unless `partial`), when it has no counterpart in the study
 (`extension`), when its chosen runs departed from the study's recipe (`off-recipe`, the recipe in the CSV),
-and a cell when its best validation epoch came in the last tenth of the epochs (`late`).
+and a cell when its best validation epoch came in the last tenth of the epochs (`late`), or when a chosen run
+collapsed to one class or scored within noise of chance (`collapsed`, `chance`; `probe.health`).
 
 Seeds: a cell averages the seeds of its configuration; the CSV gives their sample standard deviation
 (`<column> std`, n-1 in the denominator; empty for one seed). Intervals (`add_intervals`, `probe report --ci 95`):
@@ -45,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import MedfmError
+from common.runtime import device_kind
 from probe.bootstrap import Interval, check_settings, interval, resample_metric
 from probe.predictions import load_predictions
 from probe.recipe import STUDY
@@ -64,8 +66,10 @@ RANDOM_BACKBONE_NOTE = "RANDOM backbone: features of an untrained backbone"
 RANDOM_HEAD_NOTE = "RANDOM head: a DeiT head whose ImageNet weights were missing"
 LATE_NOTE = ("late: the chosen runs' best validation epoch came in the last tenth of their epochs, so they may not have "
              "converged; raise --epochs (or, for a linear probe, use --standardize).")
+HEALTH_NOTE = ("collapsed: a chosen run predicted one class for over 95% of the test rows; chance: its test score is not above "
+               "the metric's chance level beyond noise (95% bootstrap interval, probe/health.py). Such cells say the head learned little.")
 PARTIAL_NOTE = "rows marked k/n datasets lack a dataset: left out of the average and the gain (`probe report --partial` includes them)."
-EXTENSION_NOTE = ("extension: no counterpart in the study (a DeiT head on an ImageNet backbone, partial unfreezing, or a "
+EXTENSION_NOTE = ("extension: no counterpart in the study (a DeiT head on an ImageNet backbone, partial unfreezing, a kNN probe, or a "
                   "backbone outside its eight).")
 SCENARIO_COLORS = {"frozen-linear": "#4f81bd", "frozen-deit": "#9bbb59", "unfrozen-linear": "#f79646", "unfrozen-deit": "#8064a2"}
 OTHER_COLOR = "#7f7f7f"
@@ -119,15 +123,23 @@ class Report:
     chosen: dict[tuple, list[RunRecord]] = field(default_factory=dict)  # (row key, column label) -> the runs the cell averages
     intervals: dict[tuple, Interval] = field(default_factory=dict)  # (row key, column label | AVERAGE | GAIN) -> its interval
     bootstrap: dict[str, Any] = field(default_factory=dict)  # the intervals' settings: level, boot, seed; {} without intervals
+    costs: dict[tuple, dict[str, float]] = field(default_factory=dict)  # row key -> `cost_of` its chosen runs
+    total_cost: dict[str, float] = field(default_factory=dict)  # `cost_of` every run of the report
+
+    def marks(self, key: tuple, label: str) -> list[str]:
+        """`collapsed` / `chance` when any of the cell's chosen runs was flagged so (`probe.health`)."""
+        runs = self.chosen.get((key, label), [])
+        return [flag for flag in ("collapsed", "chance") if any(getattr(r, flag) for r in runs)]
 
     def cell(self, key: tuple, label: str) -> str:
         """A cell as a reader sees it: `0.9375 (n=3)`, with its interval `0.9375 [0.9100, 0.9600] (n=3)` when computed,
-        `late` when flagged, `-` when empty."""
+        `late`, `collapsed`, `chance` when flagged, `-` when empty."""
         value = self.table.loc[key, label]
         if not np.isfinite(value):
             return "-"
         n = int(self.seeds.loc[key, label])
-        return f"{value:.4f}{self._bounds(key, label, False)} (n={n}{', late' if self.late.loc[key, label] else ''})"
+        flags = ["late"] * bool(self.late.loc[key, label]) + self.marks(key, label)
+        return f"{value:.4f}{self._bounds(key, label, False)} (n={n}{''.join(', ' + f for f in flags)})"
 
     def summary(self, key: tuple, name: str) -> str:
         """The row's AVERAGE or GAIN as a reader sees it, with its interval when computed: `+2.22 [-0.50, +4.90]`."""
@@ -189,8 +201,45 @@ def build_report(records: list[RunRecord], partial: bool = False, names: dict[st
         info.label = row_label(key, info)
     order = table.sort_values(GAIN, na_position="last").index if keys else table.index
     metrics = {c.label: c.metric for c in columns}
+    costs = {key: cost_of([r for (k, _), runs in chosen_runs.items() if k == key for r in runs]) for key in keys}
     return Report(table.loc[order], metrics, len(records), {}, seeds.loc[order], late.loc[order], rows, columns, partial,
-                  std=std.loc[order], chosen=chosen_runs)
+                  std=std.loc[order], chosen=chosen_runs, costs=costs, total_cost=cost_of(records))
+
+
+COST_KINDS = ("GPU", "CPU")
+COST_NOTE = ("cost: device hours of the row's chosen runs (each run's own seconds; a sweep's heads share their pass) plus "
+             "the extraction of each cache they read, counted once per cache; GPU or CPU by where each part ran.")
+
+
+def cost_of(runs: list[RunRecord]) -> dict[str, float]:
+    """Seconds by device kind (`GPU`, `CPU`) of `runs`: each run's own `cost_seconds`, plus each distinct cache's
+    `extract_seconds` once (every probe run of a cache records its whole extraction). `unrecorded`: how many runs
+    and caches have no recorded cost (ledgers before the cost columns), so that a total never hides them."""
+    out = dict.fromkeys((*COST_KINDS, "unrecorded"), 0.0)
+    caches: dict[str, RunRecord] = {}
+    for r in runs:
+        kind = device_kind(r.device)
+        if r.cost_seconds is None or not kind:
+            out["unrecorded"] += 1
+        else:
+            out[kind] += r.cost_seconds
+        if r.stage == "probe" and r.cache_fingerprint:
+            caches.setdefault(r.cache_fingerprint, r)
+    for r in caches.values():
+        kind = device_kind(r.extract_device)
+        if r.extract_seconds is None or not kind:
+            out["unrecorded"] += 1
+        else:
+            out[kind] += r.extract_seconds
+    return out
+
+
+def cost_text(cost: dict[str, float]) -> str:
+    """`0.52 GPU-h + 0.01 CPU-h`, `(+2 unrecorded)` when some parts were not recorded, `-` when none was."""
+    parts = [f"{cost[kind] / 3600:.2f} {kind}-h" for kind in COST_KINDS if cost.get(kind)]
+    missing = int(cost.get("unrecorded", 0))
+    text = " + ".join(parts) or ("-" if missing else "0.00 CPU-h")
+    return text + (f" (+{missing} unrecorded)" if missing and parts else "")
 
 
 def seed_std(values: list[float | None]) -> float:
@@ -313,7 +362,8 @@ def is_extension(key: tuple) -> bool:
     """No counterpart in the study: a backbone outside its eight, partial unfreezing, a DeiT head on an ImageNet backbone."""
     backbone, scenario = key[0], key[1]
     freeze, head = scenario.split("-")
-    return backbone not in STUDY_BACKBONES or freeze not in ("frozen", "unfrozen") or (head == "deit" and backbone in IMAGENET_BACKBONES)
+    return (backbone not in STUDY_BACKBONES or freeze not in ("frozen", "unfrozen") or head == "knn"
+            or (head == "deit" and backbone in IMAGENET_BACKBONES))
 
 
 def row_label(key: tuple, info: RowInfo | None = None) -> str:
@@ -439,6 +489,9 @@ def to_csv(report: Report) -> pd.DataFrame:
         for name in (AVERAGE, GAIN):
             line.update(_interval_fields(report, key, name))
         line.update(dict(zip(ROW_KEY, key, strict=True)))
+        cost = report.costs.get(key, {})
+        line.update({f"cost {kind}-h": cost.get(kind, 0.0) / 3600 for kind in COST_KINDS})
+        line["cost unrecorded"] = int(cost.get("unrecorded", 0))
         line.update(datasets=f"{info.covered}/{info.total}", included=info.included, extension=info.extension,
                     recipe="; ".join(info.recipe) or "study", late_best="; ".join(info.late))
         lines.append(line)
@@ -477,6 +530,8 @@ def notes(report: Report) -> list[str]:
                    + "; ".join(f"{info.label.split(' (')[0]}: {', '.join(info.recipe)}" for info in off) + ".")
     if any(info.late for info in rows):
         out.append(LATE_NOTE)
+    if any(report.marks(*cell) for cell in report.chosen):
+        out.append(HEALTH_NOTE)
     if any(key[5] != DEFAULT_PROTOCOL for key in report.table.index):
         out.append("Rows of another protocol than medfm's (e.g. the study's) are compared only with their own baseline.")
     out += interval_notes(report)
@@ -499,13 +554,14 @@ def interval_notes(report: Report) -> list[str]:
 
 
 def to_markdown(report: Report) -> str:
-    header = ["backbone x scenario"] + [c.header for c in report.columns] + [AVERAGE, GAIN]
+    header = ["backbone x scenario"] + [c.header for c in report.columns] + [AVERAGE, GAIN, "cost"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in report.table.index:
         cells = [report.cell(key, c.label) for c in report.columns]
-        cells += [report.summary(key, AVERAGE), report.summary(key, GAIN)]
+        cells += [report.summary(key, AVERAGE), report.summary(key, GAIN), cost_text(report.costs.get(key, {}))]
         lines.append("| " + " | ".join([report.rows[key].label, *cells]) + " |")
-    return "\n".join(lines + [""] + notes(report)) + "\n"
+    total = f"Total cost of the grid (every run, each cache's extraction once): {cost_text(report.total_cost)}."
+    return "\n".join(lines + [""] + notes(report) + [COST_NOTE, total]) + "\n"
 
 
 def plot_gain(report: Report, path: Path) -> list[str]:

@@ -39,8 +39,9 @@ from common.errors import MedfmError
 from common.runtime import output_root
 
 STAGES = ("probe", "finetune")
-# The study's four scenarios, frozen|unfrozen x linear|deit, plus partial unfreezing of the last K blocks.
-SCENARIO = re.compile(r"(frozen|unfrozen|last[1-9][0-9]*)-(linear|deit)")
+# The study's four scenarios, frozen|unfrozen x linear|deit, plus partial unfreezing of the last K blocks, and the
+# kNN probe on frozen features (frozen-knn).
+SCENARIO = re.compile(r"(frozen|unfrozen|last[1-9][0-9]*)-(linear|deit)|frozen-knn")
 
 _COLUMNS = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -67,13 +68,31 @@ _COLUMNS = """
     dataset_id TEXT NOT NULL DEFAULT '',
     dataset_label TEXT NOT NULL DEFAULT '',
     dataset_inputs TEXT NOT NULL DEFAULT '{}',
-    late_best INTEGER NOT NULL DEFAULT 0
+    late_best INTEGER NOT NULL DEFAULT 0,
+    device TEXT NOT NULL DEFAULT '',
+    cost_seconds REAL,
+    throughput REAL,
+    extract_seconds REAL,
+    extract_device TEXT NOT NULL DEFAULT '',
+    collapsed INTEGER NOT NULL DEFAULT 0,
+    chance INTEGER NOT NULL DEFAULT 0
 """
+# What a result cost (docs/architecture.md, "Cost"): `device` the run's (`common.runtime.device_label`), `cost_seconds` its
+# own wall seconds times its devices (a sweep's heads trained together share their pass: each gets its share),
+# `throughput` train rows (probe) or images (finetune) per second, and for probe rows the cache's extraction:
+# `extract_seconds` (the whole extraction, every run of the cache records it; a report counts it once per cache) and
+# `extract_device`. Rows written before these columns have NULL costs: "not recorded", never 0.
+_COST_COLUMNS = {"device": "TEXT NOT NULL DEFAULT ''", "cost_seconds": "REAL", "throughput": "REAL", "extract_seconds": "REAL",
+                 "extract_device": "TEXT NOT NULL DEFAULT ''"}
+# Runs that learned nothing (`probe.health`): `collapsed` one predicted class for > 95 % of the test rows, `chance` a test
+# score within noise of chance. Rows written before these columns are not flagged.
+_HEALTH_COLUMNS = {"collapsed": "INTEGER NOT NULL DEFAULT 0", "chance": "INTEGER NOT NULL DEFAULT 0"}
 # Columns added after the first release, with what old rows get: ALTER TABLE adds them to an older ledger.
 _ADDED = {"dataset_id": "TEXT NOT NULL DEFAULT ''", "dataset_label": "TEXT NOT NULL DEFAULT ''",
-          "dataset_inputs": "TEXT NOT NULL DEFAULT '{}'", "late_best": "INTEGER NOT NULL DEFAULT 0"}
+          "dataset_inputs": "TEXT NOT NULL DEFAULT '{}'", "late_best": "INTEGER NOT NULL DEFAULT 0",
+          **_COST_COLUMNS, **_HEALTH_COLUMNS}
 _JSON_FIELDS = ("config", "test_metrics", "dataset_inputs")
-_FLAGS = ("backbone_random", "head_random", "late_best")
+_FLAGS = ("backbone_random", "head_random", "late_best", "collapsed", "chance")
 # Loaders of your own data: their name alone does not say which images, so a label carries a content tag.
 OWN_DATA = ("imagefolder", "csv", "medmnist")
 LATE_FRACTION = 10  # a best epoch in the last tenth of the epochs: perhaps not converged
@@ -173,6 +192,13 @@ class RunRecord:
     dataset_label: str = ""
     dataset_inputs: dict[str, Any] = field(default_factory=dict)
     late_best: bool = False  # the best validation epoch in the last tenth (`late_best`)
+    collapsed: bool = False  # test predictions one class for > 95 % of rows (`probe.health`)
+    chance: bool = False  # the test primary metric is not above its chance level beyond noise (`probe.health`)
+    device: str = ""  # see _COST_COLUMNS; "" and None: not recorded
+    cost_seconds: float | None = None
+    throughput: float | None = None
+    extract_seconds: float | None = None
+    extract_device: str = ""
     id: int | None = None
 
     @property
@@ -247,7 +273,7 @@ class Ledger:
         if record.stage not in STAGES:
             raise ValueError(f"stage {record.stage} not in {STAGES}")
         if not SCENARIO.fullmatch(record.scenario):
-            raise ValueError(f"scenario {record.scenario} is not frozen|unfrozen|last<K> - linear|deit")
+            raise ValueError(f"scenario {record.scenario} is not frozen|unfrozen|last<K> - linear|deit, or frozen-knn")
         if not record.dataset_id:
             record.with_identity(unrecorded_identity(record.dataset))
         row = asdict(record)

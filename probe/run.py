@@ -10,8 +10,10 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
@@ -21,10 +23,12 @@ from cache.schema import CacheMeta
 from cache.store import CacheReader
 from common.errors import MedfmError
 from common.locks import FileLock, acquire
-from common.runtime import output_root, resolve_device
+from common.runtime import device_label, output_root, resolve_device
+from probe.calibration import calibration_metrics, fit_temperature, reliability_diagram
 from probe.curve import subset_rows
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
+from probe.health import check_run
 from probe.predictions import Predictions, save_predictions
 from probe.recipe import PROTOCOLS
 from probe.results import (
@@ -85,7 +89,7 @@ def ledger_key(reader: CacheReader, config: TrainConfig) -> str:
 
 def run_probe(
     reader: CacheReader, config: TrainConfig, *, device: str = "auto", max_ram: int | None = None, force: bool = False,
-    ledger: Ledger | None = None, console: Console | None = None,
+    ledger: Ledger | None = None, console: Console | None = None, calibrate: bool = False,
 ) -> RunOutcome:
     """Train one head from an open cache, unless the ledger already holds this exact run (`force` retrains)."""
     console = console or Console(stderr=True)
@@ -97,7 +101,7 @@ def run_probe(
         if done is not None and not force:
             console.print(f"[green]already in the ledger[/] (run {done.id}, {done.run_dir}): {describe(done)}; skipping (--force retrains)")
             return RunOutcome(done, True)
-        return _train(reader, config, key, ledger, device, max_ram, console)
+        return _train(reader, config, key, ledger, device, max_ram, console, calibrate)
 
 
 def claim(ledger: Ledger, key: str) -> FileLock:
@@ -106,7 +110,7 @@ def claim(ledger: Ledger, key: str) -> FileLock:
 
 
 def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, device: str, max_ram: int | None,
-           console: Console) -> RunOutcome:
+           console: Console, calibrate: bool = False) -> RunOutcome:
     dev = resolve_device(device)
     rows = subset_rows(reader, config.train_subset) if config.train_subset is not None else None  # `probe curve`'s subsets
     source = FeatureSource(reader, config.feature, config.batch_size, max_ram, config.views, rows=rows)
@@ -116,11 +120,18 @@ def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, d
     started = time.perf_counter()
     with Progress(console=console, transient=True) as progress, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=RANDOM_DEIT_WARNING)  # said once, above, on the console
-        result = train_head(config, source, reader.task, dev, progress)
-    record = save_run(reader, result, key, ledger, total_seconds=time.perf_counter() - started)
+        spec = get_head(config.head)
+        if spec.trains:
+            result = train_head(config, source, reader.task, dev, progress)
+        else:  # a head with a fit of its own (the kNN probe, `probe.knn`): no training loop
+            result = spec.fit(config, source, reader.task, dev, progress)
+    record = save_run(reader, result, key, ledger, total_seconds=time.perf_counter() - started, device=device_label(dev),
+                      calibrate=calibrate)
     console.print(f"{describe(record)} -> {record.run_dir}")
     if record.late_best:
         console.print(f"[yellow]{late_best_note(result.best_epoch, config.epochs, late_hint(config))}[/]")
+    if record.collapsed or record.chance:
+        console.print(f"[yellow]warning: {result.extra['health']}[/]", highlight=False, soft_wrap=True)
     return RunOutcome(record, False)
 
 
@@ -168,8 +179,36 @@ def cache_identity(meta: CacheMeta) -> DatasetIdentity:
     )
 
 
-def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None) -> RunRecord:
-    """Write the run folder (config, history, best head, metrics) and append the ledger row."""
+def _rows_per_s(reader: CacheReader, result: FitResult) -> float | None:
+    """Train rows the head read per second of training: its epochs x its train rows / its train seconds."""
+    subset = result.config.train_subset
+    rows = len(subset_rows(reader, subset)) if subset is not None else len(reader.ids("train"))
+    return len(result.history) * rows / result.train_seconds if result.train_seconds > 0 else None
+
+
+def calibrated(result: FitResult, run_dir: Path, calibrate: bool) -> None:
+    """The reliability diagram of the test split; with `calibrate`, temperature scaling fitted on validation, its T in
+    `result.extra` and the test calibration metrics with T applied in `result.test_metrics` (`<name>_calibrated`)."""
+    labels, logits = result.predictions["test"]
+    temperature = None
+    if calibrate:
+        temperature = fit_temperature(*result.predictions["val"])
+        scaled = np.asarray(logits, dtype=np.float64) / temperature
+        result.test_metrics.update({f"{name}_calibrated": value for name, value in calibration_metrics(labels, scaled).items()})
+        result.extra["calibration_temperature"] = temperature
+    reliability_diagram(run_dir / "reliability.png", labels, logits, temperature)
+
+
+def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None,
+             device: str = "", shared: int = 1, calibrate: bool = False) -> RunRecord:
+    """Write the run folder (config, history, best head, metrics) and append the ledger row.
+
+    Single-label runs also get `reliability.png`; `calibrate` fits a temperature on the validation logits and adds the
+    test split's calibration metrics under it (`<name>_calibrated`, `probe.calibration`).
+
+    Its cost: `total_seconds` / `shared` (heads trained together in one pass share it), on `device`; its throughput, train
+    rows read per second of training; and the cache's whole extraction (seconds, device), counted once per cache by
+    the report."""
     meta, config = reader.meta, result.config
     backbone, dataset = meta.backbone.name, meta.dataset.name
     run_dir = output_root() / "runs" / "probe" / f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone}-{dataset}-{config.head}-{key[:8]}"
@@ -186,8 +225,12 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
     pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
     torch.save(result.state_dict, run_dir / "head.pt")
     save_predictions(run_dir, {split: Predictions(reader.ids(split), labels, logits) for split, (labels, logits) in result.predictions.items()})
-    late = late_best(result.best_epoch, config.epochs)
-    metrics = {"best_epoch": result.best_epoch, "late_best": late, "val": result.val_metrics, "test": result.test_metrics}
+    late = get_head(config.head).trains and late_best(result.best_epoch, config.epochs)
+    health = check_run(reader.task, *result.predictions["test"])  # collapsed / within noise of chance (probe.health)
+    result.extra["health"] = health.message
+    if reader.task.kind != "multilabel":
+        calibrated(result, run_dir, calibrate)
+    metrics = {"best_epoch": result.best_epoch, "late_best": late, **result.extra, "val": result.val_metrics, "test": result.test_metrics}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     task = reader.task
     record = RunRecord(
@@ -196,7 +239,9 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
         seed=config.seed, primary_metric=task.primary_metric, val_score=result.val_score,
         test_metrics=result.test_metrics, test_primary=float(result.test_metrics[task.primary_metric]),
         backbone_random=meta.backbone.random_weights, head_random=result.head_init == "random", train_seconds=result.train_seconds,
-        total_seconds=total_seconds, run_dir=str(run_dir), late_best=late,
+        total_seconds=total_seconds, run_dir=str(run_dir), late_best=late, collapsed=health.collapsed, chance=health.chance, device=device,
+        cost_seconds=total_seconds / max(shared, 1) if total_seconds is not None else None,
+        throughput=_rows_per_s(reader, result), extract_seconds=meta.extract_seconds or None, extract_device=meta.extract_device,
     ).with_identity(cache_identity(meta))
     ledger.add(record)
     return record

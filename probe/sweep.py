@@ -25,7 +25,7 @@ from rich.progress import Progress
 
 from cache.store import CacheReader
 from common.errors import MedfmError
-from common.runtime import resolve_device
+from common.runtime import device_label, resolve_device
 from probe.curve import subset_rows
 from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING, get_head
@@ -65,7 +65,11 @@ class SweepOutcome:
 
 
 def expand(reader: CacheReader, grid: Grid, base: TrainConfig) -> list[TrainConfig]:
-    """Every configuration of the grid, on top of the shared settings in `base`."""
+    """Every configuration of the grid, on top of the shared settings in `base`; a head without a training loop
+    (`--head knn`, deterministic, no learning rate or seed) is refused in one line."""
+    for head in grid.heads:
+        if not get_head(head).trains:
+            raise MedfmError(f"--head {head} has nothing to sweep (no learning rate, weight decay or seed): run it once with `probe run --head {head}`")
     configs = (
         replace(base, head=head, feature=feature_name(reader, get_head(head).reads, layer), lr=lr, weight_decay=wd, seed=seed)
         for layer, head, lr, wd, seed in itertools.product(grid.layers, grid.heads, grid.lrs, grid.weight_decays, grid.seeds)
@@ -132,7 +136,7 @@ def _train_todo(
             results = fit(heads, [c for c, _ in members], source, task, dev, progress)
             seconds = time.perf_counter() - started
             for result, (_, key) in zip(results, members, strict=True):
-                save_run(reader, result, key, ledger, total_seconds=seconds)
+                save_run(reader, result, key, ledger, total_seconds=seconds, device=device_label(dev), shared=len(members))
             passes += source.passes["train"]
             subset = f" ({len(rows)} train rows)" if rows is not None else ""
             console.print(f"trained {len(members)} {first.head} head(s) on {first.feature}{subset} in {seconds:.1f} s "

@@ -7,7 +7,7 @@ scored once with them, in fp32 (`probe.recipe.precision`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -87,6 +87,7 @@ class FitResult:
     train_seconds: float
     head_init: str  # "random", the weights file of a DeiT head, or "" for a linear head
     predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (labels, logits) of the best epoch, in row order
+    extra: dict[str, Any] = field(default_factory=dict)  # what else the run's metrics.json records (kNN: the chosen k)
 
 
 def duration(seconds: float) -> str:

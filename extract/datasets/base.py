@@ -33,6 +33,7 @@ class Split:
     ids: list[str]
     labels: np.ndarray
     images: Sequence[Any]  # whatever the source's `load_image` takes: usually paths
+    metadata: dict[str, list[str]] = field(default_factory=dict)  # per-sample columns (Sex, Age, ...) as text, "" when blank
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,7 +67,9 @@ class DatasetSource:
         for name, ids in manifest.items():
             picks = [rows[i] for i in ids]
             labels = np.stack([split.labels[k] for split, k in picks]) if picks else empty
-            splits[name] = Split(list(ids), labels, [split.images[k] for split, k in picks])
+            columns = next(iter(self.splits.values())).metadata.keys()
+            splits[name] = Split(list(ids), labels, [split.images[k] for split, k in picks],
+                                 {c: [split.metadata[c][k] for split, k in picks] for c in columns})
         return replace(self, splits=splits)
 
 
@@ -99,9 +102,25 @@ def read_table(path: Path, required: Sequence[str], **read_csv: Any) -> pd.DataF
     return table
 
 
-def make_splits(parts: dict[str, np.ndarray], ids: Sequence[str], labels: np.ndarray, images: Sequence[Any]) -> dict[str, Split]:
-    """`Split`s from index arrays into flat id/label/image lists (index order is row order)."""
-    return {name: Split([ids[i] for i in idx], labels[idx], [images[i] for i in idx]) for name, idx in parts.items()}
+def make_splits(parts: dict[str, np.ndarray], ids: Sequence[str], labels: np.ndarray, images: Sequence[Any],
+                metadata: dict[str, list[str]] | None = None) -> dict[str, Split]:
+    """`Split`s from index arrays into flat id/label/image (and metadata) lists (index order is row order)."""
+    metadata = metadata or {}
+    return {name: Split([ids[i] for i in idx], labels[idx], [images[i] for i in idx],
+                        {c: [values[i] for i in idx] for c, values in metadata.items()}) for name, idx in parts.items()}
+
+
+def metadata_columns(table: pd.DataFrame, columns: Sequence[str]) -> dict[str, list[str]]:
+    """Per-sample metadata of `table`'s rows as text, for the columns it has: blanks are "", whole numbers lose ".0"."""
+
+    def text(value: Any) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return ""
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value).strip()
+
+    return {c: [text(v) for v in table[c].tolist()] for c in columns if c in table.columns}
 
 
 def choice(value: Any, option: str, choices: Sequence[str]) -> str:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
-from extract.datasets.base import DatasetSource, Task, as_int, choice, make_splits, read_table, require_root
+from extract.datasets.base import DatasetSource, Task, as_int, choice, make_splits, metadata_columns, read_table, require_root
 from extract.datasets.splits import STUDY_SEED, grouped_split
 
 LABELS = (
@@ -31,6 +31,7 @@ LABELS = (
     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
     "Fracture", "Support Devices",
 )
+METADATA = ("Sex", "Age", "Frontal/Lateral")  # per-image columns of train.csv kept for subgroup reports
 POLICIES = ("zeros", "ones", "ignore")
 SPLITS = ("study", "patient")
 LAYOUT = ("the CheXpert-v1.0-small (or CheXpert-v1.0) folder: train.csv (Path, 14 labels) and train/patient*/study*/*.jpg; "
@@ -106,7 +107,8 @@ def build(root: Path | None, *, policy: str = "zeros", split: str = "study", spl
     return DatasetSource(
         name="chexpert",
         task=TASK,
-        splits=make_splits(parts, ids, apply_policy(raw, policy), [image_path(root, p) for p in ids]),
+        splits=make_splits(parts, ids, apply_policy(raw, policy), [image_path(root, p) for p in ids],
+                           metadata_columns(table, METADATA)),
         grayscale=True,
         options=options,
         study_norm=((0.503,), (0.292,)),

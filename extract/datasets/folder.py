@@ -23,7 +23,7 @@ import numpy as np
 
 from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
-from extract.datasets.base import DatasetSource, Task, as_int, make_splits, read_table, require_root
+from extract.datasets.base import DatasetSource, Task, as_int, make_splits, metadata_columns, read_table, require_root
 from extract.datasets.splits import SPLIT_NAMES, grouped_split, stratified_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}  # decoded by extract/datasets/decode.py
@@ -123,7 +123,9 @@ def build_csv(
         groups = table[group_column].astype(str).tolist() if group_column else None
         parts = seeded_split(ids, labels, groups, split_seed, classes)
         options |= {"group_column": group_column, "split_seed": split_seed}
-    return DatasetSource("csv", classification_task(classes), make_splits(parts, ids, labels, paths), options=options)
+    extra = [c for c in table.columns if c not in (path_column, label_column, split_column)]  # metadata: subgroup reports
+    return DatasetSource("csv", classification_task(classes), make_splits(parts, ids, labels, paths, metadata_columns(table, extra)),
+                         options=options)
 
 
 def check_labels(classes: tuple[str, ...], table_path: Path, label_column: str) -> None:

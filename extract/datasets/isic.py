@@ -13,11 +13,22 @@ import numpy as np
 
 from common.errors import MedfmError
 from extract.datasets import DatasetEntry, register
-from extract.datasets.base import DatasetSource, Task, as_int, make_splits, read_table, require_file, require_root
+from extract.datasets.base import (
+    DatasetSource,
+    Task,
+    as_int,
+    make_splits,
+    metadata_columns,
+    read_table,
+    require_file,
+    require_root,
+)
 from extract.datasets.splits import STUDY_SEED, study_holdout
 
 CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
 GROUND_TRUTH = "ISIC_2019_Training_GroundTruth.csv"
+METADATA_FILE = "ISIC_2019_Training_Metadata.csv"  # optional: read when present, for subgroup reports
+METADATA = ("age_approx", "anatom_site_general", "sex")
 # The release's image folder; Kaggle mirrors nest it once more (tried first), the study renamed it `train`.
 IMAGE_DIRS = ("ISIC_2019_Training_Input/ISIC_2019_Training_Input", "ISIC_2019_Training_Input", "train")
 LAYOUT = f"{GROUND_TRUTH} (image, MEL..SCC, UNK one-hot) and ISIC_2019_Training_Input/<image>.jpg"
@@ -42,10 +53,14 @@ def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
     ids = table["image"].tolist()
     images = [image_dir / f"{i}.jpg" for i in ids]
     parts = study_holdout(len(ids), HOLDOUT, split_seed)
+    metadata = {}
+    if (root / METADATA_FILE).is_file():
+        extra = read_table(root / METADATA_FILE, ["image"], dtype={"image": str}).drop_duplicates("image").set_index("image")
+        metadata = metadata_columns(extra.reindex(ids).reset_index(), METADATA)
     return DatasetSource(
         name="isic2019",
         task=TASK,
-        splits=make_splits(parts, ids, onehot.argmax(axis=1).astype(np.int64), images),
+        splits=make_splits(parts, ids, onehot.argmax(axis=1).astype(np.int64), images, metadata),
         options={"split_seed": split_seed},
         study_norm=((0.6678, 0.5296, 0.5243), (0.2238, 0.2036, 0.2154)),
     )

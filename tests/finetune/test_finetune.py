@@ -78,6 +78,9 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
     assert (row.scenario, row.backbone, row.dataset, row.head) == ("unfrozen-linear", "deit", "demo", "linear")
     assert row.test_primary == pytest.approx(result.test_score) and row.val_score == pytest.approx(result.val_score)
     assert row.backbone_random and not row.head_random and row.config["freeze"] == "none"
+    assert row.device == "cpu" and row.cost_seconds == pytest.approx(row.total_seconds) and row.extract_seconds is None  # its cost
+    train_images = len(json.loads((result.run_dir / "splits.json").read_text())["train"])
+    assert row.throughput == pytest.approx(train_images * len(result.history) / row.train_seconds)
     assert {p.name for p in result.run_dir.iterdir()} >= {"best.pt", RESULT, "config.json", "splits.json"}
     assert not (result.run_dir / CHECKPOINT).exists()
     stored = load_predictions(result.run_dir, "test")  # kept with the ids: intervals later, no retraining
