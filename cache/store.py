@@ -15,6 +15,9 @@ Layout of one file::
                          one view is a contiguous slice
     /<split>             attrs: rows (rows written so far), n (rows planned), crc32_ids, crc32_labels, crc32_valid
     /                    attrs: meta_sha256 (the meta as written), fingerprint = sha256 of meta.settings
+    /text/classes        [C, D] float32, optional: a CLIP text tower's class embeddings (`extract zeroshot`), added to a
+                         complete file under its lock; attrs crc32_classes, sha256 (of the array), templates, words,
+                         model (JSON). Not a split: the meta and fingerprint stay as extracted; rewritten by a rerun
 
 Crash safety: a file is written as `<name>.h5.partial` with every chunk allocated at creation (and its
 disk space reserved, so a full disk is found before the first row, not in the middle), so a batch write
@@ -269,6 +272,50 @@ def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, Sp
     return file
 
 
+TEXT_GROUP = "text"  # /text/classes: class text embeddings for zero-shot (`extract zeroshot`), never a split
+
+
+@dataclass(frozen=True)
+class TextClasses:
+    """The class embeddings of a cache's `text` group: [C, D] float32, L2-normalised rows, and how they were made."""
+
+    classes: np.ndarray
+    templates: tuple[str, ...]
+    words: tuple[str, ...]
+    model: dict[str, Any]
+    sha256: str
+
+
+def write_text_classes(path: Path, classes: np.ndarray, templates: Sequence[str], words: Sequence[str], model: dict[str, Any]) -> None:
+    """Store (or replace) the `text` group of a complete cache, holding its lock: a cache being written is refused."""
+    path = Path(path)
+    classes = np.ascontiguousarray(classes, dtype=np.float32)
+    with acquire(path, f"the cache {path}"):
+        CacheReader(path, check_lock=False).close()  # complete, unedited, this schema: else one clear line
+        with h5py.File(path, "r+") as file:
+            if TEXT_GROUP in file:
+                del file[TEXT_GROUP]
+            group = file.create_group(TEXT_GROUP)
+            group.create_dataset("classes", data=classes)
+            group.attrs["crc32_classes"] = array_crc(classes)
+            group.attrs["sha256"] = hashlib.sha256(classes.tobytes()).hexdigest()
+            group.attrs["templates"] = json.dumps(list(templates))
+            group.attrs["words"] = json.dumps(list(words))
+            group.attrs["model"] = json.dumps(model, sort_keys=True)
+
+
+def _read_text(file: h5py.File, where: str) -> TextClasses | None:
+    """The `text` group checked against its checksum, or None when the cache has none."""
+    if TEXT_GROUP not in file:
+        return None
+    group = file[TEXT_GROUP]
+    classes = group["classes"][:]
+    if int(group.attrs.get("crc32_classes", -1)) != array_crc(classes):
+        raise MedfmError(f"{where}: text/classes differs from its checksum; rerun `extract zeroshot` on it")
+    return TextClasses(classes, tuple(json.loads(group.attrs["templates"])), tuple(json.loads(group.attrs["words"])),
+                       json.loads(group.attrs["model"]), str(group.attrs["sha256"]))
+
+
 META_GROUP = "meta"  # <split>/meta/<column>: per-sample metadata as utf-8 text, a checksum each (crc32_meta_<column>)
 
 
@@ -324,10 +371,10 @@ class _RawChunks:
 class CacheReader:
     """Reads a complete cache: pooled features into RAM, tokens into RAM or by contiguous slices."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, check_lock: bool = True) -> None:
         self.path = Path(path)
         final = self.path.with_name(self.path.name.removesuffix(PARTIAL_SUFFIX))
-        if (writer := holder(final)) is not None:
+        if check_lock and (writer := holder(final)) is not None:
             raise MedfmError(f"cache {final} is being written by {writer}; wait for it to finish")
         if not self.path.exists():
             if partial_path(self.path).exists():
@@ -390,6 +437,10 @@ class CacheReader:
     def groups(self) -> list[str]:
         """The splits, then the augmented train views (`cache.schema.view_group`)."""
         return groups(self._file)
+
+    def text_classes(self) -> TextClasses | None:
+        """The class text embeddings `extract zeroshot` stored (checked against their checksum), or None."""
+        return _read_text(self._file, f"cache {self.path}")
 
     def feature_names(self, split: str = "train") -> list[str]:
         return [k for k in self._file[split] if k not in _NOT_FEATURES]
@@ -589,6 +640,12 @@ def verify(path: Path) -> list[str]:
             problems.append("fingerprint: does not match the settings in the meta")
         for split in groups(file):
             problems += _verify_split(split, file[split])
+        try:
+            _read_text(file, "text")
+        except MedfmError as err:
+            problems.append(str(err).split(";")[0])
+        except (KeyError, ValueError) as err:
+            problems.append(f"text: unreadable ({err})")
     return problems
 
 

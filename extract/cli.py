@@ -12,7 +12,7 @@ from rich.table import Table
 from common.cli import dataset_options, run_cli
 from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
-from extract.names import check_backbone, check_dataset
+from extract.names import check_backbone, check_dataset, check_text_tower
 
 app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -96,6 +96,58 @@ def run(
         rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
         rate = f", {result.images_per_s:.1f} img/s" if result.images_per_s else ""
         console.print(f"{'reused' if result.reused else 'wrote'} {result.path} ({rows}{rate})")
+
+
+@app.command()
+def zeroshot(
+    backbone: Annotated[str | None, typer.Option(help="Backbone with a text tower: openclip (with --dataset and `extract run`'s options, "
+                                                      "to find its cache).", show_default="none, use --cache")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (see `extract datasets`).", show_default="none, use --cache")] = None,
+    cache: Annotated[Path | None, typer.Option(help="The cache file, instead of --backbone/--dataset and the options.", show_default="none")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt templates (and class words) JSON, as extract/prompts.json.",
+                                                 show_default="extract/prompts.json")] = None,
+    root: Annotated[Path | None, typer.Option(help="As for `extract run`.", show_default="none")] = None,
+    weights: Annotated[str | None, typer.Option(help="The weights the cache was extracted with: default | random | PATH.",
+                                                show_default="the cache's")] = None,
+    out: Annotated[Path | None, typer.Option(help="Cache folder.", show_default="$MEDFM_OUTPUT/features")] = None,
+    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="As for `extract run`.")] = True,
+    token_dtype: Annotated[str, typer.Option(help="As for `extract run`.")] = "float16",
+    layers: Annotated[str, typer.Option(help="As for `extract run`.")] = "-1",
+    image_size: Annotated[int | None, typer.Option(help="As for `extract run`.", show_default="the backbone's, 224")] = None,
+    in_chans: Annotated[int, typer.Option(help="As for `extract run`.")] = 3,
+    norm: Annotated[str, typer.Option(help="As for `extract run`.")] = "model",
+    interpolation: Annotated[str, typer.Option(help="As for `extract run`.")] = "model",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (also decides --precision auto, as for `extract run`).")] = "auto",
+    precision: Annotated[str, typer.Option(help="As for `extract run`.")] = "auto",
+    views: Annotated[int | None, typer.Option(help="As for `extract run`.", show_default="none")] = None,
+    augment: Annotated[str, typer.Option(help="As for `extract run`.")] = "none",
+    augment_seed: Annotated[int, typer.Option(help="As for `extract run`.")] = 0,
+    protocol: Annotated[str, typer.Option(help="As for `extract run`.")] = "medfm",
+    split_seed: Annotated[int | None, typer.Option(help="As for `extract run`.", show_default="the dataset's own")] = None,
+    opt: Annotated[list[str] | None, typer.Option(help="As for `extract run`.", show_default="none")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="As for `extract run`.", show_default="the dataset's own split")] = None,
+) -> None:
+    """Embed each class's prompts with the backbone's own text tower into its cache, for `probe run --head zeroshot`."""
+    if cache is None and (backbone is None or dataset is None):
+        raise MedfmError("give --cache FILE, or --backbone and --dataset (with `extract run`'s options) to find the cache")
+    if backbone is not None:
+        check_text_tower(backbone)  # dinov2 & co: one line before torch loads
+    if dataset is not None:
+        check_dataset(dataset)
+    from extract.text import ZeroShotConfig
+    from extract.text import zeroshot as embed_classes
+
+    if cache is None:
+        from extract.runner import ExtractConfig, find_cache
+
+        cache = find_cache(ExtractConfig(
+            backbone=backbone, dataset=dataset, root=root, weights=weights or "default", out=out or output_root() / "features",
+            tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers), image_size=image_size, in_chans=in_chans, norm=norm,
+            interpolation=interpolation, device=device, precision=precision, manifest=manifest, views=parse_views(views), augment=augment,
+            augment_seed=augment_seed, protocol=protocol, dataset_options=dataset_options(opt, split_seed),
+        ))
+    result = embed_classes(ZeroShotConfig(cache, prompts, weights, device))
+    console.print(f"wrote text/classes {tuple(result.classes.shape)} into {result.path}")
 
 
 @app.command()

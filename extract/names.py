@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import sys
 
+from common.errors import MedfmError
 from common.registry import unknown
 
 BACKBONES = ("deit", "dino", "dinov2", "resnet152", "blip", "openclip", "sam", "seem")
+TEXT_TOWERS = ("openclip",)  # backbones with a text tower of their own: `extract zeroshot`
 DATASETS = ("aptos2019", "chexpert", "ddsm", "cbis-ddsm", "demo", "imagefolder", "csv", "isic2019", "medmnist")
 
 
@@ -20,6 +22,13 @@ def check_backbone(name: str) -> None:
     names = _loaded("extract.backbones", "list_backbones") or BACKBONES
     if name not in names:
         raise unknown("backbone", name, names, "extract backbones")
+
+
+def check_text_tower(name: str) -> None:
+    """A backbone without a text tower cannot embed class prompts (`extract zeroshot`): one line."""
+    check_backbone(name)
+    if name not in TEXT_TOWERS:
+        raise MedfmError(f"{name} has no text tower: zero-shot needs a CLIP backbone ({', '.join(TEXT_TOWERS)})")
 
 
 def check_dataset(name: str) -> None:

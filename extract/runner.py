@@ -189,40 +189,10 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     amp = autocast_dtype(cfg.precision, device)
 
     # --- settings -> fingerprint -> reuse?
-    spec = get_spec(cfg.backbone)
-    source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
-    if cfg.manifest is not None:
-        source = source.with_manifest(read_manifest(cfg.manifest))
-    check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)
-    weights = resolve_weights(spec, cfg.weights, warn=console.print)
-    model = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, protocol=cfg.protocol,
-                            **cfg.overrides)
-    check_image_size(model, cfg.backbone)
-    model = model.to(device).eval()
-    wanted = range(model.num_layers) if cfg.layers is None else model.resolve_layers(cfg.layers)
-    layers = sorted({model.num_layers - 1, *wanted})
-    tspec, norm = input_spec(source, model.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
-    manifest = source.manifest()
-    settings = {
-        "backbone": cfg.backbone,
-        "weights": weights.identity,
-        "overrides": cfg.overrides,
-        "transform": tspec.to_dict(),
-        "decoder": DECODER_VERSION,  # how files became pixels (extract/datasets/decode.py)
-        "norm": norm,
-        "dataset": source.name,
-        "root": str(Path(cfg.root).expanduser().resolve()) if cfg.root else None,  # other images, other features
-        "dataset_options": source.options,
-        "manifest_hash": manifest_hash(manifest),
-        "layers": layers,
-        "tokens": cfg.tokens,
-        "token_dtype": cfg.token_dtype,
-        "precision": str(amp).replace("torch.", "") if amp else "fp32",
-        "views": {"count": cfg.views, "augment": cfg.augment, "seed": cfg.augment_seed} if cfg.views else None,
-        "protocol": cfg.protocol,
-    }
-    fp = fingerprint(settings)
-    path = cache_path(cfg.out, cfg.backbone, source.name, fp)
+    planned = plan_cache(cfg, device, amp, console)
+    spec, source, weights, model, tspec, layers, settings, path = (planned.spec, planned.source, planned.weights, planned.model,
+                                                                   planned.tspec, planned.layers, planned.settings, planned.path)
+    fp, manifest = planned.fingerprint, planned.manifest
     manifest_file = path.with_suffix(".splits.json")
     if path.exists():
         with CacheReader(path) as reader:
@@ -288,6 +258,74 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         console.print(f"[green]cache complete[/] {path}")
     written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
     return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items() if s not in views}, rate, weights.random, extracted)
+
+
+@dataclass
+class PlannedCache:
+    """What an extraction's settings resolve to: the backbone, the dataset, the settings and the cache they name."""
+
+    spec: Any
+    source: DatasetSource
+    weights: Any
+    model: Backbone
+    tspec: TransformSpec
+    layers: list[int]
+    settings: dict[str, Any]
+    fingerprint: str
+    path: Path
+    manifest: Any
+
+
+def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None, console: Console) -> PlannedCache:
+    """Resolve `cfg` to its settings, their fingerprint and the cache file they name (built or not): the one rule
+    `extract run` and `extract zeroshot` share to find a cache."""
+    spec = get_spec(cfg.backbone)
+    source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    if cfg.manifest is not None:
+        source = source.with_manifest(read_manifest(cfg.manifest))
+    check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)
+    weights = resolve_weights(spec, cfg.weights, warn=console.print)
+    model = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, protocol=cfg.protocol,
+                            **cfg.overrides)
+    check_image_size(model, cfg.backbone)
+    model = model.to(device).eval()
+    wanted = range(model.num_layers) if cfg.layers is None else model.resolve_layers(cfg.layers)
+    layers = sorted({model.num_layers - 1, *wanted})
+    tspec, norm = input_spec(source, model.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
+    manifest = source.manifest()
+    settings = {
+        "backbone": cfg.backbone,
+        "weights": weights.identity,
+        "overrides": cfg.overrides,
+        "transform": tspec.to_dict(),
+        "decoder": DECODER_VERSION,  # how files became pixels (extract/datasets/decode.py)
+        "norm": norm,
+        "dataset": source.name,
+        "root": str(Path(cfg.root).expanduser().resolve()) if cfg.root else None,  # other images, other features
+        "dataset_options": source.options,
+        "manifest_hash": manifest_hash(manifest),
+        "layers": layers,
+        "tokens": cfg.tokens,
+        "token_dtype": cfg.token_dtype,
+        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "views": {"count": cfg.views, "augment": cfg.augment, "seed": cfg.augment_seed} if cfg.views else None,
+        "protocol": cfg.protocol,
+    }
+    fp = fingerprint(settings)
+    path = cache_path(cfg.out, cfg.backbone, source.name, fp)
+    return PlannedCache(spec, source, weights, model, tspec, layers, settings, fp, path, manifest)
+
+
+def find_cache(cfg: ExtractConfig, console: Console | None = None) -> Path:
+    """The complete cache `extract run` with these settings writes (or reuses), or one line saying to extract it first."""
+    console = console or Console(stderr=True)
+    check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size, cfg.interpolation)
+    check_views(cfg.views, cfg.augment)
+    device = resolve_device(cfg.device)
+    path = plan_cache(cfg, device, autocast_dtype(cfg.precision, device), console).path
+    if not path.exists():
+        raise MedfmError(f"no cache for these settings ({path} does not exist); run `extract run` with the same options first")
+    return path
 
 
 def split_plans(source: DatasetSource, features: dict[str, FeatureSpec]) -> dict[str, SplitPlan]:

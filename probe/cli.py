@@ -53,7 +53,7 @@ def parse_views(text: str, held: int) -> int:
 
 @app.command()
 def run(
-    head: Annotated[str, typer.Option(help="linear (pooled feature) | deit (DeiT blocks on the tokens) | knn (nearest neighbours, no training) (see probe/heads.py).")] = "linear",
+    head: Annotated[str, typer.Option(help="linear (pooled feature) | deit (DeiT blocks on the tokens) | knn (nearest neighbours, no training) | zeroshot (CLIP text embeddings from `extract zeroshot`) (see probe/heads.py).")] = "linear",
     backbone: Backbone = None,
     dataset: Dataset = None,
     cache: CacheFile = None,

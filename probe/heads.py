@@ -291,3 +291,20 @@ register_head(HeadSpec(
     name="knn", reads="pooled", build=_build_knn, fit=_fit_knn,
     description="k nearest train neighbours by cosine similarity, DINO's weighted vote; k chosen on validation (not in the study)",
 ))
+
+
+def _build_zeroshot(row_shape: tuple[int, ...], num_outputs: int, *, protocol: str = "medfm") -> nn.Module:
+    raise MedfmError("the zeroshot head has no module to build or finetune: use it on cached features, `probe run --head zeroshot`")
+
+
+def _fit_zeroshot(*args: Any, **kwargs: Any) -> Any:
+    from probe.zeroshot import fit_zeroshot  # probe.zeroshot imports probe.train, which imports this module
+
+    return fit_zeroshot(*args, **kwargs)
+
+
+register_head(HeadSpec(
+    name="zeroshot", reads="pooled", build=_build_zeroshot, fit=_fit_zeroshot,
+    description="CLIP zero-shot: 100 x cosine of the pooled image embedding with the class prompts' text embeddings "
+                "(`extract zeroshot`); scenario zero-shot, no training (not in the study)",
+))

@@ -10,7 +10,7 @@ import sys
 
 from common.registry import unknown
 
-HEADS = ("linear", "deit", "knn")
+HEADS = ("linear", "deit", "knn", "zeroshot")
 
 
 def check_head(name: str) -> None:

@@ -362,7 +362,7 @@ def is_extension(key: tuple) -> bool:
     """No counterpart in the study: a backbone outside its eight, partial unfreezing, a DeiT head on an ImageNet backbone."""
     backbone, scenario = key[0], key[1]
     freeze, head = scenario.split("-")
-    return (backbone not in STUDY_BACKBONES or freeze not in ("frozen", "unfrozen") or head == "knn"
+    return (backbone not in STUDY_BACKBONES or freeze not in ("frozen", "unfrozen") or head == "knn" or scenario == "zero-shot"
             or (head == "deit" and backbone in IMAGENET_BACKBONES))
 
 

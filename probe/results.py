@@ -40,8 +40,8 @@ from common.runtime import output_root
 
 STAGES = ("probe", "finetune")
 # The study's four scenarios, frozen|unfrozen x linear|deit, plus partial unfreezing of the last K blocks, and the
-# kNN probe on frozen features (frozen-knn).
-SCENARIO = re.compile(r"(frozen|unfrozen|last[1-9][0-9]*)-(linear|deit)|frozen-knn")
+# kNN probe on frozen features (frozen-knn) and CLIP zero-shot on them (zero-shot, `probe/zeroshot.py`).
+SCENARIO = re.compile(r"(frozen|unfrozen|last[1-9][0-9]*)-(linear|deit)|frozen-knn|zero-shot")
 
 _COLUMNS = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -273,7 +273,7 @@ class Ledger:
         if record.stage not in STAGES:
             raise ValueError(f"stage {record.stage} not in {STAGES}")
         if not SCENARIO.fullmatch(record.scenario):
-            raise ValueError(f"scenario {record.scenario} is not frozen|unfrozen|last<K> - linear|deit, or frozen-knn")
+            raise ValueError(f"scenario {record.scenario} is not frozen|unfrozen|last<K> - linear|deit, frozen-knn or zero-shot")
         if not record.dataset_id:
             record.with_identity(unrecorded_identity(record.dataset))
         row = asdict(record)

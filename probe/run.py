@@ -70,8 +70,8 @@ class RunOutcome:
 
 
 def scenario(head: str) -> str:
-    """Heads on cached features of a frozen backbone: the study's frozen scenarios."""
-    return f"frozen-{head}"
+    """Heads on cached features of a frozen backbone: the study's frozen scenarios; the zeroshot head's is `zero-shot`."""
+    return "zero-shot" if head == "zeroshot" else f"frozen-{head}"
 
 
 def head_init(config: TrainConfig) -> str:
@@ -84,6 +84,8 @@ def ledger_key(reader: CacheReader, config: TrainConfig) -> str:
     identity: dict[str, Any] = {"stage": "probe", **config.to_dict()}
     if init := head_init(config):
         identity["head_init"] = init
+    if config.head == "zeroshot" and (text := reader.text_classes()) is not None:
+        identity["text_sha256"] = text.sha256  # other prompts, another run (the cache's fingerprint stays)
     return config_key(identity, reader.fingerprint, config.seed)
 
 

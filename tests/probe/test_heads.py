@@ -64,10 +64,11 @@ def test_bad_head_options_are_user_errors(tmp_path):
 
 def test_the_registry_says_what_each_head_reads_and_builds_it_from_that_row_shape():
     """One registry replaces every `if head == ...`: the feature a head reads and how it is sized come from its entry."""
-    assert {h.name: h.reads for h in list_heads()} == {"linear": "pooled", "deit": "tokens", "knn": "pooled"}
-    assert [h.name for h in list_heads() if not h.trains] == ["knn"]  # a fit of its own, no module
-    with pytest.raises(MedfmError, match="no module"):
-        build_head("knn", (8,), 2)
+    assert {h.name: h.reads for h in list_heads()} == {"linear": "pooled", "deit": "tokens", "knn": "pooled", "zeroshot": "pooled"}
+    assert [h.name for h in list_heads() if not h.trains] == ["knn", "zeroshot"]  # a fit of its own, no module
+    for name in ("knn", "zeroshot"):
+        with pytest.raises(MedfmError, match="no module"):
+            build_head(name, (8,), 2)
     deit = build_head("deit", (16, 8), 3, depth=1, preset="deit-t", weights="random")
     assert deit.grid == (4, 4)  # the square grid of the 16 tokens, fixed at build
     assert get_head("deit").init(depth=1, preset="deit-t", weights="random") == "random"
