@@ -262,7 +262,7 @@ def report(
     if result.table.empty:
         raise MedfmError("the ledger holds no runs" + (f" for {', '.join(dataset)}" if dataset else "") + "; train some with `probe run`")
     table = Table("backbone x scenario", *[escape(f"{c.label}\n({c.metric})") for c in result.columns], AVERAGE, "gain vs deit\nlinear (%)",
-                  *(["cost"] if cost else []), title=f"test scores, {result.runs} runs (cells selected by validation)")
+                  *(["cost"] if cost else []), title=f"test scores, {_runs(result.runs)} (cells selected by validation)")
     for key in result.table.index:
         label = escape(result.rows[key].label)
         table.add_row(f"[bold red]{label}[/]" if is_random(key) else label, *[result.cell(key, c.label) for c in result.columns],
@@ -270,7 +270,7 @@ def report(
     console.print(table)
     if cost:
         console.print(escape(COST_NOTE), highlight=False)
-        console.print(f"total cost of the grid ({result.runs} runs, each cache's extraction once): {cost_text(result.total_cost)}",
+        console.print(f"total cost of the grid ({_runs(result.runs)}, each cache's extraction once): {cost_text(result.total_cost)}",
                       highlight=False)
     for line in notes(result)[2:]:
         console.print(f"[bold red]{escape(line)}[/]" if line.startswith("RANDOM") else escape(line), highlight=False)
@@ -306,6 +306,10 @@ def _names(pairs: list[str]) -> dict[str, str]:
             raise MedfmError(f"--name expects LABEL=NAME or ID=NAME, got '{pair}'")
         out[given] = label
     return out
+
+
+def _runs(count: int) -> str:
+    return f"{count} run" + ("" if count == 1 else "s")
 
 
 def _cell(value: float, percent: bool) -> str:
