@@ -48,48 +48,78 @@ def parse_views(views: int | None) -> int:
     return views or 0
 
 
+# The options of an extraction's settings: `extract run` takes them, and `extract zeroshot` finds a cache by them.
+Root = Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.", show_default="none (demo needs none)")]
+Out = Annotated[Path | None, typer.Option(help="Cache folder.", show_default="$MEDFM_OUTPUT/features")]
+Tokens = Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store patch tokens (for DeiT heads).")]
+TokenDtype = Annotated[str, typer.Option(help="float16 | float32.")]
+Layers = Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")]
+ImageSize = Annotated[int | None, typer.Option(help="Input size.", show_default="the backbone's, 224")]
+InChans = Annotated[int, typer.Option(help="3 (grayscale replicated to RGB) | 1 (first conv from the R-channel kernel, the study's).")]
+Norm = Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (computed from the train split) | study (the study's "
+                                        "fixed per-dataset constants).")]
+Interpolation = Annotated[str, typer.Option(help="Resize mode: model (the backbone's, mostly bicubic) | bilinear (the study's) | bicubic.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")]
+Views = Annotated[int | None, typer.Option(help="Augmented views of the train split stored beside its eval view, each a seeded draw of "
+                                                "--augment; a probe then trains epoch e on view (e-1) mod K (the study's frozen protocol).",
+                                           show_default="none: the eval view only")]
+Augment = Annotated[str, typer.Option(help="The augmentation of the views: none | study (the study's train transform).")]
+AugmentSeed = Annotated[int, typer.Option(help="Seed of the views' draws (finetune draws epoch v from its --seed alike).")]
+Protocol = Annotated[str, typer.Option(help="medfm | study: the official code's backbone rules where they differ from ours "
+                                            "(docs/protocol.md §7); study needs the study's inputs (--norm study --interpolation bilinear).")]
+SplitSeed = Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.",
+                                               show_default="the dataset's own (see `extract datasets`)")]
+Opt = Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).", show_default="none")]
+Manifest = Annotated[Path | None, typer.Option(help="Reproduce a saved split (<cache>.splits.json).", show_default="the dataset's own split")]
+
+
+def extract_config(*, layers: str, views: int | None, opt: list[str] | None, split_seed: int | None, out: Path | None, **settings):
+    """The `ExtractConfig` of the options above (torch loads with it: call it inside a command)."""
+    from extract.runner import ExtractConfig
+
+    return ExtractConfig(layers=parse_layers(layers), views=parse_views(views), dataset_options=dataset_options(opt, split_seed),
+                         out=out or output_root() / "features", **settings)
+
+
 @app.command()
 def run(
     backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
     dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
-    root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.", show_default="none (demo needs none)")] = None,
+    root: Root = None,
     weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
-    out: Annotated[Path | None, typer.Option(help="Cache folder.", show_default="$MEDFM_OUTPUT/features")] = None,
+    out: Out = None,
     batch_size: Annotated[str, typer.Option(help="Images per forward pass, or auto (the largest that fits on CUDA, up to 256; 16 on the CPU).")] = "auto",
-    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store patch tokens (for DeiT heads).")] = True,
-    token_dtype: Annotated[str, typer.Option(help="float16 | float32.")] = "float16",
-    layers: Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")] = "-1",
-    image_size: Annotated[int | None, typer.Option(help="Input size.", show_default="the backbone's, 224")] = None,
-    in_chans: Annotated[int, typer.Option(help="3 (grayscale replicated to RGB) | 1 (first conv from the R-channel kernel, the study's).")] = 3,
-    norm: Annotated[str, typer.Option(help="model (the backbone's mean/std) | dataset (computed from the train split) | study (the study's fixed per-dataset constants).")] = "model",
-    interpolation: Annotated[str, typer.Option(help="Resize mode: model (the backbone's, mostly bicubic) | bilinear (the study's) | bicubic.")] = "model",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")] = "auto",
+    tokens: Tokens = True,
+    token_dtype: TokenDtype = "float16",
+    layers: Layers = "-1",
+    image_size: ImageSize = None,
+    in_chans: InChans = 3,
+    norm: Norm = "model",
+    interpolation: Interpolation = "model",
+    device: Device = "auto",
+    precision: Precision = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.", show_default="cores - 1, at most 12, with a GPU; on the CPU none up to 4 cores, else a quarter")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).", show_default="off")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
-    views: Annotated[int | None, typer.Option(help="Augmented views of the train split stored beside its eval view, each a seeded "
-                                                   "draw of --augment; a probe then trains epoch e on view (e-1) mod K (the study's frozen protocol).",
-                                              show_default="none: the eval view only")] = None,
-    augment: Annotated[str, typer.Option(help="The augmentation of the views: none | study (the study's train transform).")] = "none",
-    augment_seed: Annotated[int, typer.Option(help="Seed of the views' draws (finetune draws epoch v from its --seed alike).")] = 0,
-    protocol: Annotated[str, typer.Option(help="medfm | study: the official code's backbone rules where they differ from ours "
-                                               "(docs/protocol.md §7); study needs the study's inputs (--norm study --interpolation bilinear).")] = "medfm",
-    split_seed: Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.", show_default="the dataset's own (see `extract datasets`)")] = None,
-    opt: Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).", show_default="none")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="Reproduce a saved split (<cache>.splits.json).", show_default="the dataset's own split")] = None,
+    views: Views = None,
+    augment: Augment = "none",
+    augment_seed: AugmentSeed = 0,
+    protocol: Protocol = "medfm",
+    split_seed: SplitSeed = None,
+    opt: Opt = None,
+    manifest: Manifest = None,
 ) -> None:
     """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
     check_backbone(backbone)  # a typo is one line before torch and the models load
     check_dataset(dataset)
-    from extract.runner import ExtractConfig, extract  # torch and the models: imported for a run, not for --help
+    from extract.runner import extract  # torch and the models: imported for a run, not for --help
 
-    cfg = ExtractConfig(
-        backbone=backbone, dataset=dataset, root=root, weights=weights, out=out or output_root() / "features",
-        batch_size=parse_batch_size(batch_size), tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers),
-        image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest,
-        views=parse_views(views), augment=augment, augment_seed=augment_seed, protocol=protocol,
-        dataset_options=dataset_options(opt, split_seed),
+    cfg = extract_config(
+        backbone=backbone, dataset=dataset, root=root, weights=weights, out=out, batch_size=parse_batch_size(batch_size), tokens=tokens,
+        token_dtype=token_dtype, layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation,
+        device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest, views=views,
+        augment=augment, augment_seed=augment_seed, protocol=protocol, opt=opt, split_seed=split_seed,
     )
     result = extract(cfg)
     if torchrun_launch().is_main:  # under torchrun, rank 0 speaks for the joined cache
@@ -106,26 +136,26 @@ def zeroshot(
     cache: Annotated[Path | None, typer.Option(help="The cache file, instead of --backbone/--dataset and the options.", show_default="none")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt templates (and class words) JSON, as extract/prompts.json.",
                                                  show_default="extract/prompts.json")] = None,
-    root: Annotated[Path | None, typer.Option(help="As for `extract run`.", show_default="none")] = None,
+    root: Root = None,
     weights: Annotated[str | None, typer.Option(help="The weights the cache was extracted with: default | random | PATH.",
                                                 show_default="the cache's")] = None,
-    out: Annotated[Path | None, typer.Option(help="Cache folder.", show_default="$MEDFM_OUTPUT/features")] = None,
-    tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="As for `extract run`.")] = True,
-    token_dtype: Annotated[str, typer.Option(help="As for `extract run`.")] = "float16",
-    layers: Annotated[str, typer.Option(help="As for `extract run`.")] = "-1",
-    image_size: Annotated[int | None, typer.Option(help="As for `extract run`.", show_default="the backbone's, 224")] = None,
-    in_chans: Annotated[int, typer.Option(help="As for `extract run`.")] = 3,
-    norm: Annotated[str, typer.Option(help="As for `extract run`.")] = "model",
-    interpolation: Annotated[str, typer.Option(help="As for `extract run`.")] = "model",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (also decides --precision auto, as for `extract run`).")] = "auto",
-    precision: Annotated[str, typer.Option(help="As for `extract run`.")] = "auto",
-    views: Annotated[int | None, typer.Option(help="As for `extract run`.", show_default="none")] = None,
-    augment: Annotated[str, typer.Option(help="As for `extract run`.")] = "none",
-    augment_seed: Annotated[int, typer.Option(help="As for `extract run`.")] = 0,
-    protocol: Annotated[str, typer.Option(help="As for `extract run`.")] = "medfm",
-    split_seed: Annotated[int | None, typer.Option(help="As for `extract run`.", show_default="the dataset's own")] = None,
-    opt: Annotated[list[str] | None, typer.Option(help="As for `extract run`.", show_default="none")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="As for `extract run`.", show_default="the dataset's own split")] = None,
+    out: Out = None,
+    tokens: Tokens = True,
+    token_dtype: TokenDtype = "float16",
+    layers: Layers = "-1",
+    image_size: ImageSize = None,
+    in_chans: InChans = 3,
+    norm: Norm = "model",
+    interpolation: Interpolation = "model",
+    device: Device = "auto",
+    precision: Precision = "auto",
+    views: Views = None,
+    augment: Augment = "none",
+    augment_seed: AugmentSeed = 0,
+    protocol: Protocol = "medfm",
+    split_seed: SplitSeed = None,
+    opt: Opt = None,
+    manifest: Manifest = None,
 ) -> None:
     """Embed each class's prompts with the backbone's own text tower into its cache, for `probe run --head zeroshot`."""
     if cache is None and (backbone is None or dataset is None):
@@ -138,13 +168,13 @@ def zeroshot(
     from extract.text import zeroshot as embed_classes
 
     if cache is None:
-        from extract.runner import ExtractConfig, find_cache
+        from extract.runner import find_cache
 
-        cache = find_cache(ExtractConfig(
-            backbone=backbone, dataset=dataset, root=root, weights=weights or "default", out=out or output_root() / "features",
-            tokens=tokens, token_dtype=token_dtype, layers=parse_layers(layers), image_size=image_size, in_chans=in_chans, norm=norm,
-            interpolation=interpolation, device=device, precision=precision, manifest=manifest, views=parse_views(views), augment=augment,
-            augment_seed=augment_seed, protocol=protocol, dataset_options=dataset_options(opt, split_seed),
+        cache = find_cache(extract_config(
+            backbone=backbone, dataset=dataset, root=root, weights=weights or "default", out=out, tokens=tokens, token_dtype=token_dtype,
+            layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, device=device,
+            precision=precision, manifest=manifest, views=views, augment=augment, augment_seed=augment_seed, protocol=protocol,
+            opt=opt, split_seed=split_seed,
         ))
     result = embed_classes(ZeroShotConfig(cache, prompts, weights, device))
     console.print(f"wrote text/classes {tuple(result.classes.shape)} into {result.path}")
