@@ -15,6 +15,7 @@ import torch
 
 from common.errors import MedfmError
 from extract.backbones import create_backbone
+from finetune import train as finetune_train
 from finetune.cli import main
 from finetune.model import FreezePolicy
 from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
@@ -93,7 +94,7 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
 
 
 @pytest.mark.slow  # subprocesses: an installed entry point, torchrun or a killed process
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     killed = tiny(tmp_path / "killed", epochs=5, augment=True)  # augmentation on: its random stream must replay too
     proc = subprocess.Popen([cli("finetune"), *cli_args(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -109,7 +110,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     with pytest.raises(MedfmError, match="--resume"):
         finetune(killed)
 
+    trained_epochs: list[int] = []  # each epoch trained draws its augmentation once: count them
+    draw = finetune_train.draw_epoch
+    monkeypatch.setattr(finetune_train, "draw_epoch", lambda loader, seed, epoch: (trained_epochs.append(epoch), draw(loader, seed, epoch)))
     resumed = finetune(replace(killed, resume=True))
+    assert trained_epochs == list(range(stopped_at, killed.epochs))  # it went on from the checkpoint, not from epoch 1
     whole = finetune(replace(killed, out=tmp_path / "whole"))
 
     assert without_timings(resumed.history) == without_timings(whole.history)
