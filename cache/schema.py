@@ -26,6 +26,8 @@ METRICS: dict[str, tuple[str, ...]] = {
     "binary": ("roc_auc", "accuracy", "macro_recall", "quadratic_kappa"),
     "multilabel": ("mean_roc_auc",),
 }
+# "medfm": medfm's own behaviour; "study": the official code's where the two differ (docs/protocol.md §7).
+PROTOCOLS = ("medfm", "study")
 FEATURE_KINDS = ("pooled", "tokens")  # pooled [N, D] feeds a linear head; tokens [N, T, D] a DeiT head
 VIEW_PREFIX = "train+view"  # group of augmented train view v: `train+view<v>`; `train` itself is the eval view
 
@@ -69,6 +71,13 @@ class Task:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Task:
         return cls(data["kind"], tuple(data["class_names"]), data.get("primary_metric", ""))
+
+
+def check_protocol(protocol: str) -> str:
+    """`protocol` if it is one of `PROTOCOLS`, else a one-line user error (every stage's `--protocol`)."""
+    if protocol not in PROTOCOLS:
+        raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
+    return protocol
 
 
 def resolve_layer(layer: int | None, num_layers: int) -> int:

@@ -390,7 +390,6 @@ class CacheReader:
             self._file.close()
             raise
         self.fingerprint: str = str(self._file.attrs["fingerprint"])
-        self.raw_meta: dict[str, Any] = json.loads(self._file.attrs["meta"])
         self._meta: CacheMeta | None = None
         self._map: np.memmap | None = None  # the whole file, mapped on the first raw-chunk read
         self._raw: dict[tuple[str, str], _RawChunks | None] = {}
@@ -406,12 +405,8 @@ class CacheReader:
                 raise MedfmError(f"cache {path} is incomplete; rerun the same `extract run` to finish it")
             raise MedfmError(f"cache {path} carries a final name but is not marked complete; remove it with `cache rm {path}` "
                              "and rerun the same `extract run`")
-        text = str(attrs.get("meta", ""))
-        if attrs.get("meta_sha256") != meta_digest(text):
-            raise MedfmError(f"cache {path}: its meta was changed after extraction (checksum mismatch); "
-                             f"remove it with `cache rm {path}` and extract again")
-        if settings_fingerprint(json.loads(text).get("settings", {})) != attrs.get("fingerprint"):
-            raise MedfmError(f"cache {path}: its settings do not hash to its fingerprint; remove it with `cache rm {path}` and extract again")
+        if (problem := _meta_problem(attrs)) is not None:
+            raise MedfmError(f"cache {path}: {READER_WORDS[problem]}; remove it with `cache rm {path}` and extract again")
         for split in groups(self._file):
             group = self._file[split]
             arrays = [k for k in group if k not in _NOT_FEATURES]
@@ -633,11 +628,8 @@ def verify(path: Path) -> list[str]:
             return [f"schema {file.attrs.get('schema_version')} != {SCHEMA_VERSION}: written by another medfm version"]
         if not bool(file.attrs.get("complete", False)):
             problems.append("not marked complete")
-        text = str(file.attrs.get("meta", ""))
-        if file.attrs.get("meta_sha256") != meta_digest(text):
-            problems.append("meta: changed after extraction (checksum mismatch)")
-        elif settings_fingerprint(json.loads(text).get("settings", {})) != file.attrs.get("fingerprint"):
-            problems.append("fingerprint: does not match the settings in the meta")
+        if (problem := _meta_problem(file.attrs)) is not None:
+            problems.append(problem)
         for split in groups(file):
             problems += _verify_split(split, file[split])
         try:
@@ -647,6 +639,22 @@ def verify(path: Path) -> list[str]:
         except (KeyError, ValueError) as err:
             problems.append(f"text: unreadable ({err})")
     return problems
+
+
+META_EDITED = "meta: changed after extraction (checksum mismatch)"
+FINGERPRINT_MISMATCH = "fingerprint: does not match the settings in the meta"
+READER_WORDS = {META_EDITED: "its meta was changed after extraction (checksum mismatch)",
+                FINGERPRINT_MISMATCH: "its settings do not hash to its fingerprint"}
+
+
+def _meta_problem(attrs: h5py.AttributeManager) -> str | None:
+    """What is wrong with a file's meta, if anything (`verify`'s words; readers say it as READER_WORDS)."""
+    text = str(attrs.get("meta", ""))
+    if attrs.get("meta_sha256") != meta_digest(text):
+        return META_EDITED
+    if settings_fingerprint(json.loads(text).get("settings", {})) != attrs.get("fingerprint"):
+        return FINGERPRINT_MISMATCH
+    return None
 
 
 def _verify_split(split: str, group: h5py.Group) -> list[str]:

@@ -215,6 +215,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     if views and "train" not in source.splits:
         raise MedfmError(f"--views needs a train split; {source.name} has {', '.join(source.splits)}")
     source = replace(source, splits={**source.splits, **dict.fromkeys(views, source.splits.get("train"))})
+    plan = split_plans(source, features)  # the whole cache's groups: what it will hold, and its size
     # this process's part: the whole cache, or under torchrun its shard (a contiguous block of every group)
     part, target = source, path
     if launch.size > 1:
@@ -225,14 +226,14 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     rate, extracted = None, 0
     if not target.exists():  # a shard finished before an interruption is kept
         resuming = partial_path(target).exists()
-        part_plan = split_plans(part, features)
+        part_plan = plan if part is source else split_plans(part, features)
         writer = CacheWriter.open(target, meta, part_plan)
         done = {s: writer.rows(s) for s in part_plan}
         if resuming and any(done.values()):
             console.print(f"resuming {partial_path(target).name}: " + ", ".join(f"{s} {done[s]}/{writer.planned(s)}" for s in part_plan))
         else:
             console.print(f"extracting {cfg.backbone} features of {source.name} -> {path} "
-                          f"({planned_bytes(split_plans(source, features)) / 2**30:.2f} GiB"
+                          f"({planned_bytes(plan) / 2**30:.2f} GiB"
                           + (f", {cfg.views} augmented train views" if views else "")
                           + (f"; {launch.size} processes, one shard each)" if launch.size > 1 else ")"))
         started, recorded = time.perf_counter(), False  # the cost: this call's wall seconds, added to a killed run's
@@ -254,7 +255,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         if launch.size > 1:
             shards = [shard_path(path, rank, launch.size) for rank in range(launch.size)]
             wait_for(shards, console)
-            join_shards(shards, path, meta, split_plans(source, features))
+            join_shards(shards, path, meta, plan)
         console.print(f"[green]cache complete[/] {path}")
     written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
     return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items() if s not in views}, rate, weights.random, extracted)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cache.fingerprint import manifest_hash
-from cache.schema import Task
+from cache.schema import Task, check_protocol
 from common.errors import MedfmError
 from common.locks import acquire
 from common.runtime import device_label, output_root, resolve_device
@@ -50,7 +50,7 @@ from finetune.model import FreezePolicy, build_model, freeze_unused
 from probe.heads import get_head
 from probe.metrics import compute_metrics, loss_fn, primary
 from probe.predictions import Predictions, save_predictions
-from probe.recipe import PROTOCOLS, STUDY, improves, param_groups, precision, warmup_then_constant
+from probe.recipe import STUDY, improves, param_groups, precision, warmup_then_constant
 from probe.results import Ledger, RunRecord, config_key, dataset_identity, late_best, late_best_note
 from probe.train import Pace
 
@@ -283,8 +283,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
 
 def _validate(cfg: FinetuneConfig) -> None:
     get_head(cfg.head)  # an unknown head names the registered ones
-    if cfg.protocol not in PROTOCOLS:
-        raise MedfmError(f"--protocol must be {' or '.join(PROTOCOLS)}, got '{cfg.protocol}'")
+    check_protocol(cfg.protocol)
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise MedfmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -340,10 +339,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key: str, scenario: str, task: Task,
-            result: FinetuneResult, train_seconds: float, total_seconds: float, inputs: TransformSpec, cost: Cost | None = None) -> int:
+            result: FinetuneResult, train_seconds: float, total_seconds: float, inputs: TransformSpec, cost: Cost) -> int:
     """The run's ledger row; its dataset identity is the one a cache of the same data and inputs records. Its cost: the
     wall seconds of this call times its devices (a resumed run: this call's part), and train images per second."""
-    cost = cost or Cost()
     identity = dataset_identity(
         cfg.dataset, root=run_config["root"], manifest_hash=run_config["manifest_hash"], options=run_config["dataset_options"],
         image_size=inputs.size, channels=inputs.channels, norm=cfg.norm, interpolation=inputs.interpolation,

@@ -36,6 +36,7 @@ BatchSize = Annotated[int, typer.Option(help="Rows per step (the study's).")]
 WarmupSteps = Annotated[int | None, typer.Option(help="Linear LR warmup in optimizer steps, constant after.", show_default=(
     f"the study's, {STUDY.warmup_epochs} epochs but at most {STUDY.warmup_max_steps} steps"))]
 GradClip = Annotated[float, typer.Option(help="Gradient norm clip, per head (0: none).")]
+DEFAULT_FRACTIONS = "0.01,0.05,0.1,0.25,0.5,1"  # `probe curve`'s labelled fractions of the train split
 Views = Annotated[str, typer.Option(help="Augmented train views of the cache to train on, epoch e on view (e-1) mod K "
                                          "(the study's frozen protocol); 0: the eval view; auto: all the cache holds.")]
 Protocol = Annotated[str, typer.Option(help="medfm | study: the official code's model selection and DeiT-head rules (docs/protocol.md §7).")]
@@ -370,7 +371,7 @@ def curve(
     head: Annotated[str, typer.Option(help="linear | deit: the head trained on every subset.")] = "linear",
     layer: Annotated[int | None, typer.Option(help="Block whose features to use: 8, or -4 from the end.", show_default="the last")] = None,
     fractions: Annotated[str | None, typer.Option(help="Labelled fractions of each class's train rows, comma-separated, in (0, 1].",
-                                                  show_default="0.01,0.05,0.1,0.25,0.5,1 unless --shots")] = None,
+                                                  show_default=f"{DEFAULT_FRACTIONS} unless --shots")] = None,
     shots: Annotated[str | None, typer.Option(help="Labelled train rows per class, comma-separated, instead of --fractions.",
                                               show_default="none")] = None,
     repeats: Annotated[int, typer.Option(help="Subsets drawn per point (repeat r: its own subset and head seed r).")] = 3,
@@ -390,7 +391,7 @@ def curve(
     if fractions is not None and shots is not None:
         raise MedfmError("--fractions and --shots draw different curves; give one of them")
     kind, amounts = ("shots", _values(shots, int, "--shots")) if shots is not None else \
-        ("fraction", _values(fractions or "0.01,0.05,0.1,0.25,0.5,1", float, "--fractions"))
+        ("fraction", _values(fractions or DEFAULT_FRACTIONS, float, "--fractions"))
     if kind == "fraction" and not all(0 < a <= 1 for a in amounts):
         raise MedfmError(f"--fractions must lie in (0, 1], got {fractions}")
     if kind == "shots" and not all(a >= 1 for a in amounts):

@@ -32,7 +32,7 @@ from scipy.special import softmax
 
 from cache.schema import Task
 from common.errors import MedfmError
-from probe.bootstrap import block_size, draw_counts, prepare, stratify
+from probe.bootstrap import prepare, resample_metric
 from probe.predictions import Predictions, load_predictions
 from probe.results import Ledger, RunRecord, best_configuration, mean_score
 
@@ -63,8 +63,8 @@ class DeLongResult:
 
 def paired_bootstrap(a: Side, b: Side, task: Task, boot: int = 2000, seed: int = 0) -> PairedResult:
     """The paired bootstrap of the primary-metric difference A - B over `boot` replicates of the test rows, drawn from
-    `seed` by `probe.bootstrap` (the resamples of `probe report --ci`). Refuses (one line) predictions on different
-    test rows or with different labels for the same rows."""
+    `seed` by `probe.bootstrap.resample_metric`: both sides are scored on the same resamples. Refuses (one line)
+    predictions on different test rows or with different labels for the same rows."""
     if boot < 1:
         raise MedfmError(f"--boot must be a positive number of bootstrap resamples, got {boot}")
     first = _seeds(a)[0]
@@ -74,13 +74,9 @@ def paired_bootstrap(a: Side, b: Side, task: Task, boot: int = 2000, seed: int =
     whole = np.ones((1, len(labels)), dtype=np.int32)  # the test set itself: what `compute_metrics` gives, to rounding
     with np.errstate(divide="ignore", invalid="ignore"):
         diff = float(_side_mean([s(whole) for s in scorers[0]])[0] - _side_mean([s(whole) for s in scorers[1]])[0])
-        strata = stratify(labels)
-        step = block_size(len(labels), boot)
-        diffs = []
-        for start in range(0, boot, step):
-            counts = draw_counts(strata, len(labels), range(start, min(start + step, boot)), seed)
-            diffs.append(_side_mean([s(counts) for s in scorers[0]]) - _side_mean([s(counts) for s in scorers[1]]))
-    d = np.concatenate(diffs)
+    metric = task.primary_metric
+    d = (resample_metric(metric, labels, [np.asarray(p.logits) for p in sides[0]], boot=boot, seed=seed)
+         - resample_metric(metric, labels, [np.asarray(p.logits) for p in sides[1]], boot=boot, seed=seed))
     finite = d[np.isfinite(d)]
     if not len(finite):
         return PairedResult(diff, math.nan, math.nan, math.nan, boot)

@@ -32,7 +32,6 @@ from probe.results import Ledger, RunRecord, mean_score
 from probe.train import TrainConfig
 
 KINDS = ("fraction", "shots")
-FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache.schema import check_protocol
 from common.checkpoints import WEIGHTS_DIR_ENV, find_weights, load_state_dict
 from common.errors import MedfmError
 from common.registry import Registry
-from probe.recipe import PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,7 @@ class DeiTHead(nn.Module):
         weights: str = "default", grid: tuple[int, int] | None = None, protocol: str = "medfm",
     ) -> None:
         super().__init__()
-        if protocol not in PROTOCOLS:
-            raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
+        check_protocol(protocol)
         if preset not in PRESETS:
             raise MedfmError(f"unknown DeiT head preset '{preset}'; choose one of {', '.join(PRESETS)}")
         if not 1 <= depth <= 12:
@@ -248,8 +247,7 @@ def list_heads() -> list[HeadSpec]:
 
 def build_head(name: str, row_shape: tuple[int, ...], num_outputs: int, protocol: str = "medfm", **options: Any) -> nn.Module:
     """The head `name` for features of `row_shape`, with its own `options` (see `HeadSpec`), under `protocol`."""
-    if protocol not in PROTOCOLS:
-        raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
+    check_protocol(protocol)
     return get_head(name).build(tuple(row_shape), num_outputs, protocol=protocol, **options)
 
 

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common.errors import MedfmError
+from cache.schema import PROTOCOLS, check_protocol  # noqa: F401  (PROTOCOLS re-exported)
 
 if TYPE_CHECKING:  # torch loads on use: the command lines take their defaults from here and stay quick
     import torch
@@ -42,7 +42,6 @@ class Recipe:
         return min(self.warmup_epochs * max(steps_per_epoch, 0), self.warmup_max_steps)
 
 
-PROTOCOLS = ("medfm", "study")  # extract/backbones/base.py keeps the same two names: extract may not import probe
 
 STUDY = Recipe(lr=1e-4, weight_decay=1e-5, batch_size=64, epochs=100, grad_clip=1.0, warmup_epochs=5, warmup_max_steps=1000)
 
@@ -79,8 +78,7 @@ def improves(score: float, best: float | None, protocol: str = "medfm") -> bool:
     here the first epoch is kept instead: it is accepted provisionally (True when `best` is None), and the first
     epoch whose rounded score beats max(0.0, rounded best) replaces it, exactly as the study selects from then on.
     """
-    if protocol not in PROTOCOLS:
-        raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
+    check_protocol(protocol)
     if best is None:
         return True
     if protocol == "study":

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from cache.schema import CacheMeta
+from cache.schema import CacheMeta, check_protocol
 from cache.store import CacheReader
 from common.errors import MedfmError
 from common.locks import FileLock, acquire
@@ -30,7 +30,6 @@ from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.health import check_run
 from probe.predictions import Predictions, save_predictions
-from probe.recipe import PROTOCOLS
 from probe.results import (
     DatasetIdentity,
     Ledger,
@@ -47,9 +46,9 @@ from probe.train import FitResult, TrainConfig, train_head
 def validate(config: TrainConfig) -> None:
     """Bad values are user errors, said before any work starts."""
     get_head(config.head)  # an unknown head names the registered ones
+    check_protocol(config.protocol)
     checks = [
         (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
-        (config.protocol in PROTOCOLS, f"--protocol must be {' or '.join(PROTOCOLS)}, got '{config.protocol}'"),
         (config.views >= 0, f"--views must be auto, 0 (the eval view) or a number of augmented views, got {config.views}"),
         (0 < config.lr < math.inf, f"--lr must be a positive number, got {config.lr}"),
         (0 <= config.weight_decay < math.inf, f"--weight-decay must be a non-negative number, got {config.weight_decay}"),

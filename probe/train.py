@@ -187,6 +187,9 @@ def fit(
     for epoch in range(1, shared.epochs + 1):
         model.train()
         loss_sum, steps = torch.zeros(len(heads), device=device), 0
+        where = f"epoch {epoch}/{shared.epochs}"  # said once per epoch: the step loop stays free of string work
+        if progress is not None:
+            progress.update(bar, description=f"{what}, {where}")
         for batch in source.train_batches((shared.data_seed, epoch)):
             x, y = _tensors(batch, task, device)
             with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
@@ -203,8 +206,8 @@ def fit(
             loss_sum += losses.detach()
             steps += 1
             if progress is not None:
-                progress.update(bar, advance=1, description=f"{what}, epoch {epoch}/{shared.epochs}")
-                pace.step((epoch - 1) * steps_per_epoch + steps, f"epoch {epoch}/{shared.epochs}")
+                progress.advance(bar)
+                pace.step((epoch - 1) * steps_per_epoch + steps, where)
         val_logits, val_labels = predict(model, source, "val", task, device, amp.dtype)
         val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
         train_losses = (loss_sum / max(steps, 1)).tolist()

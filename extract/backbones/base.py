@@ -10,25 +10,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from cache.schema import resolve_layer
-from common.errors import MedfmError
+from cache.schema import PROTOCOLS, check_protocol, resolve_layer  # noqa: F401  (PROTOCOLS re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# The same two names as `probe.recipe.PROTOCOLS` (extract may not import probe): "medfm" is medfm's own behaviour,
-# "study" the official code's where the two differ (docs/protocol.md §7).
-PROTOCOLS = ("medfm", "study")
-
-
-def check_protocol(protocol: str) -> str:
-    """`protocol` if it is one of `PROTOCOLS`, else a one-line user error."""
-    if protocol not in PROTOCOLS:
-        raise MedfmError(f"--protocol must be medfm or study, got {protocol!r}")
-    return protocol
-
-
 class Features(NamedTuple):
     """pooled: [B, Dp], the linear head's input; tokens: [B, T, Dt], the DeiT head's input."""
 

@@ -12,7 +12,7 @@ import cache.store
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from common.errors import MedfmError
-from probe.cli import main
+from probe.cli import DEFAULT_FRACTIONS, main
 from probe.compare import best_runs
 from probe.curve import Subset, draw, subset_config, subset_rows
 from probe.data import FeatureSource, open_cache
@@ -22,7 +22,7 @@ from probe.train import TrainConfig, train_head
 from tests.probe.caches import make_cache
 from tests.tiny import MULTICLASS, MULTILABEL, QUIET, run_main
 
-FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+FRACTIONS = tuple(float(f) for f in DEFAULT_FRACTIONS.split(","))  # the command's default
 
 
 def class_data(counts: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
