@@ -138,6 +138,11 @@ class CacheMeta:
     augment: str = "none"  # the augmentation the views were drawn with (extract.transforms.AUGMENTS)
     extract_seconds: float = 0.0  # wall seconds the extraction took, summed over resumed runs and shards (0: not recorded)
     extract_device: str = ""  # where it ran (`common.runtime.device_label`); "": not recorded
+    # a corrupted test view (`extract run --corrupt KIND:SEVERITY`): {"kind": ..., "severity": ..., "seed": ...}; {}: clean
+    corruption: dict[str, Any] = field(default_factory=dict)
+    # how this dataset's classes map onto a partner's, for scoring a head trained there on this cache (`probe eval`):
+    # {partner dataset: {own class: partner class, or None where it has none}}; from extract/datasets/labelmaps/
+    label_maps: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.layers or max(self.layers) != self.num_layers - 1 or min(self.layers) < 0:
@@ -178,6 +183,8 @@ class CacheMeta:
                 augment=data.get("augment", "none"),
                 extract_seconds=float(data.get("extract_seconds", 0.0)),
                 extract_device=str(data.get("extract_device", "")),
+                corruption=dict(data.get("corruption") or {}),
+                label_maps={str(k): dict(v) for k, v in (data.get("label_maps") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as err:
             raise MedfmError(f"{where} lacks the backbone, dataset, task or layer description a reader needs "
