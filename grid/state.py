@@ -1,0 +1,89 @@
+"""Where a grid keeps its jobs and what became of them, shared by every executor and `grid status`.
+
+A grid folder holds `jobs/<name>.json` (the job, as planned), `state/<name>.json` (pending is its absence;
+then running, done or failed, written by the job itself) and `logs/<name>.log`. Every executor starts a job
+the same way, `run_job(grid_dir, name)` (here or on a cluster node), so a job's state and log never depend
+on who launched it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from grid.jobs import Job, Resources
+
+STATES = ("pending", "running", "done", "failed")
+
+
+def write_jobs(jobs: list[Job], grid_dir: Path) -> None:
+    """Record the planned jobs, so a job can be started by name on any node that sees `grid_dir`."""
+    (grid_dir / "jobs").mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        _write_json(grid_dir / "jobs" / f"{job.name}.json", asdict(job))
+
+
+def read_job(grid_dir: Path, name: str) -> Job:
+    data = json.loads((grid_dir / "jobs" / f"{name}.json").read_text())
+    return Job(name=data["name"], stage=data["stage"], args=tuple(data["args"]), after=tuple(data["after"]),
+               resources=Resources(**data["resources"]), cells=tuple(data["cells"]))
+
+
+def read_state(grid_dir: Path, name: str) -> dict[str, Any]:
+    """The job's last recorded state: {"state": pending|running|done|failed, ...}."""
+    path = grid_dir / "state" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {"state": "pending"}
+
+
+def mark(grid_dir: Path, name: str, state: str, **fields: Any) -> None:
+    if state not in STATES:
+        raise ValueError(f"unknown job state {state!r}")
+    (grid_dir / "state").mkdir(parents=True, exist_ok=True)
+    _write_json(grid_dir / "state" / f"{name}.json", {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
+
+
+def log_path(grid_dir: Path, name: str) -> Path:
+    return grid_dir / "logs" / f"{name}.log"
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log (what a failed job said last), or ""."""
+    if not path.exists():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_job(grid_dir: Path, name: str, env: dict[str, str] | None = None) -> int:
+    """Run one planned job to its end, recording running -> done|failed and appending its output to its log."""
+    grid_dir = Path(grid_dir)
+    job = read_job(grid_dir, name)
+    log = log_path(grid_dir, name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    where = {"host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID", "")}
+    with log.open("a") as out:
+        out.write(f"== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(job.command())}\n")
+        out.flush()
+        proc = subprocess.Popen(job.command(), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        mark(grid_dir, name, "running", pid=proc.pid, **where)
+        rc = proc.wait()
+    if rc == 0:
+        mark(grid_dir, name, "done", rc=0, **where)
+    else:
+        mark(grid_dir, name, "failed", rc=rc, last=last_line(log), **where)
+    return rc
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Whole or not at all: a reader never sees half a file."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
