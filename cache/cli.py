@@ -74,8 +74,9 @@ def ls(root: Annotated[Path | None, typer.Argument(help="Folder to search.", sho
 
 
 def cache_settings(described: list[dict[str, Any]]) -> list[str]:
-    """Per cache: its inputs (`224 px, 3 ch, norm model, bicubic`), plus every other setting in which it differs from a
-    cache of the same backbone and dataset (`root=/data/a`, `layers=[8, 11]`), so same-named caches read apart."""
+    """Per cache: its inputs (`224 px, 3 ch, norm model, bicubic`), its corruption (`corrupt gaussian_noise-3`, a corrupted
+    test view: docs/robustness.md §1), plus every other setting in which it differs from a cache of the same backbone and
+    dataset (`root=/data/a`, `layers=[8, 11]`), so same-named caches read apart."""
     flat = [_flatten(d["meta"].get("settings", {})) for d in described]
     names = [(d["meta"].get("backbone", {}).get("name"), d["meta"].get("dataset", {}).get("name")) for d in described]
     shown = ("transform.size", "transform.channels", "norm.kind", "transform.interpolation")
@@ -84,7 +85,9 @@ def cache_settings(described: list[dict[str, Any]]) -> list[str]:
         twins = [g for j, g in enumerate(flat) if j != i and names[j] == names[i]]
         parts = [] if not f else [f"{f.get('transform.size', '?')} px", f"{f.get('transform.channels', '?')} ch",
                                   f"norm {f.get('norm.kind', '?')}", str(f.get("transform.interpolation", "?"))]
-        differing = sorted({k for g in twins for k in {*f, *g} if g.get(k) != f.get(k)} - set(shown))
+        if "corrupt.kind" in f:
+            parts.append(f"corrupt {f['corrupt.kind']}-{f.get('corrupt.severity')}")
+        differing = sorted({k for g in twins for k in {*f, *g} if g.get(k) != f.get(k) and not k.startswith("corrupt.")} - set(shown))
         parts += [f"{k}={_brief(f.get(k))}" for k in differing]
         out.append(", ".join(parts) or "-")
     return out

@@ -80,6 +80,28 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
+# Extraction settings that say which data was read, not how features were computed from it (`feature_settings`):
+# the dataset, its files and split, the augmented train views, a test view's corruption, and which blocks were stored.
+DATA_SETTINGS = ("dataset", "root", "dataset_options", "manifest_hash", "views", "corrupt", "layers", "tokens")
+# Normalisation kinds whose mean/std are the dataset's own (its train statistics, the study's per-dataset constants).
+PER_DATASET_NORMS = ("dataset", "study")
+
+
+def feature_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide how images become features (backbone, weights, overrides, transform, decoder,
+    precision, protocol, token dtype, normalisation kind), without those that say which images: a head trained on one
+    cache scores another (`probe eval`) only when these are equal. The normalisation values count only when they are
+    the backbone's own (`norm` kind `model`); per-dataset statistics differ from dataset to dataset by design."""
+    kept = {key: value for key, value in settings.items() if key not in DATA_SETTINGS}
+    norm = settings.get("norm")
+    kind = norm.get("kind") if isinstance(norm, dict) else norm
+    if "norm" in kept:
+        kept["norm"] = kind
+    if kind in PER_DATASET_NORMS and isinstance(kept.get("transform"), dict):
+        kept["transform"] = {k: v for k, v in kept["transform"].items() if k not in ("mean", "std")}
+    return kept
+
+
 def resolve_layer(layer: int | None, num_layers: int) -> int:
     """A block index as users write it (None: the last; negative: from the end, -1 the last) -> 0..num_layers-1."""
     index = num_layers - 1 if layer is None else (layer + num_layers if layer < 0 else layer)

@@ -9,9 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.cli import dataset_options, run_cli
+from common.cli import dataset_options, parse_overrides, run_cli
 from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
+from extract.corruptions import parse_corruptions
 from extract.names import check_backbone, check_dataset, check_text_tower
 
 app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
@@ -72,6 +73,8 @@ SplitSeed = Annotated[int | None, typer.Option(help="Seed of the split for datas
                                                show_default="the dataset's own (see `extract datasets`)")]
 Opt = Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).", show_default="none")]
 Manifest = Annotated[Path | None, typer.Option(help="Reproduce a saved split (<cache>.splits.json).", show_default="the dataset's own split")]
+ImageCache = Annotated[str, typer.Option(help="auto: read the images from a matching image cache (`extract images`) under "
+                                              "$MEDFM_OUTPUT/images when one is complete | off: decode the files | DIR: image caches there.")]
 
 
 def extract_config(*, layers: str, views: int | None, opt: list[str] | None, split_seed: int | None, out: Path | None, **settings):
@@ -102,6 +105,7 @@ def run(
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.", show_default="cores - 1, at most 12, with a GPU; on the CPU none up to 4 cores, else a quarter")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).", show_default="off")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
+    image_cache: ImageCache = "auto",
     views: Views = None,
     augment: Augment = "none",
     augment_seed: AugmentSeed = 0,
@@ -109,23 +113,34 @@ def run(
     split_seed: SplitSeed = None,
     opt: Opt = None,
     manifest: Manifest = None,
+    corrupt: Annotated[str | None, typer.Option(help="Also extract the test split under these corruptions, each into its own cache "
+                                                     "beside the clean one: KIND:SEVERITY[,...], severity 1-5 (0 or `none`: the clean "
+                                                     "view), `all:S` every kind (docs/robustness.md §1).",
+                                                show_default="none: the clean cache only")] = None,
+    corrupt_seed: Annotated[int, typer.Option(help="Seed of the corruptions' draws; image i's comes from it and its id alone.")] = 0,
+    override: Annotated[list[str] | None, typer.Option(
+        help="Backbone constructor KEY=VALUE (repeatable); for tiny test models, e.g. embed_dim=32.", hidden=True)] = None,
 ) -> None:
     """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
     check_backbone(backbone)  # a typo is one line before torch and the models load
     check_dataset(dataset)
+    corruptions = parse_corruptions(corrupt, corrupt_seed) if corrupt is not None else ()
     from extract.runner import extract  # torch and the models: imported for a run, not for --help
 
     cfg = extract_config(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out, batch_size=parse_batch_size(batch_size), tokens=tokens,
         token_dtype=token_dtype, layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation,
-        device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, manifest=manifest, views=views,
-        augment=augment, augment_seed=augment_seed, protocol=protocol, opt=opt, split_seed=split_seed,
+        device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, image_cache=image_cache, manifest=manifest,
+        views=views,
+        augment=augment, augment_seed=augment_seed, protocol=protocol, opt=opt, split_seed=split_seed, corrupt=corruptions,
+        overrides=parse_overrides(override or []),
     )
     result = extract(cfg)
-    if torchrun_launch().is_main:  # under torchrun, rank 0 speaks for the joined cache
-        rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
-        rate = f", {result.images_per_s:.1f} img/s" if result.images_per_s else ""
-        console.print(f"{'reused' if result.reused else 'wrote'} {result.path} ({rows}{rate})")
+    if torchrun_launch().is_main:  # under torchrun, rank 0 speaks for the joined caches
+        for written in (result, *result.corrupted):
+            rows = ", ".join(f"{k} {v}" for k, v in written.rows.items())
+            rate = f", {written.images_per_s:.1f} img/s" if written.images_per_s else ""
+            console.print(f"{'reused' if written.reused else 'wrote'} {written.path} ({rows}{rate})")
 
 
 @app.command()
@@ -156,6 +171,7 @@ def zeroshot(
     split_seed: SplitSeed = None,
     opt: Opt = None,
     manifest: Manifest = None,
+    image_cache: ImageCache = "auto",
 ) -> None:
     """Embed each class's prompts with the backbone's own text tower into its cache, for `probe run --head zeroshot`."""
     if cache is None and (backbone is None or dataset is None):
@@ -174,10 +190,42 @@ def zeroshot(
             backbone=backbone, dataset=dataset, root=root, weights=weights or "default", out=out, tokens=tokens, token_dtype=token_dtype,
             layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, device=device,
             precision=precision, manifest=manifest, views=views, augment=augment, augment_seed=augment_seed, protocol=protocol,
-            opt=opt, split_seed=split_seed,
+            opt=opt, split_seed=split_seed, image_cache=image_cache,
         ))
     result = embed_classes(ZeroShotConfig(cache, prompts, weights, device))
     console.print(f"wrote text/classes {tuple(result.classes.shape)} into {result.path}")
+
+
+@app.command()
+def images(
+    dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
+    root: Root = None,
+    out: Annotated[Path | None, typer.Option(help="Image cache folder.", show_default="$MEDFM_OUTPUT/images")] = None,
+    resize: Annotated[int, typer.Option(help="Side of the square resize every transform starts with (the study's 256 before its "
+                                              "224 px crop; a backbone's input size / 0.875).")] = 256,
+    interpolation: Annotated[str, typer.Option(help="Resize mode: bilinear (the study's) | bicubic (most backbones' own).")] = "bilinear",
+    in_chans: Annotated[int | None, typer.Option(help="1 (grayscale) | 3 (RGB): as `extract run --in-chans` will feed the model.",
+                                                 show_default="1 for grayscale datasets (ddsm, chexpert), else 3")] = None,
+    jpeg_draft: Annotated[bool, typer.Option("--jpeg-draft", help="Decode JPEGs at a reduced scale (Pillow's draft mode): faster, not "
+                                                                  "exact, so features from it get their own caches (docs/images.md §4).",
+                                             show_default="off")] = False,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the image cache.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes.", show_default="cores - 1, at most 12")] = None,
+    split_seed: SplitSeed = None,
+    opt: Opt = None,
+    manifest: Manifest = None,
+) -> None:
+    """Decode and resize every image of DATASET once into an image cache, which `extract run` and `finetune run` then read."""
+    check_dataset(dataset)
+    from extract.image_cache import ImageCacheConfig, build_image_cache  # torch: imported for a run, not for --help
+
+    cfg = ImageCacheConfig(dataset=dataset, root=root, out=out or output_root() / "images", resize=resize, interpolation=interpolation,
+                           in_chans=in_chans, jpeg_draft=jpeg_draft, skip_bad=skip_bad, workers=workers, manifest=manifest,
+                           dataset_options=dataset_options(opt, split_seed))
+    result = build_image_cache(cfg)
+    rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
+    rate = f", {result.images_per_s:.1f} img/s" if result.images_per_s else ""
+    console.print(f"{'reused' if result.reused else 'wrote'} {result.path} ({rows}{rate})")
 
 
 @app.command()
@@ -200,12 +248,15 @@ def backbones() -> None:
 def datasets() -> None:
     """List the dataset registry and the layout each expects under --root."""
     from extract.datasets import list_datasets
+    from extract.datasets.label_maps import maps_of
 
     for entry in list_datasets():  # one block each: layouts are too long for table cells
         console.print(f"[bold]{entry.name}[/]  {entry.description}", highlight=False)
         for field in ("task", "split", "layout"):
             if getattr(entry, field):
                 console.print(f"  {field:7s}{getattr(entry, field)}", highlight=False, markup=False, soft_wrap=True)
+        for label_map in maps_of(entry.name):  # each checked against both datasets' classes (docs/transfer.md §3)
+            console.print(f"  {'map':7s}{label_map.summary()}", highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ from common.registry import unknown
 
 BACKBONES = ("deit", "dino", "dinov2", "resnet152", "blip", "openclip", "sam", "seem")
 TEXT_TOWERS = ("openclip",)  # backbones with a text tower of their own: `extract zeroshot`
-DATASETS = ("aptos2019", "chexpert", "ddsm", "cbis-ddsm", "demo", "imagefolder", "csv", "isic2019", "medmnist")
+DATASETS = ("aptos2019", "chexpert", "ddsm", "cbis-ddsm", "demo", "imagefolder", "csv", "ham10000", "idrid", "isic2019",
+            "medmnist", "messidor2", "chestxray14")
 
 
 def check_backbone(name: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import queue
 import threading
 import time
@@ -34,13 +35,16 @@ from common.errors import MedfmError
 from common.runtime import device_label, loader_workers, output_root, rank_device, resolve_device, torchrun_launch
 from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
+from extract.corruptions import CORRUPT_VIEW, MIN_SIDE, Corruption
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, Split
 from extract.datasets.decode import DECODER_VERSION
 from extract.datasets.images import ImageDataset
 from extract.datasets.splits import read_manifest
+from extract.image_cache import CachedPixels, find_image_cache, image_folder
 from extract.input_checks import check_image_size
 from extract.transforms import (
+    CROP_FRACTION,
     TransformSpec,
     check_input_settings,
     check_study_inputs,
@@ -85,6 +89,8 @@ class ExtractConfig:
     manifest: Path | None = None  # a saved <cache>.splits.json: reproduce that split instead of the dataset's own
     dataset_options: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # backbone constructor overrides (tests, tiny models)
+    corrupt: Sequence[Corruption] = ()  # corrupted test views, each its own cache beside the clean one (docs/robustness.md §1)
+    image_cache: str = "auto"  # auto: read images from a matching `extract images` cache under $MEDFM_OUTPUT/images | off | DIR
 
 
 @dataclass
@@ -95,6 +101,7 @@ class ExtractResult:
     images_per_s: float | None
     random_weights: bool
     extracted: int = 0  # images run through the model by this call (a resumed run: only the rows still missing)
+    corrupted: list[ExtractResult] = field(default_factory=list)  # the corrupted test views' caches (`--corrupt`), clean ones left out
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -185,19 +192,31 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     if cfg.workers is not None and cfg.workers < 0:
         raise MedfmError(f"--workers must be 0 (decode in the main process) or more, got {cfg.workers}")
     check_views(cfg.views, cfg.augment)
+    image_folder(cfg.image_cache)  # a mistyped --image-cache is one line before the model loads
     device = rank_device(resolve_device(cfg.device), launch)
     amp = autocast_dtype(cfg.precision, device)
 
-    # --- settings -> fingerprint -> reuse?
+    # --- settings -> fingerprint -> the clean cache, then each corrupted test view's (planned first: a mistake stops before any work)
     planned = plan_cache(cfg, device, amp, console)
+    corrupted = [corrupted_plan(planned, corruption) for corruption in cfg.corrupt if not corruption.clean]
+    result = write_cache(planned, cfg, device, amp, console)
+    result.corrupted = [write_cache(view, replace(cfg, views=0, augment="none"), device, amp, console) for view in corrupted]
+    return result
+
+
+def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None, console: Console) -> ExtractResult:
+    """Reuse the complete cache `planned` names, or write it (resuming a partial file): every group through the model."""
+    launch = torchrun_launch()
     spec, source, weights, model, tspec, layers, settings, path = (planned.spec, planned.source, planned.weights, planned.model,
                                                                    planned.tspec, planned.layers, planned.settings, planned.path)
     fp, manifest = planned.fingerprint, planned.manifest
     manifest_file = path.with_suffix(".splits.json")
     if path.exists():
         with CacheReader(path) as reader:
-            if reader.fingerprint != fp:
-                raise MedfmError(f"{path} holds a different fingerprint than its name says; remove it with `cache rm {path}`")
+            if reader.fingerprint != fp:  # a corrupted view's name leaves out its seed, so only that can differ
+                why = (f"was corrupted with --corrupt-seed {reader.meta.corruption.get('seed')}" if planned.corruption
+                       else "holds a different fingerprint than its name says")
+                raise MedfmError(f"{path} {why}; remove it with `cache rm {path}`")
             rows = {s: len(reader.ids(s)) for s in reader.splits}
         console.print(f"[green]reusing cache[/] {path} (fingerprint {fp[:12]}, complete; nothing to extract)")
         return ExtractResult(path, True, rows, None, weights.random)
@@ -209,6 +228,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         dataset=DatasetInfo(source.name, source.options, settings["manifest_hash"]),
         task=source.task, layers=tuple(layers), num_layers=model.num_layers, settings=settings,
         transform=tspec.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S"), views=cfg.views, augment=cfg.augment,
+        corruption=planned.corruption.to_dict() if planned.corruption else {},
+        label_maps=source.label_maps,  # descriptive: how its classes map onto partner datasets', never fingerprinted
     )
     # every group the cache holds: the splits, then each augmented train view (same images, its own draws)
     views = {view_group(v): v for v in range(cfg.views)}
@@ -238,7 +259,10 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
                           + (f"; {launch.size} processes, one shard each)" if launch.size > 1 else ")"))
         started, recorded = time.perf_counter(), False  # the cost: this call's wall seconds, added to a killed run's
         try:
-            skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views)
+            if planned.pixels is not None:
+                console.print(f"reading the images from the image cache {planned.pixels.path}")
+            skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views,
+                                                       planned.corruption, planned.pixels)
             if skipped:
                 writer.add_skipped(skipped)
             writer.add_cost(time.perf_counter() - started, device_label(device))
@@ -275,6 +299,23 @@ class PlannedCache:
     fingerprint: str
     path: Path
     manifest: Any
+    corruption: Corruption | None = None  # a corrupted test view's cache (`corrupted_plan`); None: the clean cache
+    pixels: CachedPixels | None = None  # the image cache the images are read from (`extract images`); None: the files
+
+
+def corrupted_plan(planned: PlannedCache, corruption: Corruption) -> PlannedCache:
+    """The cache of the test split under `corruption`, `<clean stem>+<kind>-<severity>.h5` beside the clean cache:
+    the clean cache's settings plus `corrupt`, so its family is `<clean stem>+*.h5` (docs/robustness.md §1)."""
+    source = planned.source
+    if "test" not in source.splits:
+        raise MedfmError(f"--corrupt corrupts the test split, and {source.name} has none (it has {', '.join(source.splits)})")
+    if planned.tspec.resize < MIN_SIDE:
+        raise MedfmError(f"--corrupt needs images of at least {MIN_SIDE} pixels after the resize, these are {planned.tspec.resize}; "
+                         f"use --image-size {math.ceil(MIN_SIDE * CROP_FRACTION)} or more")
+    settings = {**planned.settings, "corrupt": corruption.to_dict()}
+    return replace(planned, source=replace(source, splits={"test": source.splits["test"]}), settings=settings,
+                   fingerprint=fingerprint(settings), path=planned.path.with_name(f"{planned.path.stem}+{corruption.tag}.h5"),
+                   corruption=corruption)
 
 
 def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None, console: Console) -> PlannedCache:
@@ -312,9 +353,12 @@ def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
         "views": {"count": cfg.views, "augment": cfg.augment, "seed": cfg.augment_seed} if cfg.views else None,
         "protocol": cfg.protocol,
     }
+    pixels = find_image_cache(source, cfg.root, tspec, cfg.image_cache)
+    if pixels is not None and pixels.spec.jpeg_draft:  # draft-decoded JPEGs are other pixels, so other features
+        settings["pixels"] = {"jpeg_draft": True}
     fp = fingerprint(settings)
     path = cache_path(cfg.out, cfg.backbone, source.name, fp)
-    return PlannedCache(spec, source, weights, model, tspec, layers, settings, fp, path, manifest)
+    return PlannedCache(spec, source, weights, model, tspec, layers, settings, fp, path, manifest, pixels=pixels)
 
 
 def find_cache(cfg: ExtractConfig, console: Console | None = None) -> Path:
@@ -343,13 +387,18 @@ def source_block(source: DatasetSource, rank: int, size: int) -> DatasetSource:
     return replace(source, splits=blocks)
 
 
-def group_images(source: DatasetSource, group: str, tspec: TransformSpec, view: int | None, seed: int) -> ImageDataset:
+def group_images(source: DatasetSource, group: str, tspec: TransformSpec, view: int | None, seed: int,
+                 corruption: Corruption | None = None, pixels: CachedPixels | None = None) -> ImageDataset:
     """The images of one cache group: a split under the eval transform, or augmented train view `view`, image i
-    drawn from `view_seed(seed, view, id_i)` whichever process, shard or worker decodes it."""
+    drawn from `view_seed(seed, view, id_i)` whichever process, shard or worker decodes it; under `corruption`, image i
+    corrupted from `view_seed(corruption.seed, CORRUPT_VIEW, id_i)` alike. `pixels`: read from that image cache."""
     shape = (tspec.channels, tspec.size, tspec.size)
     if view is None:
-        return ImageDataset(source, group, eval_transform(tspec), shape)
-    images = ImageDataset(source, group, train_transform(tspec), shape)
+        images = ImageDataset(source, group, eval_transform(tspec, corruption), shape, pixels)
+        if corruption is not None:
+            images.draw([view_seed(corruption.seed, CORRUPT_VIEW, i) for i in images.ids])
+        return images
+    images = ImageDataset(source, group, train_transform(tspec), shape, pixels)
     images.draw([view_seed(seed, view, i) for i in images.ids])
     return images
 
@@ -366,6 +415,7 @@ def wait_for(shards: list[Path], console: Console, poll_s: float = 2.0) -> None:
 def _extract_splits(
     model: Backbone, source: DatasetSource, tspec: TransformSpec, writer: CacheWriter, cfg: ExtractConfig,
     layers: list[int], device: torch.device, amp: torch.dtype | None, console: Console, views: dict[str, int],
+    corruption: Corruption | None, pixels: CachedPixels | None = None,
 ) -> tuple[list[str], float | None, int]:
     """Stream every split's remaining rows through the model into the writer thread.
 
@@ -382,8 +432,8 @@ def _extract_splits(
     if cfg.compile:
         forward.compile()
     data = torch.utils.data.ConcatDataset(
-        [torch.utils.data.Subset(group_images(source, name, tspec, views.get(name), cfg.augment_seed), range(start, stop))
-         for name, start, stop in segments]
+        [torch.utils.data.Subset(group_images(source, name, tspec, views.get(name), cfg.augment_seed, corruption, pixels),
+                                 range(start, stop)) for name, start, stop in segments]
     )
     batches: list[list[int]] = []  # indices into `data`; a batch never straddles two splits
     firsts: list[tuple[str, int]] = []  # (split, first row) of each batch

@@ -21,6 +21,7 @@ from torchvision import transforms as T
 from common.errors import MedfmError
 from common.runtime import loader_workers
 from extract.backbones import DataConfig
+from extract.corruptions import Corruption, corrupt_image
 from extract.datasets.base import DatasetSource
 from extract.datasets.images import ImageDataset
 
@@ -101,10 +102,28 @@ def _interp(name: str) -> T.InterpolationMode:
     return T.InterpolationMode(name if name in {m.value for m in T.InterpolationMode} else "bicubic")
 
 
-def eval_transform(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize (square) -> centre crop -> tensor -> normalise."""
+def square_resize(resize: int, interpolation: str) -> T.Resize:
+    """The first step of the eval and train transforms alone: an image cache (`extract images`) stores its output."""
+    return T.Resize((resize, resize), interpolation=_interp(interpolation))
+
+
+class CorruptStep:
+    """A corrupted view's step (docs/robustness.md §1): the image's seed is drawn from torch's stream, which
+    `ImageDataset.draw` seeds per image, so image i is corrupted alike in any worker, shard or resumed run."""
+
+    def __init__(self, corruption: Corruption) -> None:
+        self.corruption = corruption
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return corrupt_image(image, self.corruption, int(torch.randint(0, 2**32, ())))
+
+
+def eval_transform(spec: TransformSpec, corruption: Corruption | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize (square) -> [corrupt] -> centre crop -> tensor -> normalise; a clean `corruption` adds no step."""
+    corrupt = [CorruptStep(corruption)] if corruption is not None and not corruption.clean else []
     return T.Compose([
         T.Resize((spec.resize, spec.resize), interpolation=_interp(spec.interpolation)),
+        *corrupt,
         T.CenterCrop(spec.size),
         T.ToTensor(),
         T.Normalize(spec.mean, spec.std),

@@ -36,6 +36,7 @@ BatchSize = Annotated[int, typer.Option(help="Rows per step (the study's).")]
 WarmupSteps = Annotated[int | None, typer.Option(help="Linear LR warmup in optimizer steps, constant after.", show_default=(
     f"the study's, {STUDY.warmup_epochs} epochs but at most {STUDY.warmup_max_steps} steps"))]
 GradClip = Annotated[float, typer.Option(help="Gradient norm clip, per head (0: none).")]
+EVALUATION_TABLES = ("all", "robustness", "transfer", "none")  # `probe report --evaluations`
 DEFAULT_FRACTIONS = "0.01,0.05,0.1,0.25,0.5,1"  # `probe curve`'s labelled fractions of the train split
 Views = Annotated[str, typer.Option(help="Augmented train views of the cache to train on, epoch e on view (e-1) mod K "
                                          "(the study's frozen protocol); 0: the eval view; auto: all the cache holds.")]
@@ -246,6 +247,9 @@ def report(
     by: Annotated[str | None, typer.Option(help="Per-subgroup scores by a per-sample column of the datasets (e.g. sex, age in "
                                                 "decades, Frontal/Lateral): each group's score and n, the worst group and the gap; "
                                                 "also written to report_by_<column>.csv.", show_default="none")] = None,
+    evaluations: Annotated[str, typer.Option(help="Tables of `probe eval` scores to print: all | robustness (relative drop per "
+                                                  "corruption) | transfer (score on other datasets) | none; report.md and "
+                                                  "report_robustness.csv / report_transfer.csv hold them all.")] = "all",
 ) -> None:
     """The study's table (backbone x scenario by dataset, average, gain over deit linear) and figure."""
     from rich.markup import escape
@@ -255,6 +259,8 @@ def report(
 
     if ci is None and boot is not None:
         raise MedfmError("--boot sets the resamples of --ci intervals; give --ci too (e.g. --ci 95)")
+    if evaluations not in EVALUATION_TABLES:
+        raise MedfmError(f"--evaluations must be one of {', '.join(EVALUATION_TABLES)}, got '{evaluations}'")
     boot = 1000 if boot is None else boot
     if ci is not None:
         check_settings(ci, boot, jobs, boot_seed)
@@ -277,6 +283,8 @@ def report(
         console.print(f"[bold red]{escape(line)}[/]" if line.startswith("RANDOM") else escape(line), highlight=False)
     if by:
         _print_subgroups(result, by, out or output_root() / "reports")
+    if result.evaluations is not None and evaluations != "none":
+        _print_evaluations(result.evaluations, evaluations)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
 
@@ -296,6 +304,23 @@ def _print_subgroups(result, by: str, out: Path) -> None:  # noqa: ANN001 - a pr
     for line in lines:
         console.print(escape(line), highlight=False)
     result.files[f"by {by}"] = write_subgroups(table, out, by)
+
+
+def _print_evaluations(tables, which: str) -> None:  # noqa: ANN001 - a probe.report.EvaluationTables
+    """`probe report`: the robustness and transfer tables of the chosen runs' `probe eval` scores, with their notes."""
+    from rich.markup import escape
+
+    from probe.report import ROBUSTNESS_NOTE, TRANSFER_NOTE, evaluation_lines, left_out_note
+
+    for lines in evaluation_lines(tables, which):
+        robustness = lines[0][1] == "dataset"
+        shown = Table(*map(escape, lines[0]), title="relative drop (%) under corruption" if robustness else "transfer to other datasets")
+        for line in lines[1:]:
+            shown.add_row(*map(escape, line))
+        console.print(shown)
+        console.print(escape(ROBUSTNESS_NOTE if robustness else TRANSFER_NOTE), highlight=False)
+    if tables.left_out:
+        console.print(left_out_note(tables.left_out), highlight=False)
 
 
 def _names(pairs: list[str]) -> dict[str, str]:
@@ -321,6 +346,53 @@ def _cell(value: float, percent: bool) -> str:
 
 def _ram(text: str | None) -> int | None:
     return parse_bytes(text) if text is not None else None
+
+
+@app.command("eval")
+def evaluate_run(
+    run: Annotated[str | None, typer.Argument(help="The run whose head to score: its ledger id (as `probe compare` takes it) or its run folder.",
+                                              show_default="none: pick the runs with --backbone and --dataset")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Instead of RUN: the seeds of this backbone's best configuration by validation "
+                                                      "(with --dataset and --scenario), as `probe report` picks a cell.",
+                                                 show_default="none, use RUN")] = None,
+    dataset: Annotated[str | None, typer.Option(help="With --backbone: the dataset the runs were trained on.",
+                                                show_default="none, needed with --backbone")] = None,
+    scenario: Annotated[str, typer.Option(help="With --backbone: frozen-linear | frozen-deit.")] = "frozen-linear",
+    cache: Annotated[Path | None, typer.Option("--cache", help="Cache whose test split to score: a corrupted view, another dataset "
+                                                               "(same backbone and settings).", show_default="the run's own cache")] = None,
+    on: Annotated[str | None, typer.Option("--on", help="Instead of --cache: the cache of this dataset with the run's backbone "
+                                                        "(the one `probe run --dataset` would pick).", show_default="none")] = None,
+    corrupted: Annotated[bool, typer.Option("--corrupted", help="Score every corrupted view beside the cache (<stem>+<kind>-<severity>.h5) "
+                                                                "instead of the cache itself.", show_default="off")] = False,
+    allow_unmapped: Annotated[bool, typer.Option("--allow-unmapped", help="Score although the label map leaves classes without a "
+                                                                          "counterpart: drop their rows (their labels, for multilabel).",
+                                                 show_default="off")] = False,
+    max_ram: MaxRam = None,
+    device: Device = "auto",
+    ledger: Annotated[Path | None, typer.Option(help="Results ledger.", show_default="$MEDFM_OUTPUT/runs/results.sqlite")] = None,
+) -> None:
+    """Score a run's trained head on another cache's test split (robustness, transfer); each score goes into the ledger."""
+    from rich.markup import escape
+
+    from probe.compare import best_runs
+    from probe.evaluate import corrupted_views, describe, evaluate, load_run
+
+    if (run is None) == (backbone is None):
+        raise MedfmError("name the run to score (probe eval RUN) or pick it with --backbone B --dataset D [--scenario S]")
+    if backbone is not None and not dataset:
+        raise MedfmError("picking the runs with --backbone needs --dataset, the dataset they were trained on")
+    if cache is not None and on is not None:
+        raise MedfmError("pass --cache FILE or --on DATASET, not both")
+    runs = Ledger(ledger)
+    names = [run] if run is not None else [str(r.id) for r in best_runs(runs, backbone, scenario, dataset).records]
+    for name in names:
+        saved = load_run(runs, name)
+        clean = find_cache(saved.record.backbone, on) if on is not None else cache or saved.cache
+        for path in corrupted_views(clean) if corrupted else [clean]:
+            with open_cache(path, None, None) as reader:
+                record = evaluate(saved, reader, runs, allow_unmapped=allow_unmapped, device=device, max_ram=_ram(max_ram))
+            for line in describe(saved, record):
+                console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -62,13 +62,13 @@ def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = N
 
 def settings_differences(paths: list[Path]) -> str:
     """Each cache with the extraction settings that set it apart, e.g. `a.h5 (norm.kind=study)`."""
-    flat = [_flatten(describe(path)["meta"].get("settings", {})) for path in paths]
+    flat = [flatten_settings(describe(path)["meta"].get("settings", {})) for path in paths]
     differing = sorted({k for f in flat for k in f if any(g.get(k) != f.get(k) for g in flat)})
     return "; ".join(f"{path}" + (f" ({', '.join(f'{k}={_short(f.get(k))}' for k in differing)})" if differing else "")
                      for path, f in zip(paths, flat, strict=True))
 
 
-def _flatten(settings: dict[str, Any]) -> dict[str, Any]:
+def flatten_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """{"norm": {"kind": "study"}} -> {"norm.kind": "study"}: one level, as extraction settings nest."""
     flat: dict[str, Any] = {}
     for key, value in settings.items():
@@ -149,7 +149,9 @@ class FeatureSource:
             self._valid["train"] = self._valid["train"] & _row_mask(rows, len(self._valid["train"]))
             if not self._valid["train"].any():
                 raise MedfmError(f"the train subset selects none of the {len(self._valid['train'])} train rows of {reader.path.name}")
-        train = reader.dataset("train", feature)
+        # the split that sets the row layout: train, or the one split of a cache without it (a corrupted test view)
+        self.layout_split = "train" if "train" in reader.splits else reader.splits[0]
+        train = reader.dataset(self.layout_split, feature)
         self.chunk_rows = train.chunks[0] if train.chunks else max(len(train), 1)
         self.window_chunks = max(1, math.ceil(2 * batch_size / self.chunk_rows))
         self.row_bytes = train.dtype.itemsize * int(np.prod(train.shape[1:], dtype=np.int64))
@@ -161,7 +163,7 @@ class FeatureSource:
 
     @property
     def row_shape(self) -> tuple[int, ...]:
-        return tuple(self.reader.dataset("train", self.feature).shape[1:])
+        return tuple(self.reader.dataset(self.layout_split, self.feature).shape[1:])
 
     @property
     def mode(self) -> str:

@@ -30,6 +30,11 @@ Seeds: a cell averages the seeds of its configuration; the CSV gives their sampl
 a percentile bootstrap of each cell's test score from its runs' stored predictions (`probe.bootstrap`), over the
 seed-mean when a cell averages seeds (every seed scored on the same resamples of the shared test rows), and of each
 row's average and gain, the gain paired with its baseline's cells on the same resamples.
+
+Scores of heads on other caches (`probe eval`, the ledger's `evaluations`) make two more tables of the chosen runs
+(`evaluation_tables`): robustness, the relative drop of the primary metric per corruption kind averaged over the
+severities scored, and its mean over kinds (MedMNIST-C's summary); transfer, the score on each other dataset beside the
+in-domain one (docs/robustness.md §2).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from common.runtime import device_kind
 from probe.bootstrap import Interval, check_settings, interval, resample_metric
 from probe.predictions import load_predictions
 from probe.recipe import STUDY
-from probe.results import Ledger, RunRecord, best_configuration, mean_score
+from probe.results import EvaluationRecord, Ledger, RunRecord, best_configuration, mean_score
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -125,6 +130,7 @@ class Report:
     bootstrap: dict[str, Any] = field(default_factory=dict)  # the intervals' settings: level, boot, seed; {} without intervals
     costs: dict[tuple, dict[str, float]] = field(default_factory=dict)  # row key -> `cost_of` its chosen runs
     total_cost: dict[str, float] = field(default_factory=dict)  # `cost_of` every run of the report
+    evaluations: EvaluationTables | None = None  # the robustness and transfer tables of `probe eval` scores
 
     def marks(self, key: tuple, label: str) -> list[str]:
         """`collapsed` / `chance` when any of the cell's chosen runs was flagged so (`probe.health`)."""
@@ -404,6 +410,9 @@ def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | N
     if datasets:
         records = select(records, datasets)
     report = build_report(records, partial, names)
+    reported = {r.id for r in records}
+    if evaluations := [e for e in ledger.evaluations() if e.run_id in reported]:  # `probe eval` scores of the report's runs
+        report.evaluations = evaluation_tables(report, evaluations)
     if ci is not None and len(report.table):
         add_intervals(report, ci, boot, boot_seed, jobs)
     if out is not None and len(report.table):
@@ -414,7 +423,22 @@ def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | N
         report.files["markdown"].write_text(to_markdown(report))
         report.files["figure"] = out / "report.png"
         report.figure_texts = plot_gain(report, report.files["figure"])
+        write_evaluations(report, out)
     return report
+
+
+def write_evaluations(report: Report, out: Path) -> None:
+    """report_robustness.csv and report_transfer.csv (the target score and `in-domain` per pair), when there is one."""
+    tables = report.evaluations
+    if tables is None:
+        return
+    if len(tables.robustness):
+        report.files["robustness"] = out / "report_robustness.csv"
+        tables.robustness.reset_index().to_csv(report.files["robustness"], index=False, float_format="%.4f")
+    if len(tables.transfer):
+        report.files["transfer"] = out / "report_transfer.csv"
+        both = pd.concat([tables.transfer, tables.in_domain.add_suffix(" in-domain")], axis=1).rename_axis("backbone x scenario")
+        both.reset_index().to_csv(report.files["transfer"], index=False, float_format="%.4f")
 
 
 def add_intervals(report: Report, level: float, boot: int, seed: int = 0, jobs: int = 1) -> None:
@@ -471,6 +495,92 @@ def _sorted_predictions(run: RunRecord, row: str, column: Column) -> tuple[np.nd
         raise MedfmError(f"no interval for {row} on {column.label}: {err}") from None
     order = np.argsort(stored.ids, kind="stable")
     return stored.ids[order], stored.labels[order], stored.logits[order]
+
+
+MEAN_DROP = "mean"
+ROBUSTNESS_NOTE = ("robustness: relative drop (%) of the primary test metric on each corrupted test view, (clean - corrupted) / "
+                   "clean, averaged over the severities scored (`probe eval --corrupted`), then over the kinds (mean); higher is "
+                   "worse. Clean: the run's own test score; seeds averaged before the drop.")
+TRANSFER_NOTE = ("transfer: the head's primary metric on another dataset's test split (`probe eval --cache`), classes mapped by "
+                 "the dataset's label map; in brackets its test score where it was trained.")
+
+
+@dataclass
+class EvaluationTables:
+    """`probe eval` scores of the report's chosen runs: robustness (index: row label, dataset; columns: corruption kinds
+    then MEAN_DROP; the relative drop in %) and transfer (index: row label; columns `trained on -> evaluated on`; the
+    target score, and `in_domain` the same runs' own test score)."""
+
+    robustness: pd.DataFrame
+    transfer: pd.DataFrame
+    in_domain: pd.DataFrame
+    left_out: int  # evaluations of runs no cell chose (another configuration or seed), not in either table
+
+
+def evaluation_tables(report: Report, evaluations: list[EvaluationRecord]) -> EvaluationTables:
+    """Each chosen cell's evaluations: per corruption kind, the relative drop averaged over severities (the cell's seeds
+    averaged first, MedMNIST-C's mean relative drop); per other dataset, the mean target score."""
+    by_run: dict[int, list[EvaluationRecord]] = defaultdict(list)
+    for e in evaluations:
+        by_run[e.run_id].append(e)
+    drops: dict[tuple, dict[str, float]] = {}
+    transfer: dict[str, dict[str, float]] = defaultdict(dict)
+    in_domain: dict[str, dict[str, float]] = defaultdict(dict)
+    used: set[int] = set()
+    for (key, label), runs in report.chosen.items():
+        row = report.rows[key].label
+        corrupted: dict[str, dict[Any, list[tuple[float | None, float | None]]]] = defaultdict(lambda: defaultdict(list))
+        targets: dict[str, list[tuple[float | None, float | None]]] = defaultdict(list)
+        for run in runs:
+            for e in by_run.get(run.id or -1, []):
+                if e.corruption_kind and e.dataset_id == run.dataset_id:
+                    corrupted[e.corruption_kind][e.corruption_severity].append((run.test_primary, e.score))
+                elif not e.corruption_kind and e.dataset_id != run.dataset_id:
+                    target = e.dataset_label if e.dataset_label != label else f"{e.dataset_label}:{e.dataset_id[:4]}"
+                    targets[f"{label} -> {target}"].append((run.test_primary, e.score))
+                else:
+                    continue
+                used.add(e.id or -1)
+        if corrupted:
+            cells = {kind: _mean_drop(list(severities.values())) for kind, severities in sorted(corrupted.items())}
+            drops[(row, label)] = {**cells, MEAN_DROP: mean_score(list(cells.values()))}
+        for pair, scores in targets.items():
+            in_domain[row][pair] = mean_score([own for own, _ in scores])
+            transfer[row][pair] = mean_score([score for _, score in scores])
+    robustness = pd.DataFrame.from_dict(drops, orient="index")
+    if len(robustness):
+        robustness = robustness[[*sorted(c for c in robustness.columns if c != MEAN_DROP), MEAN_DROP]]
+        robustness.index = pd.MultiIndex.from_tuples(robustness.index, names=["backbone x scenario", "dataset"])
+    left_out = sum(1 for e in evaluations if (e.id or -1) not in used and (e.corruption_kind or e.dataset_id != e.trained_dataset_id))
+    scores, own = (pd.DataFrame.from_dict(table, orient="index").sort_index(axis=1) for table in (transfer, in_domain))
+    return EvaluationTables(robustness, scores, own, left_out)
+
+
+def _mean_drop(severities: list[list[tuple[float | None, float | None]]]) -> float:
+    """Mean over severities of (clean - corrupted) / clean in %, each severity's clean and corrupted scores averaged over
+    the seeds scored at it; NaN where a clean score is 0 or a score undefined."""
+    drops = []
+    for pairs in severities:
+        clean, corrupted = mean_score([c for c, _ in pairs]), mean_score([x for _, x in pairs])
+        drops.append((clean - corrupted) / abs(clean) * 100 if clean else math.nan)
+    return mean_score(drops)
+
+
+def evaluation_lines(tables: EvaluationTables, which: str = "all") -> list[list[str]]:
+    """The robustness and transfer tables as rows of text (a header first), `which` of them: all | robustness | transfer."""
+    out = []
+    if which in ("all", "robustness") and len(tables.robustness):
+        lines = [["backbone x scenario", "dataset", *map(str, tables.robustness.columns)]]
+        for (row, dataset), values in tables.robustness.iterrows():
+            lines.append([row, dataset, *(_fmt(v, True) for v in values)])
+        out.append(lines)
+    if which in ("all", "transfer") and len(tables.transfer):
+        lines = [["backbone x scenario", *map(str, tables.transfer.columns)]]
+        for row, values in tables.transfer.iterrows():
+            lines.append([row, *(f"{_fmt(v)} ({_fmt(tables.in_domain.loc[row, pair])})" if np.isfinite(v) else "-"
+                                 for pair, v in values.items())])
+        out.append(lines)
+    return out
 
 
 def to_csv(report: Report) -> pd.DataFrame:
@@ -561,7 +671,27 @@ def to_markdown(report: Report) -> str:
         cells += [report.summary(key, AVERAGE), report.summary(key, GAIN), cost_text(report.costs.get(key, {}))]
         lines.append("| " + " | ".join([report.rows[key].label, *cells]) + " |")
     total = f"Total cost of the grid (every run, each cache's extraction once): {cost_text(report.total_cost)}."
-    return "\n".join(lines + [""] + notes(report) + [COST_NOTE, total]) + "\n"
+    return "\n".join(lines + [""] + notes(report) + [COST_NOTE, total] + _evaluation_markdown(report)) + "\n"
+
+
+def _evaluation_markdown(report: Report) -> list[str]:
+    """The robustness and transfer sections of report.md, with what their cells mean; [] without `probe eval` scores."""
+    if report.evaluations is None:
+        return []
+    out = []
+    for table in evaluation_lines(report.evaluations):
+        robustness = table[0][1] == "dataset"
+        out += ["", "## Robustness: relative drop (%) under corruption" if robustness else "## Transfer to other datasets", "",
+                "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0]), *("| " + " | ".join(line) + " |" for line in table[1:]),
+                "", ROBUSTNESS_NOTE if robustness else TRANSFER_NOTE]
+    if report.evaluations.left_out:
+        out += ["", left_out_note(report.evaluations.left_out)]
+    return out
+
+
+def left_out_note(count: int) -> str:
+    return (f"{count} probe eval score{'s are' if count != 1 else ' is'} in neither table: of runs no cell chose (another "
+            "configuration or seed), or of corrupted views of another dataset than the run's.")
 
 
 def plot_gain(report: Report, path: Path) -> list[str]:

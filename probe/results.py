@@ -15,6 +15,9 @@ interpolation), `dataset_label` its name for a reader (`csv:a1b2` for your own d
 nothing), `dataset_inputs` those settings. The report makes a column per `dataset_id`. `late_best` flags a run
 whose best validation epoch fell in the last tenth of its epochs. Rows written before these columns existed
 get the dataset name alone as their identity (settings not recorded) and no late flag.
+
+A second table, `evaluations`, holds the scores of runs' heads on other caches (`probe eval`, `EvaluationRecord`);
+an older ledger gains it, empty, when opened.
 """
 
 from __future__ import annotations
@@ -92,6 +95,29 @@ _ADDED = {"dataset_id": "TEXT NOT NULL DEFAULT ''", "dataset_label": "TEXT NOT N
           "dataset_inputs": "TEXT NOT NULL DEFAULT '{}'", "late_best": "INTEGER NOT NULL DEFAULT 0",
           **_COST_COLUMNS, **_HEALTH_COLUMNS}
 _JSON_FIELDS = ("config", "test_metrics", "dataset_inputs")
+# `probe eval`: a run's head scored on another cache of the same features (a corrupted test view, another dataset), one
+# row per (run, cache fingerprint): evaluating again replaces it. `dropped_rows`: test rows of classes the label map leaves
+# without a counterpart (`--allow-unmapped`).
+_EVALUATION_COLUMNS = """
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER NOT NULL,
+    run_key TEXT NOT NULL,
+    trained_dataset_id TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    dataset_id TEXT NOT NULL,
+    dataset_label TEXT NOT NULL,
+    corruption_kind TEXT NOT NULL DEFAULT '',
+    corruption_severity NUMERIC,
+    cache TEXT NOT NULL,
+    cache_fingerprint TEXT NOT NULL,
+    primary_metric TEXT NOT NULL,
+    score REAL,
+    metrics TEXT NOT NULL,
+    scored_rows INTEGER NOT NULL,
+    dropped_rows INTEGER NOT NULL DEFAULT 0,
+    created TEXT NOT NULL,
+    UNIQUE (run_id, cache_fingerprint)
+"""
 _FLAGS = ("backbone_random", "head_random", "late_best", "collapsed", "chance")
 # Loaders of your own data: their name alone does not say which images, so a label carries a content tag.
 OWN_DATA = ("imagefolder", "csv", "medmnist")
@@ -253,6 +279,7 @@ class Ledger:
                     db.execute("BEGIN IMMEDIATE")  # one process at a time creates or migrates the table
                     db.execute(f"CREATE TABLE IF NOT EXISTS runs ({_COLUMNS})")
                     db.execute("CREATE INDEX IF NOT EXISTS runs_config_key ON runs (config_key)")
+                    db.execute(f"CREATE TABLE IF NOT EXISTS evaluations ({_EVALUATION_COLUMNS})")
                     _migrate(db)
         except sqlite3.DatabaseError as err:
             raise MedfmError(f"cannot read the results ledger {self.path} ({err}); move it aside and rerun, "
@@ -297,16 +324,61 @@ class Ledger:
 
     def rows(self, **equal: Any) -> list[RunRecord]:
         """Runs in insertion order, filtered by column equality; a list or tuple value means any of them."""
-        clauses, params = [], []
-        for column, value in equal.items():
-            if column not in RunRecord.__dataclass_fields__:
-                raise ValueError(f"no ledger column {column}")
-            values = list(value) if isinstance(value, (list, tuple, set)) else [value]
-            clauses.append(f"{column} IN ({', '.join('?' * len(values))})" if values else "0")
-            params.extend(values)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _where(equal, RunRecord)
         with self._connect() as db:
             return [_record(r) for r in db.execute(f"SELECT * FROM runs{where} ORDER BY id", params)]
+
+    def add_evaluation(self, record: EvaluationRecord) -> int:
+        """Record a `probe eval` result; one of the same run on the same cache (fingerprint) is replaced. Returns its id."""
+        row = asdict(record)
+        row.pop("id")
+        row["metrics"] = json.dumps(row["metrics"], sort_keys=True, default=str)
+        with self._connect() as db:
+            cursor = db.execute(f"INSERT OR REPLACE INTO evaluations ({', '.join(row)}) VALUES ({', '.join(':' + n for n in row)})", row)
+            record.id = int(cursor.lastrowid)
+        return record.id
+
+    def evaluations(self, **equal: Any) -> list[EvaluationRecord]:
+        """`probe eval` results in the order they were recorded, filtered as `rows`."""
+        where, params = _where(equal, EvaluationRecord)
+        with self._connect() as db:
+            found = db.execute(f"SELECT * FROM evaluations{where} ORDER BY id", params).fetchall()
+        return [EvaluationRecord(**{**dict(r), "metrics": json.loads(r["metrics"])}) for r in found]
+
+
+@dataclass
+class EvaluationRecord:
+    """A run's head scored on another cache (`probe eval`), as the ledger's `evaluations` table stores it."""
+
+    run_id: int
+    run_key: str  # the run's config_key
+    trained_dataset_id: str  # the run's dataset identity
+    dataset: str  # the evaluated cache's dataset and its identity (`dataset_identity`)
+    dataset_id: str
+    dataset_label: str
+    corruption_kind: str  # "" for a clean cache
+    corruption_severity: float | None
+    cache: str
+    cache_fingerprint: str
+    primary_metric: str  # the head's task's, as its run was scored
+    score: float | None
+    metrics: dict[str, Any]  # every metric, plus what the label map left out
+    scored_rows: int
+    dropped_rows: int = 0
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    id: int | None = None
+
+
+def _where(equal: dict[str, Any], kind: type) -> tuple[str, list[Any]]:
+    """` WHERE a IN (?) AND ...` over the fields of dataclass `kind`; a list, tuple or set value means any of them."""
+    clauses, params = [], []
+    for column, value in equal.items():
+        if column not in kind.__dataclass_fields__:
+            raise ValueError(f"no ledger column {column}")
+        values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+        clauses.append(f"{column} IN ({', '.join('?' * len(values))})" if values else "0")
+        params.extend(values)
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
 
 def _record(row: sqlite3.Row) -> RunRecord:
@@ -319,9 +391,10 @@ def _record(row: sqlite3.Row) -> RunRecord:
 
 
 def _up_to_date(db: sqlite3.Connection) -> bool:
-    """Whether the ledger's table exists with today's columns (nothing to create or migrate)."""
+    """Whether the ledger's tables exist with today's columns (nothing to create or migrate)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
-    return bool(columns) and set(_ADDED) <= columns and "random_weights" not in columns
+    evaluations = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'evaluations'").fetchone()
+    return bool(columns) and set(_ADDED) <= columns and "random_weights" not in columns and evaluations is not None
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ class DatasetEntry:
     layout: str  # what `--root` must hold
     build: Callable[..., DatasetSource]  # build(root, **options)
     split: str = ""  # the split rule, in words
+    classes: tuple[str, ...] = ()  # class names under the default options: label maps are checked against them
 
 
 REGISTRY: Registry[DatasetEntry] = Registry("dataset", "extract datasets")
@@ -43,9 +44,23 @@ def get_dataset(name: str, root: Path | None = None, **options: Any) -> DatasetS
         if unknown:
             raise MedfmError(f"dataset '{name}' has no option(s) {', '.join(unknown)}; "
                              f"it takes {', '.join(accepted) if accepted else 'no options'}")
-    return build(root, **options)
+    source = build(root, **options)
+    return replace(source, label_maps=label_maps_of(name, source.task.class_names))
 
 
-from extract.datasets import aptos, chexpert, ddsm, demo, folder, isic, medmnist  # noqa: E402,F401
+from extract.datasets import (  # noqa: E402,F401
+    aptos,
+    chexpert,
+    ddsm,
+    demo,
+    folder,
+    ham10000,
+    idrid,
+    isic,
+    medmnist,
+    messidor2,
+    nih_chestxray14,
+)
+from extract.datasets.label_maps import label_maps_of  # noqa: E402
 
 __all__ = ["DatasetSource", "Split", "Task", "get_dataset", "list_datasets", "register"]

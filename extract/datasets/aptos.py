@@ -46,5 +46,5 @@ def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
 register(DatasetEntry(
     name="aptos2019", description="APTOS 2019 blindness detection (Kaggle), fundus photographs",
     task="multiclass, 5 grades; quadratic kappa", layout=LAYOUT, build=build,
-    split="study: random.Random(42) shuffle, 30% held out and halved (2564/549/549)",
+    split="study: random.Random(42) shuffle, 30% held out and halved (2564/549/549)", classes=CLASSES,
 ))

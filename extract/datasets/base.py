@@ -6,6 +6,7 @@ bad-image handling and caching are shared (here and in the runner).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,8 @@ class DatasetSource:
     study_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # the study's fixed mean/std (docs/protocol.md §1)
     load_image: Callable[[Any], Image.Image] = open_image
     options: dict[str, Any] = field(default_factory=dict)  # the options that shaped it (fingerprinted)
+    # partner dataset -> {own class: partner class, or None}: descriptive, never fingerprinted (extract/datasets/label_maps.py)
+    label_maps: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, list[str]]:
         """Ids per split, in row order: the split assignment saved beside every cache and run."""
@@ -88,6 +91,22 @@ def require_file(path: Path, dataset: str, layout: str) -> Path:
     if not path.is_file():
         raise MedfmError(f"{path} does not exist; dataset '{dataset}' expects {layout}")
     return path
+
+
+def index_images(folders: Sequence[Path]) -> dict[str, Path]:
+    """Lower-cased file name -> path over the `folders` that exist, the first folder winning.
+
+    One listing per folder instead of a lookup per image (NIH ChestX-ray14 spreads 112,120 images over
+    12 folders); lower-cased because releases and their CSVs disagree on case (Messidor-2's `.JPG`).
+    """
+    index: dict[str, Path] = {}
+    for folder in folders:
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_file():
+                        index.setdefault(entry.name.lower(), Path(entry.path))
+    return index
 
 
 def read_table(path: Path, required: Sequence[str], **read_csv: Any) -> pd.DataFrame:

@@ -120,4 +120,5 @@ register(DatasetEntry(
     task="multilabel, 14 labels; mean ROC-AUC over all 14", layout=LAYOUT, build=build,
     split="study: sorted by Path, first int(0.2N)+15 rows halved into val/test; --opt split=patient for patient-grouped "
           "80/10/10; --opt policy=zeros|ones|ignore",
+    classes=LABELS,
 ))

@@ -125,10 +125,11 @@ def build_cbis(root: Path | None, *, abnormality: str = "both", split_seed: int 
 register(DatasetEntry(
     name="ddsm", description="DDSM mammograms, MIT-CSAIL release (the study's)",
     task="binary normal vs benign+cancer (--opt classes=3: 3 classes); ROC-AUC", layout=DDSM_LAYOUT, build=build_ddsm,
-    split="study: the release's fixed train/val/test lists",
+    split="study: the release's fixed train/val/test lists", classes=DDSM_TASK.class_names,
 ))
 register(DatasetEntry(
     name="cbis-ddsm", description="CBIS-DDSM (TCIA) full mammograms from DICOM; no normals",
     task="binary benign vs malignant (any malignant abnormality); ROC-AUC", layout=CBIS_LAYOUT, build=build_cbis,
     split="official test CSVs; val = 10% of training patients (seeded); --opt abnormality=both|mass|calc",
+    classes=CBIS_TASK.class_names,
 ))

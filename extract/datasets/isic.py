@@ -69,5 +69,5 @@ def build(root: Path | None, *, split_seed: int = STUDY_SEED) -> DatasetSource:
 register(DatasetEntry(
     name="isic2019", description="ISIC 2019 dermoscopy, 8 lesion classes",
     task="multiclass, 8 classes; macro recall (balanced accuracy)", layout=LAYOUT, build=build,
-    split="study: random.Random(42) shuffle, 20% held out and halved (20265/2533/2533)",
+    split="study: random.Random(42) shuffle, 20% held out and halved (20265/2533/2533)", classes=CLASSES,
 ))

@@ -75,3 +75,40 @@ def test_a_meta_without_a_task_is_one_clear_error():
         CacheMeta.from_json(json.dumps(data))
     with pytest.raises(MedfmError, match="including the last"):
         meta(layers=(4,))
+
+
+EXTRACTED = {"backbone": "deit", "weights": {"kind": "pretrained", "sha256": "ab"}, "overrides": {}, "decoder": 1,
+             "transform": {"size": 224, "resize": 256, "mean": [0.1], "std": [0.2], "interpolation": "bicubic", "channels": 3},
+             "norm": {"kind": "dataset", "images": 500}, "dataset": "demo", "root": "/a", "dataset_options": {"per_class": 3},
+             "manifest_hash": "m", "layers": [11], "tokens": True, "token_dtype": "float16", "precision": "fp32", "views": None,
+             "protocol": "medfm"}
+
+
+@pytest.mark.parametrize("change", [
+    {"dataset": "aptos2019", "root": "/b", "dataset_options": {}, "manifest_hash": "n", "views": {"count": 2}, "layers": [8, 11],
+     "tokens": False, "corrupt": {"kind": "gaussian_noise", "severity": 3}},
+    {"transform": {**EXTRACTED["transform"], "mean": [0.5], "std": [0.3]}, "norm": {"kind": "dataset", "images": 20}},
+])
+def test_feature_settings_ignore_which_data_was_read_and_its_own_normalisation_statistics(change):
+    from cache.schema import feature_settings
+
+    assert feature_settings({**EXTRACTED, **change}) == feature_settings(EXTRACTED)
+
+
+@pytest.mark.parametrize("change", [
+    {"backbone": "dino"}, {"weights": {"kind": "random"}}, {"overrides": {"depth": 2}}, {"decoder": 2}, {"precision": "bfloat16"},
+    {"protocol": "study"}, {"token_dtype": "float32"}, {"norm": {"kind": "model"}},
+    {"transform": {**EXTRACTED["transform"], "size": 112}}, {"transform": {**EXTRACTED["transform"], "interpolation": "bilinear"}},
+    {"transform": {**EXTRACTED["transform"], "channels": 1}},
+])
+def test_feature_settings_keep_everything_that_changes_the_features(change):
+    from cache.schema import feature_settings
+
+    assert feature_settings({**EXTRACTED, **change}) != feature_settings(EXTRACTED)
+
+
+def test_with_the_backbones_own_normalisation_its_values_count():
+    from cache.schema import feature_settings
+
+    model = {**EXTRACTED, "norm": {"kind": "model"}}
+    assert feature_settings({**model, "transform": {**EXTRACTED["transform"], "mean": [0.5]}}) != feature_settings(model)
