@@ -14,7 +14,7 @@ from rich.table import Table
 
 from bench.common import REPO, RUN_ENV, met, summary_path
 
-BENCHES = ("extraction", "reads", "memory", "cache_vs_online", "sweep", "deit_head", "bootstrap")
+BENCHES = ("extraction", "reads", "memory", "cache_vs_online", "sweep", "deit_head", "bootstrap", "images")
 
 
 def main(names: list[str]) -> int:

@@ -36,9 +36,9 @@ ROUNDS = 4
 TARGET = 0.8
 
 
-def bare_inputs(forward: BackboneForward, batch_size: int) -> list[torch.Tensor]:
+def bare_inputs(forward: BackboneForward, batch_size: int, per_class: int = PER_CLASS) -> list[torch.Tensor]:
     """The demo images decoded and transformed once, on the device, in the runner's batches (per split)."""
-    source = get_dataset("demo", None, per_class=PER_CLASS)
+    source = get_dataset("demo", None, per_class=per_class)
     dc = forward.model.data_config
     spec = make_spec(dc.input_size, dc.mean, dc.std, dc.interpolation)
     batches = []
@@ -49,15 +49,16 @@ def bare_inputs(forward: BackboneForward, batch_size: int) -> list[torch.Tensor]
     return batches
 
 
-def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: Path) -> dict[str, float]:
-    """Seconds of the fastest pipeline and bare rounds, and the runner's own streaming rate."""
-    cfg = ExtractConfig(backbone=backbone, dataset="demo", weights="random", image_size=IMAGE_SIZE, device=str(dev),
-                        dataset_options={"per_class": PER_CLASS}, overrides=overrides)
-    model = create_backbone(backbone, "random", image_size=IMAGE_SIZE, **overrides)
+def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: Path, image_size: int = IMAGE_SIZE,
+            per_class: int = PER_CLASS, rounds: int = ROUNDS) -> dict[str, float]:
+    """Seconds of the fastest pipeline and bare rounds, and the runner's own streaming rate (`bench.gpu_check` too)."""
+    cfg = ExtractConfig(backbone=backbone, dataset="demo", weights="random", image_size=image_size, device=str(dev),
+                        dataset_options={"per_class": per_class}, overrides=overrides)
+    model = create_backbone(backbone, "random", image_size=image_size, **overrides)
     forward = BackboneForward(model, [model.num_layers - 1], dev, autocast_dtype(cfg.precision, dev))
-    batch_size = forward.auto_batch_size((3, IMAGE_SIZE, IMAGE_SIZE)) if dev.type == "cuda" else CPU_BATCH
+    batch_size = forward.auto_batch_size((3, image_size, image_size)) if dev.type == "cuda" else CPU_BATCH
     cfg.batch_size = batch_size
-    inputs = bare_inputs(forward, batch_size)
+    inputs = bare_inputs(forward, batch_size, per_class)
     images = sum(len(x) for x in inputs)
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
     rates: list[float] = []
@@ -75,7 +76,7 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
         sync(dev)
 
     bare()  # warm-up: allocator, kernel selection (the pipeline's own start-up costs are part of what it is timed for)
-    best = fastest_rounds({"pipeline": pipeline, "bare": bare}, ROUNDS)
+    best = fastest_rounds({"pipeline": pipeline, "bare": bare}, rounds)
     return {
         "images": images,
         "batch_size": batch_size,

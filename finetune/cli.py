@@ -66,6 +66,8 @@ def run(
                                                    "own ledger row; the report averages them.", show_default="none, --seed alone")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU).")] = "auto",
     workers: Annotated[int | None, typer.Option(help="DataLoader workers per process.", show_default="from the cores")] = None,
+    image_cache: Annotated[str, typer.Option(help="auto: read the images from a matching exact image cache (`extract images`) under "
+                                                  "$MEDFM_OUTPUT/images | off: decode the files | DIR: image caches there.")] = "auto",
     out: Annotated[Path | None, typer.Option(help="Runs folder and ledger.", show_default="$MEDFM_OUTPUT/runs")] = None,
     split_seed: Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.",
                                                    show_default="the dataset's own (see `extract datasets`)")] = None,
@@ -83,7 +85,7 @@ def run(
         backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
         augment=augment, protocol=protocol, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, head_depth=head_depth,
-        head_preset=head_preset, head_weights=head_weights, seed=several[0], device=device, workers=workers, resume=resume,
+        head_preset=head_preset, head_weights=head_weights, seed=several[0], device=device, workers=workers, image_cache=image_cache, resume=resume,
         out=out or output_root() / "runs", dataset_options=dataset_options(opt, split_seed), overrides=parse_overrides(override or []),
     )
     tests = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from common.errors import MedfmError
 from extract.datasets.base import DatasetSource
 from extract.datasets.images import ImageDataset
+from extract.image_cache import CachedPixels, find_image_cache
 from extract.transforms import TransformSpec, eval_transform, train_transform, view_seed
 from finetune.distributed import World
 
@@ -26,8 +28,9 @@ from finetune.distributed import World
 class LabeledImages(Dataset):
     """extract's ImageDataset plus each sample's label and dataset index (to gather predictions by index)."""
 
-    def __init__(self, source: DatasetSource, split: str, transform: Callable[[Image.Image], torch.Tensor], spec: TransformSpec) -> None:
-        self.images = ImageDataset(source, split, transform, (spec.channels, spec.size, spec.size))
+    def __init__(self, source: DatasetSource, split: str, transform: Callable[[Image.Image], torch.Tensor], spec: TransformSpec,
+                 pixels: CachedPixels | None = None) -> None:
+        self.images = ImageDataset(source, split, transform, (spec.channels, spec.size, spec.size), pixels)
         labels = source.splits[split].labels
         self.labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.int64)
 
@@ -41,13 +44,14 @@ class LabeledImages(Dataset):
 
 def make_loader(
     source: DatasetSource, split: str, spec: TransformSpec, world: World, *,
-    batch_size: int, train: bool, augment: bool, seed: int, workers: int | None,
+    batch_size: int, train: bool, augment: bool, seed: int, workers: int | None, pixels: CachedPixels | None = None,
 ) -> tuple[DataLoader, DistributedSampler]:
-    """The loader of one split for this rank; `batch_size` is the global batch, split evenly across ranks."""
+    """The loader of one split for this rank; `batch_size` is the global batch, split evenly across ranks; `pixels`: an image
+    cache of these images (`find_pixels`) to read them from."""
     if len(source.splits.get(split, ())) == 0:
         raise MedfmError(f"dataset '{source.name}' has no '{split}' images; finetune needs train, val and test splits")
     transform = train_transform(spec) if train and augment else eval_transform(spec)
-    data = LabeledImages(source, split, transform, spec)
+    data = LabeledImages(source, split, transform, spec, pixels)
     sampler = DistributedSampler(data, num_replicas=world.size, rank=world.rank, shuffle=train, seed=seed, drop_last=False)
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) // world.size - 1))
@@ -58,6 +62,12 @@ def make_loader(
     if train and len(loader) == 0:
         raise MedfmError(f"the train split has {len(data)} images, fewer than one batch of {batch_size}; lower --batch-size")
     return loader, sampler
+
+
+def find_pixels(source: DatasetSource, root: Path | None, spec: TransformSpec, image_cache: str) -> CachedPixels | None:
+    """The exact image cache of these images under `spec`'s resize (`--image-cache`), or None. A JPEG-draft one is not used:
+    its pixels differ from the files', and a run's key, fixed before the model and its resize are known, would not say so."""
+    return find_image_cache(source, root, spec, image_cache, draft=False)
 
 
 def draw_epoch(loader: DataLoader, seed: int, epoch: int) -> None:

@@ -41,10 +41,11 @@ from extract.backbones import create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
 from extract.datasets.decode import DECODER_VERSION
+from extract.image_cache import image_folder
 from extract.input_checks import check_image_size
 from extract.transforms import TransformSpec, check_input_settings, check_study_inputs, input_spec
 from finetune import distributed
-from finetune.data import check_images, draw_epoch, epoch_seed, make_loader
+from finetune.data import check_images, draw_epoch, epoch_seed, find_pixels, make_loader
 from finetune.distributed import World
 from finetune.model import FreezePolicy, build_model, freeze_unused
 from probe.heads import get_head
@@ -52,13 +53,13 @@ from probe.metrics import compute_metrics, loss_fn, primary
 from probe.predictions import Predictions, save_predictions
 from probe.recipe import STUDY, improves, param_groups, precision, warmup_then_constant
 from probe.results import Ledger, RunRecord, config_key, dataset_identity, late_best, late_best_note
-from probe.train import Pace
+from probe.train import Pace, add_epoch, scalar_writer
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 # Left out of a run's config: where and how fast, not what is trained, and the seed, which is a column of its own
 # (the report averages a configuration over its seeds). The dataset root stays in: other images are another run.
-NOT_IN_KEY = ("out", "device", "workers", "resume", "seed")
+NOT_IN_KEY = ("out", "device", "workers", "resume", "seed", "image_cache")
 
 
 @dataclass
@@ -89,6 +90,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None
+    image_cache: str = "auto"  # auto | off | DIR: read the images from an exact `extract images` cache (the same tensors)
     resume: bool = False
     out: Path = field(default_factory=lambda: output_root() / "runs")
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -171,7 +173,10 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
     unused = freeze_unused(model, torch.zeros(1, tspec.channels, tspec.size, tspec.size, device=device))
     if unused:
         console.print(f"{len(unused)} parameter tensors get no gradient through the {cfg.head} head and stay fixed ({unused[0]}, ...)")
-    loader_args = {"batch_size": cfg.batch_size, "seed": cfg.seed, "workers": cfg.workers, "augment": cfg.augment}
+    pixels = find_pixels(source, cfg.root, tspec, cfg.image_cache)
+    if pixels is not None:
+        console.print(f"reading the images from the image cache {pixels.path}")
+    loader_args = {"batch_size": cfg.batch_size, "seed": cfg.seed, "workers": cfg.workers, "augment": cfg.augment, "pixels": pixels}
     train_loader, train_sampler = make_loader(source, "train", tspec, world, train=True, **loader_args)
     val_loader, _ = make_loader(source, "val", tspec, world, train=False, **loader_args)
     test_loader, _ = make_loader(source, "test", tspec, world, train=False, **loader_args)
@@ -204,6 +209,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
                         console=console, transient=True)
     steps, first_epoch = len(train_loader), state["epoch"]
     pace = Pace(console, f"finetuning {cfg.backbone} ({scenario})", (cfg.epochs - state["epoch"]) * steps)
+    scalars = held.enter_context(scalar_writer(run_dir, first_epoch + 1)) if world.is_main else None  # TensorBoard, per epoch
     with progress:
         bar = progress.add_task("epoch", total=steps)
         for epoch in range(state["epoch"], cfg.epochs):
@@ -247,6 +253,9 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
                 "train": compute_metrics(task, train_labels, train_logits), "val": val_metrics, "seconds": time.perf_counter() - epoch_start,
             })
             state["epoch"] = epoch + 1
+            if scalars is not None:
+                add_epoch(scalars, epoch + 1, state["history"][-1]["loss"], task.primary_metric, score, state["history"][-1]["lr"])
+                scalars.flush()  # visible in TensorBoard as the epoch ends
             if world.is_main:
                 _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                               "scaler": scaler.state_dict(), **state}, checkpoint_path)
@@ -297,6 +306,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise MedfmError(f"--warmup-steps must not be negative, got {cfg.warmup_steps}")
     if cfg.workers is not None and cfg.workers < 0:
         raise MedfmError(f"--workers must be 0 (decode in the main process) or more, got {cfg.workers}")
+    image_folder(cfg.image_cache)  # a mistyped --image-cache is one line before the model loads
 
 
 def _seed_everything(seed: int) -> None:

@@ -104,6 +104,13 @@ def resample_metric(metric: str, labels: np.ndarray, runs: Sequence[np.ndarray],
                     jobs: int = 1, block: int | None = None) -> np.ndarray:
     """`metric` on each of `boot` resamples of the rows, averaged over `runs` (logits [N, C] each, the same rows in the
     same order as `labels`): [boot] values, NaN where undefined. `stream` tells apart datasets under one `seed`."""
+    return resample_each(metric, labels, runs, boot=boot, seed=seed, stream=stream, jobs=jobs, block=block).mean(axis=0)
+
+
+def resample_each(metric: str, labels: np.ndarray, runs: Sequence[np.ndarray], *, boot: int, seed: int = 0, stream: int = 0,
+                  jobs: int = 1, block: int | None = None) -> np.ndarray:
+    """`metric` of each run on each resample, [len(runs), boot]: the resamples are drawn once for all the runs (a sweep's
+    heads checked together draw them once, not once per head)."""
     labels = np.asarray(labels)
     scorers = [prepare(metric, labels, np.asarray(r)) for r in runs]
     strata = stratify(labels)
@@ -115,7 +122,7 @@ def resample_metric(metric: str, labels: np.ndarray, runs: Sequence[np.ndarray],
         chunks = [list(c) for c in np.array_split(np.arange(len(blocks)), min(len(blocks), 4 * jobs))]
         done = Parallel(n_jobs=jobs)(delayed(_blocks)(scorers, strata, len(labels), [blocks[i] for i in c], seed, stream) for c in chunks)
         parts = [part for chunk in done for part in chunk]
-    return np.concatenate(parts)
+    return np.concatenate(parts, axis=1)
 
 
 def draw_counts(strata: list[np.ndarray], rows: int, resamples: Sequence[int], seed: int = 0, stream: int = 0) -> np.ndarray:
@@ -144,7 +151,7 @@ def draw_counts(strata: list[np.ndarray], rows: int, resamples: Sequence[int], s
 def _block(scorers: list, strata: list[np.ndarray], rows: int, start: int, count: int, seed: int, stream: int) -> np.ndarray:
     counts = draw_counts(strata, rows, range(start, start + count), seed, stream)
     with np.errstate(divide="ignore", invalid="ignore"):  # an undefined resample is NaN, counted by `interval`
-        return np.mean([scorer(counts) for scorer in scorers], axis=0)
+        return np.array([scorer(counts) for scorer in scorers])  # [runs, count]
 
 
 def _blocks(scorers: list, strata: list[np.ndarray], rows: int, blocks: list[tuple[int, int]], seed: int, stream: int) -> list[np.ndarray]:

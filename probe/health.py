@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from cache.schema import Task
-from probe.bootstrap import bootstrap
+from probe.bootstrap import Interval, interval, resample_each
 
 COLLAPSE_SHARE = 0.95
 LEVEL, BOOT = 95, 1000
@@ -43,6 +44,17 @@ def chance_level(metric: str, labels: np.ndarray) -> float:
 
 def check_run(task: Task, labels: np.ndarray, logits: np.ndarray) -> Health:
     """Whether the test predictions of a run collapsed to one class, or its primary metric is within noise of chance."""
+    return check_runs(task, labels, [logits])[0]
+
+
+def check_runs(task: Task, labels: np.ndarray, runs: Sequence[np.ndarray]) -> list[Health]:
+    """`check_run` of several runs on the same test rows (a sweep's heads), scored on resamples drawn once for all."""
+    metric, level = task.primary_metric, chance_level(task.primary_metric, labels)
+    values = resample_each(metric, labels, [np.asarray(r, dtype=np.float64) for r in runs], boot=BOOT, seed=0)
+    return [_health(task, logits, metric, level, interval(v, LEVEL)) for logits, v in zip(runs, values, strict=True)]
+
+
+def _health(task: Task, logits: np.ndarray, metric: str, level: float, found: Interval) -> Health:
     notes = []
     collapsed = False
     if task.kind != "multilabel" and len(logits):
@@ -52,8 +64,6 @@ def check_run(task: Task, labels: np.ndarray, logits: np.ndarray) -> Health:
         if collapsed:
             name = task.class_names[int(counts.argmax())] if counts.argmax() < len(task.class_names) else str(counts.argmax())
             notes.append(f"collapsed: {share:.0%} of the test predictions are '{name}'")
-    metric, level = task.primary_metric, chance_level(task.primary_metric, labels)
-    found = bootstrap(metric, labels, np.asarray(logits, dtype=np.float64), level=LEVEL, boot=BOOT, seed=0)
     chance = bool(np.isfinite(found.low) and found.low <= level)
     if chance:
         notes.append(f"chance: test {metric} is not above its chance level {level:.4f} beyond noise (its {LEVEL}% bootstrap "

@@ -72,6 +72,38 @@ def primary_score(task: Task, labels: np.ndarray, logits: np.ndarray) -> float:
     return float(compute_metrics(task, labels, logits, only=task.primary_metric)[task.primary_metric])
 
 
+def primary_scores(task: Task, labels: np.ndarray, logits: np.ndarray) -> list[float]:
+    """`primary_score` of each head's logits [H, N, C] on the same rows: a sweep's model selection every epoch.
+
+    Accuracy and quadratic kappa come from each head's confusion matrix with scikit-learn's own arithmetic (the same
+    floats), without its input validation, which costs more than the metric itself; other metrics use `primary_score`."""
+    metric = task.primary_metric
+    if task.kind == "multilabel" or metric not in ("accuracy", "quadratic_kappa"):
+        return [primary_score(task, labels, head) for head in logits]
+    y = np.asarray(labels).astype(np.int64)
+    classes = logits.shape[-1]
+    predictions = softmax(np.asarray(logits, dtype=np.float64), axis=-1).argmax(axis=-1)  # as `_single_label` predicts
+    if metric == "accuracy":
+        return [float((y == pred).mean()) for pred in predictions]
+    return [_quadratic_kappa(np.bincount(y * classes + pred, minlength=classes * classes).reshape(classes, classes))
+            for pred in predictions]
+
+
+def _quadratic_kappa(confusion: np.ndarray) -> float:
+    """scikit-learn's `cohen_kappa_score(weights="quadratic")` from its confusion matrix [label, prediction]; NaN where
+    undefined (`_kappa` says why when the full metrics are computed)."""
+    confusion = confusion.astype(np.float64)
+    sum0, sum1 = confusion.sum(axis=0), confusion.sum(axis=1)
+    total = sum0.sum()
+    if total == 0:
+        return float("nan")
+    expected = np.outer(sum0, sum1) / total
+    weights = np.zeros(confusion.shape, dtype=np.float64) + np.arange(len(confusion))
+    weights = (weights - weights.T) ** 2
+    denominator = (weights * expected).sum()
+    return float("nan") if denominator == 0 else float(1 - (weights * confusion).sum() / denominator)
+
+
 def _single_label(task: Task, y: np.ndarray, logits: np.ndarray, problems: list[str], names: tuple[str, ...]) -> Metrics:
     classes = np.arange(logits.shape[1])
     probs = softmax(logits, axis=1)

@@ -28,7 +28,7 @@ from probe.calibration import calibration_metrics, fit_temperature, reliability_
 from probe.curve import subset_rows
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
-from probe.health import check_run
+from probe.health import Health, check_run
 from probe.predictions import Predictions, save_predictions
 from probe.results import (
     DatasetIdentity,
@@ -40,7 +40,9 @@ from probe.results import (
     late_best_note,
     unrecorded_identity,
 )
-from probe.train import FitResult, TrainConfig, train_head
+from probe.train import FitResult, TrainConfig, add_epoch, scalar_writer, train_head
+
+RELIABILITY = "reliability.png"  # a single-label run's reliability diagram, in its run folder
 
 
 def validate(config: TrainConfig) -> None:
@@ -197,15 +199,18 @@ def calibrated(result: FitResult, run_dir: Path, calibrate: bool) -> None:
         scaled = np.asarray(logits, dtype=np.float64) / temperature
         result.test_metrics.update({f"{name}_calibrated": value for name, value in calibration_metrics(labels, scaled).items()})
         result.extra["calibration_temperature"] = temperature
-    reliability_diagram(run_dir / "reliability.png", labels, logits, temperature)
+    reliability_diagram(run_dir / RELIABILITY, labels, logits, temperature)
 
 
 def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None,
-             device: str = "", shared: int = 1, calibrate: bool = False) -> RunRecord:
+             device: str = "", shared: int = 1, calibrate: bool = False, health: Health | None = None,
+             reliability: bool = True) -> RunRecord:
     """Write the run folder (config, history, best head, metrics) and append the ledger row.
 
-    Single-label runs also get `reliability.png`; `calibrate` fits a temperature on the validation logits and adds the
-    test split's calibration metrics under it (`<name>_calibrated`, `probe.calibration`).
+    Single-label runs also get `reliability.png` (unless `reliability` is False: a sweep draws it for its best
+    configuration only); `calibrate` fits a temperature on the validation logits and adds the test split's calibration
+    metrics under it (`<name>_calibrated`, `probe.calibration`). `health` is checked here unless given (a sweep checks
+    its heads together, `probe.health.check_runs`).
 
     Its cost: `total_seconds` / `shared` (heads trained together in one pass share it), on `device`; its throughput, train
     rows read per second of training; and the cache's whole extraction (seconds, device), counted once per cache by
@@ -224,12 +229,19 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
         for row in result.history:
             fh.write(json.dumps(row) + "\n")
     pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
+    if get_head(config.head).trains:  # the same epochs where TensorBoard reads them
+        for stale in run_dir.glob("events.out.tfevents.*"):  # a --force rerun within the same second reuses the folder
+            stale.unlink()
+        metric = reader.task.primary_metric
+        with scalar_writer(run_dir) as writer:
+            for row in result.history:
+                add_epoch(writer, row["epoch"], row["train_loss"], metric, row[f"val_{metric}"], row["lr"])
     torch.save(result.state_dict, run_dir / "head.pt")
     save_predictions(run_dir, {split: Predictions(reader.ids(split), labels, logits) for split, (labels, logits) in result.predictions.items()})
     late = get_head(config.head).trains and late_best(result.best_epoch, config.epochs)
-    health = check_run(reader.task, *result.predictions["test"])  # collapsed / within noise of chance (probe.health)
+    health = health or check_run(reader.task, *result.predictions["test"])  # collapsed / within noise of chance (probe.health)
     result.extra["health"] = health.message
-    if reader.task.kind != "multilabel":
+    if reader.task.kind != "multilabel" and (reliability or calibrate):
         calibrated(result, run_dir, calibrate)
     metrics = {"best_epoch": result.best_epoch, "late_best": late, **result.extra, "val": result.val_metrics, "test": result.test_metrics}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

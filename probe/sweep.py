@@ -19,6 +19,7 @@ import warnings
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
@@ -26,12 +27,16 @@ from rich.progress import Progress
 from cache.store import CacheReader
 from common.errors import MedfmError
 from common.runtime import device_label, resolve_device
+from probe.calibration import reliability_diagram
 from probe.curve import subset_rows
 from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING, get_head
+from probe.health import check_runs
+from probe.predictions import FILE as PREDICTIONS
+from probe.predictions import load_predictions
 from probe.recipe import STUDY
 from probe.results import Ledger, RunRecord, best_configuration, mean_score
-from probe.run import claim, ledger_key, save_run, validate, warn_random
+from probe.run import RELIABILITY, claim, ledger_key, save_run, validate, warn_random
 from probe.train import TrainConfig, fit, make_head
 
 
@@ -102,6 +107,9 @@ def run_sweep(
     best_runs = best_configuration(records)
     if not math.isfinite(mean_score([r.val_score for r in best_runs])):
         best_runs = []  # no configuration has a validation score
+    if reader.task.kind != "multilabel":
+        for run in best_runs:
+            draw_reliability(run)
     return SweepOutcome(records, best_runs[0] if best_runs else None, len(todo), len(configs) - len(todo), passes, best_runs)
 
 
@@ -135,10 +143,23 @@ def _train_todo(
             heads = [make_head(c, source.row_shape, task.num_outputs) for c, _ in members]
             results = fit(heads, [c for c, _ in members], source, task, dev, progress)
             seconds = time.perf_counter() - started
-            for result, (_, key) in zip(results, members, strict=True):
-                save_run(reader, result, key, ledger, total_seconds=seconds, device=device_label(dev), shared=len(members))
+            test_labels = results[0].predictions["test"][0]  # heads of a group score the same test rows
+            healths = check_runs(task, test_labels, [r.predictions["test"][1] for r in results])
+            for result, (_, key), health in zip(results, members, healths, strict=True):
+                save_run(reader, result, key, ledger, total_seconds=seconds, device=device_label(dev), shared=len(members),
+                         health=health, reliability=False)
             passes += source.passes["train"]
             subset = f" ({len(rows)} train rows)" if rows is not None else ""
             console.print(f"trained {len(members)} {first.head} head(s) on {first.feature}{subset} in {seconds:.1f} s "
                           f"({source.passes['train']} passes over the train features)")
     return passes
+
+
+def draw_reliability(run: RunRecord) -> None:
+    """The reliability diagram of a run of the best configuration, from its stored test predictions, unless it has one.
+
+    A sweep draws it for its best configuration alone: one figure per head would cost more than training the heads."""
+    folder = Path(run.run_dir or "")
+    if (folder / PREDICTIONS).is_file() and not (folder / RELIABILITY).exists():  # runs of medfm before 0.2 kept no predictions
+        test = load_predictions(folder)
+        reliability_diagram(folder / RELIABILITY, test.labels, test.logits)

@@ -19,11 +19,15 @@ from torch import nn
 from cache.schema import Task
 from probe.data import Batch, FeatureSource
 from probe.heads import LinearHead, build_head, get_head
-from probe.metrics import Metrics, compute_metrics, loss_fn, primary_score
+from probe.metrics import Metrics, compute_metrics, loss_fn, primary_scores
 from probe.recipe import STUDY, improves, precision, warmup_then_constant
 from probe.stack import stack_heads
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch.utils.tensorboard import SummaryWriter
+
     from probe.curve import Subset
 
 
@@ -135,6 +139,22 @@ class Pace:
                                f"{duration(elapsed)} elapsed, about {duration(left)} left", highlight=False, soft_wrap=True)
 
 
+def scalar_writer(run_dir: Path, first_epoch: int = 1) -> SummaryWriter:
+    """A TensorBoard writer into a run's folder (`tensorboard --logdir outputs/runs` shows every run); one point per
+    epoch (`add_epoch`), never per step, so it costs milliseconds. A resumed run (`first_epoch` > 1) drops the points a
+    killed attempt wrote from that epoch on."""
+    from torch.utils.tensorboard import SummaryWriter  # on use: the import costs a CLI's start otherwise
+
+    return SummaryWriter(str(run_dir), purge_step=first_epoch if first_epoch > 1 else None)
+
+
+def add_epoch(writer: SummaryWriter, epoch: int, train_loss: float, metric: str, val_score: float, lr: float) -> None:
+    """The scalars every training run (probe and finetune) writes per epoch: train loss, validation primary metric, lr."""
+    writer.add_scalar("train/loss", train_loss, epoch)
+    writer.add_scalar(f"val/{metric}", val_score, epoch)
+    writer.add_scalar("lr", lr, epoch)
+
+
 def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:
     """The head for `config`, initialised from `config.seed` alone (the same weights in a sweep or alone)."""
     torch.manual_seed(config.seed)
@@ -211,10 +231,10 @@ def fit(
         val_logits, val_labels = predict(model, source, "val", task, device, amp.dtype)
         val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
         train_losses = (loss_sum / max(steps, 1)).tolist()
-        for k in range(len(heads)):
+        scores = primary_scores(task, val_labels, val_logits)  # every head at once: no per-head library overhead
+        for k, score in enumerate(scores):
             if stopped[k]:
                 continue
-            score = primary_score(task, val_labels, val_logits[k])
             history[k].append({"epoch": epoch, "lr": model.head_lr(optimizer, k), "train_loss": train_losses[k],
                                "val_loss": float(val_losses[k]), f"val_{metric}": score, "seconds": round(time.perf_counter() - start, 3)})
             if improves(score, None if best[k] is None else best[k]["score"], shared.protocol):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.errors import MedfmError
 from extract.backbones import create_backbone
@@ -115,6 +116,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch
     monkeypatch.setattr(finetune_train, "draw_epoch", lambda loader, seed, epoch: (trained_epochs.append(epoch), draw(loader, seed, epoch)))
     resumed = finetune(replace(killed, resume=True))
     assert trained_epochs == list(range(stopped_at, killed.epochs))  # it went on from the checkpoint, not from epoch 1
+    events = EventAccumulator(str(resumed.run_dir))  # TensorBoard's view: each epoch once, the killed attempt's extra ones purged
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/accuracy")] == list(range(1, killed.epochs + 1))
     whole = finetune(replace(killed, out=tmp_path / "whole"))
 
     assert without_timings(resumed.history) == without_timings(whole.history)

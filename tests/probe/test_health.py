@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 
 from probe.data import open_cache
-from probe.health import Health, chance_level, check_run
+from probe.health import Health, chance_level, check_run, check_runs
 from probe.report import HEALTH_NOTE, build_report, notes
 from probe.results import Ledger, RunRecord
 from probe.run import run_probe
@@ -80,3 +80,10 @@ def test_old_ledgers_gain_the_flags_unset_and_the_report_marks_flagged_cells(tmp
     deit = next(k for k in report.table.index if k[0] == "deit")
     assert report.cell(dino, "demo").endswith("(n=1, collapsed, chance)") and report.cell(deit, "demo").endswith("(n=1)")
     assert HEALTH_NOTE in notes(report)
+
+
+def test_runs_checked_together_get_what_each_gets_alone():
+    """A sweep checks its heads on resamples drawn once (`check_runs`): the same flags and intervals as one by one."""
+    y, noise = labels_and_logits()
+    runs = [np.eye(4)[y] * 4 + noise, noise, np.tile([3.0, 0.0, 0.0, 0.0], (len(y), 1))]
+    assert check_runs(MULTICLASS, y, runs) == [check_run(MULTICLASS, y, r) for r in runs]

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from cache.schema import METRICS, Task
-from probe.metrics import compute_metrics, loss_fn, primary
+from probe.metrics import compute_metrics, loss_fn, primary, primary_score, primary_scores
 from tests.tiny import BINARY, MULTILABEL
 
 MULTICLASS = Task("multiclass", ("a", "b", "c"), "quadratic_kappa")
@@ -89,3 +89,16 @@ def test_unknown_multilabel_entries_are_masked_in_loss_and_metrics() -> None:
     expected = torch.nn.functional.binary_cross_entropy_with_logits(
         torch.tensor([2.0, -2.0, 1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]))
     assert torch.isfinite(loss) and torch.isclose(loss, expected.double())
+
+
+def test_primary_scores_of_many_heads_are_the_floats_of_primary_score_head_by_head():
+    """A sweep scores its heads every epoch with `primary_scores`: the same values, bit for bit, as scikit-learn's."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    logits = rng.normal(size=(4, 300, 5)).astype(np.float32)
+    logits[1] = 0.0  # one predicted class: kappa undefined (NaN)
+    logits[2] += np.eye(5, dtype=np.float32)[y] * 2
+    for metric in ("accuracy", "quadratic_kappa", "roc_auc", "macro_recall"):
+        task = Task("multiclass", tuple("abcde"), metric)
+        got, want = primary_scores(task, y, logits), [primary_score(task, y, head) for head in logits]
+        assert np.array_equal(got, want, equal_nan=True), metric

@@ -36,8 +36,10 @@ def test_run_writes_folder_and_ledger_row_then_skips_the_same_config(isolated_ou
     assert row.backbone_random and not row.head_random and row.primary_metric == "accuracy" and row.test_primary == row.test_metrics["accuracy"]
     run_dir = isolated_outputs / "runs" / "probe"
     folder = next(p for p in run_dir.iterdir() if str(p) == row.run_dir)
-    assert {p.name for p in folder.iterdir()} == {"config.json", "history.jsonl", "history.csv", "head.pt", "metrics.json", "predictions.npz",
-                                                 "reliability.png"}
+    names = {p.name for p in folder.iterdir()}
+    events = {n for n in names if n.startswith("events.out.tfevents.")}  # TensorBoard's scalars (tests/probe/test_tensorboard.py)
+    assert names - events == {"config.json", "history.jsonl", "history.csv", "head.pt", "metrics.json", "predictions.npz",
+                              "reliability.png"} and len(events) == 1
     stored = load_predictions(folder, "test")  # what intervals and paired tests are computed from, without retraining
     with open_cache(path, "deit", "demo") as reader:
         assert stored.ids.tolist() == reader.ids("test").tolist() and stored.labels.tolist() == reader.labels("test").tolist()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from cache.store import CacheReader
@@ -63,3 +65,12 @@ def test_deit_heads_side_by_side_share_one_read_of_the_tokens_and_match_training
         for name, tensor in alone.state_dict.items():
             torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5)
         assert abs(record.val_score - alone.val_score) < 1e-6
+
+
+def test_a_sweep_draws_the_reliability_diagram_of_its_best_configuration_only(tmp_path):
+    """A figure per head would cost more than training the heads; the best configuration's runs get theirs."""
+    path = make_cache(tmp_path / "c.h5")
+    with open_cache(path, None, None) as reader:
+        outcome = run_sweep(reader, expand(reader, Grid(lrs=(1e-4, 1e-2), seeds=(0, 1)), BASE), device="cpu")
+    drawn = {r.id for r in outcome.records if (Path(r.run_dir) / "reliability.png").is_file()}
+    assert drawn == {r.id for r in outcome.best_runs} and len(drawn) == 2
