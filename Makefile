@@ -23,9 +23,14 @@ PAPER_EPOCHS    ?= 100
 EXTRACT_ARGS    ?=
 PROBE_ARGS      ?=
 FINETUNE_ARGS   ?=
+EXECUTOR        ?= local
+GRID_ARGS       ?=
+# `make transfer`: train-here, test-there pairs (docs/transfer.md), TARGET:SOURCE, each folder under DATA.
+TRANSFER_PAIRS  ?= ham10000:isic2019 idrid:aptos2019 messidor2:aptos2019 chestxray14:chexpert cbis-ddsm:ddsm
+TRANSFER_OUTPUT ?= outputs/transfer
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast lint extract probe finetune bench report paper
+.PHONY: install demo test test-fast lint extract probe finetune bench gpu-check report paper transfer
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -67,40 +72,50 @@ finetune: $(PY)
 report: $(PY)
 	$(BIN)/probe report $(ARGS)
 
-# The whole study (docs/protocol.md): every backbone x dataset in the four scenarios (frozen/unfrozen x
-# linear/DeiT head) with its inputs (224 px, bilinear resize, the study's normalisation constants, grayscale DDSM and
-# CheXpert as one channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR; results in outputs/paper.
-# PROTOCOL=study (default) runs every cell as the official code did (--protocol study): frozen linear heads on
-# PAPER_EPOCHS augmented views of the train split (one view per epoch, as the study's frozen backbone sees a fresh
-# augmentation each epoch), frozen DeiT heads end to end on live augmented images (token views would take
-# PAPER_EPOCHS x the disk). PROTOCOL=fast trains the frozen cells on one cached eval view: far cheaper, not the study's.
-# Rerunning continues where it stopped: finished caches and runs are reused and an interrupted finetune resumes.
-# EXTRACT_ARGS, PROBE_ARGS and FINETUNE_ARGS reach each stage, e.g. FINETUNE_ARGS="--device cuda:1".
+# The whole study (docs/protocol.md) as a grid of jobs (docs/grid.md): every backbone x dataset in the four scenarios
+# (frozen/unfrozen x linear/DeiT head) with its inputs (224 px, bilinear resize, the study's normalisation constants,
+# grayscale DDSM and CheXpert as one channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR;
+# results in outputs/paper. PROTOCOL=study (default) runs every cell as the official code did (--protocol study):
+# frozen linear heads on PAPER_EPOCHS augmented views of the train split, frozen DeiT heads end to end on live
+# augmented images. PROTOCOL=fast trains the frozen cells on one cached eval view: far cheaper, not the study's.
+# EXECUTOR=local (default) runs the jobs on this machine, one per free GPU; EXECUTOR=slurm submits them to SLURM
+# (GRID_ARGS reaches `grid run`, e.g. GRID_ARGS="--partition gpu --account lab"). Rerunning plans only what is
+# missing: finished caches and runs are reused and an interrupted finetune resumes.
+# EXTRACT_ARGS, PROBE_ARGS and FINETUNE_ARGS reach each stage, e.g. FINETUNE_ARGS="--workers 8".
 paper: $(PY)
-	@case "$(PROTOCOL)" in study|fast) ;; *) echo "error: PROTOCOL must be study or fast, got '$(PROTOCOL)'" >&2; exit 2;; esac; \
-	export MEDFM_OUTPUT=$(PAPER_OUTPUT); for d in $(STUDY_DATASETS); do \
-	  inputs="--norm study --interpolation bilinear"; case $$d in ddsm|chexpert) inputs="$$inputs --in-chans 1";; esac; \
+	MEDFM_OUTPUT=$(PAPER_OUTPUT) $(BIN)/grid run --executor $(EXECUTOR) --protocol $(PROTOCOL) --backbones "$(STUDY_BACKBONES)" \
+	  --datasets "$(STUDY_DATASETS)" --data $(DATA) --epochs $(PAPER_EPOCHS) --extract-args "$(EXTRACT_ARGS)" \
+	  --probe-args "$(PROBE_ARGS)" --finetune-args "$(FINETUNE_ARGS)" $(GRID_ARGS)
+	@if [ "$(EXECUTOR)" = local ]; then MEDFM_OUTPUT=$(PAPER_OUTPUT) $(BIN)/probe report; else \
+	  echo "submitted: watch with 'MEDFM_OUTPUT=$(PAPER_OUTPUT) $(BIN)/grid status'; when every cell is done, 'MEDFM_OUTPUT=$(PAPER_OUTPUT) $(BIN)/probe report'"; fi
+
+# Train here, test there (docs/transfer.md): for each TARGET:SOURCE pair and study backbone, the frozen scenarios
+# (linear and DeiT heads from the cache) trained on SOURCE, then their best configuration scored on TARGET's test split
+# through the label map. Both datasets are fed the same way (the backbone's own normalisation, bilinear resize, one
+# channel for the grayscale pairs) so one head reads both caches. Classes a map leaves out are dropped and reported
+# (--allow-unmapped), never silently. Results in outputs/transfer; the table is `probe report`'s transfer table.
+transfer: $(PY)
+	@export MEDFM_OUTPUT=$(TRANSFER_OUTPUT); for pair in $(TRANSFER_PAIRS); do \
+	  target=$${pair%%:*}; source=$${pair##*:}; inputs="--norm model --interpolation bilinear"; \
+	  case $$source in ddsm|chexpert) inputs="$$inputs --in-chans 1";; esac; \
 	  for b in $(STUDY_BACKBONES); do \
-	    run="--backbone $$b --dataset $$d"; live="$$run --root $(DATA)/$$d $$inputs"; \
-	    if [ "$(PROTOCOL)" = study ]; then \
-	      $(BIN)/extract run $$live --protocol study --views $(PAPER_EPOCHS) --augment study --no-tokens $(EXTRACT_ARGS) || exit 1; \
-	      $(BIN)/probe run --head linear $$run --protocol study --epochs $(PAPER_EPOCHS) $(PROBE_ARGS) || exit 1; \
-	      $(BIN)/finetune run --head deit --freeze all $$live --protocol study --epochs $(PAPER_EPOCHS) --resume $(FINETUNE_ARGS) || exit 1; \
-	      for h in linear deit; do \
-	        $(BIN)/finetune run --head $$h $$live --protocol study --epochs $(PAPER_EPOCHS) --resume $(FINETUNE_ARGS) || exit 1; \
-	      done; \
-	    else \
-	      $(BIN)/extract run $$live $(EXTRACT_ARGS) || exit 1; \
-	      for h in linear deit; do \
-	        $(BIN)/probe run --head $$h $$run --epochs $(PAPER_EPOCHS) $(PROBE_ARGS) || exit 1; \
-	        $(BIN)/finetune run --head $$h $$live --epochs $(PAPER_EPOCHS) --resume $(FINETUNE_ARGS) || exit 1; \
-	      done; \
-	    fi; \
+	    for d in $$source $$target; do \
+	      $(BIN)/extract run --backbone $$b --dataset $$d --root $(DATA)/$$d $$inputs $(EXTRACT_ARGS) || exit 1; \
+	    done; \
+	    $(BIN)/probe sweep --head linear,deit --backbone $$b --dataset $$source --epochs $(PAPER_EPOCHS) $(PROBE_ARGS) || exit 1; \
+	    for s in frozen-linear frozen-deit; do \
+	      $(BIN)/probe eval --backbone $$b --dataset $$source --scenario $$s --on $$target --allow-unmapped || exit 1; \
+	    done; \
 	  done; \
 	done; \
-	$(BIN)/probe report
+	$(BIN)/probe report --evaluations transfer
 
 # Ratios measured side by side (pipeline vs bare forward, cache vs online, batched sweep, HDF5 vs memmap reads,
 # peak memory); each run appends to outputs/bench/summary.json. `make bench ARGS="reads sweep"` runs a subset.
 bench: $(PY)
 	$(PY) -m bench $(ARGS)
+
+# What a machine with a GPU runs first (under 5 minutes): extraction vs bare forward (ViT-B, ResNet152, AMP), a 1-GPU
+# torchrun extraction, DeiT heads side by side in a probe sweep, an fp16 finetune killed and resumed. Refuses without CUDA.
+gpu-check: $(PY)
+	$(PY) -m bench.gpu_check $(ARGS)

@@ -35,17 +35,26 @@ def read_job(grid_dir: Path, name: str) -> Job:
                resources=Resources(**data["resources"]), cells=tuple(data["cells"]))
 
 
+def state_path(grid_dir: Path, name: str) -> Path:
+    return grid_dir / "state" / f"{name}.json"
+
+
 def read_state(grid_dir: Path, name: str) -> dict[str, Any]:
     """The job's last recorded state: {"state": pending|running|done|failed, ...}."""
-    path = grid_dir / "state" / f"{name}.json"
+    path = state_path(grid_dir, name)
     return json.loads(path.read_text()) if path.exists() else {"state": "pending"}
+
+
+def clear(grid_dir: Path, name: str) -> None:
+    """Back to pending (no state file): a job planned again does not show its last run's end until it runs."""
+    state_path(grid_dir, name).unlink(missing_ok=True)
 
 
 def mark(grid_dir: Path, name: str, state: str, **fields: Any) -> None:
     if state not in STATES:
         raise ValueError(f"unknown job state {state!r}")
-    (grid_dir / "state").mkdir(parents=True, exist_ok=True)
-    _write_json(grid_dir / "state" / f"{name}.json", {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
+    state_path(grid_dir, name).parent.mkdir(parents=True, exist_ok=True)
+    _write_json(state_path(grid_dir, name), {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
 
 
 def log_path(grid_dir: Path, name: str) -> Path:
@@ -68,18 +77,26 @@ def run_job(grid_dir: Path, name: str, env: dict[str, str] | None = None) -> int
     job = read_job(grid_dir, name)
     log = log_path(grid_dir, name)
     log.parent.mkdir(parents=True, exist_ok=True)
-    where = {"host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID", "")}
+    where = {"host": socket.gethostname(), "slurm_job": slurm_job_id()}
     with log.open("a") as out:
         out.write(f"== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(job.command())}\n")
         out.flush()
         proc = subprocess.Popen(job.command(), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        mark(grid_dir, name, "running", pid=proc.pid, **where)
+        started = time.time()  # seconds since the epoch: the order of jobs, finer than `time`
+        mark(grid_dir, name, "running", pid=proc.pid, started=started, **where)
         rc = proc.wait()
+    ran = {"started": started, "ended": time.time(), **where}
     if rc == 0:
-        mark(grid_dir, name, "done", rc=0, **where)
+        mark(grid_dir, name, "done", rc=0, **ran)
     else:
-        mark(grid_dir, name, "failed", rc=rc, last=last_line(log), **where)
+        mark(grid_dir, name, "failed", rc=rc, last=last_line(log), **ran)
     return rc
+
+
+def slurm_job_id() -> str:
+    """This process's SLURM job as `squeue` and `scancel` name it: `<array>_<task>` for a job array's task, else the id."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

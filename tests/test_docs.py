@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-SOURCES = ("common", "cache", "extract", "probe", "finetune", "bench", "tests", "docs")
+SOURCES = ("common", "cache", "extract", "probe", "finetune", "grid", "bench", "tests", "docs")
 REFERENCE = re.compile(r'docs/(?P<file>[\w-]+\.md)(?:,? ?(?P<sections>(?:§\d+(?:, | and )?)+)|, "(?P<title>[^"]+)")?')
 FOREIGN = re.compile(r"\bpaper\.md\b|\bDESIGN\.md\b|(?<![\w-])research/|\.\./shared")
 

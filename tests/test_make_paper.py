@@ -1,73 +1,94 @@
-"""`make paper` runs the study's grid through the real CLIs: every backbone x dataset x scenario, the study's inputs."""
+"""`make paper` runs the study's grid through `grid run`: every backbone x dataset x scenario, the study's inputs, then the report."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
 RECORDER = """#!/bin/sh
 echo "MEDFM_OUTPUT=$MEDFM_OUTPUT $(basename "$0") $*" >> "{log}"
 """
+# `grid` as the Makefile calls it, recorded, then planned for real without running anything: the jobs' commands printed.
+PLANNER = RECORDER + 'exec "{python}" -m grid "$@" --dry-run --print-commands\n'
 
 
-def recorders(tmp_path: Path, status: dict[str, int] | None = None) -> Path:
-    """Stand-ins for extract, probe and finetune that record each call the Makefile makes (and exit with `status`)."""
+def stand_ins(tmp_path: Path, grid_status: int | None = None) -> Path:
+    """`probe` records its call; `grid` records its call and prints the commands of the grid it was asked for (or fails)."""
     log = tmp_path / "calls.log"
-    for tool in ("extract", "probe", "finetune"):
-        script = tmp_path / tool
-        script.write_text(RECORDER.format(log=log) + f"exit {(status or {}).get(tool, 0)}\n")
-        script.chmod(0o755)
+    (tmp_path / "probe").write_text(RECORDER.format(log=log))
+    (tmp_path / "grid").write_text(RECORDER.format(log=log) + f"exit {grid_status}\n" if grid_status is not None
+                                   else PLANNER.format(log=log, python=sys.executable))
+    for tool in ("probe", "grid"):
+        (tmp_path / tool).chmod(0o755)
     return log
 
 
-def paper_calls(tmp_path: Path, *variables: str) -> list[str]:
-    log = recorders(tmp_path)
-    subprocess.run(["make", "--no-print-directory", "paper", f"BIN={tmp_path}", "PY=/bin/sh", "DATA=/data",
-                    "STUDY_BACKBONES=sam dinov2", "STUDY_DATASETS=aptos2019 chexpert", "FINETUNE_ARGS=--device cuda:1", *variables],
-                   cwd=REPO, check=True, capture_output=True)
-    calls = log.read_text().splitlines()
-    assert all(c.startswith("MEDFM_OUTPUT=outputs/paper ") for c in calls)
-    return [c.split(" ", 1)[1] for c in calls]
+def make_paper(tmp_path: Path, *variables: str, grid_status: int | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    log = stand_ins(tmp_path, grid_status)
+    result = subprocess.run(["make", "--no-print-directory", "paper", f"BIN={tmp_path}", "PY=/bin/sh", "DATA=/data",
+                             f"PAPER_OUTPUT={tmp_path / 'paper'}", "STUDY_BACKBONES=sam dinov2", "STUDY_DATASETS=aptos2019 chexpert",
+                             "FINETUNE_ARGS=--workers 8", *variables], cwd=REPO, capture_output=True, text=True)
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert all(c.startswith(f"MEDFM_OUTPUT={tmp_path / 'paper'} ") for c in calls)
+    return result, [c.split(" ", 1)[1] for c in calls]
 
 
+def stage_commands(result: subprocess.CompletedProcess) -> list[str]:
+    return [line.removeprefix("python -m ") for line in result.stdout.splitlines() if line.startswith("python -m ")]
+
+
+@pytest.mark.slow  # `grid` plans for real: a Python process
 def test_make_paper_runs_every_cell_as_the_official_code_did_then_reports(tmp_path: Path) -> None:
     """PROTOCOL=study: frozen linear on 100 augmented views, frozen DeiT online, unfrozen end to end; all --protocol study."""
-    calls = paper_calls(tmp_path)
+    result, calls = make_paper(tmp_path)
+    assert result.returncode == 0, result.stderr
+    commands = stage_commands(result)
     inputs = "--root /data/aptos2019 --norm study --interpolation bilinear"
-    assert calls[:5] == [
+    assert commands[:5] == [
         f"extract run --backbone sam --dataset aptos2019 {inputs} --protocol study --views 100 --augment study --no-tokens",
-        "probe run --head linear --backbone sam --dataset aptos2019 --protocol study --epochs 100",
-        f"finetune run --head deit --freeze all --backbone sam --dataset aptos2019 {inputs} --protocol study --epochs 100 --resume --device cuda:1",
-        f"finetune run --head linear --backbone sam --dataset aptos2019 {inputs} --protocol study --epochs 100 --resume --device cuda:1",
-        f"finetune run --head deit --backbone sam --dataset aptos2019 {inputs} --protocol study --epochs 100 --resume --device cuda:1",
+        "probe sweep --head linear --backbone sam --dataset aptos2019 --protocol study --epochs 100 --seed 0",
+        f"finetune run --head deit --freeze all --backbone sam --dataset aptos2019 {inputs} --protocol study --epochs 100 --resume --seed 0 --workers 8",
+        f"finetune run --head linear --backbone sam --dataset aptos2019 {inputs} --protocol study --epochs 100 --resume --seed 0 --workers 8",
+        f"finetune run --head deit --backbone sam --dataset aptos2019 {inputs} --protocol study --epochs 100 --resume --seed 0 --workers 8",
     ]
     assert any(c.startswith("extract run --backbone dinov2 --dataset chexpert --root /data/chexpert --norm study "
-                            "--interpolation bilinear --in-chans 1 --protocol study") for c in calls)
-    assert len(calls) == 2 * 2 * 5 + 1 and calls[-1] == "probe report"
+                            "--interpolation bilinear --in-chans 1 --protocol study") for c in commands)
+    assert len(commands) == 2 * 2 * 5 and "grid: 16 cells" in result.stdout
+    assert calls[0].startswith("grid run --executor local --protocol study --backbones sam dinov2 --datasets aptos2019 chexpert")
+    assert calls[1:] == ["probe report"]
 
 
+@pytest.mark.slow  # `grid` plans for real: a Python process
 def test_make_paper_fast_trains_frozen_cells_on_one_cached_view(tmp_path: Path) -> None:
-    calls = paper_calls(tmp_path, "PROTOCOL=fast", "PAPER_EPOCHS=30")
-    assert calls[:3] == [
+    result, _ = make_paper(tmp_path, "PROTOCOL=fast", "PAPER_EPOCHS=30")
+    commands = stage_commands(result)
+    assert commands[:3] == [
         "extract run --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study --interpolation bilinear",
-        "probe run --head linear --backbone sam --dataset aptos2019 --epochs 30",
+        "probe sweep --head linear,deit --backbone sam --dataset aptos2019 --epochs 30 --seed 0",
         "finetune run --head linear --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study --interpolation bilinear "
-        "--epochs 30 --resume --device cuda:1",
+        "--epochs 30 --resume --seed 0 --workers 8",
     ]
-    assert not any("--protocol" in c or "--views" in c for c in calls)
+    assert not any("--protocol" in c or "--views" in c for c in commands)
 
 
-def test_make_paper_refuses_an_unknown_protocol(tmp_path: Path) -> None:
-    log = recorders(tmp_path)
-    result = subprocess.run(["make", "paper", f"BIN={tmp_path}", "PY=/bin/sh", "PROTOCOL=exact"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode != 0 and "PROTOCOL must be study or fast, got 'exact'" in result.stderr and not log.exists()
+@pytest.mark.slow  # `grid` plans for real: a Python process
+def test_make_paper_refuses_an_unknown_protocol_in_one_line(tmp_path: Path) -> None:
+    result, calls = make_paper(tmp_path, "PROTOCOL=exact")
+    assert result.returncode != 0 and "error: --protocol must be study or fast, got 'exact'" in result.stderr
+    assert [c.split(" ")[0] for c in calls] == ["grid"] and "python -m" not in result.stdout  # no report, no job
 
 
-def test_make_paper_stops_at_the_first_failure(tmp_path: Path) -> None:
-    log = recorders(tmp_path, {"extract": 3})
-    result = subprocess.run(["make", "paper", f"BIN={tmp_path}", "PY=/bin/sh", "STUDY_BACKBONES=sam dino", "STUDY_DATASETS=ddsm"],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode != 0
-    assert [c.split(" ")[1] for c in log.read_text().splitlines()] == ["extract"]  # nothing ran after the failed extraction
+def test_make_paper_stops_when_the_grid_fails_and_reports_nothing(tmp_path: Path) -> None:
+    result, calls = make_paper(tmp_path, grid_status=1)
+    assert result.returncode != 0 and [c.split(" ")[0] for c in calls] == ["grid"]
+
+
+def test_make_paper_on_slurm_submits_and_says_how_to_report_later(tmp_path: Path) -> None:
+    result, calls = make_paper(tmp_path, "EXECUTOR=slurm", "GRID_ARGS=--partition gpu", grid_status=0)
+    assert result.returncode == 0 and calls == [calls[0]] and "--executor slurm" in calls[0] and calls[0].endswith("--partition gpu")
+    assert "when every cell is done" in result.stdout and "probe report" in result.stdout

@@ -201,10 +201,11 @@ def commands() -> list[tuple[str, str, object]]:
     import cache.cli
     import extract.cli
     import finetune.cli
+    import grid.cli
     import probe.cli
 
     return [(module.__name__.split(".")[0], name, command)
-            for module in (extract.cli, probe.cli, finetune.cli, cache.cli)
+            for module in (extract.cli, probe.cli, finetune.cli, cache.cli, grid.cli)
             for name, command in typer.main.get_command(module.app).commands.items()]
 
 

@@ -1,0 +1,5 @@
+"""`python -m grid run ...`, the same as the `grid` command."""
+
+from grid.cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""The grid's plan: the study's cells, the commands `make paper` runs for them, and reruns that plan only what is missing."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from common.errors import MedfmError
+from grid.jobs import Resources
+from grid.plan import GridSpec, check_not_running, parse_resources, plan, reset_ended
+from grid.state import mark, read_state, write_jobs
+from probe.results import Ledger, RunRecord
+
+LIVE = "--norm study --interpolation bilinear"
+
+
+def spec(tmp_path: Path, **changes) -> GridSpec:
+    return replace(GridSpec(output=str(tmp_path / "out"), data_root="/data"), **changes)
+
+
+def commands(jobs) -> list[str]:
+    return [" ".join([job.stage, *job.args]) for job in jobs]
+
+
+def test_the_studys_grid_is_128_cells_in_160_jobs_each_probe_after_its_extraction(tmp_path: Path) -> None:
+    p = plan(spec(tmp_path), tmp_path / "grid")
+    assert len(p.cells) == 128 and p.done == set()
+    assert Counter(job.stage for job in p.jobs) == {"extract": 32, "probe": 32, "finetune": 96}
+    names = [job.name for job in p.jobs]
+    for job in p.jobs:
+        assert all(names.index(dep) < names.index(job.name) for dep in job.after)
+        if job.stage == "probe":
+            assert job.after == (job.name.replace("probe-", "extract-"),) and len(job.cells) == 1
+    assert sum(len(job.cells) for job in p.jobs) == 128
+    assert all(p.hours[job.name] > 0 for job in p.jobs)
+
+
+def test_study_commands_are_the_ones_make_paper_ran(tmp_path: Path) -> None:
+    p = plan(spec(tmp_path, backbones=("sam",), datasets=("chexpert",), finetune_args=("--workers", "8")), tmp_path / "grid")
+    live = f"--backbone sam --dataset chexpert --root /data/chexpert {LIVE} --in-chans 1"
+    assert commands(p.jobs) == [
+        f"extract run {live} --protocol study --views 100 --augment study --no-tokens",
+        "probe sweep --head linear --backbone sam --dataset chexpert --protocol study --epochs 100 --seed 0",
+        f"finetune run --head deit --freeze all {live} --protocol study --epochs 100 --resume --seed 0 --workers 8",
+        f"finetune run --head linear {live} --protocol study --epochs 100 --resume --seed 0 --workers 8",
+        f"finetune run --head deit {live} --protocol study --epochs 100 --resume --seed 0 --workers 8",
+    ]
+
+
+def test_fast_protocol_batches_both_frozen_heads_into_one_sweep_and_seeds_into_their_jobs(tmp_path: Path) -> None:
+    p = plan(spec(tmp_path, backbones=("dinov2",), datasets=("aptos2019",), protocol="fast", epochs=30, seeds=(0, 1)), tmp_path / "grid")
+    assert commands(p.jobs)[:2] == [
+        f"extract run --backbone dinov2 --dataset aptos2019 --root /data/aptos2019 {LIVE}",
+        "probe sweep --head linear,deit --backbone dinov2 --dataset aptos2019 --epochs 30 --seed 0,1",
+    ]
+    assert p.jobs[1].cells == ("frozen-linear/dinov2/aptos2019/seed0", "frozen-linear/dinov2/aptos2019/seed1",
+                               "frozen-deit/dinov2/aptos2019/seed0", "frozen-deit/dinov2/aptos2019/seed1")
+    assert [j.name for j in p.jobs[2:]] == [f"finetune-unfrozen-{h}-dinov2-aptos2019-s{s}" for h in ("linear", "deit") for s in (0, 1)]
+
+
+def test_resources_per_kind_change_with_their_flag_and_gpus_above_one_run_torchrun(tmp_path: Path) -> None:
+    resources = parse_resources(["finetune:gpus=4", "finetune:minutes=2880"])
+    assert resources["finetune"] == Resources(gpus=4, cpus=8, mem_gb=32, minutes=2880) and resources["extract"].gpus == 1
+    job = plan(spec(tmp_path, backbones=("deit",), datasets=("ddsm",), scenarios=("unfrozen-linear",), resources=resources),
+               tmp_path / "grid").jobs[0]
+    assert job.command("python")[:5] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    for bad in ("gpu:gpus=1", "extract:gpu=1", "extract:minutes=0", "extract"):
+        with pytest.raises(MedfmError, match="--resources"):
+            parse_resources([bad])
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"backbones": ("deit", "sam2")}, "unknown backbone 'sam2'"),
+    ({"datasets": ("aptos",)}, "unknown dataset 'aptos'"),
+    ({"scenarios": ("frozen-knn",)}, "unknown scenario 'frozen-knn'"),
+    ({"protocol": "exact"}, "--protocol must be study or fast, got 'exact'"),
+    ({"datasets": ("demo",)}, "use --protocol fast for demo"),
+    ({"epochs": 0}, "--epochs must be at least 1"),
+])
+def test_a_bad_grid_is_one_line_before_anything_is_planned(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(MedfmError, match=message):
+        plan(spec(tmp_path, **changes), tmp_path / "grid")
+    assert not (tmp_path / "grid").exists()
+
+
+def add_runs(s: GridSpec, *cells: tuple[str, str, str, str], epochs: int | None = None) -> None:
+    """Ledger rows as the stages write them: (stage, scenario, backbone, dataset), seed 0, the spec's protocol."""
+    ledger = Ledger(Path(s.output) / "runs" / "results.sqlite")
+    for stage, scenario, backbone, dataset in cells:
+        ledger.add(RunRecord(stage=stage, scenario=scenario, backbone=backbone, dataset=dataset, head=scenario.split("-")[1],
+                             config={"protocol": s.ledger_protocol, "epochs": epochs or s.epochs}, config_key=f"{stage}{scenario}",
+                             cache_fingerprint=None, seed=0, primary_metric="accuracy", val_score=1.0, test_metrics={},
+                             test_primary=1.0, backbone_random=False))
+
+
+def test_a_rerun_plans_only_missing_cells_and_nothing_once_the_ledger_holds_them_all(tmp_path: Path) -> None:
+    s = spec(tmp_path, backbones=("deit",), datasets=("aptos2019",))
+    add_runs(s, ("finetune", "unfrozen-linear", "deit", "aptos2019"), ("finetune", "frozen-deit", "deit", "aptos2019"))
+    add_runs(s, ("finetune", "unfrozen-deit", "deit", "aptos2019"), epochs=50)  # other settings: not this cell
+    add_runs(s, ("probe", "frozen-deit", "deit", "aptos2019"))  # a cached DeiT head is not the study's live one
+    assert [job.name for job in plan(s, tmp_path / "grid").jobs] == [
+        "extract-deit-aptos2019", "probe-deit-aptos2019", "finetune-unfrozen-deit-deit-aptos2019-s0"]
+    add_runs(s, ("probe", "frozen-linear", "deit", "aptos2019"))  # the cache's only cell: no extraction, no probe
+    assert [job.name for job in plan(s, tmp_path / "grid").jobs] == ["finetune-unfrozen-deit-deit-aptos2019-s0"]
+    add_runs(s, ("finetune", "unfrozen-deit", "deit", "aptos2019"))
+    p = plan(s, tmp_path / "grid")
+    assert p.jobs == [] and len(p.done) == 4
+
+
+def test_an_extraction_this_grid_completed_is_not_planned_again_unless_its_settings_or_cache_changed(tmp_path: Path) -> None:
+    s, grid = spec(tmp_path, backbones=("deit",), datasets=("aptos2019",), scenarios=("frozen-linear",)), tmp_path / "grid"
+    first = plan(s, grid).jobs
+    write_jobs(first, grid)
+    mark(grid, "extract-deit-aptos2019", "done", rc=0)
+    assert [job.name for job in plan(s, grid).jobs] == ["extract-deit-aptos2019", "probe-deit-aptos2019"]  # no cache: extract
+    cache = Path(s.output) / "features" / "deit" / "aptos2019-0123456789ab.h5"
+    cache.parent.mkdir(parents=True)
+    cache.touch()
+    again = plan(s, grid).jobs
+    assert [job.name for job in again] == ["probe-deit-aptos2019"] and again[0].after == ()
+    assert [job.name for job in plan(replace(s, extract_args=("--batch-size", "8")), grid).jobs][0] == "extract-deit-aptos2019"
+
+
+def test_a_job_still_running_is_not_run_twice_here_and_only_ended_jobs_go_back_to_pending(tmp_path: Path) -> None:
+    s, grid = spec(tmp_path, backbones=("deit",), datasets=("isic2019",), scenarios=("unfrozen-linear",)), tmp_path / "grid"
+    jobs = plan(s, grid).jobs
+    name = jobs[0].name
+    mark(grid, name, "running", pid=os.getpid(), host=socket.gethostname(), slurm_job="")
+    with pytest.raises(MedfmError, match=f"grid job {name} is still running"):
+        check_not_running(grid, jobs)
+    reset_ended(grid, jobs)
+    assert read_state(grid, name)["state"] == "running"
+    mark(grid, name, "running", pid=1, host="node7", slurm_job="123")
+    with pytest.raises(MedfmError, match="host node7, SLURM job 123"):
+        check_not_running(grid, jobs)
+    mark(grid, name, "running", pid=2**22 + 12345, host=socket.gethostname(), slurm_job="")  # above any pid_max: gone
+    check_not_running(grid, jobs)
+    reset_ended(grid, jobs)
+    assert read_state(grid, name) == {"state": "pending"}
+    mark(grid, name, "pending", slurm_job="124")  # queued on SLURM: its executor's to keep
+    reset_ended(grid, jobs)
+    assert read_state(grid, name)["slurm_job"] == "124"
+    mark(grid, name, "failed", rc=1)
+    reset_ended(grid, jobs)
+    assert read_state(grid, name) == {"state": "pending"}
+
+
+def test_the_spec_round_trips_through_its_file(tmp_path: Path) -> None:
+    s = spec(tmp_path, seeds=(0, 2), extract_args=("--batch-size", "8"), resources=parse_resources(["probe:cpus=2"]))
+    assert GridSpec.from_json(s.to_json()) == s
