@@ -4,7 +4,8 @@ Each step runs what a user runs and prints its figure; the table is saved as JSO
 
 1. extraction throughput against the bare model forward, ViT-B (deit) and ResNet152, with AMP (`bench.extraction`);
 2. a 1-GPU `torchrun -m extract run` on the synthetic demo set: its images/s, and the cache every later step reads;
-3. `probe sweep --head deit --deit-per-pass N` on that cache's tokens: DeiT heads side by side, seconds per head;
+3. `probe sweep --head deit --deit-per-pass auto` on that cache's tokens: DeiT heads side by side, as many per pass
+   as the GPU's memory holds, seconds per head;
 4. `finetune run` stopped (SIGTERM) after its first checkpoint, then `--resume`d, in fp16 with a GradScaler: the GPU is told
    it has no bf16 (as on a V100 or T4), so the precision policy takes its fp16 path; the checkpoint must hold the
    scaler's state and the resumed run must train each remaining epoch once.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,7 +69,7 @@ GPU = Scale("cuda", 224, 128, 2, {}, {}, ["--head-preset", "deit-b", "--head-dep
             ["--batch-size", "64", "--head", "linear"])
 SMOKE = Scale("cpu", 64, 8, 1, {"embed_dim": 32, "depth": 2, "num_heads": 2}, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)},
               ["--head-preset", "deit-t", "--head-depth", "1", "--head-weights", "random"], ["--batch-size", "8", "--head", "linear", "--workers", "0"])
-DEIT_HEADS, DEIT_PER_PASS = 4, 2
+DEIT_HEADS = 4
 FINETUNE_EPOCHS = 3  # stopped after the first checkpoint, resumed to the end
 
 
@@ -134,7 +136,7 @@ def torchrun_extraction(scale: Scale, env: dict[str, str], work: Path) -> list[F
     """`torchrun --nproc_per_node 1 -m extract run`: one shard, joined into the cache the next steps read."""
     line = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "extract", "run", *dataset_args(scale),
             "--backbone", "deit", "--weights", "auto", "--out", str(work / "features"), *scale.override_args(scale.vit)]
-    seconds = run(line, env)
+    seconds, _ = run(line, env)
     with CacheReader(the_cache(work)) as reader:
         images = sum(len(reader.ids(split)) for split in ("train", "val", "test"))
         random = reader.meta.backbone.random_weights
@@ -144,13 +146,15 @@ def torchrun_extraction(scale: Scale, env: dict[str, str], work: Path) -> list[F
 
 
 def deit_sweep(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
-    """DeiT heads, `DEIT_PER_PASS` side by side over one read of the tokens."""
+    """DeiT heads side by side over one read of the tokens, as many per pass as the GPU holds (`--deit-per-pass auto`)."""
     lrs = ",".join(f"{1e-4 * (k + 1):g}" for k in range(DEIT_HEADS))
     line = [str(BIN / "probe"), "sweep", "--cache", str(the_cache(work)), "--head", "deit", "--lr", lrs, "--epochs", "1",
-            "--deit-per-pass", str(DEIT_PER_PASS), "--device", scale.device, *scale.deit_head]
-    seconds = run(line, env)
+            "--deit-per-pass", "auto", "--device", scale.device, *scale.deit_head]
+    seconds, said = run(line, env)
+    sized = re.search(r"--deit-per-pass auto: (\d+) DeiT head", said)
+    per_pass = sized.group(1) if sized else "?"
     return [Figure("probe sweep deit", "per head", seconds / DEIT_HEADS, "s",
-                   f"{DEIT_HEADS} heads, {DEIT_PER_PASS} per pass, 1 epoch, process start included")]
+                   f"{DEIT_HEADS} heads, {per_pass} per pass (auto), 1 epoch, process start included")]
 
 
 def finetune_resume(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
@@ -169,7 +173,7 @@ def finetune_resume(scale: Scale, env: dict[str, str], work: Path) -> list[Figur
     if scale.device == "cuda" and not scaled:
         raise MedfmError("the fp16 finetune ran without a GradScaler: its checkpoint holds no scaler state")
     first = time.perf_counter() - started
-    seconds = run([*line, "--resume"], env)
+    seconds, _ = run([*line, "--resume"], env)
     run_dir = checkpoint.parent
     result = json.loads((run_dir / "result.json").read_text())
     if [h["epoch"] for h in result["history"]] != list(range(1, FINETUNE_EPOCHS + 1)):
@@ -196,13 +200,13 @@ def the_cache(work: Path) -> Path:
     return path
 
 
-def run(line: list[str], env: dict[str, str]) -> float:
-    """Seconds the command took; its last lines in the error when it fails."""
+def run(line: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Seconds the command took, and what it printed; its last lines in the error when it fails."""
     started = time.perf_counter()
-    done = subprocess.run(line, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    done = subprocess.run(line, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise MedfmError(f"`{' '.join(line[:3])} ...` failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, done.stdout + done.stderr
 
 
 def stop(process: subprocess.Popen) -> str:

@@ -164,8 +164,9 @@ def sweep(
     protocol: Protocol = "medfm",
     max_ram: MaxRam = None,
     device: Device = "auto",
-    deit_per_pass: Annotated[int, typer.Option(help="DeiT heads trained side by side over one read of the tokens "
-                                                   "(each needs its own activation memory).")] = 1,
+    deit_per_pass: Annotated[str, typer.Option(help="DeiT heads trained side by side over one read of the tokens (each needs its "
+                                                   "own activation memory), or auto: as many as half the GPU's free memory holds "
+                                                   "(1 on the CPU).")] = "1",
     force: Annotated[bool, typer.Option(help="Retrain configurations the ledger already holds.")] = False,
 ) -> None:
     """Train a grid of heads on one cache (linear heads together, in one pass per epoch); report the best by validation."""
@@ -186,7 +187,7 @@ def sweep(
                            head_weights=head_weights, standardize=standardize, views=parse_views(views, reader.meta.views),
                            protocol=protocol)
         outcome = run_sweep(reader, expand(reader, grid, base), device=device, max_ram=_ram(max_ram), force=force,
-                            deit_per_pass=deit_per_pass, console=console)
+                            deit_per_pass=_per_pass(deit_per_pass), console=console)
     table = Table("head", "feature", "lr", "weight decay", "seed", f"val {outcome.records[0].primary_metric}",
                   f"test {outcome.records[0].primary_metric}", title=f"sweep: {outcome.trained} trained, {outcome.skipped} already in the ledger")
     best_ids = {r.id for r in outcome.best_runs}
@@ -216,6 +217,16 @@ def _values(text: str, kind: type, flag: str) -> list:
     if not values:
         raise MedfmError(f"{flag} needs at least one value")
     return values
+
+
+def _per_pass(text: str) -> int | str:
+    """`--deit-per-pass`: auto, or a count (checked by the sweep)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise MedfmError(f"--deit-per-pass must be auto or a whole number of heads, got '{text}'") from None
 
 
 def _layer(text: str) -> int | None:

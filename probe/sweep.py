@@ -21,6 +21,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import Progress
 
@@ -34,10 +35,12 @@ from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.health import check_runs
 from probe.predictions import FILE as PREDICTIONS
 from probe.predictions import load_predictions
-from probe.recipe import STUDY
+from probe.recipe import STUDY, precision
 from probe.results import Ledger, RunRecord, best_configuration, mean_score
 from probe.run import RELIABILITY, claim, ledger_key, save_run, validate, warn_random
 from probe.train import TrainConfig, fit, make_head
+
+AUTO = "auto"  # --deit-per-pass auto: as many DeiT heads per pass as the device's memory holds (`heads_per_pass`)
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def expand(reader: CacheReader, grid: Grid, base: TrainConfig) -> list[TrainConf
 
 def run_sweep(
     reader: CacheReader, configs: list[TrainConfig], *, device: str = "auto", max_ram: int | None = None, force: bool = False,
-    deit_per_pass: int = 1, ledger: Ledger | None = None, console: Console | None = None,
+    deit_per_pass: int | str = 1, ledger: Ledger | None = None, console: Console | None = None,
 ) -> SweepOutcome:
     """Train the configurations not yet in the ledger (all of them with `force`) and pick the best by validation."""
     # --- set-up: what is already done, and how the rest groups into passes over the data
@@ -92,8 +95,8 @@ def run_sweep(
     ledger = ledger or Ledger()
     for config in configs:
         validate(config)
-    if deit_per_pass < 1:
-        raise MedfmError(f"--deit-per-pass must be at least 1, got {deit_per_pass}")
+    if deit_per_pass != AUTO and (not isinstance(deit_per_pass, int) or deit_per_pass < 1):
+        raise MedfmError(f"--deit-per-pass must be auto or at least 1, got {deit_per_pass}")
     keys = [ledger_key(reader, c) for c in configs]
     with ExitStack() as claims:
         todo = [(c, k) for c, k in zip(configs, keys, strict=True) if force or ledger.find(k) is None]
@@ -115,19 +118,22 @@ def run_sweep(
 
 def _train_todo(
     reader: CacheReader, configs: list[TrainConfig], todo: list[tuple[TrainConfig, str]], device: str, max_ram: int | None,
-    deit_per_pass: int, ledger: Ledger, console: Console,
+    deit_per_pass: int | str, ledger: Ledger, console: Console,
 ) -> int:
     """Train the configurations of `todo`, grouped into passes over the features; the number of train passes."""
     console.print(f"sweep of {len(configs)} configurations: {len(configs) - len(todo)} already in the ledger, {len(todo)} to train")
     by_settings: dict[tuple, list[tuple[TrainConfig, str]]] = defaultdict(list)
     for config, key in todo:  # heads sharing data, schedule and head architecture can share a pass
         by_settings[(config.head, config.shared(), tuple(config.head_options().items()))].append((config, key))
+    dev = resolve_device(device)
+    task = reader.task
     groups: list[list[tuple[TrainConfig, str]]] = []
     for (kind, *_), members in by_settings.items():
         size = len(members) if kind == "linear" else deit_per_pass  # linear heads: all at once, as one stacked layer
+        if size == AUTO:
+            size = heads_per_pass(members[0][0], reader, task.num_outputs, dev, len(members))
+            console.print(f"--deit-per-pass auto: {size} DeiT head(s) per pass on {device_label(dev)}")
         groups += [members[i : i + size] for i in range(0, len(members), size)]
-    dev = resolve_device(device)
-    task = reader.task
     passes = 0
     if todo:
         warn_random(reader, next((c for c, _ in todo if get_head(c.head).options), todo[0][0]), console)
@@ -153,6 +159,28 @@ def _train_todo(
             console.print(f"trained {len(members)} {first.head} head(s) on {first.feature}{subset} in {seconds:.1f} s "
                           f"({source.passes['train']} passes over the train features)")
     return passes
+
+
+def heads_per_pass(config: TrainConfig, reader: CacheReader, outputs: int, device: torch.device, count: int) -> int:
+    """How many heads like `config` train side by side (`--deit-per-pass auto`): on CUDA, as many as half the free
+    memory holds, from the peak of one head's training step on a batch of its rows, at most `count`; 1 on the CPU,
+    where heads side by side gain nothing over one after another."""
+    if device.type != "cuda":
+        return 1
+    row_shape = tuple(reader.dataset("train", config.feature).shape[1:])
+    free, _ = torch.cuda.mem_get_info(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    head = make_head(config, row_shape, outputs).to(device)
+    optimizer = torch.optim.AdamW(head.parameters())
+    with torch.autocast("cuda", dtype=precision(device).dtype):
+        loss = head(torch.zeros(config.batch_size, *row_shape, device=device)).float().sum()
+    loss.backward()
+    optimizer.step()
+    used = torch.cuda.max_memory_allocated(device) - before
+    del head, optimizer, loss
+    torch.cuda.empty_cache()
+    return max(1, min(count, int(free / 2 // max(used, 1))))
 
 
 def draw_reliability(run: RunRecord) -> None:

@@ -33,6 +33,7 @@ def test_smoke_runs_every_step_on_the_cpu_and_prints_its_figure(tmp_path: Path) 
     for step in STEPS:
         assert any(line.startswith(f"{step}: ") and " = " in line for line in lines), (step, done.stdout[-3000:])
     assert "fp32 (the CPU" in done.stdout and "RANDOM weights" in done.stdout
+    assert "1 per pass (auto)" in done.stdout  # --deit-per-pass auto on the CPU
     (saved,) = (tmp_path / "bench").glob("gpu_check-*.json")
     figures = json.loads(saved.read_text())["figures"]
     assert {f["step"] for f in figures} == set(STEPS) and all(f["value"] > 0 for f in figures)

@@ -74,3 +74,20 @@ def test_a_sweep_draws_the_reliability_diagram_of_its_best_configuration_only(tm
         outcome = run_sweep(reader, expand(reader, Grid(lrs=(1e-4, 1e-2), seeds=(0, 1)), BASE), device="cpu")
     drawn = {r.id for r in outcome.records if (Path(r.run_dir) / "reliability.png").is_file()}
     assert drawn == {r.id for r in outcome.best_runs} and len(drawn) == 2
+
+
+def test_deit_per_pass_auto_is_one_head_per_pass_on_the_cpu_and_a_bad_count_is_refused(tmp_path):
+    """On CUDA auto measures one head's training step against the free memory (`make gpu-check` runs it there)."""
+    import pytest
+
+    from common.errors import MedfmError
+
+    path = make_cache(tmp_path / "c.h5")
+    grid = Grid(heads=("deit",), lrs=(1e-3,), seeds=(0, 1))
+    base = TrainConfig(epochs=1, batch_size=16, head_depth=1, head_preset="deit-t", head_weights="random")
+    with open_cache(path, None, None) as reader:
+        configs = expand(reader, grid, base)
+        outcome = run_sweep(reader, configs, device="cpu", deit_per_pass="auto")
+        assert outcome.trained == 2 and outcome.train_passes == 2 * base.epochs  # each head alone
+        with pytest.raises(MedfmError, match="auto or at least 1"):
+            run_sweep(reader, configs, device="cpu", deit_per_pass=0, force=True)
