@@ -39,8 +39,10 @@ def run_cli(app: typer.Typer, prog_name: str, interrupted: str = INTERRUPTED) ->
     and exit code 128 + the signal (130, 143). Warnings are printed as one `warning:` line each.
     """
     try:
-        with _stop_signals_raise(), _one_line_warnings():
+        with _stop_signals_raise() as received, _one_line_warnings():
             code = _run(app, prog_name)
+        if received:  # the signal's exception was swallowed where Python ignores exceptions (a fork hook): still stopped
+            raise Interrupted(received[0])
     except (Interrupted, KeyboardInterrupt) as err:  # KeyboardInterrupt: where no handler could be set (not the main thread)
         sys.stderr.write(one_line(interrupted) + "\n")
         sys.exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT))
@@ -77,10 +79,15 @@ def one_line(message: str) -> str:
 
 
 @contextmanager
-def _stop_signals_raise() -> Iterator[None]:
-    """While the command runs, SIGINT and SIGTERM raise `Interrupted` in the main thread (then the old handlers return)."""
+def _stop_signals_raise() -> Iterator[list[int]]:
+    """While the command runs, SIGINT and SIGTERM raise `Interrupted` in the main thread (then the old handlers return).
+
+    Yields the signals received: an exception raised where Python ignores exceptions (an at-fork hook while a
+    DataLoader starts its workers) is lost, so the caller checks this list when the command returns normally.
+    """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
     pid = os.getpid()
 
@@ -91,11 +98,12 @@ def _stop_signals_raise() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        received.append(signum)
         raise Interrupted(signum)
 
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old if old is not None else signal.SIG_DFL)

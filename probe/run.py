@@ -5,6 +5,7 @@ Read `run_probe` top to bottom; `probe sweep` reuses the same pieces for many co
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -202,6 +203,20 @@ def calibrated(result: FitResult, run_dir: Path, calibrate: bool) -> None:
     reliability_diagram(run_dir / RELIABILITY, labels, logits, temperature)
 
 
+def new_run_dir(parent: Path, name: str) -> Path:
+    """A fresh folder `parent/name`, or `name-2`, `name-3`... when a run of the same key was saved in the same second
+    (a `--force` retrain): an earlier run's head and predictions are never overwritten."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        folder = parent / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
 def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None,
              device: str = "", shared: int = 1, calibrate: bool = False, health: Health | None = None,
              reliability: bool = True) -> RunRecord:
@@ -217,8 +232,7 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
     the report."""
     meta, config = reader.meta, result.config
     backbone, dataset = meta.backbone.name, meta.dataset.name
-    run_dir = output_root() / "runs" / "probe" / f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone}-{dataset}-{config.head}-{key[:8]}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = new_run_dir(output_root() / "runs" / "probe", f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone}-{dataset}-{config.head}-{key[:8]}")
     full_config: dict[str, Any] = {
         "stage": "probe", **config.to_dict(), "seed": config.seed, "head_init": result.head_init,
         "cache": str(reader.path), "cache_fingerprint": reader.fingerprint, "backbone": backbone, "dataset": dataset,
@@ -230,8 +244,6 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
             fh.write(json.dumps(row) + "\n")
     pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
     if get_head(config.head).trains:  # the same epochs where TensorBoard reads them
-        for stale in run_dir.glob("events.out.tfevents.*"):  # a --force rerun within the same second reuses the folder
-            stale.unlink()
         metric = reader.task.primary_metric
         with scalar_writer(run_dir) as writer:
             for row in result.history:

@@ -85,3 +85,34 @@ def test_sigterm_stops_finetune_with_one_line_that_says_how_to_resume(tmp_path: 
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("interrupted; the run's checkpoint keeps every finished epoch: rerun the same "
                                             "`finetune run` with --resume to continue from there")
+
+
+class _SignalsInFinalizer:
+    """Sends SIGTERM from a finalizer, where Python ignores an exception: as when the signal lands in an at-fork hook."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10_000))  # the handler runs here; its exception is printed as ignored, not raised
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed exception, reported by Python
+def test_a_sigterm_whose_exception_python_swallowed_still_ends_the_command_as_interrupted(monkeypatch, capsys) -> None:
+    import typer
+
+    from common.cli import run_cli
+
+    app = typer.Typer()
+
+    @app.command()
+    def work() -> None:
+        _SignalsInFinalizer()  # collected at once: the signal arrives and its exception is lost
+
+    @app.command()
+    def other() -> None:  # two commands, so typer dispatches by name
+        pass
+
+    monkeypatch.setattr(sys, "argv", ["prog", "work"])
+    with pytest.raises(SystemExit) as ended:
+        run_cli(app, "prog", interrupted="interrupted; rerun to resume")
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().endswith("interrupted; rerun to resume")

@@ -92,3 +92,13 @@ def test_bad_training_values_are_user_errors(tmp_path):
         for config, flag in ((TrainConfig(epochs=0), "--epochs"), (TrainConfig(lr=-1), "--lr"), (TrainConfig(head="mlp"), "unknown head")):
             with pytest.raises(MedfmError, match=flag):
                 run_probe(reader, config)
+
+
+def test_a_run_saved_in_the_same_second_under_the_same_key_gets_its_own_folder(tmp_path) -> None:
+    """A `--force` retrain may finish within the second of the run it retrains: the earlier run folder is kept."""
+    from probe.run import new_run_dir
+
+    first = new_run_dir(tmp_path / "runs", "20261130-101500-deit-demo-linear-1a2b3c4d")
+    (first / "head.pt").write_bytes(b"first")
+    second = new_run_dir(tmp_path / "runs", "20261130-101500-deit-demo-linear-1a2b3c4d")
+    assert second != first and second.name.endswith("-2") and (first / "head.pt").read_bytes() == b"first"
