@@ -6,8 +6,8 @@ Each step runs what a user runs and prints its figure; the table is saved as JSO
 2. a 1-GPU `torchrun -m extract run` on the synthetic demo set: its images/s, and the cache every later step reads;
 3. `probe sweep --head deit --deit-per-pass auto` on that cache's tokens: DeiT heads side by side, as many per pass
    as the GPU's memory holds, seconds per head;
-4. `finetune run` stopped (SIGTERM) after its first checkpoint, then `--resume`d, in fp16 with a GradScaler: the GPU is told
-   it has no bf16 (as on a V100 or T4), so the precision policy takes its fp16 path; the checkpoint must hold the
+4. `finetune run --amp-dtype fp16` stopped (SIGTERM) after its first checkpoint, then `--resume`d: fp16 with a GradScaler,
+   as the study trained (bf16 GPUs included); the checkpoint must hold the
    scaler's state and the resumed run must train each remaining epoch once.
 
 The backbones' official weights are used where present, else random ones (said in the table: throughput does not
@@ -43,9 +43,6 @@ from common.errors import MedfmError
 from probe.results import Ledger
 
 BIN = Path(sys.executable).parent
-# finetune's CLI as a user runs it, on a GPU that reports no bf16 support: the precision policy's fp16 + GradScaler path
-FP16_FINETUNE = ("import sys, torch; torch.cuda.is_bf16_supported = lambda *a, **k: False; "
-                 "from finetune.cli import main; sys.argv[0] = 'finetune'; main()")
 
 
 @dataclass(frozen=True)
@@ -160,7 +157,7 @@ def deit_sweep(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
 def finetune_resume(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
     """Three epochs: SIGTERM once the first epoch's checkpoint is written, then `--resume` finishes the run."""
     out = work / "runs"
-    line = [sys.executable, "-c", FP16_FINETUNE, "run", *dataset_args(scale), "--backbone", "deit", "--weights", "auto",
+    line = [str(BIN / "finetune"), "run", "--amp-dtype", "fp16", *dataset_args(scale), "--backbone", "deit", "--weights", "auto",
             "--epochs", str(FINETUNE_EPOCHS), "--warmup-steps", "2", "--out", str(out), *scale.finetune, *scale.override_args(scale.vit)]
     started = time.perf_counter()
     killed = subprocess.Popen(line, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

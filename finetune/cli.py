@@ -48,6 +48,8 @@ def run(
     grad_clip: Annotated[float, typer.Option(help="Gradient norm clipping.")] = STUDY.grad_clip,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision for training and validation (bf16, or fp16 with a "
                                                                      "loss scaler where the GPU lacks bf16); test in fp32.", show_default="on for CUDA")] = None,
+    amp_dtype: Annotated[str, typer.Option(help="Mixed precision's type: auto (bf16 where the GPU has it, else fp16) | bf16 | fp16 "
+                                                "(with a loss scaler, as the study trained).")] = "auto",
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="The study's train augmentation, image i of epoch e drawn "
                                                                         "from (--seed, e, its id): the draws of extract's view e.")] = True,
     protocol: Annotated[str, typer.Option(help="medfm | study: the official code's rules where they differ from ours (docs/protocol.md §7); "
@@ -83,7 +85,7 @@ def run(
 
     cfg = FinetuneConfig(
         backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp, amp_dtype=amp_dtype,
         augment=augment, protocol=protocol, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, head_depth=head_depth,
         head_preset=head_preset, head_weights=head_weights, seed=several[0], device=device, workers=workers, image_cache=image_cache, resume=resume,
         out=out or output_root() / "runs", dataset_options=dataset_options(opt, split_seed), overrides=parse_overrides(override or []),

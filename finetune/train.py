@@ -77,6 +77,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None  # None: the study's, STUDY.warmup_steps(steps per epoch)
     grad_clip: float = STUDY.grad_clip
     amp: bool | None = None  # None: on for CUDA; see probe.recipe.precision
+    amp_dtype: str = "auto"  # auto (bf16 where the GPU has it, else fp16) | bf16 | fp16 (with a GradScaler)
     augment: bool = True  # the study's train augmentation; off: the eval transform for training too
     protocol: str = "medfm"  # medfm | study: the official code's rules where they differ from ours (docs/protocol.md §7)
     patience: int | None = None  # stop after this many epochs without a better validation score
@@ -135,7 +136,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
     device = world.device
     if cfg.batch_size % world.size:
         raise MedfmError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world.size} processes")
-    amp = precision(device, cfg.amp)
+    amp = precision(device, cfg.amp, cfg.amp_dtype)
 
     # --- identity of the run: its folder, and a finished run is not trained twice
     freeze = FreezePolicy.parse(cfg.freeze)
@@ -147,6 +148,8 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
     manifest = source.manifest()
     used = {f"head_{option}" for option in get_head(cfg.head).options}  # another head's settings do not change this run
     run_config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY and (not k.startswith("head_") or k in used)}
+    if cfg.amp_dtype == "auto":
+        run_config.pop("amp_dtype")  # the policy runs had before the option existed: their keys stay as they were
     run_config.update(root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None, weights=weights.identity,
                       dataset_options=source.options, manifest_hash=manifest_hash(manifest), decoder=DECODER_VERSION)
     key = config_key({"stage": "finetune", **run_config}, None, cfg.seed)

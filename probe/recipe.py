@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cache.schema import PROTOCOLS, check_protocol  # noqa: F401  (PROTOCOLS re-exported)
+from common.errors import MedfmError
 
 if TYPE_CHECKING:  # torch loads on use: the command lines take their defaults from here and stay quick
     import torch
@@ -106,14 +107,22 @@ class Precision:
         return self.dtype is torch.float16
 
 
-def precision(device: torch.device, amp: bool | None = None) -> Precision:
+AMP_DTYPES = ("auto", "bf16", "fp16")
+
+
+def precision(device: torch.device, amp: bool | None = None, dtype: str = "auto") -> Precision:
     """The one precision policy (docs/protocol.md §6). `amp` None: on for CUDA, off on the CPU (bf16 is several
     times slower than fp32 on CPUs without bf16 units). On CUDA, bf16 where the GPU has it, else fp16 with a
-    GradScaler (the study's); on the CPU, amp means bf16."""
+    GradScaler (the study's); on the CPU, amp means bf16. `dtype` bf16 or fp16 asks for one of the two instead of
+    the GPU's choice (fp16 with its GradScaler, as the study trained, on any GPU)."""
     import torch
 
+    if dtype not in AMP_DTYPES:
+        raise MedfmError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {dtype!r}")
     if not (device.type == "cuda" if amp is None else amp):
         return Precision(None)
+    if dtype != "auto":
+        return Precision({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     if device.type == "cuda":
         return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return Precision(torch.bfloat16)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from common.errors import MedfmError
-from probe.recipe import PROTOCOLS, improves, param_groups, warmup_then_constant
+from probe.recipe import PROTOCOLS, improves, param_groups, precision, warmup_then_constant
 
 
 def test_param_groups_exempt_biases_and_norms_from_weight_decay():
@@ -44,3 +44,13 @@ def test_the_protocols_are_the_same_two_names_in_probe_and_extract_and_others_ar
     assert PROTOCOLS == EXTRACT_PROTOCOLS == ("medfm", "study")
     with pytest.raises(MedfmError, match="^--protocol must be medfm or study"):
         improves(0.5, 0.4, "paper")
+
+
+def test_the_precision_policy_takes_the_asked_dtype_on_a_gpu_and_keeps_the_cpu_in_fp32() -> None:
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    assert precision(cuda, dtype="fp16").dtype is torch.float16 and precision(cuda, dtype="fp16").needs_scaler
+    assert precision(cuda, dtype="bf16").dtype is torch.bfloat16 and not precision(cuda, dtype="bf16").needs_scaler
+    assert precision(cuda, amp=False, dtype="fp16").dtype is None  # --no-amp wins
+    assert precision(torch.device("cpu"), dtype="fp16").dtype is None  # amp is off on the CPU unless asked
+    with pytest.raises(MedfmError, match="--amp-dtype must be one of auto, bf16, fp16"):
+        precision(cuda, dtype="half")
