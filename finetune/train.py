@@ -212,7 +212,13 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
                         console=console, transient=True)
     steps, first_epoch = len(train_loader), state["epoch"]
     pace = Pace(console, f"finetuning {cfg.backbone} ({scenario})", (cfg.epochs - state["epoch"]) * steps)
-    scalars = held.enter_context(scalar_writer(run_dir, first_epoch + 1)) if world.is_main else None  # TensorBoard, per epoch
+    scalars = None  # TensorBoard, one point per epoch, in one file: a resumed run rewrites the checkpoint's epochs
+    if world.is_main:  # and drops the killed attempt's file, whose points past the checkpoint were never kept
+        for stale in run_dir.glob("events.out.tfevents.*"):
+            stale.unlink()
+        scalars = held.enter_context(scalar_writer(run_dir))
+        for row in state["history"]:
+            add_epoch(scalars, row["epoch"], row["loss"], task.primary_metric, primary(task, row["val"]), row["lr"])
     with progress:
         bar = progress.add_task("epoch", total=steps)
         for epoch in range(state["epoch"], cfg.epochs):

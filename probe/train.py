@@ -139,13 +139,12 @@ class Pace:
                                f"{duration(elapsed)} elapsed, about {duration(left)} left", highlight=False, soft_wrap=True)
 
 
-def scalar_writer(run_dir: Path, first_epoch: int = 1) -> SummaryWriter:
+def scalar_writer(run_dir: Path) -> SummaryWriter:
     """A TensorBoard writer into a run's folder (`tensorboard --logdir outputs/runs` shows every run); one point per
-    epoch (`add_epoch`), never per step, so it costs milliseconds. A resumed run (`first_epoch` > 1) drops the points a
-    killed attempt wrote from that epoch on."""
+    epoch (`add_epoch`), never per step, so it costs milliseconds."""
     from torch.utils.tensorboard import SummaryWriter  # on use: the import costs a CLI's start otherwise
 
-    return SummaryWriter(str(run_dir), purge_step=first_epoch if first_epoch > 1 else None)
+    return SummaryWriter(str(run_dir))
 
 
 def add_epoch(writer: SummaryWriter, epoch: int, train_loss: float, metric: str, val_score: float, lr: float) -> None:

@@ -116,7 +116,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch
     monkeypatch.setattr(finetune_train, "draw_epoch", lambda loader, seed, epoch: (trained_epochs.append(epoch), draw(loader, seed, epoch)))
     resumed = finetune(replace(killed, resume=True))
     assert trained_epochs == list(range(stopped_at, killed.epochs))  # it went on from the checkpoint, not from epoch 1
-    events = EventAccumulator(str(resumed.run_dir))  # TensorBoard's view: each epoch once, the killed attempt's extra ones purged
+    assert len(list(resumed.run_dir.glob("events.out.tfevents.*"))) == 1  # the killed attempt's file replaced, not read beside
+    events = EventAccumulator(str(resumed.run_dir))  # TensorBoard's view: each epoch once, the checkpoint's rewritten
     events.Reload()
     assert [e.step for e in events.Scalars("val/accuracy")] == list(range(1, killed.epochs + 1))
     whole = finetune(replace(killed, out=tmp_path / "whole"))
