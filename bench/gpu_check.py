@@ -57,17 +57,18 @@ class Scale:
     cnn: dict[str, Any]
     deit_head: list[str]  # probe sweep's DeiT-head options
     finetune: list[str]  # finetune run's model and batch options
+    finetune_epochs: int  # stopped after the first checkpoint, resumed to the end; the tiny run's epochs take milliseconds,
+    # so it has enough of them that the stop always lands before the last
 
     def override_args(self, overrides: dict[str, Any]) -> list[str]:
         return [a for k, v in overrides.items() for a in ("--override", f"{k}={v}")]
 
 
 GPU = Scale("cuda", 224, 128, 2, {}, {}, ["--head-preset", "deit-b", "--head-depth", "12"],
-            ["--batch-size", "64", "--head", "linear"])
+            ["--batch-size", "64", "--head", "linear"], 3)
 SMOKE = Scale("cpu", 64, 8, 1, {"embed_dim": 32, "depth": 2, "num_heads": 2}, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)},
-              ["--head-preset", "deit-t", "--head-depth", "1", "--head-weights", "random"], ["--batch-size", "8", "--head", "linear", "--workers", "0"])
+              ["--head-preset", "deit-t", "--head-depth", "1", "--head-weights", "random"], ["--batch-size", "8", "--head", "linear", "--workers", "0"], 12)
 DEIT_HEADS = 4
-FINETUNE_EPOCHS = 3  # stopped after the first checkpoint, resumed to the end
 
 
 @dataclass
@@ -155,10 +156,10 @@ def deit_sweep(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
 
 
 def finetune_resume(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
-    """Three epochs: SIGTERM once the first epoch's checkpoint is written, then `--resume` finishes the run."""
+    """SIGTERM once the first epoch's checkpoint is written, then `--resume` finishes the run."""
     out = work / "runs"
     line = [str(BIN / "finetune"), "run", "--amp-dtype", "fp16", *dataset_args(scale), "--backbone", "deit", "--weights", "auto",
-            "--epochs", str(FINETUNE_EPOCHS), "--warmup-steps", "2", "--out", str(out), *scale.finetune, *scale.override_args(scale.vit)]
+            "--epochs", str(scale.finetune_epochs), "--warmup-steps", "2", "--out", str(out), *scale.finetune, *scale.override_args(scale.vit)]
     started = time.perf_counter()
     killed = subprocess.Popen(line, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = wait_for(out, "finetune/*/checkpoint.pt", killed)
@@ -173,7 +174,7 @@ def finetune_resume(scale: Scale, env: dict[str, str], work: Path) -> list[Figur
     seconds, _ = run([*line, "--resume"], env)
     run_dir = checkpoint.parent
     result = json.loads((run_dir / "result.json").read_text())
-    if [h["epoch"] for h in result["history"]] != list(range(1, FINETUNE_EPOCHS + 1)):
+    if [h["epoch"] for h in result["history"]] != list(range(1, scale.finetune_epochs + 1)):
         raise MedfmError(f"the resumed finetune did not train every epoch once: {[h['epoch'] for h in result['history']]}")
     train_images = len(json.loads((run_dir / "splits.json").read_text())["train"])
     (row,) = Ledger(out / "results.sqlite").rows(stage="finetune")
@@ -207,17 +208,13 @@ def run(line: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 
 def stop(process: subprocess.Popen) -> str:
-    """SIGTERM, as a scheduler ends a job; again if the first one is lost (a signal that lands while the process forks
-    its data loader's workers is swallowed by Python's at-fork handlers). Its stderr."""
-    time.sleep(0.2)  # into the next epoch's steps, past the fork of its loader workers
-    for _ in range(3):
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.communicate(timeout=5)[1]
-        except subprocess.TimeoutExpired:
-            continue
-    process.kill()
-    return process.communicate()[1]
+    """SIGTERM, as a scheduler ends a job, at once (tiny smoke epochs end in milliseconds); its stderr."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[1]
 
 
 def wait_for(folder: Path, pattern: str, process: subprocess.Popen, timeout: float = 600.0) -> Path:

@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import typer
@@ -17,6 +18,7 @@ from common.errors import MedfmError
 
 INTERRUPTED = "interrupted; partial outputs are kept and resume on the next run"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RESEND_S = 0.05  # a stop signal whose exception was lost is sent again this much later (`_stop_signals_raise`)
 
 
 class Interrupted(BaseException):
@@ -27,9 +29,14 @@ class Interrupted(BaseException):
     so a partial file is closed whole and resumes on the next run.
     """
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, lost: Callable[[int], None] | None = None) -> None:
         super().__init__(signum)
         self.signum = signum
+        self.lost = lost  # called when the exception is dropped unraised: Python swallowed it (see `_stop_signals_raise`)
+
+    def __del__(self) -> None:
+        if self.lost is not None:
+            self.lost(self.signum)
 
 
 def run_cli(app: typer.Typer, prog_name: str, interrupted: str = INTERRUPTED) -> None:
@@ -82,10 +89,23 @@ def one_line(message: str) -> str:
 def _stop_signals_raise() -> Iterator[list[int]]:
     """While the command runs, SIGINT and SIGTERM raise `Interrupted` in the main thread (then the old handlers return).
 
-    Yields the signals received: an exception raised where Python ignores exceptions (an at-fork hook while a
-    DataLoader starts its workers) is lost, so the caller checks this list when the command returns normally.
+    An exception raised where Python ignores exceptions (an at-fork hook while a DataLoader starts its workers) is
+    dropped unraised: the signal is then sent again (`Interrupted.lost`), unless the command has stopped meanwhile.
+    The signals received are yielded, for the caller to check when the command returns before the second one lands.
     """
     received: list[int] = []
+    stopped = threading.Event()
+    guard = threading.Lock()  # the old handlers come back only when no second signal is on its way
+
+    def send_again(signum: int) -> None:
+        def later() -> None:
+            time.sleep(RESEND_S)  # out of the hook that swallowed the first one
+            with guard:
+                if not stopped.is_set():
+                    os.kill(pid, signum)
+
+        threading.Thread(target=later, name="resend-signal", daemon=True).start()
+
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
@@ -99,12 +119,14 @@ def _stop_signals_raise() -> Iterator[list[int]]:
             os.kill(os.getpid(), signum)
             return
         received.append(signum)
-        raise Interrupted(signum)
+        raise Interrupted(signum, lost=send_again)
 
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield received
     finally:
+        with guard:
+            stopped.set()
         for signum, old in previous.items():
             signal.signal(signum, old if old is not None else signal.SIG_DFL)
 

@@ -116,3 +116,41 @@ def test_a_sigterm_whose_exception_python_swallowed_still_ends_the_command_as_in
         run_cli(app, "prog", interrupted="interrupted; rerun to resume")
     assert ended.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip().endswith("interrupted; rerun to resume")
+
+
+SWALLOWING_COMMAND = """
+import os, signal, sys, time
+import typer
+from common.cli import run_cli
+
+class SignalsInFinalizer:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10_000))  # the handler runs here; its exception is printed as ignored, not raised
+
+app = typer.Typer()
+
+@app.command()
+def work() -> None:
+    SignalsInFinalizer()
+    started = time.perf_counter()
+    while time.perf_counter() - started < 20:  # a command that would go on for 20 s
+        sum(range(1000))
+    print("finished")
+
+@app.command()
+def other() -> None:
+    pass
+
+sys.argv = ["prog", "work"]
+run_cli(app, "prog", interrupted="interrupted")
+"""
+
+
+@pytest.mark.slow  # a subprocess: the swallowed exception must not be kept alive by pytest's hooks
+def test_a_sigterm_whose_exception_python_swallowed_is_sent_again_and_stops_the_command_promptly() -> None:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", SWALLOWING_COMMAND], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "finished" not in done.stdout and done.stderr.strip().endswith("interrupted")
+    assert time.perf_counter() - started < 15  # stopped long before the command's 20 s
