@@ -17,11 +17,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -39,6 +40,7 @@ SUBMITTED = "submitted.json"  # in it: {job name: SLURM job id} of every submiss
 SLURM_TOOLS = ("sbatch", "srun", "sinfo", "squeue", "scontrol", "scancel")
 NATIVE_OPTIONS = ("partition", "account", "qos")  # `grid run` flags; every other --slurm-opt goes to sbatch as given
 SBATCH_TIMEOUT_S = 60
+STATUS_TIMEOUT_S = 20  # `grid status` waits no longer for each of sacct and squeue
 DEFER_S = 60  # a submitted job begins no sooner, unless every job of the grid was accepted before
 STOPPED_BY_SLURM = (128 + signal.SIGTERM, -signal.SIGTERM)  # a stage's exit code after SLURM's SIGTERM (requeue, scancel)
 
@@ -124,6 +126,58 @@ def queued(grid_dir: Path, jobs: Iterable[Job]) -> dict[str, str]:
         return {}
     alive = set(_slurm(["squeue", "--me", "--array", "--noheader", "--format=%i"]).split())
     return {name: slurm_id for name, slurm_id in mine.items() if slurm_id in alive}
+
+
+def slurm_states(ids: Collection[str]) -> dict[str, tuple[str, str]]:
+    """{SLURM job id: (state, reason)} of those of `ids` SLURM knows, e.g. ("CANCELLED", "DependencyNeverSatisfied").
+
+    sacct answers for every job of a cluster that keeps accounting; elsewhere squeue answers for the jobs ended
+    no longer ago than the cluster's MinJobAge. Neither answering (not on PATH, no controller) is a MedfmError.
+    """
+    if not ids:
+        return {}
+    joined = ",".join(sorted(ids))
+    said = []
+    for command in (["sacct", "-n", "-P", "-X", "-j", joined, "-o", "JobID,State,Reason"],
+                    ["squeue", "-h", "-r", "-t", "all", "-j", joined, "-o", "%i|%T|%r"]):
+        try:  # SLURM_BITSTR_LEN=0: a pending array's task ranges in full, never cut at 64 characters
+            done = subprocess.run(command, capture_output=True, text=True, timeout=STATUS_TIMEOUT_S,
+                                  env={**os.environ, "SLURM_BITSTR_LEN": "0"})
+        except FileNotFoundError:
+            said.append(f"{command[0]} is not on PATH")
+            continue
+        except subprocess.TimeoutExpired:
+            said.append(f"{command[0]}: no answer within {STATUS_TIMEOUT_S} s")
+            continue
+        if done.returncode == 0 or "Invalid job id" in done.stderr:  # squeue's answer when it knows none of `ids`
+            return parse_states(done.stdout)
+        error = done.stderr.strip().splitlines()
+        said.append(f"{command[0]}: {one_line(error[-1]) if error else f'exit code {done.returncode}'}")
+    raise MedfmError(f"SLURM does not answer ({'; '.join(said)})")
+
+
+def parse_states(text: str) -> dict[str, tuple[str, str]]:
+    """sacct's `-P -o JobID,State,Reason` or squeue's `-o %i|%T|%r` lines as {id: (state, reason)}, one entry per array task
+    (sacct shows a pending array as `12_[0-3,7]`) and the state's first word (sacct says `CANCELLED by 1000`)."""
+    out = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) < 3:
+            continue
+        job_id, state, reason = fields[:3]
+        array = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job_id)
+        tasks = [f"{array[1]}_{task}" for task in _task_ids(array[2])] if array else [job_id]
+        out.update(dict.fromkeys(tasks, (state.partition(" ")[0], reason)))
+    return out
+
+
+def _task_ids(ranges: str) -> list[int]:
+    """`0-3,7` -> [0, 1, 2, 3, 7]."""
+    tasks: list[int] = []
+    for part in ranges.split(","):
+        first, _, last = part.partition("-")
+        tasks.extend(range(int(first), int(last or first) + 1))
+    return tasks
 
 
 def _record(grid_dir: Path, submitted: dict[str, str]) -> None:

@@ -1,6 +1,6 @@
 """`grid run --executor slurm` on a real single-node SLURM (tests/grid/conftest.py): the same ledger as a local run,
 dependencies that hold (and a check that catches a dropped one), a killed and requeued finetune that resumes exactly,
-and bad input that submits nothing."""
+bad input that submits nothing, and `grid status` telling what SLURM did to jobs that never ran."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 from finetune.train import RESULT
 from grid.cli import main
 from grid.jobs import Job, Resources
+from grid.plan import GridSpec, write_spec
 from grid.slurm import SLURM_FOLDER, SUBMITTED, batches, sbatch_parameters, submit
-from grid.state import log_path, read_job, read_state, run_job, write_jobs
+from grid.state import log_path, mark, read_job, read_state, run_job, state_path, write_jobs
 from probe.results import Ledger
 from tests.tiny import run_main
 
@@ -73,6 +74,14 @@ def out_of_order(grid_dir: Path, jobs: list[Job]) -> list[str]:
     return wrong
 
 
+def status_rows(grid_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, list[str]], str]:
+    """`grid status`'s rows, {cell: [state, job, detail]}, and what it said on stderr."""
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, err = run_main(main, ["status", "--grid", str(grid_dir)], monkeypatch)
+    assert code == 0, err
+    return {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]] for line in out.splitlines() if "/seed" in line}, err
+
+
 def results(output: Path) -> dict[tuple, tuple]:
     """The ledger's rows by cell: (test metrics, validation score)."""
     rows = Ledger(output / "runs" / "results.sqlite").rows()
@@ -107,6 +116,68 @@ def test_no_sbatch_on_path_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: p
     code, _, err = run_main(main, tiny_grid(tmp_path / "grid", "slurm"), monkeypatch)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: sbatch is not on PATH"), err
     assert "--executor local" in err and not (tmp_path / "grid" / SLURM_FOLDER).exists()
+
+
+def queued_grid(grid_dir: Path, output: Path) -> dict[str, str]:
+    """A grid of seeds 0 and 1 whose state files say six jobs were queued or running on SLURM: {job name: SLURM id}."""
+    write_spec(GridSpec(backbones=("deit",), datasets=("demo",), seeds=(0, 1), protocol="fast", epochs=2, output=str(output)), grid_dir)
+    ids = {"extract-deit-demo": "11", "probe-deit-demo": "12_1", "finetune-unfrozen-linear-deit-demo-s0": "13",
+           "finetune-unfrozen-deit-deit-demo-s0": "14", "finetune-unfrozen-linear-deit-demo-s1": "15",
+           "finetune-unfrozen-deit-deit-demo-s1": "16"}
+    cells = {name: (f"{name.split('-')[1]}-{name.split('-')[2]}/deit/demo/seed{name[-1]}",) for name in ids if name.startswith("finetune")}
+    write_jobs([Job("extract-deit-demo", "extract", ()),
+                Job("probe-deit-demo", "probe", (), after=("extract-deit-demo",),
+                    cells=("frozen-linear/deit/demo/seed0", "frozen-deit/deit/demo/seed0")),
+                *(Job(name, "finetune", (), cells=cells[name]) for name in cells)], grid_dir)
+    for name, slurm_id in ids.items():
+        running = name in ("extract-deit-demo", "finetune-unfrozen-deit-deit-demo-s1")
+        mark(grid_dir, name, "running", host="node1", slurm_job=slurm_id) if running else mark(grid_dir, name, "pending", slurm_job=slurm_id)
+    return ids
+
+
+SACCT = "11|RUNNING|None\n12_[0-1%4]|PENDING|Dependency\n13|RUNNING|None\n15|CANCELLED by 0|None\n16|TIMEOUT|TimeLimit\n"
+SQUEUE = "11|RUNNING|None\n12_1|PENDING|Dependency\n13|RUNNING|None\n15|CANCELLED|None\n16|TIMEOUT|TimeLimit\n"
+
+
+@pytest.mark.parametrize("accounting", [True, False])
+def test_status_shows_what_slurm_did_to_queued_jobs_from_sacct_or_else_squeue_and_writes_nothing(
+        accounting: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid_dir, bin_dir = tmp_path / "grid", tmp_path / "bin"
+    ids = queued_grid(grid_dir, tmp_path / "out")
+    bin_dir.mkdir()  # sacct and squeue as a cluster with (or without) accounting storage answers them, logging their calls
+    sacct = f"printf %s '{SACCT}'" if accounting else "echo 'Slurm accounting storage is disabled' >&2; exit 1"
+    for tool, answer in (("sacct", sacct), ("squeue", f"printf %s '{SQUEUE}'")):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{tmp_path}/calls"\n{answer}\n')
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    states = {p.name: p.read_text() for p in (grid_dir / "state").iterdir()}
+    rows, err = status_rows(grid_dir, monkeypatch)
+    assert rows == {
+        "frozen-linear/deit/demo/seed0": ["pending", "probe-deit-demo", "queued as SLURM job 12_1 (Dependency), waits for extract-deit-demo"],
+        "frozen-deit/deit/demo/seed0": ["pending", "probe-deit-demo", "queued as SLURM job 12_1 (Dependency), waits for extract-deit-demo"],
+        "unfrozen-linear/deit/demo/seed0": ["running", "finetune-unfrozen-linear-deit-demo-s0", "SLURM job 13"],
+        "unfrozen-deit/deit/demo/seed0": ["failed", "finetune-unfrozen-deit-deit-demo-s0", "SLURM no longer knows job 14"],
+        "frozen-linear/deit/demo/seed1": ["pending", "", "not planned yet: `grid run` plans it"],
+        "frozen-deit/deit/demo/seed1": ["pending", "", "not planned yet: `grid run` plans it"],
+        "unfrozen-linear/deit/demo/seed1": ["failed", "finetune-unfrozen-linear-deit-demo-s1", "SLURM: CANCELLED"],
+        "unfrozen-deit/deit/demo/seed1": ["failed", "finetune-unfrozen-deit-deit-demo-s1", "SLURM: TIMEOUT TimeLimit"],
+    } and err == ""
+    asked = ",".join(sorted(ids.values()))
+    assert (tmp_path / "calls").read_text().splitlines() == [f"sacct -n -P -X -j {asked} -o JobID,State,Reason"] + (
+        [] if accounting else [f"squeue -h -r -t all -j {asked} -o %i|%T|%r"])
+    assert {p.name: p.read_text() for p in (grid_dir / "state").iterdir()} == states
+
+
+def test_status_without_slurm_commands_shows_the_state_files_and_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid_dir = tmp_path / "grid"
+    queued_grid(grid_dir, tmp_path / "out")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    rows, err = status_rows(grid_dir, monkeypatch)
+    assert rows["frozen-linear/deit/demo/seed0"] == ["pending", "probe-deit-demo", "queued as SLURM job 12_1, waits for extract-deit-demo"]
+    assert rows["unfrozen-deit/deit/demo/seed0"] == ["pending", "finetune-unfrozen-deit-deit-demo-s0", "queued as SLURM job 14"]
+    assert rows["unfrozen-deit/deit/demo/seed1"] == ["running", "finetune-unfrozen-deit-deit-demo-s1", "on node1, SLURM job 16"]
+    assert err == ("warning: SLURM did not say what became of 6 queued or running jobs: SLURM does not answer (sacct is not on PATH; "
+                   "squeue is not on PATH); their rows show the grid folder's state files only\n")
 
 
 @pytest.mark.slow  # a real SLURM runs the jobs
@@ -166,6 +237,25 @@ def test_probe_jobs_start_after_their_extraction_and_without_the_dependency_they
     wait_for(list(ids.values()), tmp_path / "dropped-grid")
     assert read_state(tmp_path / "dropped-grid", probes[0].name)["state"] == "failed"
     assert out_of_order(tmp_path / "dropped-grid", probes[:1]) == [f"{probes[0].name} before {extraction.name}"]
+
+
+@pytest.mark.slow  # a real SLURM runs the extraction and cancels its sweep
+def test_status_shows_a_sweep_slurm_cancelled_after_its_extraction_failed_as_failed_with_slurms_reason(
+        slurm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid_dir, cell = tmp_path / "grid", "frozen-linear/deit/demo/seed0"
+    write_spec(GridSpec(backbones=("deit",), datasets=("demo",), scenarios=("frozen-linear",), protocol="fast", epochs=2,
+                        output=str(tmp_path / "out")), grid_dir)
+    extraction = Job("extract-deit-demo", "extract", ("no-such-command",), resources=SMALL)  # fails at once
+    sweep = Job("probe-deit-demo", "probe", ("sweep",), after=(extraction.name,), resources=SMALL, cells=(cell,))
+    write_jobs([extraction, sweep], grid_dir)
+    ids = submit([extraction, sweep], grid_dir, {})
+    wait_for(list(ids.values()), grid_dir)
+    assert read_state(grid_dir, extraction.name)["state"] == "failed"
+    assert read_state(grid_dir, sweep.name) == {**read_state(grid_dir, sweep.name), "state": "pending", "slurm_job": ids[sweep.name]}
+    before = state_path(grid_dir, sweep.name).read_text()  # the sweep never ran: its state file still says queued
+    rows, err = status_rows(grid_dir, monkeypatch)
+    assert rows == {cell: ["failed", sweep.name, "SLURM: CANCELLED DependencyNeverSatisfied"]} and err == ""
+    assert state_path(grid_dir, sweep.name).read_text() == before  # `grid status` only reads
 
 
 @pytest.mark.slow  # a real SLURM runs the job, and requeues it
