@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.special import softmax
@@ -245,15 +246,20 @@ def _runs(records: list[RunRecord]) -> Runs:
     return Runs(records, [load_predictions(r.run_dir, "test") for r in records], tasks[0])
 
 
-def run_task(record: RunRecord) -> Task:
-    """The task a run was scored on, from its run folder's config.json (probe and finetune both keep it there)."""
+def run_config(record: RunRecord) -> dict[str, Any]:
+    """A run's config.json (probe and finetune both keep one in the run folder), or one line saying it is gone."""
     path = Path(record.run_dir or "") / "config.json"
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         raise MedfmError(f"run {record.id}: cannot read its {path}; the run folder was moved or removed") from None
+
+
+def run_task(record: RunRecord) -> Task:
+    """The task a run was scored on, from its config.json."""
+    data = run_config(record)
     if "task" not in data:
-        raise MedfmError(f"run {record.id}: {path} records no task; retrain it with --force")
+        raise MedfmError(f"run {record.id}: {Path(record.run_dir or '') / 'config.json'} records no task; retrain it with --force")
     return Task.from_dict(data["task"])
 
 

@@ -16,7 +16,6 @@ cache again.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from cache.store import CacheReader
 from common.checkpoints import load_state_dict
 from common.errors import MedfmError
 from common.runtime import resolve_device
-from probe.compare import run_task
+from probe.compare import run_config, run_task
 from probe.data import FeatureSource, flatten_settings
 from probe.heads import get_head
 from probe.metrics import compute_metrics
@@ -75,7 +74,7 @@ def load_run(ledger: Ledger, run: str) -> SavedRun:
         raise MedfmError(f"run {record.id} is a {record.head} probe, which keeps no trained head; probe eval scores trained heads "
                          "(linear, deit)")
     task = run_task(record)  # one clear error when the run folder is gone
-    config = json.loads((Path(record.run_dir or "") / "config.json").read_text())
+    config = run_config(record)
     if not (Path(record.run_dir or "") / "head.pt").is_file():
         raise MedfmError(f"run {record.id}: its head ({record.run_dir}/head.pt) is missing; retrain it with --force")
     return SavedRun(record, config, task)

@@ -11,7 +11,6 @@ are left out, said in a note.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 
 from cache.store import CacheReader
 from common.errors import MedfmError
+from probe.compare import run_config
 from probe.metrics import compute_metrics
 from probe.predictions import load_predictions
 from probe.report import Report
@@ -50,13 +50,6 @@ def group_values(column: str, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cache_of(run_dir: str | None) -> Path:
-    config = Path(run_dir or "") / "config.json"
-    if not config.is_file():
-        raise MedfmError(f"no subgroups: the run folder {run_dir} lacks config.json (which cache it read)")
-    return Path(json.loads(config.read_text())["cache"])
-
-
 def subgroup_table(report: Report, by: str) -> tuple[pd.DataFrame, list[str]]:
     """One line per (row, dataset column, group): the group's mean score over the cell's seeds and its sample count, with
     the cell's worst group and gap. Returns the table and notes. A dataset without the column is one clear error."""
@@ -73,7 +66,7 @@ def subgroup_table(report: Report, by: str) -> tuple[pd.DataFrame, list[str]]:
         counts: dict[str, int] = {}
         name = by
         for run in runs:
-            cache = _cache_of(run.run_dir)
+            cache = Path(run_config(run)["cache"])
             if not cache.is_file():
                 raise MedfmError(f"no subgroups for {row} on {label}: its cache {cache} is gone; re-extract it or leave the dataset "
                                  "out with --dataset")
