@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from common.errors import MedfmError
 from extract.backbones import create_backbone
+from extract.datasets import get_dataset
 from finetune import train as finetune_train
 from finetune.cli import main
 from finetune.model import FreezePolicy
@@ -23,7 +25,8 @@ from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
 from probe.predictions import load_predictions
 from probe.report import make_report
 from probe.results import Ledger
-from tests.conftest import cli
+from tests.conftest import REPO, cli
+from tests.extract import killable
 from tests.extract.test_datasets_layouts import image
 from tests.tiny import TINY_RESNET, TINY_VIT_DEEP, run_main
 
@@ -96,10 +99,16 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
 
 @pytest.mark.slow  # subprocesses: an installed entry point, torchrun or a killed process
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    killed = tiny(tmp_path / "killed", epochs=5, augment=True)  # augmentation on: its random stream must replay too
-    proc = subprocess.Popen([cli("finetune"), *cli_args(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # killable-demo (demo's images) pauses at the second load of a train image: in epoch 2, after epoch 1's checkpoint
+    killed = tiny(tmp_path / "killed", epochs=5, augment=True, dataset="killable-demo")  # augmentation: its stream replays too
+    train_image = int(get_dataset("demo", None, per_class=8).splits["train"].ids[3].removeprefix("demo-"))
+    marker = tmp_path / "paused"
+    env = {**os.environ, killable.PAUSE_ENV: f"{train_image}#2:{marker}", "PYTHONPATH": str(REPO)}
+    script = "from tests.extract import killable; from finetune.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", script, *cli_args(killed)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     try:
-        while not list((killed.out / "finetune").glob(f"*/{CHECKPOINT}")) and proc.poll() is None:
+        while not marker.exists() and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -107,7 +116,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch
     assert proc.returncode == -signal.SIGKILL, err.decode()
     run_dir = run_dir_of(killed.out)
     stopped_at = torch.load(run_dir / CHECKPOINT, weights_only=True)["epoch"]
-    assert 1 <= stopped_at < killed.epochs
+    assert stopped_at == 1  # killed in epoch 2: epoch 1 checkpointed, nothing of epoch 2 kept
     with pytest.raises(MedfmError, match="--resume"):
         finetune(killed)
 
