@@ -35,14 +35,17 @@ checksums too.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +203,18 @@ class CacheWriter:
     def add_cost(self, seconds: float, device: str) -> None:
         """Add `seconds` of extraction on `device` to the meta's cost (outside the fingerprinted settings)."""
         _set_meta(self._file, self.meta().with_cost(seconds, device).to_json())
+
+    @contextmanager
+    def costed(self, device: str) -> Iterator[None]:
+        """Add the block's wall seconds on `device` to the cost, also when it is interrupted (a resumed run adds to them)."""
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):  # the interruption is what the caller must hear about
+                self.add_cost(time.perf_counter() - started, device)
+            raise
+        self.add_cost(time.perf_counter() - started, device)
 
     def finalize(self) -> Path:
         """Mark the file complete and move it to its final name; refuses if any split is short."""

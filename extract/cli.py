@@ -131,8 +131,7 @@ def run(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out, batch_size=parse_batch_size(batch_size), tokens=tokens,
         token_dtype=token_dtype, layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation,
         device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, image_cache=image_cache, manifest=manifest,
-        views=views,
-        augment=augment, augment_seed=augment_seed, protocol=protocol, opt=opt, split_seed=split_seed, corrupt=corruptions,
+        views=views, augment=augment, augment_seed=augment_seed, protocol=protocol, opt=opt, split_seed=split_seed, corrupt=corruptions,
         overrides=parse_overrides(override or []),
     )
     result = extract(cfg)

@@ -14,7 +14,6 @@ the split's ids and labels; its meta names no backbone (`pixels`). Image caches 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -35,7 +34,7 @@ from common.runtime import loader_workers, output_root
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource
 from extract.datasets.decode import DECODER_VERSION, open_image, to_8bit
-from extract.datasets.images import ImageDataset
+from extract.datasets.images import ImageDataset, unreadable_ids
 from extract.datasets.splits import read_manifest
 from extract.transforms import TransformSpec, square_resize
 
@@ -233,20 +232,14 @@ def build_image_cache(cfg: ImageCacheConfig, console: Console | None = None) -> 
     else:
         console.print(f"decoding {source.name} once at {spec.resize} x {spec.resize} ({spec.interpolation}"
                       f"{', JPEG draft' if spec.jpeg_draft else ''}) -> {path} ({planned_bytes(plan) / 2**30:.2f} GiB)")
-    started, recorded = time.perf_counter(), False
+    started = time.perf_counter()
     try:
-        skipped, decoded = _decode_splits(source, spec, writer, cfg, console)
-        if skipped:
-            writer.add_skipped(skipped)
+        with writer.costed("cpu"):  # an interrupted build's seconds count too, when it resumes
+            skipped, decoded = _decode_splits(source, spec, writer, cfg, console)
+            if skipped:
+                writer.add_skipped(skipped)
         seconds = time.perf_counter() - started
-        writer.add_cost(seconds, "cpu")
-        recorded = True
         writer.finalize()
-    except BaseException:
-        with contextlib.suppress(Exception):  # an interrupted build's seconds count too, when it resumes
-            if not recorded:
-                writer.add_cost(time.perf_counter() - started, "cpu")
-        raise
     finally:
         writer.close()
     console.print(f"[green]image cache complete[/] {path}")
@@ -273,12 +266,10 @@ def _decode_splits(source: DatasetSource, spec: PixelSpec, writer: CacheWriter, 
                                                  num_workers=workers, prefetch_factor=4 if workers else None)
             row = start
             for pixels, ok, errors in loader:
-                if not bool(ok.all()):
-                    bad = [e for e, good in zip(errors, ok.tolist(), strict=True) if not good]
-                    if not cfg.skip_bad:
-                        raise MedfmError(f"cannot read image {bad[0]}; fix or remove it, or pass --skip-bad to skip unreadable images")
-                    skipped.extend(images.ids[row + i] for i, good in enumerate(ok.tolist()) if not good)
-                    console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {bad[0]}")
+                bad = unreadable_ids(ok, errors, images.ids[row : row + len(ok)], cfg.skip_bad)
+                if bad:
+                    skipped.extend(bad)
+                    console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {next(e for e in errors if e)}")
                 writer.write(name, row, {PIXELS: pixels.numpy()}, ok.numpy())
                 row += len(pixels)
                 decoded += len(pixels)

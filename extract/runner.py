@@ -12,7 +12,6 @@ finishes early waits on no collective and a rerun resumes every shard where it s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import queue
@@ -39,7 +38,7 @@ from extract.corruptions import CORRUPT_VIEW, MIN_SIDE, Corruption
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, Split
 from extract.datasets.decode import DECODER_VERSION
-from extract.datasets.images import ImageDataset
+from extract.datasets.images import ImageDataset, unreadable_ids
 from extract.datasets.splits import read_manifest
 from extract.image_cache import CachedPixels, find_image_cache, image_folder
 from extract.input_checks import check_image_size
@@ -257,22 +256,15 @@ def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device,
                           f"({planned_bytes(plan) / 2**30:.2f} GiB"
                           + (f", {cfg.views} augmented train views" if views else "")
                           + (f"; {launch.size} processes, one shard each)" if launch.size > 1 else ")"))
-        started, recorded = time.perf_counter(), False  # the cost: this call's wall seconds, added to a killed run's
         try:
             if planned.pixels is not None:
                 console.print(f"reading the images from the image cache {planned.pixels.path}")
-            skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views,
-                                                       planned.corruption, planned.pixels)
-            if skipped:
-                writer.add_skipped(skipped)
-            writer.add_cost(time.perf_counter() - started, device_label(device))
-            recorded = True
+            with writer.costed(device_label(device)):  # this call's wall seconds, added to a killed run's
+                skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views,
+                                                           planned.corruption, planned.pixels)
+                if skipped:
+                    writer.add_skipped(skipped)
             writer.finalize()
-        except BaseException:
-            with contextlib.suppress(Exception):  # an interrupted extraction's seconds count too, when it resumes
-                if not recorded:
-                    writer.add_cost(time.perf_counter() - started, device_label(device))
-            raise
         finally:
             writer.close()
     if launch.is_main:
@@ -475,13 +467,10 @@ def _extract_splits(
         with progress:
             bar = progress.add_task(f"{cfg.backbone} / {source.name}", total=offset, rate="-")
             for (split_name, row), (images, ok, errors) in zip(firsts, loader, strict=True):
-                if not bool(ok.all()):
-                    bad = [e for e, good in zip(errors, ok.tolist(), strict=True) if not good]
-                    if not cfg.skip_bad:
-                        raise MedfmError(f"cannot read image {bad[0]}; fix or remove it, or pass --skip-bad to skip unreadable images")
-                    ids = source.splits[split_name].ids
-                    skipped.extend(ids[row + i] for i, good in enumerate(ok.tolist()) if not good)
-                    console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {bad[0]}")
+                bad = unreadable_ids(ok, errors, source.splits[split_name].ids[row : row + len(ok)], cfg.skip_bad)
+                if bad:
+                    skipped.extend(bad)
+                    console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {next(e for e in errors if e)}")
                 outputs: dict[str, torch.Tensor] = {}
                 for index, f in forward(images).items():
                     outputs[feature_key("pooled", index, model.num_layers)] = f.pooled.float().to("cpu", non_blocking=True)

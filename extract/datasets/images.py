@@ -96,3 +96,15 @@ class ImageDataset(torch.utils.data.Dataset):
             return torch.zeros(self.shape, dtype=self.dtype), False, str(err) if str(err).startswith(str(ref)) else f"{ref}: {err}"
         except Exception as err:  # noqa: BLE001 - any decode failure is reported by the runner, with the file
             return torch.zeros(self.shape, dtype=self.dtype), False, f"{ref}: {type(err).__name__}: {err}"
+
+
+def unreadable_ids(ok: torch.Tensor, errors: list[str], ids: list[str], skip_bad: bool) -> list[str]:
+    """The ids of a batch's unreadable images (rows of `ids`, in order), or one line saying which image and what to do.
+
+    Extraction and the image-cache build share this rule: stop, or with `--skip-bad` skip and record them."""
+    if bool(ok.all()):
+        return []
+    bad = [e for e, good in zip(errors, ok.tolist(), strict=True) if not good]
+    if not skip_bad:
+        raise MedfmError(f"cannot read image {bad[0]}; fix or remove it, or pass --skip-bad to skip unreadable images")
+    return [i for i, good in zip(ids, ok.tolist(), strict=True) if not good]
