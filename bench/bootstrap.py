@@ -1,6 +1,6 @@
 """Benchmark 7: bootstrap intervals of a CheXpert-sized test set, 1,000 resamples of 200,000 rows, 14 labels (mean ROC-AUC).
 
-What `probe report --ci 95` does per cell (`probe.bootstrap.resample_metric`): resamples drawn as counts in blocks,
+What `probe report --ci 95` does per cell (`scoring.bootstrap.resample_metric`): resamples drawn as counts in blocks,
 each label's AUC a count-weighted Mann-Whitney statistic. Timed once in this process with tracemalloc on (its peak,
 above what was allocated before the call, is the peak extra memory: the prepared scorer plus one block), then once
 over every core with joblib (`--jobs`), whose resamples must be the very same.
@@ -18,8 +18,8 @@ import numpy as np
 
 from bench.common import at_most, record, run_main
 from common.runtime import cpu_cores
-from probe import bootstrap
-from probe.bootstrap import interval, resample_metric
+from scoring import bootstrap
+from scoring.bootstrap import interval, resample_metric
 
 ROWS, LABELS, RESAMPLES = 200_000, 14, 1000
 

@@ -19,8 +19,9 @@ from bench.common import at_least, device, fastest_rounds, record, run_main, scr
 from bench.online import OnlineFeatures
 from cache.store import CacheReader
 from extract.runner import ExtractConfig, extract
+from probe.config import FitResult, TrainConfig
 from probe.data import FeatureSource
-from probe.train import FitResult, TrainConfig, train_head
+from probe.train import train_head
 
 BACKBONE, OVERRIDES = "deit", {"embed_dim": 192, "depth": 12, "num_heads": 3}  # DeiT-Ti shape, 5.5M parameters
 IMAGE_SIZE = 112

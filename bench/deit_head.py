@@ -20,8 +20,9 @@ from bench.common import device, fastest_rounds, record, run_main, scratch_outpu
 from bench.online import OnlineFeatures
 from cache.store import CacheReader
 from extract.runner import ExtractConfig, extract
+from probe.config import TrainConfig
 from probe.data import FeatureSource
-from probe.train import TrainConfig, train_head
+from probe.train import train_head
 
 BACKBONE, OVERRIDES = "deit", {"embed_dim": 384, "depth": 12, "num_heads": 6}  # DeiT-S shape
 IMAGE_SIZE = 112

@@ -40,7 +40,7 @@ from bench.common import REPO, machine, run_main, summary_path
 from bench.extraction import compare
 from cache.store import CacheReader
 from common.errors import MedfmError
-from probe.results import Ledger
+from ledger.store import Ledger
 
 BIN = Path(sys.executable).parent
 

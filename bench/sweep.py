@@ -28,10 +28,10 @@ from rich.console import Console
 from bench.common import at_least, device, fastest_rounds, record, run_main, scratch_outputs
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
-from probe.results import Ledger
+from ledger.store import Ledger
+from probe.config import TrainConfig
 from probe.run import run_probe
 from probe.sweep import run_sweep
-from probe.train import TrainConfig
 
 ROWS = {"train": 2564, "val": 549, "test": 549}
 DIM, CLASSES = 768, 5

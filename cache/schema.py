@@ -20,7 +20,7 @@ from typing import Any
 from common.errors import MedfmError
 
 TASK_KINDS = ("multiclass", "binary", "multilabel")
-# The metric vocabulary: every name `probe.metrics` computes, per task kind. The first is the kind's default.
+# The metric vocabulary: every name `scoring.metrics` computes, per task kind. The first is the kind's default.
 METRICS: dict[str, tuple[str, ...]] = {
     "multiclass": ("accuracy", "macro_recall", "quadratic_kappa", "roc_auc"),
     "binary": ("roc_auc", "accuracy", "macro_recall", "quadratic_kappa"),

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from cache.fingerprint import fingerprint, manifest_hash
+from cache.layout import cache_path
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, feature_key, view_group
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, planned_bytes, shard_path
 from common.errors import MedfmError
@@ -41,18 +42,8 @@ from extract.datasets.decode import DECODER_VERSION
 from extract.datasets.images import ImageDataset, unreadable_ids
 from extract.datasets.splits import read_manifest
 from extract.image_cache import CachedPixels, find_image_cache, image_folder
-from extract.input_checks import check_image_size
-from extract.transforms import (
-    CROP_FRACTION,
-    TransformSpec,
-    check_input_settings,
-    check_study_inputs,
-    check_views,
-    eval_transform,
-    input_spec,
-    train_transform,
-    view_seed,
-)
+from extract.inputs import check_image_size, check_input_settings, check_study_inputs, check_views, input_spec
+from extract.transforms import CROP_FRACTION, TransformSpec, eval_transform, train_transform, view_seed
 
 TOKEN_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -110,10 +101,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def cache_path(out: Path, backbone: str, dataset: str, fp: str) -> Path:
-    return Path(out) / backbone / f"{dataset}-{fp[:12]}.h5"
 
 
 def feature_plan(model: Backbone, layers: Sequence[int], tokens: bool, token_dtype: str, device: torch.device) -> dict[str, FeatureSpec]:

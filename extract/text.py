@@ -25,8 +25,8 @@ from torch import nn
 from cache.store import CacheReader, write_text_classes
 from common.errors import MedfmError
 from common.runtime import resolve_device
-from extract.backbones import RANDOM_INIT_SEED, create_backbone, get_spec
 from extract.backbones.openclip import MODEL
+from extract.backbones.registry import RANDOM_INIT_SEED, create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, load_state_dict, load_strict, resolve_weights
 from extract.names import check_text_tower
 

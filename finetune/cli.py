@@ -19,8 +19,8 @@ from common.cli import dataset_options, parse_overrides, run_cli
 from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
 from extract.names import check_backbone, check_dataset
-from probe.names import check_head
-from probe.recipe import STUDY
+from training.names import check_head
+from training.recipe import STUDY
 
 app = typer.Typer(help="Train a backbone and a head end to end (the study's unfrozen scenarios).", no_args_is_help=True,
                   add_completion=False)
@@ -78,8 +78,9 @@ def run(
         help="Backbone constructor KEY=VALUE (repeatable); for tiny test models, e.g. embed_dim=32.", hidden=True)] = None,
 ) -> None:
     """Train BACKBONE + HEAD on DATASET end to end; the result joins the ledger that `probe report` reads."""
-    for check, name in ((check_backbone, backbone), (check_dataset, dataset), (check_head, head)):
-        check(name)  # a typo is one line before torch and the models load
+    check_backbone(backbone)  # a typo is one line before torch and the models load
+    check_dataset(dataset)
+    check_head(head, module=True)
     several = _seeds(seeds, seed)
     from finetune.train import FinetuneConfig, finetune  # torch and the models: imported for a run, not for --help
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from common.errors import MedfmError
 from extract.backbones import Backbone
-from probe.heads import build_head, get_head
+from training.heads import build_head, get_head
 
 
 @dataclass(frozen=True)

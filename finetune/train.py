@@ -42,18 +42,19 @@ from extract.backbones.weights import resolve_weights
 from extract.datasets import get_dataset
 from extract.datasets.decode import DECODER_VERSION
 from extract.image_cache import image_folder
-from extract.input_checks import check_image_size
-from extract.transforms import TransformSpec, check_input_settings, check_study_inputs, input_spec
+from extract.inputs import check_image_size, check_input_settings, check_study_inputs, input_spec
+from extract.transforms import TransformSpec
 from finetune import distributed
 from finetune.data import check_images, draw_epoch, epoch_seed, find_pixels, make_loader
 from finetune.distributed import World
 from finetune.model import FreezePolicy, build_model, freeze_unused
-from probe.heads import get_head
-from probe.metrics import compute_metrics, loss_fn, primary
-from probe.predictions import Predictions, save_predictions
-from probe.recipe import STUDY, improves, param_groups, precision, warmup_then_constant
-from probe.results import Ledger, RunRecord, config_key, dataset_identity, late_best, late_best_note
-from probe.train import Pace, add_epoch, scalar_writer
+from ledger.predictions import Predictions, save_predictions
+from ledger.records import RunRecord, config_key, dataset_identity, late_best, late_best_note
+from ledger.store import Ledger
+from scoring.metrics import compute_metrics, loss_fn, primary
+from training.heads import get_head
+from training.progress import Pace, add_epoch, scalar_writer
+from training.recipe import STUDY, improves, param_groups, precision, warmup_then_constant
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -76,7 +77,7 @@ class FinetuneConfig:
     weight_decay: float = STUDY.weight_decay
     warmup_steps: int | None = None  # None: the study's, STUDY.warmup_steps(steps per epoch)
     grad_clip: float = STUDY.grad_clip
-    amp: bool | None = None  # None: on for CUDA; see probe.recipe.precision
+    amp: bool | None = None  # None: on for CUDA; see training.recipe.precision
     amp_dtype: str = "auto"  # auto (bf16 where the GPU has it, else fp16) | bf16 | fp16 (with a GradScaler)
     augment: bool = True  # the study's train augmentation; off: the eval transform for training too
     protocol: str = "medfm"  # medfm | study: the official code's rules where they differ from ours (docs/protocol.md §7)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cache.layout import find_cache
 from common.cli import parse_options
 from common.errors import MedfmError
 from common.registry import unknown
@@ -22,8 +23,7 @@ from extract.names import check_backbone, check_dataset
 from grid import estimate
 from grid.jobs import STAGES, Job, Resources, ordered
 from grid.state import clear, read_job, read_state, state_path
-from probe.data import find_cache
-from probe.results import Ledger
+from ledger.store import Ledger
 
 SCENARIOS = ("frozen-linear", "frozen-deit", "unfrozen-linear", "unfrozen-deit")
 PROTOCOLS = ("study", "fast")  # study: every cell as the official code ran it; fast: frozen cells on one cached view

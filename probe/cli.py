@@ -10,13 +10,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cache.layout import find_cache, open_cache
 from common.cli import run_cli
 from common.errors import MedfmError
 from common.runtime import output_root
-from probe.data import feature_name, find_cache, open_cache, parse_bytes
-from probe.names import check_head
-from probe.recipe import STUDY
-from probe.results import Ledger
+from ledger.store import Ledger
+from probe.data import feature_name, parse_bytes
+from training.names import check_head
+from training.recipe import STUDY
 
 # Training modules (torch, timm, scikit-learn) load inside the commands that train, and the report's
 # (pandas, matplotlib) inside `report`: seconds saved on --help and on every mistake caught early.
@@ -90,9 +91,9 @@ def run(
     several = parse_seeds(seeds, seed)
     if calibrate and several is not None:
         raise MedfmError("--calibrate applies to one run: give --seed, not --seeds")
+    from probe.config import TrainConfig
     from probe.heads import get_head
     from probe.run import late_hint, run_probe
-    from probe.train import TrainConfig
 
     path = find_cache(backbone, dataset, cache)
     with open_cache(path, backbone, dataset) as reader:
@@ -123,7 +124,7 @@ def parse_seeds(seeds: str | None, seed: int | None) -> list[int] | None:
 
 def _say_seeds(records: list, hint: str) -> None:
     """Each seed's line, then their mean and standard deviation: what the report's cell will show."""
-    from probe.results import mean_score
+    from ledger.records import mean_score
     from probe.run import describe
 
     for r in records:
@@ -172,8 +173,8 @@ def sweep(
     """Train a grid of heads on one cache (linear heads together, in one pass per epoch); report the best by validation."""
     for name in _values(head, str, "--head"):
         check_head(name)  # a typo is one line before torch loads
+    from probe.config import TrainConfig
     from probe.sweep import Grid, expand, run_sweep
-    from probe.train import TrainConfig
 
     path = find_cache(backbone, dataset, cache)
     with open_cache(path, backbone, dataset) as reader:
@@ -265,8 +266,8 @@ def report(
     """The study's table (backbone x scenario by dataset, average, gain over deit linear) and figure."""
     from rich.markup import escape
 
-    from probe.bootstrap import check_settings
-    from probe.report import AVERAGE, COST_NOTE, GAIN, cost_text, is_random, make_report, notes
+    from report.table import AVERAGE, COST_NOTE, GAIN, cost_text, is_random, make_report, notes
+    from scoring.bootstrap import check_settings
 
     if ci is None and boot is not None:
         raise MedfmError("--boot sets the resamples of --ci intervals; give --ci too (e.g. --ci 95)")
@@ -300,11 +301,11 @@ def report(
         console.print(f"{kind}: {path}")
 
 
-def _print_subgroups(result, by: str, out: Path) -> None:  # noqa: ANN001 - a probe.report.Report
+def _print_subgroups(result, by: str, out: Path) -> None:  # noqa: ANN001 - a report.table.Report
     """`probe report --by`: the subgroup table, its notes, and its CSV among the report's files."""
     from rich.markup import escape
 
-    from probe.subgroups import subgroup_table, summary_lines, write_subgroups
+    from report.subgroups import subgroup_table, summary_lines, write_subgroups
 
     table, lines = subgroup_table(result, by)
     shown = Table("backbone x scenario", "dataset", f"{by}: score (n) per group", "worst group", "gap (best - worst)",
@@ -317,11 +318,11 @@ def _print_subgroups(result, by: str, out: Path) -> None:  # noqa: ANN001 - a pr
     result.files[f"by {by}"] = write_subgroups(table, out, by)
 
 
-def _print_evaluations(tables, which: str) -> None:  # noqa: ANN001 - a probe.report.EvaluationTables
+def _print_evaluations(tables, which: str) -> None:  # noqa: ANN001 - a report.table.EvaluationTables
     """`probe report`: the robustness and transfer tables of the chosen runs' `probe eval` scores, with their notes."""
     from rich.markup import escape
 
-    from probe.report import ROBUSTNESS_NOTE, TRANSFER_NOTE, evaluation_lines, left_out_note
+    from report.table import ROBUSTNESS_NOTE, TRANSFER_NOTE, evaluation_lines, left_out_note
 
     for lines in evaluation_lines(tables, which):
         robustness = lines[0][1] == "dataset"
@@ -385,8 +386,8 @@ def evaluate_run(
     """Score a run's trained head on another cache's test split (robustness, transfer); each score goes into the ledger."""
     from rich.markup import escape
 
-    from probe.compare import best_runs
     from probe.evaluate import corrupted_views, describe, evaluate, load_run
+    from report.compare import best_runs
 
     if (run is None) == (backbone is None):
         raise MedfmError("name the run to score (probe eval RUN) or pick it with --backbone B --dataset D [--scenario S]")
@@ -432,8 +433,8 @@ def compare(
         raise MedfmError("give both run ids: probe compare RUN_A RUN_B")
     if by_choice and not (backbone and vs and dataset):
         raise MedfmError("picking the runs needs --backbone A, --vs B and --dataset D (and --scenario, default frozen-linear)")
-    from probe.compare import best_runs, describe, runs_by_id
-    from probe.compare import compare as paired_comparison
+    from report.compare import best_runs, describe, runs_by_id
+    from report.compare import compare as paired_comparison
 
     runs = Ledger(ledger)
     if by_id:
@@ -486,8 +487,8 @@ def curve(
         raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
     from contextlib import ExitStack
 
+    from probe.config import TrainConfig
     from probe.curve import run_curve, write_curve
-    from probe.train import TrainConfig
 
     if cache:
         caches = [(path, None) for path in cache]

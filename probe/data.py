@@ -14,16 +14,13 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psutil
 
 from cache.schema import view_group
-from cache.store import PARTIAL_SUFFIX, CacheReader, describe
+from cache.store import CacheReader
 from common.errors import MedfmError
-from common.runtime import output_root
 
 RAM_FRACTION = 0.5  # default budget: half of the memory available when the run starts
 EVAL_BATCH = 256
@@ -36,63 +33,6 @@ def parse_bytes(text: str) -> int:
     if not match:
         raise MedfmError(f"--max-ram must be a size such as 2G, 500M or 1048576; got '{text}'")
     return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
-
-
-def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = None, features: Path | None = None) -> Path:
-    """The one complete cache of (backbone, dataset) under the features folder, or `cache` when given."""
-    if cache is not None:
-        return Path(cache)
-    if not backbone or not dataset:
-        raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
-    folder = (features or output_root() / "features") / backbone
-    name = re.compile(rf"^{re.escape(dataset)}-[0-9a-f]{{12}}\.h5$")
-    complete = sorted(p for p in folder.glob(f"{dataset}-*.h5") if name.match(p.name))
-    partial = sorted(p for p in folder.glob(f"{dataset}-*.h5{PARTIAL_SUFFIX}") if name.match(p.name[: -len(PARTIAL_SUFFIX)]))
-    if len(complete) > 1:
-        raise MedfmError(f"several caches for backbone {backbone} and dataset {dataset}, extracted with different settings: "
-                         f"{settings_differences(complete)}; choose one with --cache FILE")
-    if complete:
-        return complete[0]
-    if partial:
-        raise MedfmError(f"the cache {partial[0]} for backbone {backbone} and dataset {dataset} is incomplete; "
-                         f"rerun `extract run --backbone {backbone} --dataset {dataset}` with the same settings to finish it")
-    raise MedfmError(f"no cache for backbone {backbone} and dataset {dataset} under {folder}; "
-                     f"run `extract run --backbone {backbone} --dataset {dataset}` first (or pass --cache FILE)")
-
-
-def settings_differences(paths: list[Path]) -> str:
-    """Each cache with the extraction settings that set it apart, e.g. `a.h5 (norm.kind=study)`."""
-    flat = [flatten_settings(describe(path)["meta"].get("settings", {})) for path in paths]
-    differing = sorted({k for f in flat for k in f if any(g.get(k) != f.get(k) for g in flat)})
-    return "; ".join(f"{path}" + (f" ({', '.join(f'{k}={_short(f.get(k))}' for k in differing)})" if differing else "")
-                     for path, f in zip(paths, flat, strict=True))
-
-
-def flatten_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """{"norm": {"kind": "study"}} -> {"norm.kind": "study"}: one level, as extraction settings nest."""
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return flat
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def open_cache(path: Path, backbone: str | None, dataset: str | None) -> CacheReader:
-    """Open a cache and check it holds the backbone and dataset asked for, and what a probe needs to know."""
-    reader = CacheReader(path)
-    try:
-        meta = reader.meta  # the typed contract: a cache without it is a clear error here
-        for flag, asked, held in (("--backbone", backbone, meta.backbone.name), ("--dataset", dataset, meta.dataset.name)):
-            if asked and asked != held:
-                raise MedfmError(f"{path} holds {flag[2:]} '{held}', not '{asked}'; drop {flag} or pass the right --cache")
-    except MedfmError:
-        reader.close()
-        raise
-    return reader
 
 
 def feature_name(reader: CacheReader, kind: str, layer: int | None) -> str:

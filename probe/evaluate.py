@@ -10,7 +10,7 @@ Two caches hold comparable features when `cache.schema.feature_settings` of both
 differ from the head's, the cache's `label_maps[<the head's dataset>]` maps them: single-label rows become the head's
 class indices (rows of classes without a counterpart are dropped only with `allow_unmapped`); a multilabel head's
 outputs are scored against the own labels mapped onto them (partner labels with no source are left unscored).
-Each result is one ledger row (`probe.results.EvaluationRecord`), replaced when the same run is scored on the same
+Each result is one ledger row (`ledger.store.EvaluationRecord`), replaced when the same run is scored on the same
 cache again.
 """
 
@@ -24,19 +24,21 @@ from typing import Any
 
 import numpy as np
 
+from cache.layout import flatten_settings
 from cache.schema import CacheMeta, Task, feature_settings
 from cache.store import CacheReader
 from common.checkpoints import load_state_dict
 from common.errors import MedfmError
 from common.runtime import resolve_device
-from probe.compare import run_config, run_task
-from probe.data import FeatureSource, flatten_settings
+from ledger.records import EvaluationRecord, RunRecord, cache_identity
+from ledger.runs import run_config, run_task
+from ledger.store import Ledger
+from probe.config import TrainConfig
+from probe.data import FeatureSource
 from probe.heads import get_head
-from probe.metrics import compute_metrics
-from probe.results import EvaluationRecord, Ledger, RunRecord
-from probe.run import cache_identity
 from probe.stack import stack_heads
-from probe.train import TrainConfig, make_head, predict
+from probe.train import make_head, predict
+from scoring.metrics import compute_metrics
 
 
 @dataclass(frozen=True)

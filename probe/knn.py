@@ -5,7 +5,7 @@ are the train rows of highest cosine similarity, and each of its k nearest neigh
 weight exp(sim / T), T = 0.07. A class's score is the sum of its neighbours' weights; the stored logits are the log
 of the scores normalised to sum 1 (floored at `FLOOR`, so a class with no vote has a finite logit and stored
 predictions, metrics and intervals work unchanged). k is chosen among `KS` (those not above the train size) on
-validation by the primary metric (`probe.recipe.improves`, so the smallest k wins a tie); the test split is
+validation by the primary metric (`training.recipe.improves`, so the smallest k wins a tie); the test split is
 scored once with that k.
 
 Memory: the normalised features of each split are held once ([N, D] float64); queries are compared with the train
@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from cache.schema import Task
 from common.errors import MedfmError
+from probe.config import FitResult, TrainConfig
 from probe.data import FeatureSource
-from probe.metrics import compute_metrics, primary_score
-from probe.recipe import improves
-from probe.train import FitResult, TrainConfig
+from scoring.metrics import compute_metrics, primary_score
+from training.heads import HeadSpec, fit_only, register_head
+from training.recipe import improves
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -117,3 +118,9 @@ def fit_knn(config: TrainConfig, source: FeatureSource, task: Task, device: torc
                                                      "test": (test_y, test_logits.astype(np.float32))})
     result.extra = {"k": best["k"], "temperature": TEMPERATURE, "ks": ks}
     return result
+
+
+register_head(HeadSpec(
+    name="knn", reads="pooled", build=fit_only("knn"), fit=fit_knn,
+    description="k nearest train neighbours by cosine similarity, DINO's weighted vote; k chosen on validation (not in the study)",
+))

@@ -5,7 +5,6 @@ Read `run_probe` top to bottom; `probe sweep` reuses the same pieces for many co
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -20,28 +19,23 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from cache.schema import CacheMeta, check_protocol
+from cache.schema import check_protocol
 from cache.store import CacheReader
 from common.errors import MedfmError
 from common.locks import FileLock, acquire
 from common.runtime import device_label, output_root, resolve_device
-from probe.calibration import calibration_metrics, fit_temperature, reliability_diagram
-from probe.curve import subset_rows
+from ledger.predictions import Predictions, save_predictions
+from ledger.records import RunRecord, cache_identity, config_key, late_best, late_best_note
+from ledger.runs import new_run_dir
+from ledger.store import Ledger
+from probe.config import FitResult, TrainConfig
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
-from probe.health import Health, check_run
-from probe.predictions import Predictions, save_predictions
-from probe.results import (
-    DatasetIdentity,
-    Ledger,
-    RunRecord,
-    config_key,
-    dataset_identity,
-    late_best,
-    late_best_note,
-    unrecorded_identity,
-)
-from probe.train import FitResult, TrainConfig, add_epoch, scalar_writer, train_head
+from probe.subsets import subset_rows
+from probe.train import train_head
+from scoring.calibration import calibration_metrics, fit_temperature, reliability_diagram
+from scoring.health import Health, check_run
+from training.progress import add_epoch, scalar_writer
 
 RELIABILITY = "reliability.png"  # a single-label run's reliability diagram, in its run folder
 
@@ -169,20 +163,6 @@ def _score(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
-def cache_identity(meta: CacheMeta) -> DatasetIdentity:
-    """The dataset identity of a cache's features (`probe.results.dataset_identity`) from its recorded settings."""
-    settings = meta.settings
-    if not settings:
-        return unrecorded_identity(meta.dataset.name)
-    transform = settings.get("transform") or meta.transform
-    norm = settings.get("norm")
-    return dataset_identity(
-        meta.dataset.name, root=settings.get("root"), manifest_hash=meta.dataset.manifest_hash or settings.get("manifest_hash", ""),
-        options=meta.dataset.options, image_size=transform.get("size"), channels=transform.get("channels"),
-        norm=norm.get("kind") if isinstance(norm, dict) else norm, interpolation=transform.get("interpolation"),
-    )
-
-
 def _rows_per_s(reader: CacheReader, result: FitResult) -> float | None:
     """Train rows the head read per second of training: its epochs x its train rows / its train seconds."""
     subset = result.config.train_subset
@@ -203,20 +183,6 @@ def calibrated(result: FitResult, run_dir: Path, calibrate: bool) -> None:
     reliability_diagram(run_dir / RELIABILITY, labels, logits, temperature)
 
 
-def new_run_dir(parent: Path, name: str) -> Path:
-    """A fresh folder `parent/name`, or `name-2`, `name-3`... when a run of the same key was saved in the same second
-    (a `--force` retrain): an earlier run's head and predictions are never overwritten."""
-    parent.mkdir(parents=True, exist_ok=True)
-    for attempt in itertools.count(1):
-        folder = parent / (name if attempt == 1 else f"{name}-{attempt}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
-
-
 def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None,
              device: str = "", shared: int = 1, calibrate: bool = False, health: Health | None = None,
              reliability: bool = True) -> RunRecord:
@@ -224,8 +190,8 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
 
     Single-label runs also get `reliability.png` (unless `reliability` is False: a sweep draws it for its best
     configuration only); `calibrate` fits a temperature on the validation logits and adds the test split's calibration
-    metrics under it (`<name>_calibrated`, `probe.calibration`). `health` is checked here unless given (a sweep checks
-    its heads together, `probe.health.check_runs`).
+    metrics under it (`<name>_calibrated`, `scoring.calibration`). `health` is checked here unless given (a sweep checks
+    its heads together, `scoring.health.check_runs`).
 
     Its cost: `total_seconds` / `shared` (heads trained together in one pass share it), on `device`; its throughput, train
     rows read per second of training; and the cache's whole extraction (seconds, device), counted once per cache by
@@ -251,7 +217,7 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
     torch.save(result.state_dict, run_dir / "head.pt")
     save_predictions(run_dir, {split: Predictions(reader.ids(split), labels, logits) for split, (labels, logits) in result.predictions.items()})
     late = get_head(config.head).trains and late_best(result.best_epoch, config.epochs)
-    health = health or check_run(reader.task, *result.predictions["test"])  # collapsed / within noise of chance (probe.health)
+    health = health or check_run(reader.task, *result.predictions["test"])  # collapsed / within noise of chance (scoring.health)
     result.extra["health"] = health.message
     if reader.task.kind != "multilabel" and (reliability or calibrate):
         calibrated(result, run_dir, calibrate)

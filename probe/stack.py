@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from probe.heads import LinearHead
-from probe.recipe import param_groups
+from training.heads import LinearHead
+from training.recipe import param_groups
 
 HeadState = dict[str, torch.Tensor]
 

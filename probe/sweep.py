@@ -7,7 +7,7 @@ tokens, which pays when the token cache streams from disk and the device has roo
 activations. A configuration with a `train_subset` (`probe curve`) trains on those train rows alone (heads of one
 subset share their passes). Configurations already in the ledger are skipped, so rerunning a finished sweep trains
 nothing. The sweep's answer is the best configuration by mean validation score over its seeds, reported with
-its mean test score: the rule of `probe report` (`probe.results.best_configuration`).
+its mean test score: the rule of `probe report` (`ledger.store.best_configuration`).
 """
 
 from __future__ import annotations
@@ -28,17 +28,19 @@ from rich.progress import Progress
 from cache.store import CacheReader
 from common.errors import MedfmError
 from common.runtime import device_label, resolve_device
-from probe.calibration import reliability_diagram
-from probe.curve import subset_rows
+from ledger.predictions import FILE as PREDICTIONS
+from ledger.predictions import load_predictions
+from ledger.records import RunRecord, best_configuration, mean_score
+from ledger.store import Ledger
+from probe.config import TrainConfig
 from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING, get_head
-from probe.health import check_runs
-from probe.predictions import FILE as PREDICTIONS
-from probe.predictions import load_predictions
-from probe.recipe import STUDY, precision
-from probe.results import Ledger, RunRecord, best_configuration, mean_score
 from probe.run import RELIABILITY, claim, ledger_key, save_run, validate, warn_random
-from probe.train import TrainConfig, fit, make_head
+from probe.subsets import subset_rows
+from probe.train import fit, make_head
+from scoring.calibration import reliability_diagram
+from scoring.health import check_runs
+from training.recipe import STUDY, precision
 
 AUTO = "auto"  # --deit-per-pass auto: as many DeiT heads per pass as the device's memory holds (`heads_per_pass`)
 

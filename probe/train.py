@@ -1,157 +1,27 @@
-"""Training heads from cached features with the study's recipe (`probe.recipe.STUDY`, docs/protocol.md §5).
+"""Training heads from cached features with the study's recipe (`training.recipe.STUDY`, docs/protocol.md §5).
 
-Validation every epoch selects each head's best weights (`probe.recipe.improves`); the test split is
-scored once with them, in fp32 (`probe.recipe.precision`).
+Validation every epoch selects each head's best weights (`training.recipe.improves`); the test split is
+scored once with them, in fp32 (`training.recipe.precision`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
 from cache.schema import Task
+from probe.config import FitResult, TrainConfig
 from probe.data import Batch, FeatureSource
-from probe.heads import LinearHead, build_head, get_head
-from probe.metrics import Metrics, compute_metrics, loss_fn, primary_scores
-from probe.recipe import STUDY, improves, precision, warmup_then_constant
 from probe.stack import stack_heads
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    from probe.curve import Subset
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One head's training settings. Heads trained together in one pass share all but head/lr/wd/seed/head_*."""
-
-    head: str = "linear"  # a name in the head registry (probe.heads)
-    feature: str = "pooled"  # the cache array: pooled, tokens, pooled@K, tokens@K
-    lr: float = STUDY.lr
-    weight_decay: float = STUDY.weight_decay
-    batch_size: int = STUDY.batch_size
-    epochs: int = STUDY.epochs
-    warmup_steps: int | None = None  # None: the study's, STUDY.warmup_steps(steps per epoch)
-    patience: int | None = None  # early stopping on validation; None trains every epoch (the study)
-    grad_clip: float | None = STUDY.grad_clip
-    seed: int = 0  # head initialisation
-    data_seed: int = 0  # batch order
-    head_depth: int = 12
-    head_preset: str = "deit-b"
-    head_weights: str = "default"
-    standardize: bool = False  # linear heads: standardize features with train mean/std (MAE-style); not the study
-    views: int = 0  # augmented train views of the cache to cycle, epoch e on view (e-1) mod K; 0: the eval view (docs/protocol.md §4)
-    protocol: str = "medfm"  # medfm | study: model selection and DeiT-head rules (docs/protocol.md §7)
-    train_subset: Subset | None = None  # a labelled subset of the train rows (probe.curve); None: every train row
-
-    def head_options(self) -> dict[str, Any]:
-        """The head's own settings (`head_<option>` fields), as its registry entry names them."""
-        return {option: getattr(self, f"head_{option}") for option in get_head(self.head).options}
-
-    def shared(self) -> tuple:
-        """What heads must agree on to train in the same pass over the data."""
-        return (self.feature, self.batch_size, self.epochs, self.warmup_steps, self.patience, self.grad_clip, self.data_seed,
-                self.views, self.protocol, self.train_subset)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings that decide the result (the ledger's config); head_* only for heads that use them."""
-        data = asdict(self)
-        data.pop("seed")
-        if self.head != "linear" or not self.standardize:
-            data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
-        if self.train_subset is None:
-            data.pop("train_subset")  # absent when every train row is used: the keys of earlier runs stay as they were
-        used = {f"head_{option}" for option in get_head(self.head).options}
-        for key in [k for k in data if k.startswith("head_") and k not in used]:
-            data.pop(key)
-        return data
-
-
-@dataclass
-class FitResult:
-    """One head's outcome: best-validation epoch and weights, their test metrics, per-epoch history."""
-
-    config: TrainConfig
-    best_epoch: int
-    val_score: float
-    val_metrics: Metrics
-    test_metrics: Metrics
-    history: list[dict[str, Any]]
-    state_dict: dict[str, torch.Tensor]
-    train_seconds: float
-    head_init: str  # "random", the weights file of a DeiT head, or "" for a linear head
-    predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (labels, logits) of the best epoch, in row order
-    extra: dict[str, Any] = field(default_factory=dict)  # what else the run's metrics.json records (kNN: the chosen k)
-
-
-def duration(seconds: float) -> str:
-    """`45 s`, `12 min`, `3.5 h`: a duration as a person reads it."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-class Pace:
-    """The estimated time of a whole run, said once after its first steps, and a plain progress line at most every
-    `every` seconds when the console is not a terminal (a log file, a pipe, a batch job), where no live bar shows.
-
-    `probe` (`fit`) and `finetune` both report through it. Short runs stay quiet: the estimate is said only when
-    the run will take at least `quiet_below` seconds.
-    """
-
-    clock = staticmethod(time.monotonic)
-    eta_after = 20  # steps measured before the estimate
-    quiet_below = 30.0
-
-    def __init__(self, console: Console | None, what: str, total_steps: int, every: float = 30.0) -> None:
-        self.console, self.what, self.total, self.every = console, what, max(int(total_steps), 1), every
-        self.plain = console is not None and not console.is_terminal
-        self.start = self.last = self.clock()
-        self.estimated = False
-
-    def step(self, done: int, where: str = "") -> None:
-        """`done` steps of the run are finished; `where` says where it is (e.g. `epoch 3/100`)."""
-        if self.console is None:
-            return
-        done, now = min(done, self.total), self.clock()
-        elapsed = now - self.start
-        left = elapsed / max(done, 1) * (self.total - done)
-        if not self.estimated and done >= min(self.eta_after, self.total):
-            self.estimated = True
-            if elapsed + left >= self.quiet_below:
-                self.console.print(f"{self.what}: about {duration(elapsed + left)} for the whole run "
-                                   f"(estimated from the first {done} of {self.total} steps)", highlight=False, soft_wrap=True)
-        if self.plain and now - self.last >= self.every and done < self.total:
-            self.last = now
-            self.console.print(f"{self.what}: {where + ', ' if where else ''}step {done}/{self.total} ({100 * done / self.total:.0f}%), "
-                               f"{duration(elapsed)} elapsed, about {duration(left)} left", highlight=False, soft_wrap=True)
-
-
-def scalar_writer(run_dir: Path) -> SummaryWriter:
-    """A TensorBoard writer into a run's folder (`tensorboard --logdir outputs/runs` shows every run); one point per
-    epoch (`add_epoch`), never per step, so it costs milliseconds."""
-    from torch.utils.tensorboard import SummaryWriter  # on use: the import costs a CLI's start otherwise
-
-    return SummaryWriter(str(run_dir))
-
-
-def add_epoch(writer: SummaryWriter, epoch: int, train_loss: float, metric: str, val_score: float, lr: float) -> None:
-    """The scalars every training run (probe and finetune) writes per epoch: train loss, validation primary metric, lr."""
-    writer.add_scalar("train/loss", train_loss, epoch)
-    writer.add_scalar(f"val/{metric}", val_score, epoch)
-    writer.add_scalar("lr", lr, epoch)
+from scoring.metrics import compute_metrics, loss_fn, primary_scores
+from training.heads import LinearHead, build_head
+from training.progress import Pace
+from training.recipe import STUDY, improves, precision, warmup_then_constant
 
 
 def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:

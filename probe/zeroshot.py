@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from cache.schema import Task
 from common.errors import MedfmError
+from probe.config import FitResult, TrainConfig
 from probe.data import FeatureSource
-from probe.metrics import compute_metrics, primary_score
-from probe.train import FitResult, TrainConfig
+from scoring.metrics import compute_metrics, primary_score
+from training.heads import HeadSpec, fit_only, register_head
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -74,3 +75,10 @@ def fit_zeroshot(config: TrainConfig, source: FeatureSource, task: Task, device:
     result.extra = {"logit_scale": LOGIT_SCALE, "templates": list(text.templates), "class_words": list(text.words),
                     "text_sha256": text.sha256}
     return result
+
+
+register_head(HeadSpec(
+    name="zeroshot", reads="pooled", build=fit_only("zeroshot"), fit=fit_zeroshot,
+    description="CLIP zero-shot: 100 x cosine of the pooled image embedding with the class prompts' text embeddings "
+                "(`extract zeroshot`); scenario zero-shot, no training (not in the study)",
+))

@@ -18,8 +18,9 @@ from cache.store import CacheReader, verify
 from common.errors import MedfmError
 from extract.runner import ExtractConfig, extract
 from finetune.train import FinetuneConfig, finetune
+from probe.config import TrainConfig
 from probe.data import FeatureSource
-from probe.train import TrainConfig, train_head
+from probe.train import train_head
 from tests.tiny import QUIET, TINY_SIZE, TINY_VIT_1
 
 EPOCHS, PER_CLASS, SEED = 3, 8, 0

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ledger.store import Ledger
 from probe.cli import main as probe_main
-from probe.results import Ledger
 from tests.conftest import REPO
 from tests.extract.test_datasets_extract import invoke
 from tests.extract.test_datasets_layouts import write_isic

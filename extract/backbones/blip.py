@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from common.errors import MedfmError
-from extract.backbones import register
 from extract.backbones.base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -27,6 +26,7 @@ from extract.backbones.base import (
     Features,
     count_parameters,
 )
+from extract.backbones.registry import register
 from extract.backbones.timm_family import TimmViT, create_timm_model
 from extract.backbones.weights import load_state_dict, take_prefix
 

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from extract.backbones import register
 from extract.backbones.base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,6 +25,7 @@ from extract.backbones.base import (
     Features,
     count_parameters,
 )
+from extract.backbones.registry import register
 from extract.backbones.weights import load_state_dict, load_strict, take_prefix
 
 MODEL = "ViT-B-16"

@@ -21,7 +21,6 @@ from segment_anything.modeling import ImageEncoderViT
 from timm.layers import resample_abs_pos_embed_nhwc
 from torch import nn
 
-from extract.backbones import register
 from extract.backbones.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,6 +30,7 @@ from extract.backbones.base import (
     Features,
     count_parameters,
 )
+from extract.backbones.registry import register
 from extract.backbones.weights import load_state_dict, load_strict, take_prefix
 
 VIT_B = dict(

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from extract.backbones import register
 from extract.backbones.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,6 +30,7 @@ from extract.backbones.base import (
     count_parameters,
     single_channel_conv,
 )
+from extract.backbones.registry import register
 from extract.backbones.weights import load_state_dict, load_strict, take_prefix
 
 FOCAL_T = dict(embed_dim=96, depths=(2, 2, 6, 2), focal_levels=(3, 3, 3, 3), focal_windows=(3, 3, 3, 3))

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneSpec, DataConfig, Features, count_parameters
+from extract.backbones.registry import register
 from extract.backbones.weights import load_state_dict, mismatch_error
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Task, as_int, make_splits, read_table, require_file, require_root
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import STUDY_SEED, study_holdout
 
 CLASSES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")

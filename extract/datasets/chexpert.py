@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Task, as_int, choice, make_splits, metadata_columns, read_table, require_root
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import STUDY_SEED, grouped_split
 
 LABELS = (

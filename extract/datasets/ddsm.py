@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Split, Task, as_int, choice, make_splits, read_table, require_file, require_root
 from extract.datasets.decode import read_dicom  # the one DICOM reader (LUTs, colour, refusals): docs/images.md
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import STUDY_SEED, grouped_holdout
 
 # --- ddsm (MIT-CSAIL release)

@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Split, Task, as_int, stratified_split
+from extract.datasets.registry import DatasetEntry, register
 
 CLASSES = ("disc", "ring", "bars", "checker")
 TINTS = np.array([[1.0, 0.55, 0.45], [0.5, 0.9, 0.55], [0.5, 0.6, 1.0], [0.95, 0.9, 0.45]])

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Task, as_int, make_splits, metadata_columns, read_table, require_root
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import SPLIT_NAMES, grouped_split, stratified_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}  # decoded by extract/datasets/decode.py

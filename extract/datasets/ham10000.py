@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import (
     DatasetSource,
     Task,
@@ -26,6 +25,7 @@ from extract.datasets.base import (
     require_file,
     require_root,
 )
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import STUDY_SEED, stratified_group_split
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")

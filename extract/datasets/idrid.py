@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import (
     DatasetSource,
     Task,
@@ -26,6 +25,7 @@ from extract.datasets.base import (
     require_file,
     require_root,
 )
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import STUDY_SEED, stratified_group_folds
 
 CLASSES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")  # ICDR grades 0-4, named as aptos2019's

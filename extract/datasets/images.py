@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -15,9 +15,6 @@ from PIL import Image
 from common.errors import MedfmError
 from extract.datasets.base import DatasetSource
 from extract.datasets.decode import to_mode
-
-if TYPE_CHECKING:
-    from extract.image_cache import CachedPixels
 
 
 @contextmanager
@@ -39,6 +36,16 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class Pixels(Protocol):
+    """Decoded images stored ahead of time (`extract.image_cache.CachedPixels`): where each id sits, and its image."""
+
+    def locate(self, ids: list[str]) -> list[tuple[str, int, bool] | None]: ...
+
+    def image(self, split: str, row: int) -> Image.Image: ...
+
+    def unreadable(self) -> MedfmError: ...
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes and transforms one split's images; a bad image comes back flagged, never as a crash.
 
@@ -48,7 +55,7 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: DatasetSource, split: str, transform: Callable[[Image.Image], torch.Tensor], shape: tuple[int, int, int],
-                 pixels: CachedPixels | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 pixels: Pixels | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.refs = source.splits[split].images
         self.ids = source.splits[split].ids
         self.seeds: list[int] | None = None  # per-image seeds of the random transform (`draw`); None: torch's stream

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import (
     DatasetSource,
     Task,
@@ -23,6 +22,7 @@ from extract.datasets.base import (
     require_file,
     require_root,
 )
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import STUDY_SEED, study_holdout
 
 CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")

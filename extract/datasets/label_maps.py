@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from common.errors import MedfmError
-from extract.datasets import REGISTRY
+from extract.datasets.registry import REGISTRY
 
 LABELMAP_DIR = Path(__file__).with_name("labelmaps")
 

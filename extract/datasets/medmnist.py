@@ -16,8 +16,8 @@ from PIL import Image
 
 from cache.schema import TASK_KINDS
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import DatasetSource, Split, Task, choice, require_root
+from extract.datasets.registry import DatasetEntry, register
 
 SPLITS = ("train", "val", "test")
 LAYOUT = "a MedMNIST .npz file (--root FILE.npz, or a folder with one .npz) holding {train,val,test}_{images,labels}"

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import (
     DatasetSource,
     Task,
@@ -28,6 +27,7 @@ from extract.datasets.base import (
     require_file,
     require_root,
 )
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import STUDY_SEED, stratified_group_split
 
 CLASSES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")  # ICDR grades 0-4, named as aptos2019's

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MedfmError
-from extract.datasets import DatasetEntry, register
 from extract.datasets.base import (
     DatasetSource,
     Task,
@@ -27,6 +26,7 @@ from extract.datasets.base import (
     require_file,
     require_root,
 )
+from extract.datasets.registry import DatasetEntry, register
 from extract.datasets.splits import STUDY_SEED, grouped_holdout
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",

@@ -159,7 +159,6 @@ def test_a_shard_of_other_settings_is_refused_and_nothing_is_lost(tmp_path: Path
     assert all(s.exists() for s in shards) and not path.exists()
 
 
-
 def complete_cache(path: Path, n: int = 4) -> Path:
     writer = CacheWriter.open(path, META, make_plan(n=n))
     write_all(writer)

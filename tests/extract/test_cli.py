@@ -95,7 +95,7 @@ def test_bad_workers_demo_options_and_image_sizes_give_one_line_before_any_file(
 
 def test_a_patch_grid_that_drops_pixels_is_found_and_padded_convolutions_pass() -> None:
     from extract.backbones import create_backbone
-    from extract.input_checks import check_image_size
+    from extract.inputs import check_image_size
     from tests.tiny import TINY_BACKBONES
 
     for name in ("dinov2", "resnet152", "seem"):
@@ -153,7 +153,7 @@ from extract.backbones import list_backbones
 from extract.datasets import list_datasets
 from extract.names import BACKBONES, DATASETS
 from probe.heads import list_heads
-from probe.names import HEADS
+from training.names import HEADS
 assert BACKBONES == tuple(spec.name for spec in list_backbones()), [spec.name for spec in list_backbones()]
 assert DATASETS == tuple(entry.name for entry in list_datasets()), [entry.name for entry in list_datasets()]
 assert HEADS == tuple(spec.name for spec in list_heads()), [spec.name for spec in list_heads()]

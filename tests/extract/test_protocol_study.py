@@ -22,7 +22,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration
 
 from common.errors import MedfmError
 from extract.backbones import create_backbone, list_backbones
-from extract.input_checks import check_image_size
+from extract.inputs import check_image_size
 from tests.tiny import TINY_BACKBONES, TINY_SAM_REFERENCE, TINY_VIT
 
 

@@ -20,11 +20,11 @@ from extract.cli import main as extract_main
 from extract.runner import ExtractConfig, extract, group_images
 from extract.text import PROMPTS_FILE, ZeroShotConfig, build_clip, load_prompts, prompts_for, zeroshot
 from extract.transforms import TransformSpec
+from ledger.predictions import load_predictions
+from ledger.store import Ledger
 from probe.cli import main as probe_main
-from probe.predictions import load_predictions
-from probe.results import Ledger
+from probe.config import TrainConfig
 from probe.run import run_probe
-from probe.train import TrainConfig
 from tests.tiny import QUIET, TINY_BACKBONES, run_main
 
 VISION, SIZE = TINY_BACKBONES["openclip"][0], TINY_BACKBONES["openclip"][1]

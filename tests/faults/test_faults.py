@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cache.layout import open_cache
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, partial_path, verify
 from common.errors import MedfmError
 from extract.runner import extract
-from probe.data import open_cache
-from probe.results import Ledger
+from ledger.store import Ledger
+from probe.config import TrainConfig
 from probe.run import run_probe
 from probe.sweep import Grid, expand, run_sweep
-from probe.train import TrainConfig
 from tests.conftest import REPO
 from tests.extract import killable
 from tests.extract.test_runner import config

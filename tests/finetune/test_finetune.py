@@ -22,9 +22,9 @@ from finetune import train as finetune_train
 from finetune.cli import main
 from finetune.model import FreezePolicy
 from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
-from probe.predictions import load_predictions
-from probe.report import make_report
-from probe.results import Ledger
+from ledger.predictions import load_predictions
+from ledger.store import Ledger
+from report.table import make_report
 from tests.conftest import REPO, cli
 from tests.extract import killable
 from tests.extract.test_datasets_layouts import image
@@ -268,9 +268,9 @@ def test_a_finetune_run_and_a_cache_of_the_same_data_and_inputs_share_a_dataset_
 
     from rich.console import Console
 
+    from cache.layout import open_cache
     from extract.runner import ExtractConfig, extract
-    from probe.data import open_cache
-    from probe.run import cache_identity
+    from ledger.records import cache_identity
 
     cfg = tiny(tmp_path / "runs", epochs=1)
     cache = extract(ExtractConfig(backbone="deit", dataset="demo", weights="random", image_size=32, batch_size=64, workers=0,

@@ -13,7 +13,8 @@ from grid.cli import main
 from grid.jobs import Job
 from grid.plan import GridSpec, write_spec
 from grid.state import mark, write_jobs
-from probe.results import Ledger, RunRecord
+from ledger.records import RunRecord
+from ledger.store import Ledger
 from tests.tiny import TINY_VIT, run_main
 
 TINY = ["--protocol", "fast", "--backbones", "deit", "--datasets", "demo", "--epochs", "2",

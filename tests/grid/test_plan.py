@@ -14,7 +14,8 @@ from common.errors import MedfmError
 from grid.jobs import Resources
 from grid.plan import GridSpec, check_not_running, parse_resources, plan, reset_ended
 from grid.state import mark, read_state, write_jobs
-from probe.results import Ledger, RunRecord
+from ledger.records import RunRecord
+from ledger.store import Ledger
 
 LIVE = "--norm study --interpolation bilinear"
 

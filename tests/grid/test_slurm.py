@@ -18,7 +18,7 @@ from grid.jobs import Job, Resources
 from grid.plan import GridSpec, write_spec
 from grid.slurm import SLURM_FOLDER, SUBMITTED, batches, sbatch_parameters, submit
 from grid.state import log_path, mark, read_job, read_state, run_job, state_path, write_jobs
-from probe.results import Ledger
+from ledger.store import Ledger
 from tests.tiny import run_main
 
 SMALL = Resources(gpus=0, cpus=1, mem_gb=1, minutes=10)

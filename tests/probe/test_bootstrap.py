@@ -11,9 +11,9 @@ import pytest
 from scipy.stats import norm
 
 from common.errors import MedfmError
-from probe import bootstrap as boot_module
-from probe.bootstrap import BYTES_PER_CELL, bootstrap, draw_counts, interval, prepare, resample_metric
-from probe.metrics import compute_metrics
+from scoring import bootstrap as boot_module
+from scoring.bootstrap import BYTES_PER_CELL, bootstrap, draw_counts, interval, prepare, resample_metric
+from scoring.metrics import compute_metrics
 from tests.tiny import BINARY, MULTICLASS, MULTILABEL
 
 

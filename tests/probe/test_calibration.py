@@ -1,4 +1,4 @@
-"""Calibration metrics (`probe.calibration`) against torchmetrics, torch and the direct formula; temperature scaling;
+"""Calibration metrics (`scoring.calibration`) against torchmetrics, torch and the direct formula; temperature scaling;
 `probe run --calibrate` and the reliability diagram."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import calibration_error
 
-from probe.calibration import calibration_metrics, fit_temperature
+from ledger.store import Ledger
 from probe.cli import main
-from probe.metrics import compute_metrics
-from probe.results import Ledger
+from scoring.calibration import calibration_metrics, fit_temperature
+from scoring.metrics import compute_metrics
 from tests.probe.caches import make_cache
 from tests.tiny import BINARY, MULTICLASS, MULTILABEL, run_main
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from cache.layout import open_cache
 from common.errors import MedfmError
 from extract.runner import ExtractConfig, extract
+from ledger.store import Ledger
 from probe.cli import main, report
-from probe.data import open_cache
-from probe.results import Ledger
+from probe.config import TrainConfig
 from probe.run import run_probe
-from probe.train import TrainConfig
 from tests.conftest import cli
 from tests.tiny import QUIET, TINY_SIZE, TINY_VIT_1, run_main
 
@@ -135,7 +135,7 @@ def test_a_run_whose_best_epoch_is_the_last_is_flagged_in_the_ledger_and_the_rep
 
 def test_a_long_run_says_its_estimated_time_and_logs_plain_progress_lines_when_not_a_terminal(isolated_outputs, monkeypatch):
     """Each clock reading is 10 s later: 27 steps (3 epochs x 9) look like 4.5 minutes to the run."""
-    from probe.train import Pace
+    from training.progress import Pace
 
     ticks = iter(range(0, 10_000, 10))
     monkeypatch.setattr(Pace, "clock", staticmethod(lambda: float(next(ticks))))
@@ -149,8 +149,8 @@ def test_a_long_run_says_its_estimated_time_and_logs_plain_progress_lines_when_n
 
 
 def test_sweep_and_report_combine_seeds_alike_and_pick_the_same_configuration(isolated_outputs, monkeypatch):
-    from probe.report import build_report
-    from probe.results import best_configuration, mean_score
+    from ledger.records import best_configuration, mean_score
+    from report.table import build_report
 
     path = cached(isolated_outputs / "c.h5")
     code, out, err = run_main(main, ["sweep", "--cache", str(path), "--lr", "1e-3,3e-2", "--seed", "0,1,2", "--epochs", "2",

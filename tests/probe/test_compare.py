@@ -12,24 +12,17 @@ import math
 import numpy as np
 import pytest
 
+from cache.layout import open_cache
 from cache.schema import METRICS, Task
 from common.errors import MedfmError
-from probe.bootstrap import draw_counts, stratify
+from ledger.predictions import Predictions
+from ledger.store import Ledger
 from probe.cli import main
-from probe.compare import (
-    align,
-    binary_scores,
-    delong_covariance,
-    delong_test,
-    paired_bootstrap,
-    score_resamples,
-)
-from probe.data import open_cache
-from probe.metrics import compute_metrics
-from probe.predictions import Predictions
-from probe.results import Ledger
+from probe.config import TrainConfig
 from probe.sweep import Grid, expand, run_sweep
-from probe.train import TrainConfig
+from report.compare import align, binary_scores, delong_covariance, delong_test, paired_bootstrap, score_resamples
+from scoring.bootstrap import draw_counts, stratify
+from scoring.metrics import compute_metrics
 from tests.probe.caches import make_cache
 from tests.tiny import BINARY, MULTICLASS, QUIET, run_main
 

@@ -8,16 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cache.layout import open_cache
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from extract.runner import ExtractConfig, extract
+from ledger.records import RunRecord
+from ledger.store import Ledger
 from probe.cli import main
-from probe.data import open_cache
-from probe.report import cost_of, cost_text, make_report
-from probe.results import Ledger, RunRecord
+from probe.config import TrainConfig
 from probe.run import run_probe
 from probe.sweep import Grid, expand, run_sweep
-from probe.train import TrainConfig
+from report.table import cost_of, cost_text, make_report
 from tests.probe.test_report import identity
 from tests.tiny import MULTICLASS, QUIET, TINY_SIZE, TINY_VIT, run_main
 

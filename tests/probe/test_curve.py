@@ -9,16 +9,19 @@ import pytest
 import torch
 
 import cache.store
+from cache.layout import open_cache
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from common.errors import MedfmError
+from ledger.store import Ledger
 from probe.cli import DEFAULT_FRACTIONS, main
-from probe.compare import best_runs
-from probe.curve import Subset, draw, subset_config, subset_rows
-from probe.data import FeatureSource, open_cache
-from probe.results import Ledger
+from probe.config import TrainConfig
+from probe.curve import subset_config
+from probe.data import FeatureSource
+from probe.subsets import Subset, draw, subset_rows
 from probe.sweep import run_sweep
-from probe.train import TrainConfig, train_head
+from probe.train import train_head
+from report.compare import best_runs
 from tests.probe.caches import make_cache
 from tests.tiny import MULTICLASS, MULTILABEL, QUIET, run_main
 

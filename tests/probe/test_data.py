@@ -12,8 +12,9 @@ import torch
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from common.errors import MedfmError
+from probe.config import TrainConfig
 from probe.data import FeatureSource, parse_bytes
-from probe.train import TrainConfig, train_head
+from probe.train import train_head
 from tests.probe.caches import make_cache
 
 

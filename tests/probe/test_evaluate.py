@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cache.layout import open_cache
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from common.errors import MedfmError
+from ledger.predictions import load_predictions
+from ledger.store import Ledger
 from probe.cli import main
-from probe.data import open_cache
+from probe.config import TrainConfig
 from probe.evaluate import apply_pairing, pair_labels
-from probe.metrics import compute_metrics
-from probe.predictions import load_predictions
-from probe.results import Ledger
 from probe.run import run_probe
-from probe.train import TrainConfig
+from scoring.metrics import compute_metrics
 from tests.probe.caches import make_cache
 from tests.tiny import MULTICLASS, MULTILABEL, QUIET, run_main
 
@@ -190,7 +190,7 @@ def test_a_ledger_from_before_evaluations_gains_the_table_and_keeps_its_runs(iso
 def test_end_to_end_extract_corrupt_then_eval_then_the_report_shows_the_drop(isolated_outputs, monkeypatch):
     from extract.corruptions import parse_corruptions
     from extract.runner import ExtractConfig, extract
-    from probe.report import make_report
+    from report.table import make_report
     from tests.tiny import TINY_SIZE, TINY_VIT_1
 
     config = ExtractConfig(backbone="deit", dataset="demo", weights="random", image_size=TINY_SIZE, batch_size=64, workers=0,

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from common.errors import MedfmError
-from probe.heads import DeiTHead, LinearHead, build_head, get_head, list_heads
+from training.heads import DeiTHead, LinearHead, build_head, get_head, list_heads
 
 
 def test_linear_head_maps_pooled_features_to_logits():

@@ -1,4 +1,4 @@
-"""Collapsed and chance-level runs (`probe.health`): flagged in the ledger, said at the end of a run, marked in the report."""
+"""Collapsed and chance-level runs (`scoring.health`): flagged in the ledger, said at the end of a run, marked in the report."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import sqlite3
 
 import numpy as np
 
-from probe.data import open_cache
-from probe.health import Health, chance_level, check_run, check_runs
-from probe.report import HEALTH_NOTE, build_report, notes
-from probe.results import Ledger, RunRecord
+from cache.layout import open_cache
+from ledger.records import RunRecord
+from ledger.store import Ledger
+from probe.config import TrainConfig
 from probe.run import run_probe
-from probe.train import TrainConfig
+from report.table import HEALTH_NOTE, build_report, notes
+from scoring.health import Health, chance_level, check_run, check_runs
 from tests.probe.caches import make_cache
 from tests.tiny import BINARY, MULTICLASS
 

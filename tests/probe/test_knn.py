@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from scipy.special import softmax
 from sklearn.neighbors import KNeighborsClassifier
 
+from cache.layout import open_cache
 from common.errors import MedfmError
+from ledger.store import Ledger
 from probe.cli import main
-from probe.data import FeatureSource, open_cache
+from probe.config import TrainConfig
+from probe.data import FeatureSource
 from probe.knn import TEMPERATURE, block_rows, candidate_ks, fit_knn, neighbours, vote
-from probe.results import Ledger
 from probe.run import run_probe
 from probe.sweep import Grid, expand
-from probe.train import TrainConfig
 from tests.probe.caches import make_cache
 from tests.tiny import BINARY, MULTILABEL, run_main
 

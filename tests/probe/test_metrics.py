@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from cache.schema import METRICS, Task
-from probe.metrics import compute_metrics, loss_fn, primary, primary_score, primary_scores
+from scoring.metrics import compute_metrics, loss_fn, primary, primary_score, primary_scores
 from tests.tiny import BINARY, MULTILABEL
 
 MULTICLASS = Task("multiclass", ("a", "b", "c"), "quadratic_kappa")
@@ -63,7 +63,7 @@ def test_constant_predictions_make_kappa_nan_with_warning():
 
 
 def test_every_metric_of_the_vocabulary_is_computed_for_its_kind():
-    """cache.schema.METRICS is the contract; probe.metrics must compute each name it lists."""
+    """cache.schema.METRICS is the contract; scoring.metrics must compute each name it lists."""
     examples = {"multiclass": (np.array([0, 1, 2, 0]), np.eye(3)[[0, 1, 2, 1]]), "binary": (np.array([0, 1, 1, 0]), np.eye(2)[[0, 1, 0, 0]]),
                 "multilabel": (np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=float), np.eye(2)[[0, 1, 1, 0]])}
     for kind, names in METRICS.items():
@@ -78,7 +78,7 @@ def test_unknown_multilabel_entries_are_masked_in_loss_and_metrics() -> None:
     """CheXpert's `ignore` policy stores NaN: such entries neither train nor score."""
     import torch
 
-    from probe.metrics import compute_metrics, loss_fn
+    from scoring.metrics import compute_metrics, loss_fn
 
     task = Task("multilabel", ("a", "b"))
     labels = np.array([[1.0, np.nan], [0.0, 1.0], [1.0, 0.0], [0.0, np.nan]])

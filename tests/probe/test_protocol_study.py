@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from common.errors import MedfmError
-from probe.heads import DeiTHead, LinearHead, build_head
-from probe.recipe import improves
+from training.heads import DeiTHead, LinearHead, build_head
+from training.recipe import improves
 
 
 def official_interpolate_pos_encoding(x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:

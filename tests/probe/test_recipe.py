@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from common.errors import MedfmError
-from probe.recipe import PROTOCOLS, improves, param_groups, precision, warmup_then_constant
+from training.recipe import PROTOCOLS, improves, param_groups, precision, warmup_then_constant
 
 
 def test_param_groups_exempt_biases_and_norms_from_weight_decay():

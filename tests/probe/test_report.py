@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 from common.errors import MedfmError
-from probe.metrics import compute_metrics
-from probe.predictions import Predictions, save_predictions
-from probe.report import AVERAGE, GAIN, build_report, make_report, recipe_departures
-from probe.results import Ledger, RunRecord, dataset_identity
+from ledger.predictions import Predictions, save_predictions
+from ledger.records import RunRecord, dataset_identity
+from ledger.store import Ledger
+from report.table import AVERAGE, GAIN, build_report, make_report, recipe_departures
+from scoring.metrics import compute_metrics
 from tests.tiny import MULTICLASS, MULTILABEL
 
 METRIC = {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall", "csv": "accuracy"}
@@ -320,7 +321,7 @@ def test_intervals_are_over_the_seed_mean_and_gains_are_paired_with_the_baseline
     assert line[f"{label} ci low"] == pytest.approx(found.low, abs=1e-4) and line[f"{label} nan resamples"] == 0
     assert line[f"{GAIN} ci high"] == pytest.approx(gain.high, abs=1e-4) and f"{AVERAGE} ci low" in csv.columns
     assert "error bars: 95% bootstrap intervals, paired with the baseline" in report.figure_texts
-    monkeypatch.setattr("probe.bootstrap.BLOCK_ELEMENTS", 400 * 50)  # blocks of 50 resamples, shared by two processes
+    monkeypatch.setattr("scoring.bootstrap.BLOCK_ELEMENTS", 400 * 50)  # blocks of 50 resamples, shared by two processes
     assert make_report(ledger, ci=95, boot=300, boot_seed=2, jobs=2).intervals == report.intervals  # the same resamples
     other = make_report(ledger, ci=95, boot=300, boot_seed=3)
     assert other.intervals[(sam_key, label)] != found

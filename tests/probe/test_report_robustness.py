@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 
 from cache.schema import DatasetInfo
+from ledger.records import EvaluationRecord, RunRecord, dataset_identity
+from ledger.store import Ledger
 from probe.cli import main
-from probe.report import MEAN_DROP, make_report
-from probe.results import EvaluationRecord, Ledger, RunRecord, dataset_identity
+from report.table import MEAN_DROP, make_report
 from tests.probe.test_evaluate import DERM, clean_cache, derived, train, view
 from tests.tiny import run_main
 

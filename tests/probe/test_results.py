@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from probe.results import Ledger, RunRecord, config_key
+from ledger.records import RunRecord, config_key
+from ledger.store import Ledger
 
 
 def record(key: str, **kw) -> RunRecord:
@@ -96,7 +97,7 @@ def test_a_ledger_without_the_dataset_identity_columns_gets_them_with_defaults_f
     with the dataset name alone as their identity."""
     import sqlite3
 
-    from probe.results import unrecorded_identity
+    from ledger.records import unrecorded_identity
 
     path = tmp_path / "results.sqlite"
     text = ", ".join(f"{c} TEXT" for c in ("stage", "scenario", "backbone", "dataset", "head", "config", "config_key", "cache_fingerprint",
@@ -116,7 +117,7 @@ def test_a_ledger_without_the_dataset_identity_columns_gets_them_with_defaults_f
 
 
 def test_dataset_identity_tells_apart_content_and_inputs_and_tags_own_data():
-    from probe.results import dataset_identity
+    from ledger.records import dataset_identity
 
     def ident(name="aptos2019", **kw):
         base = dict(root="/data/a", manifest_hash="m", options={}, image_size=224, channels=3, norm="model", interpolation="bicubic")
@@ -133,7 +134,7 @@ def test_dataset_identity_tells_apart_content_and_inputs_and_tags_own_data():
 
 
 def test_late_best_is_a_best_epoch_in_the_last_tenth():
-    from probe.results import late_best
+    from ledger.records import late_best
 
     assert [late_best(b, 100) for b in (90, 91, 100)] == [False, True, True]
     assert [late_best(b, 30) for b in (27, 28)] == [False, True]
@@ -141,7 +142,7 @@ def test_late_best_is_a_best_epoch_in_the_last_tenth():
 
 
 def test_the_best_configuration_is_the_best_mean_validation_over_its_seeds_not_the_best_single_run():
-    from probe.results import best_configuration
+    from ledger.records import best_configuration
 
     lucky = [record(f"a{s}", config={"lr": 1e-3}, seed=s, val_score=v) for s, v in enumerate((0.95, 0.40, 0.45))]  # mean 0.60
     steady = [record(f"b{s}", config={"lr": 1e-4}, seed=s, val_score=v) for s, v in enumerate((0.70, 0.72, 0.68))]  # mean 0.70

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
+from cache.layout import find_cache, open_cache
 from common.errors import MedfmError
-from probe.data import feature_name, find_cache, open_cache
-from probe.metrics import compute_metrics
-from probe.predictions import load_predictions
-from probe.results import Ledger
+from ledger.predictions import load_predictions
+from ledger.store import Ledger
+from probe.config import TrainConfig
+from probe.data import feature_name
 from probe.run import run_probe
-from probe.train import TrainConfig
+from scoring.metrics import compute_metrics
 from tests.probe.caches import make_cache
 from tests.tiny import MULTICLASS
 
@@ -96,7 +97,7 @@ def test_bad_training_values_are_user_errors(tmp_path):
 
 def test_a_run_saved_in_the_same_second_under_the_same_key_gets_its_own_folder(tmp_path) -> None:
     """A `--force` retrain may finish within the second of the run it retrains: the earlier run folder is kept."""
-    from probe.run import new_run_dir
+    from ledger.runs import new_run_dir
 
     first = new_run_dir(tmp_path / "runs", "20261130-101500-deit-demo-linear-1a2b3c4d")
     (first / "head.pt").write_bytes(b"first")

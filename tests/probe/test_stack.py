@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from probe.heads import LinearHead
-from probe.recipe import param_groups, warmup_then_constant
 from probe.stack import LinearStack, ModuleStack
+from training.heads import LinearHead
+from training.recipe import param_groups, warmup_then_constant
 
 LRS = [1e-3, 3e-2, 1e-1]
 WEIGHT_DECAYS = [0.0, 1e-2, 0.5]

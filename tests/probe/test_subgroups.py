@@ -9,17 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cache.layout import open_cache
 from cache.store import CacheReader, verify
 from extract.datasets import get_dataset
 from extract.runner import ExtractConfig, extract
+from ledger.predictions import load_predictions
+from ledger.store import Ledger
 from probe.cli import main
-from probe.data import open_cache
-from probe.metrics import compute_metrics
-from probe.predictions import load_predictions
-from probe.results import Ledger
+from probe.config import TrainConfig
 from probe.run import run_probe
-from probe.subgroups import group_values
-from probe.train import TrainConfig
+from report.subgroups import group_values
+from scoring.metrics import compute_metrics
 from tests.extract.test_datasets_layouts import image, write_chexpert, write_isic
 from tests.tiny import QUIET, TINY_SIZE, TINY_VIT, run_main
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import torch
 
+from cache.layout import open_cache
 from cache.store import CacheReader
-from probe.data import FeatureSource, open_cache
-from probe.results import Ledger
+from ledger.store import Ledger
+from probe.config import TrainConfig
+from probe.data import FeatureSource
 from probe.sweep import Grid, expand, run_sweep
-from probe.train import TrainConfig, train_head
+from probe.train import train_head
 from tests.probe.caches import make_cache
 
 BASE = TrainConfig(epochs=2, batch_size=16, warmup_steps=9)

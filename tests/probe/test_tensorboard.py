@@ -9,12 +9,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cache.layout import open_cache
 from finetune.train import finetune
-from probe.data import open_cache
-from probe.results import Ledger
+from ledger.store import Ledger
+from probe.config import TrainConfig
 from probe.run import run_probe
 from probe.sweep import run_sweep
-from probe.train import TrainConfig
 from tests.finetune.test_finetune import tiny
 from tests.probe.caches import make_cache
 from tests.tiny import QUIET

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from cache.store import CacheReader
+from probe.config import TrainConfig
 from probe.data import FeatureSource
-from probe.train import TrainConfig, train_head
+from probe.train import train_head
 from tests.probe.caches import make_cache
 from tests.tiny import MULTILABEL
 

@@ -28,7 +28,7 @@ resamples, so a cell's interval is over the seed-mean metric and a gain's interv
 A resample on which the metric is undefined (a label of a multilabel task left with one class, a kappa with nothing to
 weigh) is NaN: counted in `Interval.nan_resamples`, and the interval is over the defined ones. A multilabel resample
 is NaN when a label that is defined on the whole test set loses one of its classes: its mean would average other
-labels than the score it bounds. A label undefined on the whole test set is left out, as `probe.metrics` does.
+labels than the score it bounds. A label undefined on the whole test set is left out, as `scoring.metrics` does.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def prepare(metric: str, labels: np.ndarray, logits: np.ndarray):
     classes = logits.shape[1]
     if metric == "roc_auc":
         if any(not (y == c).any() for c in range(classes)):
-            return _Undefined()  # a class absent from the test set: NaN, as probe.metrics says
+            return _Undefined()  # a class absent from the test set: NaN, as scoring.metrics says
         columns = [1] if classes == 2 else list(range(classes))
         return _MeanAuc([_auc_parts(y == c, probs[:, c], np.arange(len(y))) for c in columns])
     return _Confusion(metric, y, probs.argmax(axis=1), classes)
@@ -259,7 +259,7 @@ class _AucParts:
 
 
 def _auc_parts(positive: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> _AucParts | None:
-    """The parts of one label's AUC over `rows` (None when the label has one class there: left out, as probe.metrics)."""
+    """The parts of one label's AUC over `rows` (None when the label has one class there: left out, as scoring.metrics)."""
     if positive.all() or not positive.any():
         return None
     negative_order = np.argsort(scores[~positive], kind="stable")

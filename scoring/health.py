@@ -3,7 +3,7 @@
 - `collapsed`: a single-label run whose test predictions (argmax) are one class for more than `COLLAPSE_SHARE`
   (95 %) of the rows. Multilabel runs predict no single class and are never flagged collapsed.
 - `chance`: the test primary metric is not above chance beyond noise: the lower bound of its `LEVEL` (95 %) percentile
-  bootstrap interval (`probe.bootstrap`, `BOOT` resamples, seed 0) is at or below the metric's chance level
+  bootstrap interval (`scoring.bootstrap`, `BOOT` resamples, seed 0) is at or below the metric's chance level
   (`chance_level`), so the interval contains it or lies below it. Chance levels: accuracy, the majority-class rate of the
   test labels (what always predicting the commonest class scores; 1/C would call a head that learned only the prior
   better than chance); macro recall, 1/C over the classes present (any constant or label-blind prediction); quadratic
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache.schema import Task
-from probe.bootstrap import Interval, interval, resample_each
+from scoring.bootstrap import Interval, interval, resample_each
 
 COLLAPSE_SHARE = 0.95
 LEVEL, BOOT = 95, 1000

@@ -20,10 +20,10 @@ import pandas as pd
 
 from cache.store import CacheReader
 from common.errors import MedfmError
-from probe.compare import run_config
-from probe.metrics import compute_metrics
-from probe.predictions import load_predictions
-from probe.report import Report
+from ledger.predictions import load_predictions
+from ledger.runs import run_config
+from report.table import Report
+from scoring.metrics import compute_metrics
 
 UNKNOWN = "unknown"
 

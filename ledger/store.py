@@ -22,29 +22,17 @@ an older ledger gains it, empty, when opened.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import math
-import re
 import sqlite3
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cache.fingerprint import canonical_json
 from common.errors import MedfmError
 from common.runtime import output_root
-
-STAGES = ("probe", "finetune")
-# The study's four scenarios, frozen|unfrozen x linear|deit, plus partial unfreezing of the last K blocks, and the
-# kNN probe on frozen features (frozen-knn) and CLIP zero-shot on them (zero-shot, `probe/zeroshot.py`).
-SCENARIO = re.compile(r"(frozen|unfrozen|last[1-9][0-9]*)-(linear|deit)|frozen-knn|zero-shot")
+from ledger.records import SCENARIO, STAGES, EvaluationRecord, RunRecord, unrecorded_identity
 
 _COLUMNS = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,7 +75,7 @@ _COLUMNS = """
 # `extract_device`. Rows written before these columns have NULL costs: "not recorded", never 0.
 _COST_COLUMNS = {"device": "TEXT NOT NULL DEFAULT ''", "cost_seconds": "REAL", "throughput": "REAL", "extract_seconds": "REAL",
                  "extract_device": "TEXT NOT NULL DEFAULT ''"}
-# Runs that learned nothing (`probe.health`): `collapsed` one predicted class for > 95 % of the test rows, `chance` a test
+# Runs that learned nothing (`scoring.health`): `collapsed` one predicted class for > 95 % of the test rows, `chance` a test
 # score within noise of chance. Rows written before these columns are not flagged.
 _HEALTH_COLUMNS = {"collapsed": "INTEGER NOT NULL DEFAULT 0", "chance": "INTEGER NOT NULL DEFAULT 0"}
 # Columns added after the first release, with what old rows get: ALTER TABLE adds them to an older ledger.
@@ -119,152 +107,10 @@ _EVALUATION_COLUMNS = """
     UNIQUE (run_id, cache_fingerprint)
 """
 _FLAGS = ("backbone_random", "head_random", "late_best", "collapsed", "chance")
-# Loaders of your own data: their name alone does not say which images, so a label carries a content tag.
-OWN_DATA = ("imagefolder", "csv", "medmnist")
-LATE_FRACTION = 10  # a best epoch in the last tenth of the epochs: perhaps not converged
 
 
 def default_ledger_path() -> Path:
     return output_root() / "runs" / "results.sqlite"
-
-
-def config_key(config: dict[str, Any], fingerprint: str | None, seed: int) -> str:
-    """Identity of a result: the training config (no paths or devices in it), the features and the seed."""
-    text = canonical_json({"config": config, "cache_fingerprint": fingerprint, "seed": seed})
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-@functools.cache
-def code_version() -> str:
-    """`git describe` of the source tree when it is a checkout, else the installed package version."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=root, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        return metadata.version("medfm")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-@dataclass(frozen=True)
-class DatasetIdentity:
-    """Which data, fed how: what must be equal for two scores to share a report column."""
-
-    id: str  # 12 hex digits
-    label: str  # the dataset's name, or `name:tag` for your own data (tag: 4 hex digits of the content)
-    inputs: dict[str, Any]  # root, options, manifest hash, image size, channels, norm, interpolation; {} when unrecorded
-
-
-def _short(obj: Any, digits: int = 12) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:digits]
-
-
-def dataset_identity(name: str, *, root: str | None, manifest_hash: str, options: dict[str, Any] | None,
-                     image_size: int | None, channels: int | None, norm: str | None, interpolation: str | None) -> DatasetIdentity:
-    """The identity of a dataset as a run saw it: its content (name, root, options, split manifest) and the inputs
-    made of it (size, channels, normalisation kind, resize interpolation), as probe (from the cache) and finetune
-    (from its transform) both record them."""
-    content = {"dataset": name, "root": root, "options": options or {}, "manifest_hash": manifest_hash}
-    inputs = {"image_size": image_size, "channels": channels, "norm": norm, "interpolation": interpolation}
-    label = f"{name}:{_short(content, 4)}" if name in OWN_DATA else name
-    return DatasetIdentity(_short({**content, **inputs}), label, {**content, **inputs})
-
-
-def unrecorded_identity(name: str) -> DatasetIdentity:
-    """The identity of a row that recorded only the dataset's name (ledgers before `dataset_id`, hand-made rows)."""
-    return DatasetIdentity(_short({"dataset": name, "inputs": "unrecorded"}), name, {})
-
-
-def late_best(best_epoch: int, epochs: int) -> bool:
-    """Whether the best validation epoch (1-based) is in the last tenth of `epochs`: the run may still be improving."""
-    return epochs >= 1 and best_epoch > epochs - math.ceil(epochs / LATE_FRACTION)
-
-
-def late_best_note(best_epoch: int, epochs: int, hint: str = "raise --epochs") -> str:
-    """The one line said at the end of a run flagged `late_best`."""
-    return (f"note: the best validation epoch is {best_epoch} of {epochs}, in the last tenth: the run may not have "
-            f"converged; {hint}")
-
-
-@dataclass
-class RunRecord:
-    """One finished run, as the ledger stores it (`id` and `created` are filled on `add`)."""
-
-    stage: str
-    scenario: str
-    backbone: str
-    dataset: str
-    head: str
-    config: dict[str, Any]
-    config_key: str
-    cache_fingerprint: str | None
-    seed: int
-    primary_metric: str
-    val_score: float | None
-    test_metrics: dict[str, Any]
-    test_primary: float | None
-    backbone_random: bool
-    head_random: bool = False
-    train_seconds: float | None = None
-    total_seconds: float | None = None
-    code_version: str = field(default_factory=code_version)
-    run_dir: str | None = None
-    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
-    dataset_id: str = ""  # see `dataset_identity`; empty: filled on `add` from the dataset name alone
-    dataset_label: str = ""
-    dataset_inputs: dict[str, Any] = field(default_factory=dict)
-    late_best: bool = False  # the best validation epoch in the last tenth (`late_best`)
-    collapsed: bool = False  # test predictions one class for > 95 % of rows (`probe.health`)
-    chance: bool = False  # the test primary metric is not above its chance level beyond noise (`probe.health`)
-    device: str = ""  # see _COST_COLUMNS; "" and None: not recorded
-    cost_seconds: float | None = None
-    throughput: float | None = None
-    extract_seconds: float | None = None
-    extract_device: str = ""
-    id: int | None = None
-
-    @property
-    def protocol(self) -> str:
-        """Whose protocol the run followed: "medfm" (the default, and every run before the field) or "study", and for
-        heads trained on augmented cached views how many (`study, 100 augmented views`): never one cell with others."""
-        protocol = str(self.config.get("protocol", "medfm"))
-        views = int(self.config.get("views", 0) or 0)
-        return f"{protocol}, {views} augmented views" if views else protocol
-
-    def with_identity(self, identity: DatasetIdentity) -> RunRecord:
-        self.dataset_id, self.dataset_label, self.dataset_inputs = identity.id, identity.label, identity.inputs
-        return self
-
-
-def configuration_key(record: RunRecord) -> str:
-    """What a run shares with its other seeds: its config (which holds no seed), features and data."""
-    return canonical_json({"config": record.config, "cache": record.cache_fingerprint, "dataset": record.dataset_id})
-
-
-def mean_score(values: list[float | None]) -> float:
-    """Mean of the finite values; NaN when there is none."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def best_configuration(records: list[RunRecord]) -> list[RunRecord]:
-    """The seeds of the configuration with the best mean validation score, the rule of `probe sweep` and of the
-    report alike; a configuration without a finite validation score never wins over one with it ([] if no runs)."""
-    groups: dict[str, list[RunRecord]] = {}
-    for r in records:
-        groups.setdefault(configuration_key(r), []).append(r)
-    if not groups:
-        return []
-
-    def score(runs: list[RunRecord]) -> float:
-        mean = mean_score([r.val_score for r in runs])
-        return mean if math.isfinite(mean) else -math.inf
-
-    return max(groups.values(), key=score)
 
 
 class Ledger:
@@ -344,29 +190,6 @@ class Ledger:
         with self._connect() as db:
             found = db.execute(f"SELECT * FROM evaluations{where} ORDER BY id", params).fetchall()
         return [EvaluationRecord(**{**dict(r), "metrics": json.loads(r["metrics"])}) for r in found]
-
-
-@dataclass
-class EvaluationRecord:
-    """A run's head scored on another cache (`probe eval`), as the ledger's `evaluations` table stores it."""
-
-    run_id: int
-    run_key: str  # the run's config_key
-    trained_dataset_id: str  # the run's dataset identity
-    dataset: str  # the evaluated cache's dataset and its identity (`dataset_identity`)
-    dataset_id: str
-    dataset_label: str
-    corruption_kind: str  # "" for a clean cache
-    corruption_severity: float | None
-    cache: str
-    cache_fingerprint: str
-    primary_metric: str  # the head's task's, as its run was scored
-    score: float | None
-    metrics: dict[str, Any]  # every metric, plus what the label map left out
-    scored_rows: int
-    dropped_rows: int = 0
-    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
-    id: int | None = None
 
 
 def _where(equal: dict[str, Any], kind: type) -> tuple[str, list[Any]]:

@@ -7,7 +7,7 @@ study reports it: the per-dataset relative gain (score - baseline) / baseline in
 datasets.
 
 Each cell is selected by validation, never by test: among the cell's configurations the one with the
-best mean validation score over its seeds wins (`probe.results.best_configuration`, the rule `probe sweep`
+best mean validation score over its seeds wins (`ledger.store.best_configuration`, the rule `probe sweep`
 uses too), and the cell shows its mean test score and how many seeds it averages (n).
 
 A column is one `dataset_id`: the same data (name, root, options, split manifest) fed the same way (image
@@ -23,11 +23,11 @@ weights are labelled RANDOM and kept apart. A row is also marked when it lacks a
 left out of the average and the gain unless `partial`), when it has no counterpart in the study
 (`extension`), when its chosen runs departed from the study's recipe (`off-recipe`, the recipe in the CSV),
 and a cell when its best validation epoch came in the last tenth of the epochs (`late`), or when a chosen run
-collapsed to one class or scored within noise of chance (`collapsed`, `chance`; `probe.health`).
+collapsed to one class or scored within noise of chance (`collapsed`, `chance`; `scoring.health`).
 
 Seeds: a cell averages the seeds of its configuration; the CSV gives their sample standard deviation
 (`<column> std`, n-1 in the denominator; empty for one seed). Intervals (`add_intervals`, `probe report --ci 95`):
-a percentile bootstrap of each cell's test score from its runs' stored predictions (`probe.bootstrap`), over the
+a percentile bootstrap of each cell's test score from its runs' stored predictions (`scoring.bootstrap`), over the
 seed-mean when a cell averages seeds (every seed scored on the same resamples of the shared test rows), and of each
 row's average and gain, the gain paired with its baseline's cells on the same resamples.
 
@@ -52,10 +52,11 @@ import pandas as pd
 
 from common.errors import MedfmError
 from common.runtime import device_kind
-from probe.bootstrap import Interval, check_settings, interval, resample_metric
-from probe.predictions import load_predictions
-from probe.recipe import STUDY
-from probe.results import EvaluationRecord, Ledger, RunRecord, best_configuration, mean_score
+from ledger.predictions import load_predictions
+from ledger.records import EvaluationRecord, RunRecord, best_configuration, mean_score
+from ledger.store import Ledger
+from scoring.bootstrap import Interval, check_settings, interval, resample_metric
+from training.recipe import STUDY
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -133,7 +134,7 @@ class Report:
     evaluations: EvaluationTables | None = None  # the robustness and transfer tables of `probe eval` scores
 
     def marks(self, key: tuple, label: str) -> list[str]:
-        """`collapsed` / `chance` when any of the cell's chosen runs was flagged so (`probe.health`)."""
+        """`collapsed` / `chance` when any of the cell's chosen runs was flagged so (`scoring.health`)."""
         runs = self.chosen.get((key, label), [])
         return [flag for flag in ("collapsed", "chance") if any(getattr(r, flag) for r in runs)]
 
@@ -311,7 +312,7 @@ def _input_text(key: str, value: Any) -> str:
 
 
 def recipe_departures(record: RunRecord) -> list[str]:
-    """How a run's settings departed from the study's recipe (`probe.recipe.STUDY`, 224 px, a 12-block DeiT-B head)."""
+    """How a run's settings departed from the study's recipe (`training.recipe.STUDY`, 224 px, a 12-block DeiT-B head)."""
     config, out = record.config, []
     for name, text, study in (("epochs", "epochs {}", STUDY.epochs), ("lr", "lr {:g}", STUDY.lr),
                               ("weight_decay", "weight decay {:g}", STUDY.weight_decay), ("batch_size", "batch {}", STUDY.batch_size)):
@@ -442,7 +443,7 @@ def write_evaluations(report: Report, out: Path) -> None:
 
 
 def add_intervals(report: Report, level: float, boot: int, seed: int = 0, jobs: int = 1) -> None:
-    """`level`% percentile bootstrap intervals of every cell, average and gain (`probe.bootstrap`), into `report.intervals`.
+    """`level`% percentile bootstrap intervals of every cell, average and gain (`scoring.bootstrap`), into `report.intervals`.
 
     Each column's resamples are drawn once per (seed, dataset identity): every cell of the column, each of its seeds, is
     scored on the same resamples of the same test rows (matched by sample id), so a cell's interval is over its seed-mean,

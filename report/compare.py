@@ -1,12 +1,12 @@
 """`probe compare`: is run A better than run B on the same test rows, or is the difference noise?
 
-Both runs' stored test predictions (`probe.predictions`) are put side by side on their sample ids, then:
+Both runs' stored test predictions (`ledger.predictions`) are put side by side on their sample ids, then:
 
 - **Paired bootstrap** (`paired_bootstrap`): each replicate resamples the test rows once, with replacement, and
   scores both runs on those same rows; the spread of the replicates' difference A - B gives a percentile interval.
   Classification tasks resample within each class (every replicate keeps the test set's class counts, so a metric
   such as ROC-AUC is defined in every one); multilabel tasks resample rows as a whole. A replicate is a vector of
-  row multiplicities, and every metric of `probe.metrics` is computed from it in closed form, vectorised over
+  row multiplicities, and every metric of `scoring.metrics` is computed from it in closed form, vectorised over
   replicates; the tests check each against `compute_metrics` on the resampled rows.
   The p-value is two-sided, from the percentile interval it inverts: twice the share of replicates on the far
   side of 0 (ties at 0 count half), with the usual +1 in numerator and denominator so that B replicates never
@@ -21,21 +21,20 @@ cell of `probe report` shows, on every replicate as on the whole test set (and D
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy.special import softmax
 
 from cache.schema import Task
 from common.errors import MedfmError
-from probe.bootstrap import prepare, resample_metric
-from probe.predictions import Predictions, load_predictions
-from probe.results import Ledger, RunRecord, best_configuration, mean_score
+from ledger.predictions import Predictions, load_predictions
+from ledger.records import RunRecord, best_configuration, mean_score
+from ledger.runs import run_task
+from ledger.store import Ledger
+from scoring.bootstrap import prepare, resample_metric
 
 LEVEL = 0.95  # the interval's coverage
 Side = Predictions | Sequence[Predictions]  # one run, or the seeds of one configuration
@@ -64,7 +63,7 @@ class DeLongResult:
 
 def paired_bootstrap(a: Side, b: Side, task: Task, boot: int = 2000, seed: int = 0) -> PairedResult:
     """The paired bootstrap of the primary-metric difference A - B over `boot` replicates of the test rows, drawn from
-    `seed` by `probe.bootstrap.resample_metric`: both sides are scored on the same resamples. Refuses (one line)
+    `seed` by `scoring.bootstrap.resample_metric`: both sides are scored on the same resamples. Refuses (one line)
     predictions on different test rows or with different labels for the same rows."""
     if boot < 1:
         raise MedfmError(f"--boot must be a positive number of bootstrap resamples, got {boot}")
@@ -109,7 +108,7 @@ def align(p: Predictions, reference: Predictions) -> Predictions:
 
 def score_resamples(task: Task, labels: np.ndarray, logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The primary metric on each resample [B], a resample given as row multiplicities `weights` [B, N] (row i
-    drawn weights[b, i] times), by `probe.bootstrap.prepare`: NaN where it is undefined."""
+    drawn weights[b, i] times), by `scoring.bootstrap.prepare`: NaN where it is undefined."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return prepare(task.primary_metric, np.asarray(labels), np.asarray(logits))(np.asarray(weights).astype(np.int32))
 
@@ -122,7 +121,7 @@ def _seeds(side: Side) -> list[Predictions]:
 
 
 def _side_mean(scores: list[np.ndarray]) -> np.ndarray:
-    """Per replicate, the mean over seeds of the finite scores (`probe.results.mean_score`); NaN when none is."""
+    """Per replicate, the mean over seeds of the finite scores (`ledger.store.mean_score`); NaN when none is."""
     stacked = np.stack(scores)
     finite = np.isfinite(stacked)
     count = finite.sum(0)
@@ -176,7 +175,7 @@ def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) 
 
 
 def binary_scores(logits: np.ndarray) -> np.ndarray:
-    """The positive class's probability of a binary task's two logits, as `probe.metrics` scores ROC-AUC."""
+    """The positive class's probability of a binary task's two logits, as `scoring.metrics` scores ROC-AUC."""
     return softmax(np.asarray(logits, dtype=np.float64), axis=1)[:, 1]
 
 
@@ -244,23 +243,6 @@ def _runs(records: list[RunRecord]) -> Runs:
     if any(task != tasks[0] for task in tasks):
         raise MedfmError(f"runs {', '.join(str(r.id) for r in records)}, the seeds of one configuration, disagree on the task")
     return Runs(records, [load_predictions(r.run_dir, "test") for r in records], tasks[0])
-
-
-def run_config(record: RunRecord) -> dict[str, Any]:
-    """A run's config.json (probe and finetune both keep one in the run folder), or one line saying it is gone."""
-    path = Path(record.run_dir or "") / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise MedfmError(f"run {record.id}: cannot read its {path}; the run folder was moved or removed") from None
-
-
-def run_task(record: RunRecord) -> Task:
-    """The task a run was scored on, from its config.json."""
-    data = run_config(record)
-    if "task" not in data:
-        raise MedfmError(f"run {record.id}: {Path(record.run_dir or '') / 'config.json'} records no task; retrain it with --force")
-    return Task.from_dict(data["task"])
 
 
 def compare(a: Runs, b: Runs, *, boot: int = 2000, seed: int = 0) -> Comparison:

@@ -43,7 +43,6 @@ class Recipe:
         return min(self.warmup_epochs * max(steps_per_epoch, 0), self.warmup_max_steps)
 
 
-
 STUDY = Recipe(lr=1e-4, weight_decay=1e-5, batch_size=64, epochs=100, grad_clip=1.0, warmup_epochs=5, warmup_max_steps=1000)
 
 

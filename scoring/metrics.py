@@ -7,7 +7,7 @@ multilabel tasks use one sigmoid logit per label.
 A metric that cannot be computed (a class absent from y_true, a constant prediction for kappa) is NaN
 and a line in `metrics["warnings"]`: never a quiet 0.5 (docs/architecture.md, "Lessons from peer tools").
 Every other value is a float. Single-label tasks also get `ece`, `ece_adaptive`, `brier` and `nll`
-(`probe.calibration`): stored with the metrics, lower is better, never a primary metric.
+(`scoring.calibration`): stored with the metrics, lower is better, never a primary metric.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score, roc
 from torch import nn
 
 from cache.schema import METRICS, Task
-from probe.calibration import calibration_metrics
+from scoring.calibration import calibration_metrics
 
 Metrics = dict[str, Any]  # metric name -> float, plus "warnings" -> list[str]
 
@@ -56,7 +56,7 @@ def compute_metrics(task: Task, labels: np.ndarray, logits: np.ndarray, only: st
         metrics = _multilabel(task, np.asarray(labels), logits, problems)
     else:
         metrics = _single_label(task, np.asarray(labels).astype(np.int64), logits, problems, names)
-        if only is None:  # calibration (probe.calibration): lower is better, stored beside the metrics, never primary
+        if only is None:  # calibration (scoring.calibration): lower is better, stored beside the metrics, never primary
             metrics.update(calibration_metrics(np.asarray(labels).astype(np.int64), logits))
     metrics["warnings"] = problems
     return metrics

@@ -1,0 +1,79 @@
+"""A head's training settings (`TrainConfig`) and its outcome (`FitResult`): what the loop, kNN and zero-shot share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from scoring.metrics import Metrics
+from training.heads import get_head
+from training.recipe import STUDY
+
+if TYPE_CHECKING:
+    from probe.subsets import Subset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One head's training settings. Heads trained together in one pass share all but head/lr/wd/seed/head_*."""
+
+    head: str = "linear"  # a name in the head registry (training.heads)
+    feature: str = "pooled"  # the cache array: pooled, tokens, pooled@K, tokens@K
+    lr: float = STUDY.lr
+    weight_decay: float = STUDY.weight_decay
+    batch_size: int = STUDY.batch_size
+    epochs: int = STUDY.epochs
+    warmup_steps: int | None = None  # None: the study's, STUDY.warmup_steps(steps per epoch)
+    patience: int | None = None  # early stopping on validation; None trains every epoch (the study)
+    grad_clip: float | None = STUDY.grad_clip
+    seed: int = 0  # head initialisation
+    data_seed: int = 0  # batch order
+    head_depth: int = 12
+    head_preset: str = "deit-b"
+    head_weights: str = "default"
+    standardize: bool = False  # linear heads: standardize features with train mean/std (MAE-style); not the study
+    views: int = 0  # augmented train views of the cache to cycle, epoch e on view (e-1) mod K; 0: the eval view (docs/protocol.md §4)
+    protocol: str = "medfm"  # medfm | study: model selection and DeiT-head rules (docs/protocol.md §7)
+    train_subset: Subset | None = None  # a labelled subset of the train rows (probe.curve); None: every train row
+
+    def head_options(self) -> dict[str, Any]:
+        """The head's own settings (`head_<option>` fields), as its registry entry names them."""
+        return {option: getattr(self, f"head_{option}") for option in get_head(self.head).options}
+
+    def shared(self) -> tuple:
+        """What heads must agree on to train in the same pass over the data."""
+        return (self.feature, self.batch_size, self.epochs, self.warmup_steps, self.patience, self.grad_clip, self.data_seed,
+                self.views, self.protocol, self.train_subset)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that decide the result (the ledger's config); head_* only for heads that use them."""
+        data = asdict(self)
+        data.pop("seed")
+        if self.head != "linear" or not self.standardize:
+            data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
+        if self.train_subset is None:
+            data.pop("train_subset")  # absent when every train row is used: the keys of earlier runs stay as they were
+        used = {f"head_{option}" for option in get_head(self.head).options}
+        for key in [k for k in data if k.startswith("head_") and k not in used]:
+            data.pop(key)
+        return data
+
+
+@dataclass
+class FitResult:
+    """One head's outcome: best-validation epoch and weights, their test metrics, per-epoch history."""
+
+    config: TrainConfig
+    best_epoch: int
+    val_score: float
+    val_metrics: Metrics
+    test_metrics: Metrics
+    history: list[dict[str, Any]]
+    state_dict: dict[str, torch.Tensor]
+    train_seconds: float
+    head_init: str  # "random", the weights file of a DeiT head, or "" for a linear head
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (labels, logits) of the best epoch, in row order
+    extra: dict[str, Any] = field(default_factory=dict)  # what else the run's metrics.json records (kNN: the chosen k)
