@@ -14,8 +14,9 @@ WEIGHTS  ?= default
 endif
 DEMO_OUTPUT := outputs/demo
 # `make paper`: the study's grid. DATA holds one folder per dataset in its released layout.
-STUDY_BACKBONES ?= deit dino resnet152 sam seem dinov2 openclip blip
-STUDY_DATASETS  ?= aptos2019 isic2019 ddsm chexpert
+# The study's lists live in one place, common/study.py.
+STUDY_BACKBONES ?= $(shell $(PY) -m common.study backbones)
+STUDY_DATASETS  ?= $(shell $(PY) -m common.study datasets)
 DATA            ?= data
 PAPER_OUTPUT    ?= outputs/paper
 PROTOCOL        ?= study
@@ -77,7 +78,7 @@ report: $(PY)
 # grayscale DDSM and CheXpert as one channel), then its table and figure. Official weights from MEDFM_WEIGHTS_DIR;
 # results in outputs/paper. PROTOCOL=study (default) runs every cell as the official code did (--protocol study):
 # frozen linear heads on PAPER_EPOCHS augmented views of the train split, frozen DeiT heads end to end on live
-# augmented images. PROTOCOL=fast trains the frozen cells on one cached eval view: far cheaper, not the study's.
+# augmented images. PROTOCOL=medfm trains the frozen cells on one cached eval view under medfm's own rules: far cheaper, not the study's.
 # EXECUTOR=local (default) runs the jobs on this machine, one per free GPU; EXECUTOR=slurm submits them to SLURM
 # (GRID_ARGS reaches `grid run`, e.g. GRID_ARGS="--partition gpu --account lab"). Rerunning plans only what is
 # missing: finished caches and runs are reused and an interrupted finetune resumes.

@@ -61,7 +61,7 @@ Norm = Annotated[str, typer.Option(help="model (the backbone's mean/std) | datas
                                         "fixed per-dataset constants).")]
 Interpolation = Annotated[str, typer.Option(help="Resize mode: model (the backbone's, mostly bicubic) | bilinear (the study's) | bicubic.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
-Precision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 on CUDA where the GPU has it, else fp16; fp32 on the CPU) | fp32 | bf16 | fp16.")]
 Views = Annotated[int | None, typer.Option(help="Augmented views of the train split stored beside its eval view, each a seeded draw of "
                                                 "--augment; a probe then trains epoch e on view (e-1) mod K (the study's frozen protocol).",
                                            show_default="none: the eval view only")]
@@ -183,9 +183,9 @@ def zeroshot(
     from extract.text import zeroshot as embed_classes
 
     if cache is None:
-        from extract.runner import find_cache
+        from extract.runner import existing_cache
 
-        cache = find_cache(extract_config(
+        cache = existing_cache(extract_config(
             backbone=backbone, dataset=dataset, root=root, weights=weights or "default", out=out, tokens=tokens, token_dtype=token_dtype,
             layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, device=device,
             precision=precision, manifest=manifest, views=views, augment=augment, augment_seed=augment_seed, protocol=protocol,

@@ -32,6 +32,7 @@ from cache.layout import cache_path
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, feature_key, view_group
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, planned_bytes, shard_path
 from common.errors import MedfmError
+from common.precision import autocast_dtype
 from common.runtime import device_label, loader_workers, output_root, rank_device, resolve_device, torchrun_launch
 from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
@@ -46,7 +47,6 @@ from extract.inputs import check_image_size, check_input_settings, check_study_i
 from extract.transforms import CROP_FRACTION, TransformSpec, eval_transform, train_transform, view_seed
 
 TOKEN_DTYPES = ("float16", "float32")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PREFETCH_BATCHES = 4  # per worker: enough to ride out a slow image, bounded so memory stays flat
 CPU_BATCH = 16  # what --batch-size auto means on the CPU
 AUTO_BATCH_CAP = 256  # beyond this a GPU's throughput no longer grows, only the memory held
@@ -92,15 +92,6 @@ class ExtractResult:
     random_weights: bool
     extracted: int = 0  # images run through the model by this call (a resumed run: only the rows still missing)
     corrupted: list[ExtractResult] = field(default_factory=list)  # the corrupted test views' caches (`--corrupt`), clean ones left out
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. `auto` is bf16 on CUDA and fp32 on CPU (CPU bf16 is slower)."""
-    if precision not in PRECISIONS:
-        raise MedfmError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def feature_plan(model: Backbone, layers: Sequence[int], tokens: bool, token_dtype: str, device: torch.device) -> dict[str, FeatureSpec]:
@@ -340,7 +331,7 @@ def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
     return PlannedCache(spec, source, weights, model, tspec, layers, settings, fp, path, manifest, pixels=pixels)
 
 
-def find_cache(cfg: ExtractConfig, console: Console | None = None) -> Path:
+def existing_cache(cfg: ExtractConfig, console: Console | None = None) -> Path:
     """The complete cache `extract run` with these settings writes (or reuses), or one line saying to extract it first."""
     console = console or Console(stderr=True)
     check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size, cfg.interpolation)

@@ -19,10 +19,11 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,14 +33,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
 from cache.fingerprint import manifest_hash
 from cache.schema import Task, check_protocol
 from common.errors import MedfmError
 from common.locks import acquire
 from common.runtime import device_label, output_root, resolve_device
 from extract.backbones import create_backbone, get_spec
-from extract.backbones.weights import resolve_weights
-from extract.datasets import get_dataset
+from extract.backbones.weights import ResolvedWeights, resolve_weights
+from extract.datasets import DatasetSource, get_dataset
 from extract.datasets.decode import DECODER_VERSION
 from extract.image_cache import image_folder
 from extract.inputs import check_image_size, check_input_settings, check_study_inputs, input_spec
@@ -48,16 +52,17 @@ from finetune import distributed
 from finetune.data import check_images, draw_epoch, epoch_seed, find_pixels, make_loader
 from finetune.distributed import World
 from finetune.model import FreezePolicy, build_model, freeze_unused
-from ledger.predictions import Predictions, save_predictions
+from ledger.predictions import Predictions
 from ledger.records import RunRecord, config_key, dataset_identity, late_best, late_best_note
+from ledger.runs import METRICS, RunConfig, read_history, write_config, write_history, write_json
 from ledger.store import Ledger
 from scoring.metrics import compute_metrics, loss_fn, primary
 from training.heads import get_head
 from training.progress import Pace, add_epoch, scalar_writer
-from training.recipe import STUDY, improves, param_groups, precision, warmup_then_constant
+from training.recipe import STUDY, Precision, improves, param_groups, precision, warmup_then_constant
+from training.record import record_run
 
 CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
 # Left out of a run's config: where and how fast, not what is trained, and the seed, which is a column of its own
 # (the report averages a configuration over its seeds). The dataset root stays in: other images are another run.
 NOT_IN_KEY = ("out", "device", "workers", "resume", "seed", "image_cache")
@@ -132,94 +137,138 @@ def finetune(cfg: FinetuneConfig, console: Console | None = None) -> FinetuneRes
         distributed.stop(world)
 
 
+@dataclass
+class Run:
+    """What identifies a run and where it lives: computed before any model is built."""
+
+    source: DatasetSource
+    weights: ResolvedWeights
+    freeze: FreezePolicy
+    scenario: str
+    config: dict[str, Any]  # what decides the result (the ledger row's config)
+    key: str
+    run_dir: Path
+
+
+@dataclass
+class Training:
+    """The model, its data and the study's recipe, set up for the epoch loop."""
+
+    model: nn.Module
+    trained: nn.Module  # the model, or its DDP wrapper
+    inputs: TransformSpec
+    loaders: dict[str, DataLoader]
+    sampler: Any  # the train loader's sampler (set_epoch)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+
+
 def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitStack) -> FinetuneResult:
     start_time = time.perf_counter()
-    device = world.device
     if cfg.batch_size % world.size:
         raise MedfmError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world.size} processes")
-    amp = precision(device, cfg.amp, cfg.amp_dtype)
-
-    # --- identity of the run: its folder, and a finished run is not trained twice
-    freeze = FreezePolicy.parse(cfg.freeze)
-    scenario = scenario_name(cfg.head, freeze)
-    source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
-    check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)
-    task = source.task
-    weights = resolve_weights(get_spec(cfg.backbone), cfg.weights, warn=console.print)
-    manifest = source.manifest()
-    used = {f"head_{option}" for option in get_head(cfg.head).options}  # another head's settings do not change this run
-    run_config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY and (not k.startswith("head_") or k in used)}
-    if cfg.amp_dtype == "auto":
-        run_config.pop("amp_dtype")  # the policy runs had before the option existed: their keys stay as they were
-    run_config.update(root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None, weights=weights.identity,
-                      dataset_options=source.options, manifest_hash=manifest_hash(manifest), decoder=DECODER_VERSION)
-    key = config_key({"stage": "finetune", **run_config}, None, cfg.seed)
-    run_dir = Path(cfg.out) / "finetune" / f"{cfg.backbone}-{source.name}-{scenario}-{key[:12]}"
+    amp = precision(world.device, cfg.amp, cfg.amp_dtype)
+    run = _identify(cfg, console)
     ledger = Ledger(Path(cfg.out) / "results.sqlite")
     if world.is_main:  # one process trains a run folder: a twin launch stops here, before touching it
-        held.enter_context(acquire(run_dir / "run", f"the finetune run {run_dir}"))  # run_dir/run.lock
-    if (done := ledger.find(key)) is not None:
-        console.print(f"[green]already finished[/]: ledger row {done.id}, {run_dir}; nothing to train")
-        return _finished_result(done, run_dir, scenario)
-    checkpoint_path = run_dir / CHECKPOINT
+        held.enter_context(acquire(run.run_dir / "run", f"the finetune run {run.run_dir}"))  # run_dir/run.lock
+    if (done := ledger.find(run.key)) is not None:
+        console.print(f"[green]already finished[/]: ledger row {done.id}, {run.run_dir}; nothing to train")
+        return _finished_result(done, run.run_dir, run.scenario)
+    checkpoint_path = run.run_dir / CHECKPOINT
     if checkpoint_path.exists() and not cfg.resume:
-        raise MedfmError(f"{run_dir} holds an unfinished run of this configuration; pass --resume to continue it, "
+        raise MedfmError(f"{run.run_dir} holds an unfinished run of this configuration; pass --resume to continue it, "
                          f"or remove the folder to start over")
+    setup = _set_up(cfg, run, world, amp, console)
+    state = _resume_or_start(cfg, run, setup, world, checkpoint_path, console)
+    _train_epochs(cfg, run, setup, world, amp, state, checkpoint_path, console, held)
+    return _finish(cfg, run, setup, world, state, ledger, start_time, console)
 
-    # --- model, data, the study's recipe
+
+def _identify(cfg: FinetuneConfig, console: Console) -> Run:
+    """The run's identity (its config, skip-if-done key and folder), from the settings and the data, before any model."""
+    freeze = FreezePolicy.parse(cfg.freeze)
+    source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)
+    weights = resolve_weights(get_spec(cfg.backbone), cfg.weights, warn=console.print)
+    used = {f"head_{option}" for option in get_head(cfg.head).options}  # another head's settings do not change this run
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY and (not k.startswith("head_") or k in used)}
+    if cfg.amp_dtype == "auto":
+        config.pop("amp_dtype")  # the policy runs had before the option existed: their keys stay as they were
+    config.update(root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None, weights=weights.identity,
+                  dataset_options=source.options, manifest_hash=manifest_hash(source.manifest()), decoder=DECODER_VERSION)
+    key = config_key({"stage": "finetune", **config}, None, cfg.seed)
+    scenario = scenario_name(cfg.head, freeze)
+    run_dir = Path(cfg.out) / "finetune" / f"{cfg.backbone}-{source.name}-{scenario}-{key[:12]}"
+    return Run(source, weights, freeze, scenario, config, key, run_dir)
+
+
+def _set_up(cfg: FinetuneConfig, run: Run, world: World, amp: Precision, console: Console) -> Training:
+    """Backbone + head on the device, the split loaders, and the study's optimiser, schedule and loss."""
+    device = world.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
-    backbone = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, protocol=cfg.protocol,
+    backbone = create_backbone(cfg.backbone, run.weights, image_size=cfg.image_size, in_chans=cfg.in_chans, protocol=cfg.protocol,
                                **cfg.overrides)
     check_image_size(backbone, cfg.backbone)
     head_options = {option: getattr(cfg, f"head_{option}") for option in get_head(cfg.head).options}
-    model = build_model(backbone.to(device), cfg.head, task.num_outputs, freeze, cfg.protocol, **head_options).to(device)
-    tspec, _ = input_spec(source, backbone.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
-    unused = freeze_unused(model, torch.zeros(1, tspec.channels, tspec.size, tspec.size, device=device))
+    task = run.source.task
+    model = build_model(backbone.to(device), cfg.head, task.num_outputs, run.freeze, cfg.protocol, **head_options).to(device)
+    inputs, _ = input_spec(run.source, backbone.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
+    unused = freeze_unused(model, torch.zeros(1, inputs.channels, inputs.size, inputs.size, device=device))
     if unused:
         console.print(f"{len(unused)} parameter tensors get no gradient through the {cfg.head} head and stay fixed ({unused[0]}, ...)")
-    pixels = find_pixels(source, cfg.root, tspec, cfg.image_cache)
+    pixels = find_pixels(run.source, cfg.root, inputs, cfg.image_cache)
     if pixels is not None:
         console.print(f"reading the images from the image cache {pixels.path}")
     loader_args = {"batch_size": cfg.batch_size, "seed": cfg.seed, "workers": cfg.workers, "augment": cfg.augment, "pixels": pixels}
-    train_loader, train_sampler = make_loader(source, "train", tspec, world, train=True, **loader_args)
-    val_loader, _ = make_loader(source, "val", tspec, world, train=False, **loader_args)
-    test_loader, _ = make_loader(source, "test", tspec, world, train=False, **loader_args)
-    warmup = STUDY.warmup_steps(len(train_loader)) if cfg.warmup_steps is None else cfg.warmup_steps
+    loaders, sampler = {}, None
+    for split in ("train", "val", "test"):
+        loaders[split], split_sampler = make_loader(run.source, split, inputs, world, train=split == "train", **loader_args)
+        sampler = split_sampler if split == "train" else sampler
+    warmup = STUDY.warmup_steps(len(loaders["train"])) if cfg.warmup_steps is None else cfg.warmup_steps
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = warmup_then_constant(optimizer, warmup)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp.needs_scaler)
-    criterion = loss_fn(task)
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+    return Training(model, trained, inputs, loaders, sampler, optimizer, warmup_then_constant(optimizer, warmup),
+                    torch.amp.GradScaler(device.type, enabled=amp.needs_scaler), loss_fn(task))
 
-    # --- resume, or start the run folder
+
+def _resume_or_start(cfg: FinetuneConfig, run: Run, setup: Training, world: World, checkpoint_path: Path,
+                     console: Console) -> dict[str, Any]:
+    """The loop's state: from the run's checkpoint with --resume, else fresh, with the run folder started (rank 0)."""
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": None, "best_model": None, "best_val": None, "history": [],
                              "train_seconds": 0.0}
     if cfg.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.pop("model"))
-        optimizer.load_state_dict(state.pop("optimizer"))
-        scheduler.load_state_dict(state.pop("scheduler"))
-        scaler.load_state_dict(state.pop("scaler"))
-        console.print(f"resuming {run_dir} after epoch {state['epoch']}/{cfg.epochs}")
+        setup.model.load_state_dict(state.pop("model"))
+        setup.optimizer.load_state_dict(state.pop("optimizer"))
+        setup.scheduler.load_state_dict(state.pop("scheduler"))
+        setup.scaler.load_state_dict(state.pop("scaler"))
+        console.print(f"resuming {run.run_dir} after epoch {state['epoch']}/{cfg.epochs}")
     elif world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", {"config": run_config, "scenario": scenario, "config_key": key, "task": task.to_dict()})
-        _write_json(run_dir / "splits.json", manifest)
-        console.print(f"finetuning {cfg.backbone} + {cfg.head} head ({scenario}, --freeze {cfg.freeze}) on {source.name} -> {run_dir}")
-    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        head_init = get_head(cfg.head).init(**{o: getattr(cfg, f"head_{o}") for o in get_head(cfg.head).options})
+        write_config(run.run_dir, RunConfig(
+            stage="finetune", scenario=run.scenario, backbone=cfg.backbone, dataset=cfg.dataset, config=run.config, seed=cfg.seed,
+            config_key=run.key, task=run.source.task.to_dict(), backbone_random_weights=run.weights.random, head_init=head_init,
+            extra={"freeze": cfg.freeze},
+        ))
+        write_json(run.run_dir / "splits.json", run.source.manifest())
+        console.print(f"finetuning {cfg.backbone} + {cfg.head} head ({run.scenario}, --freeze {cfg.freeze}) on {run.source.name} -> {run.run_dir}")
+    return state
 
-    # --- the epoch loop: train, validate, keep the best, checkpoint
+
+def _train_epochs(cfg: FinetuneConfig, run: Run, setup: Training, world: World, amp: Precision, state: dict[str, Any],
+                  checkpoint_path: Path, console: Console, held: ExitStack) -> None:
+    """Train, validate, keep the best, checkpoint: one epoch at a time, from the state's epoch to the last."""
+    task = run.source.task
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True)
-    steps, first_epoch = len(train_loader), state["epoch"]
-    pace = Pace(console, f"finetuning {cfg.backbone} ({scenario})", (cfg.epochs - state["epoch"]) * steps)
-    scalars = None  # TensorBoard, one point per epoch, in one file: a resumed run rewrites the checkpoint's epochs
-    if world.is_main:  # and drops the killed attempt's file, whose points past the checkpoint were never kept
-        for stale in run_dir.glob("events.out.tfevents.*"):
-            stale.unlink()
-        scalars = held.enter_context(scalar_writer(run_dir))
-        for row in state["history"]:
-            add_epoch(scalars, row["epoch"], row["loss"], task.primary_metric, primary(task, row["val"]), row["lr"])
+    steps = len(setup.loaders["train"])
+    pace = Pace(console, f"finetuning {cfg.backbone} ({run.scenario})", (cfg.epochs - state["epoch"]) * steps)
+    scalars = _scalars(run.run_dir, state, task, held) if world.is_main else None
+    first_epoch = state["epoch"]
     with progress:
         bar = progress.add_task("epoch", total=steps)
         for epoch in range(state["epoch"], cfg.epochs):
@@ -227,39 +276,22 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
                 console.print(f"no better validation score for {cfg.patience} epochs: stopping early")
                 break
             epoch_start = time.perf_counter()
-            _seed_everything(epoch_seed(cfg.seed, epoch, world.rank))
-            train_sampler.set_epoch(epoch)
-            draw_epoch(train_loader, cfg.seed, epoch)
             progress.reset(bar, description=f"epoch {epoch + 1}/{cfg.epochs}")
-            trained.train()
-            losses, outputs = [], []  # kept on the device: no host sync per step
-            for images, labels, index, ok, errors in train_loader:
-                check_images(ok, errors)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-                    logits = trained(images)
-                    loss = criterion(logits.float(), labels)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                losses.append(loss.detach())
-                outputs.append((index, labels, logits.detach().float()))
+
+            def stepped(step: int, epoch: int = epoch) -> None:
                 progress.advance(bar)
-                pace.step((epoch - first_epoch) * steps + len(losses), f"epoch {epoch + 1}/{cfg.epochs}")
-            train_labels, train_logits = distributed.gather_predictions(world, *map(torch.cat, zip(*outputs, strict=True)))
-            val_labels, val_logits = distributed.gather_predictions(world, *_predict(model, val_loader, device, amp.dtype))
+                pace.step((epoch - first_epoch) * steps + step, f"epoch {epoch + 1}/{cfg.epochs}")
+
+            losses, train_labels, train_logits = _train_one_epoch(cfg, setup, world, amp, epoch, stepped)
+            val_labels, val_logits = distributed.gather_predictions(world, *_predict(setup.model, setup.loaders["val"], world.device, amp.dtype))
             state["train_seconds"] += time.perf_counter() - epoch_start
             val_metrics = compute_metrics(task, val_labels, val_logits)
             score = primary(task, val_metrics)
             if improves(score, state["best_score"], cfg.protocol):
                 state.update(best_score=score, best_epoch=epoch + 1, best_val=(torch.from_numpy(val_labels), torch.from_numpy(val_logits)),  # tensors: checkpoints load weights-only
-                             best_model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                             best_model={k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()})
             state["history"].append({
-                "epoch": epoch + 1, "loss": distributed.all_mean(world, torch.stack(losses).mean().item()), "lr": scheduler.get_last_lr()[0],
+                "epoch": epoch + 1, "loss": distributed.all_mean(world, losses), "lr": setup.scheduler.get_last_lr()[0],
                 "train": compute_metrics(task, train_labels, train_logits), "val": val_metrics, "seconds": time.perf_counter() - epoch_start,
             })
             state["epoch"] = epoch + 1
@@ -267,35 +299,88 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
                 add_epoch(scalars, epoch + 1, state["history"][-1]["loss"], task.primary_metric, score, state["history"][-1]["lr"])
                 scalars.flush()  # visible in TensorBoard as the epoch ends
             if world.is_main:
-                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "scaler": scaler.state_dict(), **state}, checkpoint_path)
+                _atomic_save({"model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+                             "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(), **state}, checkpoint_path)
             name = task.primary_metric
             console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {state['history'][-1]['loss']:.4f}  "
                           f"train {name} {primary(task, state['history'][-1]['train']):.4f}  val {name} {score:.4f}"
                           + ("  [green](best)[/]" if state["best_epoch"] == epoch + 1 else ""))
 
-    # --- the test split, once, with the best-validation weights, in fp32 (as the study)
+
+def _scalars(run_dir: Path, state: dict[str, Any], task: Task, held: ExitStack) -> SummaryWriter:
+    """TensorBoard, one point per epoch, in one file: a resumed run rewrites the checkpoint's epochs and drops the killed
+    attempt's file, whose points past the checkpoint were never kept."""
+    for stale in run_dir.glob("events.out.tfevents.*"):
+        stale.unlink()
+    scalars = held.enter_context(scalar_writer(run_dir))
+    for row in state["history"]:
+        add_epoch(scalars, row["epoch"], row["loss"], task.primary_metric, primary(task, row["val"]), row["lr"])
+    return scalars
+
+
+def _train_one_epoch(cfg: FinetuneConfig, setup: Training, world: World, amp: Precision, epoch: int,
+                     stepped: Callable[[int], Any]) -> tuple[float, np.ndarray, np.ndarray]:
+    """One pass over this rank's share of the train split; the epoch's mean loss and the train predictions of every rank.
+    The epoch's randomness is seeded from (seed, epoch, rank) and each image's augmentation from (seed, epoch, id)."""
+    device = world.device
+    _seed_everything(epoch_seed(cfg.seed, epoch, world.rank))
+    setup.sampler.set_epoch(epoch)
+    draw_epoch(setup.loaders["train"], cfg.seed, epoch)
+    setup.trained.train()
+    trainable = [p for p in setup.model.parameters() if p.requires_grad]
+    losses, outputs = [], []  # kept on the device: no host sync per step
+    for images, labels, index, ok, errors in setup.loaders["train"]:
+        check_images(ok, errors)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
+            logits = setup.trained(images)
+            loss = setup.criterion(logits.float(), labels)
+        setup.scaler.scale(loss).backward()
+        setup.scaler.unscale_(setup.optimizer)
+        nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        setup.scaler.step(setup.optimizer)
+        setup.scaler.update()
+        setup.optimizer.zero_grad(set_to_none=True)
+        setup.scheduler.step()
+        losses.append(loss.detach())
+        outputs.append((index, labels, logits.detach().float()))
+        stepped(len(losses))
+    labels, logits = distributed.gather_predictions(world, *map(torch.cat, zip(*outputs, strict=True)))
+    return torch.stack(losses).mean().item(), labels, logits
+
+
+def _finish(cfg: FinetuneConfig, run: Run, setup: Training, world: World, state: dict[str, Any], ledger: Ledger,
+            start_time: float, console: Console) -> FinetuneResult:
+    """The test split, once, with the best-validation weights, in fp32 (as the study); then (rank 0) the run's files and
+    ledger row through the recorder both stages share (`training.record`)."""
+    task, model = run.source.task, setup.model
     model.load_state_dict(state["best_model"])
-    test_labels, test_logits = distributed.gather_predictions(world, *_predict(model, test_loader, device, None))
+    test_labels, test_logits = distributed.gather_predictions(world, *_predict(model, setup.loaders["test"], world.device, None))
     test_metrics = compute_metrics(task, test_labels, test_logits)
     head_random = bool(getattr(model.head, "random_init", False))  # a DeiT head without its ImageNet weights is not the study's
-    result = FinetuneResult(run_dir, scenario, state["best_epoch"], task.primary_metric, state["best_score"],
-                            primary(task, test_metrics), test_metrics, state["history"], weights.random, head_random, True, None)
+    result = FinetuneResult(run.run_dir, run.scenario, state["best_epoch"], task.primary_metric, state["best_score"],
+                            primary(task, test_metrics), test_metrics, state["history"], run.weights.random, head_random, True, None)
     if world.is_main:
-        _atomic_save(state["best_model"], run_dir / "best.pt")
-        save_predictions(run_dir, {"val": Predictions(source.splits["val"].ids, *map(np.asarray, state["best_val"])),
-                                   "test": Predictions(source.splits["test"].ids, np.asarray(test_labels), np.asarray(test_logits))})
-        _write_json(run_dir / RESULT, {k: getattr(result, k) for k in ("best_epoch", "val_score", "test_metrics", "history")})
-        cost = Cost(device_label(device) + (f" x{world.size}" if world.size > 1 else ""), world.size,
-                    len(source.splits["train"]) * len(state["history"]))
-        result.ledger_id = _record(ledger, cfg, run_config, key, scenario, task, result, state["train_seconds"],
-                                   time.perf_counter() - start_time, tspec, cost)
-        checkpoint_path.unlink(missing_ok=True)
+        _atomic_save(state["best_model"], run.run_dir / "best.pt")
+        write_history(run.run_dir, state["history"])
+        splits = run.source.splits
+        predictions = {"val": Predictions(splits["val"].ids, *map(np.asarray, state["best_val"])),
+                       "test": Predictions(splits["test"].ids, np.asarray(test_labels), np.asarray(test_logits))}
+        cost = Cost(device_label(world.device) + (f" x{world.size}" if world.size > 1 else ""), world.size,
+                    len(splits["train"]) * len(state["history"]))
+        record = _record(cfg, run, result, state["train_seconds"], time.perf_counter() - start_time, setup.inputs, cost)
+        late = late_best(result.best_epoch, cfg.epochs)
+        summary: dict[str, Any] = {"best_epoch": result.best_epoch, "late_best": late}
+        record_run(ledger, record, task, predictions, summary, state["history"][result.best_epoch - 1]["val"])
+        result.ledger_id = record.id
+        (run.run_dir / CHECKPOINT).unlink(missing_ok=True)
         for problem in test_metrics.get("warnings", []):
             console.print(f"[yellow]warning[/]: {problem}")
-        console.print(f"[green]done[/]: ledger row {result.ledger_id}, {run_dir}")
-        if late_best(result.best_epoch, cfg.epochs):
+        console.print(f"[green]done[/]: ledger row {result.ledger_id}, {run.run_dir}")
+        if late:
             console.print(f"[yellow]{late_best_note(result.best_epoch, cfg.epochs)}[/]")
+        if record.collapsed or record.chance:
+            console.print(f"[yellow]warning: {summary['health']}[/]", highlight=False, soft_wrap=True)
     distributed.barrier(world)
     return result
 
@@ -352,29 +437,23 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _record(ledger: Ledger, cfg: FinetuneConfig, run_config: dict[str, Any], key: str, scenario: str, task: Task,
-            result: FinetuneResult, train_seconds: float, total_seconds: float, inputs: TransformSpec, cost: Cost) -> int:
+def _record(cfg: FinetuneConfig, run: Run, result: FinetuneResult, train_seconds: float, total_seconds: float,
+            inputs: TransformSpec, cost: Cost) -> RunRecord:
     """The run's ledger row; its dataset identity is the one a cache of the same data and inputs records. Its cost: the
     wall seconds of this call times its devices (a resumed run: this call's part), and train images per second."""
     identity = dataset_identity(
-        cfg.dataset, root=run_config["root"], manifest_hash=run_config["manifest_hash"], options=run_config["dataset_options"],
+        cfg.dataset, root=run.config["root"], manifest_hash=run.config["manifest_hash"], options=run.config["dataset_options"],
         image_size=inputs.size, channels=inputs.channels, norm=cfg.norm, interpolation=inputs.interpolation,
     )
-    return ledger.add(RunRecord(
-        stage="finetune", scenario=scenario, backbone=cfg.backbone, dataset=cfg.dataset, head=cfg.head,
-        config=run_config, config_key=key, cache_fingerprint=None, seed=cfg.seed,
-        primary_metric=task.primary_metric, val_score=result.val_score, test_metrics=result.test_metrics,
+    return RunRecord(
+        stage="finetune", scenario=run.scenario, backbone=cfg.backbone, dataset=cfg.dataset, head=cfg.head,
+        config=run.config, config_key=run.key, cache_fingerprint=None, seed=cfg.seed,
+        primary_metric=result.metric, val_score=result.val_score, test_metrics=result.test_metrics,
         test_primary=result.test_score, backbone_random=result.backbone_random, head_random=result.head_random,
         train_seconds=train_seconds, total_seconds=total_seconds, run_dir=str(result.run_dir),
         late_best=late_best(result.best_epoch, cfg.epochs), device=cost.device, cost_seconds=total_seconds * cost.devices,
         throughput=cost.images / train_seconds if train_seconds > 0 and cost.images else None,
-    ).with_identity(identity))
+    ).with_identity(identity)
 
 
 @dataclass(frozen=True)
@@ -387,6 +466,7 @@ class Cost:
 
 
 def _finished_result(record: RunRecord, run_dir: Path, scenario: str) -> FinetuneResult:
-    saved = json.loads((run_dir / RESULT).read_text()) if (run_dir / RESULT).exists() else {"best_epoch": 0, "history": []}
-    return FinetuneResult(run_dir, scenario, saved["best_epoch"], record.primary_metric, record.val_score, record.test_primary,
-                          record.test_metrics, saved["history"], record.backbone_random, record.head_random, False, record.id)
+    metrics = json.loads((run_dir / METRICS).read_text()) if (run_dir / METRICS).is_file() else {}
+    return FinetuneResult(run_dir, scenario, int(metrics.get("best_epoch", 0)), record.primary_metric, record.val_score,
+                          record.test_primary, record.test_metrics, read_history(run_dir), record.backbone_random,
+                          record.head_random, False, record.id)

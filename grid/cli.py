@@ -47,8 +47,8 @@ def run(
     scenarios: Annotated[str, typer.Option(help=f"Scenarios, comma-separated, among {', '.join(SCENARIOS)}.")] = ",".join(SCENARIOS),
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated: one cell each.")] = "0",
     protocol: Annotated[str, typer.Option(help="study (every cell as the official code ran it: frozen linear heads on augmented "
-                                               "cached views, frozen DeiT heads on live images) | fast (frozen cells on one cached "
-                                               "eval view: far cheaper, not the study's).")] = "study",
+                                               "cached views, frozen DeiT heads on live images) | medfm (medfm's own rules: frozen "
+                                               "cells on one cached eval view, far cheaper, not the study's).")] = "study",
     data: Annotated[Path | None, typer.Option(help="Folder with one folder per dataset in its released layout (--root DATA/<dataset>).",
                                               show_default="none: no --root, as the demo dataset needs")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs of every cell (and the augmented views of a study extraction).")] = 100,

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from cache.layout import find_cache
+from cache.schema import check_protocol
 from common.cli import parse_options
 from common.errors import MedfmError
 from common.registry import unknown
+from common.study import GRAYSCALE_DATASETS, STUDY_BACKBONES, STUDY_DATASETS
 from extract.names import check_backbone, check_dataset
 from grid import estimate
 from grid.jobs import STAGES, Job, Resources, ordered
@@ -26,10 +28,6 @@ from grid.state import clear, read_job, read_state, state_path
 from ledger.store import Ledger
 
 SCENARIOS = ("frozen-linear", "frozen-deit", "unfrozen-linear", "unfrozen-deit")
-PROTOCOLS = ("study", "fast")  # study: every cell as the official code ran it; fast: frozen cells on one cached view
-STUDY_BACKBONES = ("deit", "dino", "resnet152", "sam", "seem", "dinov2", "openclip", "blip")
-STUDY_DATASETS = ("aptos2019", "isic2019", "ddsm", "chexpert")
-GRAYSCALE = ("ddsm", "chexpert")  # the study feeds these as one channel (--in-chans 1)
 DEFAULT_RESOURCES = {
     "extract": Resources(gpus=1, cpus=8, mem_gb=32, minutes=240),
     "probe": Resources(gpus=1, cpus=4, mem_gb=32, minutes=120),
@@ -92,12 +90,14 @@ class GridSpec:
         for name in self.scenarios:
             if name not in SCENARIOS:
                 raise unknown("scenario", name, SCENARIOS)
-        if self.protocol not in PROTOCOLS:
-            raise MedfmError(f"--protocol must be study or fast, got '{self.protocol}'")
+        if self.protocol == "fast":
+            raise MedfmError("--protocol fast is now --protocol medfm (medfm's own rules: frozen cells on one cached eval view), "
+                             "the word every stage uses")
+        check_protocol(self.protocol)
         others = [d for d in self.datasets if d not in STUDY_DATASETS]
         if self.protocol == "study" and others:
             raise MedfmError(f"--protocol study runs on the study's datasets ({', '.join(STUDY_DATASETS)}) and their inputs; "
-                             f"use --protocol fast for {', '.join(others)}")
+                             f"use --protocol medfm for {', '.join(others)}")
         if self.epochs < 1:
             raise MedfmError(f"--epochs must be at least 1, got {self.epochs}")
         if any(seed < 0 for seed in self.seeds):
@@ -110,15 +110,10 @@ class GridSpec:
     def on_cache(self, cell: Cell) -> bool:
         """Trained by `probe` on the extracted cache (else by `finetune` on live images). Under the study's protocol the
         frozen DeiT head trains on live augmented images, as token views of every epoch would take epochs x the disk."""
-        return cell.scenario == "frozen-linear" or (self.protocol == "fast" and cell.scenario == "frozen-deit")
+        return cell.scenario == "frozen-linear" or (self.protocol == "medfm" and cell.scenario == "frozen-deit")
 
     def stage(self, cell: Cell) -> str:
         return "probe" if self.on_cache(cell) else "finetune"
-
-    @property
-    def ledger_protocol(self) -> str:
-        """What the ledger records as the runs' protocol (`--protocol` of the stages)."""
-        return "study" if self.protocol == "study" else "medfm"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -154,7 +149,7 @@ def _live(spec: GridSpec, backbone: str, dataset: str) -> list[str]:
     have the study's normalisation constants; any other is normalised with its own train split's (`--norm dataset`)."""
     root = ["--root", str(Path(spec.data_root) / dataset)] if spec.data_root is not None else []
     norm = "study" if dataset in STUDY_DATASETS else "dataset"
-    channels = ["--in-chans", "1"] if dataset in GRAYSCALE else []
+    channels = ["--in-chans", "1"] if dataset in GRAYSCALE_DATASETS else []
     return ["--backbone", backbone, "--dataset", dataset, *root, "--norm", norm, "--interpolation", "bilinear", *channels]
 
 
@@ -201,7 +196,7 @@ def done_cells(spec: GridSpec, cells: list[Cell]) -> set[str]:
         return set()
     rows = Ledger(path).rows(backbone=list(spec.backbones), dataset=list(spec.datasets), seed=list(spec.seeds))
     have = {(r.stage, r.scenario, r.backbone, r.dataset, r.seed) for r in rows
-            if r.config.get("protocol", "medfm") == spec.ledger_protocol and r.config.get("epochs") == spec.epochs}
+            if r.config.get("protocol", "medfm") == spec.protocol and r.config.get("epochs") == spec.epochs}
     return {c.key for c in cells if (spec.stage(c), c.scenario, c.backbone, c.dataset, c.seed) in have}
 
 

@@ -1,19 +1,55 @@
-"""A run folder, written and read one way by both training stages (`training.record` writes it).
+"""A run folder, written and read one way by both training stages (probe and finetune).
 
-Every run folder holds `config.json` (`{"config": ..., "stage", "scenario", "config_key", "task", ...}`),
-`predictions.npz`, `metrics.json` and, for single-label tasks, `reliability.png`.
+Every run folder holds:
+- `config.json`: `RunConfig`, the same shape for both stages: the stage, scenario, backbone, dataset, the `config`
+  that decides the result (the ledger row's), the seed, the skip-if-done key, the task, the cache a probe read
+  (None for finetune) and what the backbone and head started from;
+- `history.jsonl` and `history.csv`: one row per epoch;
+- `predictions.npz` (`ledger.predictions`), `metrics.json` (best epoch, flags, validation and test metrics) and, for a
+  single-label task, `reliability.png` (`training.record` writes these three and the ledger row).
+
+Run folders of medfm 0.2 wrote a probe's settings flat at the top of `config.json`; `read_config` still reads them.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from cache.schema import Task
 from common.errors import MedfmError
 from ledger.records import RunRecord
+
+CONFIG, HISTORY, METRICS = "config.json", "history.jsonl", "metrics.json"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run folder says about its run (`config.json`)."""
+
+    stage: str  # probe | finetune
+    scenario: str
+    backbone: str
+    dataset: str
+    config: dict[str, Any]  # what decides the result: the ledger row's config
+    seed: int
+    config_key: str
+    task: dict[str, Any]  # `Task.to_dict()`
+    cache: str | None = None  # the feature cache a probe read; None for finetune
+    cache_fingerprint: str | None = None
+    backbone_random_weights: bool = False
+    head_init: str = ""  # "", "random" or the head's pretrained weights file (`training.heads.HeadSpec.init`)
+    extra: dict[str, Any] = field(default_factory=dict)  # what else the stage records (finetune: the freeze setting)
+
+    @property
+    def task_spec(self) -> Task:
+        return Task.from_dict(self.task)
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
@@ -30,18 +66,52 @@ def new_run_dir(parent: Path, name: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def run_config(record: RunRecord) -> dict[str, Any]:
-    """A run's config.json (probe and finetune both keep one in the run folder), or one line saying it is gone."""
-    path = Path(record.run_dir or "") / "config.json"
+def write_json(path: Path, obj: Any) -> None:
+    """Write beside the final name, then rename: a crash leaves the previous file whole, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, config: RunConfig) -> None:
+    write_json(Path(run_dir) / CONFIG, asdict(config))
+
+
+def write_history(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """The per-epoch rows, as JSON lines and as a flat CSV (nested metrics become `val.accuracy` columns)."""
+    with open(Path(run_dir) / HISTORY, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, default=str) + "\n")
+    pd.json_normalize(rows).to_csv(Path(run_dir) / "history.csv", index=False)
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def read_config(record: RunRecord) -> RunConfig:
+    """A run's `config.json`, or one line saying it is gone or unreadable."""
+    path = Path(record.run_dir or "") / CONFIG
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         raise MedfmError(f"run {record.id}: cannot read its {path}; the run folder was moved or removed") from None
+    if not isinstance(data, dict) or "task" not in data:
+        raise MedfmError(f"run {record.id}: {path} records no task; retrain it with --force")
+    if "config" not in data:  # a probe run folder of medfm 0.2: the settings flat beside the rest
+        own = {name for name in RunConfig.__dataclass_fields__ if name != "config"}
+        data = {**{k: v for k, v in data.items() if k in own}, "config": {k: v for k, v in data.items() if k not in own}}
+    data.setdefault("stage", record.stage)
+    data.setdefault("scenario", record.scenario)
+    data.setdefault("backbone", record.backbone)
+    data.setdefault("dataset", record.dataset)
+    data.setdefault("seed", record.seed)
+    data.setdefault("config_key", record.config_key)
+    known = {k: v for k, v in data.items() if k in RunConfig.__dataclass_fields__}
+    return RunConfig(**known)
 
 
 def run_task(record: RunRecord) -> Task:
     """The task a run was scored on, from its config.json."""
-    data = run_config(record)
-    if "task" not in data:
-        raise MedfmError(f"run {record.id}: {Path(record.run_dir or '') / 'config.json'} records no task; retrain it with --force")
-    return Task.from_dict(data["task"])
+    return read_config(record).task_spec

@@ -31,7 +31,7 @@ from common.checkpoints import load_state_dict
 from common.errors import MedfmError
 from common.runtime import resolve_device
 from ledger.records import EvaluationRecord, RunRecord, cache_identity
-from ledger.runs import run_config, run_task
+from ledger.runs import RunConfig, read_config
 from ledger.store import Ledger
 from probe.config import TrainConfig
 from probe.data import FeatureSource
@@ -46,7 +46,7 @@ class SavedRun:
     """A finished probe run as `probe eval` needs it: its ledger row, its config.json and its head's task."""
 
     record: RunRecord
-    config: dict[str, Any]
+    config: RunConfig
     task: Task
 
     @property
@@ -55,7 +55,7 @@ class SavedRun:
 
     @property
     def cache(self) -> Path:
-        return Path(self.config["cache"])
+        return Path(self.config.cache or "")
 
 
 def load_run(ledger: Ledger, run: str) -> SavedRun:
@@ -75,8 +75,8 @@ def load_run(ledger: Ledger, run: str) -> SavedRun:
     if not spec.trains:
         raise MedfmError(f"run {record.id} is a {record.head} probe, which keeps no trained head; probe eval scores trained heads "
                          "(linear, deit)")
-    task = run_task(record)  # one clear error when the run folder is gone
-    config = run_config(record)
+    config = read_config(record)  # one clear error when the run folder is gone
+    task = config.task_spec
     if not (Path(record.run_dir or "") / "head.pt").is_file():
         raise MedfmError(f"run {record.id}: its head ({record.run_dir}/head.pt) is missing; retrain it with --force")
     return SavedRun(record, config, task)
@@ -165,8 +165,8 @@ def head_outputs(run: SavedRun, reader: CacheReader, device: str = "auto", max_r
     run's own test split was (`probe.train.predict`, fp32)."""
     if "test" not in reader.splits:
         raise MedfmError(f"{reader.path} has no test split to score (it holds {', '.join(reader.splits)})")
-    c = run.config
-    config = TrainConfig(head=c["head"], feature=c["feature"], batch_size=int(c["batch_size"]), seed=int(c.get("seed", 0)),
+    c = run.config.config
+    config = TrainConfig(head=c["head"], feature=c["feature"], batch_size=int(c["batch_size"]), seed=run.config.seed,
                          head_depth=int(c.get("head_depth", 12)), head_preset=c.get("head_preset", "deit-b"),
                          head_weights="random", protocol=c.get("protocol", "medfm"))  # the weights come from head.pt
     source = FeatureSource(reader, config.feature, config.batch_size, max_ram)

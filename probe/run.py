@@ -5,16 +5,12 @@ Read `run_probe` top to bottom; `probe sweep` reuses the same pieces for many co
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import Progress
@@ -24,20 +20,18 @@ from cache.store import CacheReader
 from common.errors import MedfmError
 from common.locks import FileLock, acquire
 from common.runtime import device_label, output_root, resolve_device
-from ledger.predictions import Predictions, save_predictions
+from ledger.predictions import Predictions
 from ledger.records import RunRecord, cache_identity, config_key, late_best, late_best_note
-from ledger.runs import new_run_dir
+from ledger.runs import RunConfig, new_run_dir, write_config, write_history
 from ledger.store import Ledger
 from probe.config import FitResult, TrainConfig
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.subsets import subset_rows
 from probe.train import train_head
-from scoring.calibration import calibration_metrics, fit_temperature, reliability_diagram
-from scoring.health import Health, check_run
+from scoring.health import Health
 from training.progress import add_epoch, scalar_writer
-
-RELIABILITY = "reliability.png"  # a single-label run's reliability diagram, in its run folder
+from training.record import record_run
 
 
 def validate(config: TrainConfig) -> None:
@@ -170,19 +164,6 @@ def _rows_per_s(reader: CacheReader, result: FitResult) -> float | None:
     return len(result.history) * rows / result.train_seconds if result.train_seconds > 0 else None
 
 
-def calibrated(result: FitResult, run_dir: Path, calibrate: bool) -> None:
-    """The reliability diagram of the test split; with `calibrate`, temperature scaling fitted on validation, its T in
-    `result.extra` and the test calibration metrics with T applied in `result.test_metrics` (`<name>_calibrated`)."""
-    labels, logits = result.predictions["test"]
-    temperature = None
-    if calibrate:
-        temperature = fit_temperature(*result.predictions["val"])
-        scaled = np.asarray(logits, dtype=np.float64) / temperature
-        result.test_metrics.update({f"{name}_calibrated": value for name, value in calibration_metrics(labels, scaled).items()})
-        result.extra["calibration_temperature"] = temperature
-    reliability_diagram(run_dir / RELIABILITY, labels, logits, temperature)
-
-
 def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None,
              device: str = "", shared: int = 1, calibrate: bool = False, health: Health | None = None,
              reliability: bool = True) -> RunRecord:
@@ -196,43 +177,35 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
     Its cost: `total_seconds` / `shared` (heads trained together in one pass share it), on `device`; its throughput, train
     rows read per second of training; and the cache's whole extraction (seconds, device), counted once per cache by
     the report."""
-    meta, config = reader.meta, result.config
+    meta, config, task = reader.meta, result.config, reader.task
     backbone, dataset = meta.backbone.name, meta.dataset.name
     run_dir = new_run_dir(output_root() / "runs" / "probe", f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone}-{dataset}-{config.head}-{key[:8]}")
-    full_config: dict[str, Any] = {
-        "stage": "probe", **config.to_dict(), "seed": config.seed, "head_init": result.head_init,
-        "cache": str(reader.path), "cache_fingerprint": reader.fingerprint, "backbone": backbone, "dataset": dataset,
-        "backbone_random_weights": meta.backbone.random_weights, "task": reader.task.to_dict(), "config_key": key,
-    }
-    (run_dir / "config.json").write_text(json.dumps(full_config, indent=2, default=str))
-    with open(run_dir / "history.jsonl", "w") as fh:
-        for row in result.history:
-            fh.write(json.dumps(row) + "\n")
-    pd.DataFrame(result.history).to_csv(run_dir / "history.csv", index=False)
-    if get_head(config.head).trains:  # the same epochs where TensorBoard reads them
-        metric = reader.task.primary_metric
+    write_config(run_dir, RunConfig(
+        stage="probe", scenario=scenario(config.head), backbone=backbone, dataset=dataset, config=config.to_dict(),
+        seed=config.seed, config_key=key, task=task.to_dict(), cache=str(reader.path), cache_fingerprint=reader.fingerprint,
+        backbone_random_weights=meta.backbone.random_weights, head_init=result.head_init,
+    ))
+    write_history(run_dir, result.history)
+    trains = get_head(config.head).trains
+    if trains:  # the same epochs where TensorBoard reads them
         with scalar_writer(run_dir) as writer:
             for row in result.history:
-                add_epoch(writer, row["epoch"], row["train_loss"], metric, row[f"val_{metric}"], row["lr"])
+                add_epoch(writer, row["epoch"], row["train_loss"], task.primary_metric, row[f"val_{task.primary_metric}"], row["lr"])
     torch.save(result.state_dict, run_dir / "head.pt")
-    save_predictions(run_dir, {split: Predictions(reader.ids(split), labels, logits) for split, (labels, logits) in result.predictions.items()})
-    late = get_head(config.head).trains and late_best(result.best_epoch, config.epochs)
-    health = health or check_run(reader.task, *result.predictions["test"])  # collapsed / within noise of chance (scoring.health)
-    result.extra["health"] = health.message
-    if reader.task.kind != "multilabel" and (reliability or calibrate):
-        calibrated(result, run_dir, calibrate)
-    metrics = {"best_epoch": result.best_epoch, "late_best": late, **result.extra, "val": result.val_metrics, "test": result.test_metrics}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    task = reader.task
+    late = trains and late_best(result.best_epoch, config.epochs)
     record = RunRecord(
         stage="probe", scenario=scenario(config.head), backbone=backbone, dataset=dataset, head=config.head,
         config={**config.to_dict(), "head_init": result.head_init}, config_key=key, cache_fingerprint=reader.fingerprint,
         seed=config.seed, primary_metric=task.primary_metric, val_score=result.val_score,
         test_metrics=result.test_metrics, test_primary=float(result.test_metrics[task.primary_metric]),
         backbone_random=meta.backbone.random_weights, head_random=result.head_init == "random", train_seconds=result.train_seconds,
-        total_seconds=total_seconds, run_dir=str(run_dir), late_best=late, collapsed=health.collapsed, chance=health.chance, device=device,
+        total_seconds=total_seconds, run_dir=str(run_dir), late_best=late, device=device,
         cost_seconds=total_seconds / max(shared, 1) if total_seconds is not None else None,
         throughput=_rows_per_s(reader, result), extract_seconds=meta.extract_seconds or None, extract_device=meta.extract_device,
     ).with_identity(cache_identity(meta))
-    ledger.add(record)
+    predictions = {split: Predictions(reader.ids(split), labels, logits) for split, (labels, logits) in result.predictions.items()}
+    summary = {"best_epoch": result.best_epoch, "late_best": late, **result.extra}
+    record_run(ledger, record, task, predictions, summary, result.val_metrics, health=health, calibrate=calibrate,
+               reliability=reliability)
+    result.extra.update(summary)  # the health message and the temperature, as the run's metrics.json holds them
     return record

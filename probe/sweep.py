@@ -35,12 +35,13 @@ from ledger.store import Ledger
 from probe.config import TrainConfig
 from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING, get_head
-from probe.run import RELIABILITY, claim, ledger_key, save_run, validate, warn_random
+from probe.run import claim, ledger_key, save_run, validate, warn_random
 from probe.subsets import subset_rows
 from probe.train import fit, make_head
 from scoring.calibration import reliability_diagram
 from scoring.health import check_runs
 from training.recipe import STUDY, precision
+from training.record import RELIABILITY
 
 AUTO = "auto"  # --deit-per-pass auto: as many DeiT heads per pass as the device's memory holds (`heads_per_pass`)
 

@@ -21,7 +21,7 @@ import pandas as pd
 from cache.store import CacheReader
 from common.errors import MedfmError
 from ledger.predictions import load_predictions
-from ledger.runs import run_config
+from ledger.runs import read_config
 from report.table import Report
 from scoring.metrics import compute_metrics
 
@@ -66,7 +66,7 @@ def subgroup_table(report: Report, by: str) -> tuple[pd.DataFrame, list[str]]:
         counts: dict[str, int] = {}
         name = by
         for run in runs:
-            cache = Path(run_config(run)["cache"])
+            cache = Path(read_config(run).cache or "")
             if not cache.is_file():
                 raise MedfmError(f"no subgroups for {row} on {label}: its cache {cache} is gone; re-extract it or leave the dataset "
                                  "out with --dataset")

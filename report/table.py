@@ -52,6 +52,10 @@ import pandas as pd
 
 from common.errors import MedfmError
 from common.runtime import device_kind
+from common.study import (  # the study appends its DeiT classifier to the foundation models only
+    IMAGENET_BACKBONES,
+    STUDY_BACKBONES,
+)
 from ledger.predictions import load_predictions
 from ledger.records import EvaluationRecord, RunRecord, best_configuration, mean_score
 from ledger.store import Ledger
@@ -65,8 +69,6 @@ BASELINE = "deit"
 ROW_KEY = ["backbone", "scenario", "stage", "backbone_random", "head_random", "protocol"]
 AVERAGE, GAIN = "average", "gain vs deit linear (%)"
 DEFAULT_PROTOCOL = "medfm"
-STUDY_BACKBONES = ("sam", "seem", "dinov2", "openclip", "blip", "deit", "dino", "resnet152")
-IMAGENET_BACKBONES = ("deit", "dino", "resnet152")  # the study appends its DeiT classifier to the foundation models only
 STUDY_IMAGE_SIZE, STUDY_HEAD_DEPTH, STUDY_HEAD_PRESET = 224, 12, "deit-b"
 RANDOM_BACKBONE_NOTE = "RANDOM backbone: features of an untrained backbone"
 RANDOM_HEAD_NOTE = "RANDOM head: a DeiT head whose ImageNet weights were missing"

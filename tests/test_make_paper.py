@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.stand_ins import RECORDER
 
-RECORDER = """#!/bin/sh
-echo "MEDFM_OUTPUT=$MEDFM_OUTPUT $(basename "$0") $*" >> "{log}"
-"""
 # `grid` as the Makefile calls it, recorded, then planned for real without running anything: the jobs' commands printed.
 PLANNER = RECORDER + 'exec "{python}" -m grid "$@" --dry-run --print-commands\n'
 
@@ -64,8 +62,8 @@ def test_make_paper_runs_every_cell_as_the_official_code_did_then_reports(tmp_pa
 
 
 @pytest.mark.slow  # `grid` plans for real: a Python process
-def test_make_paper_fast_trains_frozen_cells_on_one_cached_view(tmp_path: Path) -> None:
-    result, _ = make_paper(tmp_path, "PROTOCOL=fast", "PAPER_EPOCHS=30")
+def test_make_paper_medfm_trains_frozen_cells_on_one_cached_view(tmp_path: Path) -> None:
+    result, _ = make_paper(tmp_path, "PROTOCOL=medfm", "PAPER_EPOCHS=30")
     commands = stage_commands(result)
     assert commands[:3] == [
         "extract run --backbone sam --dataset aptos2019 --root /data/aptos2019 --norm study --interpolation bilinear",
@@ -79,7 +77,7 @@ def test_make_paper_fast_trains_frozen_cells_on_one_cached_view(tmp_path: Path) 
 @pytest.mark.slow  # `grid` plans for real: a Python process
 def test_make_paper_refuses_an_unknown_protocol_in_one_line(tmp_path: Path) -> None:
     result, calls = make_paper(tmp_path, "PROTOCOL=exact")
-    assert result.returncode != 0 and "error: --protocol must be study or fast, got 'exact'" in result.stderr
+    assert result.returncode != 0 and "error: --protocol must be medfm or study" in result.stderr
     assert [c.split(" ")[0] for c in calls] == ["grid"] and "python -m" not in result.stdout  # no report, no job
 
 

@@ -91,7 +91,6 @@ class DeiTHead(nn.Module):
         weights: str = "default", grid: tuple[int, int] | None = None, protocol: str = "medfm",
     ) -> None:
         super().__init__()
-        check_protocol(protocol)
         if preset not in PRESETS:
             raise MedfmError(f"unknown DeiT head preset '{preset}'; choose one of {', '.join(PRESETS)}")
         if not 1 <= depth <= 12:

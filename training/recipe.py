@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cache.schema import PROTOCOLS, check_protocol  # noqa: F401  (PROTOCOLS re-exported)
+from cache.schema import PROTOCOLS  # noqa: F401  (PROTOCOLS re-exported)
 from common.errors import MedfmError
+from common.precision import Precision, resolve_precision
 
 if TYPE_CHECKING:  # torch loads on use: the command lines take their defaults from here and stay quick
     import torch
@@ -78,7 +79,6 @@ def improves(score: float, best: float | None, protocol: str = "medfm") -> bool:
     here the first epoch is kept instead: it is accepted provisionally (True when `best` is None), and the first
     epoch whose rounded score beats max(0.0, rounded best) replaces it, exactly as the study selects from then on.
     """
-    check_protocol(protocol)
     if best is None:
         return True
     if protocol == "study":
@@ -92,36 +92,18 @@ def _round3(value: float) -> float:
     return round(value * 1000.0) / 1000.0
 
 
-@dataclass(frozen=True)
-class Precision:
-    """Autocast dtype for training and validation (None: fp32); the test split is always scored in fp32."""
-
-    dtype: torch.dtype | None
-
-    @property
-    def needs_scaler(self) -> bool:
-        """fp16 gradients underflow without loss scaling; bf16 has fp32's range."""
-        import torch
-
-        return self.dtype is torch.float16
-
-
 AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
 def precision(device: torch.device, amp: bool | None = None, dtype: str = "auto") -> Precision:
-    """The one precision policy (docs/protocol.md §6). `amp` None: on for CUDA, off on the CPU (bf16 is several
-    times slower than fp32 on CPUs without bf16 units). On CUDA, bf16 where the GPU has it, else fp16 with a
-    GradScaler (the study's); on the CPU, amp means bf16. `dtype` bf16 or fp16 asks for one of the two instead of
-    the GPU's choice (fp16 with its GradScaler, as the study trained, on any GPU)."""
-    import torch
-
+    """The training stages' view of the one precision policy (`common.precision`, docs/protocol.md §6): `amp` None is
+    on for CUDA and off on the CPU; `dtype` auto is the policy's own choice (bf16 where the GPU has it, else fp16 with
+    a GradScaler), bf16 or fp16 asks for one of the two (fp16 with its GradScaler, as the study trained, on any GPU).
+    Asked for on the CPU, amp means bf16."""
     if dtype not in AMP_DTYPES:
         raise MedfmError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {dtype!r}")
     if not (device.type == "cuda" if amp is None else amp):
-        return Precision(None)
-    if dtype != "auto":
-        return Precision({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-    if device.type == "cuda":
-        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return Precision(torch.bfloat16)
+        return resolve_precision("fp32", device)
+    if dtype == "auto" and device.type != "cuda":
+        dtype = "bf16"
+    return resolve_precision(dtype, device)

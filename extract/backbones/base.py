@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from cache.schema import PROTOCOLS, check_protocol, resolve_layer  # noqa: F401  (PROTOCOLS re-exported)
+from cache.schema import PROTOCOLS, resolve_layer  # noqa: F401  (PROTOCOLS re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,7 +52,7 @@ class Backbone(nn.Module):
         self.pooled_dim = pooled_dim
         self.token_dim = token_dim
         self.in_chans = 3
-        self.protocol = check_protocol(protocol)
+        self.protocol = protocol  # checked where it enters: the command lines and `create_backbone`
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
+from cache.schema import check_protocol
 from common.errors import MedfmError
 from common.registry import Registry
-from extract.backbones.base import Backbone, BackboneSpec, check_protocol
+from extract.backbones.base import Backbone, BackboneSpec
 from extract.backbones.weights import ResolvedWeights, resolve_weights
 
 RANDOM_INIT_SEED = 0

@@ -48,7 +48,7 @@ def test_the_installed_command_gives_one_line_and_exit_2(tmp_path: Path) -> None
         (["run", "--backbone", "deit", "--dataset", "demo", "--weights", "random", "--batch-size", "many"], ["--batch-size must be", "got 'many'"]),
         (["run", "--backbone", "deit", "--dataset", "demo", "--weights", "random", "--layers", "x"], ["--layers must be"]),
         (["run", "--backbone", "deit", "--dataset", "demo", "--weights", "random", "--device", "tpu:9"], ["unknown device 'tpu:9'"]),
-        (["run", "--backbone", "deit", "--dataset", "demo", "--weights", "random", "--precision", "fp8"], ["unknown precision 'fp8'"]),
+        (["run", "--backbone", "deit", "--dataset", "demo", "--weights", "random", "--precision", "fp8"], ["--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"]),
         (["run", "--dataset", "demo"], ["Missing option '--backbone'"]),
         (["nope"], ["No such command 'nope'"]),
     ],

@@ -15,19 +15,22 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cache.schema import Task
 from common.errors import MedfmError
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from finetune import train as finetune_train
 from finetune.cli import main
 from finetune.model import FreezePolicy
-from finetune.train import CHECKPOINT, RESULT, FinetuneConfig, finetune
+from finetune.train import CHECKPOINT, FinetuneConfig, finetune
 from ledger.predictions import load_predictions
+from ledger.runs import read_history
 from ledger.store import Ledger
 from report.table import make_report
+from scoring.health import check_run
 from tests.conftest import REPO, cli
 from tests.extract import killable
-from tests.extract.test_datasets_layouts import image
+from tests.layouts import image
 from tests.tiny import TINY_RESNET, TINY_VIT_DEEP, run_main
 
 
@@ -86,8 +89,13 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
     assert row.device == "cpu" and row.cost_seconds == pytest.approx(row.total_seconds) and row.extract_seconds is None  # its cost
     train_images = len(json.loads((result.run_dir / "splits.json").read_text())["train"])
     assert row.throughput == pytest.approx(train_images * len(result.history) / row.train_seconds)
-    assert {p.name for p in result.run_dir.iterdir()} >= {"best.pt", RESULT, "config.json", "splits.json"}
+    assert {p.name for p in result.run_dir.iterdir()} >= {"best.pt", "config.json", "splits.json", "history.jsonl", "metrics.json",
+                                                           "predictions.npz", "reliability.png"}  # the files a probe run keeps
     assert not (result.run_dir / CHECKPOINT).exists()
+    config = json.loads((result.run_dir / "config.json").read_text())  # the shape a probe run folder's has (ledger.runs)
+    assert (config["stage"], config["scenario"], config["config_key"], config["cache"]) == ("finetune", "unfrozen-linear", row.config_key, None)
+    health = json.loads((result.run_dir / "metrics.json").read_text())["health"]
+    assert (row.collapsed, row.chance, health) == (False, False, "")  # checked, as a probe run's are (scoring.health)
     stored = load_predictions(result.run_dir, "test")  # kept with the ids: intervals later, no retraining
     assert len(stored.ids) == len(stored.labels) == len(stored.logits) and (stored.logits.argmax(1) == stored.labels).mean() == pytest.approx(
         result.test_metrics["accuracy"])
@@ -145,7 +153,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run([*torchrun, cli("finetune"), *cli_args(cfg)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((run_dir_of(cfg.out) / RESULT).read_text())
+    two = {"history": read_history(run_dir_of(cfg.out)), **json.loads((run_dir_of(cfg.out) / "metrics.json").read_text())}
 
     one = finetune(replace(cfg, out=tmp_path / "one"))
 
@@ -156,7 +164,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
             for name in ("accuracy", "roc_auc", "quadratic_kappa"):
                 assert h2[split][name] == pytest.approx(h1[split][name], abs=1e-6), (split, name)
     for name in ("accuracy", "roc_auc", "quadratic_kappa"):
-        assert two["test_metrics"][name] == pytest.approx(one.test_metrics[name], abs=1e-6)
+        assert two["test"][name] == pytest.approx(one.test_metrics[name], abs=1e-6)
     # Weights within 1e-4: the ranks' summation order differs at float rounding, and AdamW turns rounding-level
     # gradients (e.g. of attention key biases, whose true gradient is zero) into steps of up to lr each.
     w1, w2 = (torch.load(d / "best.pt", weights_only=True) for d in (one.run_dir, run_dir_of(cfg.out)))
@@ -298,3 +306,16 @@ def test_seeds_run_one_finetune_per_seed_each_its_own_ledger_row_and_the_report_
     assert "demo (seed 1): val accuracy" in said and "mean over 2 seeds (0, 1): test accuracy" in said
     key = ("deit", "unfrozen-linear", "finetune", True, False, "medfm")
     assert make_report(Ledger(tmp_path / "runs" / "results.sqlite")).seeds.loc[key, "demo"] == 2
+
+
+def test_a_finetune_that_learns_nothing_is_flagged_like_a_probe_run(isolated_outputs: Path) -> None:
+    """A learning rate that moves nothing leaves the random model's predictions: the row says so (scoring.health)."""
+    result = finetune(tiny(isolated_outputs / "runs", epochs=1, lr=1e-12, warmup_steps=0))
+    (row,) = Ledger(isolated_outputs / "runs" / "results.sqlite").rows(stage="finetune")
+    stored = load_predictions(result.run_dir, "test")
+    expected = check_run(Task.from_dict(json.loads((result.run_dir / "config.json").read_text())["task"]),
+                         stored.labels, stored.logits)
+    assert row.collapsed or row.chance
+    assert (row.collapsed, row.chance) == (expected.collapsed, expected.chance)
+    assert json.loads((result.run_dir / "metrics.json").read_text())["health"] == expected.message != ""
+    assert (result.run_dir / "reliability.png").stat().st_size > 0

@@ -17,7 +17,7 @@ from ledger.records import RunRecord
 from ledger.store import Ledger
 from tests.tiny import TINY_VIT, run_main
 
-TINY = ["--protocol", "fast", "--backbones", "deit", "--datasets", "demo", "--epochs", "2",
+TINY = ["--protocol", "medfm", "--backbones", "deit", "--datasets", "demo", "--epochs", "2",
         *[a for k, v in TINY_VIT.items() for a in ("--override", f"{k}={v}")]]
 SMALL_DATA = "--weights random --image-size 32 --workers 0 --device cpu --opt per_class=8"
 DEIT_T = "--head-depth 1 --head-preset deit-t --head-weights random"
@@ -89,7 +89,7 @@ def test_slurm_gets_the_planned_jobs_written_to_the_grid_folder_and_the_cluster_
 
 def test_status_shows_each_cell_done_running_failed_or_pending_and_the_counts(tmp_path, monkeypatch) -> None:
     grid, out_dir = tmp_path / "g", tmp_path / "out"
-    spec = GridSpec(backbones=("deit",), datasets=("demo",), protocol="fast", epochs=2, output=str(out_dir))
+    spec = GridSpec(backbones=("deit",), datasets=("demo",), protocol="medfm", epochs=2, output=str(out_dir))
     write_spec(spec, grid)
     write_jobs([Job("probe-deit-demo", "probe", ("sweep",), cells=("frozen-linear/deit/demo/seed0", "frozen-deit/deit/demo/seed0")),
                 Job("finetune-unfrozen-linear-deit-demo-s0", "finetune", ("run",), cells=("unfrozen-linear/deit/demo/seed0",)),

@@ -53,8 +53,8 @@ def test_study_commands_are_the_ones_make_paper_ran(tmp_path: Path) -> None:
     ]
 
 
-def test_fast_protocol_batches_both_frozen_heads_into_one_sweep_and_seeds_into_their_jobs(tmp_path: Path) -> None:
-    p = plan(spec(tmp_path, backbones=("dinov2",), datasets=("aptos2019",), protocol="fast", epochs=30, seeds=(0, 1)), tmp_path / "grid")
+def test_medfm_protocol_batches_both_frozen_heads_into_one_sweep_and_seeds_into_their_jobs(tmp_path: Path) -> None:
+    p = plan(spec(tmp_path, backbones=("dinov2",), datasets=("aptos2019",), protocol="medfm", epochs=30, seeds=(0, 1)), tmp_path / "grid")
     assert commands(p.jobs)[:2] == [
         f"extract run --backbone dinov2 --dataset aptos2019 --root /data/aptos2019 {LIVE}",
         "probe sweep --head linear,deit --backbone dinov2 --dataset aptos2019 --epochs 30 --seed 0,1",
@@ -79,8 +79,9 @@ def test_resources_per_kind_change_with_their_flag_and_gpus_above_one_run_torchr
     ({"backbones": ("deit", "sam2")}, "unknown backbone 'sam2'"),
     ({"datasets": ("aptos",)}, "unknown dataset 'aptos'"),
     ({"scenarios": ("frozen-knn",)}, "unknown scenario 'frozen-knn'"),
-    ({"protocol": "exact"}, "--protocol must be study or fast, got 'exact'"),
-    ({"datasets": ("demo",)}, "use --protocol fast for demo"),
+    ({"protocol": "exact"}, "--protocol must be medfm or study"),
+    ({"protocol": "fast"}, "--protocol fast is now --protocol medfm"),
+    ({"datasets": ("demo",)}, "use --protocol medfm for demo"),
     ({"epochs": 0}, "--epochs must be at least 1"),
 ])
 def test_a_bad_grid_is_one_line_before_anything_is_planned(tmp_path: Path, changes: dict, message: str) -> None:
@@ -94,7 +95,7 @@ def add_runs(s: GridSpec, *cells: tuple[str, str, str, str], epochs: int | None 
     ledger = Ledger(Path(s.output) / "runs" / "results.sqlite")
     for stage, scenario, backbone, dataset in cells:
         ledger.add(RunRecord(stage=stage, scenario=scenario, backbone=backbone, dataset=dataset, head=scenario.split("-")[1],
-                             config={"protocol": s.ledger_protocol, "epochs": epochs or s.epochs}, config_key=f"{stage}{scenario}",
+                             config={"protocol": s.protocol, "epochs": epochs or s.epochs}, config_key=f"{stage}{scenario}",
                              cache_fingerprint=None, seed=0, primary_metric="accuracy", val_score=1.0, test_metrics={},
                              test_primary=1.0, backbone_random=False))
 

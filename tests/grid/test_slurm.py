@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from finetune.train import RESULT
 from grid.cli import main
 from grid.jobs import Job, Resources
 from grid.plan import GridSpec, write_spec
 from grid.slurm import SLURM_FOLDER, SUBMITTED, batches, sbatch_parameters, submit
 from grid.state import log_path, mark, read_job, read_state, run_job, state_path, write_jobs
+from ledger.runs import read_history
 from ledger.store import Ledger
 from tests.tiny import run_main
 
@@ -35,7 +35,7 @@ def tiny_grid(grid_dir: Path, executor: str, *more: str) -> list[str]:
     """`grid run` of one tiny DeiT on demo data: an extraction, its probe sweep after it, an unfrozen finetune; CPU."""
     resources = [f"--resources={kind}:{key}={value}" for kind in ("extract", "probe", "finetune")
                  for key, value in (("gpus", 0), ("cpus", 1), ("mem_gb", 1), ("minutes", 10))]
-    return ["run", "--backbones", "deit", "--datasets", "demo", "--scenarios", "frozen-linear,unfrozen-linear", "--protocol", "fast",
+    return ["run", "--backbones", "deit", "--datasets", "demo", "--scenarios", "frozen-linear,unfrozen-linear", "--protocol", "medfm",
             "--epochs", "3", *TINY_DEIT, "--extract-args", "--weights random --image-size 32 --batch-size 16 --workers 0 --device cpu "
             "--opt per_class=8", "--probe-args", "--device cpu", "--finetune-args", "--weights random --image-size 32 --batch-size 4 "
             "--workers 0 --device cpu --opt per_class=8", *resources, "--executor", executor, "--grid", str(grid_dir), *more]
@@ -120,7 +120,7 @@ def test_no_sbatch_on_path_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: p
 
 def queued_grid(grid_dir: Path, output: Path) -> dict[str, str]:
     """A grid of seeds 0 and 1 whose state files say six jobs were queued or running on SLURM: {job name: SLURM id}."""
-    write_spec(GridSpec(backbones=("deit",), datasets=("demo",), seeds=(0, 1), protocol="fast", epochs=2, output=str(output)), grid_dir)
+    write_spec(GridSpec(backbones=("deit",), datasets=("demo",), seeds=(0, 1), protocol="medfm", epochs=2, output=str(output)), grid_dir)
     ids = {"extract-deit-demo": "11", "probe-deit-demo": "12_1", "finetune-unfrozen-linear-deit-demo-s0": "13",
            "finetune-unfrozen-deit-deit-demo-s0": "14", "finetune-unfrozen-linear-deit-demo-s1": "15",
            "finetune-unfrozen-deit-deit-demo-s1": "16"}
@@ -243,7 +243,7 @@ def test_probe_jobs_start_after_their_extraction_and_without_the_dependency_they
 def test_status_shows_a_sweep_slurm_cancelled_after_its_extraction_failed_as_failed_with_slurms_reason(
         slurm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     grid_dir, cell = tmp_path / "grid", "frozen-linear/deit/demo/seed0"
-    write_spec(GridSpec(backbones=("deit",), datasets=("demo",), scenarios=("frozen-linear",), protocol="fast", epochs=2,
+    write_spec(GridSpec(backbones=("deit",), datasets=("demo",), scenarios=("frozen-linear",), protocol="medfm", epochs=2,
                         output=str(tmp_path / "out")), grid_dir)
     extraction = Job("extract-deit-demo", "extract", ("no-such-command",), resources=SMALL)  # fails at once
     sweep = Job("probe-deit-demo", "probe", ("sweep",), after=(extraction.name,), resources=SMALL, cells=(cell,))
@@ -290,8 +290,8 @@ def test_a_finetune_killed_by_a_requeue_resumes_and_ends_as_an_uninterrupted_run
     assert log.count("\n== ") + log.startswith("== ") == 2 and "resuming" in log  # started twice, the second time from its checkpoint
     (requeued,), (uninterrupted,) = results(tmp_path / "requeued").values(), results(tmp_path / "whole").values()
     assert requeued == uninterrupted
-    histories = [[{k: v for k, v in epoch.items() if k != "seconds"} for epoch in json.loads(path.read_text())["history"]]
-                 for run in ("requeued", "whole") for path in (tmp_path / run / "runs" / "finetune").glob(f"*/{RESULT}")]
+    histories = [[{k: v for k, v in epoch.items() if k != "seconds"} for epoch in read_history(folder)]
+                 for run in ("requeued", "whole") for folder in (tmp_path / run / "runs" / "finetune").glob("*/")]
     assert len(histories) == 2 and len(histories[0]) == 8 and histories[0] == histories[1]  # every epoch, those after the kill too
 
 
