@@ -34,7 +34,7 @@ from common.runtime import loader_workers, output_root
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource
 from extract.datasets.decode import DECODER_VERSION, open_image, to_8bit
-from extract.datasets.images import ImageDataset, unreadable_ids
+from extract.datasets.images import ImageDataset, SkippedImages
 from extract.datasets.splits import read_manifest
 from extract.transforms import TransformSpec, square_resize
 
@@ -235,9 +235,11 @@ def build_image_cache(cfg: ImageCacheConfig, console: Console | None = None) -> 
     started = time.perf_counter()
     try:
         with writer.costed("cpu"):  # an interrupted build's seconds count too, when it resumes
-            skipped, decoded = _decode_splits(source, spec, writer, cfg, console)
-            if skipped:
-                writer.add_skipped(skipped)
+            skipped = SkippedImages(cfg.skip_bad, console)
+            decoded = _decode_splits(source, spec, writer, cfg, console, skipped)
+            if skipped.found:
+                writer.add_skipped(skipped.ids)
+                skipped.finish(path)
         seconds = time.perf_counter() - started
         writer.finalize()
     finally:
@@ -248,13 +250,12 @@ def build_image_cache(cfg: ImageCacheConfig, console: Console | None = None) -> 
 
 
 def _decode_splits(source: DatasetSource, spec: PixelSpec, writer: CacheWriter, cfg: ImageCacheConfig,
-                   console: Console) -> tuple[list[str], int]:
+                   console: Console, skipped: SkippedImages) -> int:
     """Decode, resize and write every split's missing rows, a batch at a time (the `rows` mark is the resume point)."""
     if spec.jpeg_draft:
         source = replace(source, load_image=JpegDraft(source.load_image, spec.resize))
     to_pixels = T.Compose([square_resize(spec.resize, spec.interpolation), T.PILToTensor()])
     segments = [(name, writer.rows(name), len(split)) for name, split in source.splits.items() if writer.rows(name) < len(split)]
-    skipped: list[str] = []
     decoded = 0
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
     with progress:
@@ -266,12 +267,9 @@ def _decode_splits(source: DatasetSource, spec: PixelSpec, writer: CacheWriter, 
                                                  num_workers=workers, prefetch_factor=4 if workers else None)
             row = start
             for pixels, ok, errors in loader:
-                bad = unreadable_ids(ok, errors, images.ids[row : row + len(ok)], cfg.skip_bad)
-                if bad:
-                    skipped.extend(bad)
-                    console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {next(e for e in errors if e)}")
+                skipped.check(ok, errors, images.ids[row : row + len(ok)])
                 writer.write(name, row, {PIXELS: pixels.numpy()}, ok.numpy())
                 row += len(pixels)
                 decoded += len(pixels)
                 progress.update(bar, advance=len(pixels))
-    return skipped, decoded
+    return decoded

@@ -17,11 +17,12 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -33,6 +34,7 @@ from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, feature_key, view
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, planned_bytes, shard_path
 from common.errors import MedfmError
 from common.precision import autocast_dtype
+from common.progress import Pace
 from common.runtime import device_label, loader_workers, output_root, rank_device, resolve_device, torchrun_launch
 from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
@@ -40,7 +42,7 @@ from extract.corruptions import CORRUPT_VIEW, MIN_SIDE, Corruption
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, Split
 from extract.datasets.decode import DECODER_VERSION
-from extract.datasets.images import ImageDataset, unreadable_ids
+from extract.datasets.images import ImageDataset, SkippedImages
 from extract.datasets.splits import read_manifest
 from extract.image_cache import CachedPixels, find_image_cache, image_folder
 from extract.inputs import check_image_size, check_input_settings, check_study_inputs, check_views, input_spec
@@ -237,11 +239,13 @@ def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device,
         try:
             if planned.pixels is not None:
                 console.print(f"reading the images from the image cache {planned.pixels.path}")
+            skipped = SkippedImages(cfg.skip_bad, console)
             with writer.costed(device_label(device)):  # this call's wall seconds, added to a killed run's
-                skipped, rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views,
-                                                           planned.corruption, planned.pixels)
-                if skipped:
-                    writer.add_skipped(skipped)
+                rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views,
+                                                  planned.corruption, planned.pixels, skipped)
+                if skipped.found:
+                    writer.add_skipped(skipped.ids)
+                    skipped.finish(target)
             writer.finalize()
         finally:
             writer.close()
@@ -385,9 +389,9 @@ def wait_for(shards: list[Path], console: Console, poll_s: float = 2.0) -> None:
 def _extract_splits(
     model: Backbone, source: DatasetSource, tspec: TransformSpec, writer: CacheWriter, cfg: ExtractConfig,
     layers: list[int], device: torch.device, amp: torch.dtype | None, console: Console, views: dict[str, int],
-    corruption: Corruption | None, pixels: CachedPixels | None = None,
-) -> tuple[list[str], float | None, int]:
-    """Stream every split's remaining rows through the model into the writer thread.
+    corruption: Corruption | None, pixels: CachedPixels | None, skipped: SkippedImages,
+) -> tuple[float | None, int]:
+    """Stream every split's remaining rows through the model into the writer thread; (images per second, images).
 
     One loader serves all splits (its workers start once and keep prefetching across split ends);
     outputs leave the device by asynchronous copies that the writer thread waits for, so the model
@@ -395,18 +399,46 @@ def _extract_splits(
     """
     segments = [(name, writer.rows(name), len(split)) for name, split in source.splits.items() if writer.rows(name) < len(split)]
     if not segments:
-        return [], None, 0
-    shape = (tspec.channels, tspec.size, tspec.size)
+        return None, 0
     forward = BackboneForward(model, layers, device, amp)
-    batch_size = forward.auto_batch_size(shape) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    batch_size = forward.auto_batch_size((tspec.channels, tspec.size, tspec.size)) if cfg.batch_size == "auto" else int(cfg.batch_size)
     if cfg.compile:
         forward.compile()
+    loader, firsts, total = _loader(source, segments, batch_size, tspec, cfg, device, views, corruption, pixels)
+    token_dtype = getattr(torch, cfg.token_dtype)
+    what = f"{cfg.backbone} / {source.name}"
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console, transient=False)
+    pace = Pace(console, f"extracting {what}", total, unit="image")  # plain lines in logs, where no bar shows
+    start_time, seen = time.perf_counter(), 0
+    with WriterThread(writer) as write, progress:
+        bar = progress.add_task(what, total=total, rate="-")
+        for (split_name, row), (images, ok, errors) in zip(firsts, loader, strict=True):
+            skipped.check(ok, errors, source.splits[split_name].ids[row : row + len(ok)])
+            outputs: dict[str, torch.Tensor] = {}
+            for index, f in forward(images).items():
+                outputs[feature_key("pooled", index, model.num_layers)] = f.pooled.float().to("cpu", non_blocking=True)
+                if cfg.tokens:
+                    outputs[feature_key("tokens", index, model.num_layers)] = f.tokens.to(token_dtype).to("cpu", non_blocking=True)
+            write(split_name, row, outputs, ok.numpy(), device)
+            seen += len(images)
+            rate = seen / (time.perf_counter() - start_time)
+            progress.update(bar, advance=len(images), rate=f"{rate:.1f}")
+            pace.step(seen, f"{rate:.1f} img/s")
+    return seen / (time.perf_counter() - start_time), seen
+
+
+def _loader(source: DatasetSource, segments: list[tuple[str, int, int]], batch_size: int, tspec: TransformSpec, cfg: ExtractConfig,
+            device: torch.device, views: dict[str, int], corruption: Corruption | None, pixels: CachedPixels | None,
+            ) -> tuple[torch.utils.data.DataLoader, list[tuple[str, int]], int]:
+    """One loader over the missing rows of every group, in batches that never straddle two groups; with each batch's
+    (group, first row) and the number of images."""
     data = torch.utils.data.ConcatDataset(
         [torch.utils.data.Subset(group_images(source, name, tspec, views.get(name), cfg.augment_seed, corruption, pixels),
                                  range(start, stop)) for name, start, stop in segments]
     )
-    batches: list[list[int]] = []  # indices into `data`; a batch never straddles two splits
-    firsts: list[tuple[str, int]] = []  # (split, first row) of each batch
+    batches: list[list[int]] = []  # indices into `data`
+    firsts: list[tuple[str, int]] = []
     offset = 0
     for name, start, stop in segments:
         for row in range(start, stop, batch_size):
@@ -419,53 +451,45 @@ def _extract_splits(
         data, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=PREFETCH_BATCHES if workers else None,
     )
-    token_dtype = getattr(torch, cfg.token_dtype)
-    skipped: list[str] = []
+    return loader, firsts, offset
 
-    jobs: queue.Queue = queue.Queue(maxsize=4)  # bounded: the model never runs far ahead of the disk
-    failure: list[BaseException] = []
 
-    def write_loop() -> None:
-        while (job := jobs.get()) is not None:
-            split_name, row, outputs, ok, copied = job
-            if not failure:
+class WriterThread:
+    """Writes batches into the cache on a thread of its own, behind a bounded queue (the model never runs far ahead of
+    the disk); a write that fails stops the extraction at its next batch with the writer's own error."""
+
+    def __init__(self, writer: CacheWriter) -> None:
+        self.writer = writer
+        self.jobs: queue.Queue = queue.Queue(maxsize=4)
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
+
+    def __enter__(self) -> Callable[..., None]:
+        self.thread.start()
+        return self.put
+
+    def __exit__(self, *exc: object) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        if self.failure and exc[0] is None:
+            raise self.failure[0]
+
+    def put(self, split: str, row: int, outputs: dict[str, torch.Tensor], ok: np.ndarray, device: torch.device) -> None:
+        """Queue one batch whose outputs are being copied off `device` (the thread waits for the copies to land)."""
+        copied = torch.cuda.Event() if device.type == "cuda" else None
+        if copied is not None:
+            copied.record()
+        self.jobs.put((split, row, outputs, ok, copied))
+        if self.failure:
+            raise self.failure[0]
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            split, row, outputs, ok, copied = job
+            if not self.failure:
                 try:
                     if copied is not None:
                         copied.synchronize()  # the asynchronous device-to-host copies have landed
-                    writer.write(split_name, row, {k: v.numpy() for k, v in outputs.items()}, ok)
+                    self.writer.write(split, row, {k: v.numpy() for k, v in outputs.items()}, ok)
                 except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                    failure.append(err)
-
-    thread = threading.Thread(target=write_loop, name="cache-writer", daemon=True)
-    thread.start()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console, transient=False)
-    start_time, seen = time.perf_counter(), 0
-    try:
-        with progress:
-            bar = progress.add_task(f"{cfg.backbone} / {source.name}", total=offset, rate="-")
-            for (split_name, row), (images, ok, errors) in zip(firsts, loader, strict=True):
-                bad = unreadable_ids(ok, errors, source.splits[split_name].ids[row : row + len(ok)], cfg.skip_bad)
-                if bad:
-                    skipped.extend(bad)
-                    console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {next(e for e in errors if e)}")
-                outputs: dict[str, torch.Tensor] = {}
-                for index, f in forward(images).items():
-                    outputs[feature_key("pooled", index, model.num_layers)] = f.pooled.float().to("cpu", non_blocking=True)
-                    if cfg.tokens:
-                        outputs[feature_key("tokens", index, model.num_layers)] = f.tokens.to(token_dtype).to("cpu", non_blocking=True)
-                copied = torch.cuda.Event() if device.type == "cuda" else None
-                if copied is not None:
-                    copied.record()
-                jobs.put((split_name, row, outputs, ok.numpy(), copied))
-                if failure:
-                    raise failure[0]
-                seen += len(images)
-                rate = seen / (time.perf_counter() - start_time)
-                progress.update(bar, advance=len(images), rate=f"{rate:.1f}")
-    finally:
-        jobs.put(None)
-        thread.join()
-    if failure:
-        raise failure[0]
-    return skipped, seen / (time.perf_counter() - start_time), seen
+                    self.failure.append(err)

@@ -40,6 +40,7 @@ from cache.fingerprint import manifest_hash
 from cache.schema import Task, check_protocol
 from common.errors import MedfmError
 from common.locks import acquire
+from common.progress import Pace
 from common.runtime import device_label, output_root, resolve_device
 from extract.backbones import create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, resolve_weights
@@ -58,9 +59,9 @@ from ledger.runs import METRICS, RunConfig, read_history, write_config, write_hi
 from ledger.store import Ledger
 from scoring.metrics import compute_metrics, loss_fn, primary
 from training.heads import get_head
-from training.progress import Pace, add_epoch, scalar_writer
 from training.recipe import STUDY, Precision, improves, param_groups, precision, warmup_then_constant
 from training.record import record_run
+from training.tensorboard import add_epoch, scalar_writer
 
 CHECKPOINT = "checkpoint.pt"
 # Left out of a run's config: where and how fast, not what is trained, and the seed, which is a column of its own

@@ -30,8 +30,8 @@ from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.subsets import subset_rows
 from probe.train import train_head
 from scoring.health import Health
-from training.progress import add_epoch, scalar_writer
 from training.record import record_run
+from training.tensorboard import add_epoch, scalar_writer
 
 
 def validate(config: TrainConfig) -> None:

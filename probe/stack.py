@@ -65,6 +65,10 @@ class LinearStack(nn.Module):
         # heads, 5x faster per step than a batched matmul over H copies of the input.
         self.shared_input = self._inputs_alike()
 
+    @property
+    def num_heads(self) -> int:
+        return self.weight.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads, classes, _ = self.weight.shape
         if self.shared_input:
@@ -111,6 +115,10 @@ class ModuleStack(nn.Module):
     def __init__(self, heads: Sequence[nn.Module]) -> None:
         super().__init__()
         self.heads = nn.ModuleList(heads)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(x) for head in self.heads])

@@ -7,21 +7,23 @@ scored once with them, in fp32 (`training.recipe.precision`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from rich.progress import Progress
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from cache.schema import Task
+from common.progress import Pace
 from probe.config import FitResult, TrainConfig
 from probe.data import Batch, FeatureSource
 from probe.stack import stack_heads
 from scoring.metrics import compute_metrics, loss_fn, primary_scores
 from training.heads import LinearHead, build_head
-from training.progress import Pace
-from training.recipe import STUDY, improves, precision, warmup_then_constant
+from training.recipe import STUDY, Precision, improves, precision, warmup_then_constant
 
 
 def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:
@@ -74,32 +76,18 @@ def fit(
 
     # --- loop: train one epoch, validate, keep the best weights per head
     for epoch in range(1, shared.epochs + 1):
-        model.train()
-        loss_sum, steps = torch.zeros(len(heads), device=device), 0
         where = f"epoch {epoch}/{shared.epochs}"  # said once per epoch: the step loop stays free of string work
         if progress is not None:
             progress.update(bar, description=f"{what}, {where}")
-        for batch in source.train_batches((shared.data_seed, epoch)):
-            x, y = _tensors(batch, task, device)
-            with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-                logits = model(x)
-            losses = _per_head_loss(criterion, logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses.sum()).backward()
-            scaler.unscale_(optimizer)
-            if shared.grad_clip:
-                model.clip_grad_norm_(shared.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += losses.detach()
-            steps += 1
-            if progress is not None:
-                progress.advance(bar)
-                pace.step((epoch - 1) * steps_per_epoch + steps, where)
+
+        def stepped(steps: int, epoch: int = epoch, where: str = where) -> None:
+            progress.advance(bar)
+            pace.step((epoch - 1) * steps_per_epoch + steps, where)
+
+        train_losses = _train_epoch(model, optimizer, scheduler, scaler, criterion, source, task, device, amp, shared, epoch,
+                                    stepped if progress is not None else None)
         val_logits, val_labels = predict(model, source, "val", task, device, amp.dtype)
         val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
-        train_losses = (loss_sum / max(steps, 1)).tolist()
         scores = primary_scores(task, val_labels, val_logits)  # every head at once: no per-head library overhead
         for k, score in enumerate(scores):
             if stopped[k]:
@@ -126,6 +114,32 @@ def fit(
                   getattr(heads[k], "weights_source", ""), {"val": (val_labels, b["val_logits"]), "test": (test_labels, test_logits[k])})
         for k, (c, b) in enumerate(zip(configs, best, strict=True))
     ]
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, scaler: torch.amp.GradScaler,
+                 criterion: nn.Module, source: FeatureSource, task: Task, device: torch.device, amp: Precision, shared: TrainConfig,
+                 epoch: int, stepped: Callable[[int], None] | None) -> list[float]:
+    """One pass over the train split for every stacked head; each head's mean train loss."""
+    model.train()
+    loss_sum, steps = torch.zeros(model.num_heads, device=device), 0
+    for batch in source.train_batches((shared.data_seed, epoch)):
+        x, y = _tensors(batch, task, device)
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
+            logits = model(x)
+        losses = _per_head_loss(criterion, logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.sum()).backward()
+        scaler.unscale_(optimizer)
+        if shared.grad_clip:
+            model.clip_grad_norm_(shared.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += losses.detach()
+        steps += 1
+        if stepped is not None:
+            stepped(steps)
+    return (loss_sum / max(steps, 1)).tolist()
 
 
 def feature_stats(source: FeatureSource) -> tuple[torch.Tensor, torch.Tensor]:

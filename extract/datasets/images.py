@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from PIL import Image
+from rich.console import Console
 
 from common.errors import MedfmError
 from extract.datasets.base import DatasetSource
@@ -105,13 +107,38 @@ class ImageDataset(torch.utils.data.Dataset):
             return torch.zeros(self.shape, dtype=self.dtype), False, f"{ref}: {type(err).__name__}: {err}"
 
 
-def unreadable_ids(ok: torch.Tensor, errors: list[str], ids: list[str], skip_bad: bool) -> list[str]:
-    """The ids of a batch's unreadable images (rows of `ids`, in order), or one line saying which image and what to do.
+class SkippedImages:
+    """Unreadable images of a run: stop at the first (one line naming it), or with `--skip-bad` skip them, each said
+    per batch, every one kept with its reason, and at the end the total and a file listing them all (`finish`).
 
-    Extraction and the image-cache build share this rule: stop, or with `--skip-bad` skip and record them."""
-    if bool(ok.all()):
-        return []
-    bad = [e for e, good in zip(errors, ok.tolist(), strict=True) if not good]
-    if not skip_bad:
-        raise MedfmError(f"cannot read image {bad[0]}; fix or remove it, or pass --skip-bad to skip unreadable images")
-    return [i for i, good in zip(ids, ok.tolist(), strict=True) if not good]
+    Extraction and the image-cache build share this rule."""
+
+    def __init__(self, skip_bad: bool, console: Console) -> None:
+        self.skip_bad, self.console = skip_bad, console
+        self.found: list[tuple[str, str]] = []  # (id, reason)
+
+    @property
+    def ids(self) -> list[str]:
+        return [image_id for image_id, _ in self.found]
+
+    def check(self, ok: torch.Tensor, errors: list[str], ids: list[str]) -> None:
+        """A batch's images (rows of `ids`, in order): raise for an unreadable one, or record and say it."""
+        if bool(ok.all()):
+            return
+        bad = [(i, e) for i, e, good in zip(ids, errors, ok.tolist(), strict=True) if not good]
+        if not self.skip_bad:
+            raise MedfmError(f"cannot read image {bad[0][1]}; fix or remove it, or pass --skip-bad to skip unreadable images")
+        self.found.extend(bad)
+        self.console.print(f"[yellow]skipped {len(bad)} unreadable image(s)[/]: {bad[0][1]}"
+                           + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""), highlight=False, soft_wrap=True)
+
+    def finish(self, beside: Path) -> Path | None:
+        """Say the total and write every skipped image with its reason to `<beside>.skipped.tsv`; None if none was."""
+        if not self.found:
+            return None
+        path = beside.with_name(beside.name.split(".")[0] + ".skipped.tsv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("id\treason\n" + "".join(f"{i}\t{' '.join(str(e).split())}\n" for i, e in self.found))
+        self.console.print(f"[yellow]skipped {len(self.found)} unreadable image(s) in all[/]; each with its reason in {path}",
+                           highlight=False, soft_wrap=True)
+        return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 from pathlib import Path
 
@@ -13,13 +11,11 @@ import pytest
 
 from cache.store import CacheReader
 from common.errors import MedfmError
-from extract.backbones import REGISTRY as backbone_registry
-from extract.backbones import get_spec
-from extract.cli import main
 from extract.datasets import get_dataset
 from extract.runner import ExtractConfig, extract
-from tests.extract.test_datasets_layouts import write_aptos, write_cbis, write_chexpert, write_ddsm, write_medmnist
-from tests.tiny import QUIET, TINY_VIT_1, run_main
+from tests.extract.extractions import error_line, invoke
+from tests.layouts import image, write_aptos, write_cbis, write_chexpert, write_ddsm, write_medmnist
+from tests.tiny import QUIET, TINY_VIT_1
 
 
 def run(dataset: str, root: Path, out: Path, **kw) -> Path:
@@ -72,8 +68,6 @@ def test_ddsm_cbis_and_medmnist_extract_every_listed_image(tmp_path: Path) -> No
 
 
 def write_folder(root: Path) -> None:
-    from tests.extract.test_datasets_layouts import image
-
     for cls in ("a", "b"):
         for i in range(10):
             image(root / cls / f"{i}.png", value=20 * i)
@@ -108,6 +102,33 @@ def test_corrupt_image_stops_naming_the_file_and_skip_bad_records_it(tmp_path: P
         assert sorted(r.meta.skipped) == sorted([ids[4], ids[9]])
         kept = [i for s in r.splits for i in r.ids(s)]
     assert len(kept) == 18 and ids[4] not in kept and ids[9] not in kept
+    listed = [line.split("\t") for line in path.with_name(path.name.split(".")[0] + ".skipped.tsv").read_text().splitlines()]
+    assert listed[0] == ["id", "reason"] and sorted(i for i, _ in listed[1:]) == sorted([ids[4], ids[9]])  # every one, not a batch's first
+    reasons = dict(listed[1:])
+    assert "UnidentifiedImageError" in reasons[ids[4]] and "file not found" in reasons[ids[9]]
+
+
+def test_extraction_into_a_log_file_says_its_progress_while_it_runs(tmp_path: Path, monkeypatch) -> None:
+    """Not a terminal (a log file, a SLURM job): plain lines with images, img/s and the time left, every 30 s of
+    the run (the clock is stepped 31 s a call here), before the cache is complete."""
+    import io
+    import itertools
+
+    from rich.console import Console
+
+    from common.progress import Pace
+
+    ticks = itertools.count(0, 31)
+    monkeypatch.setattr(Pace, "clock", staticmethod(lambda: float(next(ticks))))
+    write_folder(tmp_path / "data")
+    log = io.StringIO()
+    cfg = ExtractConfig(backbone="deit", dataset="imagefolder", root=tmp_path / "data", weights="random", out=tmp_path / "out",
+                        batch_size=4, image_size=32, workers=0, overrides=TINY_VIT_1)
+    extract(cfg, Console(file=log, width=200))
+    lines = log.getvalue().splitlines()
+    progress = [i for i, line in enumerate(lines) if "extracting deit / imagefolder: " in line and " img/s, image " in line]
+    assert len(progress) >= 2 and "left" in lines[progress[0]]
+    assert progress[-1] < next(i for i, line in enumerate(lines) if "cache complete" in line)
 
 
 def test_missing_image_error_says_file_not_found(tmp_path: Path) -> None:
@@ -115,21 +136,6 @@ def test_missing_image_error_says_file_not_found(tmp_path: Path) -> None:
     (tmp_path / "ddsm" / "ddsm_raw" / lists["val"][1]).unlink()
     with pytest.raises(MedfmError, match=f"cannot read image .*ddsm_raw/{lists['val'][1]}: file not found"):
         run("ddsm", tmp_path / "ddsm", tmp_path / "out")
-
-
-def error_line(code: int, stderr: str) -> str:
-    """The run failed with exit 2 and exactly one `error:` line, the last thing it printed; no traceback."""
-    assert code == 2, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in stderr, stderr
-    return errors[0]
-
-
-def invoke(args: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """The `extract` entry point in-process, with a one-block DeiT registered as `tiny-deit` for this test only."""
-    deit = get_spec("deit")
-    monkeypatch.setitem(backbone_registry.entries, "tiny-deit", dataclasses.replace(deit, name="tiny-deit", build=functools.partial(deit.build, **TINY_VIT_1)))
-    return run_main(main, args, monkeypatch)
 
 
 def test_cli_corrupt_image_is_one_error_line_and_exit_2(tmp_path: Path, monkeypatch) -> None:
