@@ -186,30 +186,16 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
 def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None, console: Console) -> ExtractResult:
     """Reuse the complete cache `planned` names, or write it (resuming a partial file): every group through the model."""
     launch = torchrun_launch()
-    spec, source, weights, model, tspec, layers, settings, path = (planned.spec, planned.source, planned.weights, planned.model,
-                                                                   planned.tspec, planned.layers, planned.settings, planned.path)
-    fp, manifest = planned.fingerprint, planned.manifest
+    source, weights, model, tspec, layers, path = (planned.source, planned.weights, planned.model, planned.tspec, planned.layers,
+                                                   planned.path)
+    manifest = planned.manifest
     manifest_file = path.with_suffix(".splits.json")
     if path.exists():
-        with CacheReader(path) as reader:
-            if reader.fingerprint != fp:  # a corrupted view's name leaves out its seed, so only that can differ
-                why = (f"was corrupted with --corrupt-seed {reader.meta.corruption.get('seed')}" if planned.corruption
-                       else "holds a different fingerprint than its name says")
-                raise MedfmError(f"{path} {why}; remove it with `cache rm {path}`")
-            rows = {s: len(reader.ids(s)) for s in reader.splits}
-        console.print(f"[green]reusing cache[/] {path} (fingerprint {fp[:12]}, complete; nothing to extract)")
-        return ExtractResult(path, True, rows, None, weights.random)
+        return _reuse(planned, console)
 
     # --- plan -> writer (resumes a partial file with the same fingerprint)
     features = feature_plan(model, layers, cfg.tokens, cfg.token_dtype, device)
-    meta = CacheMeta(
-        backbone=BackboneInfo(cfg.backbone, spec.study_row, weights.random, weights.identity),
-        dataset=DatasetInfo(source.name, source.options, settings["manifest_hash"]),
-        task=source.task, layers=tuple(layers), num_layers=model.num_layers, settings=settings,
-        transform=tspec.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S"), views=cfg.views, augment=cfg.augment,
-        corruption=planned.corruption.to_dict() if planned.corruption else {},
-        label_maps=source.label_maps,  # descriptive: how its classes map onto partner datasets', never fingerprinted
-    )
+    meta = _cache_meta(planned, cfg)
     # every group the cache holds: the splits, then each augmented train view (same images, its own draws)
     views = {view_group(v): v for v in range(cfg.views)}
     if views and "train" not in source.splits:
@@ -257,6 +243,32 @@ def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device,
         console.print(f"[green]cache complete[/] {path}")
     written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
     return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items() if s not in views}, rate, weights.random, extracted)
+
+
+def _reuse(planned: PlannedCache, console: Console) -> ExtractResult:
+    """The complete cache the settings name, reused as it is (its fingerprint checked against its name)."""
+    path, fp = planned.path, planned.fingerprint
+    with CacheReader(path) as reader:
+        if reader.fingerprint != fp:  # a corrupted view's name leaves out its seed, so only that can differ
+            why = (f"was corrupted with --corrupt-seed {reader.meta.corruption.get('seed')}" if planned.corruption
+                   else "holds a different fingerprint than its name says")
+            raise MedfmError(f"{path} {why}; remove it with `cache rm {path}`")
+        rows = {s: len(reader.ids(s)) for s in reader.splits}
+    console.print(f"[green]reusing cache[/] {path} (fingerprint {fp[:12]}, complete; nothing to extract)")
+    return ExtractResult(path, True, rows, None, planned.weights.random)
+
+
+def _cache_meta(planned: PlannedCache, cfg: ExtractConfig) -> CacheMeta:
+    """What the cache says about itself (`cache.schema.CacheMeta`): the backbone, the data, the task and the settings."""
+    source, weights, model = planned.source, planned.weights, planned.model
+    return CacheMeta(
+        backbone=BackboneInfo(cfg.backbone, planned.spec.study_row, weights.random, weights.identity),
+        dataset=DatasetInfo(source.name, source.options, planned.settings["manifest_hash"]),
+        task=source.task, layers=tuple(planned.layers), num_layers=model.num_layers, settings=planned.settings,
+        transform=planned.tspec.to_dict(), created=time.strftime("%Y-%m-%dT%H:%M:%S"), views=cfg.views, augment=cfg.augment,
+        corruption=planned.corruption.to_dict() if planned.corruption else {},
+        label_maps=source.label_maps,  # descriptive: how its classes map onto partner datasets', never fingerprinted
+    )
 
 
 @dataclass
