@@ -75,7 +75,7 @@ RANDOM_HEAD_NOTE = "RANDOM head: a DeiT head whose ImageNet weights were missing
 LATE_NOTE = ("late: the chosen runs' best validation epoch came in the last tenth of their epochs, so they may not have "
              "converged; raise --epochs (or, for a linear probe, use --standardize).")
 HEALTH_NOTE = ("collapsed: a chosen run predicted one class for over 95% of the test rows; chance: its test score is not above "
-               "the metric's chance level beyond noise (95% bootstrap interval, probe/health.py). Such cells say the head learned little.")
+               "the metric's chance level beyond noise (95% bootstrap interval, scoring/health.py). Such cells say the head learned little.")
 PARTIAL_NOTE = "rows marked k/n datasets lack a dataset: left out of the average and the gain (`probe report --partial` includes them)."
 EXTENSION_NOTE = ("extension: no counterpart in the study (a DeiT head on an ImageNet backbone, partial unfreezing, a kNN probe, or a "
                   "backbone outside its eight).")

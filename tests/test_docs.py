@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-SOURCES = ("common", "cache", "extract", "probe", "finetune", "grid", "bench", "tests", "docs")
+SOURCES = ("common", "cache", "scoring", "ledger", "training", "extract", "report", "probe", "finetune", "grid", "bench", "tests", "docs")
 REFERENCE = re.compile(r'docs/(?P<file>[\w-]+\.md)(?:,? ?(?P<sections>(?:§\d+(?:, | and )?)+)|, "(?P<title>[^"]+)")?')
 FOREIGN = re.compile(r"\bpaper\.md\b|\bDESIGN\.md\b|(?<![\w-])research/|\.\./shared")
 
@@ -53,3 +53,42 @@ def test_the_checker_catches_a_missing_section_and_a_missing_file():
     assert unresolved('see docs/architecture.md, "No such part"') == ['docs/architecture.md has no section "No such part"']
     assert unresolved("see docs/nowhere.md") == ["docs/nowhere.md does not exist"]
     assert unresolved("see docs/protocol.md §5, §6") == []
+
+
+PACKAGES = ("common", "cache", "scoring", "ledger", "training", "extract", "report", "probe", "finetune", "grid", "bench")
+PATH = re.compile(rf"(?<![\w/.-])((?:{'|'.join(PACKAGES)}|tests)/[\w/.-]*\.(?:py|json|md))")
+DOTTED = re.compile(rf"`((?:{'|'.join(PACKAGES)})(?:\.\w+)+)`")
+
+
+def stale_names(text: str) -> list[str]:
+    """The project's file paths and `module.name` references in `text` that do not exist."""
+    import importlib
+
+    stale = [path for path in PATH.findall(text) if not (REPO / path).exists()]
+    for dotted in DOTTED.findall(text):
+        if dotted.rsplit(".", 1)[-1] in ("json", "md", "csv", "png", "h5", "py", "tsv"):
+            continue  # a file name such as `grid.json`
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                found = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                found = getattr(found, attr, None)
+            if found is None:
+                stale.append(dotted)
+            break
+        else:
+            stale.append(dotted)
+    return stale
+
+
+def test_every_file_and_name_the_docs_cite_exists() -> None:
+    texts_ = [(REPO / "README.md").read_text(), (REPO / "Makefile").read_text(), *(p.read_text() for p in (REPO / "docs").glob("*.md"))]
+    assert sorted({name for text in texts_ for name in stale_names(text)}) == []
+
+
+def test_a_moved_module_is_caught() -> None:
+    assert stale_names("see `probe/results.py` and `probe.recipe.improves`, not `training.recipe.improves`") == [
+        "probe/results.py", "probe.recipe.improves"]

@@ -207,7 +207,7 @@ class SEEMBackbone(Backbone):
             return super().use_one_channel()
         self.model.patch_embed = StudyGrayStem(self.model.patch_embed)
         # The stem is named, not its conv: an unpadded 7x7 stride-4 conv never covers a whole input, and the
-        # patch-fit check (extract/input_checks.py) would refuse every size the study ran at.
+        # patch-fit check (extract/inputs.py) would refuse every size the study ran at.
         self.first_conv = "model.patch_embed"
         self.in_chans = 1
 
