@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STUDY_PRECISION = "fp16"  # the study's: fp16 autocast with a GradScaler for training and validation, fp16 extraction
+
+
+def for_protocol(name: str, protocol: str, device: torch.device) -> str:
+    """`auto` under `--protocol study` is the study's precision: fp16 on CUDA (with a GradScaler when training), fp32 on
+    the CPU as `auto` is; a name asked for, or medfm's protocol, is kept."""
+    if name == "auto" and protocol == "study":
+        return STUDY_PRECISION if device.type == "cuda" else "fp32"
+    return name
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,11 @@ class Precision:
         import torch
 
         return self.dtype is torch.float16
+
+    def describe(self) -> str:
+        """`fp32`, `bf16`, or `fp16 + GradScaler` (training) as a run's config records it."""
+        name = {None: "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(self.dtype) if self.dtype else None]
+        return f"{name} + GradScaler" if self.needs_scaler else name
 
 
 def resolve_precision(name: str, device: torch.device, option: str = "--precision") -> Precision:

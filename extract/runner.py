@@ -33,7 +33,7 @@ from cache.layout import cache_path
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, feature_key, view_group
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_shards, partial_path, planned_bytes, shard_path
 from common.errors import MedfmError
-from common.precision import autocast_dtype
+from common.precision import autocast_dtype, for_protocol
 from common.progress import Pace
 from common.runtime import device_label, loader_workers, output_root, rank_device, resolve_device, torchrun_launch
 from extract.backbones import Backbone, Features, create_backbone, get_spec
@@ -173,7 +173,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     check_views(cfg.views, cfg.augment)
     image_folder(cfg.image_cache)  # a mistyped --image-cache is one line before the model loads
     device = rank_device(resolve_device(cfg.device), launch)
-    amp = autocast_dtype(cfg.precision, device)
+    amp = autocast_dtype(for_protocol(cfg.precision, cfg.protocol, device), device)
 
     # --- settings -> fingerprint -> the clean cache, then each corrupted test view's (planned first: a mistake stops before any work)
     planned = plan_cache(cfg, device, amp, console)
@@ -353,7 +353,7 @@ def existing_cache(cfg: ExtractConfig, console: Console | None = None) -> Path:
     check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size, cfg.interpolation)
     check_views(cfg.views, cfg.augment)
     device = resolve_device(cfg.device)
-    path = plan_cache(cfg, device, autocast_dtype(cfg.precision, device), console).path
+    path = plan_cache(cfg, device, autocast_dtype(for_protocol(cfg.precision, cfg.protocol, device), device), console).path
     if not path.exists():
         raise MedfmError(f"no cache for these settings ({path} does not exist); run `extract run` with the same options first")
     return path

@@ -59,7 +59,7 @@ from ledger.runs import METRICS, RunConfig, read_history, write_config, write_hi
 from ledger.store import Ledger
 from scoring.metrics import compute_metrics, loss_fn, primary
 from training.heads import get_head
-from training.recipe import STUDY, Precision, improves, param_groups, precision, warmup_then_constant
+from training.recipe import STUDY, Precision, improves, param_groups, precision, selection_rows, warmup_then_constant
 from training.record import record_run
 from training.tensorboard import add_epoch, scalar_writer
 
@@ -170,7 +170,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
     start_time = time.perf_counter()
     if cfg.batch_size % world.size:
         raise MedfmError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world.size} processes")
-    amp = precision(world.device, cfg.amp, cfg.amp_dtype)
+    amp = precision(world.device, cfg.amp, cfg.amp_dtype, cfg.protocol)
     run = _identify(cfg, console)
     ledger = Ledger(Path(cfg.out) / "results.sqlite")
     if world.is_main:  # one process trains a run folder: a twin launch stops here, before touching it
@@ -183,7 +183,7 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
         raise MedfmError(f"{run.run_dir} holds an unfinished run of this configuration; pass --resume to continue it, "
                          f"or remove the folder to start over")
     setup = _set_up(cfg, run, world, amp, console)
-    state = _resume_or_start(cfg, run, setup, world, checkpoint_path, console)
+    state = _resume_or_start(cfg, run, setup, world, amp, checkpoint_path, console)
     _train_epochs(cfg, run, setup, world, amp, state, checkpoint_path, console, held)
     return _finish(cfg, run, setup, world, state, ledger, start_time, console)
 
@@ -235,7 +235,7 @@ def _set_up(cfg: FinetuneConfig, run: Run, world: World, amp: Precision, console
                     torch.amp.GradScaler(device.type, enabled=amp.needs_scaler), loss_fn(task))
 
 
-def _resume_or_start(cfg: FinetuneConfig, run: Run, setup: Training, world: World, checkpoint_path: Path,
+def _resume_or_start(cfg: FinetuneConfig, run: Run, setup: Training, world: World, amp: Precision, checkpoint_path: Path,
                      console: Console) -> dict[str, Any]:
     """The loop's state: from the run's checkpoint with --resume, else fresh, with the run folder started (rank 0)."""
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": None, "best_model": None, "best_val": None, "history": [],
@@ -253,7 +253,7 @@ def _resume_or_start(cfg: FinetuneConfig, run: Run, setup: Training, world: Worl
         write_config(run.run_dir, RunConfig(
             stage="finetune", scenario=run.scenario, backbone=cfg.backbone, dataset=cfg.dataset, config=run.config, seed=cfg.seed,
             config_key=run.key, task=run.source.task.to_dict(), backbone_random_weights=run.weights.random, head_init=head_init,
-            extra={"freeze": cfg.freeze},
+            extra={"freeze": cfg.freeze, "precision": amp.describe()},
         ))
         write_json(run.run_dir / "splits.json", run.source.manifest())
         console.print(f"finetuning {cfg.backbone} + {cfg.head} head ({run.scenario}, --freeze {cfg.freeze}) on {run.source.name} -> {run.run_dir}")
@@ -287,7 +287,8 @@ def _train_epochs(cfg: FinetuneConfig, run: Run, setup: Training, world: World, 
             val_labels, val_logits = distributed.gather_predictions(world, *_predict(setup.model, setup.loaders["val"], world.device, amp.dtype))
             state["train_seconds"] += time.perf_counter() - epoch_start
             val_metrics = compute_metrics(task, val_labels, val_logits)
-            score = primary(task, val_metrics)
+            chosen = selection_rows(len(val_labels), cfg.seed, epoch + 1, cfg.protocol)  # the study's: a draw of 64s
+            score = primary(task, val_metrics if chosen is None else compute_metrics(task, val_labels[chosen], val_logits[chosen]))
             if improves(score, state["best_score"], cfg.protocol):
                 state.update(best_score=score, best_epoch=epoch + 1, best_val=(torch.from_numpy(val_labels), torch.from_numpy(val_logits)),  # tensors: checkpoints load weights-only
                              best_model={k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()})

@@ -128,11 +128,23 @@ class RunRecord:
 
     @property
     def protocol(self) -> str:
-        """Whose protocol the run followed: "medfm" (the default, and every run before the field) or "study", and for
-        heads trained on augmented cached views how many (`study, 100 augmented views`): never one cell with others."""
+        """The setting a run belongs to, as the study would name it, apart from how it was computed: "study" for every
+        run of the study's protocol (its frozen heads augment every epoch, whether from cached views or live images, so
+        a probe on 100 cached views and a frozen DeiT head trained end to end are cells of one setting, compared with
+        one baseline); "medfm" (the default, and every run before the field) for medfm's own, where heads on K augmented
+        cached views are a setting of their own (`medfm, 3 augmented views`), never one cell with eval-view heads."""
         protocol = str(self.config.get("protocol", "medfm"))
         views = int(self.config.get("views", 0) or 0)
-        return f"{protocol}, {views} augmented views" if views else protocol
+        return f"{protocol}, {views} augmented views" if views and protocol != "study" else protocol
+
+    @property
+    def computed(self) -> str:
+        """How the run was computed: on cached features (`cached eval view`, `100 cached augmented views`) or on live
+        images (`live images`)."""
+        if self.stage == "finetune":
+            return "live images"
+        views = int(self.config.get("views", 0) or 0)
+        return f"{views} cached augmented views" if views else "cached eval view"
 
     def with_identity(self, identity: DatasetIdentity) -> RunRecord:
         self.dataset_id, self.dataset_label, self.dataset_inputs = identity.id, identity.label, identity.inputs

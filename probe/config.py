@@ -77,3 +77,4 @@ class FitResult:
     head_init: str  # "random", the weights file of a DeiT head, or "" for a linear head
     predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (labels, logits) of the best epoch, in row order
     extra: dict[str, Any] = field(default_factory=dict)  # what else the run's metrics.json records (kNN: the chosen k)
+    precision: str = "fp32"  # what training and validation ran in (`common.precision.Precision.describe`)

@@ -183,7 +183,7 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
     write_config(run_dir, RunConfig(
         stage="probe", scenario=scenario(config.head), backbone=backbone, dataset=dataset, config=config.to_dict(),
         seed=config.seed, config_key=key, task=task.to_dict(), cache=str(reader.path), cache_fingerprint=reader.fingerprint,
-        backbone_random_weights=meta.backbone.random_weights, head_init=result.head_init,
+        backbone_random_weights=meta.backbone.random_weights, head_init=result.head_init, extra={"precision": result.precision},
     ))
     write_history(run_dir, result.history)
     trains = get_head(config.head).trains

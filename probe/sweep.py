@@ -176,7 +176,7 @@ def heads_per_pass(config: TrainConfig, reader: CacheReader, outputs: int, devic
     before = torch.cuda.memory_allocated(device)
     head = make_head(config, row_shape, outputs).to(device)
     optimizer = torch.optim.AdamW(head.parameters())
-    with torch.autocast("cuda", dtype=precision(device).dtype):
+    with torch.autocast("cuda", dtype=precision(device, protocol=config.protocol).dtype):
         loss = head(torch.zeros(config.batch_size, *row_shape, device=device)).float().sum()
     loss.backward()
     optimizer.step()

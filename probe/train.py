@@ -23,7 +23,7 @@ from probe.data import Batch, FeatureSource
 from probe.stack import stack_heads
 from scoring.metrics import compute_metrics, loss_fn, primary_scores
 from training.heads import LinearHead, build_head
-from training.recipe import STUDY, Precision, improves, precision, warmup_then_constant
+from training.recipe import STUDY, Precision, improves, precision, selection_rows, warmup_then_constant
 
 
 def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:
@@ -62,7 +62,7 @@ def fit(
     warmup = STUDY.warmup_steps(source.steps_per_epoch()) if shared.warmup_steps is None else shared.warmup_steps
     scheduler = warmup_then_constant(optimizer, warmup)
     criterion = loss_fn(task, reduction="none")
-    amp = precision(device)
+    amp = precision(device, protocol=shared.protocol)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.needs_scaler)
     metric = task.primary_metric
     best: list[dict[str, Any] | None] = [None] * len(heads)
@@ -88,7 +88,9 @@ def fit(
                                     stepped if progress is not None else None)
         val_logits, val_labels = predict(model, source, "val", task, device, amp.dtype)
         val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
-        scores = primary_scores(task, val_labels, val_logits)  # every head at once: no per-head library overhead
+        chosen = selection_rows(len(val_labels), shared.data_seed, epoch, shared.protocol)  # the study's: a draw of 64s
+        scored = (val_labels, val_logits) if chosen is None else (val_labels[chosen], val_logits[:, chosen])
+        scores = primary_scores(task, *scored)  # every head at once: no per-head library overhead
         for k, score in enumerate(scores):
             if stopped[k]:
                 continue
@@ -111,7 +113,8 @@ def fit(
     return [
         FitResult(c, b["epoch"], b["score"], compute_metrics(task, val_labels, b["val_logits"]),
                   compute_metrics(task, test_labels, test_logits[k]), history[k], b["state"], train_seconds,
-                  getattr(heads[k], "weights_source", ""), {"val": (val_labels, b["val_logits"]), "test": (test_labels, test_logits[k])})
+                  getattr(heads[k], "weights_source", ""), {"val": (val_labels, b["val_logits"]), "test": (test_labels, test_logits[k])},
+                  precision=amp.describe())
         for k, (c, b) in enumerate(zip(configs, best, strict=True))
     ]
 

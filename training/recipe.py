@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 
 from cache.schema import PROTOCOLS  # noqa: F401  (PROTOCOLS re-exported)
 from common.errors import MedfmError
-from common.precision import Precision, resolve_precision
+from common.precision import Precision, for_protocol, resolve_precision
 
 if TYPE_CHECKING:  # torch loads on use: the command lines take their defaults from here and stay quick
+    import numpy as np
     import torch
     from torch import nn
     from torch.optim.lr_scheduler import LambdaLR
@@ -65,6 +66,19 @@ def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) ->
     return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
 
 
+def selection_rows(rows: int, seed: int, epoch: int, protocol: str = "medfm", batch_size: int = STUDY.batch_size) -> np.ndarray | None:
+    """The validation rows an epoch is scored on for model selection: None (every row) under medfm's protocol; under
+    the study's, what its validation loader served (shuffled, batches of 64, the last partial batch dropped): a seeded
+    draw of rows // 64 * 64 rows, a new one each epoch (APTOS: 512 of 549). A split smaller than one batch is scored
+    whole, as the train split is then served as one batch."""
+    import numpy as np
+
+    if protocol != "study" or rows <= batch_size:
+        return None
+    order = np.random.default_rng([seed, epoch, 0x5E1EC7]).permutation(rows)
+    return np.sort(order[: rows // batch_size * batch_size])
+
+
 def improves(score: float, best: float | None, protocol: str = "medfm") -> bool:
     """Whether this epoch's validation score replaces the best so far (`best`: the score of the epoch kept so far,
     None before the first epoch).
@@ -95,15 +109,16 @@ def _round3(value: float) -> float:
 AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
-def precision(device: torch.device, amp: bool | None = None, dtype: str = "auto") -> Precision:
+def precision(device: torch.device, amp: bool | None = None, dtype: str = "auto", protocol: str = "medfm") -> Precision:
     """The training stages' view of the one precision policy (`common.precision`, docs/protocol.md §6): `amp` None is
     on for CUDA and off on the CPU; `dtype` auto is the policy's own choice (bf16 where the GPU has it, else fp16 with
-    a GradScaler), bf16 or fp16 asks for one of the two (fp16 with its GradScaler, as the study trained, on any GPU).
-    Asked for on the CPU, amp means bf16."""
+    a GradScaler), and under `--protocol study` the study's (fp16 with a GradScaler, training and validation alike);
+    bf16 or fp16 asks for one of the two on any GPU. Asked for on the CPU, amp means bf16."""
     if dtype not in AMP_DTYPES:
         raise MedfmError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {dtype!r}")
     if not (device.type == "cuda" if amp is None else amp):
         return resolve_precision("fp32", device)
+    dtype = for_protocol(dtype, protocol, device)
     if dtype == "auto" and device.type != "cuda":
         dtype = "bf16"
     return resolve_precision(dtype, device)
