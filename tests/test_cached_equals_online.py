@@ -4,6 +4,10 @@ the same head trained online (finetune --freeze all) on freshly augmented images
 Both sides draw image i of epoch/view v from `view_seed(seed, v, id)`, start the head from the same seed and
 take one batch per epoch (the whole train split, so batch order cannot matter); what is left to differ is
 float summation order and torch's AdamW against the probe's stacked AdamW.
+
+Both sides share medfm's transform, so the views are also held against an independent reference: the study's train
+augmentation written in this file from the official code's parameters, whose features must equal the cached views, and
+a wrong augmentation patched into medfm's transform must break that equality.
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision import transforms as T
 
+from cache.schema import view_group
 from cache.store import CacheReader, verify
 from common.errors import MedfmError
+from extract.backbones import create_backbone
+from extract.datasets import get_dataset
 from extract.runner import ExtractConfig, extract
+from extract.transforms import view_seed
 from finetune.train import FinetuneConfig, finetune
 from probe.config import TrainConfig
 from probe.data import FeatureSource
@@ -102,3 +111,61 @@ def test_bad_view_and_protocol_flags_are_one_line_and_exit_2(tmp_path: Path, mon
                             monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not any(tmp_path.rglob("*.h5*"))
+
+
+def official_train_pipeline(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
+    """The study's train augmentation written here from the official code's parameters (docs/protocol.md §3), not from
+    medfm's transform: Resize((S/0.875, S/0.875)), CenterCrop(S), RandomResizedCrop(S, scale=(0.8, 1.2)), vertical then
+    horizontal flips (p=0.5), ColorJitter(0.2, 0.2, 0.1, 0.1) with p=0.8, ToTensor, Normalize."""
+    side = round(size / 0.875)
+    return T.Compose([
+        T.Resize((side, side), interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(size),
+        T.RandomResizedCrop(size, scale=(0.8, 1.2)), T.RandomVerticalFlip(0.5), T.RandomHorizontalFlip(0.5),
+        T.RandomApply([T.ColorJitter(0.2, 0.2, 0.1, 0.1)], p=0.8), T.ToTensor(), T.Normalize(mean, std),
+    ])
+
+
+def reference_views(cache: Path, views: int) -> dict[str, np.ndarray]:
+    """Each cached view's pooled features recomputed from the images through the independent pipeline above, image i of
+    view v drawn from torch's generator seeded with `view_seed(seed, v, id_i)` (the documented draw, docs/architecture.md)."""
+    with CacheReader(cache) as reader:
+        ids, transform = reader.ids("train").tolist(), reader.meta.transform
+    source = get_dataset("demo", None, per_class=PER_CLASS)
+    model = create_backbone("deit", "random", image_size=TINY_SIZE, **TINY_VIT_1)
+    pipeline = official_train_pipeline(TINY_SIZE, tuple(transform["mean"]), tuple(transform["std"]))
+    images = dict(zip(source.splits["train"].ids, source.splits["train"].images, strict=True))
+    out = {}
+    for v in range(views):
+        batch = []
+        for image_id in ids:
+            torch.manual_seed(view_seed(SEED, v, image_id))
+            batch.append(pipeline(source.load_image(images[image_id]).convert("RGB")))
+        with torch.no_grad():
+            out[view_group(v)] = model(torch.stack(batch)).pooled.numpy()
+    return out
+
+
+def cached_views(out: Path, views: int = 2) -> tuple[Path, dict[str, np.ndarray]]:
+    cache = extract(ExtractConfig(**COMMON, out=out, tokens=False, views=views, augment="study", augment_seed=SEED,
+                                  interpolation="bilinear"), QUIET).path
+    with CacheReader(cache) as reader:
+        return cache, {view_group(v): reader.features(view_group(v)) for v in range(views)}
+
+
+def test_the_cached_views_are_the_studys_augmentation_computed_independently(tmp_path: Path) -> None:
+    cache, cached = cached_views(tmp_path)
+    reference = reference_views(cache, 2)
+    for group, features in reference.items():
+        np.testing.assert_allclose(cached[group], features, rtol=1e-4, atol=1e-5, err_msg=group)
+
+
+def test_a_wrong_augmentation_in_the_projects_transform_fails_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The negative control: a horizontal flip that never happens, patched into medfm's transform, is caught."""
+    import extract.transforms
+
+    real = T.RandomHorizontalFlip
+    monkeypatch.setattr(extract.transforms.T, "RandomHorizontalFlip", lambda p=0.5: real(p=0.0))
+    cache, cached = cached_views(tmp_path)
+    monkeypatch.setattr(extract.transforms.T, "RandomHorizontalFlip", real)
+    reference = reference_views(cache, 2)
+    assert not all(np.allclose(cached[g], reference[g], rtol=1e-4, atol=1e-5) for g in reference)
