@@ -244,8 +244,18 @@ def backbones() -> None:
 
 
 @app.command()
-def datasets() -> None:
-    """List the dataset registry and the layout each expects under --root."""
+def datasets(
+    inspect: Annotated[bool, typer.Option("--inspect", help="Count image modes, bit depths, EXIF orientations, alpha and DICOM kinds "
+                                                            "in --dataset's files under --root (headers only), and say which decoding rules touch them.")] = False,
+    dataset: Annotated[str | None, typer.Option(help="With --inspect: the dataset to look at.")] = None,
+    root: Root = None,
+    opt: Opt = None,
+    limit: Annotated[int | None, typer.Option(help="With --inspect: look at this many files, evenly spaced.", show_default="every file")] = None,
+) -> None:
+    """List the dataset registry and the layout each expects under --root; with --inspect, what a dataset's files hold."""
+    if inspect:
+        _inspect(dataset, root, opt, limit)
+        return
     from extract.datasets import list_datasets
     from extract.datasets.label_maps import maps_of
 
@@ -256,6 +266,29 @@ def datasets() -> None:
                 console.print(f"  {field:7s}{getattr(entry, field)}", highlight=False, markup=False, soft_wrap=True)
         for label_map in maps_of(entry.name):  # each checked against both datasets' classes (docs/transfer.md §3)
             console.print(f"  {'map':7s}{label_map.summary()}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _inspect(dataset: str | None, root: Path | None, opt: list[str] | None, limit: int | None) -> None:
+    if dataset is None:
+        raise MedfmError("--inspect needs --dataset (and --root for a dataset on disk)")
+    check_dataset(dataset)
+    if limit is not None and limit < 1:
+        raise MedfmError(f"--limit must be at least 1, got {limit}")
+    from extract.datasets import get_dataset
+    from extract.datasets.inventory import inspect_images
+
+    found = inspect_images(get_dataset(dataset, root, **dataset_options(opt, None)), limit)
+    console.print(f"[bold]{dataset}[/]: {found.files} file(s) inspected", highlight=False)
+    for name, counts in (("format", found.formats), ("mode", found.modes), ("bits", found.bits), ("EXIF orientation", found.orientations),
+                         ("frames", found.frames), ("DICOM", found.dicom)):
+        if counts:
+            shown = ", ".join(f"{'none' if k is None else k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            console.print(f"  {name:17s}{shown}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"  {'alpha':17s}{found.alpha}", highlight=False)
+    for line in found.effects() or ["every file is plain 8-bit without rotation or transparency: decoded as it is"]:
+        console.print(f"  - {line}", highlight=False, markup=False, soft_wrap=True)
+    for bad in found.unreadable[:5]:
+        console.print(f"  cannot open {bad}", highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:
