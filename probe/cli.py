@@ -421,9 +421,13 @@ def compare(
                                                      "or a dataset id prefix.", show_default="none, needed with --backbone")] = None,
     boot: Annotated[int, typer.Option(help="Bootstrap resamples of the test rows.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
+    allow_flagged: Annotated[bool, typer.Option("--allow-flagged", help="Give the verdict even when a run is flagged late, collapsed "
+                                                                        "or at chance (exit 0).")] = False,
     ledger: Annotated[Path | None, typer.Option(help="Results ledger.", show_default="$MEDFM_OUTPUT/runs/results.sqlite")] = None,
 ) -> None:
-    """Paired comparison of two runs on the same test rows: bootstrap interval and p-value of A - B (DeLong for binary tasks)."""
+    """Paired comparison of two runs on the same test rows: bootstrap interval and p-value of A - B (DeLong for binary tasks).
+    A run the ledger flagged (best epoch late, collapsed, at chance) gets no verdict and the command exits 1, unless
+    --allow-flagged."""
     if boot < 1:
         raise MedfmError(f"--boot must be a positive number of bootstrap resamples, got {boot}")
     by_id, by_choice = run_a is not None or run_b is not None, backbone is not None or vs is not None
@@ -433,7 +437,7 @@ def compare(
         raise MedfmError("give both run ids: probe compare RUN_A RUN_B")
     if by_choice and not (backbone and vs and dataset):
         raise MedfmError("picking the runs needs --backbone A, --vs B and --dataset D (and --scenario, default frozen-linear)")
-    from report.compare import best_runs, describe, runs_by_id
+    from report.compare import best_runs, certified, describe, runs_by_id
     from report.compare import compare as paired_comparison
 
     runs = Ledger(ledger)
@@ -441,8 +445,11 @@ def compare(
         a, b = runs_by_id(runs, run_a), runs_by_id(runs, run_b)
     else:
         a, b = best_runs(runs, backbone, scenario, dataset), best_runs(runs, vs, scenario, dataset)
-    for line in describe(paired_comparison(a, b, boot=boot, seed=seed)):
+    result = paired_comparison(a, b, boot=boot, seed=seed, allow_flagged=allow_flagged)
+    for line in describe(result):
         console.print(line, highlight=False, soft_wrap=True)
+    if not certified(result):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -202,6 +202,18 @@ class Runs:
     def test_score(self) -> float:
         return mean_score([r.test_primary for r in self.records])
 
+    @property
+    def flags(self) -> list[str]:
+        """What the ledger flagged in this side's runs: a best epoch in the last tenth (`late`, perhaps unconverged),
+        predictions collapsed to one class, a score within noise of chance; each with the runs it concerns."""
+        found = []
+        for flag, word in (("late_best", "best epoch late (perhaps not converged)"), ("collapsed", "collapsed to one class"),
+                           ("chance", "within noise of chance")):
+            flagged = [str(r.id) for r in self.records if getattr(r, flag)]
+            if flagged:
+                found.append(f"{word} (run{'s' if len(flagged) > 1 else ''} {', '.join(flagged)})")
+        return found
+
 
 @dataclass
 class Comparison:
@@ -212,6 +224,7 @@ class Comparison:
     seed: int
     paired: PairedResult
     delong: DeLongResult | None  # binary tasks only
+    allow_flagged: bool = False  # give the verdict even when a side's runs are flagged (`Runs.flags`)
 
 
 def runs_by_id(ledger: Ledger, run_id: int) -> Runs:
@@ -245,7 +258,7 @@ def _runs(records: list[RunRecord]) -> Runs:
     return Runs(records, [load_predictions(r.run_dir, "test") for r in records], tasks[0])
 
 
-def compare(a: Runs, b: Runs, *, boot: int = 2000, seed: int = 0) -> Comparison:
+def compare(a: Runs, b: Runs, *, boot: int = 2000, seed: int = 0, allow_flagged: bool = False) -> Comparison:
     """The paired bootstrap of A - B, and DeLong's test for binary tasks; refuses runs of different tasks or test sets."""
     if a.task != b.task:
         raise MedfmError(f"the runs have different tasks ({a.task.kind} {', '.join(a.task.class_names)} scored by "
@@ -257,7 +270,7 @@ def compare(a: Runs, b: Runs, *, boot: int = 2000, seed: int = 0) -> Comparison:
         reference = a.predictions[0]
         aligned = [[align(p, reference) for p in side.predictions] for side in (a, b)]
         delong = delong_test(reference.labels, *(np.stack([binary_scores(p.logits) for p in side]) for side in aligned))
-    return Comparison(a, b, len(a.predictions[0].ids), boot, seed, paired, delong)
+    return Comparison(a, b, len(a.predictions[0].ids), boot, seed, paired, delong, allow_flagged)
 
 
 def describe(result: Comparison) -> list[str]:
@@ -274,11 +287,23 @@ def describe(result: Comparison) -> list[str]:
     if result.delong is not None:
         d = result.delong
         lines.append(f"DeLong's test of the ROC-AUCs: A {d.auc_a:.4f}, B {d.auc_b:.4f}, z = {d.z:+.3f}, p = {_p(d.p)}")
+    flagged = [f"{side} {flag}" for side, runs in (("A", result.a), ("B", result.b)) for flag in runs.flags]
+    if flagged:
+        lines.append(f"no verdict: {'; '.join(flagged)}: a flagged run's score says little about its backbone; retrain it "
+                     "(e.g. --standardize or more --epochs) or pass --allow-flagged to see the verdict anyway")
+    if flagged and not result.allow_flagged:
+        return lines
     if math.isfinite(p.low) and (p.low > 0 or p.high < 0):
-        lines.append(f"the interval excludes 0: {'A' if p.diff > 0 else 'B'} scores higher on this test set")
+        lines.append(f"the interval excludes 0: {'A' if p.diff > 0 else 'B'} scores higher on this test set"
+                     + (" (flagged runs: read with care)" if flagged else ""))
     else:
         lines.append("the interval includes 0: no difference shown on this test set")
     return lines
+
+
+def certified(result: Comparison) -> bool:
+    """Whether the comparison may be taken as an answer: neither side flagged, or `--allow-flagged`."""
+    return result.allow_flagged or not (result.a.flags or result.b.flags)
 
 
 def _p(value: float) -> str:

@@ -202,13 +202,14 @@ def test_probe_compare_by_ids_and_by_backbone_prints_the_interval_p_and_delong(i
                         settings={"backbone": "dinov2"})
     weak = make_cache(features / "deit" / "demo-bbbbbbbbbbbb.h5", task=BINARY, rows=rows, separation=0.3, settings={"backbone": "deit"})
     a, b = train(strong, "dinov2", seeds=(0, 1)), train(weak, "deit")
-    code, out, err = run_main(main, ["compare", str(a[0]), str(b[0]), "--boot", "300"], monkeypatch)
+    code, out, err = run_main(main, ["compare", str(a[0]), str(b[0]), "--boot", "300", "--allow-flagged"], monkeypatch)
     said = " ".join(out.split())
-    assert code == 0, err
+    assert code == 0, err  # 3 epochs: the runs may be flagged late, which the next test is about
     assert f"A: dinov2 frozen-linear on demo (probe, run {a[0]}, seed 0)" in said and "B: deit frozen-linear" in said
     assert "paired bootstrap on the same 120 test rows (300 resamples, stratified by class, seed 0)" in said
     assert "A - B in roc_auc: +" in said and "DeLong's test of the ROC-AUCs" in said and "the interval excludes 0: A" in said
-    code, out, err = run_main(main, ["compare", "--backbone", "dinov2", "--vs", "deit", "--dataset", "demo", "--boot", "300"], monkeypatch)
+    code, out, err = run_main(main, ["compare", "--backbone", "dinov2", "--vs", "deit", "--dataset", "demo", "--boot", "300",
+                                     "--allow-flagged"], monkeypatch)
     assert code == 0, err
     assert f"runs {a[0]}, {a[1]}, seeds 0, 1" in " ".join(out.split())  # the best configuration's seeds, as the report's cell
 
@@ -234,3 +235,26 @@ def test_probe_compare_refuses_other_test_sets_other_tasks_and_bad_settings_in_o
         assert code == 2 and message in " ".join(err.split()), (args, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
     assert len(Ledger().rows()) == 3
+
+
+def test_probe_compare_gives_no_verdict_on_a_flagged_run_and_exits_1_unless_allowed(isolated_outputs, monkeypatch):
+    """A run flagged late (perhaps unconverged), collapsed or at chance is never certified: the flag is in the verdict
+    line, and the exit code is 1; --allow-flagged shows the verdict, marked, with exit 0."""
+    features = isolated_outputs / "features"
+    rows = {"train": 96, "val": 40, "test": 120}
+    strong = make_cache(features / "dinov2" / "demo-aaaaaaaaaaaa.h5", backbone="dinov2", task=BINARY, rows=rows, separation=3.0,
+                        settings={"backbone": "dinov2"})
+    weak = make_cache(features / "deit" / "demo-bbbbbbbbbbbb.h5", task=BINARY, rows=rows, separation=0.3, settings={"backbone": "deit"})
+    a, b = train(strong, "dinov2"), train(weak, "deit")
+    ledger = Ledger()
+    with ledger._connect() as db:  # A as a run that converged early, B as one whose best epoch was its last
+        db.execute("UPDATE runs SET late_best = 0, collapsed = 0, chance = 0 WHERE id = ?", (a[0],))
+        db.execute("UPDATE runs SET late_best = 1 WHERE id = ?", (b[0],))
+    code, out, _ = run_main(main, ["compare", str(a[0]), str(b[0]), "--boot", "200"], monkeypatch)
+    said = " ".join(out.split())
+    assert code == 1
+    assert f"no verdict: B best epoch late (perhaps not converged) (run {b[0]})" in said and "--allow-flagged" in said
+    assert "excludes 0" not in said and "includes 0" not in said
+    code, out, _ = run_main(main, ["compare", str(a[0]), str(b[0]), "--boot", "200", "--allow-flagged"], monkeypatch)
+    said = " ".join(out.split())
+    assert code == 0 and "no verdict" in said and "the interval excludes 0: A scores higher on this test set (flagged runs" in said
