@@ -1,10 +1,13 @@
-"""Cache -> batches: find the cache, then serve its features in RAM when they fit the budget, else streamed from HDF5 chunk by chunk.
+"""Cache -> batches: find the cache, then serve its features in RAM when they fit the budget, else streamed from HDF5.
 
-Random row reads from HDF5 are ~100x slower than contiguous ones (docs/architecture.md, "The cache"), so the
-training order is built from the file's chunks: chunks in a shuffled order, grouped into windows of
-a few chunks, rows shuffled within each window. RAM mode follows the very same order, so a run's
-result does not depend on whether its features fitted in memory. Streamed mode holds at most one
-window plus one batch of features.
+Training draws a uniform shuffle of the valid train rows each epoch (a permutation seeded by (data seed, epoch)) and
+serves full batches in permutation order, as the study's DataLoader(shuffle=True, drop_last=True) does: a batch's
+rows are a random sample of the split, whatever the order rows were stored in (often by class or patient).
+RAM mode indexes the permutation directly. Streamed mode walks the same permutation a window at a time (a whole
+number of batches, as many rows as the RAM budget holds): it reads the window's rows in file order, as contiguous
+spans off the file's raw chunks (`_read_rows`), and serves them in permutation order, so both modes give the same
+batches and a run's result does not depend on whether its features fitted in memory. Streamed mode holds one
+window, a read buffer of at most one chunk and two batches.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cache.schema import view_group
 from cache.store import CacheReader
 from common.errors import MedfmError
 
+READ_GAP_BYTES = 32 << 10  # rows at most this many bytes apart are read as one span, then picked (see _read_rows)
 RAM_FRACTION = 0.5  # default budget: half of the memory available when the run starts
 EVAL_BATCH = 256
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -93,8 +97,8 @@ class FeatureSource:
         self.layout_split = "train" if "train" in reader.splits else reader.splits[0]
         train = reader.dataset(self.layout_split, feature)
         self.chunk_rows = train.chunks[0] if train.chunks else max(len(train), 1)
-        self.window_chunks = max(1, math.ceil(2 * batch_size / self.chunk_rows))
         self.row_bytes = train.dtype.itemsize * int(np.prod(train.shape[1:], dtype=np.int64))
+        self.window_rows = self._window_rows()
         self._ram: dict[str, np.ndarray] = {}
         if self.streamed:
             self._check_window_fits()
@@ -109,42 +113,43 @@ class FeatureSource:
     def mode(self) -> str:
         return "streamed" if self.streamed else "ram"
 
+    @property
+    def window_chunks(self) -> int:
+        """A streamed window's size in chunks (rounded up): the memory it holds, counted as bench/reads.py counts it."""
+        return max(1, math.ceil(self.window_rows / self.chunk_rows))
+
     def labels(self, split: str) -> np.ndarray:
         """Labels of the valid rows, in file order (the order of `eval_batches`)."""
         return self._labels[split][self._valid[split]]
 
     def train_batches(self, epoch_seed: tuple[int, ...]) -> Iterator[Batch]:
-        """Shuffled full batches of the train split; the last partial batch is dropped, as in the study,
+        """Full batches of the train split in a uniform shuffle; the last partial batch is dropped, as in the study,
         unless the split is smaller than one batch (then it is the one batch).
 
-        `epoch_seed` is (data seed, epoch): it orders the batches and, with augmented views, picks the view.
+        `epoch_seed` is (data seed, epoch): it seeds the permutation and, with augmented views, picks the view.
         """
         self.passes["train"] += 1
         group = self.train_groups[(epoch_seed[-1] - 1) % len(self.train_groups)]
         labels, size = self._labels["train"], self.batch_size
+        order = self.epoch_order(epoch_seed)
         if not self.streamed:
-            order = np.concatenate([order for _, order in self._epoch_plan(epoch_seed)])
-            for b in range(0, len(order) // size * size or len(order), size):
+            for b in range(0, len(order), size):
                 yield Batch(self._ram[group][order[b : b + size]], labels[order[b : b + size]])
             return
-        carry, carry_rows = None, np.zeros(0, dtype=np.int64)
-        for rows, order in self._epoch_plan(epoch_seed):
-            block = _read_rows(self.reader, group, self.feature, rows)
-            position = np.searchsorted(rows, order)
-            at = 0
-            if carry is not None:
-                at = min(size - len(carry), len(order))
-                carry = np.concatenate([carry, block[position[:at]]])
-                carry_rows = np.concatenate([carry_rows, order[:at]])
-                if len(carry) < size:
-                    continue
-                yield Batch(carry, labels[carry_rows])
-            while at + size <= len(order):
-                yield Batch(block[position[at : at + size]], labels[order[at : at + size]])
-                at += size
-            carry, carry_rows = block[position[at:]], order[at:]
-        if carry is not None and 0 < len(carry) == int(self._valid["train"].sum()):
-            yield Batch(carry, labels[carry_rows])  # a split smaller than one batch
+        for w in range(0, len(order), self.window_rows):
+            window = order[w : w + self.window_rows]
+            rows = np.sort(window)
+            block = _read_rows(self.reader, group, self.feature, rows, self.chunk_rows)
+            position = np.searchsorted(rows, window)
+            for b in range(0, len(window), size):
+                yield Batch(block[position[b : b + size]], labels[window[b : b + size]])
+            del block  # before the next window is read: one window at a time
+
+    def epoch_order(self, epoch_seed: tuple[int, ...]) -> np.ndarray:
+        """The file rows an epoch serves, in serving order: a permutation of the valid train rows seeded by `epoch_seed`,
+        cut to whole batches (all of it when the split is smaller than one batch)."""
+        order = np.random.default_rng(list(epoch_seed)).permutation(np.flatnonzero(self._valid["train"]))
+        return order[: len(order) // self.batch_size * self.batch_size or len(order)]
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
         """All valid rows of `split` in file order, read chunk by chunk when streamed."""
@@ -166,20 +171,6 @@ class FeatureSource:
         rows = int(self._valid["train"].sum())
         return rows // self.batch_size or min(rows, 1)
 
-    def _epoch_plan(self, epoch_seed: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per window of shuffled chunks: its valid rows in file order, and the same rows shuffled."""
-        rng = np.random.default_rng(list(epoch_seed))
-        n, step = len(self._valid["train"]), self.chunk_rows
-        chunks = rng.permutation(math.ceil(n / step)).tolist()
-        plan = []
-        for i in range(0, len(chunks), self.window_chunks):
-            window = sorted(chunks[i : i + self.window_chunks])
-            rows = np.concatenate([np.arange(c * step, min((c + 1) * step, n)) for c in window])
-            rows = rows[self._valid["train"][rows]]
-            if len(rows):
-                plan.append((rows, rng.permutation(rows)))
-        return plan
-
     def _raw_labels(self, split: str) -> np.ndarray:
         """Labels indexed by file row (rows skipped at extraction keep a zero placeholder, never read)."""
         valid, labels = self._valid[split], self.reader.labels(split)
@@ -187,14 +178,27 @@ class FeatureSource:
         raw[valid] = labels
         return raw
 
+    def _window_rows(self) -> int:
+        """Rows of a streamed window: as many whole batches as the budget holds beside the read buffer and two batches
+        (the one served and the consumer's previous one), at least one batch, at most the epoch's rows."""
+        size = self.batch_size
+        room = (self.budget - self._buffer_rows() * self.row_bytes) // max(self.row_bytes, 1) - 2 * size
+        epoch = int(self._valid[self.layout_split].sum())
+        return max(size, min(room // size, math.ceil(epoch / size)) * size)
+
+    def _buffer_rows(self) -> int:
+        """Rows of the scratch buffer a window's read may use: a chunk when rows are small enough to be read in spans
+        with gaps, else none (`_read_rows`)."""
+        return self.chunk_rows if self.row_bytes <= READ_GAP_BYTES else 0
+
     def _check_window_fits(self) -> None:
-        """Streamed mode holds one shuffle window plus up to four batches (carried rows, their extension, the batch
-        served and the consumer's previous one); refuse a budget below that."""
-        need = (self.window_chunks * self.chunk_rows + 4 * self.batch_size) * self.row_bytes
+        """Streamed mode holds one window (at least one batch), a read buffer and two batches; refuse a budget below that."""
+        need = (self.window_rows + self._buffer_rows() + 2 * self.batch_size) * self.row_bytes
         if need > self.budget:
             raise MedfmError(
                 f"--max-ram {self.budget / 2**20:.0f} MiB is below what streaming needs ({need / 2**20:.0f} MiB: a shuffle window of "
-                f"{self.window_chunks} chunk(s) of {self.chunk_rows} rows plus a batch); raise --max-ram or lower --batch-size"
+                f"one batch of {self.batch_size} rows, a read buffer of {self._buffer_rows()} rows and two batches); "
+                "raise --max-ram or lower --batch-size"
             )
 
 
@@ -208,14 +212,29 @@ def _row_mask(rows: np.ndarray, n: int) -> np.ndarray:
     return mask
 
 
-def _read_rows(reader: CacheReader, group: str, feature: str, rows: np.ndarray) -> np.ndarray:
-    """Rows (sorted) of a train group's `feature` (the eval view or an augmented one), read as contiguous ranges
-    straight into one array (by `CacheReader.read_rows`, which copies raw chunks off the mapped file at memmap speed)."""
+def _read_rows(reader: CacheReader, group: str, feature: str, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
+    """Rows (sorted, unique) of a train group's `feature` (the eval view or an augmented one), in one array.
+
+    The rows are cut into spans within one chunk; rows with at most READ_GAP_BYTES of unwanted rows between them share
+    a span. A span of consecutive rows is read straight into place; any other is read whole into a scratch buffer (at
+    most one chunk) and its rows picked from there, which for small rows costs less than one read call per row (a
+    window's rows are scattered: a uniform shuffle). Rows larger than READ_GAP_BYTES are never read in spans with gaps.
+    Reads go through `CacheReader.read_rows`, which copies raw chunks off the mapped file at memmap speed."""
     dataset = reader.dataset(group, feature)
     block = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    at = 0
-    for part in np.split(rows, breaks):
-        reader.read_rows(group, feature, int(part[0]), int(part[-1]) + 1, block[at : at + len(part)])
-        at += len(part)
+    if not len(rows):
+        return block
+    row_bytes = block.itemsize * int(np.prod(block.shape[1:], dtype=np.int64))
+    gap = READ_GAP_BYTES // max(row_bytes, 1) + 1  # a row more than this many rows after the previous one starts a span
+    cuts = np.flatnonzero((np.diff(rows) > gap) | (np.diff(rows // chunk_rows) != 0)) + 1
+    starts, stops = np.r_[0, cuts], np.r_[cuts, len(rows)]
+    scratch = None
+    for s, e, lo, hi in zip(starts.tolist(), stops.tolist(), rows[starts].tolist(), (rows[stops - 1] + 1).tolist(), strict=True):
+        if hi - lo == e - s:
+            reader.read_rows(group, feature, lo, hi, block[s:e])
+            continue
+        if scratch is None:
+            scratch = np.empty((chunk_rows, *dataset.shape[1:]), dtype=dataset.dtype)
+        reader.read_rows(group, feature, lo, hi, scratch[: hi - lo])
+        np.take(scratch, rows[s:e] - lo, axis=0, out=block[s:e], mode="clip")  # in range; "clip" skips a buffered copy
     return block
