@@ -112,7 +112,8 @@ transfer: $(PY)
 	$(BIN)/probe report --evaluations transfer
 
 # Ratios measured side by side (pipeline vs bare forward, cache vs online, batched sweep, HDF5 vs memmap reads,
-# peak memory); each run appends to outputs/bench/summary.json. `make bench ARGS="reads sweep"` runs a subset.
+# peak memory); each run appends to outputs/bench/summary.json. `make bench ARGS="reads sweep"` runs a subset;
+# `make bench ARGS=--smoke` runs each one's code path at tiny sizes in seconds, recording nothing (the tests do too).
 bench: $(PY)
 	$(PY) -m bench $(ARGS)
 

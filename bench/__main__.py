@@ -1,5 +1,8 @@
-"""`python -m bench [name ...]`: run the benchmarks one after another, each in its own process, then print
-every ratio of this run with its target. Figures accumulate in outputs/bench/summary.json."""
+"""`python -m bench [--smoke] [name ...]`: run the benchmarks one after another, each in its own process, then print
+every ratio of this run with its target. Figures accumulate in outputs/bench/summary.json.
+
+`--smoke`: each benchmark's smoke mode (tiny sizes, one round, seconds each): proves every code path still runs, records
+nothing and checks no target; exits non-zero when one of them fails."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from bench.common import REPO, RUN_ENV, met, summary_path
 BENCHES = ("extraction", "reads", "memory", "cache_vs_online", "sweep", "deit_head", "bootstrap", "images")
 
 
-def main(names: list[str]) -> int:
+def main(args: list[str]) -> int:
+    smoke = "--smoke" in args
+    names = [a for a in args if a != "--smoke"]
     console = Console()
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
@@ -31,9 +36,17 @@ def main(names: list[str]) -> int:
     for name in names or BENCHES:
         console.rule(name)
         start = time.perf_counter()
-        if subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=REPO, env=env, check=False).returncode != 0:
+        line = [sys.executable, "-m", f"bench.{name}", *(["--smoke"] if smoke else [])]
+        if subprocess.run(line, cwd=REPO, env=env, check=False).returncode != 0:
             failed.append(name)
         console.print(f"[dim]{name}: {time.perf_counter() - start:.0f} s[/]")
+    if smoke:
+        ran = len(names or BENCHES)
+        console.print(f"smoke: {ran - len(failed)} of {ran} benchmarks ran in {time.perf_counter() - started:.0f} s (tiny sizes: "
+                      "the ratios mean nothing and nothing was recorded)")
+        if failed:
+            console.print(f"[red]failed to run: {', '.join(failed)}[/]")
+        return 1 if failed else 0
     entries = [e for e in json.loads(path.read_text()) if e.get("run") == run] if path.exists() else []
     table = Table("benchmark", "ratio", "value", "target", "")
     for entry in entries:

@@ -4,10 +4,16 @@ Other agents and processes share this machine, so a lone wall time says little. 
 times its contenders in alternation, round after round, and keeps each one's fastest round: the
 fastest round is the one least disturbed by the neighbours, and the ratio of two fastest rounds
 taken minutes apart on the same machine is what the summary records.
+
+Every benchmark also has a smoke mode (`python -m bench.<name> --smoke`, or `python -m bench --smoke`): the same
+functions called the same way, with tiny models, a few rows and one round, in seconds. It proves the code path still
+runs (the test suite runs it for every benchmark); its ratios mean nothing, so it checks no target and appends
+nothing to the summary.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -26,6 +32,10 @@ from common.runtime import cpu_cores
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_ENV = "MEDFM_BENCH_SUMMARY"
 RUN_ENV = "MEDFM_BENCH_RUN"  # set by `python -m bench`: which invocation a record belongs to
+# the smoke mode's models, as small as the tests' (tests/tiny.py): constructor overrides of deit and resnet152
+SMOKE_VIT: dict[str, Any] = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+SMOKE_RESNET: dict[str, Any] = {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)}
+SMOKE_IMAGE_SIZE = 32
 
 
 def summary_path() -> Path:
@@ -112,8 +122,13 @@ def met(value: float, target: tuple[str, float]) -> bool:
     return value >= bound if op == ">=" else value <= bound
 
 
-def record(bench: str, ratios: dict[str, float], targets: dict[str, tuple[str, float]], details: dict[str, Any]) -> dict[str, Any]:
-    """Print the ratios and append them, with their targets (`at_least`, `at_most`) and the machine, to the JSON summary."""
+def record(bench: str, ratios: dict[str, float], targets: dict[str, tuple[str, float]], details: dict[str, Any],
+           smoke: bool = False) -> dict[str, Any]:
+    """Print the ratios and append them, with their targets (`at_least`, `at_most`) and the machine, to the JSON summary.
+
+    `smoke`: tiny sizes, so the ratios are printed without their targets and nothing is appended; the entry is still
+    built and serialised, as the summary would hold it.
+    """
     entry = {
         "bench": bench,
         "run": os.environ.get(RUN_ENV),
@@ -124,6 +139,11 @@ def record(bench: str, ratios: dict[str, float], targets: dict[str, tuple[str, f
         "targets": targets,
         "details": details,
     }
+    json.dumps(entry)  # raises on what the summary could not hold, in either mode
+    if smoke:
+        for name, value in entry["ratios"].items():
+            print(f"{bench}: {name} = {value:.3f}  (smoke: tiny sizes, no target)", flush=True)
+        return entry
     for name, value in entry["ratios"].items():
         target = targets.get(name)
         verdict = "" if target is None else f"  (target {target[0]} {target[1]:g}: {'met' if met(value, target) else 'MISSED'})"
@@ -146,3 +166,11 @@ def run_main(main: Callable[[], Any]) -> None:
     except MedfmError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_bench(main: Callable[[bool], Any], argv: list[str] | None = None) -> None:
+    """Entry point of a benchmark module: `python -m bench.<name> [--smoke]` calls `main(smoke)` through `run_main`."""
+    parser = argparse.ArgumentParser(description="a medfm benchmark; figures are appended to outputs/bench/summary.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: run the code path in seconds, record nothing")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    run_main(lambda: main(args.smoke))

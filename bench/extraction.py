@@ -7,6 +7,7 @@ bare time / pipeline time is the share of the model's own speed that the pipelin
 
 A ViT (DeiT-S shape) and a CNN (ResNet-50 shape, run channels-last) with random weights, at 224 px,
 on the synthetic demo set, with the runner's default workers and batch size for the device.
+`--smoke`: a one-block ViT and a one-block-per-stage ResNet at 32 px, 20 images, one round.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from bench.common import at_least, device, fastest_rounds, record, run_main, sync
+from bench.common import SMOKE_IMAGE_SIZE, SMOKE_RESNET, SMOKE_VIT, at_least, device, fastest_rounds, record, run_bench, sync
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from extract.datasets.images import ImageDataset
@@ -34,6 +35,8 @@ IMAGE_SIZE = 224
 PER_CLASS = 24  # 4 classes -> 96 images over train/val/test
 ROUNDS = 4
 TARGET = 0.8
+SMOKE_MODELS = {"vit": ("deit", SMOKE_VIT), "cnn": ("resnet152", SMOKE_RESNET)}
+SMOKE_PER_CLASS = 5  # 20 images
 
 
 def bare_inputs(forward: BackboneForward, batch_size: int, per_class: int = PER_CLASS) -> list[torch.Tensor]:
@@ -88,17 +91,19 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
     }
 
 
-def main() -> dict:
+def main(smoke: bool = False) -> dict:
     dev = device()
+    models, image_size, per_class, rounds = (SMOKE_MODELS, SMOKE_IMAGE_SIZE, SMOKE_PER_CLASS, 1) if smoke else (MODELS, IMAGE_SIZE, PER_CLASS, ROUNDS)
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-extract-"))
     try:
-        results = {name: compare(name, backbone, overrides, dev, work) for name, (backbone, overrides) in MODELS.items()}
+        results = {name: compare(name, backbone, overrides, dev, work, image_size, per_class, rounds)
+                   for name, (backbone, overrides) in models.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = {f"{name}_pipeline_over_bare": r.pop("ratio") for name, r in results.items()}
-    details = {"image_size": IMAGE_SIZE, "rounds": ROUNDS, "models": {k: f"{b} {o}" for k, (b, o) in MODELS.items()}, **results}
-    return record("extraction", ratios, {k: at_least(TARGET) for k in ratios}, details)
+    details = {"image_size": image_size, "rounds": rounds, "models": {k: f"{b} {o}" for k, (b, o) in models.items()}, **results}
+    return record("extraction", ratios, {k: at_least(TARGET) for k in ratios}, details, smoke)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_bench(main)

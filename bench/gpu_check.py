@@ -40,6 +40,7 @@ from bench.common import REPO, machine, run_main, summary_path
 from bench.extraction import compare
 from cache.store import CacheReader
 from common.errors import MedfmError
+from ledger.runs import read_history
 from ledger.store import Ledger
 
 BIN = Path(sys.executable).parent
@@ -173,16 +174,16 @@ def finetune_resume(scale: Scale, env: dict[str, str], work: Path) -> list[Figur
     first = time.perf_counter() - started
     seconds, _ = run([*line, "--resume"], env)
     run_dir = checkpoint.parent
-    result = json.loads((run_dir / "result.json").read_text())
-    if [h["epoch"] for h in result["history"]] != list(range(1, scale.finetune_epochs + 1)):
-        raise MedfmError(f"the resumed finetune did not train every epoch once: {[h['epoch'] for h in result['history']]}")
+    history = read_history(run_dir)
+    if [h["epoch"] for h in history] != list(range(1, scale.finetune_epochs + 1)):
+        raise MedfmError(f"the resumed finetune did not train every epoch once: {[h['epoch'] for h in history]}")
     train_images = len(json.loads((run_dir / "splits.json").read_text())["train"])
     (row,) = Ledger(out / "results.sqlite").rows(stage="finetune")
-    epoch_seconds = result["history"][-1]["seconds"]
+    epoch_seconds = history[-1]["seconds"]
     precision = "fp16 + GradScaler" if scaled else "fp32 (the CPU: fp16 + GradScaler needs CUDA)"
     return [Figure("finetune", "last epoch (resumed)", train_images / epoch_seconds, "img/s", precision),
             Figure("finetune", "killed after a checkpoint", first, "s", f"checkpoint at epoch {state['epoch']}"),
-            Figure("finetune", "--resume to the end", seconds, "s", f"val {result['val_score']:.4f}, {weights_note(row.backbone_random)}")]
+            Figure("finetune", "--resume to the end", seconds, "s", f"val {row.val_score:.4f}, {weights_note(row.backbone_random)}")]
 
 
 def dataset_args(scale: Scale) -> list[str]:

@@ -14,6 +14,7 @@ here with photographic noise so that they compress and decode like photographs:
 
 The decode-bound runs decode (or read) in one loader worker while the main process runs the model on one torch thread,
 as a GPU run splits them (on 2 cores, a model on 2 threads would stall whenever the worker holds a core).
+`--smoke`: 20 small images per format (two distinct), 32 px inputs, one-block ViTs, one round.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
 
-from bench.common import at_least, device, fastest_rounds, record, run_main, sync
+from bench.common import SMOKE_IMAGE_SIZE, SMOKE_VIT, at_least, device, fastest_rounds, record, run_bench, sync
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource
@@ -40,13 +42,25 @@ from extract.transforms import TransformSpec, eval_transform, make_spec
 from finetune.data import make_loader
 from finetune.distributed import World
 
-APTOS_SIZE, ISIC_SIZE = (2000, 1500), (1000, 750)
-PNGS, JPEGS = 48, 96  # per format, two classes
-DISTINCT = 12  # images generated per format; the others are copies (decoded all the same)
-IMAGE_SIZE = 224  # the study's input: resize 256, crop 224
-VIT = ("deit", {"embed_dim": 384, "depth": 12, "num_heads": 6})  # DeiT-S shape
-TINY = ("deit", {"embed_dim": 32, "depth": 1, "num_heads": 2})  # decode-bound: the model is almost free
-ROUNDS = 3
+
+@dataclass(frozen=True)
+class Sizes:
+    aptos: tuple[int, int]  # PNG width x height
+    isic: tuple[int, int]  # JPEG width x height
+    pngs: int  # images per format, two classes
+    jpegs: int
+    distinct: int  # images generated per format; the others are copies (decoded all the same)
+    image_size: int
+    vit: tuple[str, dict[str, Any]]
+    tiny: tuple[str, dict[str, Any]]  # decode-bound: the model is almost free
+    rounds: int
+
+
+FULL = Sizes((2000, 1500), (1000, 750), 48, 96, 12,
+             224,  # the study's input: resize 256, crop 224
+             ("deit", {"embed_dim": 384, "depth": 12, "num_heads": 6}),  # DeiT-S shape
+             ("deit", {"embed_dim": 32, "depth": 1, "num_heads": 2}), 3)
+SMOKE = Sizes((160, 120), (120, 90), 20, 20, 2, SMOKE_IMAGE_SIZE, ("deit", SMOKE_VIT), ("deit", SMOKE_VIT), 1)
 TARGET = 0.9
 WORKERS = 1  # decode-bound runs: one loader process decodes, the main one runs the model
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
@@ -70,16 +84,16 @@ def photo(rng: np.random.Generator, size: tuple[int, int], fundus: bool) -> Imag
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def write_images(root: Path, count: int, size: tuple[int, int], suffix: str) -> Path:
-    """An imagefolder tree of `count` photographs in two classes: DISTINCT generated ones, the rest copies of them."""
+def write_images(root: Path, count: int, size: tuple[int, int], suffix: str, distinct: int) -> Path:
+    """An imagefolder tree of `count` photographs in two classes: `distinct` generated ones, the rest copies of them."""
     rng = np.random.default_rng(0)
     paths = [root / f"class{i % 2}" / f"{i:03d}{suffix}" for i in range(count)]
     for i, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        if i < DISTINCT:
+        if i < distinct:
             photo(rng, size, fundus=suffix == ".png").save(path, **({"quality": 90} if suffix == ".jpg" else {}))
         else:
-            shutil.copyfile(paths[i % DISTINCT], path)
+            shutil.copyfile(paths[i % distinct], path)
     return root
 
 
@@ -99,7 +113,7 @@ def read_every(datasets: list[ImageDataset]) -> None:
         torch.set_num_threads(threads)
 
 
-def decode_rates(root: Path, tspec: TransformSpec, images_dir: Path) -> dict[str, float]:
+def decode_rates(root: Path, tspec: TransformSpec, images_dir: Path, rounds: int) -> dict[str, float]:
     """Seconds of reading every image from its file, from the exact image cache, and (JPEG) by draft decoding; its pixel error."""
     source = get_dataset("imagefolder", root)
     exact = build_image_cache(ImageCacheConfig("imagefolder", root, images_dir), QUIET)
@@ -108,7 +122,7 @@ def decode_rates(root: Path, tspec: TransformSpec, images_dir: Path) -> dict[str
     readers = {"files": all_images(source, tspec), "cache": all_images(source, tspec, pixels)}
     if jpeg:
         readers["draft"] = all_images(replace(source, load_image=JpegDraft(source.load_image, tspec.resize)), tspec)
-    best = fastest_rounds({name: lambda images=images: read_every(images) for name, images in readers.items()}, ROUNDS)
+    best = fastest_rounds({name: lambda images=images: read_every(images) for name, images in readers.items()}, rounds)
     out = {"images": sum(len(split) for split in source.splits.values()), **{f"{name}_s": seconds for name, seconds in best.items()}}
     if jpeg:
         draft = build_image_cache(ImageCacheConfig("imagefolder", root, images_dir, jpeg_draft=True), QUIET)
@@ -126,16 +140,16 @@ def pixel_difference(exact: Path, draft: Path, split: str) -> tuple[int, float]:
     return int(diff.max()), float(diff.mean())
 
 
-def extraction_over_bare(root: Path, images_dir: Path, dev: torch.device) -> dict[str, float]:
+def extraction_over_bare(root: Path, images_dir: Path, dev: torch.device, s: Sizes) -> dict[str, float]:
     """The extraction loop's rate reading the image cache over the bare forward's, on the loop's batches (splits apart)."""
-    backbone, overrides = VIT
-    cfg = ExtractConfig(backbone=backbone, dataset="imagefolder", root=root, weights="random", image_size=IMAGE_SIZE, device=str(dev),
+    backbone, overrides = s.vit
+    cfg = ExtractConfig(backbone=backbone, dataset="imagefolder", root=root, weights="random", image_size=s.image_size, device=str(dev),
                         interpolation="bilinear", image_cache=str(images_dir), overrides=overrides, batch_size=CPU_BATCH)
-    model = create_backbone(backbone, "random", image_size=IMAGE_SIZE, **overrides)
+    model = create_backbone(backbone, "random", image_size=s.image_size, **overrides)
     forward = BackboneForward(model, [model.num_layers - 1], dev, autocast_dtype(cfg.precision, dev))
     source = get_dataset("imagefolder", root)
     rows = sum(len(split) for split in source.splits.values())
-    inputs = [x for split in source.splits.values() for x in torch.randn(len(split), 3, IMAGE_SIZE, IMAGE_SIZE).to(dev).split(CPU_BATCH)]
+    inputs = [x for split in source.splits.values() for x in torch.randn(len(split), 3, s.image_size, s.image_size).to(dev).split(CPU_BATCH)]
     rates: list[float] = []
 
     def pipeline() -> None:
@@ -150,19 +164,19 @@ def extraction_over_bare(root: Path, images_dir: Path, dev: torch.device) -> dic
         sync(dev)
 
     bare()  # warm-up
-    best = fastest_rounds({"pipeline": pipeline, "bare": bare}, ROUNDS)
+    best = fastest_rounds({"pipeline": pipeline, "bare": bare}, s.rounds)
     return {"rows": rows, "bare_img_s": rows / best["bare"], "loop_img_s": max(rates)}
 
 
-def decode_bound(root: Path, images_dir: Path, dev: torch.device) -> dict[str, float]:
+def decode_bound(root: Path, images_dir: Path, dev: torch.device, s: Sizes) -> dict[str, float]:
     """The extraction loop's rate and the seconds of one finetune train epoch (tiny ViT), from the files and from the image cache."""
-    backbone, overrides = TINY
-    model = create_backbone(backbone, "random", image_size=IMAGE_SIZE, **overrides).to(dev)
+    backbone, overrides = s.tiny
+    model = create_backbone(backbone, "random", image_size=s.image_size, **overrides).to(dev)
     head = torch.nn.Linear(model.pooled_dim, 2).to(dev)
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()])
     source = get_dataset("imagefolder", root)
     dc = model.data_config
-    tspec = make_spec(IMAGE_SIZE, dc.mean, dc.std, "bilinear")
+    tspec = make_spec(s.image_size, dc.mean, dc.std, "bilinear")
     world = World(0, 1, dev)
 
     rates: dict[str, float] = {"off": 0.0, str(images_dir): 0.0}
@@ -170,7 +184,7 @@ def decode_bound(root: Path, images_dir: Path, dev: torch.device) -> dict[str, f
     def extraction(image_cache: str) -> None:
         out = Path(tempfile.mkdtemp(dir=images_dir.parent))
         result = extract(ExtractConfig(backbone=backbone, dataset="imagefolder", root=root, weights="random", out=out, device=str(dev),
-                                       image_size=IMAGE_SIZE, interpolation="bilinear", image_cache=image_cache, overrides=overrides,
+                                       image_size=s.image_size, interpolation="bilinear", image_cache=image_cache, overrides=overrides,
                                        workers=WORKERS), QUIET)
         rates[image_cache] = max(rates[image_cache], result.images_per_s or 0.0)
         shutil.rmtree(out)
@@ -190,23 +204,24 @@ def decode_bound(root: Path, images_dir: Path, dev: torch.device) -> dict[str, f
     torch.set_num_threads(1)  # the model on one core, the loader worker on the other: neither waits for the other's core
     try:
         best = fastest_rounds({"extract_files": lambda: extraction("off"), "extract_cache": lambda: extraction(str(images_dir)),
-                               "epoch_files": lambda: epoch(None), "epoch_cache": lambda: epoch(pixels)}, ROUNDS)
+                               "epoch_files": lambda: epoch(None), "epoch_cache": lambda: epoch(pixels)}, s.rounds)
     finally:
         torch.set_num_threads(threads)
     return {"extract_files_img_s": rates["off"], "extract_cache_img_s": rates[str(images_dir)],
             "epoch_files_s": best["epoch_files"], "epoch_cache_s": best["epoch_cache"]}
 
 
-def main() -> dict:
+def main(smoke: bool = False) -> dict:
+    s = SMOKE if smoke else FULL
     dev = device()
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-images-"))
     try:
-        pngs = write_images(work / "aptos", PNGS, APTOS_SIZE, ".png")
-        jpegs = write_images(work / "isic", JPEGS, ISIC_SIZE, ".jpg")
-        tspec = make_spec(IMAGE_SIZE, (0.5,) * 3, (0.25,) * 3, "bilinear")
-        png, jpeg = decode_rates(pngs, tspec, work / "images"), decode_rates(jpegs, tspec, work / "images")
-        loop = extraction_over_bare(jpegs, work / "images", dev)
-        bound = decode_bound(pngs, work / "images", dev)
+        pngs = write_images(work / "aptos", s.pngs, s.aptos, ".png", s.distinct)
+        jpegs = write_images(work / "isic", s.jpegs, s.isic, ".jpg", s.distinct)
+        tspec = make_spec(s.image_size, (0.5,) * 3, (0.25,) * 3, "bilinear")
+        png, jpeg = decode_rates(pngs, tspec, work / "images", s.rounds), decode_rates(jpegs, tspec, work / "images", s.rounds)
+        loop = extraction_over_bare(jpegs, work / "images", dev, s)
+        bound = decode_bound(pngs, work / "images", dev, s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = {
@@ -218,18 +233,18 @@ def main() -> dict:
         "png_finetune_epoch_files_over_cache": bound["epoch_files_s"] / bound["epoch_cache_s"],
     }
     details = {
-        "png": {"size": APTOS_SIZE, "images": png["images"], "decode_img_s": png["images"] / png["files_s"],
+        "png": {"size": s.aptos, "images": png["images"], "decode_img_s": png["images"] / png["files_s"],
                 "cache_img_s": png["images"] / png["cache_s"]},
-        "jpeg": {"size": ISIC_SIZE, "images": jpeg["images"], "decode_img_s": jpeg["images"] / jpeg["files_s"],
+        "jpeg": {"size": s.isic, "images": jpeg["images"], "decode_img_s": jpeg["images"] / jpeg["files_s"],
                  "cache_img_s": jpeg["images"] / jpeg["cache_s"], "draft_max_abs": jpeg["draft_max_abs"],
                  "draft_mean_abs": round(jpeg["draft_mean_abs"], 3)},
-        "extraction": {"model": f"{VIT[0]} {VIT[1]}", "images": "jpeg", **{k: round(v, 2) for k, v in loop.items()}},
-        "decode_bound": {"model": f"{TINY[0]} {TINY[1]}", "images": "png", "workers": WORKERS,
+        "extraction": {"model": f"{s.vit[0]} {s.vit[1]}", "images": "jpeg", **{k: round(v, 2) for k, v in loop.items()}},
+        "decode_bound": {"model": f"{s.tiny[0]} {s.tiny[1]}", "images": "png", "workers": WORKERS,
                          **{k: round(v, 3) for k, v in bound.items()}},
-        "resize": 256, "interpolation": "bilinear", "rounds": ROUNDS,
+        "resize": tspec.resize, "interpolation": "bilinear", "rounds": s.rounds,
     }
-    return record("images", ratios, {"extraction_from_cache_over_bare": at_least(TARGET)}, details)
+    return record("images", ratios, {"extraction_from_cache_over_bare": at_least(TARGET)}, details, smoke)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_bench(main)

@@ -4,6 +4,7 @@ Two fresh processes run `extract.runner.extract` on N and on 4N demo images; eac
 resident set. The features are made bulky on purpose (ViT-B-wide tokens in float32, 600 KB an image)
 so that keeping them around would show: holding all 4N images' tokens would add about 110 MB over N's.
 (Loader workers, when the device has any, hold a bounded prefetch; the CPU default runs none.)
+`--smoke`: 8 and 32 images through a one-block ViT at 32 px.
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import REPO, at_most, record, run_main
+from bench.common import REPO, SMOKE_IMAGE_SIZE, SMOKE_VIT, at_most, record, run_bench
 
 N = 64
 BACKBONE, OVERRIDES = "deit", {"embed_dim": 768, "depth": 1, "num_heads": 12}
 IMAGE_SIZE = 224
 TARGET = 1.10
+SMOKE_N = 8
 
 
-def child(images: int, out: str) -> None:
+def model(smoke: bool) -> tuple[int, dict]:
+    """Input size and constructor overrides of the extracted model: bulky, or tiny for `--smoke`."""
+    return (SMOKE_IMAGE_SIZE, SMOKE_VIT) if smoke else (IMAGE_SIZE, OVERRIDES)
+
+
+def child(images: int, out: str, smoke: bool = False) -> None:
     """Run one extraction and print this process's peak RSS (MiB) as JSON."""
     import os
 
@@ -32,8 +39,9 @@ def child(images: int, out: str) -> None:
 
     from extract.runner import ExtractConfig, extract
 
-    cfg = ExtractConfig(backbone=BACKBONE, dataset="demo", weights="random", out=Path(out), image_size=IMAGE_SIZE,
-                        device="cpu", token_dtype="float32", dataset_options={"per_class": images // 4}, overrides=OVERRIDES)
+    image_size, overrides = model(smoke)
+    cfg = ExtractConfig(backbone=BACKBONE, dataset="demo", weights="random", out=Path(out), image_size=image_size,
+                        device="cpu", token_dtype="float32", dataset_options={"per_class": images // 4}, overrides=overrides)
     result = extract(cfg, Console(file=open(os.devnull, "w")))  # noqa: SIM115
     kib = 1024  # ru_maxrss is in KiB on Linux
     print(json.dumps({
@@ -43,9 +51,9 @@ def child(images: int, out: str) -> None:
     }))
 
 
-def measure(images: int, work: Path) -> dict:
+def measure(images: int, work: Path, smoke: bool = False) -> dict:
     out = Path(tempfile.mkdtemp(dir=work))
-    code = f"from bench.memory import child; child({images}, {str(out)!r})"
+    code = f"from bench.memory import child; child({images}, {str(out)!r}, smoke={smoke})"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"extraction of {images} images failed:\n{done.stderr[-2000:]}")
@@ -53,17 +61,19 @@ def measure(images: int, work: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> dict:
+def main(smoke: bool = False) -> dict:
+    n = SMOKE_N if smoke else N
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-memory-"))
     try:
-        small, large = measure(N, work), measure(4 * N, work)
+        small, large = measure(n, work, smoke), measure(4 * n, work, smoke)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = {"peak_rss_4n_over_n": large["main_mib"] / small["main_mib"]}
-    details = {"model": f"{BACKBONE} {OVERRIDES}", "image_size": IMAGE_SIZE, "tokens": "float32",
+    image_size, overrides = model(smoke)
+    details = {"model": f"{BACKBONE} {overrides}", "image_size": image_size, "tokens": "float32",
                "n": {k: round(v, 1) for k, v in small.items()}, "4n": {k: round(v, 1) for k, v in large.items()}}
-    return record("memory", ratios, {k: at_most(TARGET) for k in ratios}, details)
+    return record("memory", ratios, {k: at_most(TARGET) for k in ratios}, details, smoke)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_bench(main)
