@@ -49,11 +49,16 @@ def code_version() -> str:
         return "unknown"
 
 
+CONTENT = ("dataset", "root", "options", "manifest_hash")  # which data: what two scores must share to share a column
+INPUTS = ("image_size", "channels", "norm", "interpolation")  # how a backbone was fed it: a property of the row
+STUDY_FIXED = ("image_size", "channels", "norm")  # inputs the study holds equal for every backbone (docs/protocol.md §3)
+
+
 @dataclass(frozen=True)
 class DatasetIdentity:
-    """Which data, fed how: what must be equal for two scores to share a report column."""
+    """Which data (the report's column), and how it was fed (a property of the row)."""
 
-    id: str  # 12 hex digits
+    id: str  # 12 hex digits of the content: name, root, options, split manifest
     label: str  # the dataset's name, or `name:tag` for your own data (tag: 4 hex digits of the content)
     inputs: dict[str, Any]  # root, options, manifest hash, image size, channels, norm, interpolation; {} when unrecorded
 
@@ -70,7 +75,7 @@ def dataset_identity(name: str, *, root: str | None, manifest_hash: str, options
     content = {"dataset": name, "root": root, "options": options or {}, "manifest_hash": manifest_hash}
     inputs = {"image_size": image_size, "channels": channels, "norm": norm, "interpolation": interpolation}
     label = f"{name}:{_short(content, 4)}" if name in OWN_DATA else name
-    return DatasetIdentity(_short({**content, **inputs}), label, {**content, **inputs})
+    return DatasetIdentity(_short(content), label, {**content, **inputs})
 
 
 def unrecorded_identity(name: str) -> DatasetIdentity:
@@ -146,14 +151,29 @@ class RunRecord:
         views = int(self.config.get("views", 0) or 0)
         return f"{views} cached augmented views" if views else "cached eval view"
 
+    @property
+    def data_id(self) -> str:
+        """The report's column: the data alone (name, root, options, split manifest), however each backbone fed it.
+        Rows recorded before the identity left out the inputs (their `dataset_id` hashed both) get it from their
+        recorded settings; rows without recorded settings keep their `dataset_id`."""
+        if not self.dataset_inputs:
+            return self.dataset_id
+        return _short({k: self.dataset_inputs.get(k, {} if k == "options" else None) for k in CONTENT})
+
+    @property
+    def fed(self) -> dict[str, Any]:
+        """How the backbone was fed the data (`INPUTS`): {} when not recorded."""
+        return {k: self.dataset_inputs[k] for k in INPUTS if k in self.dataset_inputs}
+
     def with_identity(self, identity: DatasetIdentity) -> RunRecord:
         self.dataset_id, self.dataset_label, self.dataset_inputs = identity.id, identity.label, identity.inputs
         return self
 
 
 def configuration_key(record: RunRecord) -> str:
-    """What a run shares with its other seeds: its config (which holds no seed), features and data."""
-    return canonical_json({"config": record.config, "cache": record.cache_fingerprint, "dataset": record.dataset_id})
+    """What a run shares with its other seeds: its config (which holds no seed), features, data and how it was fed."""
+    return canonical_json({"config": record.config, "cache": record.cache_fingerprint, "dataset": record.dataset_id,
+                           **({"fed": record.fed} if record.fed else {})})
 
 
 def mean_score(values: list[float | None]) -> float:

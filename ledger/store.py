@@ -9,10 +9,12 @@ images); `backbone_random` says the backbone's weights were random, `head_random
 start from pretrained weights (the DeiT head) started random. A ledger written before these two columns
 existed is rewritten with them when opened.
 
-What makes results comparable is the data and how it was fed: `dataset_id` is a short hash of the dataset's
-name, root, options and split manifest and of the input settings (image size, channels, normalisation,
-interpolation), `dataset_label` its name for a reader (`csv:a1b2` for your own data, whose loader name says
-nothing), `dataset_inputs` those settings. The report makes a column per `dataset_id`. `late_best` flags a run
+What makes results comparable is the data: `dataset_id` is a short hash of the dataset's name, root, options and
+split manifest, `dataset_label` its name for a reader (`csv:a1b2` for your own data, whose loader name says
+nothing), `dataset_inputs` those and how the backbone was fed them (image size, channels, normalisation,
+interpolation). The report makes a column per dataset (`RunRecord.data_id`, which reads the content out of
+`dataset_inputs`, so rows recorded when the id hashed the inputs too join their column); how each row's backbone
+was fed is a property of the row. `late_best` flags a run
 whose best validation epoch fell in the last tenth of its epochs. Rows written before these columns existed
 get the dataset name alone as their identity (settings not recorded) and no late flag.
 

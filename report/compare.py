@@ -240,11 +240,11 @@ def best_runs(ledger: Ledger, backbone: str, scenario: str, dataset: str) -> Run
     a label such as csv:a1b2, or a dataset id prefix), as `probe report` picks a cell; label-efficiency runs (on a
     subset of the train rows, `probe curve`) never count."""
     rows = [r for r in ledger.rows(backbone=backbone, scenario=scenario)
-            if (dataset in (r.dataset, r.dataset_label) or (len(dataset) >= 4 and r.dataset_id.startswith(dataset)))
+            if (dataset in (r.dataset, r.dataset_label) or (len(dataset) >= 4 and (r.dataset_id.startswith(dataset) or r.data_id.startswith(dataset))))
             and not r.config.get("train_subset")]
     if not rows:
         raise MedfmError(f"the ledger holds no {scenario} run of {backbone} on {dataset}; train one, or check `probe report`")
-    versions = sorted({r.dataset_id for r in rows})
+    versions = sorted({r.data_id for r in rows})
     if len(versions) > 1:
         raise MedfmError(f"{backbone} {scenario} has runs on {len(versions)} versions of {dataset} (dataset ids "
                          f"{', '.join(v[:8] for v in versions)}): pass --dataset with one of these ids")

@@ -10,10 +10,14 @@ Each cell is selected by validation, never by test: among the cell's configurati
 best mean validation score over its seeds wins (`ledger.store.best_configuration`, the rule `probe sweep`
 uses too), and the cell shows its mean test score and how many seeds it averages (n).
 
-A column is one `dataset_id`: the same data (name, root, options, split manifest) fed the same way (image
-size, channels, normalisation, interpolation), with one metric. The same dataset at two image sizes, or two
-folders of your own data under one loader name, are two columns, named apart (`aptos2019 (112 px)`,
-`csv:a1b2`); `names` (`probe report --name`) renames a column.
+A column is one dataset (`RunRecord.data_id`): the same data (name, root, options, split manifest), with one metric,
+whatever each backbone's own input pipeline made of it: a comparison of backbones is a comparison across their input
+pipelines. How a row's backbone was fed (image size, channels, normalisation, resize) is a property of the row, in
+the CSV (`inputs`); a cell is marked `inputs` when its row was fed differently from the column's other rows in what the
+study holds equal for every backbone (image size, channels, normalisation kind: `norm dataset` against `norm model`),
+never for what is each backbone's own (its resize interpolation, its own mean and std under `norm model`). Two
+folders of your own data under one loader name are two columns, named apart (`csv:a1b2`); `names` (`probe report
+--name`) renames a column.
 
 A row is (backbone, scenario, stage, backbone random, head random, protocol): a frozen scenario trained from
 the cache (`probe`) and the same scenario trained end to end on live images (`finetune --freeze all`) are
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +61,7 @@ from common.study import (  # the study appends its DeiT classifier to the found
     STUDY_BACKBONES,
 )
 from ledger.predictions import load_predictions
-from ledger.records import EvaluationRecord, RunRecord, best_configuration, mean_score
+from ledger.records import INPUTS, STUDY_FIXED, EvaluationRecord, RunRecord, best_configuration, mean_score
 from ledger.store import Ledger
 from scoring.bootstrap import Interval, check_settings, interval, resample_metric
 from training.recipe import STUDY
@@ -77,6 +81,10 @@ LATE_NOTE = ("late: the chosen runs' best validation epoch came in the last tent
 HEALTH_NOTE = ("collapsed: a chosen run predicted one class for over 95% of the test rows; chance: its test score is not above "
                "the metric's chance level beyond noise (95% bootstrap interval, scoring/health.py). Such cells say the head learned little.")
 PARTIAL_NOTE = "rows marked k/n datasets lack a dataset: left out of the average and the gain (`probe report --partial` includes them)."
+INPUTS_NOTE = ("inputs: the row's backbone was fed this dataset differently from the column's other rows in what the study "
+               "holds equal (image size, channels, normalisation kind; the CSV's inputs_differ says how): the gap may be the "
+               "preparation's, not the backbone's. Each backbone's own resize and own statistics under --norm model are its "
+               "pipeline and are not marked.")
 EXTENSION_NOTE = ("extension: no counterpart in the study (a DeiT head on an ImageNet backbone, partial unfreezing, a kNN probe, or a "
                   "backbone outside its eight).")
 SCENARIO_COLORS = {"frozen-linear": "#4f81bd", "frozen-deit": "#9bbb59", "unfrozen-linear": "#f79646", "unfrozen-deit": "#8064a2"}
@@ -134,11 +142,14 @@ class Report:
     costs: dict[tuple, dict[str, float]] = field(default_factory=dict)  # row key -> `cost_of` its chosen runs
     total_cost: dict[str, float] = field(default_factory=dict)  # `cost_of` every run of the report
     evaluations: EvaluationTables | None = None  # the robustness and transfer tables of `probe eval` scores
+    differ: dict[tuple, str] = field(default_factory=dict)  # (row key, column label) -> how its inputs differ (`inputs_differ`)
 
     def marks(self, key: tuple, label: str) -> list[str]:
-        """`collapsed` / `chance` when any of the cell's chosen runs was flagged so (`scoring.health`)."""
+        """`collapsed` / `chance` when any of the cell's chosen runs was flagged so (`scoring.health`); `inputs` when its
+        row was fed differently from the column's other rows in what the study holds equal (`inputs_differ`)."""
         runs = self.chosen.get((key, label), [])
-        return [flag for flag in ("collapsed", "chance") if any(getattr(r, flag) for r in runs)]
+        flags = [flag for flag in ("collapsed", "chance") if any(getattr(r, flag) for r in runs)]
+        return flags + ["inputs"] * ((key, label) in self.differ)
 
     def cell(self, key: tuple, label: str) -> str:
         """A cell as a reader sees it: `0.9375 (n=3)`, with its interval `0.9375 [0.9100, 0.9600] (n=3)` when computed,
@@ -171,10 +182,10 @@ def build_report(records: list[RunRecord], partial: bool = False, names: dict[st
     """One cell per (row key, column): the best-validation configuration's mean test score over its seeds."""
     records = _latest(records)
     columns = _columns(records, names or {})
-    column_of = {(c.dataset_id, c.metric): c for c in columns}
+    column_of = {(c.dataset_id, c.metric): c for c in columns}  # dataset_id: the data (`RunRecord.data_id`)
     groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        groups[row_key(r)][column_of[(r.dataset_id, r.primary_metric)].label].append(r)
+        groups[row_key(r)][column_of[(r.data_id, r.primary_metric)].label].append(r)
     labels = [c.label for c in columns]
     keys = list(groups)
     cells: dict[str, dict[tuple, tuple[float, int, bool, float]]] = {label: {} for label in labels}  # (mean test, seeds, late, std)
@@ -212,7 +223,7 @@ def build_report(records: list[RunRecord], partial: bool = False, names: dict[st
     metrics = {c.label: c.metric for c in columns}
     costs = {key: cost_of([r for (k, _), runs in chosen_runs.items() if k == key for r in runs]) for key in keys}
     return Report(table.loc[order], metrics, len(records), {}, seeds.loc[order], late.loc[order], rows, columns, partial,
-                  std=std.loc[order], chosen=chosen_runs, costs=costs, total_cost=cost_of(records))
+                  std=std.loc[order], chosen=chosen_runs, costs=costs, total_cost=cost_of(records), differ=inputs_differ(chosen_runs))
 
 
 COST_KINDS = ("GPU", "CPU")
@@ -263,10 +274,10 @@ def _latest(records: list[RunRecord]) -> list[RunRecord]:
 
 
 def _columns(records: list[RunRecord], names: dict[str, str]) -> list[Column]:
-    """The distinct (dataset_id, metric) pairs, each named so that no two columns read alike."""
+    """The distinct (data, metric) pairs, each named so that no two columns read alike."""
     first: dict[tuple[str, str], RunRecord] = {}
     for r in records:
-        first.setdefault((r.dataset_id, r.primary_metric), r)
+        first.setdefault((r.data_id, r.primary_metric), r)
     base = {k: _user_name(r, names) or r.dataset_label or r.dataset for k, r in first.items()}
     by_base: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for k, label in base.items():
@@ -281,36 +292,59 @@ def _columns(records: list[RunRecord], names: dict[str, str]) -> list[Column]:
 def _user_name(record: RunRecord, names: dict[str, str]) -> str | None:
     """A user's name for a dataset, given by its label (`csv:a1b2`) or by a prefix of its id (4 digits at least)."""
     for given, name in names.items():
-        if given in (record.dataset_label, record.dataset) or (len(given) >= 4 and record.dataset_id.startswith(given)):
+        if given in (record.dataset_label, record.dataset) or (len(given) >= 4 and (record.dataset_id.startswith(given) or record.data_id.startswith(given))):
             return name
     return None
 
 
 def _tell_apart(label: str, runs: list[RunRecord]) -> list[str]:
-    """Names for columns that share a label: what differs among their data and inputs, else their metric or id."""
-    recorded = [r.dataset_inputs for r in runs if r.dataset_inputs]
-    content = ("dataset", "root", "options", "manifest_hash")
-    tags = {str(sorted((k, str(i.get(k))) for k in content)) for i in recorded}
-    differing = [k for k in ("image_size", "channels", "norm", "interpolation") if len({str(i.get(k)) for i in recorded}) > 1]
+    """Names for columns that share a label: their data's tag, else their metric or id."""
+    tags = {r.data_id for r in runs if r.dataset_inputs}
     names = []
     for r in runs:
-        inputs = r.dataset_inputs
-        if not inputs:
+        if not r.dataset_inputs:
             names.append(f"{label} (settings not recorded)")
             continue
-        name = f"{label}:{r.dataset_id[:4]}" if len(tags) > 1 and ":" not in label else label
-        parts = [_input_text(k, inputs.get(k)) for k in differing]
-        names.append(name + (f" ({', '.join(parts)})" if parts else ""))
+        names.append(f"{label}:{r.data_id[:4]}" if len(tags) > 1 and ":" not in label else label)
     if len(set(names)) < len(names):
         names = [f"{n} [{r.primary_metric}]" for n, r in zip(names, runs, strict=True)]
     if len(set(names)) < len(names):
-        names = [f"{n} {r.dataset_id[:6]}" for n, r in zip(names, runs, strict=True)]
+        names = [f"{n} {r.data_id[:6]}" for n, r in zip(names, runs, strict=True)]
     return names
 
 
 def _input_text(key: str, value: Any) -> str:
     return {"image_size": f"{value} px", "channels": f"{value} channel{'s' if value != 1 else ''}",
             "norm": f"norm {value}", "interpolation": f"{value} resize"}[key]
+
+
+def inputs_text(runs: list[RunRecord]) -> str:
+    """How the runs' backbone was fed the data: `224 px, 3 channels, norm model, bicubic resize` ("" when not recorded)."""
+    fed = [r.fed for r in runs if r.fed]
+    return "; ".join(dict.fromkeys(", ".join(_input_text(k, f[k]) for k in INPUTS if k in f) for f in fed))
+
+
+def inputs_differ(chosen: dict[tuple, list[RunRecord]]) -> dict[tuple, str]:
+    """(row key, column label) -> how the cell's row was fed differently from its column's other rows in what the study
+    holds equal (`STUDY_FIXED`), for the cells outside the column's commonest way (every cell of a tie); none where
+    rows differ only in what is each backbone's own (resize interpolation, its own statistics under `norm model`)."""
+    by_column: dict[str, dict[tuple, tuple]] = defaultdict(dict)
+    for (key, label), runs in chosen.items():
+        fed = [r.fed for r in runs if r.fed]
+        if fed:
+            by_column[label][key] = tuple(fed[0].get(k) for k in STUDY_FIXED)
+    marked = {}
+    for label, ways in by_column.items():
+        counts = Counter(ways.values())
+        if len(counts) < 2:
+            continue
+        top = max(counts.values())
+        common = [way for way, n in counts.items() if n == top]
+        for key, way in ways.items():
+            if way not in common or len(common) > 1:
+                marked[(key, label)] = ", ".join(_input_text(k, v) for k, v, c in zip(STUDY_FIXED, way, common[0], strict=True)
+                                                 if v != c or len(common) > 1)
+    return marked
 
 
 def recipe_departures(record: RunRecord) -> list[str]:
@@ -399,7 +433,7 @@ def is_random(key: tuple) -> bool:
 
 def select(records: list[RunRecord], datasets: list[str]) -> list[RunRecord]:
     """The runs of the named datasets: a name (`aptos2019`), a label (`csv:a1b2`) or a dataset id prefix."""
-    return [r for r in records if any(d in (r.dataset, r.dataset_label) or (len(d) >= 4 and r.dataset_id.startswith(d)) for d in datasets)]
+    return [r for r in records if any(d in (r.dataset, r.dataset_label) or (len(d) >= 4 and (r.dataset_id.startswith(d) or r.data_id.startswith(d))) for d in datasets)]
 
 
 def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | None = None, *, partial: bool = False,
@@ -606,7 +640,9 @@ def to_csv(report: Report) -> pd.DataFrame:
         line.update({f"cost {kind}-h": cost.get(kind, 0.0) / 3600 for kind in COST_KINDS})
         line["cost unrecorded"] = int(cost.get("unrecorded", 0))
         line.update(datasets=f"{info.covered}/{info.total}", included=info.included, extension=info.extension,
-                    recipe="; ".join(info.recipe) or "study", late_best="; ".join(info.late))
+                    recipe="; ".join(info.recipe) or "study", late_best="; ".join(info.late),
+                    inputs=inputs_text([r for (k, _), runs in report.chosen.items() if k == key for r in runs]),
+                    inputs_differ="; ".join(f"{label}: {how}" for (k, label), how in report.differ.items() if k == key))
         lines.append(line)
     return pd.DataFrame(lines)
 
@@ -643,8 +679,10 @@ def notes(report: Report) -> list[str]:
                    + "; ".join(f"{info.label.split(' (')[0]}: {', '.join(info.recipe)}" for info in off) + ".")
     if any(info.late for info in rows):
         out.append(LATE_NOTE)
-    if any(report.marks(*cell) for cell in report.chosen):
+    if any(set(report.marks(*cell)) & {"collapsed", "chance"} for cell in report.chosen):
         out.append(HEALTH_NOTE)
+    if report.differ:
+        out.append(INPUTS_NOTE)
     if any(key[5] != DEFAULT_PROTOCOL for key in report.table.index):
         out.append("Rows of another protocol than medfm's (e.g. the study's) are compared only with their own baseline.")
     out += interval_notes(report)

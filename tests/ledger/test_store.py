@@ -116,7 +116,7 @@ def test_a_ledger_without_the_dataset_identity_columns_gets_them_with_defaults_f
     assert [r.late_best for r in Ledger(path).rows()] == [False, True]
 
 
-def test_dataset_identity_tells_apart_content_and_inputs_and_tags_own_data():
+def test_dataset_identity_is_the_content_and_keeps_the_inputs_beside_it_and_tags_own_data():
     from ledger.records import dataset_identity
 
     def ident(name="aptos2019", **kw):
@@ -125,9 +125,11 @@ def test_dataset_identity_tells_apart_content_and_inputs_and_tags_own_data():
 
     same = ident()
     assert same == ident() and same.label == "aptos2019" and len(same.id) == 12
-    others = [ident(root="/data/b"), ident(manifest_hash="n"), ident(options={"policy": "ones"}), ident(image_size=112),
-              ident(channels=1), ident(norm="study"), ident(interpolation="bilinear")]
-    assert len({same.id, *(o.id for o in others)}) == 8
+    others = [ident(root="/data/b"), ident(manifest_hash="n"), ident(options={"policy": "ones"})]
+    assert len({same.id, *(o.id for o in others)}) == 4  # other data: another column
+    fed = [ident(image_size=112), ident(channels=1), ident(norm="study"), ident(interpolation="bilinear")]
+    assert {f.id for f in fed} == {same.id}  # the same data fed otherwise: the same column, the inputs kept beside
+    assert [f.inputs["image_size"] for f in fed] == [112, 224, 224, 224] and fed[2].inputs["norm"] == "study"
     a, b = ident("csv", root="/data/a"), ident("csv", root="/data/b")
     assert a.label.startswith("csv:") and len(a.label) == 8 and a.label != b.label
     assert ident("csv", root="/data/a", image_size=112).label == a.label  # the tag names the images, not the inputs

@@ -19,7 +19,7 @@ from probe.config import TrainConfig
 from probe.run import run_probe
 from probe.sweep import Grid, expand, run_sweep
 from report.table import cost_of, cost_text, make_report
-from tests.probe.test_report import identity
+from tests.ledgers import identity
 from tests.tiny import MULTICLASS, QUIET, TINY_SIZE, TINY_VIT, run_main
 
 

@@ -7,17 +7,13 @@ import pandas as pd
 import pytest
 
 from cache.schema import DatasetInfo
-from ledger.records import EvaluationRecord, RunRecord, dataset_identity
+from ledger.records import EvaluationRecord, RunRecord
 from ledger.store import Ledger
 from probe.cli import main
 from report.table import MEAN_DROP, make_report
-from tests.probe.test_evaluate import DERM, clean_cache, derived, train, view
+from tests.ledgers import identity, train
+from tests.probe.caches import DERM, clean_cache, derived, view
 from tests.tiny import run_main
-
-
-def identity(dataset: str):
-    return dataset_identity(dataset, root=f"/data/{dataset}", manifest_hash="m", options={}, image_size=224, channels=3,
-                            norm="model", interpolation="bicubic")
 
 
 def run(ledger: Ledger, backbone: str, test: float, *, seed: int = 0, lr: float = 1e-4, val: float = 0.5) -> RunRecord:

@@ -20,7 +20,7 @@ from probe.config import TrainConfig
 from probe.run import run_probe
 from report.subgroups import group_values
 from scoring.metrics import compute_metrics
-from tests.extract.test_datasets_layouts import image, write_chexpert, write_isic
+from tests.layouts import image, write_chexpert, write_isic
 from tests.tiny import QUIET, TINY_SIZE, TINY_VIT, run_main
 
 SEX = ["F", "F", "M", "M", ""]  # a blank: the group `unknown`

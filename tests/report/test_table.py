@@ -14,16 +14,12 @@ from common.errors import MedfmError
 from ledger.predictions import Predictions, save_predictions
 from ledger.records import RunRecord, dataset_identity
 from ledger.store import Ledger
-from report.table import AVERAGE, GAIN, build_report, make_report, recipe_departures
+from report.table import AVERAGE, GAIN, build_report, make_report, notes, recipe_departures
 from scoring.metrics import compute_metrics
+from tests.ledgers import identity
 from tests.tiny import MULTICLASS, MULTILABEL
 
 METRIC = {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall", "csv": "accuracy"}
-
-
-def identity(dataset: str, size: int = 224, root: str | None = None, manifest: str = "m"):
-    return dataset_identity(dataset, root=root or f"/data/{dataset}", manifest_hash=manifest, options={}, image_size=size,
-                            channels=3, norm="model", interpolation="bicubic")
 
 
 def add(ledger: Ledger, backbone: str, head: str, dataset: str, test: float, val: float = 0.5, lr: float = 1e-4,
@@ -160,15 +156,61 @@ def test_two_same_named_user_datasets_of_different_content_and_metrics_are_two_c
     assert named.metrics == {"ward-a": "accuracy", "ward-b": "roc_auc"}
 
 
-def test_one_benchmark_at_two_image_sizes_is_two_columns_named_by_size(isolated_outputs):
+def fed(ledger: Ledger, backbone: str, test: float, *, norm: str = "model", interpolation: str = "bicubic", size: int = 64,
+        dataset: str = "imagefolder", root: str = "/data/mine", stage: str = "probe") -> RunRecord:
+    """A run on one folder of the user's own data, its backbone fed it its own way (norm, resize, size)."""
+    record = RunRecord(stage=stage, scenario="frozen-linear", backbone=backbone, dataset=dataset, head="linear",
+                       config={"lr": 1e-4}, config_key=f"{backbone}{norm}{interpolation}{size}{root}", cache_fingerprint="f", seed=0,
+                       primary_metric="accuracy", val_score=0.5, test_metrics={"accuracy": test}, test_primary=test,
+                       backbone_random=True)
+    record.with_identity(dataset_identity(dataset, root=root, manifest_hash="m", options={}, image_size=size, channels=3,
+                                          norm=norm, interpolation=interpolation))
+    ledger.add(record)
+    return record
+
+
+def test_two_backbones_on_one_folder_share_a_column_with_a_gain_whatever_their_own_pipelines(isolated_outputs):
+    """The newcomer's case: deit resizes bicubic, resnet152 bilinear; one column, a gain and an average, no mark."""
+    ledger = Ledger()
+    fed(ledger, "deit", 0.80)
+    fed(ledger, "resnet152", 0.60, interpolation="bilinear")
+    report = make_report(ledger, out=isolated_outputs / "reports")
+    (label,) = report.metrics
+    assert label.startswith("imagefolder:") and "(" not in label
+    resnet = row("resnet152", "frozen-linear", random=True)
+    assert report.table.loc[resnet, GAIN] == pytest.approx((0.60 - 0.80) / 0.80 * 100)
+    assert report.table.loc[resnet, AVERAGE] == pytest.approx(0.60) and report.differ == {}
+    csv = pd.read_csv(report.files["csv"])
+    assert csv.loc[csv["backbone"] == "resnet152", "inputs"].item() == "64 px, 3 channels, norm model, bilinear resize"
+    assert csv.loc[csv["backbone"] == "deit", "inputs"].item() == "64 px, 3 channels, norm model, bicubic resize"
+
+
+def test_rows_fed_otherwise_in_what_the_study_fixes_are_marked_not_split(isolated_outputs):
+    """--norm dataset (the grid's) against --norm model (by hand), or another image size: one column, the odd row marked."""
+    ledger = Ledger()
+    fed(ledger, "deit", 0.80)
+    fed(ledger, "dinov2", 0.85)
+    fed(ledger, "resnet152", 0.70, norm="dataset", interpolation="bilinear")
+    fed(ledger, "dino", 0.75, size=112)
+    report = make_report(ledger, out=isolated_outputs / "reports")
+    (label,) = report.metrics
+    resnet, dino, dinov2 = (row(b, "frozen-linear", random=True) for b in ("resnet152", "dino", "dinov2"))
+    assert report.differ == {(resnet, label): "norm dataset", (dino, label): "112 px"}
+    assert report.cell(resnet, label).endswith("(n=1, inputs)") and report.cell(dinov2, label) == "0.8500 (n=1)"
+    assert np.isfinite(report.table.loc[resnet, GAIN])  # still compared, with the mark saying how
+    assert any(line.startswith("inputs: the row's backbone was fed") for line in notes(report))
+    csv = pd.read_csv(report.files["csv"])
+    assert csv.loc[csv["backbone"] == "resnet152", "inputs_differ"].item() == f"{label}: norm dataset"
+
+
+def test_one_benchmark_at_two_image_sizes_is_one_column_and_off_recipe(isolated_outputs):
     ledger = Ledger()
     for size, scores in ((224, (0.70, 0.80)), (112, (0.60, 0.66))):
-        add(ledger, "deit", "linear", "aptos2019", scores[0], size=size)
-        add(ledger, "dinov2", "linear", "aptos2019", scores[1], size=size)
+        add(ledger, "deit", "linear", "aptos2019", scores[0], size=size, val=0.5 if size == 224 else 0.9)
+        add(ledger, "dinov2", "linear", "aptos2019", scores[1], size=size, val=0.5 if size == 224 else 0.9)
     report = make_report(ledger)
-    assert report.metrics == {"aptos2019 (112 px)": "quadratic_kappa", "aptos2019 (224 px)": "quadratic_kappa"}
-    dinov2 = report.table.loc[row("dinov2", "frozen-linear")]
-    assert dinov2["aptos2019 (224 px)"] == pytest.approx(0.80) and dinov2["aptos2019 (112 px)"] == pytest.approx(0.66)
+    assert report.metrics == {"aptos2019": "quadratic_kappa"}  # two input sizes: two configurations of one cell
+    assert report.table.loc[row("dinov2", "frozen-linear"), "aptos2019"] == pytest.approx(0.66)  # chosen by validation
     assert "112 px" in report.rows[row("dinov2", "frozen-linear")].recipe  # not the study's 224
 
 
@@ -207,7 +249,8 @@ def test_off_recipe_runs_are_marked_and_their_recipe_written_in_the_csv(ledger, 
     add(ledger, "openclip", "linear", "isic2019", 0.6, epochs=30, size=112)
     report = make_report(ledger, out=isolated_outputs / "reports")
     key = row("openclip", "frozen-linear")
-    assert report.rows[key].label == "openclip frozen-linear (off-recipe, 2/4 datasets)"
+    assert report.rows[key].label == "openclip frozen-linear (off-recipe)"  # 112 px: the same datasets' columns, marked
+    assert report.differ[(key, "aptos2019")] == "112 px"
     csv = pd.read_csv(report.files["csv"])
     assert csv[csv["row"] == report.rows[key].label].iloc[0]["recipe"] == "epochs 30; 112 px"
     assert "openclip frozen-linear: epochs 30, 112 px" in report.files["markdown"].read_text()
