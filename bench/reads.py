@@ -1,9 +1,10 @@
 """Benchmark 4: token batches read from the HDF5 cache in training order vs the same bytes from a NumPy memmap.
 
 HDF5: a real cache file (written by `CacheWriter`) read by the probe's own streamed data path,
-`probe.data.FeatureSource.train_batches`: chunks in shuffled order, a few chunks per window, rows
-shuffled inside the window, batches of 64. Memmap: the same rows, saved as one `.npy`, read with the
-same access pattern (windows of as many shuffled chunks, rows shuffled inside, batches of 64).
+`probe.data.FeatureSource.train_batches`: a uniform permutation of the rows each epoch, taken a window of rows at a
+time, each window read in sorted order and served in permutation order, batches of 64. Memmap: the same rows, saved
+as one `.npy`, read with the same access pattern (the same permutation and windows, each window's rows gathered off
+the map in sorted order).
 Both read from the page cache, where a cache that fits in RAM lives after its first epoch. A file
 too large for RAM is read from the disk either way, and the cache reader then copies its raw chunks
 off a memory map just as the memmap does, so the disk's speed bounds both alike.
@@ -12,7 +13,6 @@ off a memory map just as the memmap does, so the disk's speed bounds both alike.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -62,21 +62,17 @@ def write_cache(path: Path, rows: int, tokens: tuple[int, int]) -> None:
     writer.finalize()
 
 
-def memmap_batches(array: np.ndarray, chunk_rows: int, window_chunks: int, seed: int, batch: int) -> Iterator[np.ndarray]:
-    """One pass with the HDF5 path's access pattern, from a memmap: shuffled chunks read a window at a
-    time, rows shuffled inside the window, full batches (rows left over carry into the next window)."""
-    rng = np.random.default_rng(seed)
-    chunks = rng.permutation(math.ceil(len(array) / chunk_rows)).tolist()
-    carry = array[:0].copy()
-    for i in range(0, len(chunks), window_chunks):
-        window = sorted(chunks[i : i + window_chunks])
-        block = np.concatenate([carry] + [array[c * chunk_rows : (c + 1) * chunk_rows] for c in window])  # copies off the map
-        order = rng.permutation(len(block))
-        at = 0
-        while at + batch <= len(order):
-            yield block[order[at : at + batch]]
-            at += batch
-        carry = block[order[at:]]
+def memmap_batches(array: np.ndarray, source: FeatureSource, epoch_seed: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """One pass with the HDF5 path's access pattern, from a memmap: the source's permutation of the epoch, a window of
+    rows at a time, each window's rows copied off the map in sorted order, then served in permutation order."""
+    order, size = source.epoch_order(epoch_seed), source.batch_size
+    for w in range(0, len(order), source.window_rows):
+        window = order[w : w + source.window_rows]
+        rows = np.sort(window)
+        block = array[rows]  # fancy indexing copies off the map, in file order
+        position = np.searchsorted(rows, window)
+        for b in range(0, len(window), size):
+            yield block[position[b : b + size]]
 
 
 def main(smoke: bool = False) -> dict:
@@ -99,14 +95,14 @@ def main(smoke: bool = False) -> dict:
 
             def memmap() -> None:
                 epoch["n"] += 1
-                for _ in memmap_batches(array, source.chunk_rows, source.window_chunks, epoch["n"], s.batch):
+                for _ in memmap_batches(array, source, (0, epoch["n"])):
                     pass
 
             hdf5(), memmap()  # warm-up: both files in the page cache
             best = fastest_rounds({"hdf5": hdf5, "memmap": memmap}, s.rounds)
         ratios = {"hdf5_over_memmap": best["memmap"] / best["hdf5"]}
         details = {"rows": s.rows, "row_shape": s.tokens, "dtype": "float16", "batch": s.batch, "file_mb": round(h5.stat().st_size / 2**20),
-                   "chunk_rows": source.chunk_rows, "window_chunks": source.window_chunks, "rounds": s.rounds,
+                   "chunk_rows": source.chunk_rows, "window_rows": source.window_rows, "rounds": s.rounds,
                    "hdf5_mb_s": round(array.nbytes / best["hdf5"] / 2**20), "memmap_mb_s": round(array.nbytes / best["memmap"] / 2**20)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
