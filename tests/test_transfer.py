@@ -11,10 +11,9 @@ import pytest
 from ledger.store import Ledger
 from probe.cli import main as probe_main
 from tests.conftest import REPO
-from tests.extract.test_datasets_extract import invoke
-from tests.extract.test_datasets_layouts import write_isic
-from tests.extract.test_datasets_transfer import write_ham10000
-from tests.test_make_paper import RECORDER
+from tests.extract.extractions import invoke
+from tests.layouts import write_ham10000, write_isic
+from tests.stand_ins import RECORDER
 from tests.tiny import run_main
 
 INPUTS = ["--norm", "model", "--interpolation", "bilinear", "--image-size", "32", "--workers", "0", "--weights", "random"]

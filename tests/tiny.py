@@ -9,10 +9,16 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
+
+if TYPE_CHECKING:
+    from finetune.train import FinetuneConfig
 
 TINY_SIZE = 32
 TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2)  # the timm ViT family: deit, dino, dinov2, blip
@@ -58,3 +64,15 @@ def run_main(main: Callable[[], None], args: Sequence[str], monkeypatch) -> tupl
 META = CacheMeta(BackboneInfo("deit"), DatasetInfo("demo"), MULTICLASS, layers=(0,), num_layers=1)  # a cache's meta, minimal
 # segment_anything's own ImageEncoderViT needs these spelled out to build the reference of TINY_SAM
 TINY_SAM_REFERENCE = dict(TINY_SAM, patch_size=16, mlp_ratio=4.0, qkv_bias=True, use_rel_pos=True)
+
+
+def tiny_finetune(out: Path, **changes) -> FinetuneConfig:
+    """A tiny ViT finetuned on 32 demo images (19 train) at 32 px: the real code path in about a second per epoch."""
+    from finetune.train import FinetuneConfig  # on use: most tests never finetune
+
+    cfg = FinetuneConfig(
+        backbone="deit", dataset="demo", weights="random", image_size=32, batch_size=4, lr=5e-4, warmup_steps=2,
+        epochs=3, workers=0, augment=False, head_depth=1, head_preset="deit-t", head_weights="random",
+        dataset_options={"per_class": 8}, overrides=TINY_VIT_DEEP, out=out, device="cpu",
+    )
+    return replace(cfg, **changes)

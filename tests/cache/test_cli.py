@@ -12,7 +12,7 @@ import pytest
 from cache.cli import main
 from cache.store import CacheWriter, partial_path, shard_path
 from common.locks import acquire
-from tests.cache.test_store import FP, make_plan, write_all, write_shard
+from tests.cache.plans import FP, make_plan, write_all, write_shard
 from tests.conftest import cli
 from tests.tiny import META, run_main
 

@@ -14,7 +14,7 @@ from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from extract.runner import ExtractConfig, extract
 from extract.transforms import eval_transform, make_spec
-from tests.extract.test_backbones_reference import official_sam_file
+from tests.extract.checkpoints import official_sam_file
 from tests.tiny import QUIET, TINY_SAM_REFERENCE
 from tests.tiny import TINY_BACKBONES as TINY
 

@@ -17,7 +17,7 @@ from extract.corruptions import KINDS, Corruption, corrupt_image, parse_corrupti
 from extract.datasets import get_dataset
 from extract.runner import ExtractConfig, extract, group_images
 from extract.transforms import eval_transform, make_spec
-from tests.extract.test_datasets_extract import error_line, invoke
+from tests.extract.extractions import error_line, invoke
 from tests.tiny import QUIET, TINY_SIZE, TINY_VIT_1, run_main
 
 # the kinds that draw at random (the others are fixed filters): a different seed must give a different image

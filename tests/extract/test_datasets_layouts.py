@@ -1,7 +1,6 @@
 """Each dataset read from a small fixture tree in its released layout: rows, labels, splits, tasks, errors.
 
-The `write_*` helpers build those trees (tiny images; DICOM through pydicom) and are reused by the
-extraction tests.
+The `write_*` helpers that build those trees live in tests/layouts.py, shared with the extraction tests.
 """
 
 from __future__ import annotations
@@ -14,130 +13,23 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from common.errors import MedfmError
 from extract.datasets import get_dataset
 from extract.datasets.chexpert import LABELS
 from extract.datasets.ddsm import read_dicom
 from extract.datasets.splits import SplitWarning
-
-
-def image(path: Path, value: int = 100, mode: str = "RGB", size: int = 8) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, (size, size), value).save(path)
-    return path
-
-
-def write_aptos(root: Path, n: int = 20) -> list[str]:
-    root.mkdir(parents=True, exist_ok=True)
-    ids = [f"{i:04x}beef{i}" for i in range(n)]
-    pd.DataFrame({"id_code": ids, "diagnosis": [i % 5 for i in range(n)]}).to_csv(root / "train.csv", index=False)
-    for i, name in enumerate(ids):
-        image(root / "train_images" / f"{name}.png", value=10 * i)
-    return ids
-
-
-def write_isic(root: Path, image_dir: str = "ISIC_2019_Training_Input", n: int = 16) -> list[str]:
-    classes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
-    onehot = np.zeros((n, 9))
-    onehot[np.arange(n), np.arange(n) % 8] = 1.0
-    table = pd.DataFrame(onehot, columns=classes)
-    ids = [f"ISIC_{i:07d}" for i in range(n)]
-    table.insert(0, "image", ids)
-    table.to_csv(root / "ISIC_2019_Training_GroundTruth.csv", index=False)
-    for name in ids:
-        image(root / image_dir / f"{name}.jpg")
-    return ids
-
-
-def chexpert_rows(n_patients: int = 10) -> list[str]:
-    """Release order: within a patient study2 comes before study1, as in CheXpert's train.csv."""
-    return [f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}/view1_frontal.jpg"
-            for p in range(1, n_patients + 1) for s in (2, 1, 3, 4)]
-
-
-def write_chexpert(parent: Path, labels: np.ndarray | None = None, n_patients: int = 10) -> Path:
-    root = parent / "CheXpert-v1.0-small"
-    paths = chexpert_rows(n_patients)
-    if labels is None:
-        labels = np.zeros((len(paths), 14))
-        labels[np.arange(len(paths)), 1 + np.arange(len(paths)) % 13] = 1
-    table = pd.DataFrame(labels, columns=list(LABELS))
-    for col, value in reversed(list({"Path": paths, "Sex": "Female", "Age": 60, "Frontal/Lateral": "Frontal", "AP/PA": "AP"}.items())):
-        table.insert(0, col, value)
-    root.mkdir(parents=True)
-    table.to_csv(root / "train.csv", index=False)
-    for path in paths:
-        image(parent / path, mode="L")
-    return root
-
-
-def write_ddsm(root: Path) -> dict[str, list[str]]:
-    lists = {"train": ["normal_01.png", "benign_02.png", "cancer_03.png", "normal_04.png", "cancer_05.png", "benign_06.png"],
-             "val": ["normal_07.png", "cancer_08.png"], "test": ["benign_09.png", "normal_10.png", "cancer_11.png"]}
-    (root / "ddsm_raw_image_lists").mkdir(parents=True)
-    for split, names in lists.items():
-        (root / "ddsm_raw_image_lists" / f"{split}.txt").write_text("\n".join(names) + "\n")
-        for name in names:
-            image(root / "ddsm_raw" / name, value=50, mode="L", size=12)
-    return lists
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # digital mammography
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-CBIS_COLUMNS = ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id", "abnormality type",
-                "mass shape", "mass margins", "assessment", "pathology", "subtlety", "image file path",
-                "cropped image file path", "ROI mask file path"]
-
-
-def write_cbis(root: Path, n_train_patients: int = 10) -> dict[str, int]:
-    """Mass CSVs and DICOMs in TCIA's download layout (the CSV's file names differ from the files on disk)."""
-    root.mkdir(parents=True, exist_ok=True)
-    labels: dict[str, int] = {}
-    for part, folder, n in (("train", "Mass-Training", n_train_patients), ("test", "Mass-Test", 3)):
-        rows = []
-        for p in range(n):
-            patient = f"P_{p + (0 if part == 'train' else 500):05d}"
-            image_id = f"{folder}_{patient}_LEFT_CC"
-            pathologies = ["BENIGN", "MALIGNANT"] if p % 3 == 0 else ["BENIGN_WITHOUT_CALLBACK" if p % 3 == 1 else "MALIGNANT"]
-            for k, pathology in enumerate(pathologies, start=1):
-                rows.append([patient, 2, "LEFT", "CC", k, "mass", "OVAL", "CIRCUMSCRIBED", 3, pathology, 4,
-                             f"{image_id}/1.3.6.1.4.1.9590.100.1.2.{p}1/1.3.6.1.4.1.9590.100.1.2.{p}2/000000.dcm",
-                             f"{image_id}_{k}/1.3.6/1.3.7/000000.dcm", f"{image_id}_{k}/1.3.6/1.3.7/000001.dcm\n"])
-            labels[image_id] = int("MALIGNANT" in pathologies)
-            pixels = (np.arange(64, dtype=np.uint16).reshape(8, 8) * (p + 1) * 40)
-            write_dicom(root / "CBIS-DDSM" / image_id / "07-20-2016-DDSM-74994" / "1.000000-full mammogram images-24515" / "1-1.dcm", pixels)
-        pd.DataFrame(rows, columns=CBIS_COLUMNS).to_csv(root / f"mass_case_description_{part}_set.csv", index=False)
-    return labels
-
-
-def write_medmnist(path: Path, label_width: int = 1, rgb: bool = False) -> Path:
-    rng = np.random.default_rng(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, n in (("train", 12), ("val", 4), ("test", 5)):
-        shape = (n, 8, 8, 3) if rgb else (n, 8, 8)
-        arrays[f"{split}_images"] = rng.integers(0, 255, shape, dtype=np.uint8)
-        arrays[f"{split}_labels"] = (rng.integers(0, 2, (n, label_width)) if label_width > 1
-                                     else (np.arange(n) % 3).reshape(n, 1)).astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
-
+from tests.layouts import (
+    chexpert_rows,
+    image,
+    write_aptos,
+    write_cbis,
+    write_chexpert,
+    write_ddsm,
+    write_dicom,
+    write_isic,
+    write_medmnist,
+)
 
 # --- APTOS2019, ISIC2019
 

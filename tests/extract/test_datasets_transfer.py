@@ -1,7 +1,7 @@
 """The transfer datasets (HAM10000, IDRiD, Messidor-2, NIH ChestX-ray14) from fixture trees in their released layouts,
 their split rules and sizes, and the label maps onto their partners (CBIS-DDSM's onto DDSM too).
 
-The `write_*` helpers build those trees (tiny images); the release-size tests build the tables alone, since a builder
+The `write_*` helpers that build those trees (tiny images) live in tests/layouts.py; the release-size tests build the tables alone, since a builder
 lists image paths without opening them.
 """
 
@@ -20,10 +20,18 @@ from extract.datasets import get_dataset, list_datasets
 from extract.datasets.label_maps import maps_of, read_label_maps
 from extract.datasets.nih_chestxray14 import LABELS as NIH_LABELS
 from extract.datasets.splits import SplitWarning
-from tests.extract.test_datasets_extract import invoke
-from tests.extract.test_datasets_layouts import image, write_cbis
+from tests.extract.extractions import invoke
+from tests.layouts import (
+    HAM_CLASSES,
+    NIH_ROWS,
+    write_cbis,
+    write_chestxray14,
+    write_ham10000,
+    write_idrid,
+    write_idrid_labels,
+    write_messidor2,
+)
 
-HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 GRADES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative DR")
 
 
@@ -37,22 +45,6 @@ def disjoint(sets: list[set[str]]) -> bool:
 
 
 # --- HAM10000
-
-
-def write_ham10000(root: Path, lesions_per_class: int = 10) -> pd.DataFrame:
-    """HAM10000_metadata.csv and the two image folders; every third lesion photographed twice."""
-    rows = []
-    for c, dx in enumerate(HAM_CLASSES):
-        for k in range(lesions_per_class):
-            lesion = f"HAM_{c * 100 + k:07d}"
-            for shot in range(2 if k % 3 == 0 else 1):
-                rows.append([lesion, f"ISIC_{24306 + len(rows):07d}", dx, "histo", 40.0 + k, ["male", "female"][shot], "back"])
-    table = pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"])
-    root.mkdir(parents=True, exist_ok=True)
-    table.to_csv(root / "HAM10000_metadata.csv", index=False)
-    for n, name in enumerate(table["image_id"]):
-        image(root / f"HAM10000_images_part_{1 + n % 2}" / f"{name}.jpg", value=2 * n)
-    return table
 
 
 def test_ham10000_reads_both_image_parts_and_keeps_each_lesion_in_one_stratified_split(tmp_path: Path) -> None:
@@ -115,27 +107,6 @@ def test_ham10000_refuses_an_unknown_diagnosis_and_a_missing_image_folder(tmp_pa
 # --- IDRiD
 
 
-def write_idrid_labels(part: Path, grades: dict[str, list[int]]) -> None:
-    """The two ground-truth CSVs as released: a trailing space in the third header, blank trailing columns and rows."""
-    (part / "2. Groundtruths").mkdir(parents=True, exist_ok=True)
-    for split, name in (("train", "a. IDRiD_Disease Grading_Training Labels.csv"), ("test", "b. IDRiD_Disease Grading_Testing Labels.csv")):
-        lines = ["Image name,Retinopathy grade,Risk of macular edema ,,,"]
-        lines += [f"IDRiD_{k + 1:03d},{g},{g % 3},,," for k, g in enumerate(grades[split])]
-        (part / "2. Groundtruths" / name).write_text("\n".join([*lines, ",,,,,", ""]))
-
-
-def write_idrid(parent: Path, per_grade: dict[str, int] | None = None) -> Path:
-    """IDRiD's "B. Disease Grading" part: images numbered from IDRiD_001 in both sets, the two label CSVs."""
-    per_grade = per_grade or {"train": 10, "test": 2}
-    part = parent / "B. Disease Grading"
-    grades = {s: [g for _ in range(n) for g in range(5)] for s, n in per_grade.items()}
-    write_idrid_labels(part, grades)
-    for split, folder in (("train", "a. Training Set"), ("test", "b. Testing Set")):
-        for k in range(len(grades[split])):
-            image(part / "1. Original Images" / folder / f"IDRiD_{k + 1:03d}.jpg", value=5 * k)
-    return part
-
-
 def test_idrid_keeps_the_official_test_set_and_carves_a_stratified_val_from_train(tmp_path: Path) -> None:
     part = write_idrid(tmp_path)
     source = get_dataset("idrid", tmp_path)
@@ -174,28 +145,6 @@ def test_idrid_refuses_a_grade_outside_0_to_4_and_a_missing_folder(tmp_path: Pat
 # --- Messidor-2
 
 
-def write_messidor2(root: Path, exams: int = 30) -> pd.DataFrame:
-    """ADCIS's IMAGES/ and messidor-2.csv (the two eyes of each examination), Kaggle's adjudicated messidor_data.csv.
-
-    Half the examinations are Messidor-Original (.png), half Messidor-Extension (.JPG on disk, .jpg in the CSV);
-    the first examination's right eye is ungradable.
-    """
-    rows, pairs = [], []
-    for e in range(exams):
-        names = ([f"20051020_{43808 + 2 * e}_0100_PP.png", f"20051020_{43809 + 2 * e}_0100_PP.png"] if e % 2 else
-                 [f"IM{2385 + 2 * e:06d}.JPG", f"IM{2386 + 2 * e:06d}.JPG"])
-        pairs.append(";".join(names))
-        for eye, name in enumerate(names):
-            image(root / "IMAGES" / name, value=3 * len(rows))
-            gradable = not (e == 0 and eye == 1)
-            rows.append([name.replace(".JPG", ".jpg"), (e + eye) % 5 if gradable else None, e % 2 if gradable else None,
-                         int(gradable), f"exam{e}"])
-    (root / "messidor-2.csv").write_text("\n".join(["left;right", *pairs, ""]))
-    table = pd.DataFrame(rows, columns=["image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable", "exam"])
-    table.drop(columns="exam").to_csv(root / "messidor_data.csv", index=False)
-    return table
-
-
 def test_messidor2_leaves_ungradable_out_and_keeps_both_eyes_of_an_examination_together(tmp_path: Path) -> None:
     table = write_messidor2(tmp_path)
     with pytest.warns(SplitWarning, match="30 groups are too few to stratify 10 folds by label .*made at random"):
@@ -225,33 +174,6 @@ def test_messidor2_release_of_1748_images_in_874_examinations_splits_by_examinat
 
 
 # --- NIH ChestX-ray14
-
-
-NIH_ROWS = [  # (image, findings, patient, split)
-    ("00000001_000.png", "Cardiomegaly", 1, "train_val"), ("00000001_001.png", "Cardiomegaly|Emphysema", 1, "train_val"),
-    ("00000002_000.png", "No Finding", 2, "train_val"), ("00000003_000.png", "Hernia", 3, "test"),
-    ("00000003_001.png", "Effusion|Mass|Nodule", 3, "test"), ("00000004_000.png", "Mass|Nodule", 4, "train_val"),
-    ("00000005_000.png", "No Finding", 5, "train_val"), ("00000005_001.png", "Infiltration", 5, "train_val"),
-    ("00000006_000.png", "Atelectasis|Pneumothorax", 6, "train_val"), ("00000007_000.png", "Consolidation|Edema", 7, "test"),
-    ("00000008_000.png", "Pneumonia", 8, "train_val"), ("00000009_000.png", "Fibrosis|Pleural_Thickening", 9, "train_val"),
-    ("00000010_000.png", "No Finding", 10, "train_val"), ("00000011_000.png", "Effusion", 11, "train_val"),
-    ("00000012_000.png", "Atelectasis", 12, "train_val"), ("00000013_000.png", "No Finding", 13, "test"),
-]
-
-
-def write_chestxray14(root: Path) -> pd.DataFrame:
-    """Data_Entry_2017.csv (the release's columns), the two split lists, and the PNGs spread over images_001, images_002."""
-    table = pd.DataFrame({"Image Index": [r[0] for r in NIH_ROWS], "Finding Labels": [r[1] for r in NIH_ROWS],
-                          "Follow-up #": [int(r[0][9:12]) for r in NIH_ROWS], "Patient ID": [r[2] for r in NIH_ROWS],
-                          "Patient Age": 58, "Patient Gender": ["M", "F"] * 8, "View Position": "PA",
-                          "OriginalImage[Width": 2682, "Height]": 2749, "OriginalImagePixelSpacing[x": 0.143, "y]": 0.143})
-    root.mkdir(parents=True, exist_ok=True)
-    table.to_csv(root / "Data_Entry_2017.csv", index=False)
-    for split in ("train_val", "test"):
-        (root / f"{split}_list.txt").write_text("".join(f"{r[0]}\n" for r in NIH_ROWS if r[3] == split))
-    for k, row in enumerate(NIH_ROWS):
-        image(root / f"images_00{1 + k // 8}" / "images" / row[0], mode="L", value=10 * k)
-    return table
 
 
 def test_chestxray14_uses_the_official_lists_and_keeps_patients_out_of_val(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from extract.datasets.base import DatasetSource, Split
 from extract.datasets.decode import open_image, read_dicom, to_mode
 from extract.datasets.images import ImageDataset
 from extract.runner import ExtractConfig, extract
-from tests.extract.test_datasets_layouts import write_dicom
+from tests.layouts import write_dicom
 from tests.tiny import BINARY, QUIET, TINY_SIZE, TINY_VIT_1
 
 

@@ -16,18 +16,11 @@ from rich.console import Console
 
 from cache.store import CacheReader, partial_path
 from common.errors import MedfmError
-from extract.runner import ExtractConfig, extract
+from extract.runner import extract
 from tests.conftest import REPO
 from tests.extract import killable  # noqa: F401  (registers killable-demo)
-from tests.tiny import QUIET, TINY_SIZE, TINY_VIT
-
-
-def config(out: Path, **kw) -> ExtractConfig:
-    """A tiny extraction with two augmented train views, so resume, shards and torchrun cover the views too."""
-    base = dict(backbone="deit", dataset="demo", weights="random", out=out, batch_size=8, image_size=TINY_SIZE,
-                workers=0, overrides=TINY_VIT, dataset_options={"per_class": 10}, views=2, augment="study")
-    base.update(kw)
-    return ExtractConfig(**base)
+from tests.extract.extractions import config
+from tests.tiny import QUIET
 
 
 def read_all(path: Path) -> dict[str, np.ndarray]:
@@ -82,7 +75,7 @@ import sys
 from pathlib import Path
 from rich.console import Console
 from tests.extract import killable
-from tests.extract.test_runner import config
+from tests.extract.extractions import config
 from extract.runner import extract
 extract(config(Path(sys.argv[1]), dataset="killable-demo", batch_size=4), Console(stderr=True))
 """

@@ -13,13 +13,13 @@ import pytest
 from cache.store import CacheReader, shard_path
 from extract.runner import extract
 from tests.conftest import REPO
-from tests.extract.test_runner import config
+from tests.extract.extractions import config
 from tests.tiny import QUIET
 
 TORCHRUN_SCRIPT = """
 import sys
 from pathlib import Path
-from tests.extract.test_runner import config
+from tests.extract.extractions import config
 from tests.tiny import QUIET
 from extract.runner import extract
 extract(config(Path(sys.argv[1])), QUIET)

@@ -12,7 +12,7 @@ import torch
 from common.errors import MedfmError
 from extract.backbones import create_backbone
 from extract.backbones.weights import load_state_dict
-from tests.extract.test_backbones_reference import randomize_
+from tests.extract.checkpoints import randomize_
 from tests.tiny import TINY_BACKBONES as TINY
 from tests.tiny import TINY_VIT
 

@@ -7,6 +7,7 @@ table "What is guaranteed" in the README.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,10 +24,11 @@ from extract.runner import extract
 from ledger.store import Ledger
 from probe.config import TrainConfig
 from probe.run import run_probe
-from probe.sweep import Grid, expand, run_sweep
+from probe.sweep import expand, run_sweep
 from tests.conftest import REPO
 from tests.extract import killable
-from tests.extract.test_runner import config
+from tests.extract.extractions import config
+from tests.faults.sweeps import BASE, GRID
 from tests.probe.caches import make_cache
 from tests.tiny import META, QUIET
 
@@ -35,7 +37,7 @@ import sys
 from pathlib import Path
 from rich.console import Console
 from tests.extract import killable
-from tests.extract.test_runner import config
+from tests.extract.extractions import config
 from extract.runner import extract
 extract(config(Path(sys.argv[1]), dataset="killable-demo", batch_size=4), Console(stderr=True))
 """
@@ -43,26 +45,27 @@ extract(config(Path(sys.argv[1]), dataset="killable-demo", batch_size=4), Consol
 SWEEP_SCRIPT = """
 import sys
 from pathlib import Path
-from probe.data import open_cache
-from probe.sweep import Grid, expand, run_sweep
-from probe.train import TrainConfig
-from tests.faults.test_faults import SWEEP_GRID, SWEEP_BASE
+from cache.layout import open_cache
+from probe.sweep import expand, run_sweep
+from tests.faults.sweeps import BASE, GRID
+from common.progress import Pace
+Pace.quiet_below = 0  # the training loop says its estimate after its first steps, however short the run: the sign it trains
 with open_cache(Path(sys.argv[1]), None, None) as reader:
-    run_sweep(reader, expand(reader, SWEEP_GRID, SWEEP_BASE), device="cpu")
+    run_sweep(reader, expand(reader, GRID, BASE), device="cpu")
 """
-SWEEP_GRID = Grid(heads=("linear",), lrs=(1e-3, 1e-2), seeds=(0, 1))
-SWEEP_BASE = TrainConfig(epochs=400, batch_size=16, warmup_steps=9)  # long enough to be killed mid-way
+TRAINING = re.compile(r"4 linear head\(s\): about .* for the whole run \(estimated from the first 20 of 3600 steps\)")
 
 
-def start(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(script: str, *args: str, env: dict[str, str] | None = None, stderr=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=stderr)
 
 
-def wait_for(proc: subprocess.Popen, done, what: str, limit: float = 120) -> None:
+def wait_for(proc: subprocess.Popen, done, what: str, limit: float = 120, said=None) -> None:
+    """Poll `done` until it holds; fail with what the process said (`said()`, else its stderr pipe) if it ends first."""
     deadline = time.monotonic() + limit
     while not done():
-        assert proc.poll() is None, proc.stderr.read().decode()
+        assert proc.poll() is None, said() if said else proc.stderr.read().decode()
         assert time.monotonic() < deadline, f"never reached: {what}"
         time.sleep(0.05)
 
@@ -96,8 +99,8 @@ def test_two_identical_extractions_at_once_one_writes_the_other_stops_in_one_lin
 def test_two_identical_probe_runs_at_once_train_once(tmp_path: Path, isolated_outputs: Path) -> None:
     """The second one stops in one line while the first trains; the ledger ends with one row, not two."""
     path = make_cache(tmp_path / "c.h5")
-    script = ("import sys; from pathlib import Path; from probe.data import open_cache; from probe.run import run_probe; "
-              "from probe.train import TrainConfig\n"
+    script = ("import sys; from pathlib import Path; from cache.layout import open_cache; from probe.run import run_probe; "
+              "from probe.config import TrainConfig\n"
               "with open_cache(Path(sys.argv[1]), None, None) as r: run_probe(r, TrainConfig(epochs=300, batch_size=16), device='cpu')")
     first = start(script, str(path))
     locks = isolated_outputs / "runs" / "locks"
@@ -112,19 +115,30 @@ def test_two_identical_probe_runs_at_once_train_once(tmp_path: Path, isolated_ou
 
 @pytest.mark.slow
 def test_a_sweep_killed_part_way_resumes_to_the_results_of_an_uninterrupted_one(tmp_path: Path, isolated_outputs: Path) -> None:
-    path = make_cache(tmp_path / "c.h5")
-    sweep = start(SWEEP_SCRIPT, str(path))
+    """Killed once its four heads are training (the loop's estimate, said after their first 20 of 3600 steps), before
+    they finish: it dies holding the four runs' claims, having recorded nothing; the rerun trains all four."""
+    path, log = make_cache(tmp_path / "c.h5"), tmp_path / "sweep.log"
+    with log.open("w") as stderr:
+        sweep = start(SWEEP_SCRIPT, str(path), stderr=stderr)
+    said = log.read_text
+    try:
+        wait_for(sweep, lambda: TRAINING.search(said()), "the heads' first training steps", said=said)
+    finally:
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+    assert sweep.returncode == -signal.SIGKILL, said()  # the kill ended it, not the end of its 400 epochs
+    assert TRAINING.search(said())  # its heads had trained 20 steps
+    assert "trained 4 linear head(s)" not in said()  # the group had not finished
+    locks = isolated_outputs / "runs" / "locks"
+    holders = [f.read_text() for f in locks.iterdir()]
+    assert len(holders) == 4 and all(h.startswith(f"process {sweep.pid} ") for h in holders)  # killed inside its claims
     ledger = isolated_outputs / "runs" / "results.sqlite"
-    wait_for(sweep, lambda: (isolated_outputs / "runs" / "locks").exists(), "training")
-    time.sleep(1.0)  # part-way through its epochs
-    sweep.send_signal(signal.SIGKILL)
-    sweep.wait()
     assert not ledger.exists() or Ledger(ledger).rows() == []  # nothing half-recorded
     with open_cache(path, None, None) as reader:
-        resumed = run_sweep(reader, expand(reader, SWEEP_GRID, SWEEP_BASE), device="cpu", console=QUIET)
-        clean = run_sweep(reader, expand(reader, SWEEP_GRID, SWEEP_BASE), device="cpu", console=QUIET, force=True,
+        resumed = run_sweep(reader, expand(reader, GRID, BASE), device="cpu", console=QUIET)
+        clean = run_sweep(reader, expand(reader, GRID, BASE), device="cpu", console=QUIET, force=True,
                           ledger=Ledger(tmp_path / "clean.sqlite"))
-    assert resumed.trained == 4
+    assert resumed.trained == 4 and list(locks.iterdir()) == []  # the killed one's claims taken over, then released
     assert [(r.config["lr"], r.seed, r.val_score, r.test_primary) for r in resumed.records] == \
            [(r.config["lr"], r.seed, r.val_score, r.test_primary) for r in clean.records]
 

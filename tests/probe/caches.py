@@ -1,13 +1,16 @@
-"""Tiny caches written directly with the cache writer, with the metadata `extract run` stores."""
+"""Tiny caches written directly with the cache writer, with the metadata `extract run` stores: a separable cache
+(`make_cache`), one named and set as an extraction's (`clean_cache`), and caches derived from it, such as corrupted
+views (`derived`, `view`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
-from cache.store import CacheWriter, FeatureSpec, SplitPlan
+from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from tests.tiny import MULTICLASS
 
 
@@ -48,3 +51,44 @@ def make_cache(
             arrays[name] = (x * scale + offset).astype(spec.dtype)
         writer.write(split, 0, arrays)
     return writer.finalize()
+
+
+# an extraction's settings, as `extract run` stores them in a cache
+SETTINGS = {"backbone": "deit", "weights": {"kind": "random"}, "overrides": {"depth": 12}, "decoder": 1, "root": "/data/demo",
+            "dataset": "demo", "dataset_options": {}, "manifest_hash": "m", "norm": {"kind": "model"}, "precision": "fp32",
+            "transform": {"size": 32, "resize": 36, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "channels": 3},
+            "layers": [11], "tokens": True, "token_dtype": "float16", "views": None, "protocol": "medfm"}
+
+
+def clean_cache(outputs: Path) -> Path:
+    """A cache named as `extract run` names one, with an extraction's settings, 4 separable classes."""
+    folder = outputs / "features" / "deit"
+    folder.mkdir(parents=True)
+    return make_cache(folder / "demo-0123456789ab.h5", settings=SETTINGS, separation=2.0)
+
+
+def derived(clean: Path, path: Path, *, noise: float = 0.0, settings: dict | None = None, relabel=None, **meta) -> Path:
+    """A cache of `clean`'s test split alone (a corrupted view, another dataset): its features plus `noise` x N(0, 1),
+    its labels through `relabel`, its meta and settings changed as given."""
+    rng = np.random.default_rng(1)
+    with CacheReader(clean) as reader:
+        names = reader.feature_names("test")
+        arrays = {name: reader.features("test", name) for name in names}
+        labels = reader.labels("test") if relabel is None else relabel(reader.labels("test"))
+        plan = {"test": SplitPlan(list(reader.ids("test")), labels,
+                                  {name: FeatureSpec(a.shape[1:], str(a.dtype)) for name, a in arrays.items()})}
+        new: CacheMeta = replace(reader.meta, settings={**reader.meta.settings, **(settings or {})}, **meta)
+    writer = CacheWriter.open(path, new, plan)
+    writer.write("test", 0, {name: (a + noise * rng.normal(size=a.shape)).astype(a.dtype) for name, a in arrays.items()})
+    return writer.finalize()
+
+
+def view(clean: Path, kind: str, severity: int, noise: float) -> Path:
+    """The corrupted view `<stem>+<kind>-<severity>.h5` as `extract run --corrupt` lays it out (docs/robustness.md §1)."""
+    corruption = {"kind": kind, "severity": severity, "seed": 0}
+    return derived(clean, clean.with_name(f"{clean.stem}+{kind}-{severity}.h5"), noise=noise, settings={"corrupt": corruption},
+                   corruption=corruption)
+
+
+# the task of another dataset ("derm", three classes), for a cache derived as that dataset's (`derived(..., task=DERM)`)
+DERM = Task("multiclass", ("A", "B", "C"), "accuracy")

@@ -122,7 +122,7 @@ def test_a_random_deit_head_on_a_pretrained_backbone_is_labelled_random_head_not
 
 def test_a_run_whose_best_epoch_is_the_last_is_flagged_in_the_ledger_and_the_report(isolated_outputs, monkeypatch):
     path = cached(isolated_outputs / "c.h5")
-    code, out, err = run_main(main, ["run", "--cache", str(path), "--epochs", "1", "--batch-size", "16"], monkeypatch)
+    code, out, err = run_main(main, ["run", "--cache", str(path), "--epochs", "1", "--batch-size", "16", "--solver", "adamw"], monkeypatch)
     assert code == 0, err
     said = " ".join((out + err).split())
     assert "best validation epoch is 1 of 1, in the last tenth" in said and "raise --epochs or use --standardize" in said
@@ -135,12 +135,12 @@ def test_a_run_whose_best_epoch_is_the_last_is_flagged_in_the_ledger_and_the_rep
 
 def test_a_long_run_says_its_estimated_time_and_logs_plain_progress_lines_when_not_a_terminal(isolated_outputs, monkeypatch):
     """Each clock reading is 10 s later: 27 steps (3 epochs x 9) look like 4.5 minutes to the run."""
-    from training.progress import Pace
+    from common.progress import Pace
 
     ticks = iter(range(0, 10_000, 10))
     monkeypatch.setattr(Pace, "clock", staticmethod(lambda: float(next(ticks))))
     path = cached(isolated_outputs / "c.h5")
-    code, out, err = run_main(main, ["run", "--cache", str(path), "--epochs", "3", "--batch-size", "16"], monkeypatch)
+    code, out, err = run_main(main, ["run", "--cache", str(path), "--epochs", "3", "--batch-size", "16", "--solver", "adamw"], monkeypatch)
     assert code == 0, err
     lines = out.splitlines()
     assert "1 linear head(s): about 4 min for the whole run (estimated from the first 20 of 27 steps)" in lines
@@ -154,7 +154,7 @@ def test_sweep_and_report_combine_seeds_alike_and_pick_the_same_configuration(is
 
     path = cached(isolated_outputs / "c.h5")
     code, out, err = run_main(main, ["sweep", "--cache", str(path), "--lr", "1e-3,3e-2", "--seed", "0,1,2", "--epochs", "2",
-                                     "--batch-size", "16"], monkeypatch)
+                                     "--batch-size", "16", "--solver", "adamw"], monkeypatch)
     assert code == 0, err
     best = best_configuration(Ledger().rows())
     assert len(best) == 3 and len({r.config["lr"] for r in best}) == 1

@@ -109,7 +109,7 @@ def test_the_rows_filter_serves_only_those_train_rows_composes_with_valid_and_le
 
 def test_a_subset_head_of_the_sweep_equals_training_it_alone_on_those_rows(tmp_path):
     path = make_cache(tmp_path / "c.h5", separation=1.5)
-    config = subset_config(TrainConfig(epochs=3, batch_size=16, lr=1e-2), Subset("fraction", 0.25, 1))
+    config = subset_config(TrainConfig(epochs=3, batch_size=16, lr=1e-2, solver="adamw"), Subset("fraction", 0.25, 1))
     with open_cache(path, None, None) as reader:
         record = run_sweep(reader, [config], device="cpu", console=QUIET).records[0]
         rows = subset_rows(reader, config.train_subset)
@@ -133,7 +133,7 @@ def test_a_curve_of_6_fractions_x_3_repeats_trains_from_one_cache_and_a_rerun_tr
     monkeypatch.setattr(cache.store.CacheReader, "__init__", counting)
     monkeypatch.setenv("COLUMNS", "200")
     args = ["curve", "--backbone", "deit", "--dataset", "demo", "--fractions", ",".join(f"{f:g}" for f in FRACTIONS),
-            "--repeats", "3", "--epochs", "2", "--batch-size", "16", "--lr", "1e-2", "--device", "cpu"]
+            "--repeats", "3", "--epochs", "2", "--batch-size", "16", "--lr", "1e-2", "--device", "cpu", "--solver", "adamw"]
     code, out, err = run_main(main, args, monkeypatch)
     assert code == 0, err
     assert [str(p) for p in opens] == [str(path)]  # one cache, opened once: nothing extracted, nothing reopened

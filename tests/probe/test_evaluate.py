@@ -5,64 +5,20 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cache.layout import open_cache
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
-from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from common.errors import MedfmError
 from ledger.predictions import load_predictions
 from ledger.store import Ledger
 from probe.cli import main
-from probe.config import TrainConfig
 from probe.evaluate import apply_pairing, pair_labels
-from probe.run import run_probe
 from scoring.metrics import compute_metrics
-from tests.probe.caches import make_cache
+from tests.ledgers import train
+from tests.probe.caches import DERM, SETTINGS, clean_cache, derived, view
 from tests.tiny import MULTICLASS, MULTILABEL, QUIET, run_main
-
-SETTINGS = {"backbone": "deit", "weights": {"kind": "random"}, "overrides": {"depth": 12}, "decoder": 1, "root": "/data/demo",
-            "dataset": "demo", "dataset_options": {}, "manifest_hash": "m", "norm": {"kind": "model"}, "precision": "fp32",
-            "transform": {"size": 32, "resize": 36, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "channels": 3},
-            "layers": [11], "tokens": True, "token_dtype": "float16", "views": None, "protocol": "medfm"}
-
-
-def clean_cache(outputs: Path) -> Path:
-    """A cache named as `extract run` names one, with an extraction's settings, 4 separable classes."""
-    folder = outputs / "features" / "deit"
-    folder.mkdir(parents=True)
-    return make_cache(folder / "demo-0123456789ab.h5", settings=SETTINGS, separation=2.0)
-
-
-def train(cache: Path, **config) -> int:
-    with open_cache(cache, None, None) as reader:
-        return run_probe(reader, TrainConfig(**{"epochs": 5, "batch_size": 16, "lr": 1e-2, **config}), console=QUIET).record.id
-
-
-def derived(clean: Path, path: Path, *, noise: float = 0.0, settings: dict | None = None, relabel=None, **meta) -> Path:
-    """A cache of `clean`'s test split alone (a corrupted view, another dataset): its features plus `noise` x N(0, 1),
-    its labels through `relabel`, its meta and settings changed as given."""
-    rng = np.random.default_rng(1)
-    with CacheReader(clean) as reader:
-        names = reader.feature_names("test")
-        arrays = {name: reader.features("test", name) for name in names}
-        labels = reader.labels("test") if relabel is None else relabel(reader.labels("test"))
-        plan = {"test": SplitPlan(list(reader.ids("test")), labels,
-                                  {name: FeatureSpec(a.shape[1:], str(a.dtype)) for name, a in arrays.items()})}
-        new: CacheMeta = replace(reader.meta, settings={**reader.meta.settings, **(settings or {})}, **meta)
-    writer = CacheWriter.open(path, new, plan)
-    writer.write("test", 0, {name: (a + noise * rng.normal(size=a.shape)).astype(a.dtype) for name, a in arrays.items()})
-    return writer.finalize()
-
-
-def view(clean: Path, kind: str, severity: int, noise: float) -> Path:
-    """The corrupted view `<stem>+<kind>-<severity>.h5` as `extract run --corrupt` lays it out (docs/robustness.md §1)."""
-    corruption = {"kind": kind, "severity": severity, "seed": 0}
-    return derived(clean, clean.with_name(f"{clean.stem}+{kind}-{severity}.h5"), noise=noise, settings={"corrupt": corruption},
-                   corruption=corruption)
 
 
 @pytest.mark.parametrize("config", [{"standardize": True}, {"head": "deit", "feature": "tokens", "head_depth": 1,
@@ -115,9 +71,6 @@ def test_a_view_made_with_other_feature_settings_is_refused_in_one_line(isolated
     code, _, err = run_main(main, ["eval", str(run_id), "--cache", str(moved)], monkeypatch)
     assert code == 0, err
     assert len(Ledger().evaluations()) == 1
-
-
-DERM = Task("multiclass", ("A", "B", "C"), "accuracy")
 
 
 def test_another_dataset_is_scored_through_its_label_map_and_unmapped_rows_need_allow_unmapped(isolated_outputs, monkeypatch):

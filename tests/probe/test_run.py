@@ -17,7 +17,7 @@ from scoring.metrics import compute_metrics
 from tests.probe.caches import make_cache
 from tests.tiny import MULTICLASS
 
-FAST = TrainConfig(epochs=2, batch_size=32)
+FAST = TrainConfig(epochs=2, batch_size=32, solver="adamw")
 
 
 def test_run_writes_folder_and_ledger_row_then_skips_the_same_config(isolated_outputs):
@@ -27,7 +27,7 @@ def test_run_writes_folder_and_ledger_row_then_skips_the_same_config(isolated_ou
         first = run_probe(reader, FAST)
         again = run_probe(reader, FAST)
         forced = run_probe(reader, FAST, force=True)
-        other_seed = run_probe(reader, TrainConfig(epochs=2, batch_size=32, seed=1))
+        other_seed = run_probe(reader, TrainConfig(epochs=2, batch_size=32, seed=1, solver="adamw"))
     assert not first.skipped and again.skipped and not forced.skipped and not other_seed.skipped
     assert again.record.id == first.record.id
     rows = Ledger().rows()

@@ -15,7 +15,7 @@ from probe.sweep import Grid, expand, run_sweep
 from probe.train import train_head
 from tests.probe.caches import make_cache
 
-BASE = TrainConfig(epochs=2, batch_size=16, warmup_steps=9)
+BASE = TrainConfig(epochs=2, batch_size=16, warmup_steps=9, solver="adamw")
 
 
 def test_twelve_linear_configs_read_the_features_once_per_epoch_and_match_training_alone(tmp_path):
@@ -39,7 +39,7 @@ def test_twelve_linear_configs_read_the_features_once_per_epoch_and_match_traini
 def test_rerunning_a_finished_sweep_trains_nothing(tmp_path):
     path = make_cache(tmp_path / "c.h5")
     grid = Grid(heads=("linear", "deit"), lrs=(1e-3,), seeds=(0, 1))
-    base = TrainConfig(epochs=1, batch_size=16, head_depth=1, head_preset="deit-t", head_weights="random")
+    base = TrainConfig(epochs=1, batch_size=16, head_depth=1, head_preset="deit-t", head_weights="random", solver="adamw")
     with open_cache(path, None, None) as reader:
         configs = expand(reader, grid, base)
         first = run_sweep(reader, configs, device="cpu")

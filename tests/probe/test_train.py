@@ -59,7 +59,8 @@ def test_deit_head_trains_on_cached_tokens(cache):
         result = train_head(config, source, reader.task, CPU)
     assert result.head_init == "random"
     assert "blocks.0.attn.qkv.weight" in result.state_dict
-    assert 0.0 <= result.test_metrics["accuracy"] <= 1.0 and len(result.history) == 2
+    assert len(result.history) == 2 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.test_metrics["accuracy"] > 0.9  # it learned the tokens' signal (4 classes: chance is 0.25)
 
 
 def test_multilabel_cache_trains_with_bce_and_reports_mean_auc(tmp_path):

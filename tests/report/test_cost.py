@@ -112,8 +112,8 @@ def test_extraction_then_probe_run_and_sweep_record_device_cost_throughput_and_t
     with open_cache(result.path, "deit", "demo") as reader:
         meta = reader.meta
         assert meta.extract_seconds > 0 and meta.extract_device == "cpu"
-        single = run_probe(reader, TrainConfig(epochs=2, batch_size=8), device="cpu").record
-        swept = run_sweep(reader, expand(reader, Grid(lrs=(1e-3, 1e-2)), TrainConfig(epochs=3, batch_size=8)), device="cpu").records
+        single = run_probe(reader, TrainConfig(epochs=2, batch_size=8, solver="adamw"), device="cpu").record
+        swept = run_sweep(reader, expand(reader, Grid(lrs=(1e-3, 1e-2)), TrainConfig(epochs=3, batch_size=8, solver="adamw")), device="cpu").records
         train_rows = len(reader.ids("train"))
     assert (single.device, single.extract_seconds, single.extract_device) == ("cpu", meta.extract_seconds, "cpu")
     assert single.cost_seconds == single.total_seconds > 0

@@ -102,7 +102,7 @@ def test_every_head_builder_takes_the_protocol_and_an_unknown_one_is_refused() -
     with pytest.raises(MedfmError, match="^--protocol must be medfm or study"):
         build_head("linear", (16,), 3, protocol="paper")
     with pytest.raises(MedfmError, match="^--protocol must be medfm or study"):
-        DeiTHead(8, 2, depth=1, preset="deit-t", weights="random", protocol="paper")
+        build_head("deit", (4, 8), 2, protocol="paper", depth=1, preset="deit-t", weights="random")
 
 
 # --- model selection -----------------------------------------------------------------------------------------------

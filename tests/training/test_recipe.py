@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from common.errors import MedfmError
+from probe.config import TrainConfig
+from probe.run import validate
 from training.recipe import PROTOCOLS, improves, param_groups, precision, warmup_then_constant
 
 
@@ -42,8 +44,8 @@ def test_the_protocols_are_the_same_two_names_in_probe_and_extract_and_others_ar
     from extract.backbones import PROTOCOLS as EXTRACT_PROTOCOLS
 
     assert PROTOCOLS == EXTRACT_PROTOCOLS == ("medfm", "study")
-    with pytest.raises(MedfmError, match="^--protocol must be medfm or study"):
-        improves(0.5, 0.4, "paper")
+    with pytest.raises(MedfmError, match="^--protocol must be medfm or study"):  # checked where it enters, not per epoch
+        validate(TrainConfig(protocol="paper"))
 
 
 def test_the_precision_policy_takes_the_asked_dtype_on_a_gpu_and_keeps_the_cpu_in_fp32() -> None:

@@ -15,9 +15,8 @@ from ledger.store import Ledger
 from probe.config import TrainConfig
 from probe.run import run_probe
 from probe.sweep import run_sweep
-from tests.finetune.test_finetune import tiny
 from tests.probe.caches import make_cache
-from tests.tiny import QUIET
+from tests.tiny import QUIET, tiny_finetune
 
 
 def scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -30,7 +29,7 @@ def scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 def test_a_probe_run_writes_one_point_per_epoch_of_its_history(isolated_outputs: Path) -> None:
     path = make_cache(isolated_outputs / "features" / "deit" / "demo-0123456789ab.h5")
     with open_cache(path, "deit", "demo") as reader:
-        record = run_probe(reader, TrainConfig(epochs=3, batch_size=32, lr=1e-3), console=QUIET).record
+        record = run_probe(reader, TrainConfig(epochs=3, batch_size=32, lr=1e-3, solver="adamw"), console=QUIET).record
     history = [json.loads(line) for line in Path(record.run_dir, "history.jsonl").read_text().splitlines()]
     found = scalars(record.run_dir)
     assert set(found) == {"train/loss", "val/accuracy", "lr"}
@@ -42,7 +41,7 @@ def test_a_probe_run_writes_one_point_per_epoch_of_its_history(isolated_outputs:
 
 def test_each_head_of_a_sweep_has_its_own_scalars(isolated_outputs: Path) -> None:
     path = make_cache(isolated_outputs / "features" / "deit" / "demo-0123456789ab.h5")
-    configs = [TrainConfig(epochs=2, batch_size=32, lr=lr) for lr in (1e-4, 1e-2)]
+    configs = [TrainConfig(epochs=2, batch_size=32, lr=lr, solver="adamw") for lr in (1e-4, 1e-2)]
     with open_cache(path, "deit", "demo") as reader:
         outcome = run_sweep(reader, configs, ledger=Ledger(), console=QUIET)
     lrs = [scalars(r.run_dir)["lr"] for r in outcome.records]
@@ -54,7 +53,7 @@ def test_a_finetune_run_writes_its_scalars_as_each_epoch_ends(isolated_outputs: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on a busy machine: see tests/finetune/test_finetune.py
     try:
-        result = finetune(tiny(isolated_outputs / "runs", epochs=2), QUIET)
+        result = finetune(tiny_finetune(isolated_outputs / "runs", epochs=2), QUIET)
     finally:
         torch.set_num_threads(threads)
     found = scalars(result.run_dir)
