@@ -246,8 +246,9 @@ def backbones() -> None:
 @app.command()
 def datasets(
     inspect: Annotated[bool, typer.Option("--inspect", help="Count image modes, bit depths, EXIF orientations, alpha and DICOM kinds "
-                                                            "in --dataset's files under --root (headers only), and say which decoding rules touch them.")] = False,
-    dataset: Annotated[str | None, typer.Option(help="With --inspect: the dataset to look at.")] = None,
+                                                            "in --dataset's files under --root (headers only), and say which decoding rules touch them.",
+                                          show_default="off: list the registry")] = False,
+    dataset: Annotated[str | None, typer.Option(help="With --inspect: the dataset to look at.", show_default="none")] = None,
     root: Root = None,
     opt: Opt = None,
     limit: Annotated[int | None, typer.Option(help="With --inspect: look at this many files, evenly spaced.", show_default="every file")] = None,

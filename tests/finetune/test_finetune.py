@@ -32,6 +32,7 @@ from tests.conftest import REPO, cli
 from tests.extract import killable
 from tests.layouts import image
 from tests.tiny import TINY_RESNET, TINY_VIT_DEEP, run_main
+from tests.tiny import tiny_finetune as tiny
 
 
 @pytest.fixture(autouse=True)
@@ -43,16 +44,6 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(threads)
-
-
-def tiny(out: Path, **changes) -> FinetuneConfig:
-    """A tiny ViT on 32 demo images (19 train) at 32 px: the real code path in about a second per epoch."""
-    cfg = FinetuneConfig(
-        backbone="deit", dataset="demo", weights="random", image_size=32, batch_size=4, lr=5e-4, warmup_steps=2,
-        epochs=3, workers=0, augment=False, head_depth=1, head_preset="deit-t", head_weights="random",
-        dataset_options={"per_class": 8}, overrides=TINY_VIT_DEEP, out=out, device="cpu",
-    )
-    return replace(cfg, **changes)
 
 
 def cli_args(cfg: FinetuneConfig) -> list[str]:
@@ -271,7 +262,7 @@ def test_a_random_deit_head_on_a_pretrained_backbone_is_labelled_so_and_a_last_e
     assert report.cell(key, "demo").endswith("(n=1, late)")
 
 
-def test_a_finetune_run_and_a_cache_of_the_same_data_and_inputs_share_a_dataset_column(tmp_path: Path) -> None:
+def test_a_finetune_run_and_a_cache_of_the_same_data_share_a_dataset_column(tmp_path: Path) -> None:
     import io
 
     from rich.console import Console
@@ -290,8 +281,9 @@ def test_a_finetune_run_and_a_cache_of_the_same_data_and_inputs_share_a_dataset_
         identity = cache_identity(reader.meta)
     assert (identity.id, identity.label) == (row.dataset_id, row.dataset_label) == (row.dataset_id, "demo")
     assert row.dataset_inputs["image_size"] == 32
-    assert finetune(replace(cfg, image_size=24)).trained  # the same images at another size: another column
-    assert len({r.dataset_id for r in Ledger(tmp_path / "runs" / "results.sqlite").rows()}) == 2
+    assert finetune(replace(cfg, image_size=24)).trained  # the same images at another size: the same column, fed otherwise
+    rows = Ledger(tmp_path / "runs" / "results.sqlite").rows()
+    assert len({r.dataset_id for r in rows}) == 1 and sorted(r.dataset_inputs["image_size"] for r in rows) == [24, 32]
 
 
 def test_seeds_run_one_finetune_per_seed_each_its_own_ledger_row_and_the_report_averages_them(tmp_path: Path, monkeypatch) -> None:
