@@ -13,7 +13,7 @@ from common.cli import dataset_options, parse_overrides, run_cli
 from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
 from extract.corruptions import parse_corruptions
-from extract.names import check_backbone, check_dataset, check_text_tower
+from extract.names import check_backbone, check_dataset, check_root, check_text_tower
 
 app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -124,6 +124,7 @@ def run(
     """Extract features of every split of DATASET with BACKBONE; reuses or resumes a matching cache."""
     check_backbone(backbone)  # a typo is one line before torch and the models load
     check_dataset(dataset)
+    check_root(dataset, root)
     corruptions = parse_corruptions(corrupt, corrupt_seed) if corrupt is not None else ()
     from extract.runner import extract  # torch and the models: imported for a run, not for --help
 
@@ -216,6 +217,7 @@ def images(
 ) -> None:
     """Decode and resize every image of DATASET once into an image cache, which `extract run` and `finetune run` then read."""
     check_dataset(dataset)
+    check_root(dataset, root)
     from extract.image_cache import ImageCacheConfig, build_image_cache  # torch: imported for a run, not for --help
 
     cfg = ImageCacheConfig(dataset=dataset, root=root, out=out or output_root() / "images", resize=resize, interpolation=interpolation,

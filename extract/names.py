@@ -8,6 +8,7 @@ they equal the registries (`extract.backbones`, `extract.datasets`); a new entry
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from common.errors import MedfmError
 from common.registry import unknown
@@ -30,6 +31,17 @@ def check_text_tower(name: str) -> None:
     check_backbone(name)
     if name not in TEXT_TOWERS:
         raise MedfmError(f"{name} has no text tower: zero-shot needs a CLIP backbone ({', '.join(TEXT_TOWERS)})")
+
+
+ROOTLESS = ("demo",)  # generated in memory; every other dataset reads --root
+
+
+def check_root(dataset: str, root: Path | None) -> None:
+    """A missing or wrong --root is one line before torch loads (the dataset module says the same, later, in detail)."""
+    if root is None and dataset not in ROOTLESS:
+        raise MedfmError(f"dataset '{dataset}' needs --root PATH (`extract datasets` shows the layout it expects there)")
+    if root is not None and not Path(root).expanduser().exists():
+        raise MedfmError(f"--root {root} does not exist; dataset '{dataset}' reads its files from there")
 
 
 def check_dataset(name: str) -> None:

@@ -18,7 +18,7 @@ from rich.console import Console
 from common.cli import dataset_options, parse_overrides, run_cli
 from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
-from extract.names import check_backbone, check_dataset
+from extract.names import check_backbone, check_dataset, check_root
 from training.names import check_head
 from training.recipe import STUDY
 
@@ -80,6 +80,7 @@ def run(
     """Train BACKBONE + HEAD on DATASET end to end; the result joins the ledger that `probe report` reads."""
     check_backbone(backbone)  # a typo is one line before torch and the models load
     check_dataset(dataset)
+    check_root(dataset, root)
     check_head(head, module=True)
     several = _seeds(seeds, seed)
     from finetune.train import FinetuneConfig, finetune  # torch and the models: imported for a run, not for --help

@@ -229,3 +229,16 @@ def test_every_option_of_every_command_shows_its_default_in_help(monkeypatch) ->
     monkeypatch.setenv("COLUMNS", "400")
     code, out, _ = run_main(main, ["run", "--help"], monkeypatch)
     assert code == 0 and "[default: (the backbone's, 224)]" in out and "[default: auto]" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dataset", "aptos2019"], "error: dataset 'aptos2019' needs --root PATH (`extract datasets` shows the layout it expects there)"),
+    (["--dataset", "imagefolder", "--root", "/nonexistent/medfm"], "error: --root /nonexistent/medfm does not exist; dataset 'imagefolder'"),
+])
+def test_a_missing_root_is_one_line_before_torch_loads(args: list[str], message: str) -> None:
+    """In a fresh process, the check answers before torch is imported (a user's typo costs no model load)."""
+    script = ("import sys; from extract.cli import main; sys.argv = ['extract', 'run', '--backbone', 'deit', *sys.argv[1:]]\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    print('torch' in sys.modules, e.code, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == "False 2" and lines[-2].startswith(message)
