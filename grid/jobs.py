@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common.errors import MedfmError
 
@@ -42,11 +43,14 @@ class Job:
             raise MedfmError(f"job {self.name}: stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
 
     def command(self, python: str = sys.executable) -> list[str]:
-        """The process to start: `python -m <stage> <args>`, under torchrun when the job has several GPUs."""
-        if self.resources.gpus > 1:
-            return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.resources.gpus}",
-                    "-m", self.stage, *self.args]
-        return [python, "-m", self.stage, *self.args]
+        """The process to start: the stage's installed console script by its absolute path beside `python`, under
+        torchrun (`--no-python`) when the job has several GPUs. Never `python -m <stage>`, which imports from the
+        working folder first: a file `extract.py` where a user starts the grid would run instead of medfm."""
+        script = str(Path(python).parent / self.stage)
+        if self.resources.gpus > 1:  # -I: torchrun's own launcher does not look in the working folder either
+            return [python, "-I", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.resources.gpus}",
+                    "--no-python", script, *self.args]
+        return [script, *self.args]
 
 
 def ordered(jobs: Sequence[Job]) -> list[Job]:

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from common.errors import MedfmError
 from grid.jobs import Job, Resources
 
 STATES = ("pending", "running", "done", "failed")
@@ -75,6 +76,9 @@ def run_job(grid_dir: Path, name: str, env: dict[str, str] | None = None) -> int
     """Run one planned job to its end, recording running -> done|failed and appending its output to its log."""
     grid_dir = Path(grid_dir)
     job = read_job(grid_dir, name)
+    if not Path(job.command()[0]).is_file():
+        raise MedfmError(f"job {name}: medfm's command {job.command()[0]} is not installed beside this Python; "
+                         "install medfm into this environment (pip install -e .)")
     log = log_path(grid_dir, name)
     log.parent.mkdir(parents=True, exist_ok=True)
     where = {"host": socket.gethostname(), "slurm_job": slurm_job_id()}

@@ -105,3 +105,27 @@ def test_dependents_of_a_failed_job_never_run(tmp_path: Path, monkeypatch: pytes
     grid, failed = start(tmp_path, jobs, gpus=["0"])
     assert failed == ["extract-a", "probe-a"] and set(fake.spans) == {"extract-a", "extract-b"}
     assert read_state(grid, "probe-a") | {"time": ""} == {"state": "failed", "last": "dependency extract-a failed", "time": ""}
+
+
+@pytest.mark.slow  # starts the installed command
+def test_a_stage_named_file_in_the_working_folder_is_never_what_a_job_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid started in a folder holding `extract.py` runs medfm's extract, not that file (`python -m extract` would)."""
+    import subprocess
+    import sys
+
+    from grid.jobs import Job
+    from grid.state import read_state, run_job, write_jobs
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    planted = folder / "extract.py"
+    planted.write_text("import pathlib, sys\npathlib.Path('PLANTED_RAN').write_text('x')\nsys.exit(3)\n")
+    monkeypatch.chdir(folder)
+    naive = subprocess.run([sys.executable, "-m", "extract", "backbones"], capture_output=True, timeout=120)
+    assert naive.returncode == 3 and (folder / "PLANTED_RAN").exists()  # the danger is real: -m looks here first
+    (folder / "PLANTED_RAN").unlink()
+    grid_dir = tmp_path / "grid"
+    write_jobs([Job(name="list-backbones", stage="extract", args=("backbones",))], grid_dir)
+    assert run_job(grid_dir, "list-backbones") == 0
+    assert not (folder / "PLANTED_RAN").exists() and read_state(grid_dir, "list-backbones")["state"] == "done"
+    assert "deit" in (grid_dir / "logs" / "list-backbones.log").read_text()

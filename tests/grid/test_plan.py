@@ -69,7 +69,8 @@ def test_resources_per_kind_change_with_their_flag_and_gpus_above_one_run_torchr
     assert resources["finetune"] == Resources(gpus=4, cpus=8, mem_gb=32, minutes=2880) and resources["extract"].gpus == 1
     job = plan(spec(tmp_path, backbones=("deit",), datasets=("ddsm",), scenarios=("unfrozen-linear",), resources=resources),
                tmp_path / "grid").jobs[0]
-    assert job.command("python")[:5] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert job.command("/env/bin/python")[:8] == ["/env/bin/python", "-I", "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node=4", "--no-python", "/env/bin/finetune"]
     for bad in ("gpu:gpus=1", "extract:gpu=1", "extract:minutes=0", "extract"):
         with pytest.raises(MedfmError, match="--resources"):
             parse_resources([bad])
