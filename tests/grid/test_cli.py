@@ -37,14 +37,14 @@ def test_dry_run_of_the_studys_grid_prints_128_cells_their_jobs_and_gpu_hours_an
 def test_print_commands_lists_every_job_dependencies_first(tmp_path, monkeypatch) -> None:
     code, out, _ = run_main(main, ["run", "--dry-run", "--print-commands", "--backbones", "deit dino", "--datasets", "ddsm",
                                    "--scenarios", "frozen-linear", "--data", "/d", "--probe-args", "--batch-size 32"], monkeypatch)
-    commands = [line for line in out.splitlines() if line.startswith("python -m")]
-    assert code == 0 and commands == [
-        "python -m extract run --backbone deit --dataset ddsm --root /d/ddsm --norm study --interpolation bilinear --in-chans 1 "
+    commands = [line for line in out.splitlines() if line.split(" ")[0] in ("extract", "probe", "finetune")]
+    assert code == 0 and commands == [  # medfm's installed commands, never `python -m` (which looks in the working folder)
+        "extract run --backbone deit --dataset ddsm --root /d/ddsm --norm study --interpolation bilinear --in-chans 1 "
         "--protocol study --views 100 --augment study --no-tokens",
-        "python -m probe sweep --head linear --backbone deit --dataset ddsm --protocol study --epochs 100 --seed 0 --batch-size 32",
-        "python -m extract run --backbone dino --dataset ddsm --root /d/ddsm --norm study --interpolation bilinear --in-chans 1 "
+        "probe sweep --head linear --backbone deit --dataset ddsm --protocol study --epochs 100 --seed 0 --batch-size 32",
+        "extract run --backbone dino --dataset ddsm --root /d/ddsm --norm study --interpolation bilinear --in-chans 1 "
         "--protocol study --views 100 --augment study --no-tokens",
-        "python -m probe sweep --head linear --backbone dino --dataset ddsm --protocol study --epochs 100 --seed 0 --batch-size 32",
+        "probe sweep --head linear --backbone dino --dataset ddsm --protocol study --epochs 100 --seed 0 --batch-size 32",
     ]
 
 
