@@ -32,6 +32,20 @@ DICOM_MAGIC = b"DICM"  # at byte 128 of a DICOM file (after the preamble)
 WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # more than 8 bits per sample: scaled min-max
 GREY_MODES = ("1", "L", "LA", "La", *WIDE_MODES)  # decoded as one channel
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+MAX_PIXELS_ENV = "MEDFM_MAX_IMAGE_PIXELS"  # raises the decoding bound, for every format alike
+
+
+def max_pixels() -> int:
+    """The most pixels (width x height x frames) an image may decode to: Pillow's own bomb bound (twice its
+    `MAX_IMAGE_PIXELS`, about 179 Mpixels) unless MEDFM_MAX_IMAGE_PIXELS says otherwise. A file claiming more is
+    refused from its header, before anything is allocated (a 0.8 MB deflated DICOM can claim 20000 x 20000 x 16 bits)."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return 2 * int(Image.MAX_IMAGE_PIXELS or 0) or 2**62
+    try:
+        return int(value)
+    except ValueError:
+        raise MedfmError(f"{MAX_PIXELS_ENV} must be a whole number of pixels, got '{value}'") from None
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -94,6 +108,8 @@ def open_image(ref: Any) -> Image.Image:
     """
     if isinstance(ref, str | os.PathLike) and is_dicom(Path(ref)):
         return read_dicom(ref)
+    if MAX_PIXELS_ENV in os.environ:
+        Image.MAX_IMAGE_PIXELS = max_pixels() // 2  # Pillow refuses twice its bound: the same bound as DICOM's
     with Image.open(ref) as img:
         frames = getattr(img, "n_frames", 1)
         if frames > 1 and img.format != "MPO":
@@ -143,6 +159,14 @@ def read_dicom(path: Any) -> Image.Image:
         frames = int(ds.get("NumberOfFrames") or 1)
     except Exception as err:  # noqa: BLE001 - a malformed value fails on access, in several ways
         raise MedfmError(f"{path}: its Number of Frames is not a whole number ({_one_line(err)})") from None
+    try:
+        claimed = int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * max(frames, 1)
+    except Exception as err:  # noqa: BLE001 - as above
+        raise MedfmError(f"{path}: its Rows or Columns is not a whole number ({_one_line(err)})") from None
+    if claimed > max_pixels():
+        raise MedfmError(f"{path}: the DICOM file claims {ds.get('Columns')} x {ds.get('Rows')} pixels x {frames} frame(s) "
+                         f"({claimed / 1e6:.0f} Mpixels), above the decoding bound of {max_pixels() / 1e6:.0f} Mpixels; refused before "
+                         f"decoding. If the image is real, raise the bound with {MAX_PIXELS_ENV}=<pixels>")
     if frames > 1:
         raise MedfmError(f"{path}: the DICOM file holds {frames} frames (a volume or a cine loop), so it is not one image; "
                          "save the frame to classify as its own file")

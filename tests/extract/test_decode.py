@@ -286,3 +286,20 @@ def test_a_refused_image_is_flagged_with_its_one_line_reason(tmp_path: Path) -> 
     assert not ok and reason.startswith(str(cine)) and "holds 2 frames" in reason and "MedfmError" not in reason
     pixels, ok, reason = images[1]
     assert ok and reason == "" and pixels[0, 0].item() == 0 and pixels[-1, -1].item() == 255
+
+
+def test_a_dicom_claiming_a_huge_image_is_refused_from_its_header_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    """The DICOM twin of a PNG decompression bomb: 20000 x 20000 x 16 bits claimed; refused in one line, nothing
+    allocated; MEDFM_MAX_IMAGE_PIXELS lowers or raises the bound for every format alike."""
+    bomb = dicom(tmp_path / "bomb.dcm", np.zeros((4, 4), np.uint16))
+    ds = pydicom.dcmread(bomb)
+    ds.Rows, ds.Columns = 20000, 20000  # the header claims 400 Mpixels; the pixel data is 32 bytes
+    ds.save_as(bomb)
+    with pytest.raises(MedfmError, match=r"claims 20000 x 20000 pixels x 1 frame\(s\) \(400 Mpixels\), above the decoding bound of 179 "):
+        read_dicom(bomb)
+    small = dicom(tmp_path / "small.dcm", np.arange(16, dtype=np.uint16).reshape(4, 4))
+    monkeypatch.setenv("MEDFM_MAX_IMAGE_PIXELS", "15")
+    with pytest.raises(MedfmError, match="above the decoding bound .* MEDFM_MAX_IMAGE_PIXELS"):
+        read_dicom(small)
+    monkeypatch.setenv("MEDFM_MAX_IMAGE_PIXELS", "16")
+    assert read_dicom(small).size == (4, 4)
