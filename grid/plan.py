@@ -24,7 +24,7 @@ from common.study import GRAYSCALE_DATASETS, STUDY_BACKBONES, STUDY_DATASETS
 from extract.names import check_backbone, check_dataset
 from grid import estimate
 from grid.jobs import STAGES, Job, Resources, ordered
-from grid.state import clear, read_job, read_state, state_path
+from grid.state import clear, read_job, read_json, read_state, state_path
 from ledger.store import Ledger
 
 SCENARIOS = ("frozen-linear", "frozen-deit", "unfrozen-linear", "unfrozen-deit")
@@ -300,7 +300,12 @@ def read_spec(grid_dir: Path) -> GridSpec:
     path = grid_dir / SPEC_FILE
     if not path.exists():
         raise MedfmError(f"no grid in {grid_dir} (no {SPEC_FILE}); start one with `grid run` (or pass --grid DIR)")
-    return GridSpec.from_json(path.read_text())
+    fix = "remove it and start the grid again with `grid run` (finished cells are kept: the ledger holds them)"
+    data = read_json(path, "the grid's settings", fix)
+    try:
+        return GridSpec.from_json(json.dumps(data))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise MedfmError(f"{path} (the grid's settings) lacks or mangles {err}; {fix}") from None
 
 
 def write_spec(spec: GridSpec, grid_dir: Path) -> None:

@@ -33,7 +33,7 @@ from submitit.helpers import Checkpointable
 from common.cli import one_line
 from common.errors import MedfmError
 from grid.jobs import Job
-from grid.state import clear, last_line, log_path, mark, read_state, run_job, slurm_job_id
+from grid.state import clear, last_line, log_path, mark, read_json, read_state, run_job, slurm_job_id
 
 SLURM_FOLDER = "slurm"  # submitit's folder inside a grid folder
 SUBMITTED = "submitted.json"  # in it: {job name: SLURM job id} of every submission, so a rerun does not queue a job twice
@@ -120,7 +120,7 @@ def check_cluster(partition: str | None) -> None:
 def queued(grid_dir: Path, jobs: Iterable[Job]) -> dict[str, str]:
     """{name: SLURM job id} of the `jobs` that an earlier `submit` of this grid left in the queue (pending or running)."""
     record = grid_dir / SLURM_FOLDER / SUBMITTED
-    earlier = json.loads(record.read_text()) if record.exists() else {}
+    earlier = read_json(record, "the SLURM ids of submitted jobs", f"remove it (`rm {record}`) and check `squeue --me`", {})
     mine = {job.name: earlier[job.name] for job in jobs if job.name in earlier}
     if not mine:
         return {}
@@ -183,7 +183,7 @@ def _task_ids(ranges: str) -> list[int]:
 def _record(grid_dir: Path, submitted: dict[str, str]) -> None:
     """Add `submitted` to the grid's record of SLURM ids (written whole: a reader never sees half of it)."""
     record = grid_dir / SLURM_FOLDER / SUBMITTED
-    earlier = json.loads(record.read_text()) if record.exists() else {}
+    earlier = read_json(record, "the SLURM ids of submitted jobs", f"remove it (`rm {record}`) and check `squeue --me`", {})
     tmp = record.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({**earlier, **submitted}, indent=1))
     tmp.replace(record)

@@ -30,10 +30,30 @@ def write_jobs(jobs: list[Job], grid_dir: Path) -> None:
         _write_json(grid_dir / "jobs" / f"{job.name}.json", asdict(job))
 
 
+def read_json(path: Path, what: str, fix: str, default: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A grid file a user may edit or a crash may damage, read as a JSON object: `default` when it does not exist (if
+    given), else one line naming the file, what is wrong with it and `fix`, never a traceback."""
+    if default is not None and not path.exists():
+        return default
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problem = "is a folder, not a file" if path.is_dir() else f"cannot be read as JSON ({str(err).splitlines()[0][:80]})"
+        raise MedfmError(f"{path} ({what}) {problem}; {fix}") from None
+    if not isinstance(data, dict):
+        raise MedfmError(f"{path} ({what}) holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
 def read_job(grid_dir: Path, name: str) -> Job:
-    data = json.loads((grid_dir / "jobs" / f"{name}.json").read_text())
-    return Job(name=data["name"], stage=data["stage"], args=tuple(data["args"]), after=tuple(data["after"]),
-               resources=Resources(**data["resources"]), cells=tuple(data["cells"]))
+    path = grid_dir / "jobs" / f"{name}.json"
+    fix = "run `grid run` again to plan the grid anew (finished cells are kept: the ledger holds them)"
+    data = read_json(path, f"the planned job {name}", fix)
+    try:
+        return Job(name=data["name"], stage=data["stage"], args=tuple(data["args"]), after=tuple(data["after"]),
+                   resources=Resources(**data["resources"]), cells=tuple(data["cells"]))
+    except (KeyError, TypeError) as err:
+        raise MedfmError(f"{path} (the planned job {name}) lacks or mangles {err}; {fix}") from None
 
 
 def state_path(grid_dir: Path, name: str) -> Path:
@@ -43,7 +63,12 @@ def state_path(grid_dir: Path, name: str) -> Path:
 def read_state(grid_dir: Path, name: str) -> dict[str, Any]:
     """The job's last recorded state: {"state": pending|running|done|failed, ...}."""
     path = state_path(grid_dir, name)
-    return json.loads(path.read_text()) if path.exists() else {"state": "pending"}
+    data = read_json(path, f"the state of job {name}", f"remove it (`rm {path}`): the job then counts as pending and runs again",
+                     {"state": "pending"})
+    if data.get("state") not in STATES:
+        raise MedfmError(f"{path} (the state of job {name}) names no state ({', '.join(STATES)}); remove it (`rm {path}`): "
+                         "the job then counts as pending and runs again")
+    return data
 
 
 def clear(grid_dir: Path, name: str) -> None:

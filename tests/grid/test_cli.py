@@ -132,3 +132,32 @@ def test_a_tiny_grid_runs_here_end_to_end_into_the_ledger_and_a_rerun_runs_nothi
     assert code == 0 and out.splitlines()[-1] == "4 cells: 4 done, 0 running, 0 failed, 0 pending"
     code, out, _ = run_main(main, args, monkeypatch)
     assert code == 0 and "nothing to run: all 4 cells are done" in out and len(Ledger(isolated_outputs / "runs" / "results.sqlite").rows()) == 4
+
+
+@pytest.mark.parametrize("damage", ["{}", '{"state": "do', "dir", "[1, 2]"])
+def test_a_damaged_state_file_or_grid_json_is_one_line(tmp_path, monkeypatch, damage: str) -> None:
+    """A job's state file emptied, truncated, made a folder or a list, and grid.json so: one line naming the file and
+    what to do, exit 2 (`grid status`), never a traceback."""
+    from grid.plan import GridSpec, plan, write_spec
+    from grid.state import mark, state_path, write_jobs
+
+    grid_dir = tmp_path / "g"
+    spec = GridSpec(backbones=("deit",), datasets=("demo",), protocol="medfm", epochs=2, output=str(tmp_path / "out"))
+    write_spec(spec, grid_dir)
+    jobs = plan(spec, grid_dir).jobs
+    write_jobs(jobs, grid_dir)
+    mark(grid_dir, jobs[0].name, "done", rc=0)
+    for target in (state_path(grid_dir, jobs[0].name), grid_dir / "grid.json"):
+        target.unlink()
+        if damage == "dir":
+            target.mkdir()
+        else:
+            target.write_text(damage)
+        code, out, err = run_main(main, ["status", "--grid", str(grid_dir)], monkeypatch)
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert code == 2 and last.startswith(f"error: {target} (") and ("remove it" in last), (target, out, err)
+        target.rmdir() if target.is_dir() else target.unlink()
+        if target.name == "grid.json":
+            write_spec(spec, grid_dir)
+        else:
+            mark(grid_dir, jobs[0].name, "done", rc=0)
