@@ -48,8 +48,12 @@ def loss_fn(task: Task, reduction: str = "mean") -> nn.Module:
 
 def compute_metrics(task: Task, labels: np.ndarray, logits: np.ndarray, only: str | None = None) -> Metrics:
     """Every metric of the task kind on one split, or just metric `only` (what training needs each epoch);
-    NaN plus a warning where a metric is undefined."""
+    NaN plus a warning where a metric is undefined. Quadratic kappa weighs a confusion by the distance between the
+    classes' indices, which means something only for ordered classes: a multiclass task gets it when it is the task's
+    own metric (APTOS's grades), never for nominal classes (ISIC's lesion types, your folder's classes)."""
     names = METRICS[task.kind] if only is None else (only,)
+    if only is None and task.kind == "multiclass" and task.primary_metric != "quadratic_kappa":
+        names = tuple(name for name in names if name != "quadratic_kappa")
     logits = np.asarray(logits, dtype=np.float64)
     problems: list[str] = []
     if task.kind == "multilabel":

@@ -68,10 +68,19 @@ def test_every_metric_of_the_vocabulary_is_computed_for_its_kind():
                 "multilabel": (np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=float), np.eye(2)[[0, 1, 1, 0]])}
     for kind, names in METRICS.items():
         labels, logits = examples[kind]
-        task = Task(kind, tuple("abc"[: logits.shape[1]]))
-        computed = compute_metrics(task, labels, logits)
         for name in names:
-            assert np.isfinite(primary(Task(kind, task.class_names, name), computed)), (kind, name)
+            task = Task(kind, tuple("abc"[: logits.shape[1]]), name)
+            assert np.isfinite(primary(task, compute_metrics(task, labels, logits))), (kind, name)
+
+
+def test_quadratic_kappa_is_logged_for_ordered_classes_only():
+    """Kappa's quadratic weights assume the classes are ordered: an ordinal task (kappa its metric) logs it, a nominal
+    multiclass task (another metric) does not; a binary task's kappa is plain Cohen's kappa and stays."""
+    labels, logits = np.array([0, 1, 2, 0]), np.eye(3)[[0, 1, 2, 1]]
+    assert "quadratic_kappa" in compute_metrics(Task("multiclass", tuple("abc"), "quadratic_kappa"), labels, logits)
+    nominal = compute_metrics(Task("multiclass", tuple("abc"), "macro_recall"), labels, logits)
+    assert "quadratic_kappa" not in nominal and {"accuracy", "macro_recall", "roc_auc"} <= set(nominal)
+    assert "quadratic_kappa" in compute_metrics(Task("binary", ("n", "p"), "roc_auc"), np.array([0, 1, 1, 0]), np.eye(2)[[0, 1, 0, 0]])
 
 
 def test_unknown_multilabel_entries_are_masked_in_loss_and_metrics() -> None:
