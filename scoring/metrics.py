@@ -19,7 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.special import expit, softmax
-from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    recall_score,
+    roc_auc_score,
+)
 from torch import nn
 
 from cache.schema import METRICS, Task
@@ -64,6 +71,27 @@ def compute_metrics(task: Task, labels: np.ndarray, logits: np.ndarray, only: st
             metrics.update(calibration_metrics(np.asarray(labels).astype(np.int64), logits))
     metrics["warnings"] = problems
     return metrics
+
+
+def per_class(task: Task, labels: np.ndarray, logits: np.ndarray) -> dict[str, Any]:
+    """Each class's precision, recall, F1 and support, and the confusion matrix (rows: true class, columns: predicted),
+    scikit-learn's, on the argmax prediction; for a multilabel task each label's, at probability 0.5, over its known
+    entries. What a single score hides: which classes a head gets wrong, and as what."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if task.kind == "multilabel":
+        out = {}
+        for k, name in enumerate(task.class_names):
+            known = ~np.isnan(np.asarray(labels, dtype=np.float64)[:, k])
+            y, pred = np.asarray(labels)[known, k].astype(np.int64), (expit(logits[known, k]) >= 0.5).astype(np.int64)
+            p, r, f, s = precision_recall_fscore_support(y, pred, labels=[1], zero_division=0)
+            out[name] = {"precision": float(p[0]), "recall": float(r[0]), "f1": float(f[0]), "support": int(s[0])}
+        return {"classes": out}
+    y, pred, classes = np.asarray(labels).astype(np.int64), logits.argmax(axis=1), np.arange(logits.shape[1])
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
+    names = [task.class_names[c] if c < len(task.class_names) else str(c) for c in classes]
+    return {"classes": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                        for i, n in enumerate(names)},
+            "confusion_matrix": {"labels": names, "rows_true_columns_predicted": confusion_matrix(y, pred, labels=classes).tolist()}}
 
 
 def primary(task: Task, metrics: Metrics) -> float:

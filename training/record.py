@@ -4,7 +4,8 @@
 - checks its health (`scoring.health`: collapsed to one class, or not above chance beyond noise) into the row's flags,
 - draws the test split's reliability diagram (`reliability.png`, single-label tasks) and, with `calibrate`, fits a
   temperature on validation and adds the test calibration metrics under it (`<name>_calibrated`),
-- writes `predictions.npz` and `metrics.json` into the run folder (`ledger.runs`), then appends the row.
+- writes `predictions.npz` and `metrics.json` (with the test split's per-class precision, recall, F1 and confusion
+  matrix, `scoring.metrics.per_class`) into the run folder (`ledger.runs`), then appends the row.
 So a finetune row carries the same flags and files as a probe row, and a report reads both one way.
 """
 
@@ -22,6 +23,7 @@ from ledger.runs import METRICS, write_json
 from ledger.store import Ledger
 from scoring.calibration import calibration_metrics, fit_temperature, reliability_diagram
 from scoring.health import Health, check_run
+from scoring.metrics import per_class
 
 RELIABILITY = "reliability.png"  # a single-label run's reliability diagram, in its run folder
 
@@ -45,7 +47,8 @@ def record_run(ledger: Ledger, record: RunRecord, task: Task, predictions: dict[
         temperature = calibrated(run_dir, predictions, record.test_metrics, calibrate)
         if temperature is not None:
             summary["calibration_temperature"] = temperature
-    write_json(run_dir / METRICS, {**summary, "val": val_metrics, "test": record.test_metrics})
+    write_json(run_dir / METRICS, {**summary, "val": val_metrics, "test": record.test_metrics,
+                                   "test_per_class": per_class(task, test.labels, test.logits)})
     ledger.add(record)
     return record
 

@@ -85,8 +85,10 @@ def test_tiny_model_fits_its_training_set_and_lands_in_the_ledger(isolated_outpu
     assert not (result.run_dir / CHECKPOINT).exists()
     config = json.loads((result.run_dir / "config.json").read_text())  # the shape a probe run folder's has (ledger.runs)
     assert (config["stage"], config["scenario"], config["config_key"], config["cache"]) == ("finetune", "unfrozen-linear", row.config_key, None)
-    health = json.loads((result.run_dir / "metrics.json").read_text())["health"]
-    assert (row.collapsed, row.chance, health) == (False, False, "")  # checked, as a probe run's are (scoring.health)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert (row.collapsed, row.chance, metrics["health"]) == (False, False, "")  # checked, as a probe run's are (scoring.health)
+    matrix = metrics["test_per_class"]["confusion_matrix"]["rows_true_columns_predicted"]
+    assert sum(map(sum, matrix)) == len(stored_ids := load_predictions(result.run_dir, "test").ids) and len(stored_ids) > 0
     stored = load_predictions(result.run_dir, "test")  # kept with the ids: intervals later, no retraining
     assert len(stored.ids) == len(stored.labels) == len(stored.logits) and (stored.logits.argmax(1) == stored.labels).mean() == pytest.approx(
         result.test_metrics["accuracy"])

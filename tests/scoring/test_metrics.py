@@ -111,3 +111,20 @@ def test_primary_scores_of_many_heads_are_the_floats_of_primary_score_head_by_he
         task = Task("multiclass", tuple("abcde"), metric)
         got, want = primary_scores(task, y, logits), [primary_score(task, y, head) for head in logits]
         assert np.array_equal(got, want, equal_nan=True), metric
+
+
+def test_per_class_scores_and_the_confusion_matrix_are_scikit_learns():
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from scoring.metrics import per_class
+
+    labels, logits = np.array([0, 1, 2, 2, 1, 0, 2]), np.eye(3)[[0, 2, 2, 1, 1, 0, 2]]
+    got = per_class(Task("multiclass", ("a", "b", "c"), "accuracy"), labels, logits)
+    p, r, f, s = precision_recall_fscore_support(labels, logits.argmax(1), labels=[0, 1, 2], zero_division=0)
+    assert [got["classes"][n]["recall"] for n in "abc"] == pytest.approx(r) and [got["classes"][n]["support"] for n in "abc"] == s.tolist()
+    assert got["confusion_matrix"]["rows_true_columns_predicted"] == confusion_matrix(labels, logits.argmax(1)).tolist()
+    assert got["confusion_matrix"]["rows_true_columns_predicted"][2] == [0, 1, 2]  # class c: once taken for b, twice right
+    multi = per_class(Task("multilabel", ("x", "y"), "mean_roc_auc"), np.array([[1, np.nan], [0, 1], [1, 0]]),
+                      np.array([[3.0, 0.0], [-3.0, 3.0], [-3.0, -3.0]]))
+    assert multi["classes"]["x"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert multi["classes"]["y"]["support"] == 1  # the unknown entry left out
