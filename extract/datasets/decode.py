@@ -132,14 +132,7 @@ def read_dicom(path: Any) -> Image.Image:
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import (
-        apply_color_lut,
-        apply_modality_lut,
-        apply_voi_lut,
-        as_pixel_options,
-        convert_color_space,
-        get_decoder,
-    )
+    from pydicom.pixels import as_pixel_options, get_decoder
 
     try:
         ds = pydicom.dcmread(path)
@@ -150,6 +143,21 @@ def read_dicom(path: Any) -> Image.Image:
                          "export it as DICOM Part 10 or as PNG") from None
     except Exception as err:  # noqa: BLE001 - pydicom fails in many ways on a damaged file; each is one line here
         raise MedfmError(f"{path}: cannot read this DICOM file ({_one_line(err)}); it may be damaged") from None
+    syntax = _checked_header(ds, path)
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise MedfmError(f"{path}: pixel data encoded as '{syntax.name}' cannot be decoded by pydicom") from None
+    try:
+        pixels, meta = decoder.as_array(ds, index=0, raw=True, **as_pixel_options(ds))
+    except Exception as err:  # noqa: BLE001 - decoders raise many types; the reason is kept, in one line
+        raise MedfmError(f"{path}: cannot decode its '{syntax.name}' pixel data: {_one_line(err)}") from None
+    return _to_image(pixels, meta, ds, path)
+
+
+def _checked_header(ds: Any, path: Any) -> Any:
+    """The transfer syntax of a DICOM file fit to decode: pixel data present and described, one frame, within the
+    decoding bound; else one line saying which."""
     if "PixelData" not in ds:
         raise MedfmError(f"{path}: the DICOM file holds no image (no Pixel Data element)")
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -170,14 +178,13 @@ def read_dicom(path: Any) -> Image.Image:
     if frames > 1:
         raise MedfmError(f"{path}: the DICOM file holds {frames} frames (a volume or a cine loop), so it is not one image; "
                          "save the frame to classify as its own file")
-    try:
-        decoder = get_decoder(syntax)
-    except NotImplementedError:
-        raise MedfmError(f"{path}: pixel data encoded as '{syntax.name}' cannot be decoded by pydicom") from None
-    try:
-        pixels, meta = decoder.as_array(ds, index=0, raw=True, **as_pixel_options(ds))
-    except Exception as err:  # noqa: BLE001 - decoders raise many types; the reason is kept, in one line
-        raise MedfmError(f"{path}: cannot decode its '{syntax.name}' pixel data: {_one_line(err)}") from None
+    return syntax
+
+
+def _to_image(pixels: np.ndarray, meta: dict[str, Any], ds: Any, path: Any) -> Image.Image:
+    """Decoded DICOM pixels as 8-bit `L` or `RGB`, through pydicom's LUTs and colour conversions (see `read_dicom`)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
+
     photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
     try:
         if photometric in MONOCHROME:
