@@ -1,6 +1,7 @@
 """Where caches live and how they are found: one naming rule for the writer (`extract`) and every reader.
 
-A cache of (backbone, dataset) is `<features>/<backbone>/<dataset>-<fingerprint[:12]>.h5` (`cache_path`);
+A cache of (backbone, dataset) is `<features>/<backbone>/<dataset>-<fingerprint[:12]>.h5` (`cache_path`; a backbone named
+with a `/`, such as `hf:facebook/dinov2-base`, gets the flat folder `hf:facebook_dinov2-base`);
 `find_cache` finds the one complete file of a (backbone, dataset) pair, or says in one line why it cannot.
 """
 
@@ -21,7 +22,7 @@ def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = N
         return Path(cache)
     if not backbone or not dataset:
         raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
-    folder = (features or output_root() / "features") / backbone
+    folder = (features or output_root() / "features") / backbone_folder(backbone)
     name = re.compile(rf"^{re.escape(dataset)}-[0-9a-f]{{12}}\.h5$")
     complete = sorted(p for p in folder.glob(f"{dataset}-*.h5") if name.match(p.name))
     partial = sorted(p for p in folder.glob(f"{dataset}-*.h5{PARTIAL_SUFFIX}") if name.match(p.name[: -len(PARTIAL_SUFFIX)]))
@@ -72,5 +73,11 @@ def open_cache(path: Path, backbone: str | None, dataset: str | None) -> CacheRe
     return reader
 
 
+def backbone_folder(backbone: str) -> str:
+    """The folder a backbone's caches go in: its name, with what a file system would take as a path (the `/` of
+    `hf:facebook/dinov2-base` or of a model folder's path) made safe, so every backbone gets one flat folder."""
+    return re.sub(r"[^\w.@:+=-]", "_", backbone.strip("/"))
+
+
 def cache_path(out: Path, backbone: str, dataset: str, fp: str) -> Path:
-    return Path(out) / backbone / f"{dataset}-{fp[:12]}.h5"
+    return Path(out) / backbone_folder(backbone) / f"{dataset}-{fp[:12]}.h5"

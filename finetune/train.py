@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 from cache.fingerprint import manifest_hash
+from cache.layout import backbone_folder
 from cache.schema import Task, check_protocol
 from common.errors import MedfmError
 from common.locks import acquire
@@ -202,7 +203,7 @@ def _identify(cfg: FinetuneConfig, console: Console) -> Run:
                   dataset_options=source.options, manifest_hash=manifest_hash(source.manifest()), decoder=DECODER_VERSION)
     key = config_key({"stage": "finetune", **config}, None, cfg.seed)
     scenario = scenario_name(cfg.head, freeze)
-    run_dir = Path(cfg.out) / "finetune" / f"{cfg.backbone}-{source.name}-{scenario}-{key[:12]}"
+    run_dir = Path(cfg.out) / "finetune" / f"{backbone_folder(cfg.backbone)}-{source.name}-{scenario}-{key[:12]}"
     return Run(source, weights, freeze, scenario, config, key, run_dir)
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cache.layout import find_cache
+from cache.layout import backbone_folder, find_cache
 from cache.schema import check_protocol
 from common.cli import parse_options
 from common.errors import MedfmError
@@ -163,7 +163,7 @@ def _protocol(spec: GridSpec) -> list[str]:
 
 def extract_job(spec: GridSpec, backbone: str, dataset: str) -> Job:
     views = [*_protocol(spec), "--views", str(spec.epochs), "--augment", "study", "--no-tokens"] if spec.protocol == "study" else []
-    return Job(name=f"extract-{backbone}-{dataset}", stage="extract",
+    return Job(name=f"extract-{backbone_folder(backbone)}-{dataset}", stage="extract",
                args=("run", *_live(spec, backbone, dataset), *views, *_overrides(spec), *spec.extract_args),
                resources=spec.resources["extract"])
 
@@ -172,7 +172,7 @@ def probe_job(spec: GridSpec, backbone: str, dataset: str, cells: list[Cell], af
     """The heads of one cache, every seed, in one `probe sweep` (it skips configurations the ledger holds)."""
     heads = ",".join(dict.fromkeys(c.head for c in cells))
     seeds = ",".join(str(s) for s in dict.fromkeys(c.seed for c in cells))
-    return Job(name=f"probe-{backbone}-{dataset}", stage="probe",
+    return Job(name=f"probe-{backbone_folder(backbone)}-{dataset}", stage="probe",
                args=("sweep", "--head", heads, "--backbone", backbone, "--dataset", dataset, *_protocol(spec), "--epochs", str(spec.epochs),
                      "--seed", seeds, *spec.probe_args),
                after=after, resources=spec.resources["probe"], cells=tuple(c.key for c in cells))
@@ -180,7 +180,7 @@ def probe_job(spec: GridSpec, backbone: str, dataset: str, cells: list[Cell], af
 
 def finetune_job(spec: GridSpec, cell: Cell) -> Job:
     freeze = ["--freeze", "all"] if cell.frozen else []
-    return Job(name=f"finetune-{cell.scenario}-{cell.backbone}-{cell.dataset}-s{cell.seed}", stage="finetune",
+    return Job(name=f"finetune-{cell.scenario}-{backbone_folder(cell.backbone)}-{cell.dataset}-s{cell.seed}", stage="finetune",
                args=("run", "--head", cell.head, *freeze, *_live(spec, cell.backbone, cell.dataset), *_protocol(spec),
                      "--epochs", str(spec.epochs), "--resume", "--seed", str(cell.seed), *_overrides(spec), *spec.finetune_args),
                resources=spec.resources["finetune"], cells=(cell.key,))

@@ -1,7 +1,12 @@
-"""The backbone registry: every family module registers its entries here, and `create_backbone` builds any of them."""
+"""The backbone registry: every family module registers its entries here, and `create_backbone` builds any of them.
+
+A name with a library prefix (`timm:`, `open_clip:`, `hf:`; `extract.names.LIBRARIES`) has no entry: the library's
+resolver (`register_library`, called by `extract/backbones/by_name.py`) makes its spec when it is first asked for.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,17 +16,33 @@ from common.errors import MedfmError
 from common.registry import Registry
 from extract.backbones.base import Backbone, BackboneSpec
 from extract.backbones.weights import ResolvedWeights, resolve_weights
+from extract.names import parse_library_name
 
 RANDOM_INIT_SEED = 0
 REGISTRY: Registry[BackboneSpec] = Registry("backbone", "extract backbones")
+LIBRARY_RESOLVERS: dict[str, Callable[[str], BackboneSpec]] = {}  # prefix -> resolve(name) -> spec
+_RESOLVED: dict[str, BackboneSpec] = {}
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
     return REGISTRY.register(spec.name, spec)
 
 
+def register_library(prefix: str, resolve: Callable[[str], BackboneSpec]) -> None:
+    """`resolve(name)` makes the spec of any `prefix:...` name (or raises a one-line MedfmError)."""
+    if prefix in LIBRARY_RESOLVERS:
+        raise ValueError(f"backbone library {prefix} registered twice")
+    LIBRARY_RESOLVERS[prefix] = resolve
+
+
 def get_spec(name: str) -> BackboneSpec:
-    return REGISTRY.get(name)
+    """The registry's entry, or the spec a library resolver makes for `timm:NAME` & co. (made once per process)."""
+    parsed = parse_library_name(name)
+    if parsed is None:
+        return REGISTRY.get(name)
+    if name not in _RESOLVED:
+        _RESOLVED[name] = LIBRARY_RESOLVERS[parsed.library](name)
+    return _RESOLVED[name]
 
 
 def list_backbones() -> list[BackboneSpec]:

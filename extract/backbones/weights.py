@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ class ResolvedWeights:
     kind: str  # "pretrained" | "file" | "random"
     path: Path | None
     sha256: str | None
+    architecture: str | None = None  # sha256 of the model's config where the name alone does not fix it (hf: folders)
 
     @property
     def random(self) -> bool:
@@ -31,7 +32,8 @@ class ResolvedWeights:
 
     @property
     def identity(self) -> dict[str, str | None]:
-        return {"kind": self.kind, "file": self.path.name if self.path else None, "sha256": self.sha256}
+        identity = {"kind": self.kind, "file": self.path.name if self.path else None, "sha256": self.sha256}
+        return identity | ({"architecture": self.architecture} if self.architecture else {})
 
 
 def sha256_file(path: Path) -> str:
@@ -46,11 +48,16 @@ def sha256_file(path: Path) -> str:
 
 
 def find_default_weights(spec: BackboneSpec) -> Path | None:
-    """The official file in MEDFM_WEIGHTS_DIR, else in the HF hub cache (timm / open_clip / HF); no download."""
-    return find_weights(spec.weights_file, spec.hub_files)
+    """The official file in MEDFM_WEIGHTS_DIR, else in the HF hub cache (timm / open_clip / HF); no download.
+
+    A spec may bring its own search (`extra["find_weights"]`, e.g. an `hf:` model's folder)."""
+    finder = spec.extra.get("find_weights")
+    return finder() if finder is not None else find_weights(spec.weights_file, spec.hub_files)
 
 
 def missing_weights_message(spec: BackboneSpec) -> str:
+    if "missing_weights" in spec.extra:
+        return spec.extra["missing_weights"]
     where = os.environ.get(WEIGHTS_DIR_ENV) or "a folder of your choice and set MEDFM_WEIGHTS_DIR to it"
     return (
         f"official weights for '{spec.name}' not found: download {spec.weights_file} from {spec.weights_url} "
@@ -62,7 +69,14 @@ def resolve_weights(spec: BackboneSpec, weights: str, warn: Callable[[str], obje
     """`default` | `random` | `auto` | PATH -> the file to load (and its sha256), or a clear error.
 
     `auto` means the official weights when present, else random weights, announced loudly through `warn`.
+    A spec whose name does not fix its architecture (`extra["architecture"]`) adds it to the identity.
     """
+    resolved = _resolve_weights(spec, weights, warn)
+    architecture = spec.extra.get("architecture")
+    return replace(resolved, architecture=architecture) if architecture else resolved
+
+
+def _resolve_weights(spec: BackboneSpec, weights: str, warn: Callable[[str], object] | None = None) -> ResolvedWeights:
     if weights == "auto":
         if find_default_weights(spec) is not None:
             return resolve_weights(spec, "default")
