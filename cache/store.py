@@ -18,6 +18,9 @@ Layout of one file::
     /text/classes        [C, D] float32, optional: a CLIP text tower's class embeddings (`extract zeroshot`), added to a
                          complete file under its lock; attrs crc32_classes, sha256 (of the array), templates, words,
                          model (JSON). Not a split: the meta and fingerprint stay as extracted; rewritten by a rerun
+    /sources/path, size, mtime_ns [, sha256]   optional (image caches): the files the rows were decoded from, as they
+                         were when the file was created (`SourceFiles`); attrs crc32_<array>, hashed. Not a split and
+                         not fingerprinted: a reader compares it with the files as they are now
 
 Crash safety: a file is written as `<name>.h5.partial` with every chunk allocated at creation (and its
 disk space reserved, so a full disk is found before the first row, not in the middle), so a batch write
@@ -27,7 +30,10 @@ same fingerprint resumes from `rows`. One writer at a time: the writer holds `<n
 (`common.locks`), so a second identical extraction stops before it touches the first one's file.
 
 Integrity: readers refuse a file whose meta differs from its checksum or whose settings do not hash to its
-fingerprint; `verify` recomputes every row's CRC-32 and names the split, array and rows that differ.
+fingerprint; every read of feature rows (`CacheReader.read_rows` and all that goes through it: `features`,
+`iter_slices`, slicing `dataset(...)`) recomputes the CRC-32 of each row it returns and stops at the first that
+differs (`DamagedCache`, naming the file, split, array and row); ids, labels and validity are checked against their
+checksums when first read. `verify` recomputes every checksum and names the split, array and rows that differ.
 CRC-32 finds every error of up to 32 consecutive bits (a flipped byte among them) and is computed in
 the writer thread at memory speed; it guards against accidents, not against someone who rewrites the
 checksums too.
@@ -39,12 +45,14 @@ import contextlib
 import errno
 import hashlib
 import json
+import operator
 import os
 import re
 import shutil
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +70,10 @@ SCHEMA_VERSION = 2  # 2: per-row checksums, meta checksum, fingerprint = sha256 
 SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 4 << 20  # a read of one chunk moves ~4 MiB: large enough for full disk speed
 PARTIAL_SUFFIX = ".partial"
+
+
+class DamagedCache(MedfmError):
+    """Bytes of a cache that differ from their checksum: the file was damaged after it was written."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,119 @@ def planned_bytes(plan: dict[str, SplitPlan]) -> int:
     return total
 
 
+SOURCES_GROUP = "sources"  # /sources: the files the rows were made from (`SourceFiles`), never a split
+HASH_THREADS = 4  # files hashed at once by `SourceFiles.record(..., hashed=True)`: reading overlaps hashing
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """The files a cache's rows were made from (an image cache's images) as they were when the cache was created: the
+    absolute path, size and modification time (ns) of each, (-1, -1) for one missing then, and with `hashed` the
+    sha256 of its bytes.
+
+    `changed()` compares them with the files as they are now: one `os.stat` a file. With hashes, a file whose size
+    and time are the same passes unread, and one whose time alone differs (a copy, a touch, a restore) is hashed and
+    passes when its bytes are the same. A file rewritten with its size and time kept (`touch -r`, `cp -p` of another
+    file of the same size) is not seen by the stat check.
+    """
+
+    paths: tuple[str, ...]
+    sizes: tuple[int, ...]
+    mtimes: tuple[int, ...]  # st_mtime_ns
+    digests: tuple[str, ...] | None = None  # sha256 hex of each file's bytes ("" for a missing one), when recorded
+
+    @classmethod
+    def record(cls, paths: Sequence[str | os.PathLike], *, hashed: bool = False) -> SourceFiles:
+        """The files now (each path once, in first-seen order): stat, then with `hashed` their sha256."""
+        absolute = tuple(dict.fromkeys(os.path.abspath(p) for p in paths))
+        stats = [_stat(p) for p in absolute]
+        digests = None
+        if hashed:
+            with ThreadPoolExecutor(HASH_THREADS) as pool:
+                digests = tuple(pool.map(_digest, absolute))
+        return cls(absolute, tuple(s for s, _ in stats), tuple(m for _, m in stats), digests)
+
+    @property
+    def hashed(self) -> bool:
+        return self.digests is not None
+
+    def nbytes(self) -> int:
+        """About what the record takes in a file."""
+        return sum(len(p) + 16 for p in self.paths) + 16 * len(self.paths) + (64 * len(self.paths) if self.hashed else 0)
+
+    def changed(self) -> list[tuple[str, str]]:
+        """(path, what changed) of every recorded file that is not as it was, in record order."""
+        out = []
+        for i, (path, size, mtime) in enumerate(zip(self.paths, self.sizes, self.mtimes, strict=True)):
+            now_size, now_mtime = _stat(path)
+            if now_size == size and now_mtime == mtime:
+                continue
+            if now_size < 0:
+                out.append((path, "missing"))
+            elif size < 0:
+                out.append((path, "present now, missing when the cache was built"))
+            elif now_size != size:
+                out.append((path, f"size {size} -> {now_size} bytes"))
+            elif self.digests is None:
+                out.append((path, f"modified {_when(mtime)} -> {_when(now_mtime)}"))
+            elif _digest(path) != self.digests[i]:
+                out.append((path, "content differs from its recorded sha256"))
+        return out
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _digest(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns % 1_000_000_000:09d}"[:4]
+
+
+def _write_sources(file: h5py.File, sources: SourceFiles) -> None:
+    group = file.create_group(SOURCES_GROUP)
+    arrays = {"path": np.array(sources.paths, dtype=object), "size": np.array(sources.sizes, dtype=np.int64).reshape(-1),
+              "mtime_ns": np.array(sources.mtimes, dtype=np.int64).reshape(-1)}
+    if sources.digests is not None:
+        arrays["sha256"] = np.array(sources.digests, dtype=object)
+    for key, values in arrays.items():
+        if values.dtype == object:
+            group.create_dataset(key, shape=values.shape, data=values if len(values) else None, dtype=h5py.string_dtype())
+        else:
+            group.create_dataset(key, data=values)
+        group.attrs[f"crc32_{key}"] = array_crc(values)
+    group.attrs["hashed"] = sources.hashed
+
+
+def _read_sources(file: h5py.File, where: str) -> SourceFiles | None:
+    """The file's source record checked against its checksums, or None when it has none (written before it existed)."""
+    if SOURCES_GROUP not in file:
+        return None
+    group, arrays = file[SOURCES_GROUP], {}
+    for key in group:
+        ds = group[key]
+        values = np.array(ds.asstr()[:], dtype=object) if h5py.check_string_dtype(ds.dtype) else ds[:]
+        if int(group.attrs.get(f"crc32_{key}", -1)) != array_crc(values):
+            raise DamagedCache(f"{where}: sources/{key} differs from its checksum")
+        arrays[key] = values.tolist()
+    digests = tuple(arrays["sha256"]) if "sha256" in arrays else None
+    return SourceFiles(tuple(arrays["path"]), tuple(arrays["size"]), tuple(arrays["mtime_ns"]), digests)
+
+
 def _disk_full(err: OSError) -> bool:
     return err.errno == errno.ENOSPC or "No space left" in str(err) or "errno = 28" in str(err)
 
@@ -141,27 +266,36 @@ class CacheWriter:
     The fingerprint is the hash of `meta.settings`, so a file's name, fingerprint and meta always agree.
     """
 
-    def __init__(self, path: Path, file: h5py.File, lock: FileLock) -> None:
+    def __init__(self, path: Path, file: h5py.File, lock: FileLock, resumed: bool = False) -> None:
         self.path = path
         self._file = file
         self._lock = lock
+        self.resumed = resumed  # a partial file was resumed (else the file was created afresh)
 
     @classmethod
-    def open(cls, path: Path, meta: CacheMeta, plan: dict[str, SplitPlan]) -> CacheWriter:
-        """Lock `path`, then open its partial file for writing: resume it if it matches, else create it."""
+    def open(cls, path: Path, meta: CacheMeta, plan: dict[str, SplitPlan], *, sources: SourceFiles | None = None,
+             replace: bool = False) -> CacheWriter:
+        """Lock `path`, then open its partial file for writing: resume it if it matches, else create it.
+
+        `sources`: the files the rows are made from, recorded in a new file; a partial file is resumed only when it
+        recorded the same (else its rows may come from other bytes). `replace`: remove a complete or partial file of
+        this name first, under the lock (`extract images --rebuild`)."""
         path = Path(path)
         lock = acquire(path, f"the cache {path}")
         try:
+            partial = partial_path(path)
+            if replace:
+                path.unlink(missing_ok=True)
+                partial.unlink(missing_ok=True)
             if path.exists():
                 raise MedfmError(f"{path} already exists and is complete; reuse it or remove it with `cache rm {path}`")
             fingerprint = settings_fingerprint(meta.settings)
-            partial = partial_path(path)
             if partial.exists():
-                file = _open_resumable(partial, fingerprint)
+                file = _open_resumable(partial, fingerprint, sources)
                 if file is not None:
-                    return cls(path, file, lock)
-                partial.unlink()  # another extraction's settings, or unreadable: we hold the lock, nobody writes it
-            return cls(path, _create(partial, fingerprint, meta, plan), lock)
+                    return cls(path, file, lock, resumed=True)
+                partial.unlink()  # other settings or sources, or unreadable: we hold the lock, nobody writes it
+            return cls(path, _create(partial, fingerprint, meta, plan, sources), lock)
         except BaseException:
             lock.release()
             raise
@@ -218,7 +352,7 @@ class CacheWriter:
 
     def finalize(self) -> Path:
         """Mark the file complete and move it to its final name; refuses if any split is short."""
-        for split in self._file:
+        for split in groups(self._file):
             group = self._file[split]
             if int(group.attrs["rows"]) != int(group.attrs["n"]):
                 raise MedfmError(f"cannot finalize {self.path}: split {split} has {group.attrs['rows']} of {group.attrs['n']} rows")
@@ -242,10 +376,11 @@ def _set_meta(file: h5py.File, text: str) -> None:
     file.attrs["meta_sha256"] = meta_digest(text)
 
 
-def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, SplitPlan]) -> h5py.File:
+def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, SplitPlan],
+            sources: SourceFiles | None = None) -> h5py.File:
     """A new partial file with every array allocated and its disk space reserved, or one clear line when it cannot fit."""
     partial.parent.mkdir(parents=True, exist_ok=True)
-    need, free = planned_bytes(plan), shutil.disk_usage(partial.parent).free
+    need, free = planned_bytes(plan) + (sources.nbytes() if sources else 0), shutil.disk_usage(partial.parent).free
     if need > free:
         raise MedfmError(f"{partial.name[: -len(PARTIAL_SUFFIX)]} needs {need / 2**20:.1f} MiB but {partial.parent} has "
                          f"{free / 2**20:.1f} MiB free; free space, store fewer arrays (--no-tokens) or pass --out on a larger disk")
@@ -255,6 +390,8 @@ def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, Sp
         file.attrs["fingerprint"] = fingerprint
         file.attrs["complete"] = False
         _set_meta(file, meta.to_json())
+        if sources is not None:
+            _write_sources(file, sources)
         for split, sp in plan.items():
             n = len(sp.ids)
             group = file.create_group(split)
@@ -360,8 +497,9 @@ def _read_metadata(group: h5py.Group, where: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _open_resumable(partial: Path, fingerprint: str) -> h5py.File | None:
-    """Open a partial file for resuming, or None when it is unreadable or belongs to other settings."""
+def _open_resumable(partial: Path, fingerprint: str, sources: SourceFiles | None = None) -> h5py.File | None:
+    """Open a partial file for resuming, or None when it is unreadable, belongs to other settings or (given `sources`)
+    recorded other source files than these."""
     try:
         file = h5py.File(partial, "r+")
     except OSError:
@@ -369,6 +507,14 @@ def _open_resumable(partial: Path, fingerprint: str) -> h5py.File | None:
     if file.attrs.get("fingerprint") != fingerprint or file.attrs.get("schema_version") != SCHEMA_VERSION:
         file.close()
         return None
+    if sources is not None:
+        try:
+            recorded = _read_sources(file, str(partial))
+        except DamagedCache:
+            recorded = None
+        if recorded != sources:
+            file.close()
+            return None
     return file
 
 
@@ -408,6 +554,9 @@ class CacheReader:
         self._meta: CacheMeta | None = None
         self._map: np.memmap | None = None  # the whole file, mapped on the first raw-chunk read
         self._raw: dict[tuple[str, str], _RawChunks | None] = {}
+        self._crc: dict[tuple[str, str], np.ndarray] = {}  # each array's stored row checksums, read once
+        self._checked_rows: dict[tuple[str, str], np.ndarray] = {}  # rows of each array found sound by this reader
+        self._sound: set[tuple[str, str]] = set()  # (split, ids | labels | valid) found equal to their checksum
 
     def _check(self) -> None:
         """Refuse what is not a complete, unedited cache of this schema, with the way out."""
@@ -452,16 +601,27 @@ class CacheReader:
         """The class text embeddings `extract zeroshot` stored (checked against their checksum), or None."""
         return _read_text(self._file, f"cache {self.path}")
 
+    def sources(self) -> SourceFiles | None:
+        """The source files recorded when the cache was created (checked against their checksums), or None when the
+        cache recorded none (a feature cache, or an image cache built before they were recorded)."""
+        try:
+            return _read_sources(self._file, f"cache {self.path}")
+        except DamagedCache as err:
+            raise self._damage(str(err).split(": ", 1)[1]) from None
+
     def feature_names(self, split: str = "train") -> list[str]:
         return [k for k in self._file[split] if k not in _NOT_FEATURES]
 
     def valid(self, split: str) -> np.ndarray:
-        return self._file[split]["valid"][:]
+        return self._checked(split, "valid", self._file[split]["valid"][:])
 
     def ids(self, split: str) -> np.ndarray:
         """Ids of the valid rows."""
-        ids = self._file[split]["ids"].asstr()[:]
-        return ids[self.valid(split)]
+        return self.row_ids(split)[self.valid(split)]
+
+    def row_ids(self, split: str) -> np.ndarray:
+        """Ids of every row, valid or not (row i of each array)."""
+        return self._checked(split, "ids", self._file[split]["ids"].asstr()[:])
 
     def metadata(self, split: str) -> dict[str, np.ndarray]:
         """Per-sample metadata columns of the valid rows (text; "" where the release had none); {} when none was stored."""
@@ -470,56 +630,109 @@ class CacheReader:
 
     def labels(self, split: str) -> np.ndarray:
         """Labels of the valid rows."""
-        return self._file[split]["labels"][:][self.valid(split)]
+        return self._checked(split, "labels", self._file[split]["labels"][:])[self.valid(split)]
 
     def features(self, split: str, name: str = "pooled") -> np.ndarray:
         """The whole feature array of the valid rows, in RAM."""
-        data = self.read_rows(split, name, 0, len(self.dataset(split, name)))
+        data = self.read_rows(split, name, 0, len(self._dataset(split, name)))
         valid = self.valid(split)
         return data if valid.all() else data[valid]
 
-    def dataset(self, split: str, name: str) -> h5py.Dataset:
-        """The raw h5py dataset (all rows, valid or not) for streamed reads."""
+    def dataset(self, split: str, name: str) -> CheckedRows | h5py.Dataset:
+        """An array of a split (all rows, valid or not) for streamed reads: a feature array as `CheckedRows` (h5py's
+        shape, dtype and chunks; reads by index checked row by row), any other (ids, labels, valid) as h5py's dataset."""
+        ds = self._dataset(split, name)
+        return CheckedRows(self, split, name, ds) if name in self._file[split].get("crc32", {}) else ds
+
+    def _dataset(self, split: str, name: str) -> h5py.Dataset:
         if name not in self._file[split]:
             raise MedfmError(f"cache {self.path} has no '{name}' features in {split}; it holds {', '.join(self.feature_names(split))}")
         return self._file[split][name]
 
     def iter_slices(self, split: str, name: str, order: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start row, array) chunk by chunk, in chunk `order` (default: file order)."""
-        ds = self.dataset(split, name)
+        ds = self._dataset(split, name)
         step = ds.chunks[0] if ds.chunks else len(ds)
         starts = list(range(0, len(ds), step))
         for i in order if order is not None else range(len(starts)):
             yield starts[i], self.read_rows(split, name, starts[i], min(starts[i] + step, len(ds)))
 
     def read_rows(self, split: str, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [start, stop) of a feature array (valid or not), into `out` when given.
+        """Rows [start, stop) of a feature array (valid or not), into `out` when given, each row checked against its
+        stored CRC-32 (`DamagedCache`, naming the row, at the first that differs).
 
         The writer stores chunks raw (no filters, every chunk allocated), so their bytes are copied
         straight from a memory map of the file: on a page-cached file that runs at a NumPy memmap's
         speed, about twice HDF5's own read path (bench/reads.py). Other layouts are read by h5py.
+        The checksums are computed over the rows just copied, a chunk's part at a time, while they are in the CPU's cache.
         """
         raw = self._raw_chunks(split, name)
         if raw is None:
-            ds = self.dataset(split, name)
+            ds = self._dataset(split, name)
             out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype) if out is None else out
             ds.read_direct(out, np.s_[start:stop])
+            self._check_rows(split, name, start, out)
             return out
         out = np.empty((stop - start, *raw.row_shape), dtype=raw.dtype) if out is None else out
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        checked = (done := self._checked_rows.get((split, name))) is not None and bool(done[start:stop].all())
+        step = max(1, CHECK_BYTES // max(raw.row_bytes, 1))  # rows copied, then checked while in the CPU's cache, at a time
         for chunk in range(start // raw.rows, -(-stop // raw.rows)):
             lo, hi = max(start, chunk * raw.rows), min(stop, (chunk + 1) * raw.rows)
             at = int(raw.offsets[chunk]) + (lo - chunk * raw.rows) * raw.row_bytes
             block = np.frombuffer(self._map, raw.dtype, (hi - lo) * raw.row_bytes // raw.dtype.itemsize, at)
-            out[lo - start : hi - start] = block.reshape(hi - lo, *raw.row_shape)
+            block = block.reshape(hi - lo, *raw.row_shape)
+            if checked:
+                out[lo - start : hi - start] = block
+                continue
+            for a in range(lo, hi, step):
+                b = min(a + step, hi)
+                part = out[a - start : b - start]
+                part[...] = block[a - lo : b - lo]
+                self._check_rows(split, name, a, part)
         return out
+
+    def _check_rows(self, split: str, name: str, start: int, block: np.ndarray) -> None:
+        """Raise `DamagedCache` at the first row of `block` (rows start.. of an array) whose CRC-32 differs from the stored
+        one. A row is checked the first time this reader reads it (a streamed probe reads every row each epoch: the
+        later reads copy at memory speed). Rows past the split's `rows` mark have no checksum yet and are not checked."""
+        key = (split, name)
+        if key not in self._crc:
+            group = self._file[split]
+            self._crc[key] = group["crc32"][name][: int(group.attrs["rows"])]
+            self._checked_rows[key] = np.zeros(len(self._crc[key]), dtype=bool)
+        done = self._checked_rows[key][start : start + len(block)]
+        todo = np.flatnonzero(~done).tolist()
+        if not todo:
+            return
+        stored = self._crc[key][start : start + len(done)].tolist()
+        rows = np.ascontiguousarray(block[: len(done)]).reshape(len(done), -1).view(np.uint8)
+        for i in todo:
+            if zlib.crc32(rows[i]) != stored[i]:
+                raise self._damage(f"{split}/{name} row {start + i} differs from its checksum")
+        done[:] = True
+
+    def _checked(self, split: str, key: str, data: np.ndarray) -> np.ndarray:
+        """`data` (a split's ids, labels or valid), checked against its checksum the first time it is read."""
+        if (split, key) not in self._sound:
+            stored = self._file[split].attrs.get(f"crc32_{key}")
+            if stored is not None and int(stored) != array_crc(data):
+                raise self._damage(f"{split}/{key} differs from its checksum")
+            self._sound.add((split, key))
+        return data
+
+    def _damage(self, what: str) -> DamagedCache:
+        """The one line for bytes that changed after they were written: where, and what to do."""
+        again = "rerun `extract images` (it rebuilds it)" if self.meta.settings.get("kind") == "pixels" else "extract it again"
+        return DamagedCache(f"cache {self.path}: {what}, so the file was damaged after it was written; `cache verify {self.path}` "
+                            f"lists all damage; remove it with `cache rm {self.path}` and {again}")
 
     def _raw_chunks(self, split: str, name: str) -> _RawChunks | None:
         """Where each row-chunk of an array lies in the file, when every chunk is stored raw and whole; else None."""
         key = (split, name)
         if key not in self._raw:
-            ds = self.dataset(split, name)
+            ds = self._dataset(split, name)
             self._raw[key] = None
             whole_rows = ds.chunks is not None and ds.chunks[1:] == ds.shape[1:] and ds.dtype.isnative and len(ds) > 0
             if whole_rows and ds.id.get_create_plist().get_nfilters() == 0:
@@ -534,7 +747,7 @@ class CacheReader:
         return self._raw[key]
 
     def nbytes(self, split: str, name: str) -> int:
-        ds = self.dataset(split, name)
+        ds = self._dataset(split, name)
         return int(ds.size * ds.dtype.itemsize)
 
     def close(self) -> None:
@@ -550,6 +763,58 @@ class CacheReader:
 
 
 _NOT_FEATURES = ("ids", "labels", "valid", "crc32", META_GROUP)
+CHECK_BYTES = 1 << 20  # `read_rows` copies then checks this many bytes of rows at a time: they are still in the CPU cache
+
+
+class CheckedRows:
+    """A feature array of a cache as h5py shows it (shape, dtype, chunks, len) whose reads by index (`[:]`, `[a:b]`,
+    `[i]`, `[rows]`, `np.asarray`) go through `CacheReader.read_rows`: each row read is checked against its CRC-32.
+    Any other attribute is the h5py dataset's own (`read_direct` through it reads unchecked)."""
+
+    def __init__(self, reader: CacheReader, split: str, name: str, dataset: h5py.Dataset) -> None:
+        self._reader, self._split, self._name, self._dataset = reader, split, name, dataset
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._dataset, attr)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[()]
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if not key or key[0] is Ellipsis:
+            data = self._rows(0, len(self))
+            return data[key] if key else data
+        rows, rest = key[0], key[1:]
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop, _ = rows.indices(len(self))
+            data = self._rows(start, max(start, stop))
+        elif isinstance(rows, slice | list | np.ndarray):
+            picks = np.arange(len(self))[rows]
+            data = self._pick(picks)
+        else:
+            row = operator.index(rows)
+            row = row + len(self) if row < 0 else row
+            if not 0 <= row < len(self):
+                raise IndexError(f"row {rows} is out of range for {len(self)} rows")
+            return self._rows(row, row + 1)[(0, *rest)]
+        return data[(slice(None), *rest)] if rest else data
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        return self._reader.read_rows(self._split, self._name, start, stop)
+
+    def _pick(self, rows: np.ndarray) -> np.ndarray:
+        """Rows in any order: one read of their span when they are dense in it, else one read a row."""
+        if not len(rows):
+            return self._rows(0, 0)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo <= 4 * len(rows):
+            return self._rows(lo, hi)[rows - lo]
+        return np.concatenate([self._rows(int(r), int(r) + 1) for r in rows])
 
 
 def groups(file: h5py.File) -> list[str]:
@@ -647,6 +912,10 @@ def verify(path: Path) -> list[str]:
             problems.append(problem)
         for split in groups(file):
             problems += _verify_split(split, file[split])
+        try:
+            _read_sources(file, "sources")
+        except DamagedCache as err:
+            problems.append(str(err).split(": ", 1)[1].split(";")[0])
         try:
             _read_text(file, "text")
         except MedfmError as err:

@@ -214,6 +214,12 @@ def images(
     split_seed: SplitSeed = None,
     opt: Opt = None,
     manifest: Manifest = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Decode every image afresh, replacing the image cache of these settings "
+                                                            "(needed once its source files changed).", show_default="off")] = False,
+    hash_sources: Annotated[bool, typer.Option("--hash-sources", help="Also record each source file's sha256: a file whose "
+                                                                      "modification time alone changed (a copy, a touch) then "
+                                                                      "still matches; costs one extra read of every file.",
+                                               show_default="off: size and modification time")] = False,
 ) -> None:
     """Decode and resize every image of DATASET once into an image cache, which `extract run` and `finetune run` then read."""
     check_dataset(dataset)
@@ -222,7 +228,7 @@ def images(
 
     cfg = ImageCacheConfig(dataset=dataset, root=root, out=out or output_root() / "images", resize=resize, interpolation=interpolation,
                            in_chans=in_chans, jpeg_draft=jpeg_draft, skip_bad=skip_bad, workers=workers, manifest=manifest,
-                           dataset_options=dataset_options(opt, split_seed))
+                           dataset_options=dataset_options(opt, split_seed), rebuild=rebuild, hash_sources=hash_sources)
     result = build_image_cache(cfg)
     rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
     rate = f", {result.images_per_s:.1f} img/s" if result.images_per_s else ""
@@ -243,6 +249,34 @@ def backbones() -> None:
                       f"{spec.token_shape[0]} x {spec.token_shape[1]}", spec.weights_file,
                       "[green]yes[/]" if present else "[red]no[/]")
     console.print(table)
+
+
+@app.command("check-backbone")
+def check_backbone_command(
+    backbone: Annotated[str, typer.Argument(help="A backbone named by its library: timm:NAME[.TAG], open_clip:ARCH[@PRETRAINED] or "
+                                                 "hf:MODEL_ID_OR_FOLDER.", show_default=False)],
+    weights: Annotated[str, typer.Option(help="default (the hub cache or $MEDFM_WEIGHTS_DIR) | random | PATH.")] = "default",
+    image_size: ImageSize = None,
+    device: Device = "auto",
+    batch: Annotated[int, typer.Option(help="Images in the random batch both sides see.")] = 2,
+    tolerance: Annotated[float, typer.Option(help="The bound: max |medfm - reference| <= tolerance x (1 + max |reference|).")] = 1e-4,
+    override: Annotated[list[str] | None, typer.Option(
+        help="Constructor KEY=VALUE (repeatable), as `extract run --override`; readout=cls|mean and prefix_tokens=N are medfm's.",
+        hidden=True)] = None,
+) -> None:
+    """Compare medfm's features of BACKBONE with its library's own forward, and write a receipt with the weights' sha256."""
+    check_backbone(backbone)  # a typo is one line, with the nearest names, before torch loads
+    from extract.backbones.check import check_backbone as run_check
+
+    report = run_check(backbone, weights, image_size=image_size, overrides=parse_overrides(override or []), device=device, batch=batch,
+                       tolerance=tolerance, say=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    console.print(f"reference: {report.reference}" if report.reference else "reference: not reached", highlight=False, markup=False,
+                  soft_wrap=True)
+    console.print(f"receipt: {report.receipt}", highlight=False, markup=False, soft_wrap=True)
+    if report.failures:
+        more = f" (and {len(report.failures) - 1} more: see {report.receipt})" if len(report.failures) > 1 else ""
+        raise MedfmError(f"check failed for {backbone}: {report.failures[0]}{more}")
+    console.print(f"[green]passed[/]: {backbone} equals its library's own forward", highlight=False)
 
 
 @app.command()

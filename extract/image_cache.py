@@ -10,11 +10,19 @@ bit and the feature caches keep their fingerprints (docs/images.md §4).
 The file is a cache of `cache/store.py` (same locking, resume, disk reservation and per-row CRC-32; `cache verify`
 checks it) whose one array per split is `pixels [N, C, H, W]` uint8, as torchvision's `PILToTensor` gives it, with
 the split's ids and labels; its meta names no backbone (`pixels`). Image caches live under `$MEDFM_OUTPUT/images`.
+
+The fingerprint names the files, not their bytes, so the file also records each source file's size and modification
+time, taken before it is decoded (`cache.store.SourceFiles`; with `--hash-sources` also its sha256). Every reader
+(`find_image_cache`: extraction, finetune) and a rerun of `extract images` compare them with the files, one `stat` a
+file, and refuse a cache whose files changed, naming one and the command that rebuilds it (`--rebuild`). An image
+cache built before they were recorded still reads, unchecked, and says so once.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,13 +36,14 @@ from torchvision import transforms as T
 
 from cache.fingerprint import fingerprint, manifest_hash
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo
-from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, partial_path, planned_bytes
+from cache.store import CacheReader, CacheWriter, FeatureSpec, SourceFiles, SplitPlan, partial_path, planned_bytes
 from common.errors import MedfmError
 from common.runtime import loader_workers, output_root
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource
 from extract.datasets.decode import DECODER_VERSION, open_image, to_8bit
 from extract.datasets.images import ImageDataset, SkippedImages
+from extract.datasets.registry import REGISTRY
 from extract.datasets.splits import read_manifest
 from extract.transforms import TransformSpec, square_resize
 
@@ -116,16 +125,81 @@ class JpegDraft:
         return self.load_image(ref)
 
 
+def source_paths(source: DatasetSource, root: Path | None) -> list[str | os.PathLike]:
+    """The files an image cache of `source` is decoded from: every image reference that is a path. A dataset whose images
+    are not files (generated ones, or arrays out of one file such as MedMNIST's .npz) gives the file `--root` names, if any."""
+    paths = [ref for split in source.splits.values() for ref in split.images if isinstance(ref, str | os.PathLike)]
+    if paths or root is None:
+        return paths
+    root = Path(root).expanduser()
+    named = source.options.get("file")
+    if root.is_file():
+        return [root]
+    return [root / named] if isinstance(named, str) and (root / named).is_file() else []
+
+
+def rebuild_command(source: DatasetSource, root: Path | None, folder: Path, spec: PixelSpec, manifest: Path | None = None) -> str:
+    """The `extract images` command that rebuilds the image cache of `source` with `spec` in `folder` (`--rebuild`); a
+    reader does not know the `--manifest` a re-split cache was built with, the build itself does."""
+    words = ["--dataset", source.name]
+    if root is not None:
+        words += ["--root", str(Path(root).expanduser().resolve())]
+    if Path(folder).expanduser().resolve() != (output_root() / "images").resolve():
+        words += ["--out", str(folder)]
+    if spec.resize != STUDY_RESIZE:
+        words += ["--resize", str(spec.resize)]
+    if spec.interpolation != "bilinear":
+        words += ["--interpolation", spec.interpolation]
+    if spec.channels != (1 if source.grayscale else 3):
+        words += ["--in-chans", str(spec.channels)]
+    if spec.jpeg_draft:
+        words.append("--jpeg-draft")
+    try:
+        takes = inspect.signature(REGISTRY.get(source.name).build).parameters
+    except (MedfmError, TypeError, ValueError):
+        takes = {}
+    for key, value in source.options.items():  # the dataset options its builder takes (others are derived, e.g. a file name)
+        if key in takes and isinstance(value, str | int | float | bool):
+            words += ["--opt", f"{key}={value}"]
+    if manifest is not None:
+        words += ["--manifest", str(manifest)]
+    return " ".join(["extract images", *map(shlex.quote, words), "--rebuild"])
+
+
+_UNRECORDED: set[Path] = set()  # image caches this process said it cannot check (built before sources were recorded)
+
+
+def check_sources(reader: CacheReader, rebuild: str, console: Console | None = None) -> None:
+    """Refuse, in one line naming a changed file and `rebuild`, an image cache whose source files changed since it was
+    built (one `stat` a file); an image cache without a record (built before medfm kept one) passes, said once."""
+    sources = reader.sources()
+    if sources is None:
+        if reader.path not in _UNRECORDED:
+            _UNRECORDED.add(reader.path)
+            (console or Console(stderr=True)).print(
+                f"[yellow]image cache {reader.path.name} was built before medfm recorded its source files[/]: whether they "
+                f"changed is not checked (`{rebuild}` records them)", highlight=False, soft_wrap=True)
+        return
+    changed = sources.changed()
+    if changed:
+        (path, why), more = changed[0], len(changed) - 1
+        raise MedfmError(f"image cache {reader.path} is stale: {path} changed since it was built ({why})"
+                         + (f" and {more} more file(s) did" if more else "") + f"; rebuild it with `{rebuild}`")
+
+
 class CachedPixels:
     """A complete image cache, read image by image. Each process (each DataLoader worker) opens the file on its own
-    first read, so no HDF5 handle crosses a fork; reads are raw-chunk copies from a memory map (`CacheReader.read_rows`)."""
+    first read, so no HDF5 handle crosses a fork; reads are raw-chunk copies from a memory map (`CacheReader.read_rows`),
+    each row checked against its CRC-32. Opening it checks that the source files did not change (`check_sources`)."""
 
-    def __init__(self, path: Path, spec: PixelSpec) -> None:
+    def __init__(self, path: Path, spec: PixelSpec, rebuild: str = "extract images ... --rebuild",
+                 console: Console | None = None) -> None:
         self.path, self.spec = Path(path), spec
         self._rows: dict[str, tuple[str, int, bool]] | None = {}
         with CacheReader(self.path) as reader:
+            check_sources(reader, rebuild, console)
             for split in reader.splits:
-                ids, valid = reader.dataset(split, "ids").asstr()[:], reader.valid(split)
+                ids, valid = reader.row_ids(split), reader.valid(split)
                 self._rows.update((i, (split, row, bool(ok))) for row, (i, ok) in enumerate(zip(ids, valid, strict=True)))
         self._reader: CacheReader | None = None
         self._pid = 0
@@ -154,10 +228,11 @@ class CachedPixels:
 
 
 def find_image_cache(source: DatasetSource, root: Path | None, tspec: TransformSpec, option: str, *,
-                     draft: bool = True) -> CachedPixels | None:
+                     draft: bool = True, console: Console | None = None) -> CachedPixels | None:
     """The complete image cache whose images are `tspec`'s resize of `source`'s files, or None (`option` off, or none built).
 
-    An exact one first; else, when `draft`, one built with `--jpeg-draft` (whose use changes the features).
+    An exact one first; else, when `draft`, one built with `--jpeg-draft` (whose use changes the features). One whose
+    source files changed since it was built is refused (`check_sources`), never passed over for the files.
     """
     folder = image_folder(option)
     if folder is None:
@@ -166,7 +241,7 @@ def find_image_cache(source: DatasetSource, root: Path | None, tspec: TransformS
         spec = pixel_spec(tspec.resize, tspec.interpolation, tspec.channels, jpeg_draft)
         path = cache_file(folder, source.name, fingerprint(pixel_settings(source, root, spec)))
         if path.exists():
-            return CachedPixels(path, spec)
+            return CachedPixels(path, spec, rebuild_command(source, root, folder, spec), console)
     return None
 
 
@@ -183,6 +258,8 @@ class ImageCacheConfig:
     workers: int | None = None
     manifest: Path | None = None  # a saved <cache>.splits.json: the split `extract run --manifest` will use
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    rebuild: bool = False  # decode afresh, replacing a complete (or partial) image cache of these settings
+    hash_sources: bool = False  # also record each source file's sha256 (a file whose time alone changed then passes)
 
 
 @dataclass
@@ -211,10 +288,11 @@ def build_image_cache(cfg: ImageCacheConfig, console: Console | None = None) -> 
     settings = pixel_settings(source, cfg.root, spec)
     fp = fingerprint(settings)
     path = cache_file(cfg.out, source.name, fp)
-    if path.exists():
+    if path.exists() and not cfg.rebuild:
         with CacheReader(path) as reader:
             if reader.fingerprint != fp:
                 raise MedfmError(f"{path} holds a different fingerprint than its name says; remove it with `cache rm {path}`")
+            check_sources(reader, rebuild_command(source, cfg.root, cfg.out, spec, cfg.manifest), console)
             rows = {s: len(reader.ids(s)) for s in reader.splits}
         console.print(f"[green]reusing image cache[/] {path} (complete; nothing to decode)")
         return ImageCacheResult(path, True, rows, 0, None)
@@ -225,9 +303,16 @@ def build_image_cache(cfg: ImageCacheConfig, console: Console | None = None) -> 
         transform={"resize": spec.resize, "interpolation": spec.interpolation, "channels": spec.channels},
     )
     plan = {name: SplitPlan(split.ids, split.labels, {PIXELS: FeatureSpec(spec.shape, "uint8")}) for name, split in source.splits.items()}
-    resuming = partial_path(path).exists()
-    writer = CacheWriter.open(path, meta, plan)
-    if resuming and any(writer.rows(s) for s in plan):
+    files = source_paths(source, cfg.root)
+    if cfg.hash_sources:
+        console.print(f"hashing {len(files)} source file(s) (--hash-sources)")
+    sources = SourceFiles.record(files, hashed=cfg.hash_sources)  # before decoding: a file changed later is seen as changed
+    resuming = partial_path(path).exists() and not cfg.rebuild
+    writer = CacheWriter.open(path, meta, plan, sources=sources, replace=cfg.rebuild)
+    if resuming and not writer.resumed:
+        console.print(f"not resuming {partial_path(path).name}: its record of the source files differs (they changed since it "
+                      "was started, it was started with another --hash-sources or before medfm kept one); decoding afresh")
+    if resuming and writer.resumed and any(writer.rows(s) for s in plan):
         console.print(f"resuming {partial_path(path).name}: " + ", ".join(f"{s} {writer.rows(s)}/{writer.planned(s)}" for s in plan))
     else:
         console.print(f"decoding {source.name} once at {spec.resize} x {spec.resize} ({spec.interpolation}"

@@ -14,9 +14,12 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from cache.store import DamagedCache
 from common.errors import MedfmError
 from extract.datasets.base import DatasetSource
 from extract.datasets.decode import to_mode
+
+DAMAGED = "damaged cache: "  # marks, in a loader's per-image error, a stored row that failed its checksum
 
 
 @contextmanager
@@ -101,6 +104,8 @@ class ImageDataset(torch.utils.data.Dataset):
                 return self.transform(image), True, ""
         except FileNotFoundError:
             return torch.zeros(self.shape, dtype=self.dtype), False, f"{ref}: file not found"
+        except DamagedCache as err:  # a damaged image cache is no unreadable image: never skipped (`SkippedImages.check`)
+            return torch.zeros(self.shape, dtype=self.dtype), False, DAMAGED + f"image {ref}: {err}"
         except MedfmError as err:  # a refusal that says why; the readers name the file, a conversion may not
             return torch.zeros(self.shape, dtype=self.dtype), False, str(err) if str(err).startswith(str(ref)) else f"{ref}: {err}"
         except Exception as err:  # noqa: BLE001 - any decode failure is reported by the runner, with the file
@@ -126,6 +131,9 @@ class SkippedImages:
         if bool(ok.all()):
             return
         bad = [(i, e) for i, e, good in zip(ids, errors, ok.tolist(), strict=True) if not good]
+        damaged = [e for _, e in bad if e.startswith(DAMAGED)]
+        if damaged:  # the stored pixels, not the image, are bad: stop whatever --skip-bad says
+            raise MedfmError(damaged[0].removeprefix(DAMAGED))
         if not self.skip_bad:
             raise MedfmError(f"cannot read image {bad[0][1]}; fix or remove it, or pass --skip-bad to skip unreadable images")
         self.found.extend(bad)
