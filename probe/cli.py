@@ -16,6 +16,7 @@ from common.errors import MedfmError
 from common.runtime import output_root
 from ledger.store import Ledger
 from probe.data import feature_name, parse_bytes
+from probe.solvers import check_solver
 from training.names import check_head
 from training.recipe import STUDY
 
@@ -42,6 +43,12 @@ DEFAULT_FRACTIONS = "0.01,0.05,0.1,0.25,0.5,1"  # `probe curve`'s labelled fract
 Views = Annotated[str, typer.Option(help="Augmented train views of the cache to train on, epoch e on view (e-1) mod K "
                                          "(the study's frozen protocol); 0: the eval view; auto: all the cache holds.")]
 Protocol = Annotated[str, typer.Option(help="medfm | study: the official code's model selection and DeiT-head rules (docs/protocol.md §7).")]
+Solver = Annotated[str, typer.Option(help=(
+    "auto | lbfgs | adamw: how the linear head is fit. lbfgs: a logistic regression on standardized features, solved to "
+    "convergence by L-BFGS, its L2 strength C chosen on validation over 1e-4..1e4. adamw: the study's recipe; --lr, --epochs, "
+    "--batch-size, --weight-decay, --warmup-steps, --patience, --grad-clip and --standardize apply to it alone. auto (the "
+    "default): lbfgs for the linear head under --protocol medfm on the eval view; adamw under --protocol study, for the "
+    "DeiT head and on augmented --views."))]
 
 
 def parse_views(text: str, held: int) -> int:
@@ -80,14 +87,18 @@ def run(
     standardize: Standardize = False,
     views: Views = "auto",
     protocol: Protocol = "medfm",
+    solver: Solver = "auto",
     max_ram: MaxRam = None,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Retrain even if the ledger already holds this run.")] = False,
     calibrate: Annotated[bool, typer.Option(help="Fit a temperature on the validation logits and add the test split's calibration "
                                                  "metrics with it (<name>_calibrated; T in metrics.json). Single-label tasks.")] = False,
 ) -> None:
-    """Train one head on a cache with the study's recipe (one per seed with --seeds); a run already in the ledger is skipped."""
+    """Train one head on a cache (one per seed with --seeds); a run already in the ledger is skipped. A linear head is a
+    logistic regression solved by L-BFGS, C chosen on validation, unless --protocol study or --solver adamw (the study's
+    recipe, which the DeiT head always trains with)."""
     check_head(head)  # a typo is one line before torch loads
+    check_solver(solver)
     several = parse_seeds(seeds, seed)
     if calibrate and several is not None:
         raise MedfmError("--calibrate applies to one run: give --seed, not --seeds")
@@ -101,7 +112,8 @@ def run(
             head=head, feature=feature_name(reader, get_head(head).reads, layer), lr=lr, weight_decay=weight_decay, batch_size=batch_size,
             epochs=epochs, warmup_steps=warmup_steps, patience=patience, grad_clip=grad_clip or None, seed=seed or 0,
             data_seed=data_seed, head_depth=head_depth, head_preset=head_preset, head_weights=head_weights, standardize=standardize,
-            views=parse_views(views, reader.meta.views) if get_head(head).trains else 0, protocol=protocol,  # kNN: the eval view
+            views=solver_views(views, reader.meta.views, solver) if get_head(head).trains else 0, protocol=protocol,  # kNN: the eval view
+            solver=solver,
         )
         if several is None:
             run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console, calibrate=calibrate)
@@ -111,6 +123,11 @@ def run(
         grid = Grid(heads=(head,), lrs=(lr,), weight_decays=(weight_decay,), seeds=tuple(several), layers=(layer,))
         outcome = run_sweep(reader, expand(reader, grid, config), device=device, max_ram=_ram(max_ram), force=force, console=console)
     _say_seeds(outcome.records, late_hint(config))
+
+
+def solver_views(text: str, held: int, solver: str) -> int:
+    """`--views` for `--solver`: auto is the eval view for lbfgs (it fits one fixed view), every view the cache holds else."""
+    return 0 if solver == "lbfgs" and text == "auto" else parse_views(text, held)
 
 
 def parse_seeds(seeds: str | None, seed: int | None) -> list[int] | None:
@@ -163,6 +180,7 @@ def sweep(
     standardize: Standardize = False,
     views: Views = "auto",
     protocol: Protocol = "medfm",
+    solver: Solver = "auto",
     max_ram: MaxRam = None,
     device: Device = "auto",
     deit_per_pass: Annotated[str, typer.Option(help="DeiT heads trained side by side over one read of the tokens (each needs its "
@@ -170,9 +188,12 @@ def sweep(
                                                    "(1 on the CPU).")] = "1",
     force: Annotated[bool, typer.Option(help="Retrain configurations the ledger already holds.")] = False,
 ) -> None:
-    """Train a grid of heads on one cache (linear heads together, in one pass per epoch); report the best by validation."""
+    """Train a grid of heads on one cache; report the best by validation. AdamW heads of one schedule train together, in
+    one pass per epoch; L-BFGS linear heads (the default, see --solver) choose their L2 strength themselves, so the
+    --lr and --weight-decay grid applies to AdamW heads alone."""
     for name in _values(head, str, "--head"):
         check_head(name)  # a typo is one line before torch loads
+    check_solver(solver)
     from probe.config import TrainConfig
     from probe.sweep import Grid, expand, run_sweep
 
@@ -185,28 +206,34 @@ def sweep(
         )
         base = TrainConfig(batch_size=batch_size, epochs=epochs, warmup_steps=warmup_steps, patience=patience,
                            grad_clip=grad_clip or None, data_seed=data_seed, head_depth=head_depth, head_preset=head_preset,
-                           head_weights=head_weights, standardize=standardize, views=parse_views(views, reader.meta.views),
-                           protocol=protocol)
+                           head_weights=head_weights, standardize=standardize, views=solver_views(views, reader.meta.views, solver),
+                           protocol=protocol, solver=solver)
         outcome = run_sweep(reader, expand(reader, grid, base), device=device, max_ram=_ram(max_ram), force=force,
                             deit_per_pass=_per_pass(deit_per_pass), console=console)
     table = Table("head", "feature", "lr", "weight decay", "seed", f"val {outcome.records[0].primary_metric}",
                   f"test {outcome.records[0].primary_metric}", title=f"sweep: {outcome.trained} trained, {outcome.skipped} already in the ledger")
     best_ids = {r.id for r in outcome.best_runs}
     for r in outcome.records:
-        table.add_row(r.head, r.config["feature"], f"{r.config['lr']:g}", f"{r.config['weight_decay']:g}", str(r.seed),
+        table.add_row(r.head, r.config["feature"], _setting(r.config, "lr"), _setting(r.config, "weight_decay"), str(r.seed),
                       _cell(r.val_score, False), _cell(r.test_primary, False), style="bold green" if r.id in best_ids else None)
     console.print(table)
     if outcome.best is not None:
         b, n = outcome.best, len(outcome.best_runs)
         seeds = f"mean over {n} seeds ({', '.join(str(r.seed) for r in outcome.best_runs)})" if n > 1 else f"seed {b.seed}"
-        console.print(f"best by mean validation: {b.head} head, {b.config['feature']}, lr {b.config['lr']:g}, weight decay "
-                      f"{b.config['weight_decay']:g}, {seeds}: val {outcome.best_val:.4f}, test {b.primary_metric} "
-                      f"{outcome.best_test:.4f} (n={n}; as `probe report` chooses)")
+        fit = ("L-BFGS, C on validation" if b.config.get("solver") == "lbfgs" else
+               f"lr {_setting(b.config, 'lr')}, weight decay {_setting(b.config, 'weight_decay')}")
+        console.print(f"best by mean validation: {b.head} head, {b.config['feature']}, {fit}, {seeds}: val {outcome.best_val:.4f}, "
+                      f"test {b.primary_metric} {outcome.best_test:.4f} (n={n}; as `probe report` chooses)")
     late = [r for r in outcome.records if r.late_best]
     if late:
         console.print(f"[yellow]{len(late)} of {len(outcome.records)} runs had their best validation epoch in the last tenth of "
                       f"their epochs and may not have converged; raise --epochs"
                       + (" or use --standardize[/]" if any(r.head == "linear" and not r.config.get("standardize") for r in late) else "[/]"))
+
+
+def _setting(config: dict, name: str) -> str:
+    """A recorded setting for a table cell; '-' where the run's solver did not use it (an L-BFGS run has no lr)."""
+    return f"{config[name]:g}" if config.get(name) is not None else "-"
 
 
 def _values(text: str, kind: type, flag: str) -> list:
@@ -422,7 +449,7 @@ def compare(
     boot: Annotated[int, typer.Option(help="Bootstrap resamples of the test rows.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
     allow_flagged: Annotated[bool, typer.Option("--allow-flagged", help="Give the verdict even when a run is flagged late, collapsed "
-                                                                        "or at chance (exit 0).")] = False,
+                                                                        "or at chance (exit 0).", show_default="off: exit 1 without a verdict")] = False,
     ledger: Annotated[Path | None, typer.Option(help="Results ledger.", show_default="$MEDFM_OUTPUT/runs/results.sqlite")] = None,
 ) -> None:
     """Paired comparison of two runs on the same test rows: bootstrap interval and p-value of A - B (DeLong for binary tasks).
@@ -474,6 +501,7 @@ def curve(
     warmup_steps: WarmupSteps = None,
     standardize: Standardize = False,
     views: Views = "auto",
+    solver: Solver = "auto",
     max_ram: MaxRam = None,
     device: Device = "auto",
     out: Annotated[Path | None, typer.Option(help="Folder for curve.csv and curve.png.", show_default="$MEDFM_OUTPUT/reports")] = None,
@@ -490,6 +518,7 @@ def curve(
     if repeats < 1:
         raise MedfmError(f"--repeats must be at least 1, got {repeats}")
     check_head(head)
+    check_solver(solver)
     if not cache and not (backbone and dataset):
         raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
     from contextlib import ExitStack
@@ -505,7 +534,7 @@ def curve(
         readers = [stack.enter_context(open_cache(path, name, dataset)) for path, name in caches]
         held = min(reader.meta.views for reader in readers)  # auto: the views every cache holds
         base = TrainConfig(head=head, lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, warmup_steps=warmup_steps,
-                           standardize=standardize, views=parse_views(views, held))
+                           standardize=standardize, views=solver_views(views, held, solver), solver=solver)
         outcome = run_curve(readers, base, kind, amounts, repeats, layer=layer, subset_seed=subset_seed, device=device,
                             max_ram=_ram(max_ram), console=console)
     files = write_curve(outcome, out or output_root() / "reports")

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from probe.solvers import C_GRID, default_solver
 from scoring.metrics import Metrics
 from training.heads import get_head
 from training.recipe import STUDY
 
 if TYPE_CHECKING:
     from probe.subsets import Subset
+
+
+# what only the AdamW loop reads: an lbfgs fit (always on standardized features, the eval view) does not depend on them
+ADAMW_ONLY = ("lr", "weight_decay", "batch_size", "epochs", "warmup_steps", "patience", "grad_clip", "data_seed", "standardize",
+              "views")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class TrainConfig:
     views: int = 0  # augmented train views of the cache to cycle, epoch e on view (e-1) mod K; 0: the eval view (docs/protocol.md §4)
     protocol: str = "medfm"  # medfm | study: model selection and DeiT-head rules (docs/protocol.md §7)
     train_subset: Subset | None = None  # a labelled subset of the train rows (probe.curve); None: every train row
+    solver: str = "auto"  # linear heads: auto | lbfgs | adamw (probe.solvers); `resolved()` makes auto concrete
+    c_grid: tuple[float, ...] = C_GRID  # lbfgs: the inverse L2 strengths tried, one chosen on validation (probe.logreg)
 
     def head_options(self) -> dict[str, Any]:
         """The head's own settings (`head_<option>` fields), as its registry entry names them."""
@@ -48,12 +56,29 @@ class TrainConfig:
         return (self.feature, self.batch_size, self.epochs, self.warmup_steps, self.patience, self.grad_clip, self.data_seed,
                 self.views, self.protocol, self.train_subset)
 
+    def resolved(self) -> TrainConfig:
+        """This config with `solver` auto made concrete (`probe.solvers.default_solver`): lbfgs for the linear head on the
+        eval view under medfm's protocol, adamw otherwise."""
+        if self.solver != "auto":
+            return self
+        return replace(self, solver=default_solver(self.head, self.protocol, self.views))
+
     def to_dict(self) -> dict[str, Any]:
-        """The settings that decide the result (the ledger's config); head_* only for heads that use them."""
-        data = asdict(self)
+        """The settings that decide the result (the ledger's config), for the resolved solver; head_* only for heads that
+        use them. An lbfgs run records its solver and C grid, not the AdamW settings it never used; an AdamW run records
+        no solver, so its ledger key is the one it had before the solver existed."""
+        config = self.resolved()
+        data = asdict(config)
         data.pop("seed")
-        if self.head != "linear" or not self.standardize:
-            data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
+        if config.solver == "lbfgs":
+            for name in ADAMW_ONLY:
+                data.pop(name)
+            data["c_grid"] = list(config.c_grid)
+        else:
+            data.pop("solver")
+            data.pop("c_grid")
+            if self.head != "linear" or not self.standardize:
+                data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
         if self.train_subset is None:
             data.pop("train_subset")  # absent when every train row is used: the keys of earlier runs stay as they were
         used = {f"head_{option}" for option in get_head(self.head).options}

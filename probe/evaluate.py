@@ -39,6 +39,7 @@ from probe.heads import get_head
 from probe.stack import stack_heads
 from probe.train import make_head, predict
 from scoring.metrics import compute_metrics
+from training.recipe import STUDY
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def head_outputs(run: SavedRun, reader: CacheReader, device: str = "auto", max_r
     if "test" not in reader.splits:
         raise MedfmError(f"{reader.path} has no test split to score (it holds {', '.join(reader.splits)})")
     c = run.config.config
-    config = TrainConfig(head=c["head"], feature=c["feature"], batch_size=int(c["batch_size"]), seed=run.config.seed,
+    config = TrainConfig(head=c["head"], feature=c["feature"], batch_size=int(c.get("batch_size", STUDY.batch_size)), seed=run.config.seed,
                          head_depth=int(c.get("head_depth", 12)), head_preset=c.get("head_preset", "deit-b"),
                          head_weights="random", protocol=c.get("protocol", "medfm"))  # the weights come from head.pt
     source = FeatureSource(reader, config.feature, config.batch_size, max_ram)

@@ -27,6 +27,8 @@ from ledger.store import Ledger
 from probe.config import FitResult, TrainConfig
 from probe.data import FeatureSource
 from probe.heads import RANDOM_DEIT_WARNING, get_head
+from probe.logreg import edge_note, fit_logreg
+from probe.solvers import check_lbfgs, check_solver
 from probe.subsets import subset_rows
 from probe.train import train_head
 from scoring.health import Health
@@ -38,6 +40,9 @@ def validate(config: TrainConfig) -> None:
     """Bad values are user errors, said before any work starts."""
     get_head(config.head)  # an unknown head names the registered ones
     check_protocol(config.protocol)
+    check_solver(config.solver)
+    if config.solver == "lbfgs":
+        check_lbfgs(config.head, config.protocol, config.views, config.c_grid)
     checks = [
         (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
         (config.views >= 0, f"--views must be auto, 0 (the eval view) or a number of augmented views, got {config.views}"),
@@ -83,9 +88,11 @@ def run_probe(
     reader: CacheReader, config: TrainConfig, *, device: str = "auto", max_ram: int | None = None, force: bool = False,
     ledger: Ledger | None = None, console: Console | None = None, calibrate: bool = False,
 ) -> RunOutcome:
-    """Train one head from an open cache, unless the ledger already holds this exact run (`force` retrains)."""
+    """Train one head from an open cache, unless the ledger already holds this exact run (`force` retrains).
+    `config.solver` auto is resolved first (`TrainConfig.resolved`): the run and its ledger key are those of the solver used."""
     console = console or Console(stderr=True)
     ledger = ledger or Ledger()
+    config = config.resolved()
     validate(config)
     key = ledger_key(reader, config)
     with claim(ledger, key):
@@ -106,14 +113,16 @@ def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, d
     dev = resolve_device(device)
     rows = subset_rows(reader, config.train_subset) if config.train_subset is not None else None  # `probe curve`'s subsets
     source = FeatureSource(reader, config.feature, config.batch_size, max_ram, config.views, rows=rows)
-    console.print(f"training a {config.head} head on {reader.meta.backbone.name}/{reader.meta.dataset.name} "
+    console.print(f"training a {config.head} head{solver_text(config)} on {reader.meta.backbone.name}/{reader.meta.dataset.name} "
                   f"{config.feature} ({source.mode}, {source.nbytes / 2**20:.1f} MiB) on {dev}")
     warn_random(reader, config, console)
     started = time.perf_counter()
     with Progress(console=console, transient=True) as progress, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=RANDOM_DEIT_WARNING)  # said once, above, on the console
         spec = get_head(config.head)
-        if spec.trains:
+        if config.solver == "lbfgs":
+            result = fit_logreg(config, source, reader.task, dev, progress)
+        elif spec.trains:
             result = train_head(config, source, reader.task, dev, progress)
         else:  # a head with a fit of its own (the kNN probe, `probe.knn`): no training loop
             result = spec.fit(config, source, reader.task, dev, progress)
@@ -122,9 +131,21 @@ def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, d
     console.print(f"{describe(record)} -> {record.run_dir}")
     if record.late_best:
         console.print(f"[yellow]{late_best_note(result.best_epoch, config.epochs, late_hint(config))}[/]")
+    if config.solver == "lbfgs" and (note := edge_note(result)):
+        console.print(f"[yellow]{note}[/]", highlight=False)
     if record.collapsed or record.chance:
         console.print(f"[yellow]warning: {result.extra['health']}[/]", highlight=False, soft_wrap=True)
     return RunOutcome(record, False)
+
+
+def solver_text(config: TrainConfig) -> str:
+    """How a resolved config's linear head is fit, for the run's first line ("" for other heads)."""
+    if config.head != "linear":
+        return ""
+    if config.solver == "lbfgs":
+        return (f" (logistic regression on standardized features, L-BFGS, C chosen on validation over "
+                f"{min(config.c_grid):g}..{max(config.c_grid):g})")
+    return " (AdamW, the study's recipe" + (", standardized features)" if config.standardize else ")")
 
 
 def late_hint(config: TrainConfig) -> str:
@@ -158,10 +179,12 @@ def _score(value: float | None) -> str:
 
 
 def _rows_per_s(reader: CacheReader, result: FitResult) -> float | None:
-    """Train rows the head read per second of training: its epochs x its train rows / its train seconds."""
+    """Train rows the head read per second of training: its epochs (an lbfgs fit: its evaluations of the objective over
+    every C) x its train rows / its train seconds."""
     subset = result.config.train_subset
     rows = len(subset_rows(reader, subset)) if subset is not None else len(reader.ids("train"))
-    return len(result.history) * rows / result.train_seconds if result.train_seconds > 0 else None
+    passes = sum(row.get("evaluations", 1) for row in result.history)
+    return passes * rows / result.train_seconds if result.train_seconds > 0 else None
 
 
 def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None,
@@ -186,7 +209,7 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
         backbone_random_weights=meta.backbone.random_weights, head_init=result.head_init, extra={"precision": result.precision},
     ))
     write_history(run_dir, result.history)
-    trains = get_head(config.head).trains
+    trains = get_head(config.head).trains and config.solver != "lbfgs"  # an epoch loop (an lbfgs fit's rows are C values)
     if trains:  # the same epochs where TensorBoard reads them
         with scalar_writer(run_dir) as writer:
             for row in result.history:

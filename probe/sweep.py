@@ -8,6 +8,10 @@ activations. A configuration with a `train_subset` (`probe curve`) trains on tho
 subset share their passes). Configurations already in the ledger are skipped, so rerunning a finished sweep trains
 nothing. The sweep's answer is the best configuration by mean validation score over its seeds, reported with
 its mean test score: the rule of `probe report` (`ledger.store.best_configuration`).
+
+Linear heads of `--solver lbfgs` (the default under medfm's protocol, `probe.solvers`) choose their own L2 strength on
+validation: a learning-rate or weight-decay grid does not apply to them (configurations that differ only there are one
+run), and each remaining configuration (seed, layer, subset) is fit on its own by `probe.logreg.fit_logreg`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ledger.store import Ledger
 from probe.config import TrainConfig
 from probe.data import FeatureSource, feature_name
 from probe.heads import RANDOM_DEIT_WARNING, get_head
+from probe.logreg import edge_note, fit_logreg
 from probe.run import claim, ledger_key, save_run, validate, warn_random
 from probe.subsets import subset_rows
 from probe.train import fit, make_head
@@ -96,11 +101,18 @@ def run_sweep(
     # --- set-up: what is already done, and how the rest groups into passes over the data
     console = console or Console(stderr=True)
     ledger = ledger or Ledger()
+    configs = [c.resolved() for c in configs]  # `--solver auto` made concrete: the runs and keys of the solver used
     for config in configs:
         validate(config)
     if deit_per_pass != AUTO and (not isinstance(deit_per_pass, int) or deit_per_pass < 1):
         raise MedfmError(f"--deit-per-pass must be auto or at least 1, got {deit_per_pass}")
-    keys = [ledger_key(reader, c) for c in configs]
+    if len({(c.lr, c.weight_decay) for c in configs if c.solver == "lbfgs"}) > 1:
+        console.print("linear heads are fit by L-BFGS (--solver lbfgs), their L2 strength chosen on validation: the --lr and "
+                      "--weight-decay grid does not apply to them (--solver adamw sweeps it)")
+    firsts: dict[str, TrainConfig] = {}
+    for config in configs:  # configurations that differ only in what their solver ignores are one run
+        firsts.setdefault(ledger_key(reader, config), config)
+    keys, configs = list(firsts), list(firsts.values())
     with ExitStack() as claims:
         todo = [(c, k) for c, k in zip(configs, keys, strict=True) if force or ledger.find(k) is None]
         for _, key in todo:  # every run to train is ours alone, or the sweep stops before training any
@@ -127,12 +139,12 @@ def _train_todo(
     console.print(f"sweep of {len(configs)} configurations: {len(configs) - len(todo)} already in the ledger, {len(todo)} to train")
     by_settings: dict[tuple, list[tuple[TrainConfig, str]]] = defaultdict(list)
     for config, key in todo:  # heads sharing data, schedule and head architecture can share a pass
-        by_settings[(config.head, config.shared(), tuple(config.head_options().items()))].append((config, key))
+        by_settings[(config.head, config.solver, config.shared(), tuple(config.head_options().items()))].append((config, key))
     dev = resolve_device(device)
     task = reader.task
     groups: list[list[tuple[TrainConfig, str]]] = []
     for (kind, *_), members in by_settings.items():
-        size = len(members) if kind == "linear" else deit_per_pass  # linear heads: all at once, as one stacked layer
+        size = len(members) if kind == "linear" else deit_per_pass  # linear heads: all at once (one stacked layer, one load)
         if size == AUTO:
             size = heads_per_pass(members[0][0], reader, task.num_outputs, dev, len(members))
             console.print(f"--deit-per-pass auto: {size} DeiT head(s) per pass on {device_label(dev)}")
@@ -149,8 +161,15 @@ def _train_todo(
             rows = subset_rows(reader, first.train_subset) if first.train_subset is not None else None  # `probe curve`
             source = FeatureSource(reader, first.feature, first.batch_size, max_ram, first.views, rows=rows)
             started = time.perf_counter()
-            heads = [make_head(c, source.row_shape, task.num_outputs) for c, _ in members]
-            results = fit(heads, [c for c, _ in members], source, task, dev, progress)
+            if first.solver == "lbfgs":  # one fit each, on features loaded once for the group
+                results = [fit_logreg(c, source, task, dev, progress) for c, _ in members]
+                edges = sum(edge_note(r) is not None for r in results)
+                if edges:
+                    console.print(f"[yellow]{edges} of {len(results)} L-BFGS fits chose a C at the edge of their grid or stopped "
+                                  "before converging (metrics.json: C, C_at_edge, converged)[/]")
+            else:
+                heads = [make_head(c, source.row_shape, task.num_outputs) for c, _ in members]
+                results = fit(heads, [c for c, _ in members], source, task, dev, progress)
             seconds = time.perf_counter() - started
             test_labels = results[0].predictions["test"][0]  # heads of a group score the same test rows
             healths = check_runs(task, test_labels, [r.predictions["test"][1] for r in results])

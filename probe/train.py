@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,9 @@ def fit(
     is computed once, on the best epoch's validation logits and on the test split.
     """
     # --- set-up
+    if any(c.solver == "lbfgs" for c in configs):
+        raise ValueError("the AdamW loop trains configs of --solver adamw (or auto); lbfgs configs go to probe.logreg.fit_logreg")
+    configs = [replace(c, solver="adamw") for c in configs]  # what each result records: the loop's solver
     shared = configs[0]
     if any(c.shared() != shared.shared() for c in configs):
         raise ValueError("heads trained together must share feature, batch size, epochs, warmup, patience, clipping and data seed")
