@@ -47,7 +47,7 @@ install: $(PY)
 demo: $(PY)
 	@export MEDFM_OUTPUT=$(DEMO_OUTPUT); for b in deit dinov2; do \
 	  $(BIN)/extract run --backbone $$b --dataset demo --weights auto --image-size 112 --batch-size 32 || exit 1; \
-	  $(BIN)/probe run --head linear --backbone $$b --dataset demo --epochs 30 --standardize || exit 1; \
+	  $(BIN)/probe run --head linear --backbone $$b --dataset demo || exit 1; \
 	done
 	MEDFM_OUTPUT=$(DEMO_OUTPUT) $(BIN)/probe report --dataset demo
 

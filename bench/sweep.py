@@ -54,7 +54,7 @@ class Sizes:
 
 
 FULL = Sizes({"train": 2564, "val": 549, "test": 549}, 768,
-             TrainConfig(head="linear", feature="pooled", epochs=10, batch_size=64, warmup_steps=10),
+             TrainConfig(head="linear", feature="pooled", epochs=10, batch_size=64, warmup_steps=10, solver="adamw"),  # the batched AdamW path
              (1e-4, 3e-4, 1e-3, 3e-3), (1e-5, 1e-4, 1e-3),
              2)  # for each comparison: a neighbour's burst spoils one round, rarely both
 SMOKE = Sizes({"train": 40, "val": 20, "test": 20}, 16, replace(FULL.base, epochs=1, batch_size=8, warmup_steps=1), (1e-3, 3e-3), (1e-4,), 1)
@@ -81,7 +81,7 @@ def commands(cache: Path, dev: str, configs: list[TrainConfig]) -> dict[str, lis
     """The shell commands of each contender: one `probe sweep`, or one `probe run` per configuration."""
     probe = str(Path(sys.executable).parent / "probe")
     base = configs[0]
-    shared = ["--cache", str(cache), "--epochs", str(base.epochs), "--batch-size", str(base.batch_size),
+    shared = ["--cache", str(cache), "--solver", "adamw", "--epochs", str(base.epochs), "--batch-size", str(base.batch_size),
               "--warmup-steps", str(base.warmup_steps), "--device", dev, "--force"]
     lrs = ",".join(dict.fromkeys(f"{c.lr:g}" for c in configs))
     wds = ",".join(dict.fromkeys(f"{c.weight_decay:g}" for c in configs))

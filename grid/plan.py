@@ -190,13 +190,15 @@ def finetune_job(spec: GridSpec, cell: Cell) -> Job:
 
 
 def done_cells(spec: GridSpec, cells: list[Cell]) -> set[str]:
-    """Keys of the cells the ledger holds a run of: same stage, scenario, backbone, dataset, seed, protocol and epochs."""
+    """Keys of the cells the ledger holds a run of: same stage, scenario, backbone, dataset, seed, protocol and epochs
+    (a linear head solved to convergence, medfm's default probe, has no epochs: any such run of the cell counts)."""
     path = Path(spec.output) / "runs" / "results.sqlite"
     if not path.exists():
         return set()
     rows = Ledger(path).rows(backbone=list(spec.backbones), dataset=list(spec.datasets), seed=list(spec.seeds))
     have = {(r.stage, r.scenario, r.backbone, r.dataset, r.seed) for r in rows
-            if r.config.get("protocol", "medfm") == spec.protocol and r.config.get("epochs") == spec.epochs}
+            if r.config.get("protocol", "medfm") == spec.protocol
+            and (r.config.get("epochs") == spec.epochs or r.config.get("solver") == "lbfgs")}
     return {c.key for c in cells if (spec.stage(c), c.scenario, c.backbone, c.dataset, c.seed) in have}
 
 

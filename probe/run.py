@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from cache.layout import backbone_folder
 from cache.schema import check_protocol
 from cache.store import CacheReader
 from common.errors import MedfmError
@@ -128,7 +129,7 @@ def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, d
             result = spec.fit(config, source, reader.task, dev, progress)
     record = save_run(reader, result, key, ledger, total_seconds=time.perf_counter() - started, device=device_label(dev),
                       calibrate=calibrate)
-    console.print(f"{describe(record)} -> {record.run_dir}")
+    console.print(f"run {record.id}: {describe(record)} -> {record.run_dir}")  # the id `probe eval` and `probe compare` take
     if record.late_best:
         console.print(f"[yellow]{late_best_note(result.best_epoch, config.epochs, late_hint(config))}[/]")
     if config.solver == "lbfgs" and (note := edge_note(result)):
@@ -202,7 +203,8 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
     the report."""
     meta, config, task = reader.meta, result.config, reader.task
     backbone, dataset = meta.backbone.name, meta.dataset.name
-    run_dir = new_run_dir(output_root() / "runs" / "probe", f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone}-{dataset}-{config.head}-{key[:8]}")
+    run_dir = new_run_dir(output_root() / "runs" / "probe",
+                          f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone_folder(backbone)}-{dataset}-{config.head}-{key[:8]}")
     write_config(run_dir, RunConfig(
         stage="probe", scenario=scenario(config.head), backbone=backbone, dataset=dataset, config=config.to_dict(),
         seed=config.seed, config_key=key, task=task.to_dict(), cache=str(reader.path), cache_fingerprint=reader.fingerprint,

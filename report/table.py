@@ -350,6 +350,8 @@ def inputs_differ(chosen: dict[tuple, list[RunRecord]]) -> dict[tuple, str]:
 def recipe_departures(record: RunRecord) -> list[str]:
     """How a run's settings departed from the study's recipe (`training.recipe.STUDY`, 224 px, a 12-block DeiT-B head)."""
     config, out = record.config, []
+    if config.get("solver") == "lbfgs":
+        out.append("L-BFGS logistic regression")  # medfm's converged linear probe, not the study's AdamW recipe
     for name, text, study in (("epochs", "epochs {}", STUDY.epochs), ("lr", "lr {:g}", STUDY.lr),
                               ("weight_decay", "weight decay {:g}", STUDY.weight_decay), ("batch_size", "batch {}", STUDY.batch_size)):
         if name in config and config[name] != study:
