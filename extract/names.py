@@ -53,8 +53,9 @@ ROOTLESS = ("demo",)  # generated in memory; every other dataset reads --root
 
 
 def check_root(dataset: str, root: Path | None) -> None:
-    """A missing or wrong --root is one line before torch loads (the dataset module says the same, later, in detail)."""
-    if root is None and dataset not in ROOTLESS:
+    """A missing or wrong --root is one line before torch loads (the dataset module says the same, later, in detail).
+    Only the registry's own datasets are known to need one; a dataset registered at run time decides for itself."""
+    if root is None and dataset in DATASETS and dataset not in ROOTLESS:
         raise MedfmError(f"dataset '{dataset}' needs --root PATH (`extract datasets` shows the layout it expects there)")
     if root is not None and not Path(root).expanduser().exists():
         raise MedfmError(f"--root {root} does not exist; dataset '{dataset}' reads its files from there")

@@ -7,4 +7,5 @@ from probe.config import TrainConfig
 from probe.sweep import Grid
 
 GRID = Grid(heads=("linear",), lrs=(1e-3, 1e-2), seeds=(0, 1))
-BASE = TrainConfig(epochs=400, batch_size=16, warmup_steps=9)  # 400 epochs x 9 steps: seconds, where the kill takes milliseconds
+BASE = TrainConfig(epochs=400, batch_size=16, warmup_steps=9, solver="adamw")  # 400 epochs x 9 steps: seconds, where the kill
+# takes milliseconds; the AdamW loop, which trains heads side by side epoch after epoch (the L-BFGS probe has no epochs)
