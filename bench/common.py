@@ -22,12 +22,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from common.runtime import cpu_cores
+
+if TYPE_CHECKING:
+    from probe.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_ENV = "MEDFM_BENCH_SUMMARY"
@@ -37,6 +41,17 @@ SMOKE_VIT: dict[str, Any] = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 SMOKE_RESNET: dict[str, Any] = {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)}
 SMOKE_IMAGE_SIZE = 32
 
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """A benchmark on the demo dataset through a tiny-to-small DeiT: its shape, inputs, head and rounds."""
+
+    overrides: dict[str, Any]
+    image_size: int
+    per_class: int  # demo images of each of the 4 classes
+    config: TrainConfig
+    rounds: int
 
 def summary_path() -> Path:
     """outputs/bench/summary.json, or $MEDFM_BENCH_SUMMARY."""

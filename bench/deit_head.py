@@ -13,13 +13,13 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from bench.common import SMOKE_IMAGE_SIZE, SMOKE_VIT, device, fastest_rounds, record, run_bench, scratch_outputs
+from bench.common import DemoSizes as Sizes
 from bench.online import OnlineFeatures
 from cache.store import CacheReader
 from extract.runner import ExtractConfig, extract
@@ -28,15 +28,6 @@ from probe.data import FeatureSource
 from probe.train import train_head
 
 BACKBONE = "deit"
-
-
-@dataclass(frozen=True)
-class Sizes:
-    overrides: dict[str, Any]
-    image_size: int
-    per_class: int  # demo images of each of the 4 classes
-    config: TrainConfig
-    rounds: int
 
 
 FULL = Sizes({"embed_dim": 384, "depth": 12, "num_heads": 6},  # DeiT-S shape
