@@ -379,7 +379,8 @@ def _finish(cfg: FinetuneConfig, run: Run, setup: Training, world: World, state:
         (run.run_dir / CHECKPOINT).unlink(missing_ok=True)
         for problem in test_metrics.get("warnings", []):
             console.print(f"[yellow]warning[/]: {problem}")
-        console.print(f"[green]done[/]: ledger row {result.ledger_id}, {run.run_dir}")
+        row = f"ledger row {result.ledger_id}" if result.ledger_id is not None else "its ledger row pending (the ledger was locked)"
+        console.print(f"[green]done[/]: {row}, {run.run_dir}")
         if late:
             console.print(f"[yellow]{late_best_note(result.best_epoch, cfg.epochs)}[/]")
         if record.collapsed or record.chance:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -118,6 +119,8 @@ def default_ledger_path() -> Path:
 class Ledger:
     """Append and query run rows; each call opens its own connection, so processes can share the file."""
 
+    LOCK_WAIT = 60.0  # seconds a write waits for another process's lock before its row goes to the pending folder
+
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_ledger_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,12 +133,18 @@ class Ledger:
                     db.execute(f"CREATE TABLE IF NOT EXISTS evaluations ({_EVALUATION_COLUMNS})")
                     _migrate(db)
         except sqlite3.DatabaseError as err:
-            raise MedfmError(f"cannot read the results ledger {self.path} ({err}); move it aside and rerun, "
-                             "or point --ledger at another file") from None
+            raise MedfmError(f"cannot read the results ledger {self.path} ({err}); check it with `sqlite3 {self.path} 'PRAGMA "
+                             "integrity_check'`, and move it aside only once no medfm process is writing to it (or point --ledger "
+                             "at another file)") from None
+        if self.pending.is_dir():  # rows a run kept aside while another process held the lock
+            try:
+                self.merge_pending()
+            except sqlite3.OperationalError:
+                pass  # still locked: they wait for the next command
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=60)
+        db = sqlite3.connect(self.path, timeout=self.LOCK_WAIT)
         db.row_factory = sqlite3.Row
         try:
             with db:  # commits, or rolls back on error
@@ -143,26 +152,58 @@ class Ledger:
         finally:
             db.close()
 
-    def add(self, record: RunRecord) -> int:
-        """Append one row; returns its id."""
+    def add(self, record: RunRecord) -> int | None:
+        """Append one row; returns its id. If another process holds the ledger's write lock past the wait (a backup,
+        an open `sqlite3` shell), the row is kept in the pending folder beside the ledger instead, never lost, and the
+        next process that opens the ledger merges it (`merge_pending`); then None is returned."""
         if record.stage not in STAGES:
             raise ValueError(f"stage {record.stage} not in {STAGES}")
         if not SCENARIO.fullmatch(record.scenario):
             raise ValueError(f"scenario {record.scenario} is not frozen|unfrozen|last<K> - linear|deit, frozen-knn or zero-shot")
         if not record.dataset_id:
             record.with_identity(unrecorded_identity(record.dataset))
-        row = asdict(record)
-        row.pop("id")
-        for name in _JSON_FIELDS:
-            row[name] = json.dumps(row[name], sort_keys=True, default=str)
-        for flag in _FLAGS:
-            row[flag] = int(bool(row[flag]))
-        names = ", ".join(row)
-        marks = ", ".join(f":{n}" for n in row)
-        with self._connect() as db:
-            cursor = db.execute(f"INSERT INTO runs ({names}) VALUES ({marks})", row)
-            record.id = int(cursor.lastrowid)
+        row = _row(record)
+        try:
+            with self._connect() as db:
+                record.id = self._insert(db, row)
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            self.pending.mkdir(parents=True, exist_ok=True)
+            path = self.pending / f"{record.created.replace(':', '')}-{record.config_key[:16]}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(row))
+            tmp.replace(path)
+            print(f"note: the results ledger {self.path} is locked by another process; this run's row is kept in {path} and "
+                  "the next command that opens the ledger merges it", file=sys.stderr)
+            return None
         return record.id
+
+    @property
+    def pending(self) -> Path:
+        """Rows that could not be written while another process held the ledger's lock, one JSON file each."""
+        return self.path.with_name(self.path.name + ".pending")
+
+    def merge_pending(self) -> int:
+        """Write the pending rows into the ledger (each once: a row already there by its key and time is not added twice);
+        the count merged. Safe while another writer is active: it waits for the lock like any write."""
+        if not self.pending.is_dir():
+            return 0
+        merged = 0
+        for path in sorted(self.pending.glob("*.json")):
+            row = json.loads(path.read_text())
+            with self._connect() as db:
+                there = db.execute("SELECT 1 FROM runs WHERE config_key = ? AND created = ?", (row["config_key"], row["created"])).fetchone()
+                if there is None:
+                    self._insert(db, row)
+                    merged += 1
+            path.unlink()
+        return merged
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, row: dict[str, Any]) -> int:
+        names, marks = ", ".join(row), ", ".join(f":{n}" for n in row)
+        return int(db.execute(f"INSERT INTO runs ({names}) VALUES ({marks})", row).lastrowid)
 
     def find(self, key: str) -> RunRecord | None:
         """The latest run with this config_key, or None."""
@@ -192,6 +233,17 @@ class Ledger:
         with self._connect() as db:
             found = db.execute(f"SELECT * FROM evaluations{where} ORDER BY id", params).fetchall()
         return [EvaluationRecord(**{**dict(r), "metrics": json.loads(r["metrics"])}) for r in found]
+
+
+def _row(record: RunRecord) -> dict[str, Any]:
+    """A record as the table stores it: JSON fields as text, flags as 0/1, no id."""
+    row = asdict(record)
+    row.pop("id")
+    for name in _JSON_FIELDS:
+        row[name] = json.dumps(row[name], sort_keys=True, default=str)
+    for flag in _FLAGS:
+        row[flag] = int(bool(row[flag]))
+    return row
 
 
 def _where(equal: dict[str, Any], kind: type) -> tuple[str, list[Any]]:

@@ -129,7 +129,8 @@ def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, d
             result = spec.fit(config, source, reader.task, dev, progress)
     record = save_run(reader, result, key, ledger, total_seconds=time.perf_counter() - started, device=device_label(dev),
                       calibrate=calibrate)
-    console.print(f"run {record.id}: {describe(record)} -> {record.run_dir}")  # the id `probe eval` and `probe compare` take
+    which = f"run {record.id}" if record.id is not None else "run (its ledger row pending)"
+    console.print(f"{which}: {describe(record)} -> {record.run_dir}")  # the id `probe eval` and `probe compare` take
     if record.late_best:
         console.print(f"[yellow]{late_best_note(result.best_epoch, config.epochs, late_hint(config))}[/]")
     if config.solver == "lbfgs" and (note := edge_note(result)):

@@ -151,3 +151,30 @@ def test_the_best_configuration_is_the_best_mean_validation_over_its_seeds_not_t
     undefined = [record("c", config={"lr": 1e-2}, val_score=float("nan"))]
     assert best_configuration(lucky + steady + undefined) == steady
     assert best_configuration(undefined) == undefined and best_configuration([]) == []
+
+
+def test_a_row_written_while_another_process_holds_the_lock_is_kept_and_merged_never_lost(tmp_path, monkeypatch, capsys):
+    """A backup or an open sqlite3 shell holding the write lock past the wait: the trained run's row goes to the pending
+    folder (said on stderr), and the next opening of the ledger merges it, once."""
+    import sqlite3
+
+    from ledger.records import RunRecord
+    from ledger.store import Ledger
+
+    monkeypatch.setattr(Ledger, "LOCK_WAIT", 0.2)
+    ledger = Ledger(tmp_path / "results.sqlite")
+    record = RunRecord(stage="probe", scenario="frozen-linear", backbone="deit", dataset="demo", head="linear", config={"lr": 1e-4},
+                       config_key="k" * 64, cache_fingerprint="f", seed=0, primary_metric="accuracy", val_score=0.5,
+                       test_metrics={"accuracy": 0.6}, test_primary=0.6, backbone_random=True)
+    holder = sqlite3.connect(tmp_path / "results.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer, mid-transaction
+    assert ledger.add(record) is None
+    assert "is locked by another process" in capsys.readouterr().err
+    (pending,) = ledger.pending.glob("*.json")
+    assert Ledger(tmp_path / "results.sqlite").rows() == []  # still locked: the row waits, nothing lost, nothing raised
+    assert pending.exists()
+    holder.execute("COMMIT")
+    holder.close()
+    (row,) = Ledger(tmp_path / "results.sqlite").rows()  # the next opening merges it
+    assert (row.config_key, row.test_primary) == ("k" * 64, 0.6) and not pending.exists()
+    assert Ledger(tmp_path / "results.sqlite").merge_pending() == 0 and len(Ledger(tmp_path / "results.sqlite").rows()) == 1
