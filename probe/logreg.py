@@ -36,7 +36,7 @@ from cache.schema import Task
 from probe.config import FitResult, TrainConfig
 from probe.data import FeatureSource
 from probe.stack import stack_heads
-from probe.train import _label_tensor, _per_head_loss, feature_stats, make_head, predict
+from probe.train import feature_stats, label_tensor, make_head, per_head_loss, predict
 from scoring.metrics import MaskedBCEWithLogits, compute_metrics, loss_fn, primary_score
 from training.heads import LinearHead
 from training.recipe import improves
@@ -95,10 +95,10 @@ def fit_logreg(config: TrainConfig, source: FeatureSource, task: Task, device: t
     for i, c in enumerate(grid, 1):
         iterations, evaluations = solve(x, y, weight, bias, c)
         with torch.no_grad():
-            train_loss = _per_head_loss(criterion, ((x @ weight.float().T).double() + bias)[None], y)
+            train_loss = per_head_loss(criterion, ((x @ weight.float().T).double() + bias)[None], y)
             model.load_head_state(0, {"linear.weight": weight, "linear.bias": bias, "shift": model.shift[0], "scale": model.scale[0]})
         val_logits, val_labels = predict(model, source, "val", task, device, None)
-        val_loss = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
+        val_loss = per_head_loss(criterion, torch.from_numpy(val_logits), label_tensor(val_labels, task, torch.device("cpu")))
         score = primary_score(task, val_labels, val_logits[0])
         history.append({"epoch": i, "C": c, "train_loss": float(train_loss[0]), "val_loss": float(val_loss[0]), f"val_{metric}": score,
                         "iterations": iterations, "evaluations": evaluations, "converged": iterations < MAX_ITER,
@@ -142,5 +142,5 @@ def _train_rows(model: torch.nn.Module, source: FeatureSource, task: Task, devic
         x = torch.from_numpy(np.ascontiguousarray(batch.features)).to(device, torch.float32)
         xs.append((x - model.shift[0]) / model.scale[0])
         ys.append(batch.labels)
-    y = _label_tensor(np.concatenate(ys), task, device)
+    y = label_tensor(np.concatenate(ys), task, device)
     return torch.cat(xs), y.double() if y.is_floating_point() else y

@@ -91,7 +91,7 @@ def fit(
         train_losses = _train_epoch(model, optimizer, scheduler, scaler, criterion, source, task, device, amp, shared, epoch,
                                     stepped if progress is not None else None)
         val_logits, val_labels = predict(model, source, "val", task, device, amp.dtype)
-        val_losses = _per_head_loss(criterion, torch.from_numpy(val_logits), _label_tensor(val_labels, task, torch.device("cpu")))
+        val_losses = per_head_loss(criterion, torch.from_numpy(val_logits), label_tensor(val_labels, task, torch.device("cpu")))
         chosen = selection_rows(len(val_labels), shared.data_seed, epoch, shared.protocol)  # the study's: a draw of 64s
         scored = (val_labels, val_logits) if chosen is None else (val_labels[chosen], val_logits[:, chosen])
         scores = primary_scores(task, *scored)  # every head at once: no per-head library overhead
@@ -133,7 +133,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         x, y = _tensors(batch, task, device)
         with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
             logits = model(x)
-        losses = _per_head_loss(criterion, logits.float(), y)
+        losses = per_head_loss(criterion, logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses.sum()).backward()
         scaler.unscale_(optimizer)
@@ -179,15 +179,16 @@ def predict(
 
 def _tensors(batch: Batch, task: Task, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(np.ascontiguousarray(batch.features)).to(device, dtype=torch.float32, non_blocking=True)
-    return x, _label_tensor(batch.labels, task, device)
+    return x, label_tensor(batch.labels, task, device)
 
 
-def _label_tensor(labels: np.ndarray, task: Task, device: torch.device) -> torch.Tensor:
+def label_tensor(labels: np.ndarray, task: Task, device: torch.device) -> torch.Tensor:
+    """Labels as the loss takes them: class indices, or float multilabel targets (NaN: unknown)."""
     dtype = torch.float32 if task.kind == "multilabel" else torch.int64
     return torch.as_tensor(labels, dtype=dtype, device=device)
 
 
-def _per_head_loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def per_head_loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean loss of each head [H]; heads' losses are summed for backward, so their gradients stay separate."""
     heads, rows = logits.shape[:2]
     if y.ndim == 2:  # multilabel: masked entries (NaN labels) count in neither sum nor mean
