@@ -171,9 +171,16 @@ class RunRecord:
 
 
 def configuration_key(record: RunRecord) -> str:
-    """What a run shares with its other seeds: its config (which holds no seed), features, data and how it was fed."""
-    return canonical_json({"config": record.config, "cache": record.cache_fingerprint, "dataset": record.dataset_id,
+    """What a run shares with its other seeds and folds: its config (which holds no seed; its fold left out), features,
+    data and how it was fed."""
+    config = {k: v for k, v in record.config.items() if k != "fold"}
+    return canonical_json({"config": config, "cache": record.cache_fingerprint, "dataset": record.dataset_id,
                            **({"fed": record.fed} if record.fed else {})})
+
+
+def replicate(record: RunRecord) -> tuple[int, int]:
+    """Which replicate of its configuration a run is: its seed and its cross-validation fold (0 without folds)."""
+    return record.seed, int(record.config.get("fold", 0))
 
 
 def mean_score(values: list[float | None]) -> float:

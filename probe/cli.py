@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +19,10 @@ from probe.data import feature_name, parse_bytes
 from probe.solvers import check_solver
 from training.names import check_head
 from training.recipe import STUDY
+
+if TYPE_CHECKING:
+    from cache.store import CacheReader
+    from probe.config import TrainConfig
 
 # Training modules (torch, timm, scikit-learn) load inside the commands that train, and the report's
 # (pandas, matplotlib) inside `report`: seconds saved on --help and on every mistake caught early.
@@ -93,15 +97,26 @@ def run(
     force: Annotated[bool, typer.Option(help="Retrain even if the ledger already holds this run.")] = False,
     calibrate: Annotated[bool, typer.Option(help="Fit a temperature on the validation logits and add the test split's calibration "
                                                  "metrics with it (<name>_calibrated; T in metrics.json). Single-label tasks.")] = False,
+    folds: Annotated[int, typer.Option(help="K-fold cross-validation for small datasets: the train and test rows pooled and cut "
+                                            "into K stratified folds, one run per fold (val stays the validation set); the "
+                                            "report gives the mean and spread over folds. 0: the cache's own split.")] = 0,
+    fold_groups: Annotated[str | None, typer.Option(help="Metadata column whose values never straddle two folds (none: no "
+                                                         "grouping).", show_default="a patient column when the cache stores one")] = None,
 ) -> None:
-    """Train one head on a cache (one per seed with --seeds); a run already in the ledger is skipped. A linear head is a
-    logistic regression solved by L-BFGS, C chosen on validation, unless --protocol study or --solver adamw (the study's
-    recipe, which the DeiT head always trains with)."""
+    """Train one head on a cache (one per seed with --seeds, one per fold with --folds); a run already in the ledger is
+    skipped. A linear head is a logistic regression solved by L-BFGS, C chosen on validation, unless --protocol study or
+    --solver adamw (the study's recipe, which the DeiT head always trains with)."""
     check_head(head)  # a typo is one line before torch loads
     check_solver(solver)
     several = parse_seeds(seeds, seed)
     if calibrate and several is not None:
         raise MedfmError("--calibrate applies to one run: give --seed, not --seeds")
+    if folds:
+        from probe.folds import check_folds
+
+        check_folds(folds)
+        if several is not None:
+            raise MedfmError("--folds trains one head per fold: give --seed, not --seeds")
     from probe.config import TrainConfig
     from probe.heads import get_head
     from probe.run import late_hint, run_probe
@@ -115,6 +130,10 @@ def run(
             views=solver_views(views, reader.meta.views, solver) if get_head(head).trains else 0, protocol=protocol,  # kNN: the eval view
             solver=solver,
         )
+        if folds:
+            _run_folds(reader, config, folds, fold_groups, views, device=device, max_ram=_ram(max_ram), force=force,
+                       calibrate=calibrate)
+            return
         if several is None:
             run_probe(reader, config, device=device, max_ram=_ram(max_ram), force=force, console=console, calibrate=calibrate)
             return
@@ -123,6 +142,28 @@ def run(
         grid = Grid(heads=(head,), lrs=(lr,), weight_decays=(weight_decay,), seeds=tuple(several), layers=(layer,))
         outcome = run_sweep(reader, expand(reader, grid, config), device=device, max_ram=_ram(max_ram), force=force, console=console)
     _say_seeds(outcome.records, late_hint(config))
+
+
+def _run_folds(reader: CacheReader, config: TrainConfig, folds: int, groups: str | None, views: str, **options: Any) -> None:
+    """One run per fold of `folds`, on the eval view, then each fold's line and their mean and spread."""
+    from dataclasses import replace
+
+    from probe.folds import group_column
+    from probe.run import describe, run_probe
+
+    if views not in ("auto", "0"):
+        raise MedfmError("--folds trains on the eval view: give --views 0 (augmented views exist for the cache's train rows only)")
+    column = None if groups is not None and groups.lower() == "none" else group_column(reader, groups)
+    console.print(f"{folds}-fold cross-validation over the train and test rows of {reader.path.name}, "
+                  + (f"grouped by '{column}'" if column else "no grouping column") + "; val stays the validation set")
+    records = [run_probe(reader, replace(config, views=0, folds=folds, fold=i, fold_groups=column), console=console, **options).record
+               for i in range(folds)]
+    for i, r in enumerate(records):
+        console.print(f"fold {i}: {describe(r)}")
+    tests = [r.test_primary for r in records if r.test_primary is not None and r.test_primary == r.test_primary]
+    spread = f" ± {statistics.stdev(tests):.4f} (std over folds)" if len(tests) > 1 else ""
+    console.print(f"mean over {folds} folds: test {records[0].primary_metric} {statistics.fmean(tests):.4f}{spread}"
+                  if tests else f"no fold gave a finite test {records[0].primary_metric}")
 
 
 def solver_views(text: str, held: int, solver: str) -> int:
@@ -549,6 +590,32 @@ def curve(
                   f"({outcome.train_passes} passes over train features)")
     for kind_, path in files.items():
         console.print(f"{kind_}: {path}")
+
+
+@app.command("predict")
+def predict_images(
+    run: Annotated[str, typer.Argument(help="The run: its ledger id or its run folder (a probe or a finetune run).", show_default=False)],
+    images: Annotated[Path, typer.Option(help="A folder of images (searched recursively), or a CSV whose `path` column lists them "
+                                              "(relative to the CSV's folder).", show_default=False)],
+    out: Annotated[Path | None, typer.Option(help="The CSV to write: id, path, prediction, p_<class> per class.",
+                                             show_default="$MEDFM_OUTPUT/predictions/<run folder>-<images>.csv")] = None,
+    weights: Annotated[str | None, typer.Option(help="The backbone's weights file, where the run's cache was extracted from one.",
+                                                show_default="those the run's cache names")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    device: Device = "auto",
+    ledger: Annotated[Path | None, typer.Option(help="Results ledger.", show_default="$MEDFM_OUTPUT/runs/results.sqlite")] = None,
+) -> None:
+    """Predict unlabelled images with a finished run: its backbone, its exact input pipeline and its trained head."""
+    if not images.expanduser().exists():  # one line before torch loads
+        raise MedfmError(f"--images {images} does not exist; pass a folder of images or a CSV with a 'path' column")
+    from predict.predict import predict
+
+    model, found = predict(run, images, ledger=Ledger(ledger), device=device, weights=weights, batch_size=batch_size)
+    path = out or output_root() / "predictions" / f"{Path(model.record.run_dir or '').name}-{images.stem}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    found.to_csv(path, index=False)
+    console.print(f"wrote {len(found)} predictions of run {model.record.id} ({model.record.backbone}/{model.record.dataset} "
+                  f"{model.record.head}) to {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

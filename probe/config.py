@@ -46,6 +46,9 @@ class TrainConfig:
     train_subset: Subset | None = None  # a labelled subset of the train rows (probe.curve); None: every train row
     solver: str = "auto"  # linear heads: auto | lbfgs | adamw (probe.solvers); `resolved()` makes auto concrete
     c_grid: tuple[float, ...] = C_GRID  # lbfgs: the inverse L2 strengths tried, one chosen on validation (probe.logreg)
+    folds: int = 0  # K-fold cross-validation over the pooled train and test rows (probe.folds); 0: the cache's own split
+    fold: int = 0  # which fold this run tests on (0..folds-1)
+    fold_groups: str | None = None  # the metadata column that groups rows across folds (a patient column), or None
 
     def head_options(self) -> dict[str, Any]:
         """The head's own settings (`head_<option>` fields), as its registry entry names them."""
@@ -54,7 +57,7 @@ class TrainConfig:
     def shared(self) -> tuple:
         """What heads must agree on to train in the same pass over the data."""
         return (self.feature, self.batch_size, self.epochs, self.warmup_steps, self.patience, self.grad_clip, self.data_seed,
-                self.views, self.protocol, self.train_subset)
+                self.views, self.protocol, self.train_subset, self.folds, self.fold, self.fold_groups)
 
     def resolved(self) -> TrainConfig:
         """This config with `solver` auto made concrete (`probe.solvers.default_solver`): lbfgs for the linear head on the
@@ -79,6 +82,9 @@ class TrainConfig:
             data.pop("c_grid")
             if self.head != "linear" or not self.standardize:
                 data.pop("standardize")  # absent when off, so ledger keys of study-recipe runs do not depend on it
+        if not self.folds:
+            for name in ("folds", "fold", "fold_groups"):
+                data.pop(name)  # absent without folds: the keys of earlier runs stay as they were
         if self.train_subset is None:
             data.pop("train_subset")  # absent when every train row is used: the keys of earlier runs stay as they were
         used = {f"head_{option}" for option in get_head(self.head).options}

@@ -17,6 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -24,6 +25,9 @@ import psutil
 from cache.schema import view_group
 from cache.store import CacheReader
 from common.errors import MedfmError
+
+if TYPE_CHECKING:
+    from probe.folds import FoldRows
 
 READ_GAP_BYTES = 32 << 10  # rows at most this many bytes apart are read as one span, then picked (see _read_rows)
 RAM_FRACTION = 0.5  # default budget: half of the memory available when the run starts
@@ -69,10 +73,12 @@ class FeatureSource:
     With `rows` (file row indices of the train split, e.g. a label-efficiency subset) only those train rows are
     served, in training, in `eval_batches("train")` and in `labels("train")`; rows skipped at extraction stay out
     (the filter composes with `valid`). Validation and test are never filtered.
+    With `fold` (`probe.folds.fold_rows`) the train and test splits are a cross-validation fold's rows, drawn from the
+    cache's train and test splits alike; a fold is held in RAM and trains on the eval view.
     """
 
     def __init__(self, reader: CacheReader, feature: str, batch_size: int, max_ram: int | None = None, views: int = 0,
-                 rows: np.ndarray | None = None) -> None:
+                 rows: np.ndarray | None = None, fold: FoldRows | None = None) -> None:
         if batch_size < 1:
             raise MedfmError(f"--batch-size must be at least 1, got {batch_size}")
         if views > reader.meta.views:
@@ -104,6 +110,27 @@ class FeatureSource:
             self._check_window_fits()
         else:
             self._ram = {s: reader.dataset(s, feature)[:] for s in self.splits}
+        self._ids = {s: reader.ids(s) for s in reader.splits}
+        if fold is not None:
+            self._use_fold(fold, views, rows)
+
+    def ids(self, split: str) -> np.ndarray:
+        """Sample ids of the valid rows, in the order of `labels` and `eval_batches`."""
+        return self._ids[split]
+
+    def _use_fold(self, fold: FoldRows, views: int, rows: np.ndarray | None) -> None:
+        """Serve the fold's rows as the train and test splits (each gathered from the cache's train and test rows)."""
+        if self.streamed:
+            raise MedfmError(f"--folds holds the features in RAM, and {self.nbytes / 2**20:.0f} MiB of {self.feature} exceed "
+                             f"the budget of {self.budget / 2**20:.0f} MiB; raise --max-ram")
+        if views or rows is not None:
+            raise MedfmError("--folds trains on the eval view and every train row of its fold: give --views 0, no subset")
+        ram, labels = dict(self._ram), dict(self._labels)
+        for split, parts in (("train", fold.train), ("test", fold.test)):
+            self._ram[split] = np.concatenate([ram[s][r] for s, r in parts.items()])
+            self._labels[split] = np.concatenate([labels[s][r] for s, r in parts.items()])
+            self._valid[split] = np.ones(len(self._labels[split]), dtype=bool)
+            self._ids[split] = fold.ids[split]
 
     @property
     def row_shape(self) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
@@ -27,6 +28,7 @@ from ledger.runs import RunConfig, new_run_dir, write_config, write_history
 from ledger.store import Ledger
 from probe.config import FitResult, TrainConfig
 from probe.data import FeatureSource
+from probe.folds import check_folds, fold_rows
 from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.logreg import edge_note, fit_logreg
 from probe.solvers import check_lbfgs, check_solver
@@ -44,6 +46,8 @@ def validate(config: TrainConfig) -> None:
     check_solver(config.solver)
     if config.solver == "lbfgs":
         check_lbfgs(config.head, config.protocol, config.views, config.c_grid)
+    if config.folds:
+        check_folds(config.folds, config.fold)
     checks = [
         (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
         (config.views >= 0, f"--views must be auto, 0 (the eval view) or a number of augmented views, got {config.views}"),
@@ -113,7 +117,8 @@ def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, d
            console: Console, calibrate: bool = False) -> RunOutcome:
     dev = resolve_device(device)
     rows = subset_rows(reader, config.train_subset) if config.train_subset is not None else None  # `probe curve`'s subsets
-    source = FeatureSource(reader, config.feature, config.batch_size, max_ram, config.views, rows=rows)
+    fold = fold_rows(reader, config.folds, config.fold, config.fold_groups) if config.folds else None
+    source = FeatureSource(reader, config.feature, config.batch_size, max_ram, config.views, rows=rows, fold=fold)
     console.print(f"training a {config.head} head{solver_text(config)} on {reader.meta.backbone.name}/{reader.meta.dataset.name} "
                   f"{config.feature} ({source.mode}, {source.nbytes / 2**20:.1f} MiB) on {dev}")
     warn_random(reader, config, console)
@@ -128,7 +133,7 @@ def _train(reader: CacheReader, config: TrainConfig, key: str, ledger: Ledger, d
         else:  # a head with a fit of its own (the kNN probe, `probe.knn`): no training loop
             result = spec.fit(config, source, reader.task, dev, progress)
     record = save_run(reader, result, key, ledger, total_seconds=time.perf_counter() - started, device=device_label(dev),
-                      calibrate=calibrate)
+                      calibrate=calibrate, ids={split: source.ids(split) for split in result.predictions})
     which = f"run {record.id}" if record.id is not None else "run (its ledger row pending)"
     console.print(f"{which}: {describe(record)} -> {record.run_dir}")  # the id `probe eval` and `probe compare` take
     if record.late_best:
@@ -180,18 +185,18 @@ def _score(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
-def _rows_per_s(reader: CacheReader, result: FitResult) -> float | None:
+def _rows_per_s(reader: CacheReader, result: FitResult, train_ids: np.ndarray | None) -> float | None:
     """Train rows the head read per second of training: its epochs (an lbfgs fit: its evaluations of the objective over
     every C) x its train rows / its train seconds."""
     subset = result.config.train_subset
-    rows = len(subset_rows(reader, subset)) if subset is not None else len(reader.ids("train"))
+    rows = len(subset_rows(reader, subset)) if subset is not None else len(reader.ids("train") if train_ids is None else train_ids)
     passes = sum(row.get("evaluations", 1) for row in result.history)
     return passes * rows / result.train_seconds if result.train_seconds > 0 else None
 
 
 def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, total_seconds: float | None = None,
              device: str = "", shared: int = 1, calibrate: bool = False, health: Health | None = None,
-             reliability: bool = True) -> RunRecord:
+             reliability: bool = True, ids: dict[str, np.ndarray] | None = None) -> RunRecord:
     """Write the run folder (config, history, best head, metrics) and append the ledger row.
 
     Single-label runs also get `reliability.png` (unless `reliability` is False: a sweep draws it for its best
@@ -227,9 +232,10 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
         backbone_random=meta.backbone.random_weights, head_random=result.head_init == "random", train_seconds=result.train_seconds,
         total_seconds=total_seconds, run_dir=str(run_dir), late_best=late, device=device,
         cost_seconds=total_seconds / max(shared, 1) if total_seconds is not None else None,
-        throughput=_rows_per_s(reader, result), extract_seconds=meta.extract_seconds or None, extract_device=meta.extract_device,
+        throughput=_rows_per_s(reader, result, (ids or {}).get("train")), extract_seconds=meta.extract_seconds or None, extract_device=meta.extract_device,
     ).with_identity(cache_identity(meta))
-    predictions = {split: Predictions(reader.ids(split), labels, logits) for split, (labels, logits) in result.predictions.items()}
+    ids = ids or {split: reader.ids(split) for split in result.predictions}  # a fold's own rows (`FeatureSource.ids`)
+    predictions = {split: Predictions(ids[split], labels, logits) for split, (labels, logits) in result.predictions.items()}
     summary = {"best_epoch": result.best_epoch, "late_best": late, **result.extra}
     record_run(ledger, record, task, predictions, summary, result.val_metrics, health=health, calibrate=calibrate,
                reliability=reliability)
