@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import h5py
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -50,27 +51,47 @@ def _size(n: int) -> str:
 
 @app.command("ls")
 def ls(root: Annotated[Path | None, typer.Argument(help="Folder to search.", show_default="$MEDFM_OUTPUT/features")] = None) -> None:
-    """A table of the caches under ROOT: folder, file, size, rows, and the settings that tell same-named caches apart."""
+    """A table of the caches under ROOT: backbone, dataset, rows, size, file, and the settings that tell same-named caches
+    apart. Narrow terminals (80 columns) keep every header whole: long cells wrap, none is cut."""
     root = root or default_root()
-    table = Table("backbone", "dataset", "settings", "train", "val", "test", "size", "complete", "folder", "file")
+    table = Table(title=f"caches under {root}", caption="rows: train/val/test",
+                  box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for header in ("backbone", "dataset", "rows", "size"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("file", overflow="fold", min_width=20)
+    table.add_column("settings", overflow="fold", min_width=len("settings"))
     listed = []
     for path in cache_files(root):
         try:
             listed.append((path, describe(path)))
         except OSError:
-            table.add_row("?", "?", "", "", "", "", _size(path.stat().st_size), "[red]unreadable[/]", str(path.parent), path.name)
+            table.add_row("?", "?", "", _size(path.stat().st_size), f"{_under(path, root)} [red](unreadable)[/]", "")
     settings = cache_settings([d for _, d in listed])
+    randoms = 0
     for (path, d), text in zip(listed, settings, strict=True):
         meta = d["meta"]
-        rows = {s: f"{r}/{n}" if r != n else str(n) for s, (r, n) in d["rows"].items()}
-        random = " [red](random weights)[/]" if meta.get("backbone", {}).get("random_weights") else ""
-        table.add_row(meta.get("backbone", {}).get("name", "?") + random, meta.get("dataset", {}).get("name", "?"), escape(text),
-                      rows.get("train", ""), rows.get("val", ""), rows.get("test", ""), _size(d["size"]),
-                      "[green]yes[/]" if d["complete"] else "[yellow]no[/]", str(path.parent), path.name)
+        counts = [d["rows"].get(s, (0, 0)) for s in ("train", "val", "test")]
+        rows = "/".join(str(r) for r, _ in counts)
+        random = bool(meta.get("backbone", {}).get("random_weights"))
+        randoms += random
+        written, planned = (sum(c) for c in zip(*counts, strict=True))
+        file = _under(path, root) + ("" if d["complete"] else f" [yellow](incomplete: {written} of {planned} rows)[/]")
+        table.add_row(meta.get("backbone", {}).get("name", "?") + (" [red]*[/]" if random else ""), meta.get("dataset", {}).get("name", "?"),
+                      rows, _size(d["size"]), file, escape(text))
     if not table.row_count:
         console.print(f"no caches under {root}")
         return
     console.print(table)
+    if randoms:
+        console.print("[red]*[/] features of a RANDOMLY initialised backbone (--weights random)")
+
+
+def _under(path: Path, root: Path) -> str:
+    """The path relative to the listed root when it lies under it (shorter), else in full."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def cache_settings(described: list[dict[str, Any]]) -> list[str]:

@@ -17,9 +17,9 @@ from tests.conftest import cli
 from tests.tiny import META, run_main
 
 
-def cache_cmd(*args: str) -> subprocess.CompletedProcess:
+def cache_cmd(*args: str, columns: int = 250) -> subprocess.CompletedProcess:
     return subprocess.run([cli("cache"), *args], capture_output=True, text=True, timeout=120,
-                          env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"})
+                          env={"COLUMNS": str(columns), "PATH": "/usr/bin:/bin"})
 
 
 def make_cache(root: Path, complete: bool = True) -> Path:
@@ -38,8 +38,16 @@ def test_ls_shows_complete_and_partial_caches(tmp_path: Path) -> None:
     make_cache(tmp_path / "b", complete=False)
     out = cache_cmd("ls", str(tmp_path)).stdout
     lines = [line for line in out.splitlines() if "deit" in line]
-    assert len(lines) == 2
-    assert any("yes" in line for line in lines) and any("2/4" in line and " no " in line for line in lines)
+    assert len(lines) == 2 and "4/4/4" in lines[0] and "2/0/0" in lines[1]  # rows written per split
+    assert "(incomplete: 2 of 12 rows)" in out and out.count("incomplete") == 1
+
+
+def test_ls_keeps_every_header_whole_at_80_columns(tmp_path: Path) -> None:
+    make_cache(tmp_path / "a-rather-long-folder-name-for-a-cache-root" / "and-deeper")
+    out = cache_cmd("ls", str(tmp_path), columns=80).stdout
+    header = next(line for line in out.splitlines() if "backbone" in line)
+    assert header.split() == ["backbone", "dataset", "rows", "size", "file", "settings"]
+    assert max(map(len, out.splitlines())) <= 80
 
 
 def test_verify_passes_a_sound_file_and_fails_a_partial_one(tmp_path: Path) -> None:
@@ -135,8 +143,8 @@ def test_ls_shows_folder_size_and_the_settings_that_tell_same_named_caches_apart
     monkeypatch.setenv("COLUMNS", "300")
     code, out, err = run_main(main, ["ls", str(tmp_path)], monkeypatch)
     assert code == 0, err
-    rows = {line.split("│")[-2].strip(): line for line in out.splitlines() if "demo-" in line}
-    assert set(rows) == {"demo-aaa.h5", "demo-bbb.h5"}
-    assert "224 px, 3 ch, norm model, bicubic, root=/data/ward-a" in rows["demo-aaa.h5"]
-    assert "112 px, 3 ch, norm model, bicubic, root=/data/ward-b" in rows["demo-bbb.h5"]
-    assert all(str(tmp_path / "deit") in line and " KB" in line for line in rows.values())
+    rows = {line.split()[5]: line for line in out.splitlines() if "demo-" in line}  # the file, under the listed folder
+    assert set(rows) == {"deit/demo-aaa.h5", "deit/demo-bbb.h5"}
+    assert "224 px, 3 ch, norm model, bicubic, root=/data/ward-a" in rows["deit/demo-aaa.h5"]
+    assert "112 px, 3 ch, norm model, bicubic, root=/data/ward-b" in rows["deit/demo-bbb.h5"]
+    assert all(" KB" in line for line in rows.values()) and f"caches under {tmp_path}" in out
