@@ -157,11 +157,14 @@ def parse_options(pairs: list[str], flag: str = "--opt") -> dict[str, str]:
     return out
 
 
-def dataset_options(pairs: list[str] | None, split_seed: int | None) -> dict[str, object]:
-    """--opt KEY=VALUE pairs plus --split-seed: what shapes the dataset (its builder's keyword arguments)."""
+def dataset_options(pairs: list[str] | None, split_seed: int | None, frames: str = "middle") -> dict[str, object]:
+    """--opt KEY=VALUE pairs plus --split-seed and --frames: what shapes the dataset (its builder's keyword arguments,
+    and which frames of multi-frame files are samples; the default frames stay unsaid, so fingerprints keep)."""
     options: dict[str, object] = dict(parse_options(pairs or []))
     if split_seed is not None:
         options["split_seed"] = split_seed
+    if frames != "middle":
+        options["frames"] = frames
     return options
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from common.errors import MedfmError
 from common.registry import unknown
+from common.study import MEDICAL_BACKBONES, MODERN_BACKBONES
 
-BACKBONES = ("deit", "dino", "dinov2", "resnet152", "blip", "openclip", "sam", "seem")
+BACKBONES = ("deit", "dino", "dinov2", "resnet152", "blip", "openclip", "sam", "seem", *MODERN_BACKBONES, *MEDICAL_BACKBONES)
 TEXT_TOWERS = ("openclip",)  # backbones with a text tower of their own: `extract zeroshot`
 DATASETS = ("aptos2019", "chexpert", "ddsm", "cbis-ddsm", "demo", "imagefolder", "csv", "ham10000", "idrid", "isic2019",
             "medmnist", "messidor2", "chestxray14")
@@ -204,3 +205,12 @@ def hf_folder(model: str) -> Path:
         return Path(hit).parent
     raise MedfmError(f"hf:{model} is neither a folder nor a model in the Hugging Face cache; download it first "
                      f"(`hf download {model}`, where there is internet) or pass a folder saved with save_pretrained")
+
+
+FRAMES = ("middle", "first", "all")  # which frames of multi-frame files are samples (`--frames`, extract/datasets/frames.py)
+
+
+def check_frames(frames: str) -> str:
+    if frames not in FRAMES:
+        raise MedfmError(f"--frames must be one of {', '.join(FRAMES)}, got '{frames}'")
+    return frames

@@ -13,11 +13,15 @@ to the model's mode (`L` or `RGB`). The rules:
   A constant image becomes black; an image holding NaN or infinity is refused.
 - Transparent pixels are composited over black (`value * alpha / 255`); palette, CMYK, 1-bit, YCbCr
   and HSV images go through Pillow's own conversion to RGB.
+- A file of several frames (a DICOM volume or cine loop, an enhanced CT/MR object, a multi-page TIFF) gives one
+  frame: its middle one by default, or its first (`--frames first`); `--frames all` makes one sample of each frame
+  (`extract/datasets/frames.py`), its reference a `Frame`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,26 @@ WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # more than 8 bits p
 GREY_MODES = ("1", "L", "LA", "La", *WIDE_MODES)  # decoded as one channel
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 MAX_PIXELS_ENV = "MEDFM_MAX_IMAGE_PIXELS"  # raises the decoding bound, for every format alike
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a multi-frame file, as `--frames all` makes it a sample of its own."""
+
+    path: Path
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.path}#frame={self.index}"
+
+
+def pick_frame(count: int, which: str | int, path: Any) -> int:
+    """The index of the frame `which` names (middle, first, or an index) among `count`."""
+    if isinstance(which, int):
+        if not 0 <= which < count:
+            raise MedfmError(f"{path}: holds {count} frame(s), no frame {which}; the file changed since the dataset was listed")
+        return which
+    return count // 2 if which == "middle" else 0
 
 
 def max_pixels() -> int:
@@ -100,35 +124,49 @@ def is_dicom(path: Path) -> bool:
         return f.read(132)[128:] == DICOM_MAGIC
 
 
-def open_image(ref: Any) -> Image.Image:
+def open_image(ref: Any, frames: str = "middle") -> Image.Image:
     """Decode one image file fully (so a truncated file fails here, not later) into 8-bit `L` or `RGB`.
 
-    DICOM goes through `read_dicom`. Other files through Pillow: EXIF orientation applied; a file of
-    several frames (multi-page TIFF, animated GIF) is refused, except the primary image of an MPO JPEG.
+    DICOM goes through `read_dicom`. Other files through Pillow, EXIF orientation applied. A file of several frames
+    gives its middle frame (`frames="first"`: its first; a `Frame` reference: that frame), except an MPO JPEG, whose
+    primary image is the image.
     """
-    if isinstance(ref, str | os.PathLike) and is_dicom(Path(ref)):
-        return read_dicom(ref)
+    path, which = (ref.path, ref.index) if isinstance(ref, Frame) else (ref, frames)
+    if isinstance(path, str | os.PathLike) and is_dicom(Path(path)):
+        return read_dicom(path, which)
     if MAX_PIXELS_ENV in os.environ:
         Image.MAX_IMAGE_PIXELS = max_pixels() // 2  # Pillow refuses twice its bound: the same bound as DICOM's
-    with Image.open(ref) as img:
-        frames = getattr(img, "n_frames", 1)
-        if frames > 1 and img.format != "MPO":
-            raise MedfmError(f"{ref}: the {img.format} file holds {frames} frames, so it is not one image; "
-                             "save the frame to classify as its own file")
+    with Image.open(path) as img:
+        count = getattr(img, "n_frames", 1)
+        if count > 1 and img.format != "MPO":
+            img.seek(pick_frame(count, which, path))
         img.load()
         return to_8bit(ImageOps.exif_transpose(img))
 
 
-def read_dicom(path: Any) -> Image.Image:
-    """A single-frame DICOM image as 8-bit `L` (greyscale) or `RGB` (colour); anything else refused in one line.
+def frame_count(path: Any) -> int:
+    """How many frames a file holds, read from its header (1 for a file that cannot say: decoding reports it)."""
+    try:
+        if is_dicom(Path(path)):
+            import pydicom
+
+            return max(int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames") or 1), 1)
+        with Image.open(path) as img:
+            return 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - a damaged header is the decoder's to report, with the file, when it is read
+        return 1
+
+
+def read_dicom(path: Any, frame: str | int = "middle") -> Image.Image:
+    """A DICOM image as 8-bit `L` (greyscale) or `RGB` (colour); anything else refused in one line. Of a file of several
+    frames (a volume, a cine loop), `frame`: middle, first, or an index.
 
     Greyscale (MONOCHROME1/2): the modality LUT (or rescale slope/intercept), then the first VOI LUT (or
     window), both pydicom's own functions; scaled min-max to 8 bits; MONOCHROME1 inverted so that high
     is bright. Colour: YBR_FULL/YBR_FULL_422 converted to RGB with pydicom's `convert_color_space`
     (YBR_RCT/YBR_ICT come out of the JPEG 2000 decoder as RGB), PALETTE COLOR through its palette; kept
     as stored when 8-bit, scaled min-max when wider. Any transfer syntax and byte order that pydicom and
-    its installed decoders handle. A file of several frames (a volume, a cine loop) is refused, since
-    no one frame of it is the image.
+    its installed decoders handle.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -143,21 +181,22 @@ def read_dicom(path: Any) -> Image.Image:
                          "export it as DICOM Part 10 or as PNG") from None
     except Exception as err:  # noqa: BLE001 - pydicom fails in many ways on a damaged file; each is one line here
         raise MedfmError(f"{path}: cannot read this DICOM file ({_one_line(err)}); it may be damaged") from None
-    syntax = _checked_header(ds, path)
+    syntax, count = _checked_header(ds, path)
+    index = pick_frame(count, frame, path)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
         raise MedfmError(f"{path}: pixel data encoded as '{syntax.name}' cannot be decoded by pydicom") from None
     try:
-        pixels, meta = decoder.as_array(ds, index=0, raw=True, **as_pixel_options(ds))
+        pixels, meta = decoder.as_array(ds, index=index, raw=True, **as_pixel_options(ds))
     except Exception as err:  # noqa: BLE001 - decoders raise many types; the reason is kept, in one line
         raise MedfmError(f"{path}: cannot decode its '{syntax.name}' pixel data: {_one_line(err)}") from None
     return _to_image(pixels, meta, ds, path)
 
 
-def _checked_header(ds: Any, path: Any) -> Any:
-    """The transfer syntax of a DICOM file fit to decode: pixel data present and described, one frame, within the
-    decoding bound; else one line saying which."""
+def _checked_header(ds: Any, path: Any) -> tuple[Any, int]:
+    """The transfer syntax and frame count of a DICOM file fit to decode: pixel data present and described, within the
+    decoding bound (rows x columns x frames); else one line saying which."""
     if "PixelData" not in ds:
         raise MedfmError(f"{path}: the DICOM file holds no image (no Pixel Data element)")
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -175,10 +214,7 @@ def _checked_header(ds: Any, path: Any) -> Any:
         raise MedfmError(f"{path}: the DICOM file claims {ds.get('Columns')} x {ds.get('Rows')} pixels x {frames} frame(s) "
                          f"({claimed / 1e6:.0f} Mpixels), above the decoding bound of {max_pixels() / 1e6:.0f} Mpixels; refused before "
                          f"decoding. If the image is real, raise the bound with {MAX_PIXELS_ENV}=<pixels>")
-    if frames > 1:
-        raise MedfmError(f"{path}: the DICOM file holds {frames} frames (a volume or a cine loop), so it is not one image; "
-                         "save the frame to classify as its own file")
-    return syntax
+    return syntax, max(frames, 1)
 
 
 def _to_image(pixels: np.ndarray, meta: dict[str, Any], ds: Any, path: Any) -> Image.Image:

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from extract.datasets.base import DatasetSource
-from extract.datasets.decode import WIDE_MODES, is_dicom
+from extract.datasets.decode import WIDE_MODES, Frame, is_dicom
 
 EXIF_ORIENTATION = 0x0112
 BITS = {"1": 1, "L": 8, "P": 8, "RGB": 8, "RGBA": 8, "LA": 8, "La": 8, "CMYK": 8, "YCbCr": 8, "I;16": 16, "I;16L": 16,
@@ -50,7 +50,7 @@ class Inventory:
             said.append(f"{self.dicom['MONOCHROME1']} DICOM file(s) are MONOCHROME1: inverted so that high is white")
         several = sum(n for f, n in self.frames.items() if f > 1)
         if several:
-            said.append(f"{several} file(s) hold several frames: refused (one image per file)")
+            said.append(f"{several} file(s) hold several frames: the middle one read (--frames first|all to change)")
         if self.unreadable:
             said.append(f"{len(self.unreadable)} file(s) cannot be opened: extraction stops at them unless --skip-bad")
         return said
@@ -72,6 +72,7 @@ def inspect_images(source: DatasetSource, limit: int | None = None) -> Inventory
 
 
 def _inspect(ref: Any, inventory: Inventory) -> None:
+    ref = ref.path if isinstance(ref, Frame) else ref  # a frame of a file (`--frames all`): its file's header
     if isinstance(ref, str | os.PathLike) and is_dicom(Path(ref)):
         import pydicom
 

@@ -22,7 +22,7 @@ from cache.store import CacheReader
 from common.errors import MedfmError
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, Split
-from extract.datasets.decode import open_image, read_dicom, to_mode
+from extract.datasets.decode import Frame, open_image, read_dicom, to_mode
 from extract.datasets.images import ImageDataset
 from extract.runner import ExtractConfig, extract
 from tests.layouts import write_dicom
@@ -112,8 +112,11 @@ def test_constant_nan_and_multi_frame_images(tmp_path: Path) -> None:
     nan = Image.frombytes("F", (2, 1), np.array([0.0, np.nan], "<f4").tobytes())
     one_line_refusal(to_mode, nan, "L", match="NaN or infinite")
     stack = tmp_path / "stack.tif"
-    Image.new("L", (2, 2)).save(stack, save_all=True, append_images=[Image.new("L", (2, 2), 9)])
-    assert str(stack) in one_line_refusal(open_image, stack, match="TIFF file holds 2 frames")
+    Image.new("L", (2, 2)).save(stack, save_all=True, append_images=[Image.new("L", (2, 2), 9), Image.new("L", (2, 2), 20)])
+    assert np.asarray(open_image(stack)).tolist() == [[9, 9], [9, 9]]  # the middle of 3 frames
+    assert np.asarray(open_image(stack, "first")).tolist() == [[0, 0], [0, 0]]
+    assert np.asarray(open_image(Frame(stack, 2))).tolist() == [[20, 20], [20, 20]]
+    assert str(stack) in one_line_refusal(open_image, Frame(stack, 3), match="holds 3 frame")
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -195,8 +198,6 @@ def test_dicom_colour_rgb_ybr_palette_and_wide_samples() -> None:
 
 
 def test_dicom_refusals_are_one_line_and_say_why(tmp_path: Path) -> None:
-    frames = dicom(tmp_path / "cine.dcm", np.zeros((3, 4, 4), np.uint16))
-    assert str(frames) in one_line_refusal(read_dicom, frames, match="holds 3 frames")
     text = tmp_path / "notes.dcm"
     text.write_text("not an image\n")
     one_line_refusal(read_dicom, text, match="not a DICOM Part 10 file")
@@ -206,10 +207,11 @@ def test_dicom_refusals_are_one_line_and_say_why(tmp_path: Path) -> None:
         read_dicom(tmp_path / "absent.dcm")
 
 
-def expected_pixels(path: str) -> np.ndarray:
-    """pydicom's own `pixel_array` (colour already RGB), its LUTs, then the 8-bit rule, written out independently."""
+def expected_pixels(path: str, frame: int = 0) -> np.ndarray:
+    """pydicom's own `pixel_array` (colour already RGB; of a multi-frame file, frame `frame`), its LUTs, then the 8-bit
+    rule, written out independently."""
     ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
+    pixels = ds.pixel_array if int(ds.get("NumberOfFrames") or 1) == 1 else ds.pixel_array[frame]
     photometric = ds.PhotometricInterpretation
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
@@ -234,6 +236,7 @@ DAMAGED = {  # pydicom's deliberately broken single-frame files, and why each is
 def test_every_pydicom_test_file_decodes_like_pydicom_or_is_refused_in_one_line() -> None:
     decoded: set[str] = set()
     refused: dict[str, str] = {}
+    multi_frame = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the oddities these files are made of
         for path in get_testdata_files():
@@ -245,17 +248,38 @@ def test_every_pydicom_test_file_decodes_like_pydicom_or_is_refused_in_one_line(
                 assert "\n" not in str(err) and str(err).startswith(path)
                 refused[path] = str(err)
                 continue
-            assert np.array_equal(np.asarray(image), expected_pixels(path)), path
+            frames = int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames") or 1)
+            assert np.array_equal(np.asarray(image), expected_pixels(path, frames // 2)), path
             decoded.add(pydicom.dcmread(path).file_meta.TransferSyntaxUID.name)
+            multi_frame += frames > 1
     for syntax in ("JPEG 2000 Image Compression", "JPEG-LS Lossless Image Compression", "RLE Lossless",
                    "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
                    "JPEG Extended (Process 2 and 4)", "JPEG Baseline (Process 1)", "Explicit VR Big Endian",
                    "Deflated Explicit VR Little Endian", "JPEG-LS Lossy (Near-Lossless) Image Compression"):
         assert syntax in decoded, syntax
-    with_pixels = {p: m for p, m in refused.items() if "no Pixel Data" not in m and "not a DICOM Part 10 file" not in m}
-    for path, message in with_pixels.items():
-        name = Path(path).name
-        assert DAMAGED.get(name, "frames (a volume or a cine loop)") in message, message
+    with_pixels = {Path(p).name: m for p, m in refused.items() if "no Pixel Data" not in m and "not a DICOM Part 10 file" not in m}
+    assert set(with_pixels) <= set(DAMAGED), with_pixels  # nothing refused but the damaged files
+    for name, message in with_pixels.items():
+        assert DAMAGED[name] in message, message
+    assert multi_frame >= 5  # pydicom's volumes and cine loops (7 of its files with pixel data) read, their middle frame
+
+
+def test_a_multi_frame_dicom_gives_its_middle_or_first_frame_or_one_sample_per_frame(tmp_path: Path) -> None:
+    cine = np.stack([np.full((4, 4), v, np.uint16) for v in (0, 1, 2)]) + np.arange(16, dtype=np.uint16).reshape(4, 4)
+    path = dicom(tmp_path / "data" / "a" / "cine.dcm", cine)
+    assert np.array_equal(np.asarray(read_dicom(path)), np.asarray(read_dicom(dicom(tmp_path / "f1.dcm", cine[1]))))
+    assert np.array_equal(np.asarray(read_dicom(path, "first")), np.asarray(read_dicom(dicom(tmp_path / "f0.dcm", cine[0]))))
+    dicom(tmp_path / "data" / "b" / "one.dcm", np.arange(16, dtype=np.uint16).reshape(4, 4))
+    (tmp_path / "data" / "labels.csv").write_text("path,label,split,patient\na/cine.dcm,x,test,p1\nb/one.dcm,y,test,p2\n")
+    source = get_dataset("csv", tmp_path / "data", split_column="split", frames="all")
+    test = source.splits["test"]
+    assert test.ids == ["a/cine.dcm#frame=0", "a/cine.dcm#frame=1", "a/cine.dcm#frame=2", "b/one.dcm"]
+    assert test.labels.tolist() == [0, 0, 0, 1] and test.metadata["patient"] == ["p1", "p1", "p1", "p2"]
+    assert np.array_equal(np.asarray(source.load_image(test.images[2])), np.asarray(read_dicom(path, 2)))
+    assert source.options["frames"] == "all"  # fingerprinted with the dataset's options
+    assert get_dataset("csv", tmp_path / "data", split_column="split").splits["test"].ids == ["a/cine.dcm", "b/one.dcm"]
+    with pytest.raises(MedfmError, match="--frames must be one of middle, first, all, got 'last'"):
+        get_dataset("csv", tmp_path / "data", split_column="split", frames="last")
 
 
 # --- the user's own datasets read DICOM through the same reader
@@ -278,12 +302,13 @@ def test_imagefolder_and_csv_read_dicom_files(tmp_path: Path) -> None:
 
 
 def test_a_refused_image_is_flagged_with_its_one_line_reason(tmp_path: Path) -> None:
-    cine = dicom(tmp_path / "cine.dcm", np.zeros((2, 4, 4), np.uint16))
+    bad = tmp_path / "bad.dcm"
+    bad.write_text("not an image\n")
     good = dicom(tmp_path / "one.dcm", np.arange(16, dtype=np.uint16).reshape(4, 4))
-    source = DatasetSource("mine", BINARY, {"test": Split(["cine", "one"], np.array([0, 1]), [cine, good])})
+    source = DatasetSource("mine", BINARY, {"test": Split(["bad", "one"], np.array([0, 1]), [bad, good])})
     images = ImageDataset(source, "test", lambda image: torch.from_numpy(np.array(image)), (1, 4, 4))
     _, ok, reason = images[0]
-    assert not ok and reason.startswith(str(cine)) and "holds 2 frames" in reason and "MedfmError" not in reason
+    assert not ok and reason.startswith(str(bad)) and "not a DICOM Part 10 file" in reason and "MedfmError" not in reason
     pixels, ok, reason = images[1]
     assert ok and reason == "" and pixels[0, 0].item() == 0 and pixels[-1, -1].item() == 255
 
@@ -303,3 +328,27 @@ def test_a_dicom_claiming_a_huge_image_is_refused_from_its_header_before_decodin
         read_dicom(small)
     monkeypatch.setenv("MEDFM_MAX_IMAGE_PIXELS", "16")
     assert read_dicom(small).size == (4, 4)
+
+
+def test_extract_run_frames_all_stores_one_row_per_frame_in_its_files_split(tmp_path: Path, monkeypatch) -> None:
+    from cache.store import CacheReader
+    from extract.cli import main
+    from tests.tiny import TINY_SIZE, run_main
+
+    for i in range(4):
+        ramp = np.arange(64, dtype=np.uint16).reshape(8, 8)
+        dicom(tmp_path / "data" / f"cine{i}.dcm", np.stack([ramp if k == 0 else ramp.T * k for k in range(3)]))
+    (tmp_path / "data" / "labels.csv").write_text("path,label,split\n" + "".join(
+        f"cine{i}.dcm,{'ab'[i % 2]},{('train', 'train', 'val', 'test')[i]}\n" for i in range(4)))
+    monkeypatch.setenv("MEDFM_OUTPUT", str(tmp_path / "out"))
+    args = ["run", "--backbone", "deit", "--dataset", "csv", "--root", str(tmp_path / "data"), "--weights", "random",
+            "--image-size", str(TINY_SIZE), "--opt", "split_column=split", "--override", "depth=1", "--override", "embed_dim=16",
+            "--override", "num_heads=2", "--no-tokens", "--frames", "all"]
+    code, out, err = run_main(main, args, monkeypatch)
+    assert code == 0, err
+    [path] = (tmp_path / "out" / "features").rglob("*.h5")
+    with CacheReader(path) as reader:
+        assert list(reader.ids("test")) == [f"cine3.dcm#frame={k}" for k in range(3)]
+        assert len(reader.ids("train")) == 6 and reader.meta.settings["dataset_options"]["frames"] == "all"
+        pooled = reader.features("test")
+    assert not np.allclose(pooled[0], pooled[2])  # each frame its own features
