@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from common.cli import dataset_options, parse_overrides, run_cli
 from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
 from extract.corruptions import parse_corruptions
-from extract.names import check_backbone, check_dataset, check_root, check_text_tower
+from extract.names import check_backbone, check_dataset, check_frames, check_root, check_text_tower
+
+if TYPE_CHECKING:
+    from extract.backbones.base import BackboneSpec
 
 app = typer.Typer(help="Extract frozen-backbone features into an HDF5 cache.", no_args_is_help=True, add_completion=False)
 console = Console()
@@ -72,16 +74,20 @@ Protocol = Annotated[str, typer.Option(help="medfm | study: the official code's 
 SplitSeed = Annotated[int | None, typer.Option(help="Seed of the split for datasets without fixed splits.",
                                                show_default="the dataset's own (see `extract datasets`)")]
 Opt = Annotated[list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).", show_default="none")]
+Frames = Annotated[str, typer.Option(help="Which frames of multi-frame files (DICOM volumes and cine loops, multi-page TIFF) are "
+                                           "samples: middle | first | all (one sample per frame, id <file id>#frame=<k>, in its "
+                                           "file's split).")]
 Manifest = Annotated[Path | None, typer.Option(help="Reproduce a saved split (<cache>.splits.json).", show_default="the dataset's own split")]
 ImageCache = Annotated[str, typer.Option(help="auto: read the images from a matching image cache (`extract images`) under "
                                               "$MEDFM_OUTPUT/images when one is complete | off: decode the files | DIR: image caches there.")]
 
 
-def extract_config(*, layers: str, views: int | None, opt: list[str] | None, split_seed: int | None, out: Path | None, **settings):
+def extract_config(*, layers: str, views: int | None, opt: list[str] | None, split_seed: int | None, frames: str, out: Path | None,
+                   **settings):
     """The `ExtractConfig` of the options above (torch loads with it: call it inside a command)."""
     from extract.runner import ExtractConfig
 
-    return ExtractConfig(layers=parse_layers(layers), views=parse_views(views), dataset_options=dataset_options(opt, split_seed),
+    return ExtractConfig(layers=parse_layers(layers), views=parse_views(views), dataset_options=dataset_options(opt, split_seed, frames),
                          out=out or output_root() / "features", **settings)
 
 
@@ -112,6 +118,7 @@ def run(
     protocol: Protocol = "medfm",
     split_seed: SplitSeed = None,
     opt: Opt = None,
+    frames: Frames = "middle",
     manifest: Manifest = None,
     corrupt: Annotated[str | None, typer.Option(help="Also extract the test split under these corruptions, each into its own cache "
                                                      "beside the clean one: KIND:SEVERITY[,...], severity 1-5 (0 or `none`: the clean "
@@ -125,6 +132,7 @@ def run(
     check_backbone(backbone)  # a typo is one line before torch and the models load
     check_dataset(dataset)
     check_root(dataset, root)
+    check_frames(frames)
     corruptions = parse_corruptions(corrupt, corrupt_seed) if corrupt is not None else ()
     from extract.runner import extract  # torch and the models: imported for a run, not for --help
 
@@ -132,7 +140,8 @@ def run(
         backbone=backbone, dataset=dataset, root=root, weights=weights, out=out, batch_size=parse_batch_size(batch_size), tokens=tokens,
         token_dtype=token_dtype, layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation,
         device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, image_cache=image_cache, manifest=manifest,
-        views=views, augment=augment, augment_seed=augment_seed, protocol=protocol, opt=opt, split_seed=split_seed, corrupt=corruptions,
+        views=views, augment=augment, augment_seed=augment_seed, protocol=protocol, opt=opt, split_seed=split_seed, frames=frames,
+        corrupt=corruptions,
         overrides=parse_overrides(override or []),
     )
     result = extract(cfg)
@@ -170,6 +179,7 @@ def zeroshot(
     protocol: Protocol = "medfm",
     split_seed: SplitSeed = None,
     opt: Opt = None,
+    frames: Frames = "middle",
     manifest: Manifest = None,
     image_cache: ImageCache = "auto",
 ) -> None:
@@ -190,7 +200,7 @@ def zeroshot(
             backbone=backbone, dataset=dataset, root=root, weights=weights or "default", out=out, tokens=tokens, token_dtype=token_dtype,
             layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, device=device,
             precision=precision, manifest=manifest, views=views, augment=augment, augment_seed=augment_seed, protocol=protocol,
-            opt=opt, split_seed=split_seed, image_cache=image_cache,
+            opt=opt, split_seed=split_seed, frames=frames, image_cache=image_cache,
         ))
     result = embed_classes(ZeroShotConfig(cache, prompts, weights, device))
     console.print(f"wrote text/classes {tuple(result.classes.shape)} into {result.path}")
@@ -213,6 +223,7 @@ def images(
     workers: Annotated[int | None, typer.Option(help="Decoding processes.", show_default="cores - 1, at most 12")] = None,
     split_seed: SplitSeed = None,
     opt: Opt = None,
+    frames: Frames = "middle",
     manifest: Manifest = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Decode every image afresh, replacing the image cache of these settings "
                                                             "(needed once its source files changed).", show_default="off")] = False,
@@ -224,31 +235,53 @@ def images(
     """Decode and resize every image of DATASET once into an image cache, which `extract run` and `finetune run` then read."""
     check_dataset(dataset)
     check_root(dataset, root)
+    check_frames(frames)
     from extract.image_cache import ImageCacheConfig, build_image_cache  # torch: imported for a run, not for --help
 
     cfg = ImageCacheConfig(dataset=dataset, root=root, out=out or output_root() / "images", resize=resize, interpolation=interpolation,
                            in_chans=in_chans, jpeg_draft=jpeg_draft, skip_bad=skip_bad, workers=workers, manifest=manifest,
-                           dataset_options=dataset_options(opt, split_seed), rebuild=rebuild, hash_sources=hash_sources)
+                           dataset_options=dataset_options(opt, split_seed, frames), rebuild=rebuild, hash_sources=hash_sources)
     result = build_image_cache(cfg)
     rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
     rate = f", {result.images_per_s:.1f} img/s" if result.images_per_s else ""
     console.print(f"{'reused' if result.reused else 'wrote'} {result.path} ({rows}{rate})")
 
 
+BACKBONE_COLUMNS = 45  # `extract backbones`: name and description, then params, pooled, tokens: 80 columns in all
+
+
 @app.command()
 def backbones() -> None:
-    """List the backbone registry."""
+    """List the backbone registry by set (study, 2025, medical: `grid run --backbones SET`), each row with its
+    parameters, features and default weights file."""
+    from common.study import BACKBONE_SETS
     from extract.backbones import list_backbones
+
+    rows = {spec.name: spec for spec in list_backbones()}
+    groups = {f"{word} (grid run --backbones {word})": [rows.pop(n) for n in names if n in rows] for word, names in BACKBONE_SETS.items()}
+    if rows:  # entries registered at run time (a plugin, a test)
+        groups["other"] = list(rows.values())
+    for title, specs in groups.items():
+        console.print(f"[bold]{title:<{BACKBONE_COLUMNS}}[/]{'params':>8}{'pooled':>8}  tokens @224", highlight=False)
+        for spec in specs:
+            for line in _backbone_lines(spec, console.width):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _backbone_lines(spec: BackboneSpec, width: int) -> list[str]:
+    """One registry row as `extract backbones` shows it: its numbers, then its weights file and whether it is found,
+    the hub folder on a line of its own where the whole path would pass `width`."""
     from extract.backbones.weights import find_default_weights
 
-    table = Table("name", "study row", "params (M)", "pooled", "tokens @224", "default weights", "present")
-    for spec in list_backbones():
-        params = spec.count_params() / 1e6 if spec.count_params else float("nan")
-        present = find_default_weights(spec)
-        table.add_row(spec.name, spec.study_row, f"{params:.2f}", str(spec.pooled_dim),
-                      f"{spec.token_shape[0]} x {spec.token_shape[1]}", spec.weights_file,
-                      "[green]yes[/]" if present else "[red]no[/]")
-    console.print(table)
+    params = f"{spec.count_params() / 1e6:.2f}M" if spec.count_params else "?"
+    head = f"  {spec.name:<10} {spec.study_row[:BACKBONE_COLUMNS - 14]}"
+    lines = [f"{head:<{BACKBONE_COLUMNS}}{params:>8}{spec.pooled_dim:>8}  {spec.token_shape[0]} x {spec.token_shape[1]}"]
+    found = f": {'found' if find_default_weights(spec) else 'missing'}"
+    folder, _, file = spec.weights_file.rpartition("/")
+    indent = " " * 13
+    if folder and len(indent + spec.weights_file + found) > width:
+        return [*lines, f"{indent}{folder}/", f"{indent}  {file}{found}"]
+    return [*lines, f"{indent}{spec.weights_file}{found}"]
 
 
 @app.command("check-backbone")
@@ -277,6 +310,32 @@ def check_backbone_command(
         more = f" (and {len(report.failures) - 1} more: see {report.receipt})" if len(report.failures) > 1 else ""
         raise MedfmError(f"check failed for {backbone}: {report.failures[0]}{more}")
     console.print(f"[green]passed[/]: {backbone} equals its library's own forward", highlight=False)
+
+
+@app.command()
+def preview(
+    dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
+    root: Root = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone whose eval transform to show (built with random weights: only its "
+                                                      "input settings matter).", show_default="none: the default input policy")] = None,
+    per_class: Annotated[int, typer.Option(help="Images per class (one row per class).")] = 4,
+    out: Annotated[Path | None, typer.Option(help="The PNG to write.", show_default="$MEDFM_OUTPUT/previews/<dataset>[-<backbone>].png")] = None,
+    split_seed: SplitSeed = None,
+    opt: Opt = None,
+) -> None:
+    """A PNG montage of DATASET's images per class as the backbone sees them: decoded, resized, cropped, de-normalised."""
+    check_dataset(dataset)
+    check_root(dataset, root)
+    if backbone is not None:
+        check_backbone(backbone)
+    from cache.layout import backbone_folder
+    from extract.preview import preview as montage  # torch and matplotlib: imported for a preview, not for --help
+
+    name = f"{dataset}-{backbone_folder(backbone)}" if backbone else dataset
+    shown = montage(dataset, root, out or output_root() / "previews" / f"{name}.png", backbone=backbone, per_class=per_class,
+                    dataset_options=dataset_options(opt, split_seed))
+    console.print(f"wrote {shown.path} ({len(shown.classes)} classes x {shown.per_class} images, {shown.spec.size} px)",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -17,10 +17,11 @@ ALLOWED = {
     "extract": {"common", "cache"},
     "training": {"common", "cache", "scoring", "ledger"},
     "report": {"common", "cache", "scoring", "ledger", "training"},
-    "probe": {"common", "cache", "scoring", "ledger", "training", "report"},
+    "predict": {"common", "cache", "scoring", "ledger", "training", "extract"},  # back to images: the one command that needs extract
+    "probe": {"common", "cache", "scoring", "ledger", "training", "report", "predict"},
     "finetune": {"common", "cache", "scoring", "ledger", "training", "extract"},
     "grid": {"common", "cache", "ledger", "extract"},  # the grid runs the stages as commands, never imports them
-    "bench": {"common", "cache", "scoring", "ledger", "training", "extract", "report", "probe", "finetune"},
+    "bench": {"common", "cache", "scoring", "ledger", "training", "extract", "report", "predict", "probe", "finetune"},
 }
 PACKAGES = tuple(ALLOWED)
 
