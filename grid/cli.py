@@ -15,11 +15,12 @@ from common.cli import parse_options, run_cli
 from common.errors import MedfmError
 from common.locks import acquire
 from common.runtime import OUTPUT_ENV, output_root
+from common.study import BACKBONE_SETS
+from grid.estimate import CARD, option, sizes
 from grid.jobs import STAGES
 from grid.plan import (
     DEFAULT_RESOURCES,
     SCENARIOS,
-    STUDY_BACKBONES,
     STUDY_DATASETS,
     GridSpec,
     Plan,
@@ -42,7 +43,9 @@ DEFAULTS_SHOWN = "; ".join(f"{kind} gpus={r.gpus} cpus={r.cpus} mem_gb={r.mem_gb
 
 @app.command()
 def run(
-    backbones: Annotated[str, typer.Option(help="Backbones, comma- or space-separated (see `extract backbones`).")] = ",".join(STUDY_BACKBONES),
+    backbones: Annotated[str, typer.Option(help="Backbones, comma- or space-separated, mixed freely: registry rows (`extract backbones`), "
+                                                "library models (timm:NAME, open_clip:ARCH@TAG, hf:ID) and the sets "
+                                                f"{', '.join(BACKBONE_SETS)} (their rows).")] = "study",
     datasets: Annotated[str, typer.Option(help="Datasets, comma- or space-separated (see `extract datasets`).")] = ",".join(STUDY_DATASETS),
     scenarios: Annotated[str, typer.Option(help=f"Scenarios, comma-separated, among {', '.join(SCENARIOS)}.")] = ",".join(SCENARIOS),
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated: one cell each.")] = "0",
@@ -133,7 +136,7 @@ def status(grid: GridDir = None) -> None:
 
 
 def _show(the_plan: Plan, print_commands: bool) -> None:
-    """Cells, jobs by kind and estimated GPU-hours (and, if asked, every job's command)."""
+    """Cells, jobs by kind, estimated GPU-hours by kind and by backbone (and, if asked, every job's command)."""
     spec = the_plan.spec
     console.print(f"grid: {len(the_plan.cells)} cells ({_count(spec.backbones, 'backbone')} x {_count(spec.datasets, 'dataset')} x "
                   f"{_count(spec.scenarios, 'scenario')} x {_count(spec.seeds, 'seed')}, protocol {spec.protocol}, {spec.epochs} epochs): "
@@ -142,9 +145,18 @@ def _show(the_plan: Plan, print_commands: bool) -> None:
     console.print(f"jobs: {len(the_plan.jobs)} ({', '.join(f'{kinds[k]} {k}' for k in STAGES)})", soft_wrap=True)
     hours = {k: sum(the_plan.hours[j.name] or 0.0 for j in the_plan.jobs if j.stage == k) for k in STAGES}
     unknown = sum(1 for j in the_plan.jobs if the_plan.hours[j.name] is None)
-    console.print(f"estimated GPU-hours: {sum(hours.values()):.1f} ({', '.join(f'{k} {hours[k]:.1f}' for k in STAGES)}); an estimate "
-                  "from nominal throughputs (docs/grid.md §7), not a measurement"
-                  + (f"; {unknown} jobs on data of unknown size not counted" if unknown else ""), soft_wrap=True)
+    console.print(f"estimated GPU-hours: {sum(hours.values()):.1f} ({', '.join(f'{k} {hours[k]:.1f}' for k in STAGES)}) on one "
+                  f"{CARD.name} at {CARD.sustained_tflops:g} TFLOP/s sustained; an estimate from each model's counted FLOPs "
+                  "(docs/grid.md §7), not a measurement" + (f"; {unknown} jobs not counted" if unknown else ""), soft_wrap=True)
+    for backbone, cost in the_plan.costs.items():
+        spent = sum(the_plan.hours[j.name] or 0.0 for j in the_plan.jobs if option(j.args, "--backbone") == backbone)
+        console.print(f"  {backbone}: {cost.flops / 1e9:.1f} GFLOPs per image at {cost.image_size} px, {spent:.1f} GPU-hours",
+                      soft_wrap=True, markup=False)
+    for backbone, why in the_plan.uncounted.items():
+        console.print(f"  {backbone}: no estimate, {why}", soft_wrap=True, markup=False)
+    unsized = [d for d in spec.datasets if sizes(d) is None]
+    if unsized:
+        console.print(f"  {', '.join(unsized)}: no estimate, data of unknown size", soft_wrap=True, markup=False)
     if print_commands:
         for job in the_plan.jobs:
             print(shlex.join(job.command("python")))

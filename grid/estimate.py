@@ -1,27 +1,98 @@
 """GPU-hours a grid will cost, estimated before anything runs (docs/grid.md §7).
 
-An estimate, not a measurement: images per job (the study's split sizes) times epochs or views, divided by a
-nominal forward throughput per backbone (one A100-class GPU, bf16, 224 px, from each model's FLOPs). Training
-costs about three forwards per image (forward + backward); validation and test one. Image decoding, which often
-bounds an extraction of large JPEGs, is not counted, so real runs take longer, never much shorter.
+An estimate, not a measurement: the FLOPs of each job (its passes over its images, the study's split sizes, times the
+model's forward FLOPs per image) divided by the sustained throughput of one card (`CARD`). A backbone's FLOPs are
+counted on the model itself, at the input size its jobs use, by torch's FLOP counter on the meta device (no weights,
+no memory, well under a second for the study's models), so any backbone a stage takes, a library one included, gets
+its own figure. Training an image costs three forwards (forward + backward); validation and test one. Image decoding,
+which often bounds an extraction of large JPEGs, is not counted, so real runs take longer, rarely shorter.
 """
 
 from __future__ import annotations
 
+import io
+import warnings
+from collections.abc import Sequence
+from contextlib import redirect_stderr
 from dataclasses import dataclass
+from functools import cache
 
-# Forward images per second on one GPU (A100-class, bf16, 224 px, large batches); nominal, from FLOPs.
-FORWARD_IMAGES_PER_S = {
-    "deit": 3000, "dino": 3000, "blip": 3000, "openclip": 3000,  # ViT-B/16, 196 tokens
-    "dinov2": 2300,  # ViT-B/14 at 224 px: 256 tokens
-    "sam": 2500,  # ViT-B/16 with windowed attention and relative positions
-    "seem": 4000,  # Focal-T
-    "resnet152": 2500,
-}
-UNKNOWN_BACKBONE_IMAGES_PER_S = 2000  # a backbone registered later, not in the table
-DEIT_HEAD_IMAGES_PER_S = 3000  # the appended DeiT-B head on 196 tokens: a DeiT-B forward without its patch embedding
+from common.cli import parse_overrides
+from common.errors import MedfmError
+
+
+@dataclass(frozen=True)
+class Card:
+    """The GPU the hours are for, and the FLOPs per second it sustains on these models in bf16 at large batches."""
+
+    name: str
+    sustained_tflops: float
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.sustained_tflops * 1e12
+
+
+# An A100's bf16 tensor cores peak at 312 TFLOP/s dense; large-batch ViT forwards and training steps under autocast
+# sustain about a third of that (attention's softmax, norms and activations are memory-bound): docs/grid.md §7.
+CARD = Card("A100", 100.0)
+DEIT_HEAD_WIDTH, DEIT_HEAD_DEPTH = 768, 12  # the study's appended DeiT-B head
 LINEAR_ROWS_PER_S = 500_000  # a linear head on cached pooled features: memory-bound, seconds for the largest dataset
 TRAIN_COST = 3  # forward + backward, in forwards
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one image costs a backbone at `image_size`: its forward FLOPs, and the tokens an appended DeiT head reads."""
+
+    backbone: str
+    image_size: int
+    flops: float
+    tokens: int
+    token_dim: int
+
+    @property
+    def head_flops(self) -> float:
+        """The DeiT-B head's forward on these tokens: the projection to its width, then per block the matmuls (qkv,
+        output, MLP: 24 N W^2) and attention (4 N^2 W) over the tokens and its CLS token."""
+        n, w = self.tokens + 1, DEIT_HEAD_WIDTH
+        return 2 * self.tokens * self.token_dim * w + DEIT_HEAD_DEPTH * (24 * n * w * w + 4 * n * n * w)
+
+
+@cache
+def count_model(backbone: str, image_size: int | None = None, overrides: tuple[str, ...] = ()) -> ModelCost:
+    """The backbone's cost per image, counted once per process: built on the meta device with random weights (as the
+    stage would build it: same size, same constructor overrides) and run on one image under torch's FLOP counter.
+    A model that cannot be built or run so is one line saying why; the plan then has no estimate for it."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from extract.backbones import create_backbone
+
+    try:  # the model's own description line and warnings belong to the stage that runs it, not to the plan
+        with torch.device("meta"), redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = create_backbone(backbone, "random", image_size=image_size, **parse_overrides(list(overrides)))
+            model.requires_grad_(False)  # a forward's count: the counter's module tracking trips on an attention pool's weights
+            size = model.data_config.input_size
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                tokens = model(torch.zeros(1, 3, size, size)).tokens
+    except MedfmError as err:
+        raise MedfmError(f"cannot count {backbone}'s FLOPs: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a model that will not run on the meta device: said, never fatal to a plan
+        raise MedfmError(f"cannot count {backbone}'s FLOPs on the meta device ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    return ModelCost(backbone, size, float(counter.get_total_flops()), int(tokens.shape[1]), int(tokens.shape[2]))
+
+
+def option(args: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` in a stage command (`--image-size 448` or `--image-size=448`), the last one winning."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.partition("=")[2]
+    return value
 
 
 @dataclass(frozen=True)
@@ -50,36 +121,36 @@ def sizes(dataset: str) -> SplitSizes | None:
     return SPLIT_SIZES.get(dataset)
 
 
-def _rate(backbone: str) -> float:
-    return FORWARD_IMAGES_PER_S.get(backbone, UNKNOWN_BACKBONE_IMAGES_PER_S)
+def hours(flops: float) -> float:
+    return flops / CARD.flops_per_s / 3600
 
 
-def extraction_hours(backbone: str, dataset: str, views: int) -> float | None:
-    """One forward of every image, and of the train split once more per augmented view."""
+def extraction_hours(cost: ModelCost | None, dataset: str, views: int) -> float | None:
+    """One forward of every image, and of the train split once more per augmented view. Here and below, None: no
+    estimate, for data of unknown size or a model that could not be counted (`cost` None)."""
     n = sizes(dataset)
-    return None if n is None else (n.total + n.train * views) / _rate(backbone) / 3600
+    return None if n is None or cost is None else hours((n.total + n.train * views) * cost.flops)
 
 
-def probe_hours(dataset: str, heads: tuple[str, ...], epochs: int, seeds: int) -> float | None:
-    """Heads on cached features: the DeiT head trains and evaluates on the tokens; linear heads cost seconds."""
+def probe_hours(cost: ModelCost | None, dataset: str, heads: tuple[str, ...], epochs: int, seeds: int) -> float | None:
+    """Heads on cached features: the DeiT head trains and validates on the backbone's tokens; linear heads cost seconds."""
     n = sizes(dataset)
-    if n is None:
+    if n is None or cost is None:
         return None
-    seconds = 0.0
+    total = 0.0
     for head in heads:
         if head == "deit":
-            seconds += seeds * epochs * (n.train * TRAIN_COST + n.val) / DEIT_HEAD_IMAGES_PER_S
+            total += hours(seeds * epochs * (n.train * TRAIN_COST + n.val) * cost.head_flops)
         else:
-            seconds += seeds * epochs * (n.train + n.val) / LINEAR_ROWS_PER_S
-    return seconds / 3600
+            total += seeds * epochs * (n.train + n.val) / LINEAR_ROWS_PER_S / 3600
+    return total
 
 
-def finetune_hours(backbone: str, dataset: str, head: str, frozen: bool, epochs: int) -> float | None:
+def finetune_hours(cost: ModelCost | None, dataset: str, head: str, frozen: bool, epochs: int) -> float | None:
     """Live images every epoch: a frozen backbone only forwards, an unfrozen one trains; a DeiT head adds its own cost."""
     n = sizes(dataset)
-    if n is None:
+    if n is None or cost is None:
         return None
-    backbone_s = (n.train * (1 if frozen else TRAIN_COST) + n.val) / _rate(backbone)
-    head_s = (n.train * TRAIN_COST + n.val) / DEIT_HEAD_IMAGES_PER_S if head == "deit" else 0.0
-    test_s = n.test / _rate(backbone)
-    return (epochs * (backbone_s + head_s) + test_s) / 3600
+    backbone = epochs * (n.train * (1 if frozen else TRAIN_COST) + n.val) + n.test
+    head_passes = epochs * (n.train * TRAIN_COST + n.val) + n.test if head == "deit" else 0
+    return hours(backbone * cost.flops + head_passes * cost.head_flops)

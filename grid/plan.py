@@ -21,9 +21,10 @@ from common.cli import parse_options
 from common.errors import MedfmError
 from common.registry import unknown
 from common.study import GRAYSCALE_DATASETS, STUDY_BACKBONES, STUDY_DATASETS
-from extract.names import check_backbone, check_dataset
+from extract.names import check_dataset
 from grid import estimate
 from grid.jobs import STAGES, Job, Resources, ordered
+from grid.names import check_backbones, expand_backbones
 from grid.state import clear, read_job, read_json, read_state, state_path
 from ledger.store import Ledger
 
@@ -77,14 +78,17 @@ class GridSpec:
     resources: dict[str, Resources] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
     output: str = "outputs"  # the stages' $MEDFM_OUTPUT: caches, runs and the ledger
 
+    def __post_init__(self) -> None:
+        """Set words (`study`, `2025`, `medical`) become their rows here, so the spec's file and cells hold only backbones."""
+        object.__setattr__(self, "backbones", expand_backbones(self.backbones))
+
     def validate(self) -> None:
         """Every name known and every number sane, before anything is planned or run (one line otherwise)."""
         for flag, values in (("--backbones", self.backbones), ("--datasets", self.datasets), ("--scenarios", self.scenarios),
                              ("--seeds", self.seeds)):
             if not values:
                 raise MedfmError(f"{flag} needs at least one value")
-        for name in self.backbones:
-            check_backbone(name)
+        check_backbones(self.backbones)
         for name in self.datasets:
             check_dataset(name)
         for name in self.scenarios:
@@ -259,11 +263,27 @@ class Plan:
     cells: list[Cell]
     done: set[str]
     jobs: list[Job]
-    hours: dict[str, float | None]  # job name -> estimated GPU-hours (None: a dataset of unknown size)
+    hours: dict[str, float | None]  # job name -> estimated GPU-hours (None: data of unknown size, or an uncounted model)
+    costs: dict[str, estimate.ModelCost] = field(default_factory=dict)  # backbone -> its counted cost per image
+    uncounted: dict[str, str] = field(default_factory=dict)  # backbone -> why its FLOPs could not be counted
 
     @property
     def missing(self) -> list[Cell]:
         return [c for c in self.cells if c.key not in self.done]
+
+    def cost(self, backbone: str, job: Job) -> estimate.ModelCost | None:
+        """The backbone's cost at the input size of the stage command `job` (its --image-size, else the model's own),
+        counted once; a model that cannot be counted is kept in `uncounted` and gets no estimate (nor another try)."""
+        if backbone in self.uncounted:
+            return None
+        size = estimate.option(job.args, "--image-size")
+        try:
+            cost = estimate.count_model(backbone, int(size) if size and size.isdigit() else None, self.spec.overrides)
+        except MedfmError as err:
+            self.uncounted[backbone] = str(err)
+            return None
+        self.costs.setdefault(backbone, cost)
+        return cost
 
 
 def plan(spec: GridSpec, grid_dir: Path) -> Plan:
@@ -272,30 +292,32 @@ def plan(spec: GridSpec, grid_dir: Path) -> Plan:
     spec.validate()
     cells = spec.cells()
     done = done_cells(spec, cells)
-    jobs: list[Job] = []
-    hours: dict[str, float | None] = {}
+    the_plan = Plan(spec, cells, done, [], {})
+    jobs, hours = the_plan.jobs, the_plan.hours
     for dataset in spec.datasets:
         for backbone in spec.backbones:
             mine = [c for c in cells if c.backbone == backbone and c.dataset == dataset]
             on_cache = [c for c in mine if spec.on_cache(c)]
             if any(c.key not in done for c in on_cache):
                 extraction = extract_job(spec, backbone, dataset)
+                cached = the_plan.cost(backbone, extraction)  # the features the probe reads are the extraction's
                 after: tuple[str, ...] = ()
                 if not extraction_done(spec, grid_dir, extraction, backbone, dataset):
                     jobs.append(extraction)
                     views = spec.epochs if spec.protocol == "study" else 0
-                    hours[extraction.name] = estimate.extraction_hours(backbone, dataset, views)
+                    hours[extraction.name] = estimate.extraction_hours(cached, dataset, views)
                     after = (extraction.name,)
                 probe = probe_job(spec, backbone, dataset, on_cache, after)
                 jobs.append(probe)
                 heads = tuple(dict.fromkeys(c.head for c in on_cache))
-                hours[probe.name] = estimate.probe_hours(dataset, heads, spec.epochs, len(spec.seeds))
+                hours[probe.name] = estimate.probe_hours(cached, dataset, heads, spec.epochs, len(spec.seeds))
             for cell in mine:
                 if not spec.on_cache(cell) and cell.key not in done:
                     job = finetune_job(spec, cell)
                     jobs.append(job)
-                    hours[job.name] = estimate.finetune_hours(backbone, dataset, cell.head, cell.frozen, spec.epochs)
-    return Plan(spec, cells, done, ordered(jobs), hours)
+                    hours[job.name] = estimate.finetune_hours(the_plan.cost(backbone, job), dataset, cell.head, cell.frozen, spec.epochs)
+    the_plan.jobs = ordered(jobs)
+    return the_plan
 
 
 def read_spec(grid_dir: Path) -> GridSpec:

@@ -21,7 +21,7 @@ from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from finetune import train as finetune_train
 from finetune.cli import main
-from finetune.model import FreezePolicy
+from finetune.model import FreezePolicy, build_model
 from finetune.train import CHECKPOINT, FinetuneConfig, finetune
 from ledger.predictions import load_predictions
 from ledger.runs import read_history
@@ -33,6 +33,8 @@ from tests.extract import killable
 from tests.layouts import image
 from tests.tiny import TINY_RESNET, TINY_VIT_DEEP, run_main
 from tests.tiny import tiny_finetune as tiny
+
+TIMM_VIT = "timm:vit_small_patch16_224"  # a backbone named by its library, built tiny through TINY_VIT_DEEP
 
 
 @pytest.fixture(autouse=True)
@@ -170,6 +172,8 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
         ("deit", {**TINY_VIT_DEEP, "depth": 4}, "last-2", "deit", ("blocks.2.", "blocks.3."), "last2-deit"),
         ("resnet152", TINY_RESNET, "last-1", "linear", ("layer4.",), "last1-linear"),
         ("resnet152", TINY_RESNET, "all", "linear", (), "frozen-linear"),
+        (TIMM_VIT, TINY_VIT_DEEP, "last-1", "linear", ("blocks.2.",), "last1-linear"),
+        (TIMM_VIT, TINY_VIT_DEEP, "none", "deit", ("",), "unfrozen-deit"),
     ],
 )
 def test_freeze_leaves_every_other_backbone_tensor_bit_identical(
@@ -189,6 +193,28 @@ def test_freeze_leaves_every_other_backbone_tensor_bit_identical(
     moved = {name for name, before in start.items() if not torch.equal(after[f"backbone.model.{name}"], before)}
     assert {name for name in moved if not name.startswith(trained_prefixes)} == set()
     assert bool(moved) == bool(trained_prefixes)
+
+
+def test_last_k_of_a_timm_model_counts_its_own_blocks() -> None:
+    """K=1 trains exactly the last of the model's own blocks and the head; the stem, earlier blocks and final norm stay."""
+    backbone = create_backbone(TIMM_VIT, "random", image_size=32, **TINY_VIT_DEEP)
+    assert backbone.num_layers == 3
+    for freeze, blocks in (("last-1", (2,)), ("last-3", (0, 1, 2)), ("all", ())):
+        model = build_model(backbone, "linear", 4, FreezePolicy.parse(freeze))
+        trained = {f"backbone.model.blocks.{i}.{n}" for i in blocks for n, _ in backbone.blocks[i].named_parameters()}
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == trained | {"head.linear.weight", "head.linear.bias"}
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == (
+            sum(p.numel() for i in blocks for p in backbone.blocks[i].parameters()) + sum(p.numel() for p in model.head.parameters()))
+
+
+@pytest.mark.parametrize(("freeze", "message"), [("last-4", "--freeze last-4: this backbone has only 3 blocks; use last-3 or none"),
+                                                 ("last--1", "--freeze must be none, all or last-K with K >= 1")])
+def test_a_bad_k_for_a_timm_model_is_one_line_before_any_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, freeze: str,
+                                                                  message: str) -> None:
+    code, _, err = run_main(main, cli_args(tiny(tmp_path / "runs", backbone=TIMM_VIT, freeze=freeze)), monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
+    assert not list(tmp_path.rglob("config.json")) and not list(tmp_path.rglob("*.pt"))  # nothing trained, no run started
 
 
 def test_freeze_policy_is_checked_against_the_backbone(tmp_path: Path) -> None:

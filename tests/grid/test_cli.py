@@ -49,7 +49,7 @@ def test_print_commands_lists_every_job_dependencies_first(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--backbones", "deit,sam2"], "error: unknown backbone 'sam2'; choose one of: "),
+    (["--backbones", "deit,dinov9"], "error: unknown backbone 'dinov9'; nearest: "),
     (["--scenarios", "frozen-linear,frozen"], "error: unknown scenario 'frozen'; choose one of: frozen-linear, "),
     (["--executor", "pbs"], "error: --executor must be local or slurm, got 'pbs'"),
     (["--seeds", "0,x"], "error: --seeds takes comma-separated whole numbers such as 0,1,2, got '0,x'"),

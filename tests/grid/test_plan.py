@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import MedfmError
+from common.study import MEDICAL_BACKBONES, MODERN_BACKBONES, STUDY_BACKBONES
 from grid.jobs import Resources
 from grid.plan import GridSpec, check_not_running, parse_resources, plan, reset_ended
 from grid.state import mark, read_state, write_jobs
@@ -77,7 +78,7 @@ def test_resources_per_kind_change_with_their_flag_and_gpus_above_one_run_torchr
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"backbones": ("deit", "sam2")}, "unknown backbone 'sam2'"),
+    ({"backbones": ("deit", "dinov9")}, "unknown backbone 'dinov9'; nearest: .*dinov2"),
     ({"datasets": ("aptos",)}, "unknown dataset 'aptos'"),
     ({"scenarios": ("frozen-knn",)}, "unknown scenario 'frozen-knn'"),
     ({"protocol": "exact"}, "--protocol must be medfm or study"),
@@ -156,3 +157,11 @@ def test_a_job_still_running_is_not_run_twice_here_and_only_ended_jobs_go_back_t
 def test_the_spec_round_trips_through_its_file(tmp_path: Path) -> None:
     s = spec(tmp_path, seeds=(0, 2), extract_args=("--batch-size", "8"), resources=parse_resources(["probe:cpus=2"]))
     assert GridSpec.from_json(s.to_json()) == s
+
+
+def test_set_words_stand_for_their_rows_mixed_with_names_each_backbone_once_in_order(tmp_path: Path) -> None:
+    """Expansion only: the 2025 and medical rows need not be registered for the spec to name them."""
+    s = spec(tmp_path, backbones=("deit", "2025", "study", "timm:vit_small_patch16_224", "medical", "dinov3"))
+    assert s.backbones == ("deit", *MODERN_BACKBONES, *(b for b in STUDY_BACKBONES if b != "deit"), "timm:vit_small_patch16_224",
+                           *MEDICAL_BACKBONES)
+    assert GridSpec.from_json(s.to_json()) == s  # the spec's file holds the rows, never a set word
