@@ -1,7 +1,7 @@
 """The names in the backbone and dataset registries, known without building or importing anything heavy.
 
 The command lines check `--backbone` and `--dataset` against these before torch is imported, so a typo
-(`extract run --backbone sam2`) is one line in a fraction of a second. `tests/extract/test_cli.py` checks that
+(`extract run --backbone sam3`) is one line in a fraction of a second. `tests/extract/test_cli.py` checks that
 they equal the registries (`extract.backbones`, `extract.datasets`); a new entry goes in both.
 
 A backbone may also be named by its library, with no entry of its own (`extract/backbones/by_name.py`):

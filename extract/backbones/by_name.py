@@ -66,6 +66,8 @@ def timm_pool_rule(model: nn.Module) -> str:
     if isinstance(pool, nn.Module):
         pool = getattr(pool, "pool_type", type(pool).__name__)
     words = POOLS.get(str(pool), "the model's own pooling") if pool is not None else "the model's own pooling"
+    if pool == "token" and isinstance(getattr(model, "norm", None), nn.Identity):  # RADIO & co. end without a norm
+        words = "the CLS token (the model has no final norm)"
     return f"{words} (timm forward_head, global_pool={pool!r})"
 
 
@@ -165,6 +167,8 @@ def _count_timm(full: str) -> int:
 # --- open_clip ----------------------------------------------------------------------------------------------------------
 
 TINY_TEXT = {"layers": 1, "width": 64, "heads": 1, "vocab_size": 1000}  # the check's reference under --override: text unused
+OPEN_CLIP_CONFIGS: dict[str, dict[str, Any]] = {}  # architectures open_clip ships no config for: a hub model's own model_cfg
+# (open_clip_config.json), held by the registry row that names it (BiomedCLIP, extract/backbones/named.py)
 
 
 def open_clip_vision_cfg(arch: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], int, bool]:
@@ -172,7 +176,7 @@ def open_clip_vision_cfg(arch: str, overrides: dict[str, Any]) -> tuple[dict[str
     (and `embed_dim`); the timm weights of a timm tower are never fetched."""
     import open_clip
 
-    cfg = copy.deepcopy(open_clip.get_model_config(arch))
+    cfg = copy.deepcopy(OPEN_CLIP_CONFIGS.get(arch) or open_clip.get_model_config(arch))
     embed_dim = overrides.pop("embed_dim", cfg["embed_dim"])
     vision_cfg = {**cfg["vision_cfg"], **overrides}
     if vision_cfg.get("timm_model_name"):
@@ -219,11 +223,18 @@ def open_clip_parts(visual: nn.Module) -> dict[str, Any]:
                     first_conv="trunk." + find_input_conv(trunk, (getattr(trunk, "pretrained_cfg", None) or {}).get("first_conv")),
                     patch_size=timm_patch_size(trunk), prefix_tokens=getattr(trunk, "num_prefix_tokens", None),
                     map_format=getattr(trunk, "output_fmt", "NCHW"),
-                    pooled_rule=f"{timm_pool_rule(trunk)}{_head_words(visual.head)} (open_clip's image embedding)")
+                    pooled_rule=f"{timm_pool_rule(trunk)}{_trunk_head_words(trunk)}{_head_words(visual.head)} (open_clip's image "
+                                "embedding)")
     if isinstance(visual, ModifiedResNet):
         return dict(run=run_open_clip_resnet, slots=[f"layer{i}" for i in (1, 2, 3, 4)], first_conv="conv1", patch_size=None,
                     prefix_tokens=None, pooled_rule="the attention pool (open_clip's image embedding)")
     raise MedfmError(f"open_clip built a {type(visual).__name__} image tower, which medfm cannot read; name the model by timm: or hf:")
+
+
+def _trunk_head_words(trunk: nn.Module) -> str:
+    """The trunk's own classifier where open_clip keeps it as the projection (`timm_proj` none: PE core's 768 -> 1024)."""
+    head = getattr(trunk, "head", None)
+    return f", projected by the trunk's head ({head.in_features} -> {head.out_features})" if isinstance(head, nn.Linear) else ""
 
 
 def _head_words(head: nn.Module) -> str:
@@ -470,9 +481,16 @@ def build_hf(folder: Path, name: str, weights: Path | None, *, image_size: int |
              **overrides: Any) -> Backbone:
     options = take_medfm_options(overrides)
     config = hf_config(folder, overrides)
-    vision_config = hf_vision_config(config)
-    data_config, norm_note = hf_data_config(folder, vision_config, image_size)
+    data_config, norm_note = hf_data_config(folder, hf_vision_config(config), image_size)
     model = hf_image_side(hf_model(config, weights, name))
+    return hf_backbone(model, config, name, data_config, options, overrides, protocol, norm_note)
+
+
+def hf_backbone(model: nn.Module, config: Any, name: str, data_config: DataConfig, options: dict[str, Any],
+                overrides: dict[str, Any], protocol: str = "medfm", norm_note: str = "") -> Backbone:
+    """A built transformers model (`hf_image_side`'s) as a `LibraryBackbone`, worked out and said once; `options` are
+    medfm's own (`take_medfm_options`), `overrides` the config fields it was built with."""
+    vision_config = hf_vision_config(config)
     vision = model.vision_model if isinstance(model, HFVision) else model
     kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in inspect.signature(vision.forward).parameters else {}
     patch = getattr(vision_config, "patch_size", None)

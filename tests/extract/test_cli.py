@@ -171,8 +171,8 @@ import sys
 from extract.cli import main as extract
 from finetune.cli import main as finetune
 from probe.cli import main as probe
-for main, args in [(extract, ["run", "--backbone", "sam2", "--dataset", "demo"]), (extract, ["run", "--backbone", "sam", "--dataset", "aptos"]),
-                   (finetune, ["run", "--backbone", "sam2", "--dataset", "demo"]), (finetune, ["run", "--backbone", "sam", "--dataset", "demo", "--head", "mlp"]),
+for main, args in [(extract, ["run", "--backbone", "sam3", "--dataset", "demo"]), (extract, ["run", "--backbone", "sam", "--dataset", "aptos"]),
+                   (finetune, ["run", "--backbone", "sam3", "--dataset", "demo"]), (finetune, ["run", "--backbone", "sam", "--dataset", "demo", "--head", "mlp"]),
                    (probe, ["run", "--head", "mlp"]), (probe, ["sweep", "--head", "linear,mlp"])]:
     sys.argv = ["prog", *args]
     try:
@@ -186,12 +186,12 @@ print("no torch")
 
 
 def test_a_mistyped_backbone_dataset_or_head_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
-    """`extract run --backbone sam2` answers in a fraction of a second: the names are checked before the models load."""
+    """`extract run --backbone sam3` answers in a fraction of a second: the names are checked before the models load."""
     proc = subprocess.run([sys.executable, "-c", TYPOS], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "no torch", proc.stderr
     errors = proc.stderr.strip().splitlines()
-    assert errors[0] == ("error: unknown backbone 'sam2'; choose one of: deit, dino, dinov2, resnet152, blip, openclip, sam, seem "
-                         "(see `extract backbones`)")
+    assert errors[0] == ("error: unknown backbone 'sam3'; choose one of: deit, dino, dinov2, resnet152, blip, openclip, sam, seem, "
+                         "dinov3, siglip2, sam2, radio, pe_core, rad_dino, medsiglip, biomedclip (see `extract backbones`)")
     assert len(errors) == 6 and all(e.startswith("error: unknown ") for e in errors)
 
 
