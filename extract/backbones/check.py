@@ -278,7 +278,7 @@ def check_backbone(name: str, weights: str = "default", *, image_size: int | Non
     parsed = parse_library_name(name)
     if parsed is None:
         raise MedfmError(f"check-backbone compares a backbone named by its library (timm:NAME, open_clip:ARCH[@PRETRAINED], hf:MODEL) "
-                         f"with that library; '{name}' is one of the study's eight, which tests/extract/test_backbones_reference.py checks")
+                         f"with that library; {registry_row_hint(name)}")
     if batch < 1 or tolerance <= 0:
         raise MedfmError(f"--batch must be at least 1 and --tolerance above 0, got {batch} and {tolerance}")
     overrides = dict(overrides or {})
@@ -294,6 +294,18 @@ def check_backbone(name: str, weights: str = "default", *, image_size: int | Non
         report.passed = not report.failures
         report.receipt = str(write_receipt(report, resolved))
     return report
+
+
+def registry_row_hint(name: str) -> str:
+    """What to check instead of a registry row: the library name a named row is built from, with its settings."""
+    from extract.backbones.named import ROWS
+
+    row = next((r for r in ROWS if r.name == name), None)
+    if row is None or row.library == "hf":
+        return (f"'{name}' is a registry row, which tests/extract/test_backbones_reference.py and test_backbones_named.py check "
+                "against its library; give its library name to check your own weights")
+    options = "".join(f" --override {k}={v}" for k, v in row.settings.items())
+    return f"'{name}' is built from {row.library}:{row.model}; check your weights with: extract check-backbone {row.library}:{row.model}{options} --weights FILE"
 
 
 def _run_checks(report: CheckReport, name: str, weights: ResolvedWeights, image_size: int | None, overrides: dict[str, Any],

@@ -251,3 +251,11 @@ def test_extract_backbones_lists_the_rows_by_set_within_80_columns(monkeypatch) 
     biomedclip = next(i for i, line in enumerate(lines) if line.startswith("  biomedclip "))  # a path over 80 columns: two lines
     assert lines[biomedclip + 1].strip() == "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224/"
     assert lines[biomedclip + 2].strip() in ("open_clip_pytorch_model.bin: missing", "open_clip_pytorch_model.bin: found")
+
+
+def test_check_backbone_on_a_named_row_names_the_library_model_to_check_instead() -> None:
+    from extract.backbones.check import check_backbone
+
+    with pytest.raises(MedfmError, match=r"'dinov3' is built from timm:vit_base_patch16_dinov3\.lvd1689m; check your weights with: "
+                                         r"extract check-backbone timm:vit_base_patch16_dinov3\.lvd1689m --override global_pool=token"):
+        check_backbone("dinov3")
