@@ -79,7 +79,7 @@ def _split(ids: np.ndarray, labels: np.ndarray, group: np.ndarray | None, folds:
         raise MedfmError(f"--folds {folds}: the cache has only {len(ids)} labelled train and test rows; lower --folds")
     if not multilabel:
         values, counts = np.unique(labels, return_counts=True)
-        small = [(class_names[v] if v < len(class_names) else str(v), n) for v, n in zip(values.tolist(), counts.tolist()) if n < folds]
+        small = [(class_names[v] if v < len(class_names) else str(v), n) for v, n in zip(values.tolist(), counts.tolist(), strict=True) if n < folds]
         if small:
             name, n = small[0]
             raise MedfmError(f"--folds {folds}: class '{name}' has only {n} labelled train and test rows, fewer than the folds; "

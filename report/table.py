@@ -1,4 +1,4 @@
-"""The study's table and figure from the ledger.
+"""The study's table from the ledger, and what its figures show (`gain_chart`, `score_chart`; `report.figures` draws them).
 
 Rows are backbone x scenario (frozen/unfrozen x linear/DeiT head; finetune's partial unfreezing is a
 row of its own, last<K>-<head>), columns the datasets with their primary test metric, then the average
@@ -39,18 +39,23 @@ Scores of heads on other caches (`probe eval`, the ledger's `evaluations`) make 
 (`evaluation_tables`): robustness, the relative drop of the primary metric per corruption kind averaged over the
 severities scored, and its mean over kinds (MedMNIST-C's summary); transfer, the score on each other dataset beside the
 in-domain one (docs/robustness.md §2).
+
+Files (`write_report`): the table as CSV and Markdown, the gain figure and the score figure (each cell's test score, its
+interval and the column's test rows), named by the options that change them (`report_stem`: `report.png` for the
+default report, `report-ci95.png` with intervals), so a report never overwrites another's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import pandas as pd
 
@@ -61,18 +66,18 @@ from common.study import (  # the study appends its DeiT classifier to the found
     STUDY_BACKBONES,
 )
 from ledger.predictions import load_predictions
-from ledger.records import INPUTS, STUDY_FIXED, EvaluationRecord, RunRecord, best_configuration, mean_score
+from ledger.records import INPUTS, STUDY_FIXED, EvaluationRecord, RunRecord, best_configuration, mean_score, replicate
 from ledger.store import Ledger
+from report.figures import GainChart, Panel, Row, ScoreChart, Value, draw_gain, draw_scores
 from scoring.bootstrap import Interval, check_settings, interval, resample_metric
 from training.recipe import STUDY
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINE = "deit"
 ROW_KEY = ["backbone", "scenario", "stage", "backbone_random", "head_random", "protocol"]
 AVERAGE, GAIN = "average", "gain vs deit linear (%)"
 DEFAULT_PROTOCOL = "medfm"
+DEFAULT_BOOT = 1000  # bootstrap resamples of `probe report --ci` unless --boot
+MAX_STEM = 120  # characters of a report's file name before the extension
 STUDY_IMAGE_SIZE, STUDY_HEAD_DEPTH, STUDY_HEAD_PRESET = 224, 12, "deit-b"
 RANDOM_BACKBONE_NOTE = "RANDOM backbone: features of an untrained backbone"
 RANDOM_HEAD_NOTE = "RANDOM head: a DeiT head whose ImageNet weights were missing"
@@ -87,8 +92,6 @@ INPUTS_NOTE = ("inputs: the row's backbone was fed this dataset differently from
                "pipeline and are not marked.")
 EXTENSION_NOTE = ("extension: no counterpart in the study (a DeiT head on an ImageNet backbone, partial unfreezing, a kNN probe, or a "
                   "backbone outside its eight).")
-SCENARIO_COLORS = {"frozen-linear": "#4f81bd", "frozen-deit": "#9bbb59", "unfrozen-linear": "#f79646", "unfrozen-deit": "#8064a2"}
-OTHER_COLOR = "#7f7f7f"
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ class Report:
     rows: dict[tuple, RowInfo] = field(default_factory=dict)
     columns: list[Column] = field(default_factory=list)
     partial: bool = False
-    figure_texts: list[str] = field(default_factory=list)  # what the figure writes: each bar's value, or why it has none
+    figure_texts: list[str] = field(default_factory=list)  # what the gain figure writes: each bar's value and the notes, or why it has none
+    score_texts: list[str] = field(default_factory=list)  # what the score figure writes: each panel's title and values, and the notes
     std: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cell: sample std of the test score over its seeds (NaN: one seed)
     chosen: dict[tuple, list[RunRecord]] = field(default_factory=dict)  # (row key, column label) -> the runs the cell averages
     intervals: dict[tuple, Interval] = field(default_factory=dict)  # (row key, column label | AVERAGE | GAIN) -> its interval
@@ -195,7 +199,7 @@ def build_report(records: list[RunRecord], partial: bool = False, names: dict[st
         for label, runs in by_column.items():
             chosen = best_configuration(runs)
             chosen_runs[(key, label)] = chosen
-            cells[label][key] = (mean_score([r.test_primary for r in chosen]), len({r.seed for r in chosen}),
+            cells[label][key] = (mean_score([r.test_primary for r in chosen]), len({replicate(r) for r in chosen}),
                                  any(r.late_best for r in chosen), seed_std([r.test_primary for r in chosen]))
             for departure in recipe_departures(chosen[0]):
                 if departure not in recipes[key]:
@@ -439,10 +443,10 @@ def select(records: list[RunRecord], datasets: list[str]) -> list[RunRecord]:
 
 
 def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | None = None, *, partial: bool = False,
-                names: dict[str, str] | None = None, ci: float | None = None, boot: int = 1000, boot_seed: int = 0,
+                names: dict[str, str] | None = None, ci: float | None = None, boot: int = DEFAULT_BOOT, boot_seed: int = 0,
                 jobs: int = 1) -> Report:
-    """Build the table from the ledger, with `ci`% bootstrap intervals when asked (`add_intervals`), and write
-    report.csv, report.md and report.png into `out`."""
+    """Build the table from the ledger, with `ci`% bootstrap intervals when asked (`add_intervals`), and write its files
+    into `out` (`write_report`), named by the options that change them (`report_stem`)."""
     if ci is not None:
         check_settings(ci, boot, jobs, boot_seed)  # before any work
     records = [r for r in ledger.rows() if not r.config.get("train_subset")]  # label-efficiency runs belong to `probe curve`
@@ -455,27 +459,53 @@ def make_report(ledger: Ledger, datasets: list[str] | None = None, out: Path | N
     if ci is not None and len(report.table):
         add_intervals(report, ci, boot, boot_seed, jobs)
     if out is not None and len(report.table):
-        out.mkdir(parents=True, exist_ok=True)
-        report.files["csv"] = out / "report.csv"
-        to_csv(report).to_csv(report.files["csv"], index=False, float_format="%.4f")
-        report.files["markdown"] = out / "report.md"
-        report.files["markdown"].write_text(to_markdown(report))
-        report.files["figure"] = out / "report.png"
-        report.figure_texts = plot_gain(report, report.files["figure"])
-        write_evaluations(report, out)
+        write_report(report, out, report_stem(datasets, partial, names, ci, boot, boot_seed))
     return report
 
 
-def write_evaluations(report: Report, out: Path) -> None:
-    """report_robustness.csv and report_transfer.csv (the target score and `in-domain` per pair), when there is one."""
+def report_stem(datasets: list[str] | None = None, partial: bool = False, names: dict[str, str] | None = None,
+                ci: float | None = None, boot: int = DEFAULT_BOOT, boot_seed: int = 0) -> str:
+    """The name of a report's files: `report` for the default report, else one part per option that changes what they
+    hold (`report-ci95`, `report-dataset-aptos2019-partial`), so a report never overwrites another's files. Parallel
+    jobs change nothing and name nothing; a name too long for a file keeps its start and a hash of the whole."""
+    parts = ["report"]
+    if datasets:
+        parts.append("dataset-" + "-".join(sorted(set(datasets))))
+    if partial:
+        parts.append("partial")
+    if names:
+        parts.append("name-" + "-".join(f"{given}={name}" for given, name in sorted(names.items())))
+    if ci is not None:
+        parts += [f"ci{ci:g}", *([f"boot{boot}"] * (boot != DEFAULT_BOOT)), *([f"bootseed{boot_seed}"] * bool(boot_seed))]
+    stem = re.sub(r"[^A-Za-z0-9.=_-]+", "_", "-".join(parts))
+    return stem if len(stem) <= MAX_STEM else f"{stem[:MAX_STEM - 9]}-{hashlib.sha256(stem.encode()).hexdigest()[:8]}"
+
+
+def write_report(report: Report, out: Path, stem: str = "report") -> None:
+    """`<stem>.csv`, `<stem>.md`, the gain figure `<stem>.png`, the score figure `<stem>-scores.png` and the `probe eval`
+    tables into `out`, each path in `report.files`."""
+    out.mkdir(parents=True, exist_ok=True)
+    report.files["csv"] = out / f"{stem}.csv"
+    to_csv(report).to_csv(report.files["csv"], index=False, float_format="%.4f")
+    report.files["markdown"] = out / f"{stem}.md"
+    report.files["markdown"].write_text(to_markdown(report))
+    report.files["figure"] = out / f"{stem}.png"
+    report.figure_texts = draw_gain(gain_chart(report), report.files["figure"])
+    report.files["scores"] = out / f"{stem}-scores.png"
+    report.score_texts = draw_scores(score_chart(report), report.files["scores"])
+    write_evaluations(report, out, stem)
+
+
+def write_evaluations(report: Report, out: Path, stem: str = "report") -> None:
+    """`<stem>_robustness.csv` and `<stem>_transfer.csv` (the target score and `in-domain` per pair), when there is one."""
     tables = report.evaluations
     if tables is None:
         return
     if len(tables.robustness):
-        report.files["robustness"] = out / "report_robustness.csv"
+        report.files["robustness"] = out / f"{stem}_robustness.csv"
         tables.robustness.reset_index().to_csv(report.files["robustness"], index=False, float_format="%.4f")
     if len(tables.transfer):
-        report.files["transfer"] = out / "report_transfer.csv"
+        report.files["transfer"] = out / f"{stem}_transfer.csv"
         both = pd.concat([tables.transfer, tables.in_domain.add_suffix(" in-domain")], axis=1).rename_axis("backbone x scenario")
         both.reset_index().to_csv(report.files["transfer"], index=False, float_format="%.4f")
 
@@ -497,13 +527,12 @@ def add_intervals(report: Report, level: float, boot: int, seed: int = 0, jobs: 
             if not runs:
                 continue
             logits = []
-            for run in runs:
-                ids, truth, scores = _sorted_predictions(run, report.rows[key].label, column)
+            for ids, truth, scores in replicate_predictions(runs, report.rows[key].label, column):
                 if reference is None:
                     reference = (report.rows[key].label, ids, truth)
                 elif not (np.array_equal(ids, reference[1]) and np.array_equal(truth, reference[2], equal_nan=truth.dtype.kind == "f")):
                     raise MedfmError(f"no interval for {report.rows[key].label} on {column.label}: its stored test rows (ids or "
-                                     f"labels, {run.run_dir}) differ from those of {reference[0]}; cells of one column must share them")
+                                     f"labels, {runs[0].run_dir}) differ from those of {reference[0]}; cells of one column must share them")
                 logits.append(scores)
             assert reference is not None
             samples[key][column.label] = resample_metric(column.metric, reference[2], logits, boot=boot, seed=seed, stream=stream, jobs=jobs)
@@ -524,6 +553,23 @@ def add_intervals(report: Report, level: float, boot: int, seed: int = 0, jobs: 
             gain = np.mean(gains, axis=0)
             report.intervals[(key, GAIN)] = interval(np.where(np.isfinite(gain), gain, np.nan), level)  # a baseline of 0: undefined
     report.bootstrap = {"level": level, "boot": boot, "seed": seed}
+
+
+def replicate_predictions(runs: list[RunRecord], row: str, column: Column) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each seed's stored test ids, labels and logits, in the order of the ids. A cross-validated seed's folds are joined
+    into its out-of-fold predictions, which cover every pooled row once (`probe.folds`): its interval resamples them."""
+    by_seed: dict[int, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        by_seed[run.seed].append(run)
+    for seed, members in by_seed.items():
+        folds = int(members[0].config.get("folds", 0))
+        if folds and len(members) != folds:
+            raise MedfmError(f"no interval for {row} on {column.label}: {len(members)} of its {folds} folds (seed {seed}) are in "
+                             f"the ledger; run the rest with probe run --folds {folds}")
+        parts = [_sorted_predictions(run, row, column) for run in members]
+        ids = np.concatenate([p[0] for p in parts])
+        order = np.argsort(ids, kind="stable")
+        yield ids[order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
 
 def _sorted_predictions(run: RunRecord, row: str, column: Column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -698,7 +744,8 @@ def interval_notes(report: Report) -> list[str]:
     b = report.bootstrap
     out = [f"[low, high]: {b['level']:g}% percentile bootstrap interval over {b['boot']} resamples of the test set (seed {b['seed']}; "
            "stratified by class, multilabel rows resampled plainly); of the seed-mean when a cell averages seeds (each seed "
-           "scored on the same resamples); the gain's paired with its baseline's resamples. The CSV gives each cell's std over seeds."]
+           "scored on the same resamples); of the out-of-fold predictions when a cell's runs are cross-validation folds; the gain's "
+           "paired with its baseline's resamples. The CSV gives each cell's std over seeds (and folds)."]
     for (key, name), found in report.intervals.items():
         if found.nan_resamples:
             out.append(f"{report.rows[key].label}, {name}: the metric is undefined on {found.nan_resamples} of {found.resamples} "
@@ -737,58 +784,113 @@ def left_out_note(count: int) -> str:
             "configuration or seed), or of corrupted views of another dataset than the run's.")
 
 
-def plot_gain(report: Report, path: Path) -> list[str]:
-    """The study's figure: relative gain per backbone x scenario, one horizontal bar each, coloured by scenario, its value
-    beside it; the baseline is the line at 0. With intervals (`add_intervals`), each bar has its gain's interval as an
-    error bar. Without any gain to show, the figure says why instead of staying empty. Returns the texts written on the
-    plot (values and what the error bars are, or the message)."""
+def gain_chart(report: Report) -> GainChart:
+    """What the gain figure shows (`report.figures.draw_gain`): each row's gain and its interval, lowest first; a title
+    naming the baseline as it ran (RANDOM weights are said, never called ImageNet); and the rows without a gain, listed
+    with why, so none vanishes from the figure silently."""
     gains = report.table[GAIN].dropna().sort_values()
-    keys = list(gains.index)
-    fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(keys), 1) + 1.8))
-    if not keys:
-        message = "No gain to show: " + _why_no_gain(report)
-        ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=10, transform=ax.transAxes)
-        ax.set_axis_off()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return [message]
-    values = gains.to_numpy(dtype=float)
-    colors = [SCENARIO_COLORS.get(key[1], OTHER_COLOR) for key in keys]
-    found = [report.intervals.get((key, GAIN)) for key in keys]
-    low = np.array([f.low if f is not None and np.isfinite(f.low) else v for f, v in zip(found, values, strict=True)])
-    high = np.array([f.high if f is not None and np.isfinite(f.high) else v for f, v in zip(found, values, strict=True)])
-    errors = np.clip(np.stack([values - low, high - values]), 0, None) if any(f is not None for f in found) else None
-    bars = ax.barh(range(len(keys)), values, color=colors, edgecolor="black", linewidth=0.4, xerr=errors,
-                   error_kw={"elinewidth": 1, "capsize": 3, "ecolor": "black"})
-    ends = (np.minimum(values, low), np.maximum(values, high))
-    span = max(float(np.abs(np.concatenate(ends)).max()), 1.0)
-    texts = []
-    for i, (bar, key, value) in enumerate(zip(bars, keys, values, strict=True)):
-        if is_random(key):
-            bar.set_hatch("//")
-        baseline = key[0] == BASELINE and key[1].endswith("-linear") and value == 0
-        text = f"{value:+.2f}" if not baseline else "0.00 (baseline)"
-        end = ends[1][i] if value >= 0 else ends[0][i]
-        ax.text(end + (0.02 * span if value >= 0 else -0.02 * span), bar.get_y() + bar.get_height() / 2, text,
-                va="center", ha="left" if value >= 0 else "right", fontsize=8)
-        texts.append(text)
-    ax.set_yticks(range(len(keys)), [report.rows[key].label for key in keys], fontsize=8)
-    line = ax.axvline(0, color="black", linewidth=1.2, linestyle="--", label=f"{BASELINE} linear (baseline)")
-    ax.set_xlim(-1.25 * span if ends[0].min() < 0 else -0.1 * span, 1.25 * span if ends[1].max() > 0 else 0.1 * span)
-    shown = dict.fromkeys(key[1] for key in keys)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=SCENARIO_COLORS.get(s, OTHER_COLOR), label=s) for s in shown]
-    ax.legend(handles=[*handles, line], fontsize=8, loc="lower right")
-    ax.set_xlabel(f"relative gain over {BASELINE} linear (%), mean over datasets")
-    hatched = "\n(hatched: RANDOM weights)" if any(is_random(k) for k in keys) else ""
-    caption = ""
-    if errors is not None:
-        caption = f"error bars: {report.bootstrap['level']:g}% bootstrap intervals, paired with the baseline"
-        texts.append(caption)
-    ax.set_title(f"Gain over the ImageNet baseline{hatched}" + (f"\n{caption}" if caption else ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return texts
+    if not len(gains):
+        return GainChart([], [], "", "", empty="No gain to show: " + _why_no_gain(report))
+    values = []
+    for key, gain in gains.items():
+        baseline = key[0] == BASELINE and key[1].endswith("-linear") and gain == 0
+        values.append(_value(report, key, GAIN, "0.00 (baseline)" if baseline else f"{gain:+.2f}"))
+    notes = []
+    if any((key, GAIN) in report.intervals for key in gains.index):
+        notes.append(f"error bars: {report.bootstrap['level']:g}% bootstrap intervals, paired with the baseline")
+    return GainChart([_chart_row(report, key) for key in gains.index], values, f"Relative gain over {baseline_text(report)}",
+                     "relative gain over the baseline of the row's setting (%), mean over datasets", notes + no_gain_notes(report))
+
+
+def baseline_text(report: Report) -> str:
+    """The baselines the gains are over, as they ran: `the ImageNet baseline, deit frozen-linear`, or, when one ran with
+    random weights, its label (`RANDOM backbone`) and that it is no ImageNet baseline."""
+    included = {key: info.included for key, info in report.rows.items()}
+    keys = list(report.table.index)
+    bases = [b for b in dict.fromkeys(_baseline_key(keys, k, included) for k in keys if np.isfinite(report.table.loc[k, GAIN])) if b]
+    names = ", ".join(report.rows[b].label for b in bases)
+    random = [b for b in bases if is_random(b)]
+    if not random:
+        return f"the ImageNet baseline, {names}"
+    if len(random) == len(bases):
+        return f"{names}: a baseline with RANDOM weights, not ImageNet pretraining"
+    return f"{names} (the RANDOM ones ran with random weights, not ImageNet pretraining)"
+
+
+def no_gain_notes(report: Report) -> list[str]:
+    """`no gain: X, Y (why)`, one line per reason, for the rows of the table without a gain."""
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for key in report.table.index:
+        if not np.isfinite(report.table.loc[key, GAIN]):
+            by_reason[why_no_gain(report, key)].append(report.rows[key].label)
+    return [f"no gain: {', '.join(rows)} ({why})" for why, rows in by_reason.items()]
+
+
+def why_no_gain(report: Report, key: tuple) -> str:
+    """Why a row has no gain (`_gain`): it or its baseline lacks a dataset, it has no baseline, or they share no score."""
+    info = report.rows[key]
+    if not info.included:
+        return f"lacks {info.total - info.covered} of {info.total} datasets; --partial compares the datasets it has"
+    freeze = key[1].split("-")[0]
+    if key[1] == "zero-shot":
+        return f"zero-shot has no {BASELINE} linear baseline"
+    keys = list(report.table.index)
+    if not any(k[0] == BASELINE and k[1] == f"{freeze}-linear" and k[5] == key[5] for k in keys):
+        return f"no {BASELINE} {freeze}-linear row under protocol {key[5]}"
+    base_key = _baseline_key(keys, key, {k: i.included for k, i in report.rows.items()})
+    if base_key is None:
+        return f"its baseline, {BASELINE} {freeze}-linear, lacks a dataset"
+    return f"no dataset where both it and {report.rows[base_key].label} have a score (the baseline's not 0)"
+
+
+def score_chart(report: Report) -> ScoreChart:
+    """What the score figure shows (`report.figures.draw_scores`): per dataset column, each row's mean test score with its
+    interval (when computed) and the column's test rows; rows in the gain figure's order, top down."""
+    order = list(report.table.sort_values(GAIN, ascending=False, na_position="last").index)
+    rows = scored_rows(report)
+    panels = []
+    for c in report.columns:
+        values = []
+        for key in order:
+            score = report.table.loc[key, c.label]
+            values.append(_value(report, key, c.label, f"{score:.3f}" if np.isfinite(score) else ""))
+        panels.append(Panel(f"{c.label}\n{_rows_text([n for (_, label), n in rows.items() if label == c.label])}", c.metric, values))
+    notes = ["points: each cell's mean test score over its seeds, the configuration chosen by validation (as in the table); "
+             "n: the column's test rows, counted from the runs' stored predictions."]
+    if report.bootstrap:
+        notes.append(f"whiskers: {report.bootstrap['level']:g}% bootstrap intervals over the test rows (seed-mean).")
+    return ScoreChart([_chart_row(report, key) for key in order], panels, f"Test scores per dataset ({report.runs} runs)", notes)
+
+
+def scored_rows(report: Report) -> dict[tuple, int | None]:
+    """(row key, column label) -> the test rows its chosen runs were scored on, from their stored predictions; None for
+    runs that kept none (medfm before 0.2)."""
+    out: dict[tuple, int | None] = {}
+    for cell, runs in report.chosen.items():
+        try:
+            out[cell] = len(load_predictions(runs[0].run_dir, "test").ids)
+        except MedfmError:
+            out[cell] = None
+    return out
+
+
+def _rows_text(counts: list[int | None]) -> str:
+    """`n = 480 test rows`; a range when the column's rows differ; `n unknown` without stored predictions."""
+    known = sorted({n for n in counts if n is not None})
+    if not known:
+        return "n unknown (no stored predictions)"
+    text = f"n = {known[0]}" if len(known) == 1 else f"n = {known[0]}-{known[-1]} (differs by row)"
+    return text + " test rows" + (", some runs kept no predictions" if None in counts else "")
+
+
+def _value(report: Report, key: tuple, name: str, text: str) -> Value:
+    """A cell, average or gain for a figure, with its interval when computed."""
+    found = report.intervals.get((key, name))
+    return Value(report.table.loc[key, name], found.low if found else None, found.high if found else None, text)
+
+
+def _chart_row(report: Report, key: tuple) -> Row:
+    return Row(report.rows[key].label, key[1], is_random(key))
 
 
 def _why_no_gain(report: Report) -> str:

@@ -17,14 +17,19 @@ log T, float64); the test metrics with T applied are stored as `<name>_calibrate
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.special import log_softmax, softmax
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 BINS = 15
 NAMES = ("ece", "ece_adaptive", "brier", "nll")
+BLUE, VERMILLION = "#0072B2", "#D55E00"  # Okabe-Ito: told apart under the common colour-vision deficiencies
 
 
 def calibration_metrics(labels: np.ndarray, logits: np.ndarray, bins: int = BINS) -> dict[str, float]:
@@ -78,39 +83,61 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
 
 
 def reliability_diagram(path: Path, labels: np.ndarray, logits: np.ndarray, temperature: float | None = None,
-                        bins: int = BINS) -> Path:
-    """A PNG of accuracy against confidence per equal-width bin (bars), the diagonal, and the ECE; with `temperature`,
-    the calibrated logits' curve too."""
+                        bins: int = BINS, *, run: str | None = None, dataset: str = "") -> Path:
+    """Save `reliability_figure` as a PNG at `path`; the run is named by its folder (`path`'s parent) unless `run` is given."""
+    plt = _pyplot()
+    fig = reliability_figure(labels, logits, temperature, bins, run=run or Path(path).parent.name, dataset=dataset)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def reliability_figure(labels: np.ndarray, logits: np.ndarray, temperature: float | None = None, bins: int = BINS, *,
+                       run: str = "", dataset: str = "") -> Figure:
+    """Accuracy against confidence per equal-width bin (bars), the diagonal and the ECE, over the rows counted in each bin
+    (below); with `temperature`, the calibrated logits' curve too. The title names the run, the dataset and the rows: a
+    diagram read alone says what it shows, and a bin's count says how far to trust its bar."""
+    plt = _pyplot()
+    acc, _, counts = _binned(labels, logits, bins)
+    ece = calibration_metrics(labels, logits, bins)["ece"]
+    fig, (ax, below) = plt.subplots(2, 1, sharex=True, figsize=(5.5, 6), height_ratios=[3, 1], layout="constrained")
+    centers = (np.arange(bins) + 0.5) / bins
+    ax.bar(centers, np.nan_to_num(acc), width=1 / bins, edgecolor="black", color=BLUE, alpha=0.8, label=f"test (ECE {ece:.3f})")
+    if temperature is not None:
+        scaled = np.asarray(logits, dtype=np.float64) / temperature
+        acc_t, conf_t, counts_t = _binned(labels, scaled, bins)
+        shown = counts_t > 0
+        ece_t = calibration_metrics(labels, scaled, bins)["ece"]
+        ax.plot(conf_t[shown], acc_t[shown], "s-", color=VERMILLION, label=f"T = {temperature:.2f} (ECE {ece_t:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    where = ", ".join([*([dataset] if dataset else []), f"n = {len(labels)} test rows"])
+    ax.set_title(f"reliability: {run}\n{where}" if run else f"reliability\n{where}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    below.bar(centers, counts, width=1 / bins, edgecolor="black", color="#999999")
+    for x, count in zip(centers, counts, strict=True):
+        if count:
+            below.text(x, count, str(count), ha="center", va="bottom", fontsize=6)
+    below.set(ylim=(0, max(int(counts.max()), 1) * 1.35), xlabel="confidence (max probability)", ylabel="rows")
+    return fig
+
+
+def _binned(labels: np.ndarray, logits: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin (a confidence of 1 in the last): accuracy, mean confidence (NaN where empty), rows."""
+    probs = softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == np.asarray(labels)
+    bin_of = np.minimum(np.searchsorted(np.linspace(0, 1, bins + 1), confidence, side="right") - 1, bins - 1)
+    counts = np.bincount(bin_of, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(bin_of, weights=correct, minlength=bins) / counts
+        conf = np.bincount(bin_of, weights=confidence, minlength=bins) / counts
+    return acc, conf, counts
+
+
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, loaded when a diagram is drawn, not when a run imports scoring
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def curve(scaled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        probs = softmax(np.asarray(scaled, dtype=np.float64), axis=1)
-        confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == np.asarray(labels)
-        bin_of = np.minimum(np.searchsorted(np.linspace(0, 1, bins + 1), confidence, side="right") - 1, bins - 1)
-        counts = np.bincount(bin_of, minlength=bins)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            acc = np.bincount(bin_of, weights=correct, minlength=bins) / counts
-            conf = np.bincount(bin_of, weights=confidence, minlength=bins) / counts
-        return acc, conf, counts
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    centers = (np.arange(bins) + 0.5) / bins
-    acc, _, _ = curve(logits)
-    ece = calibration_metrics(labels, logits, bins)["ece"]
-    ax.bar(centers, np.nan_to_num(acc), width=1 / bins, edgecolor="black", color="#4f81bd", alpha=0.7, label=f"test (ECE {ece:.3f})")
-    if temperature is not None:
-        scaled = np.asarray(logits, dtype=np.float64) / temperature
-        acc_t, conf_t, counts_t = curve(scaled)
-        shown = counts_t > 0
-        ece_t = calibration_metrics(labels, scaled, bins)["ece"]
-        ax.plot(conf_t[shown], acc_t[shown], "o-", color="#c0504d", label=f"T = {temperature:.2f} (ECE {ece_t:.3f})")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy", title="reliability")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plt

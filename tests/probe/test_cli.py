@@ -47,8 +47,8 @@ def test_probe_run_twice_trains_once_and_report_shows_the_row(demo_cache, isolat
     assert [r.scenario for r in Ledger().rows()] == ["frozen-deit", "frozen-linear"]
     code, out, err = run_main(main, ["report", "--dataset", "demo"], monkeypatch)
     assert code == 0, err
-    assert "RANDOM backbone" in out and (isolated_outputs / "reports" / "report.png").exists()
-    written = (isolated_outputs / "reports" / "report.md").read_text()
+    assert "RANDOM backbone" in out and (isolated_outputs / "reports" / "report-dataset-demo.png").exists()  # named by --dataset
+    written = (isolated_outputs / "reports" / "report-dataset-demo.md").read_text()
     assert "deit frozen-linear (RANDOM backbone, off-recipe)" in written
     assert "deit frozen-deit (RANDOM backbone and head, extension, off-recipe)" in written
 
@@ -212,10 +212,10 @@ def test_run_with_seeds_trains_a_head_per_seed_in_one_sweep_and_the_report_gives
     assert code == 0 and "already in the ledger" in out + err  # `--seed 1` is the run `--seeds` trained
     code, out, err = run_main(main, ["report", "--ci", "90", "--boot", "200"], monkeypatch)
     assert code == 0, err
-    csv = pd.read_csv(isolated_outputs / "reports" / "report.csv")
+    csv = pd.read_csv(isolated_outputs / "reports" / "report-ci90-boot200.csv")  # named by the options that change it
     (line,) = csv.to_dict("records")
     assert line["demo n"] == 3 and line["demo std"] >= 0 and line["demo ci low"] <= line["demo (accuracy)"] <= line["demo ci high"]
-    assert f"[{line['demo ci low']:.4f}, {line['demo ci high']:.4f}] (n=3" in (isolated_outputs / "reports" / "report.md").read_text()
+    assert f"[{line['demo ci low']:.4f}, {line['demo ci high']:.4f}] (n=3" in (isolated_outputs / "reports" / "report-ci90-boot200.md").read_text()
     (Path(rows[1].run_dir) / "predictions.npz").unlink()  # a run of an older medfm
     code, _, err = run_main(main, ["report", "--ci", "95"], monkeypatch)
     lines = err.strip().splitlines()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -16,12 +18,13 @@ from common.errors import MedfmError
 from ledger.store import Ledger
 from probe.cli import DEFAULT_FRACTIONS, main
 from probe.config import TrainConfig
-from probe.curve import subset_config
+from probe.curve import curve_figure, run_curve, subset_config
 from probe.data import FeatureSource
 from probe.subsets import Subset, draw, subset_rows
 from probe.sweep import run_sweep
 from probe.train import train_head
 from report.compare import best_runs
+from scoring.health import chance_level
 from tests.probe.caches import make_cache
 from tests.tiny import MULTICLASS, MULTILABEL, QUIET, run_main
 
@@ -137,13 +140,14 @@ def test_a_curve_of_6_fractions_x_3_repeats_trains_from_one_cache_and_a_rerun_tr
     code, out, err = run_main(main, args, monkeypatch)
     assert code == 0, err
     assert [str(p) for p in opens] == [str(path)]  # one cache, opened once: nothing extracted, nothing reopened
+    assert "deit (RANDOM): the options given (--epochs, --lr, --batch-size, --solver), not the report's choice" in out
     # 5 fractions x 3 repeats train on their own subsets; the whole split's 3 seeds share one pass: 16 groups x 2 epochs
     assert "18 heads trained, 0 already in the ledger (32 passes over train features)" in out
     rows = Ledger().rows()
     assert len(rows) == 18 and sum(1 for r in rows if "train_subset" not in r.config) == 3
     table = (isolated_outputs / "reports" / "curve.csv").read_text().splitlines()
-    assert table[0] == "fraction,backbone,dataset,metric,mean,min,max,std,repeats,train_rows" and len(table) == 1 + 6
-    assert table[1].startswith("0.0100,deit (RANDOM),demo,accuracy,") and table[-1].endswith(",3,144")
+    assert table[0] == "fraction,backbone,dataset,metric,mean,min,max,std,repeats,train_rows,test_rows,chance" and len(table) == 1 + 6
+    assert table[1].startswith("0.0100,deit (RANDOM),demo,accuracy,") and ",3,144,48," in table[-1]
     assert (isolated_outputs / "reports" / "curve.png").stat().st_size > 10_000
     assert "0.01" in out and "deit (RANDOM)" in out
     code, out, err = run_main(main, args, monkeypatch)
@@ -171,3 +175,59 @@ def test_probe_curve_refuses_bad_input_in_one_line_before_training(isolated_outp
         assert code == 2 and message in " ".join(err.split()), (extra, err)
         assert len(err.strip().splitlines()) == 1
     assert Ledger().rows() == []
+
+
+def test_a_curve_trains_the_configuration_the_report_chose_on_that_cache_and_says_so(isolated_outputs, monkeypatch):
+    make_cache(isolated_outputs / "features" / "deit" / "demo-aaaaaaaaaaaa.h5", separation=1.5)
+    monkeypatch.setenv("COLUMNS", "400")
+    curve = ["curve", "--backbone", "deit", "--dataset", "demo", "--fractions", "0.5,1", "--repeats", "1", "--device", "cpu"]
+    for lr in ("1e-2", "3e-2"):  # two configurations: the report picks one by validation
+        code, _, err = run_main(main, ["run", "--backbone", "deit", "--dataset", "demo", "--solver", "adamw", "--epochs", "2",
+                                       "--batch-size", "16", "--lr", lr, "--device", "cpu"], monkeypatch)
+        assert code == 0, err
+    chosen = best_runs(Ledger(), "deit", "frozen-linear", "demo").records
+    code, out, err = run_main(main, curve, monkeypatch)
+    assert code == 0, err
+    assert (f"deit (RANDOM): the configuration `probe report` chose for frozen-linear on this cache (runs {chosen[0].id}, best "
+            f"mean validation {chosen[0].val_score:.4f}): linear head on pooled, AdamW lr {chosen[0].config['lr']:g}, weight decay "
+            "1e-05, 2 epochs, batch 16") in out
+    assert "1 heads trained, 1 already in the ledger" in out  # the whole split in that configuration is the chosen run itself
+    subset = [r for r in Ledger().rows() if r.config.get("train_subset") and r.config.get("solver") != "lbfgs"]
+    assert len(subset) == 1 and {k: subset[0].config[k] for k in ("lr", "epochs", "batch_size")} == {
+        k: chosen[0].config[k] for k in ("lr", "epochs", "batch_size")}
+
+
+def test_caches_with_different_test_sets_are_refused_in_one_line_unless_allowed_and_keep_their_own_row_counts(isolated_outputs,
+                                                                                                             monkeypatch):
+    first = make_cache(isolated_outputs / "a.h5", separation=1.5)
+    second = make_cache(isolated_outputs / "b.h5", backbone="dinov2", rows={"train": 120, "val": 48, "test": 40}, settings={"b": 1})
+    monkeypatch.setenv("COLUMNS", "400")
+    args = ["curve", "--cache", str(first), "--cache", str(second), "--fractions", "0.25,1", "--repeats", "1", "--device", "cpu"]
+    code, out, err = run_main(main, args, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "a.h5 and b.h5 hold different test sets (48 and 40 test rows, 40 ids shared)" in err and "--allow-mixed-test-sets" in err
+    assert Ledger().rows() == []  # refused before anything trained
+    code, out, err = run_main(main, [*args, "--allow-mixed-test-sets"], monkeypatch)
+    assert code == 0, err
+    assert ("deit (RANDOM): the ledger holds no frozen-linear run on this cache, so the default recipe: linear head on pooled, "
+            "L-BFGS logistic regression (C on validation)") in out
+    table = pd.read_csv(isolated_outputs / "reports" / "curve.csv")
+    rows = table.set_index(["fraction", "backbone"])[["train_rows", "test_rows"]].to_dict("index")
+    assert rows[(1.0, "deit (RANDOM)")] == {"train_rows": 144, "test_rows": 48}
+    assert rows[(1.0, "dinov2 (RANDOM)")] == {"train_rows": 120, "test_rows": 40}  # each cache's own, never a mean of both
+    assert "per cell" in out and ", 120 rows" in out and "the caches' test sets differ" in out
+
+
+def test_the_curve_figure_draws_the_chance_level_and_the_train_rows_of_each_point(isolated_outputs):
+    path = make_cache(isolated_outputs / "c.h5", separation=1.5)
+    with open_cache(path, None, None) as reader:
+        outcome = run_curve([reader], TrainConfig(), "fraction", [0.25, 1], 1, device="cpu", console=QUIET)
+        level = chance_level("accuracy", reader.labels("test"))
+    fig = curve_figure(outcome, outcome.table())
+    ax = fig.axes[0]
+    (chance,) = [line for line in ax.get_lines() if line.get_label().startswith("chance")]
+    assert set(chance.get_ydata()) == {level} and chance.get_label() == f"chance ({level:.3f})"
+    (top,) = ax.child_axes
+    assert [t.get_text() for t in top.get_xticklabels()] == [str(n) for n in outcome.table()["train_rows"]]  # 36 and 144 rows
+    assert top.get_xlabel() == "train rows"
+    plt.close(fig)

@@ -45,12 +45,12 @@ def test_the_folds_share_out_the_train_and_test_rows_once_stratified_and_by_pati
     path = grouped_cache(tmp_path / "c.h5")
     with CacheReader(path) as reader:
         pooled = set(reader.ids("train")) | set(reader.ids("test"))
-        patient = {i: p for s in ("train", "test") for i, p in zip(reader.ids(s), reader.metadata(s)["patient_id"])}
-        label = {i: y for s in ("train", "test") for i, y in zip(reader.ids(s), reader.labels(s))}
+        patient = {i: p for s in ("train", "test") for i, p in zip(reader.ids(s), reader.metadata(s)["patient_id"], strict=False)}
+        label = {i: y for s in ("train", "test") for i, y in zip(reader.ids(s), reader.labels(s), strict=False)}
         folds = [fold_rows(reader, 4, k, "patient_id") for k in range(4)]
     tested = [set(f.ids["test"]) for f in folds]
     assert set().union(*tested) == pooled and sum(map(len, tested)) == len(pooled)  # every row tested exactly once
-    for fold, test in zip(folds, tested):
+    for fold, test in zip(folds, tested, strict=False):
         train = set(fold.ids["train"])
         assert train | test == pooled and not train & test
         assert not {patient[i] for i in train} & {patient[i] for i in test}  # no patient on both sides
@@ -65,7 +65,7 @@ def test_the_folds_depend_on_the_ids_not_on_the_row_order_of_the_file(tmp_path):
 
 def test_a_fold_source_serves_the_fold_rows_with_their_own_features_labels_and_ids(tmp_path):
     with CacheReader(grouped_cache(tmp_path / "c.h5", order_seed=3)) as reader:
-        truth = {i: (x, y) for s in ("train", "test") for i, x, y in zip(reader.ids(s), reader.features(s), reader.labels(s))}
+        truth = {i: (x, y) for s in ("train", "test") for i, x, y in zip(reader.ids(s), reader.features(s), reader.labels(s), strict=False)}
         fold = fold_rows(reader, 3, 1)
         source = FeatureSource(reader, "pooled", 8, fold=fold)
         for split in ("train", "test"):

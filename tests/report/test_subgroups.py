@@ -88,7 +88,7 @@ def test_metadata_is_stored_per_split_with_checksums_and_verified(run_with_metad
 
 def test_probe_report_by_sex_scores_each_group_from_the_stored_predictions(run_with_metadata, monkeypatch, isolated_outputs) -> None:
     path, record = run_with_metadata
-    code, out, err = run_main(main, ["report", "--by", "sex"], monkeypatch)
+    code, out, err = run_main(main, ["report", "--by", "sex", "--min-group", "3"], monkeypatch)
     assert code == 0, err
     assert "test scores by sex" in out
     table = pd.read_csv(isolated_outputs / "reports" / "report_by_sex.csv", keep_default_na=False)
@@ -112,3 +112,17 @@ def test_report_by_a_column_the_dataset_lacks_is_one_line_and_exit_2(run_with_me
     code, _, err = run_main(main, ["report", "--by", "ethnicity"], monkeypatch)
     assert code == 2
     assert "--by ethnicity: dataset" in err and "its columns: age, sex" in err and len(err.strip().splitlines()) == 1
+
+
+def test_groups_get_intervals_and_a_small_group_is_never_the_worst(run_with_metadata, monkeypatch, isolated_outputs) -> None:
+    code, out, err = run_main(main, ["report", "--by", "sex", "--boot", "200", "--ci", "90"], monkeypatch)
+    assert code == 0, err
+    table = pd.read_csv(isolated_outputs / "reports" / "report_by_sex.csv", keep_default_na=False)
+    assert table["small"].tolist() == [True, True, True]  # 6, 6 and 3 samples, under the default 30
+    assert (table["worst group"] == "").all() and "smaller groups marked 'small'" in " ".join(out.split())
+    finite = table[table["score"] != ""]
+    assert (finite["ci low"].astype(float) <= finite["score"].astype(float)).all()
+    assert (finite["score"].astype(float) <= finite["ci high"].astype(float)).all()
+    code, _, err = run_main(main, ["report", "--by", "sex", "--min-group", "6"], monkeypatch)
+    table = pd.read_csv(isolated_outputs / "reports" / "report_by_sex.csv", keep_default_na=False)
+    assert code == 0 and table["small"].tolist() == [False, False, True] and table["worst group"].iloc[0] in ("F", "M")

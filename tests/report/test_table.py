@@ -14,10 +14,22 @@ from common.errors import MedfmError
 from ledger.predictions import Predictions, save_predictions
 from ledger.records import RunRecord, dataset_identity
 from ledger.store import Ledger
-from report.table import AVERAGE, GAIN, build_report, make_report, notes, recipe_departures
+from probe.cli import main
+from report.table import (
+    AVERAGE,
+    GAIN,
+    MAX_STEM,
+    build_report,
+    gain_chart,
+    make_report,
+    notes,
+    recipe_departures,
+    report_stem,
+    score_chart,
+)
 from scoring.metrics import compute_metrics
 from tests.ledgers import identity
-from tests.tiny import MULTICLASS, MULTILABEL
+from tests.tiny import MULTICLASS, MULTILABEL, run_main
 
 METRIC = {"aptos2019": "quadratic_kappa", "isic2019": "macro_recall", "csv": "accuracy"}
 
@@ -86,7 +98,8 @@ def test_a_row_that_lacks_a_dataset_is_marked_and_left_out_of_average_and_gain_u
 def test_report_writes_csv_markdown_and_png_and_marks_random_weights(ledger, isolated_outputs):
     out = isolated_outputs / "reports"
     report = make_report(ledger, out=out)
-    assert set(report.files) == {"csv", "markdown", "figure"}
+    assert {name: path.name for name, path in report.files.items()} == {
+        "csv": "report.csv", "markdown": "report.md", "figure": "report.png", "scores": "report-scores.png"}
     csv = pd.read_csv(report.files["csv"])
     assert "sam frozen-linear (RANDOM backbone, 1/2 datasets)" in set(csv["row"])
     assert {"aptos2019 (quadratic_kappa)", "isic2019 (macro_recall)", "aptos2019 n", AVERAGE, GAIN, "recipe", "datasets",
@@ -297,6 +310,72 @@ def test_the_figure_labels_the_baseline_and_each_bar_and_explains_an_empty_plot(
     assert empty.files["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_gain_figure_lists_the_rows_without_a_gain_and_why(ledger, isolated_outputs):
+    add(ledger, "dinov2", "linear", "aptos2019", 0.7, freeze="unfrozen")
+    add(ledger, "dinov2", "linear", "isic2019", 0.7, freeze="unfrozen")
+    report = make_report(ledger, out=isolated_outputs / "reports")
+    assert gain_chart(report).title == "Relative gain over the ImageNet baseline, deit frozen-linear"
+    assert "no gain: dinov2 unfrozen-linear (no deit unfrozen-linear row under protocol medfm)" in report.figure_texts
+    assert ("no gain: sam frozen-deit (1/2 datasets), sam frozen-linear (RANDOM backbone, 1/2 datasets) (lacks 1 of 2 datasets; "
+            "--partial compares the datasets it has)") in report.figure_texts
+    shown = {report.rows[key].label for key in report.table[GAIN].dropna().index}
+    for info in report.rows.values():  # every row is a bar or named under the legend: none vanishes
+        assert info.label in shown or any(info.label in text for text in report.figure_texts if text.startswith("no gain: "))
+
+
+def test_the_gain_figure_says_when_its_baseline_ran_with_random_weights(isolated_outputs):
+    ledger = Ledger()
+    for dataset in ("aptos2019", "isic2019"):
+        add(ledger, "deit", "linear", dataset, 0.5, random=True)
+        add(ledger, "dinov2", "linear", dataset, 0.6)
+    title = gain_chart(make_report(ledger)).title
+    assert title == ("Relative gain over deit frozen-linear (RANDOM backbone): a baseline with RANDOM weights, not ImageNet "
+                     "pretraining") and "ImageNet baseline" not in title
+
+
+def test_reports_of_other_options_leave_their_own_files_and_the_command_prints_each_path(ledger, isolated_outputs, monkeypatch):
+    out = isolated_outputs / "reports"
+    monkeypatch.setenv("COLUMNS", "400")  # a path on one line
+    code, plain, err = run_main(main, ["report"], monkeypatch)
+    assert code == 0, err
+    code, partial, err = run_main(main, ["report", "--partial", "--dataset", "isic2019", "--dataset", "aptos2019"], monkeypatch)
+    assert code == 0, err
+    stem = "report-dataset-aptos2019-isic2019-partial"
+    assert {p.name for p in out.iterdir()} == {f"{s}{suffix}" for s in ("report", stem) for suffix in (".csv", ".md", ".png", "-scores.png")}
+    assert "1/2 datasets" in pd.read_csv(out / "report.csv").set_index("row").index[-1]  # the plain report, untouched
+    assert pd.read_csv(out / "report.csv")[GAIN].isna().sum() == 2 and pd.read_csv(out / f"{stem}.csv")[GAIN].isna().sum() == 0
+    said = partial.splitlines()
+    assert all(f"{kind}: {out / name}" in said for kind, name in (("figure", f"{stem}.png"), ("scores", f"{stem}-scores.png"),
+                                                                 ("csv", f"{stem}.csv"), ("markdown", f"{stem}.md")))
+    assert f"figure: {out / 'report.png'}" in plain.splitlines()
+
+
+def test_a_reports_file_name_holds_the_options_that_change_it_and_nothing_else():
+    assert report_stem() == "report" and report_stem(ci=None, boot=500, boot_seed=3) == "report"  # --boot alone changes nothing
+    assert report_stem(ci=95) == "report-ci95" and report_stem(ci=90, boot=200, boot_seed=2) == "report-ci90-boot200-bootseed2"
+    assert report_stem(["isic2019", "aptos2019", "isic2019"]) == report_stem(["aptos2019", "isic2019"]) == "report-dataset-aptos2019-isic2019"
+    assert report_stem(names={"csv:a1b2": "ward a/b"}) == "report-name-csv_a1b2=ward_a_b"  # safe in a file name
+    long = report_stem([f"dataset{i:02d}" for i in range(40)])
+    assert len(long) == MAX_STEM and long != report_stem([f"dataset{i:02d}" for i in range(41)])  # cut, told apart by a hash
+
+
+def test_the_score_figure_shows_each_cell_with_its_interval_and_the_columns_test_rows(isolated_outputs):
+    ledger, where = Ledger(), isolated_outputs / "runs"
+    labels, logits = classified(120, 0)
+    scored(ledger, where, "deit", labels, logits)
+    scored(ledger, where, "dinov2", labels, classified(120, 1)[1])
+    report = make_report(ledger, out=isolated_outputs / "reports", ci=95, boot=100)
+    assert report.files["scores"].name == "report-ci95-boot100-scores.png" and report.files["figure"].name == "report-ci95-boot100.png"
+    chart = score_chart(report)
+    (panel,) = chart.panels
+    assert panel.title == f"{report.columns[0].label}\nn = 120 test rows" and panel.metric == "accuracy"
+    for row, value in zip(chart.rows, panel.values, strict=True):
+        key = next(k for k, info in report.rows.items() if info.label == row.label)
+        found = report.intervals[(key, report.columns[0].label)]
+        assert (value.value, value.low, value.high) == (report.table.loc[key, report.columns[0].label], found.low, found.high)
+    assert panel.title in report.score_texts and "whiskers: 95% bootstrap intervals over the test rows (seed-mean)." in report.score_texts
+
+
 def test_heads_on_augmented_views_are_their_own_rows_compared_with_a_baseline_on_as_many_views(ledger):
     """A probe on 3 augmented cached views and one on the eval view are different protocols: never one cell."""
     for backbone, score in (("dinov2", 0.70), ("deit", 0.50)):
@@ -395,8 +474,7 @@ def test_an_interval_of_a_run_without_stored_predictions_is_one_error_saying_to_
     labels, logits = classified(40, 0)
     scored(ledger, where, "deit", labels, logits)
     add(ledger, "dinov2", "linear", "csv", 0.5, metric="accuracy", run_dir=str(where / "old-run"))  # a run of medfm 0.1
-    with pytest.raises(MedfmError, match=r"no interval for dinov2 frozen-linear on csv:\w+: run .*old-run has no stored "
-                                         r"predictions .* retrain it with --force"):
+    with pytest.raises(MedfmError, match=r"no interval for dinov2 frozen-linear on csv:\w+: .*old-run.* predictions.* retrain .*with --force"):
         make_report(ledger, out=isolated_outputs / "reports", ci=95, boot=10)
     assert not (isolated_outputs / "reports").exists()  # nothing written
     assert make_report(ledger).table.loc[row("dinov2", "frozen-linear")].notna().any()  # without --ci the report is as before
