@@ -54,9 +54,8 @@ def acquire(target: Path, what: str) -> FileLock:
     `what` names the work for the message, e.g. "the cache /x/demo-ab12.h5".
     """
     path = lock_path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open(path, what)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -72,6 +71,16 @@ def acquire(target: Path, what: str) -> FileLock:
     os.ftruncate(fd, 0)
     os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
     return FileLock(path, fd)
+
+
+def _open(path: Path, what: str) -> int:
+    """The lock file, created with its folder when missing; a read-only or unwritable place is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise MedfmError(f"cannot create the lock file {path} that keeps {what} to one writer ({err.strerror}); make its folder "
+                         "writable, or write elsewhere (MEDFM_OUTPUT)") from None
 
 
 def holder(target: Path) -> str | None:

@@ -92,6 +92,27 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def check_workers(workers: int | None) -> None:
+    """`--workers`: None (the default) or 0 (decode in the main process) or more; said before any work starts."""
+    if workers is not None and workers < 0:
+        raise MedfmError(f"--workers must be 0 (decode in the main process) or more, got {workers}")
+
+
+def check_folder(path: Path | None, flag: str, writable: bool = True) -> None:
+    """A folder to write into may be missing (it is made), never a file, nor read-only where it will be written
+    (`writable`; a folder whose complete caches are only reused may be read-only): one line now, not an OSError later."""
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise MedfmError(f"{flag} {path} is not a folder{where}; give a folder, which is made when missing")
+    if writable and existing is not None and not os.access(existing, os.W_OK):
+        where = "the folder" if existing == path else existing
+        raise MedfmError(f"cannot write into {path}: {where} is read-only; give {flag} a writable folder")
+
+
 def loader_workers(workers: int | None, device: torch.device | None = None) -> int:
     """`--workers`, else the default for a model running on `device`."""
     return workers if workers is not None else default_workers(device)

@@ -70,7 +70,7 @@ def _parse_item(item: str) -> list[tuple[str, int]]:
         raise MedfmError(f"--corrupt takes {SYNTAX}; got '{item}'")
     if kind not in (*KINDS, ALL, CLEAN):
         raise unknown("corruption", kind, (*KINDS, ALL, CLEAN), "docs/robustness.md §1")
-    if not level.isdigit() or int(level) > MAX_SEVERITY:
+    if not (level.isascii() and level.isdigit()) or int(level) > MAX_SEVERITY:  # isdigit alone takes '³', which int() refuses
         raise MedfmError(f"--corrupt {item}: the severity must be a whole number from 0 (the clean view) to {MAX_SEVERITY}, "
                          f"got '{level}'")
     return [(k, int(level)) for k in KINDS] if kind == ALL else [(kind, int(level))]

@@ -37,11 +37,13 @@ def load_prompts(path: Path | None = None) -> dict[str, Any]:
     """The prompt file (`extract/prompts.json` unless `path`), checked: templates per dataset, each with one `{}`."""
     path = Path(path) if path is not None else PROMPTS_FILE
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise MedfmError(f"cannot read --prompts {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise MedfmError(f"--prompts {path} is not a text file (not UTF-8); give a JSON file shaped as extract/prompts.json") from None
     except json.JSONDecodeError as err:
-        raise MedfmError(f"--prompts {path} is not JSON ({err})") from None
+        raise MedfmError(f"--prompts {path} is not JSON ({err}); give a JSON file shaped as extract/prompts.json") from None
     templates = data.get("templates") if isinstance(data, dict) else None
     if not isinstance(templates, dict) or not templates:
         raise MedfmError(f"--prompts {path} needs a 'templates' object: dataset (or default) -> list of templates with one {{}}")
@@ -108,7 +110,7 @@ def _cache_weights(identity: dict[str, Any], weights: str | None, backbone: str)
     spec = get_spec(backbone)
     kind = identity.get("kind")
     if kind == "random" and weights in (None, "random"):
-        return ResolvedWeights("random", None, None)
+        return ResolvedWeights("random", None, None, seed=int(identity.get("seed", 0)))
     if kind == "random":
         raise MedfmError("this cache holds features of random weights; leave --weights out")
     resolved = resolve_weights(spec, weights or ("default" if kind == "pretrained" else str(identity.get("file"))))

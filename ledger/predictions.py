@@ -8,6 +8,7 @@ split's rows. The ledger's `run_dir` points at it.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +46,29 @@ def save_predictions(run_dir: Path, splits: dict[str, Predictions]) -> Path:
 
 
 def load_predictions(run_dir: str | Path | None, split: str = "test") -> Predictions:
-    """The stored predictions of `split` of the run in `run_dir`, or one clear error when the run kept none."""
-    path = Path(run_dir or "") / FILE
+    """The stored predictions of `split` of the run in `run_dir`, or one line saying why there are none: the folder is
+    gone, the run kept none, or the file is not what medfm writes (damaged, replaced; nothing pickled is ever loaded)."""
+    folder = Path(run_dir or "")
+    path = folder / FILE
+    if run_dir and not folder.is_dir():
+        raise MedfmError(f"the run folder {run_dir} is gone (moved or removed), and with it the run's stored predictions ({FILE}); "
+                         "put the folder back where the ledger says, or retrain the run with --force")
     if not path.is_file():
         raise MedfmError(f"run {run_dir} has no stored predictions ({FILE}); runs of medfm before 0.2 kept none: retrain it with --force")
-    with np.load(path) as data:
-        if f"{split}_ids" not in data:
-            raise MedfmError(f"{path} holds no '{split}' predictions; it has {', '.join(sorted({k.rsplit('_', 1)[0] for k in data}))}")
-        return Predictions(data[f"{split}_ids"], data[f"{split}_labels"], data[f"{split}_logits"])
+    try:
+        with np.load(path) as data:
+            if f"{split}_ids" not in data:
+                raise MedfmError(f"{path} holds no '{split}' predictions; it has {', '.join(sorted({k.rsplit('_', 1)[0] for k in data}))}")
+            return _checked(Predictions(data[f"{split}_ids"], data[f"{split}_labels"], data[f"{split}_logits"]))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        reason = "pickled data, which is never loaded" if "pickle" in str(err) else " ".join(str(err).split()) or type(err).__name__
+        raise MedfmError(f"cannot read {path} ({reason}); it is not the ids, labels and logits a run stores: retrain the run with "
+                         "--force") from None
+
+
+def _checked(found: Predictions) -> Predictions:
+    """Predictions whose arrays are of the kinds medfm writes (text ids, numeric labels, [N, C] float logits), else ValueError."""
+    if found.ids.dtype.kind != "U" or found.labels.dtype.kind not in "iuf" or found.logits.dtype.kind != "f" or found.logits.ndim != 2:
+        raise ValueError(f"arrays of the wrong kinds: ids {found.ids.dtype}, labels {found.labels.dtype}, logits {found.logits.dtype} "
+                         f"{found.logits.shape}")
+    return found

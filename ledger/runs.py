@@ -91,17 +91,24 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def read_config(record: RunRecord) -> RunConfig:
-    """A run's `config.json`, or one line saying it is gone or unreadable."""
-    path = Path(record.run_dir or "") / CONFIG
+    """A run's `config.json`, or one line saying which is wrong: the folder is gone, or the file is missing or damaged."""
+    folder = Path(record.run_dir or "")
+    path = folder / CONFIG
+    if not record.run_dir or not folder.is_dir():
+        raise MedfmError(f"run {record.id}: its run folder {record.run_dir} is gone (moved or removed); put it back where the "
+                         "ledger says, or retrain the run with --force")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise MedfmError(f"run {record.id}: cannot read its {path}; the run folder was moved or removed") from None
-    if not isinstance(data, dict) or "task" not in data:
-        raise MedfmError(f"run {record.id}: {path} records no task; retrain it with --force")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # a missing file, bytes that are not UTF-8 (a ValueError) or not JSON
+        reason = err.strerror if isinstance(err, OSError) else " ".join(str(err).split())[:200]
+        raise MedfmError(f"run {record.id}: cannot read its {path} ({reason}); restore the file, or retrain the run with --force") from None
+    if not isinstance(data, dict) or not _task_reads(data.get("task")):
+        raise MedfmError(f"run {record.id}: {path} records no task it can read; retrain it with --force")
     if "config" not in data:  # a probe run folder of medfm 0.2: the settings flat beside the rest
         own = {name for name in RunConfig.__dataclass_fields__ if name != "config"}
         data = {**{k: v for k, v in data.items() if k in own}, "config": {k: v for k, v in data.items() if k not in own}}
+    if not isinstance(data["config"], dict):
+        raise MedfmError(f"run {record.id}: {path} records no settings it can read ('config' is no object); retrain it with --force")
     data.setdefault("stage", record.stage)
     data.setdefault("scenario", record.scenario)
     data.setdefault("backbone", record.backbone)
@@ -110,6 +117,15 @@ def read_config(record: RunRecord) -> RunConfig:
     data.setdefault("config_key", record.config_key)
     known = {k: v for k, v in data.items() if k in RunConfig.__dataclass_fields__}
     return RunConfig(**known)
+
+
+def _task_reads(task: Any) -> bool:
+    """Whether a config.json's `task` is a task (`Task.from_dict` reads it)."""
+    try:
+        Task.from_dict(task)
+    except (TypeError, ValueError, KeyError, AttributeError, MedfmError):
+        return False
+    return True
 
 
 def run_task(record: RunRecord) -> Task:

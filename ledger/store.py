@@ -20,6 +20,10 @@ get the dataset name alone as their identity (settings not recorded) and no late
 
 A second table, `evaluations`, holds the scores of runs' heads on other caches (`probe eval`, `EvaluationRecord`);
 an older ledger gains it, empty, when opened.
+
+Every query runs inside one connection wrapper (`Ledger._connect`), so any SQLite error (locked past the wait, a
+damaged file, a read-only one) is one `LedgerError` line naming the file and a way out that loses nothing while
+another process writes to it; `ledger/repair.py` checks a ledger and recovers what a damaged one holds.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -110,10 +114,69 @@ _EVALUATION_COLUMNS = """
     UNIQUE (run_id, cache_fingerprint)
 """
 _FLAGS = ("backbone_random", "head_random", "late_best", "collapsed", "chance")
+_SCHEMAS = {"runs": _COLUMNS, "evaluations": _EVALUATION_COLUMNS}
 
 
 def default_ledger_path() -> Path:
     return output_root() / "runs" / "results.sqlite"
+
+
+class LedgerError(MedfmError):
+    """A SQLite error of the ledger as one line naming the file and a way out that is safe while another process writes it.
+
+    `kind` says which: locked (another writer held it past the wait), damaged, readonly, unopenable, other."""
+
+    def __init__(self, path: Path, err: sqlite3.Error) -> None:
+        self.kind = error_kind(err)
+        super().__init__(_advice(path, self.kind, err))
+
+
+def error_kind(err: sqlite3.Error) -> str:
+    """The kind of a sqlite3 error, from its SQLite result code (Python 3.11 names it)."""
+    name = getattr(err, "sqlite_errorname", "") or ""
+    for kind, codes in (("locked", ("SQLITE_BUSY", "SQLITE_LOCKED")), ("damaged", ("SQLITE_CORRUPT", "SQLITE_NOTADB")),
+                        ("readonly", ("SQLITE_READONLY",)), ("unopenable", ("SQLITE_CANTOPEN",))):
+        if name.startswith(codes):
+            return kind
+    return "other"
+
+
+def _advice(path: Path, kind: str, err: sqlite3.Error) -> str:
+    """What happened to the ledger `path`, and what to do that loses nothing even while another process writes to it."""
+    said = f"the results ledger {path}"
+    if kind == "locked":
+        return (f"{said} stayed locked by another process for {Ledger.LOCK_WAIT:.0f} s ({err}); wait for it to finish (a backup or an "
+                f"open sqlite3 shell holds it) and rerun; a trained run's row is never lost: it waits in {pending_folder(path)} and "
+                "the next command merges it")
+    if kind == "damaged":
+        return (f"{said} is damaged ({err}); `probe ledger check --ledger {path}` lists the damage and `probe ledger recover "
+                f"--ledger {path}` writes what can still be read into a copy beside it, leaving this file as it is")
+    if kind == "readonly":
+        return (f"cannot write {said} ({err}): the file or its folder is read-only; make both writable, or record elsewhere "
+                "(--ledger FILE, or MEDFM_OUTPUT)")
+    if kind == "unopenable":
+        return f"cannot open {said} ({err}): its folder is missing or not readable; give --ledger an existing ledger file"
+    return f"{said} failed ({err}); `probe ledger check --ledger {path}` checks it"
+
+
+@contextmanager
+def one_line_errors(path: Path) -> Iterator[None]:
+    """Every sqlite3 error of the ledger `path` inside the block as one `LedgerError` line."""
+    try:
+        yield
+    except sqlite3.Error as err:
+        raise LedgerError(path, err) from None
+
+
+# why a row could not be written, and what becomes of it: `Ledger.add` keeps it in the pending folder and says so
+_KEPT = {"locked": ("locked by another process", "the next command that opens the ledger merges it"),
+         "damaged": ("damaged", "`probe ledger recover --ledger {}` puts it into the recovered copy"),
+         "readonly": ("read-only", "the next command that opens the ledger once it is writable merges it")}
+
+
+def pending_folder(path: Path) -> Path:
+    """Rows that could not be written to the ledger `path` (locked, damaged), one JSON file each, beside it."""
+    return path.with_name(path.name + ".pending")
 
 
 class Ledger:
@@ -121,41 +184,48 @@ class Ledger:
 
     LOCK_WAIT = 60.0  # seconds a write waits for another process's lock before its row goes to the pending folder
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, *, create: bool = True) -> None:
+        """`create=False` for commands that only read results: a mistyped --ledger is one line, never a new empty ledger."""
         self.path = Path(path) if path is not None else default_ledger_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not create and not self.path.is_file():
+            raise MedfmError(f"no results ledger at {self.path}; `probe run` and `finetune run` record their runs in "
+                             "$MEDFM_OUTPUT/runs/results.sqlite: give --ledger that file (or train some runs first)")
         try:
-            with self._connect() as db:
-                if not _up_to_date(db):  # a read-only ledger of today's layout is read, never written
-                    db.execute("BEGIN IMMEDIATE")  # one process at a time creates or migrates the table
-                    db.execute(f"CREATE TABLE IF NOT EXISTS runs ({_COLUMNS})")
-                    db.execute("CREATE INDEX IF NOT EXISTS runs_config_key ON runs (config_key)")
-                    db.execute(f"CREATE TABLE IF NOT EXISTS evaluations ({_EVALUATION_COLUMNS})")
-                    _migrate(db)
-        except sqlite3.DatabaseError as err:
-            raise MedfmError(f"cannot read the results ledger {self.path} ({err}); check it with `sqlite3 {self.path} 'PRAGMA "
-                             "integrity_check'`, and move it aside only once no medfm process is writing to it (or point --ledger "
-                             "at another file)") from None
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MedfmError(f"cannot create the folder of the results ledger {self.path} ({err.strerror}); give --ledger (or "
+                             "MEDFM_OUTPUT) a writable place") from None
+        with self._connect() as db:
+            if not _up_to_date(db):  # a read-only ledger of today's layout is read, never written
+                db.execute("BEGIN IMMEDIATE")  # one process at a time creates or migrates the table
+                db.execute(f"CREATE TABLE IF NOT EXISTS runs ({_COLUMNS})")
+                db.execute("CREATE INDEX IF NOT EXISTS runs_config_key ON runs (config_key)")
+                db.execute(f"CREATE TABLE IF NOT EXISTS evaluations ({_EVALUATION_COLUMNS})")
+                _migrate(db)
+        self.merged = 0  # pending rows merged on opening
         if self.pending.is_dir():  # rows a run kept aside while another process held the lock
             try:
-                self.merge_pending()
-            except sqlite3.OperationalError:
-                pass  # still locked: they wait for the next command
+                self.merged = self.merge_pending()
+            except LedgerError:
+                pass  # still locked (or damaged): they wait for the next command, or `probe ledger recover`
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=self.LOCK_WAIT)
-        db.row_factory = sqlite3.Row
-        try:
-            with db:  # commits, or rolls back on error
-                yield db
-        finally:
-            db.close()
+        """A connection for one transaction; any sqlite3 error in it is one `LedgerError` line."""
+        with one_line_errors(self.path):
+            db = sqlite3.connect(self.path, timeout=self.LOCK_WAIT)
+            db.row_factory = sqlite3.Row
+            try:
+                with db:  # commits, or rolls back on error
+                    yield db
+            finally:
+                db.close()
 
     def add(self, record: RunRecord) -> int | None:
         """Append one row; returns its id. If another process holds the ledger's write lock past the wait (a backup,
         an open `sqlite3` shell), the row is kept in the pending folder beside the ledger instead, never lost, and the
-        next process that opens the ledger merges it (`merge_pending`); then None is returned."""
+        next process that opens the ledger merges it (`merge_pending`); then None is returned. So is a row the ledger
+        cannot take because it is damaged (`probe ledger recover` puts it into the recovered copy) or read-only."""
         if record.stage not in STAGES:
             raise ValueError(f"stage {record.stage} not in {STAGES}")
         if not SCENARIO.fullmatch(record.scenario):
@@ -165,45 +235,43 @@ class Ledger:
         row = _row(record)
         try:
             with self._connect() as db:
-                record.id = self._insert(db, row)
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err) and "busy" not in str(err):
+                record.id = insert(db, "runs", row)
+        except LedgerError as err:
+            if err.kind not in _KEPT:
                 raise
+            path = self._keep_pending(row, err)
+            state, then = _KEPT[err.kind]
+            print(f"note: the results ledger {self.path} is {state}; this run's row is kept in {path} and {then.format(self.path)}",
+                  file=sys.stderr)
+            return None
+        return record.id
+
+    def _keep_pending(self, row: dict[str, Any], err: LedgerError) -> Path:
+        """Write `row` to the pending folder (atomically); if even that fails, the ledger's own error stands."""
+        path = self.pending / f"{row['created'].replace(':', '')}-{row['config_key'][:16]}.json"
+        try:
             self.pending.mkdir(parents=True, exist_ok=True)
-            path = self.pending / f"{record.created.replace(':', '')}-{record.config_key[:16]}.json"
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(row))
             tmp.replace(path)
-            print(f"note: the results ledger {self.path} is locked by another process; this run's row is kept in {path} and "
-                  "the next command that opens the ledger merges it", file=sys.stderr)
-            return None
-        return record.id
+        except OSError:
+            raise err from None
+        return path
 
     @property
     def pending(self) -> Path:
         """Rows that could not be written while another process held the ledger's lock, one JSON file each."""
-        return self.path.with_name(self.path.name + ".pending")
+        return pending_folder(self.path)
 
     def merge_pending(self) -> int:
         """Write the pending rows into the ledger (each once: a row already there by its key and time is not added twice);
         the count merged. Safe while another writer is active: it waits for the lock like any write."""
-        if not self.pending.is_dir():
-            return 0
         merged = 0
-        for path in sorted(self.pending.glob("*.json")):
-            row = json.loads(path.read_text())
+        for path, row in pending_rows(self.path):
             with self._connect() as db:
-                there = db.execute("SELECT 1 FROM runs WHERE config_key = ? AND created = ?", (row["config_key"], row["created"])).fetchone()
-                if there is None:
-                    self._insert(db, row)
-                    merged += 1
+                merged += insert_new(db, row)
             path.unlink()
         return merged
-
-    @staticmethod
-    def _insert(db: sqlite3.Connection, row: dict[str, Any]) -> int:
-        names, marks = ", ".join(row), ", ".join(f":{n}" for n in row)
-        return int(db.execute(f"INSERT INTO runs ({names}) VALUES ({marks})", row).lastrowid)
 
     def find(self, key: str) -> RunRecord | None:
         """The latest run with this config_key, or None."""
@@ -233,6 +301,35 @@ class Ledger:
         with self._connect() as db:
             found = db.execute(f"SELECT * FROM evaluations{where} ORDER BY id", params).fetchall()
         return [EvaluationRecord(**{**dict(r), "metrics": json.loads(r["metrics"])}) for r in found]
+
+
+def pending_rows(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The rows waiting beside the ledger `path`, oldest first; a file that is not one is one line naming it."""
+    rows = []
+    for file in sorted(pending_folder(path).glob("*.json")):
+        try:
+            row = json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            raise MedfmError(f"cannot read the pending ledger row {file} ({err}); move it out of {file.parent} and rerun (the "
+                             "run's folder still holds its results; `probe run --force` records it again)") from None
+        if not isinstance(row, dict) or not {"config_key", "created"} <= set(row):
+            raise MedfmError(f"{file} is no pending ledger row (no config_key and created); move it out of {file.parent} and rerun")
+        rows.append((file, row))
+    return rows
+
+
+def insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> int:
+    """Insert one row given as {column: value}; its id."""
+    names, marks = ", ".join(row), ", ".join(f":{n}" for n in row)
+    return int(db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", row).lastrowid)
+
+
+def insert_new(db: sqlite3.Connection, row: dict[str, Any]) -> int:
+    """Insert a run's row unless one of the same key and time is there (a pending row merged twice); 1 if inserted."""
+    there = db.execute("SELECT 1 FROM runs WHERE config_key = ? AND created = ?", (row["config_key"], row["created"])).fetchone()
+    if there is None:
+        insert(db, "runs", row)
+    return int(there is None)
 
 
 def _row(record: RunRecord) -> dict[str, Any]:
@@ -307,3 +404,10 @@ def _split_random_flag(db: sqlite3.Connection) -> None:
             backbone = json.loads(row["config"]).get("weights", {}).get("kind") == "random"
         row.update(backbone_random=int(backbone), head_random=int(random and not backbone))
         db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join(':' + n for n in row)})", row)
+
+
+def table_columns(table: str) -> list[str]:
+    """Today's columns of the ledger table `table` (runs, evaluations), in their order."""
+    with closing(sqlite3.connect(":memory:")) as db:
+        db.execute(f"CREATE TABLE {table} ({_SCHEMAS[table]})")
+        return [row[1] for row in db.execute(f"PRAGMA table_info({table})")]

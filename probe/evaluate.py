@@ -27,7 +27,7 @@ import numpy as np
 from cache.layout import flatten_settings
 from cache.schema import CacheMeta, Task, feature_settings
 from cache.store import CacheReader
-from common.checkpoints import load_state_dict
+from common.checkpoints import load_into
 from common.errors import MedfmError
 from common.runtime import resolve_device
 from ledger.records import EvaluationRecord, RunRecord, cache_identity
@@ -172,7 +172,8 @@ def head_outputs(run: SavedRun, reader: CacheReader, device: str = "auto", max_r
                          head_weights="random", protocol=c.get("protocol", "medfm"))  # the weights come from head.pt
     source = FeatureSource(reader, config.feature, config.batch_size, max_ram)
     head = make_head(config, source.row_shape, run.task.num_outputs)
-    head.load_state_dict(load_state_dict(run.run_dir / "head.pt"))
+    load_into(head, run.run_dir / "head.pt", f"run {run.record.id}'s {run.record.head} head",
+              "it is not the head this run saved; retrain the run with --force")
     dev = resolve_device(device)
     logits, labels = predict(stack_heads([head]).to(dev), source, "test", reader.task, dev, None)
     return labels, logits[0]

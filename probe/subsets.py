@@ -12,6 +12,7 @@ import numpy as np
 from cache.schema import Task
 from cache.store import CacheReader
 from common.errors import MedfmError
+from probe.data import check_trainable
 
 KINDS = ("fraction", "shots")
 
@@ -68,4 +69,5 @@ def draw(ids: Sequence[str], labels: np.ndarray, subset: Subset, task: Task) -> 
 
 def subset_rows(reader: CacheReader, subset: Subset) -> np.ndarray:
     """The file rows of the cache's train split that `subset` selects (`FeatureSource(rows=...)` serves only those)."""
+    check_trainable(reader)
     return np.flatnonzero(reader.valid("train"))[draw(reader.ids("train"), reader.labels("train"), subset, reader.task)]

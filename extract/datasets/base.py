@@ -76,13 +76,15 @@ class DatasetSource:
         return replace(self, splits=splits)
 
 
-def require_root(root: Path | None, dataset: str, layout: str) -> Path:
-    """The dataset folder, or a clear error saying what belongs there."""
+def require_root(root: Path | None, dataset: str, layout: str, file_ok: bool = False) -> Path:
+    """The dataset folder (or file, where `file_ok`: a CSV, a .npz), or a clear error saying what belongs there."""
     if root is None:
         raise MedfmError(f"dataset '{dataset}' needs --root PATH, a folder holding {layout}")
     root = Path(root).expanduser()
     if not root.exists():
         raise MedfmError(f"--root {root} does not exist; dataset '{dataset}' expects {layout}")
+    if not file_ok and not root.is_dir():
+        raise MedfmError(f"--root {root} is a file, not a folder; dataset '{dataset}' expects a folder holding {layout}")
     return root
 
 
@@ -124,6 +126,10 @@ def read_table(path: Path, required: Sequence[str], **read_csv: Any) -> pd.DataF
 def make_splits(parts: dict[str, np.ndarray], ids: Sequence[str], labels: np.ndarray, images: Sequence[Any],
                 metadata: dict[str, list[str]] | None = None) -> dict[str, Split]:
     """`Split`s from index arrays into flat id/label/image (and metadata) lists (index order is row order)."""
+    nul = next((i for i, name in enumerate(ids) if "\x00" in str(name)), None)
+    if nul is not None:  # a cache stores ids as HDF5 text, which cannot hold one
+        raise MedfmError(f"sample {nul} of the dataset ({ids[nul]!r}) has a NUL byte in its name or path; remove it from the file "
+                         "name or from the CSV that lists it")
     metadata = metadata or {}
     return {name: Split([ids[i] for i in idx], labels[idx], [images[i] for i in idx],
                         {c: [values[i] for i in idx] for c, values in metadata.items()}) for name, idx in parts.items()}

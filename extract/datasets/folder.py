@@ -90,7 +90,7 @@ def build_csv(
 ) -> DatasetSource:
     layout = (f"a CSV '{csv}' with columns '{path_column}' and '{label_column}' (optional split and patient columns), "
               "image paths relative to the CSV's folder and inside it; --root may also be the CSV file")
-    root = require_root(root, "csv", layout)
+    root = require_root(root, "csv", layout, file_ok=True)
     split_seed = as_int(split_seed, "split_seed")
     table_path = root if root.is_file() else root / csv
     if not table_path.is_file():

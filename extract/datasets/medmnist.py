@@ -52,7 +52,7 @@ def infer_kind(labels: list[np.ndarray]) -> str:
 
 def build(root: Path | None, *, task: str = "auto", classes: str = "") -> DatasetSource:
     task = choice(task, "task", ("auto", *TASK_KINDS))
-    path = find_file(require_root(root, "medmnist", LAYOUT))
+    path = find_file(require_root(root, "medmnist", LAYOUT, file_ok=True))
     arrays = load_arrays(path)
     raw = [arrays[f"{s}_labels"] for s in SPLITS]
     kind = infer_kind(raw) if task == "auto" else task

@@ -88,7 +88,7 @@ def test_a_corrupt_ledger_is_one_clear_error(tmp_path):
 
     path = tmp_path / "results.sqlite"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(MedfmError, match="cannot read the results ledger"):
+    with pytest.raises(MedfmError, match=r"is damaged \(file is not a database\); `probe ledger check --ledger .*` lists the damage"):
         Ledger(path)
 
 
@@ -178,3 +178,17 @@ def test_a_row_written_while_another_process_holds_the_lock_is_kept_and_merged_n
     (row,) = Ledger(tmp_path / "results.sqlite").rows()  # the next opening merges it
     assert (row.config_key, row.test_primary) == ("k" * 64, 0.6) and not pending.exists()
     assert Ledger(tmp_path / "results.sqlite").merge_pending() == 0 and len(Ledger(tmp_path / "results.sqlite").rows()) == 1
+
+
+def test_a_ledger_that_cannot_be_opened_or_placed_is_one_line(tmp_path):
+    from common.errors import MedfmError
+
+    (tmp_path / "a-folder.sqlite").mkdir()
+    with pytest.raises(MedfmError, match=r"cannot open the results ledger .*a-folder.sqlite \(unable to open database file\)"):
+        Ledger(tmp_path / "a-folder.sqlite")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(MedfmError, match=r"cannot create the folder of the results ledger .*a-file/results.sqlite"):
+        Ledger(tmp_path / "a-file" / "results.sqlite")
+    with pytest.raises(MedfmError, match="no results ledger at"):
+        Ledger(tmp_path / "missing.sqlite", create=False)
+    assert not (tmp_path / "missing.sqlite").exists()
