@@ -1,6 +1,7 @@
 """`finetune run`: train backbone + head end to end. Parsing only; the work is in finetune.train.
 
 One device: `finetune run --backbone seem --dataset demo --head linear`.
+Adapters: `finetune run --backbone dinov2 --dataset demo --adapter lora[:r=8,alpha=16,dropout=0.1,targets=qkv+proj]`.
 Many: `torchrun --nproc_per_node N $(which finetune) run ...` (DDP; --batch-size stays the global batch).
 """
 
@@ -19,8 +20,9 @@ from common.cli import dataset_options, parse_overrides, run_cli
 from common.errors import MedfmError
 from common.runtime import output_root, torchrun_launch
 from extract.names import check_backbone, check_dataset, check_root
+from training.adapters import parse_adapter
 from training.names import check_head
-from training.recipe import STUDY
+from training.recipe import ADAPTER_RECIPES, STUDY
 
 app = typer.Typer(help="Train a backbone and a head end to end (the study's unfrozen scenarios).", no_args_is_help=True,
                   add_completion=False)
@@ -36,7 +38,13 @@ def run(
     backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
     dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
     head: Annotated[str, typer.Option(help="linear (on the pooled feature) | deit (DeiT blocks on the tokens).")] = "linear",
-    freeze: Annotated[str, typer.Option(help="none (all trains) | all (head only) | last-K (head + last K blocks).")] = "none",
+    freeze: Annotated[str | None, typer.Option(help="none (all trains) | all (head only) | last-K (head + last K blocks).",
+                                               show_default="none; all with --adapter")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Train an adapter in the frozen backbone, and the head: lora | dora | ia3, with "
+                                                     "options as lora:r=8,alpha=16,dropout=0.1,targets=qkv+proj (docs/protocol.md §9).",
+                                                show_default="none")] = None,
+    adapter_lr: Annotated[float | None, typer.Option(help="The adapter's learning rate (the head's is --lr).", show_default=(
+        ", ".join(f"{m} {r.lr:g}" for m, r in ADAPTER_RECIPES.items())))] = None,
     root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.", show_default="none (demo needs none)")] = None,
     weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
     epochs: Annotated[int, typer.Option(help="Training epochs (the study's).")] = STUDY.epochs,
@@ -82,11 +90,13 @@ def run(
     check_dataset(dataset)
     check_root(dataset, root)
     check_head(head, module=True)
+    if adapter is not None:
+        parse_adapter(adapter)  # a bad option is one line before torch loads
     several = _seeds(seeds, seed)
     from finetune.train import FinetuneConfig, finetune  # torch and the models: imported for a run, not for --help
 
     cfg = FinetuneConfig(
-        backbone=backbone, dataset=dataset, head=head, freeze=freeze, root=root, weights=weights, epochs=epochs,
+        backbone=backbone, dataset=dataset, head=head, freeze=freeze, adapter=adapter, adapter_lr=adapter_lr, root=root, weights=weights, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, amp=amp, amp_dtype=amp_dtype,
         augment=augment, protocol=protocol, patience=patience, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation, head_depth=head_depth,
         head_preset=head_preset, head_weights=head_weights, seed=several[0], device=device, workers=workers, image_cache=image_cache, resume=resume,

@@ -5,8 +5,9 @@ Freeze policies (the study's scenarios and its partial unfreezing, docs/protocol
 - `all`: only the head trains (the frozen scenarios, trained end to end on live images);
 - `last-K`: the head and the last K of `backbone.blocks` train; the stem, earlier blocks and the
   readout (e.g. a ViT's final norm) stay as loaded.
-Frozen parts are kept in eval mode whatever `train()` is called with, so BatchNorm statistics
-and dropout of a frozen part never change.
+An adapter (`--adapter`, `training.adapters`) goes with `all`: the backbone stays as loaded, and the adapter's layers and
+the head train. Frozen parts are kept in eval mode whatever `train()` is called with, so BatchNorm statistics
+and dropout of a frozen part never change; an adapter's layers follow `train()` (LoRA's dropout).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from common.errors import MedfmError
 from extract.backbones import Backbone
+from training.adapters import AdapterSpec, adapter_keys, attach, saved_keys
 from training.heads import build_head, get_head
 
 
@@ -67,6 +69,28 @@ class FinetuneModel(nn.Module):
         features = self.backbone(images)
         return self.head(getattr(features, self.head_input))
 
+    def adapt(self, spec: AdapterSpec, name: str) -> None:
+        """Attach an adapter to the (frozen) backbone: its layers train, the backbone's own weights stay as loaded."""
+        if not self.freeze.frozen_backbone:
+            raise MedfmError(f"--adapter trains the adapter and the head on a frozen backbone; --freeze {self.freeze.text} cannot "
+                             "go with it (leave --freeze out)")
+        self._trainable_backbone = attach(self.backbone, spec, name)
+
+    @property
+    def adapter_params(self) -> set[str]:
+        """Names of the adapter's parameters (empty without one)."""
+        keys = {f"backbone.{k}" for k in adapter_keys(self.backbone)} if hasattr(self.backbone, "attached_adapter") else set()
+        return {n for n, _ in self.named_parameters() if n in keys}
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint and best.pt keep: everything, or with an adapter only the adapter and the head (the base
+        weights are the run's own weights file, or its seeded random start)."""
+        state = self.state_dict()
+        if not hasattr(self.backbone, "attached_adapter"):
+            return state
+        keep = saved_keys(self)
+        return {k: v for k, v in state.items() if k in keep}
+
     def train(self, mode: bool = True) -> FinetuneModel:
         """Train mode for the trainable parts only: frozen backbone parts always run in eval mode."""
         super().train(mode)
@@ -86,11 +110,15 @@ def _trainable_backbone_parts(backbone: Backbone, freeze: FreezePolicy) -> list[
 
 
 def build_model(backbone: Backbone, head_kind: str, num_outputs: int, freeze: FreezePolicy, protocol: str = "medfm",
-                **head_options: Any) -> FinetuneModel:
-    """The backbone with a head (from probe's registry) sized from the feature it reads; `head_options` are the head's own."""
+                adapter: AdapterSpec | None = None, name: str = "the backbone", **head_options: Any) -> FinetuneModel:
+    """The backbone with a head (from probe's registry) sized from the feature it reads; `head_options` are the head's own;
+    `adapter` is attached after the head is built (`name`: the backbone's, for messages)."""
     row_shape = (backbone.pooled_dim,) if get_head(head_kind).reads == "pooled" else backbone.token_shape()
     head = build_head(head_kind, row_shape, num_outputs, protocol=protocol, **head_options)
-    return FinetuneModel(backbone, head, head_kind, freeze)
+    model = FinetuneModel(backbone, head, head_kind, freeze)
+    if adapter is not None:
+        model.adapt(adapter, name)
+    return model
 
 
 def freeze_unused(model: nn.Module, example: torch.Tensor) -> list[str]:

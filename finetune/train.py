@@ -10,6 +10,11 @@ epoch's start, the shuffle order, dropout and loader workers from (seed, epoch, 
 augmentation from (seed, epoch, image id) (`finetune.data.draw_epoch`, the draws of the cache's augmented
 views), so a resumed epoch replays exactly on every rank, which saved states of rank 0 alone could not do.
 Only rank 0 writes; every rank reads the checkpoint on resume, so a multi-node run needs a shared --out.
+The checkpoint is read by the safe loader (`common.checkpoints`): a file that is not this run's checkpoint is one line.
+
+With `--adapter` (LoRA, DoRA, IA3; `training.adapters`, docs/protocol.md §9) the backbone stays as loaded and only the
+adapter and the head train; the checkpoint and best.pt keep only those (`FinetuneModel.saved_state`), the base being the
+run's weights file or its seeded random start, rebuilt alike on every rank, resume and `probe predict`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import math
 import os
 import random
+import resource
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
 from cache.fingerprint import manifest_hash
 from cache.layout import backbone_folder
 from cache.schema import Task, check_protocol
+from common.checkpoints import load_torch_file
 from common.errors import MedfmError
 from common.locks import acquire
 from common.progress import Pace
@@ -53,12 +60,13 @@ from extract.transforms import TransformSpec
 from finetune import distributed
 from finetune.data import check_images, draw_epoch, epoch_seed, find_pixels, make_loader
 from finetune.distributed import World
-from finetune.model import FreezePolicy, build_model, freeze_unused
+from finetune.model import FinetuneModel, FreezePolicy, build_model, freeze_unused
 from ledger.predictions import Predictions
 from ledger.records import RunRecord, config_key, dataset_identity, late_best, late_best_note
 from ledger.runs import METRICS, RunConfig, read_history, write_config, write_history, write_json
 from ledger.store import Ledger
 from scoring.metrics import compute_metrics, loss_fn, primary
+from training.adapters import AdapterSpec, adapter_file, check_tensors, parse_adapter
 from training.heads import get_head
 from training.recipe import STUDY, Precision, improves, param_groups, precision, selection_rows, warmup_then_constant
 from training.record import record_run
@@ -75,7 +83,9 @@ class FinetuneConfig:
     backbone: str
     dataset: str
     head: str = "linear"  # linear (pooled feature) | deit (tokens)
-    freeze: str = "none"  # none | all | last-K
+    freeze: str | None = None  # none | all | last-K; None: none, or all with an adapter
+    adapter: str | None = None  # lora | dora | ia3, with options (`training.adapters.parse_adapter`); None: no adapter
+    adapter_lr: float | None = None  # the adapter's learning rate; None: its recipe's (`training.recipe.ADAPTER_RECIPES`)
     root: Path | None = None
     weights: str = "default"  # default | random | auto (default, else random with a warning) | PATH
     epochs: int = STUDY.epochs
@@ -122,10 +132,15 @@ class FinetuneResult:
     ledger_id: int | None
 
 
-def scenario_name(head: str, freeze: FreezePolicy) -> str:
-    """The study's frozen-/unfrozen-<head>; partial unfreezing (`last-K`) is a scenario of its own, last<K>-<head>."""
+def scenario_name(head: str, freeze: FreezePolicy, adapter: AdapterSpec | None = None) -> str:
+    """The study's frozen-/unfrozen-<head>; partial unfreezing (`last-K`) is a scenario of its own, last<K>-<head>, and so
+    is each adapter method, <method>-<head> (lora-linear)."""
     setting = {None: "unfrozen", 0: "frozen"}.get(freeze.trainable_blocks, f"last{freeze.trainable_blocks}")
-    return f"{setting}-{head}"
+    return f"{adapter.method if adapter else setting}-{head}"
+
+
+def adapter_of(cfg: FinetuneConfig) -> AdapterSpec | None:
+    return parse_adapter(cfg.adapter) if cfg.adapter else None
 
 
 def finetune(cfg: FinetuneConfig, console: Console | None = None) -> FinetuneResult:
@@ -146,6 +161,7 @@ class Run:
     source: DatasetSource
     weights: ResolvedWeights
     freeze: FreezePolicy
+    adapter: AdapterSpec | None
     scenario: str
     config: dict[str, Any]  # what decides the result (the ledger row's config)
     key: str
@@ -156,7 +172,7 @@ class Run:
 class Training:
     """The model, its data and the study's recipe, set up for the epoch loop."""
 
-    model: nn.Module
+    model: FinetuneModel
     trained: nn.Module  # the model, or its DDP wrapper
     inputs: TransformSpec
     loaders: dict[str, DataLoader]
@@ -165,6 +181,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     criterion: nn.Module
+    params: dict[str, int]  # trainable and total parameters, recorded beside the score
 
 
 def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitStack) -> FinetuneResult:
@@ -191,7 +208,8 @@ def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitSta
 
 def _identify(cfg: FinetuneConfig, console: Console) -> Run:
     """The run's identity (its config, skip-if-done key and folder), from the settings and the data, before any model."""
-    freeze = FreezePolicy.parse(cfg.freeze)
+    adapter = adapter_of(cfg)
+    freeze = FreezePolicy.parse(cfg.freeze or ("all" if adapter else "none"))
     source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)
     weights = resolve_weights(get_spec(cfg.backbone), cfg.weights, warn=console.print)
@@ -199,26 +217,40 @@ def _identify(cfg: FinetuneConfig, console: Console) -> Run:
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY and (not k.startswith("head_") or k in used)}
     if cfg.amp_dtype == "auto":
         config.pop("amp_dtype")  # the policy runs had before the option existed: their keys stay as they were
+    config["freeze"] = freeze.text
+    if adapter:
+        config.update(adapter=adapter.to_dict(), adapter_lr=cfg.adapter_lr or adapter.lr)
+    else:  # runs without one keep the keys they had
+        del config["adapter"], config["adapter_lr"]
     config.update(root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None, weights=weights.identity,
                   dataset_options=source.options, manifest_hash=manifest_hash(source.manifest()), decoder=DECODER_VERSION)
     key = config_key({"stage": "finetune", **config}, None, cfg.seed)
-    scenario = scenario_name(cfg.head, freeze)
+    scenario = scenario_name(cfg.head, freeze, adapter)
     run_dir = Path(cfg.out) / "finetune" / f"{backbone_folder(cfg.backbone)}-{source.name}-{scenario}-{key[:12]}"
-    return Run(source, weights, freeze, scenario, config, key, run_dir)
+    return Run(source, weights, freeze, adapter, scenario, config, key, run_dir)
 
 
 def _set_up(cfg: FinetuneConfig, run: Run, world: World, amp: Precision, console: Console) -> Training:
     """Backbone + head on the device, the split loaders, and the study's optimiser, schedule and loss."""
     device = world.device
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the run's peak, recorded beside its score
+    torch.manual_seed(cfg.seed)  # the same initial weights (an adapter run's base too) on every rank and on every resume
     backbone = create_backbone(cfg.backbone, run.weights, image_size=cfg.image_size, in_chans=cfg.in_chans, protocol=cfg.protocol,
                                **cfg.overrides)
     check_image_size(backbone, cfg.backbone)
     head_options = {option: getattr(cfg, f"head_{option}") for option in get_head(cfg.head).options}
     task = run.source.task
-    model = build_model(backbone.to(device), cfg.head, task.num_outputs, run.freeze, cfg.protocol, **head_options).to(device)
+    model = build_model(backbone.to(device), cfg.head, task.num_outputs, run.freeze, cfg.protocol, run.adapter, cfg.backbone,
+                        **head_options).to(device)
     inputs, _ = input_spec(run.source, backbone.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
+    adapter_params = model.adapter_params
     unused = freeze_unused(model, torch.zeros(1, inputs.channels, inputs.size, inputs.size, device=device))
+    if bypassed := [name for name in unused if name in adapter_params]:
+        layer = max((t for t in model.backbone.attached_adapter.targets if bypassed[0].startswith(f"backbone.{t}.")), key=len)
+        raise MedfmError(f"--adapter {cfg.adapter}: the adapter of {layer} gets no gradient: "
+                         f"{cfg.backbone}'s forward does not run that layer (e.g. a MultiheadAttention reads its out_proj's weight); "
+                         "choose other targets=")
     if unused:
         console.print(f"{len(unused)} parameter tensors get no gradient through the {cfg.head} head and stay fixed ({unused[0]}, ...)")
     pixels = find_pixels(run.source, cfg.root, inputs, cfg.image_cache)
@@ -230,10 +262,16 @@ def _set_up(cfg: FinetuneConfig, run: Run, world: World, amp: Precision, console
         loaders[split], split_sampler = make_loader(run.source, split, inputs, world, train=split == "train", **loader_args)
         sampler = split_sampler if split == "train" else sampler
     warmup = STUDY.warmup_steps(len(loaders["train"])) if cfg.warmup_steps is None else cfg.warmup_steps
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    own_lr = dict.fromkeys(adapter_params, run.config["adapter_lr"]) if run.adapter else {}  # the head keeps --lr
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, own_lr), lr=cfg.lr)
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+    params = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "total_params": sum(p.numel() for p in model.parameters())}
+    if run.adapter:
+        console.print(f"{run.adapter.method} in {len(model.backbone.attached_adapter.targets)} layers of {cfg.backbone}: "
+                      f"{params['trainable_params']:,} of {params['total_params']:,} parameters train (adapter and head)")
     return Training(model, trained, inputs, loaders, sampler, optimizer, warmup_then_constant(optimizer, warmup),
-                    torch.amp.GradScaler(device.type, enabled=amp.needs_scaler), loss_fn(task))
+                    torch.amp.GradScaler(device.type, enabled=amp.needs_scaler), loss_fn(task), params)
 
 
 def _resume_or_start(cfg: FinetuneConfig, run: Run, setup: Training, world: World, amp: Precision, checkpoint_path: Path,
@@ -242,11 +280,7 @@ def _resume_or_start(cfg: FinetuneConfig, run: Run, setup: Training, world: Worl
     state: dict[str, Any] = {"epoch": 0, "best_score": None, "best_epoch": None, "best_model": None, "best_val": None, "history": [],
                              "train_seconds": 0.0}
     if cfg.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        setup.model.load_state_dict(state.pop("model"))
-        setup.optimizer.load_state_dict(state.pop("optimizer"))
-        setup.scheduler.load_state_dict(state.pop("scheduler"))
-        setup.scaler.load_state_dict(state.pop("scaler"))
+        state = _read_checkpoint(checkpoint_path, setup)
         console.print(f"resuming {run.run_dir} after epoch {state['epoch']}/{cfg.epochs}")
     elif world.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,10 +288,37 @@ def _resume_or_start(cfg: FinetuneConfig, run: Run, setup: Training, world: Worl
         write_config(run.run_dir, RunConfig(
             stage="finetune", scenario=run.scenario, backbone=cfg.backbone, dataset=cfg.dataset, config=run.config, seed=cfg.seed,
             config_key=run.key, task=run.source.task.to_dict(), backbone_random_weights=run.weights.random, head_init=head_init,
-            extra={"freeze": cfg.freeze, "precision": amp.describe()},
+            extra={"freeze": run.freeze.text, "precision": amp.describe(), **setup.params,
+                   **({"adapter_layers": list(setup.model.backbone.attached_adapter.targets)} if run.adapter else {})},
         ))
         write_json(run.run_dir / "splits.json", run.source.manifest())
-        console.print(f"finetuning {cfg.backbone} + {cfg.head} head ({run.scenario}, --freeze {cfg.freeze}) on {run.source.name} -> {run.run_dir}")
+        console.print(f"finetuning {cfg.backbone} + {cfg.head} head ({run.scenario}, --freeze {run.freeze.text}) on {run.source.name} -> {run.run_dir}")
+    return state
+
+
+CHECKPOINT_PARTS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_score", "best_epoch", "best_model", "best_val",
+                    "history", "train_seconds")
+
+
+def _read_checkpoint(path: Path, setup: Training) -> dict[str, Any]:
+    """The run's checkpoint, read by the safe loader and loaded into the model, optimizer, scheduler and scaler; the loop's
+    state is returned. A file that is not this run's checkpoint (other bytes, pickled code, another model's tensors, an
+    empty file) is one line naming it and what to do, before anything of it is used."""
+    fix = f"remove {path} and rerun to start the run over"
+    state = load_torch_file(path, fix)
+    missing = [part for part in CHECKPOINT_PARTS if part not in state] if isinstance(state, dict) else list(CHECKPOINT_PARTS)
+    if missing:
+        raise MedfmError(f"{path} holds no finetune checkpoint (it lacks {', '.join(missing[:3])}); {fix}")
+    keys = set(setup.model.saved_state())
+    for part in ("model", "best_model"):
+        check_tensors(setup.model, state[part], keys, path, fix)
+    setup.model.load_state_dict(state.pop("model"), strict=False)
+    for part in ("optimizer", "scheduler", "scaler"):
+        try:
+            getattr(setup, part).load_state_dict(state.pop(part))
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as err:
+            said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MedfmError(f"{path} holds another run's {part} state ({said}); {fix}") from None
     return state
 
 
@@ -292,7 +353,7 @@ def _train_epochs(cfg: FinetuneConfig, run: Run, setup: Training, world: World, 
             score = primary(task, val_metrics if chosen is None else compute_metrics(task, val_labels[chosen], val_logits[chosen]))
             if improves(score, state["best_score"], cfg.protocol):
                 state.update(best_score=score, best_epoch=epoch + 1, best_val=(torch.from_numpy(val_labels), torch.from_numpy(val_logits)),  # tensors: checkpoints load weights-only
-                             best_model={k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()})
+                             best_model={k: v.detach().cpu().clone() for k, v in setup.model.saved_state().items()})
             state["history"].append({
                 "epoch": epoch + 1, "loss": distributed.all_mean(world, losses), "lr": setup.scheduler.get_last_lr()[0],
                 "train": compute_metrics(task, train_labels, train_logits), "val": val_metrics, "seconds": time.perf_counter() - epoch_start,
@@ -302,7 +363,7 @@ def _train_epochs(cfg: FinetuneConfig, run: Run, setup: Training, world: World, 
                 add_epoch(scalars, epoch + 1, state["history"][-1]["loss"], task.primary_metric, score, state["history"][-1]["lr"])
                 scalars.flush()  # visible in TensorBoard as the epoch ends
             if world.is_main:
-                _atomic_save({"model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+                _atomic_save({"model": setup.model.saved_state(), "optimizer": setup.optimizer.state_dict(),
                              "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(), **state}, checkpoint_path)
             name = task.primary_metric
             console.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {state['history'][-1]['loss']:.4f}  "
@@ -357,14 +418,14 @@ def _finish(cfg: FinetuneConfig, run: Run, setup: Training, world: World, state:
     """The test split, once, with the best-validation weights, in fp32 (as the study); then (rank 0) the run's files and
     ledger row through the recorder both stages share (`training.record`)."""
     task, model = run.source.task, setup.model
-    model.load_state_dict(state["best_model"])
+    model.load_state_dict(state["best_model"], strict=not run.adapter)  # an adapter run's: the adapter and the head
     test_labels, test_logits = distributed.gather_predictions(world, *_predict(model, setup.loaders["test"], world.device, None))
     test_metrics = compute_metrics(task, test_labels, test_logits)
     head_random = bool(getattr(model.head, "random_init", False))  # a DeiT head without its ImageNet weights is not the study's
     result = FinetuneResult(run.run_dir, run.scenario, state["best_epoch"], task.primary_metric, state["best_score"],
                             primary(task, test_metrics), test_metrics, state["history"], run.weights.random, head_random, True, None)
     if world.is_main:
-        _atomic_save(state["best_model"], run.run_dir / "best.pt")
+        _atomic_save(adapter_file(model, state["best_model"]) if run.adapter else state["best_model"], run.run_dir / "best.pt")
         write_history(run.run_dir, state["history"])
         splits = run.source.splits
         predictions = {"val": Predictions(splits["val"].ids, *map(np.asarray, state["best_val"])),
@@ -372,6 +433,7 @@ def _finish(cfg: FinetuneConfig, run: Run, setup: Training, world: World, state:
         cost = Cost(device_label(world.device) + (f" x{world.size}" if world.size > 1 else ""), world.size,
                     len(splits["train"]) * len(state["history"]))
         record = _record(cfg, run, result, state["train_seconds"], time.perf_counter() - start_time, setup.inputs, cost)
+        record.test_metrics = {**record.test_metrics, **setup.params, **_peak_memory(world.device)}  # beside the score
         late = late_best(result.best_epoch, cfg.epochs)
         summary: dict[str, Any] = {"best_epoch": result.best_epoch, "late_best": late}
         record_run(ledger, record, task, predictions, summary, state["history"][result.best_epoch - 1]["val"])
@@ -392,6 +454,13 @@ def _finish(cfg: FinetuneConfig, run: Run, setup: Training, world: World, state:
 def _validate(cfg: FinetuneConfig) -> None:
     get_head(cfg.head)  # an unknown head names the registered ones
     check_protocol(cfg.protocol)
+    if adapter_of(cfg) is not None and cfg.freeze not in (None, "all"):
+        raise MedfmError(f"--adapter trains the adapter and the head on a frozen backbone; --freeze {cfg.freeze} cannot go with it "
+                         "(leave --freeze out)")
+    if cfg.adapter_lr is not None and not cfg.adapter:
+        raise MedfmError("--adapter-lr is the learning rate of an adapter's parameters: it goes with --adapter (the head's is --lr)")
+    if cfg.adapter_lr is not None and not 0 < cfg.adapter_lr < math.inf:
+        raise MedfmError(f"--adapter-lr must be a positive number, got {cfg.adapter_lr}")
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise MedfmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -406,6 +475,14 @@ def _validate(cfg: FinetuneConfig) -> None:
     if cfg.workers is not None and cfg.workers < 0:
         raise MedfmError(f"--workers must be 0 (decode in the main process) or more, got {cfg.workers}")
     image_folder(cfg.image_cache)  # a mistyped --image-cache is one line before the model loads
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory in MiB: on a GPU what torch allocated there during the run; on the CPU the process's
+    peak resident size, data loading included."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_of": "cuda allocated"}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, "peak_memory_of": "process RSS"}
 
 
 def _seed_everything(seed: int) -> None:

@@ -4,6 +4,8 @@
   clipping 1.0, linear warmup over min(5 epochs, 1000 steps) then a constant learning rate
   (`warmup_then_constant`). The study warms up 5 epochs on APTOS and DDSM and 1000 steps on ISIC and CheXpert;
   the one rule gives both.
+- `ADAPTER_RECIPES`: what an adapter (LoRA, DoRA, IA3; `training.adapters`) adds to it: its parameters' learning rate,
+  rank, scale and dropout.
 - `improves`: the model-selection rule of both stages (validation every epoch, strictly higher wins; under
   `protocol="study"` the official rule: 3-decimal rounding, best starting at 0.0).
 - `PROTOCOLS`: "medfm" (medfm's behaviour) or "study" (the official code's, where the two differ; docs/protocol.md §7).
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,14 +51,37 @@ class Recipe:
 STUDY = Recipe(lr=1e-4, weight_decay=1e-5, batch_size=64, epochs=100, grad_clip=1.0, warmup_epochs=5, warmup_max_steps=1000)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases plus every 1-D parameter (norms) without decay."""
-    decay, no_decay = [], []
+@dataclass(frozen=True)
+class AdapterRecipe:
+    """An adapter's defaults (docs/protocol.md §9), beside the study's recipe, which everything else keeps: the learning
+    rate of the adapter's own parameters (the head trains at `STUDY.lr`, as in the study's scenarios) and, for the
+    low-rank methods, rank, scale (alpha) and dropout. Adapters start at or next to the identity, with a few parameters
+    per layer, and take larger steps than full weights do: LoRA practice trains them at 1e-4..5e-3, IA3 higher."""
+
+    lr: float
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+
+
+ADAPTER_RECIPES = {  # every method of `ledger.records.ADAPTERS`
+    "lora": AdapterRecipe(lr=1e-3, r=8, alpha=16.0, dropout=0.1),
+    "dora": AdapterRecipe(lr=1e-3, r=8, alpha=16.0, dropout=0.1),
+    "ia3": AdapterRecipe(lr=3e-3),
+}
+
+
+def param_groups(model: nn.Module, weight_decay: float, own_lr: Mapping[str, float] | None = None) -> list[dict]:
+    """Two AdamW groups: decayed weights, and biases plus every 1-D parameter (norms) without decay. `own_lr` (parameter
+    name -> learning rate: an adapter's) puts the parameters it names into groups of that rate, after the two."""
+    groups: dict[tuple[float | None, bool], list] = {(None, True): [], (None, False): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = not (param.ndim <= 1 or name.endswith(".bias"))
+        groups.setdefault(((own_lr or {}).get(name), decayed), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0} | ({} if lr is None else {"lr": lr})
+            for (lr, decayed), params in groups.items()]
 
 
 def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int) -> LambdaLR:

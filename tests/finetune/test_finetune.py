@@ -50,12 +50,13 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
 
 def cli_args(cfg: FinetuneConfig) -> list[str]:
     """The `finetune run` options that reproduce `cfg`."""
-    args = ["run", "--backbone", cfg.backbone, "--dataset", cfg.dataset, "--head", cfg.head, "--freeze", cfg.freeze,
-            "--weights", cfg.weights, "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size),
+    args = ["run", "--backbone", cfg.backbone, "--dataset", cfg.dataset, "--head", cfg.head, "--weights", cfg.weights, "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size),
             "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps), "--epochs", str(cfg.epochs),
             "--workers", str(cfg.workers), "--augment" if cfg.augment else "--no-augment", "--head-depth", str(cfg.head_depth),
             "--head-preset", cfg.head_preset, "--norm", cfg.norm, "--head-weights", cfg.head_weights, "--device", cfg.device, "--out", str(cfg.out)]
     args += [a for k, v in cfg.dataset_options.items() for a in ("--opt", f"{k}={v}")]
+    args += [a for flag, v in (("--freeze", cfg.freeze), ("--adapter", cfg.adapter), ("--adapter-lr", cfg.adapter_lr)) if v is not None
+             for a in (flag, str(v))]
     return args + [a for k, v in cfg.overrides.items() for a in ("--override", f"{k}={v}")]
 
 
