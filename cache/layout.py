@@ -16,15 +16,19 @@ from common.errors import MedfmError
 from common.runtime import output_root
 
 
-def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = None, features: Path | None = None) -> Path:
-    """The one complete cache of (backbone, dataset) under the features folder, or `cache` when given."""
+def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = None, features: Path | None = None,
+               backbone_seed: int = 0) -> Path:
+    """The one complete cache of (backbone, dataset) under the features folder, or `cache` when given.
+
+    Caches of null backbones (`extract run --weights random:SEED`, SEED >= 1) are found only when `backbone_seed` names
+    their draw, so they never make the search for the backbone's own cache ambiguous."""
     if cache is not None:
         return Path(cache)
     if not backbone or not dataset:
         raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
     folder = (features or output_root() / "features") / backbone_folder(backbone)
     name = re.compile(rf"^{re.escape(dataset)}-[0-9a-f]{{12}}\.h5$")
-    complete = sorted(p for p in folder.glob(f"{dataset}-*.h5") if name.match(p.name))
+    complete = sorted(p for p in folder.glob(f"{dataset}-*.h5") if name.match(p.name) and weights_seed(p) == backbone_seed)
     partial = sorted(p for p in folder.glob(f"{dataset}-*.h5{PARTIAL_SUFFIX}") if name.match(p.name[: -len(PARTIAL_SUFFIX)]))
     if len(complete) > 1:
         raise MedfmError(f"several caches for backbone {backbone} and dataset {dataset}, extracted with different settings: "
@@ -34,8 +38,18 @@ def find_cache(backbone: str | None, dataset: str | None, cache: Path | None = N
     if partial:
         raise MedfmError(f"the cache {partial[0]} for backbone {backbone} and dataset {dataset} is incomplete; "
                          f"rerun `extract run --backbone {backbone} --dataset {dataset}` with the same settings to finish it")
-    raise MedfmError(f"no cache for backbone {backbone} and dataset {dataset} under {folder}; "
-                     f"run `extract run --backbone {backbone} --dataset {dataset}` first (or pass --cache FILE)")
+    weights = f" --weights random:{backbone_seed}" if backbone_seed else ""
+    raise MedfmError(f"no cache for backbone {backbone}{f' (random draw {backbone_seed})' if backbone_seed else ''} and dataset "
+                     f"{dataset} under {folder}; run `extract run --backbone {backbone} --dataset {dataset}{weights}` first "
+                     "(or pass --cache FILE)")
+
+
+def weights_seed(path: Path) -> int:
+    """Which draw of random weights a cache's features came from (0: the backbone's own weights, or the seed-0 draw)."""
+    try:
+        return int(describe(path)["meta"].get("backbone", {}).get("weights", {}).get("seed", 0))
+    except (OSError, ValueError, TypeError):
+        return 0  # an unreadable file is the reader's to report, with its own message
 
 
 def settings_differences(paths: list[Path]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -55,6 +56,9 @@ def run(
     data: Annotated[Path | None, typer.Option(help="Folder with one folder per dataset in its released layout (--root DATA/<dataset>).",
                                               show_default="none: no --root, as the demo dataset needs")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs of every cell (and the augmented views of a study extraction).")] = 100,
+    null: Annotated[int, typer.Option(help="Null backbones: each backbone's cached cells again on K draws of random weights "
+                                           "(`extract run --weights random:k`, k = 1..K); the report marks every cell that is not "
+                                           "above its backbone's null.")] = 0,
     extract_args: Annotated[str, typer.Option(help="Extra options of every `extract run`, e.g. '--batch-size 128'.", show_default="none")] = "",
     probe_args: Annotated[str, typer.Option(help="Extra options of every `probe sweep`.", show_default="none")] = "",
     finetune_args: Annotated[str, typer.Option(help="Extra options of every `finetune run`, e.g. '--workers 8'.", show_default="none")] = "",
@@ -83,7 +87,7 @@ def run(
         backbones=_names(backbones), datasets=_names(datasets), scenarios=_names(scenarios), seeds=_seeds(seeds), protocol=protocol,
         data_root=str(data.resolve()) if data is not None else None, epochs=epochs, extract_args=_args(extract_args, "--extract-args"),
         probe_args=_args(probe_args, "--probe-args"), finetune_args=_args(finetune_args, "--finetune-args"),
-        overrides=tuple(override or ()), resources=parse_resources(resources or []), output=str(output_root().resolve()),
+        overrides=tuple(override or ()), resources=parse_resources(resources or []), output=str(output_root().resolve()), null=null,
     )
     spec.validate()  # a mistake is one line before the grid's folder is touched
     grid_dir = (grid or output_root() / "grid").resolve()
@@ -139,7 +143,9 @@ def _show(the_plan: Plan, print_commands: bool) -> None:
     """Cells, jobs by kind, estimated GPU-hours by kind and by backbone (and, if asked, every job's command)."""
     spec = the_plan.spec
     console.print(f"grid: {len(the_plan.cells)} cells ({_count(spec.backbones, 'backbone')} x {_count(spec.datasets, 'dataset')} x "
-                  f"{_count(spec.scenarios, 'scenario')} x {_count(spec.seeds, 'seed')}, protocol {spec.protocol}, {spec.epochs} epochs): "
+                  f"{_count(spec.scenarios, 'scenario')} x {_count(spec.seeds, 'seed')}"
+                  + (f", and the cached ones on {_count(range(spec.null), 'null backbone')}" if spec.null else "")
+                  + f", protocol {spec.protocol}, {spec.epochs} epochs): "
                   f"{len(the_plan.done)} done, {len(the_plan.missing)} to run", soft_wrap=True)
     kinds = Counter(job.stage for job in the_plan.jobs)
     console.print(f"jobs: {len(the_plan.jobs)} ({', '.join(f'{kinds[k]} {k}' for k in STAGES)})", soft_wrap=True)
@@ -171,7 +177,7 @@ def _slurm_submit():  # noqa: ANN202 - grid.slurm.submit, typed there
     return slurm.submit
 
 
-def _count(values: tuple, noun: str) -> str:
+def _count(values: Sequence, noun: str) -> str:
     return f"{len(values)} {noun}{'' if len(values) == 1 else 's'}"
 
 

@@ -39,6 +39,7 @@ CARD = Card("A100", 100.0)
 DEIT_HEAD_WIDTH, DEIT_HEAD_DEPTH = 768, 12  # the study's appended DeiT-B head
 LINEAR_ROWS_PER_S = 500_000  # a linear head on cached pooled features: memory-bound, seconds for the largest dataset
 TRAIN_COST = 3  # forward + backward, in forwards
+ADAPTER_TRAIN_COST = 2  # an adapter in a frozen backbone: forward + the backward to the activations, no weight gradients
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,13 @@ def probe_hours(cost: ModelCost | None, dataset: str, heads: tuple[str, ...], ep
     return total
 
 
-def finetune_hours(cost: ModelCost | None, dataset: str, head: str, frozen: bool, epochs: int) -> float | None:
-    """Live images every epoch: a frozen backbone only forwards, an unfrozen one trains; a DeiT head adds its own cost."""
+def finetune_hours(cost: ModelCost | None, dataset: str, head: str, frozen: bool, epochs: int, adapter: bool = False) -> float | None:
+    """Live images every epoch: a frozen backbone only forwards, an unfrozen one trains, one with an adapter trains it
+    through the backbone's activations (its own few FLOPs not counted); a DeiT head adds its own cost."""
     n = sizes(dataset)
     if n is None or cost is None:
         return None
-    backbone = epochs * (n.train * (1 if frozen else TRAIN_COST) + n.val) + n.test
+    passes = 1 if frozen else ADAPTER_TRAIN_COST if adapter else TRAIN_COST
+    backbone = epochs * (n.train * passes + n.val) + n.test
     head_passes = epochs * (n.train * TRAIN_COST + n.val) + n.test if head == "deit" else 0
     return hours(backbone * cost.flops + head_passes * cost.head_flops)

@@ -8,6 +8,7 @@ sweep` after it, and each end-to-end cell as its own `finetune run`. Completed w
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -26,9 +27,12 @@ from grid import estimate
 from grid.jobs import STAGES, Job, Resources, ordered
 from grid.names import check_backbones, expand_backbones
 from grid.state import clear, read_job, read_json, read_state, state_path
+from ledger.records import ADAPTERS
 from ledger.store import Ledger
 
 SCENARIOS = ("frozen-linear", "frozen-deit", "unfrozen-linear", "unfrozen-deit")
+# cells a grid may also hold: an adapter in the frozen backbone, its own recipe (docs/protocol.md §9), never in the default grid
+ADAPTER_SCENARIOS = tuple(f"{method}-{head}" for method in ADAPTERS for head in ("linear", "deit"))
 DEFAULT_RESOURCES = {
     "extract": Resources(gpus=1, cpus=8, mem_gb=32, minutes=240),
     "probe": Resources(gpus=1, cpus=4, mem_gb=32, minutes=120),
@@ -45,11 +49,12 @@ class Cell:
     backbone: str
     dataset: str
     seed: int
+    null: int = 0  # a null backbone's draw of random weights (`--null K`: 1..K), 0 for the backbone itself
 
     @property
     def key(self) -> str:
         """The cell's name in a job's `cells` and in `grid status`."""
-        return f"{self.scenario}/{self.backbone}/{self.dataset}/seed{self.seed}"
+        return f"{self.scenario}/{self.backbone}/{self.dataset}/seed{self.seed}" + (f"/null{self.null}" if self.null else "")
 
     @property
     def head(self) -> str:
@@ -58,6 +63,12 @@ class Cell:
     @property
     def frozen(self) -> bool:
         return self.scenario.startswith("frozen")
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter method of an adapter cell (`lora-linear`: lora), else None."""
+        method = self.scenario.split("-")[0]
+        return method if method in ADAPTERS else None
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class GridSpec:
     overrides: tuple[str, ...] = ()  # backbone constructor KEY=VALUE for extract and finetune (tiny test models)
     resources: dict[str, Resources] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
     output: str = "outputs"  # the stages' $MEDFM_OUTPUT: caches, runs and the ledger
+    null: int = 0  # null backbones: each backbone's cached cells again on K draws of random weights (`--weights random:k`)
 
     def __post_init__(self) -> None:
         """Set words (`study`, `2025`, `medical`) become their rows here, so the spec's file and cells hold only backbones."""
@@ -92,8 +104,8 @@ class GridSpec:
         for name in self.datasets:
             check_dataset(name)
         for name in self.scenarios:
-            if name not in SCENARIOS:
-                raise unknown("scenario", name, SCENARIOS)
+            if name not in SCENARIOS + ADAPTER_SCENARIOS:
+                raise unknown("scenario", name, SCENARIOS + ADAPTER_SCENARIOS)
         if self.protocol == "fast":
             raise MedfmError("--protocol fast is now --protocol medfm (medfm's own rules: frozen cells on one cached eval view), "
                              "the word every stage uses")
@@ -104,12 +116,16 @@ class GridSpec:
                              f"use --protocol medfm for {', '.join(others)}")
         if self.epochs < 1:
             raise MedfmError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.null < 0:
+            raise MedfmError(f"--null is a number of random-weight draws per backbone (0: none), got {self.null}")
         if any(seed < 0 for seed in self.seeds):
             raise MedfmError(f"--seeds must be whole numbers of 0 or more, got {','.join(map(str, self.seeds))}")
         parse_options(list(self.overrides), "--override")
 
     def cells(self) -> list[Cell]:
-        return [Cell(s, b, d, seed) for d in self.datasets for b in self.backbones for s in self.scenarios for seed in self.seeds]
+        """Every cell, then the null backbones' cells: the scenarios trained on a cache, on each draw 1..null."""
+        cells = [Cell(s, b, d, seed) for d in self.datasets for b in self.backbones for s in self.scenarios for seed in self.seeds]
+        return cells + [replace(c, null=k) for k in range(1, self.null + 1) for c in cells if self.on_cache(c)]
 
     def on_cache(self, cell: Cell) -> bool:
         """Trained by `probe` on the extracted cache (else by `finetune` on live images). Under the study's protocol the
@@ -165,25 +181,32 @@ def _protocol(spec: GridSpec) -> list[str]:
     return ["--protocol", "study"] if spec.protocol == "study" else []
 
 
-def extract_job(spec: GridSpec, backbone: str, dataset: str) -> Job:
+def _null(null: int) -> str:
+    return f"-null{null}" if null else ""
+
+
+def extract_job(spec: GridSpec, backbone: str, dataset: str, null: int = 0) -> Job:
+    """The extraction of one cache; of null draw `null` (>= 1), random weights of that draw whatever the stage options say."""
     views = [*_protocol(spec), "--views", str(spec.epochs), "--augment", "study", "--no-tokens"] if spec.protocol == "study" else []
-    return Job(name=f"extract-{backbone_folder(backbone)}-{dataset}", stage="extract",
-               args=("run", *_live(spec, backbone, dataset), *views, *_overrides(spec), *spec.extract_args),
+    weights = ("--weights", f"random:{null}") if null else ()
+    return Job(name=f"extract-{backbone_folder(backbone)}-{dataset}{_null(null)}", stage="extract",
+               args=("run", *_live(spec, backbone, dataset), *views, *_overrides(spec), *spec.extract_args, *weights),
                resources=spec.resources["extract"])
 
 
-def probe_job(spec: GridSpec, backbone: str, dataset: str, cells: list[Cell], after: tuple[str, ...]) -> Job:
+def probe_job(spec: GridSpec, backbone: str, dataset: str, cells: list[Cell], after: tuple[str, ...], null: int = 0) -> Job:
     """The heads of one cache, every seed, in one `probe sweep` (it skips configurations the ledger holds)."""
     heads = ",".join(dict.fromkeys(c.head for c in cells))
     seeds = ",".join(str(s) for s in dict.fromkeys(c.seed for c in cells))
-    return Job(name=f"probe-{backbone_folder(backbone)}-{dataset}", stage="probe",
-               args=("sweep", "--head", heads, "--backbone", backbone, "--dataset", dataset, *_protocol(spec), "--epochs", str(spec.epochs),
-                     "--seed", seeds, *spec.probe_args),
+    draw = ("--backbone-seed", str(null)) if null else ()
+    return Job(name=f"probe-{backbone_folder(backbone)}-{dataset}{_null(null)}", stage="probe",
+               args=("sweep", "--head", heads, "--backbone", backbone, "--dataset", dataset, *draw, *_protocol(spec),
+                     "--epochs", str(spec.epochs), "--seed", seeds, *spec.probe_args),
                after=after, resources=spec.resources["probe"], cells=tuple(c.key for c in cells))
 
 
 def finetune_job(spec: GridSpec, cell: Cell) -> Job:
-    freeze = ["--freeze", "all"] if cell.frozen else []
+    freeze = ["--freeze", "all"] if cell.frozen else ["--adapter", cell.adapter] if cell.adapter else []
     return Job(name=f"finetune-{cell.scenario}-{backbone_folder(cell.backbone)}-{cell.dataset}-s{cell.seed}", stage="finetune",
                args=("run", "--head", cell.head, *freeze, *_live(spec, cell.backbone, cell.dataset), *_protocol(spec),
                      "--epochs", str(spec.epochs), "--resume", "--seed", str(cell.seed), *_overrides(spec), *spec.finetune_args),
@@ -200,13 +223,13 @@ def done_cells(spec: GridSpec, cells: list[Cell]) -> set[str]:
     if not path.exists():
         return set()
     rows = Ledger(path).rows(backbone=list(spec.backbones), dataset=list(spec.datasets), seed=list(spec.seeds))
-    have = {(r.stage, r.scenario, r.backbone, r.dataset, r.seed) for r in rows
+    have = {(r.stage, r.scenario, r.backbone, r.dataset, r.seed, int(r.config.get("backbone_seed", 0))) for r in rows
             if r.config.get("protocol", "medfm") == spec.protocol
             and (r.config.get("epochs") == spec.epochs or r.config.get("solver") == "lbfgs")}
-    return {c.key for c in cells if (spec.stage(c), c.scenario, c.backbone, c.dataset, c.seed) in have}
+    return {c.key for c in cells if (spec.stage(c), c.scenario, c.backbone, c.dataset, c.seed, c.null) in have}
 
 
-def extraction_done(spec: GridSpec, grid_dir: Path, job: Job, backbone: str, dataset: str) -> bool:
+def extraction_done(spec: GridSpec, grid_dir: Path, job: Job, backbone: str, dataset: str, null: int = 0) -> bool:
     """This grid ran this very extraction to its end and its cache is there (found as `probe` finds it), all without
     building a model: a changed command (other settings) or a missing cache means extracting again."""
     if read_state(grid_dir, job.name)["state"] != "done":
@@ -214,7 +237,7 @@ def extraction_done(spec: GridSpec, grid_dir: Path, job: Job, backbone: str, dat
     try:
         if read_job(grid_dir, job.name).args != job.args:
             return False
-        find_cache(backbone, dataset, features=Path(spec.output) / "features")
+        find_cache(backbone, dataset, features=Path(spec.output) / "features", backbone_seed=null)
     except (OSError, MedfmError):
         return False
     return True
@@ -295,19 +318,19 @@ def plan(spec: GridSpec, grid_dir: Path) -> Plan:
     the_plan = Plan(spec, cells, done, [], {})
     jobs, hours = the_plan.jobs, the_plan.hours
     for dataset in spec.datasets:
-        for backbone in spec.backbones:
-            mine = [c for c in cells if c.backbone == backbone and c.dataset == dataset]
+        for backbone, null in itertools.product(spec.backbones, range(spec.null + 1)):
+            mine = [c for c in cells if c.backbone == backbone and c.dataset == dataset and c.null == null]
             on_cache = [c for c in mine if spec.on_cache(c)]
             if any(c.key not in done for c in on_cache):
-                extraction = extract_job(spec, backbone, dataset)
+                extraction = extract_job(spec, backbone, dataset, null)
                 cached = the_plan.cost(backbone, extraction)  # the features the probe reads are the extraction's
                 after: tuple[str, ...] = ()
-                if not extraction_done(spec, grid_dir, extraction, backbone, dataset):
+                if not extraction_done(spec, grid_dir, extraction, backbone, dataset, null):
                     jobs.append(extraction)
                     views = spec.epochs if spec.protocol == "study" else 0
                     hours[extraction.name] = estimate.extraction_hours(cached, dataset, views)
                     after = (extraction.name,)
-                probe = probe_job(spec, backbone, dataset, on_cache, after)
+                probe = probe_job(spec, backbone, dataset, on_cache, after, null)
                 jobs.append(probe)
                 heads = tuple(dict.fromkeys(c.head for c in on_cache))
                 hours[probe.name] = estimate.probe_hours(cached, dataset, heads, spec.epochs, len(spec.seeds))
@@ -315,7 +338,8 @@ def plan(spec: GridSpec, grid_dir: Path) -> Plan:
                 if not spec.on_cache(cell) and cell.key not in done:
                     job = finetune_job(spec, cell)
                     jobs.append(job)
-                    hours[job.name] = estimate.finetune_hours(the_plan.cost(backbone, job), dataset, cell.head, cell.frozen, spec.epochs)
+                    hours[job.name] = estimate.finetune_hours(the_plan.cost(backbone, job), dataset, cell.head, cell.frozen, spec.epochs,
+                                                              adapter=cell.adapter is not None)
     the_plan.jobs = ordered(jobs)
     return the_plan
 

@@ -19,9 +19,11 @@ from cache.fingerprint import canonical_json
 from cache.schema import CacheMeta
 
 STAGES = ("probe", "finetune")
-# The study's four scenarios, frozen|unfrozen x linear|deit, plus partial unfreezing of the last K blocks, and the
-# kNN probe on frozen features (frozen-knn) and CLIP zero-shot on them (zero-shot, `probe/zeroshot.py`).
-SCENARIO = re.compile(r"(frozen|unfrozen|last[1-9][0-9]*)-(linear|deit)|frozen-knn|zero-shot")
+# Parameter-efficient finetuning methods (`training/adapters.py`, docs/protocol.md §9): scenarios <method>-<head>.
+ADAPTERS = ("lora", "dora", "ia3")
+# The study's four scenarios, frozen|unfrozen x linear|deit, plus partial unfreezing of the last K blocks, adapters on a
+# frozen backbone, and the kNN probe on frozen features (frozen-knn) and CLIP zero-shot on them (zero-shot, `probe/zeroshot.py`).
+SCENARIO = re.compile(rf"(frozen|unfrozen|last[1-9][0-9]*|{'|'.join(ADAPTERS)})-(linear|deit)|frozen-knn|zero-shot")
 # Loaders of your own data: their name alone does not say which images, so a label carries a content tag.
 OWN_DATA = ("imagefolder", "csv", "medmnist")
 LATE_FRACTION = 10  # a best epoch in the last tenth of the epochs: perhaps not converged
@@ -141,6 +143,11 @@ class RunRecord:
         protocol = str(self.config.get("protocol", "medfm"))
         views = int(self.config.get("views", 0) or 0)
         return f"{protocol}, {views} augmented views" if views and protocol != "study" else protocol
+
+    @property
+    def null_draw(self) -> int:
+        """The random-weight draw of a null backbone's run (`extract run --weights random:k`, k >= 1); 0 for any other."""
+        return int(self.config.get("backbone_seed", 0) or 0)
 
     @property
     def computed(self) -> str:

@@ -4,8 +4,10 @@ A probe run trained its head on cached features, so its cache's meta says how th
 (identity and sha256), the constructor overrides, the transform, the precision, the token dtype and the protocol. The
 backbone is rebuilt from those with extract's `create_backbone`, run as extraction runs it (`BackboneForward`, the same
 autocast), and its feature is rounded to the dtype the cache stored before the head (`head.pt`) sees it, so an image
-gets the logits its cached row got. A finetune run's `best.pt` holds backbone and head together; its transform comes
-from its recorded input settings through `extract.inputs.input_spec`, and it runs in fp32, as its test split was scored.
+gets the logits its cached row got. A finetune run's `best.pt` holds backbone and head together (an adapter run's, only
+the adapter and the head: they go onto its base weights, found as a probe's are, or its seeded random start, and are
+merged into them, `training.adapters`); its transform comes from its recorded input settings through
+`extract.inputs.input_spec`, and it runs in fp32, as its test split was scored.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from extract.transforms import TransformSpec
 from ledger.records import RunRecord
 from ledger.runs import RunConfig
 from ledger.store import Ledger
+from training.adapters import load_adapter, merge_adapter
 from training.heads import REGISTRY as HEADS
 from training.heads import build_head
 
@@ -66,9 +69,9 @@ def load_run_model(record: RunRecord, config: RunConfig, images: DatasetSource, 
                    weights: str | None = None) -> RunModel:
     """The run's model on `device`, for `images`; `weights` replaces the backbone weights a probe's cache names (a file needs it)."""
     if record.stage == "finetune":
-        if weights is not None:
+        if weights is not None and not config.config.get("adapter"):
             raise MedfmError(f"run {record.id} was finetuned: its backbone's weights are its own (best.pt); leave out --weights")
-        return _finetune_model(record, config, images, device)
+        return _finetune_model(record, config, images, device, weights)
     return _probe_model(record, config, device, weights)
 
 
@@ -109,20 +112,27 @@ def _probe_model(record: RunRecord, config: RunConfig, device: torch.device, wei
     return RunModel(record, config.task_spec, transform, _scored(lambda images: head(feature(images))))
 
 
-def _finetune_model(record: RunRecord, config: RunConfig, images: DatasetSource, device: torch.device) -> RunModel:
+def _finetune_model(record: RunRecord, config: RunConfig, images: DatasetSource, device: torch.device,
+                    weights: str | None) -> RunModel:
     c = config.config
     best = Path(record.run_dir or "") / "best.pt"
     if not best.is_file():
         raise MedfmError(f"run {record.id}: its weights ({best}) are missing; finish or retrain it with `finetune run`")
     what = f"run {record.id} (finetuned {record.backbone})"
-    backbone = _backbone(c["backbone"], ResolvedWeights("random", None, None), what, image_size=c.get("image_size"),
-                         in_chans=c.get("in_chans", 3), protocol=c.get("protocol", "medfm"), **c.get("overrides", {}))
+    base = _weights(c, weights, what) if c.get("adapter") else ResolvedWeights("random", None, None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(record.seed)  # a random base is the run's seeded start, as finetune seeds it
+        backbone = _backbone(c["backbone"], base, what, image_size=c.get("image_size"), in_chans=c.get("in_chans", 3),
+                             protocol=c.get("protocol", "medfm"), **c.get("overrides", {}))
     reads = HEADS.get(c["head"]).reads
     row_shape = (backbone.pooled_dim,) if reads == "pooled" else backbone.token_shape()
-    state = load_state_dict(best)  # backbone and head, as `finetune.model.FinetuneModel` holds them
-    backbone.load_state_dict(take_prefix(state, "backbone."))
     head = _head(c["head"], config, row_shape, None, device)
-    head.load_state_dict(take_prefix(state, "head."))
+    if c.get("adapter"):
+        merge_adapter(load_adapter(nn.ModuleDict({"backbone": backbone, "head": head}), best))
+    else:
+        state = load_state_dict(best)  # backbone and head, as `finetune.model.FinetuneModel` holds them
+        backbone.load_state_dict(take_prefix(state, "backbone."))
+        head.load_state_dict(take_prefix(state, "head."))
     norm, interpolation = c.get("norm", "model"), c.get("interpolation", "model")
     # per-dataset statistics (--norm dataset|study) are recomputed from the training data, as the run computed them
     source = images if norm == "model" else get_dataset(c["dataset"], c.get("root"), **c.get("dataset_options", {}))
@@ -137,7 +147,7 @@ def _weights(settings: dict[str, Any], weights: str | None, what: str) -> Resolv
     identity = settings.get("weights") or {}
     spec = _spec(settings["backbone"], what)
     if weights is None and identity.get("kind") == "random":
-        return ResolvedWeights("random", None, None)
+        return ResolvedWeights("random", None, None, seed=int(identity.get("seed", 0)))  # the same draw as the cache's
     if weights is None and identity.get("kind") == "file":
         raise MedfmError(f"{what} was extracted with the weights file {identity.get('file')}; pass it with --weights PATH")
     try:

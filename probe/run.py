@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from cache.layout import backbone_folder
-from cache.schema import check_protocol
+from cache.schema import CacheMeta, check_protocol
 from cache.store import CacheReader
 from common.errors import MedfmError
 from common.locks import FileLock, acquire
@@ -38,6 +38,8 @@ from scoring.health import Health
 from training.record import record_run
 from training.tensorboard import add_epoch, scalar_writer
 
+MAX_SEED = 2**32 - 1  # what every random generator the heads use takes (numpy's legacy seed is the narrowest)
+
 
 def validate(config: TrainConfig) -> None:
     """Bad values are user errors, said before any work starts."""
@@ -57,6 +59,8 @@ def validate(config: TrainConfig) -> None:
         (config.warmup_steps is None or config.warmup_steps >= 0, f"--warmup-steps must be non-negative, got {config.warmup_steps}"),
         (config.patience is None or config.patience >= 1, f"--patience must be at least 1, got {config.patience}"),
         (config.grad_clip is None or 0 < config.grad_clip < math.inf, f"--grad-clip must be a positive number (0: none), got {config.grad_clip}"),
+        (0 <= config.seed <= MAX_SEED, f"a head seed (--seed, --seeds) must be a whole number from 0 to {MAX_SEED}, got {config.seed}"),
+        (0 <= config.data_seed <= MAX_SEED, f"--data-seed must be a whole number from 0 to {MAX_SEED}, got {config.data_seed}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -185,6 +189,13 @@ def _score(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
+def null_draw(meta: CacheMeta) -> dict[str, int]:
+    """`{"backbone_seed": K}` for features of a null backbone (random weights, draw K >= 1), which the report sets apart
+    as the null its cells must beat; {} otherwise, so other runs' configs are as they were."""
+    seed = int(meta.backbone.weights.get("seed", 0) or 0)
+    return {"backbone_seed": seed} if seed else {}
+
+
 def _rows_per_s(reader: CacheReader, result: FitResult, train_ids: np.ndarray | None) -> float | None:
     """Train rows the head read per second of training: its epochs (an lbfgs fit: its evaluations of the objective over
     every C) x its train rows / its train seconds."""
@@ -226,7 +237,7 @@ def save_run(reader: CacheReader, result: FitResult, key: str, ledger: Ledger, t
     late = trains and late_best(result.best_epoch, config.epochs)
     record = RunRecord(
         stage="probe", scenario=scenario(config.head), backbone=backbone, dataset=dataset, head=config.head,
-        config={**config.to_dict(), "head_init": result.head_init}, config_key=key, cache_fingerprint=reader.fingerprint,
+        config={**config.to_dict(), "head_init": result.head_init, **null_draw(meta)}, config_key=key, cache_fingerprint=reader.fingerprint,
         seed=config.seed, primary_metric=task.primary_metric, val_score=result.val_score,
         test_metrics=result.test_metrics, test_primary=float(result.test_metrics[task.primary_metric]),
         backbone_random=meta.backbone.random_weights, head_random=result.head_init == "random", train_seconds=result.train_seconds,

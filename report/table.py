@@ -62,6 +62,7 @@ import pandas as pd
 from common.errors import MedfmError
 from common.runtime import device_kind
 from common.study import (  # the study appends its DeiT classifier to the foundation models only
+    BACKBONE_SETS,
     IMAGENET_BACKBONES,
     STUDY_BACKBONES,
 )
@@ -90,6 +91,9 @@ INPUTS_NOTE = ("inputs: the row's backbone was fed this dataset differently from
                "holds equal (image size, channels, normalisation kind; the CSV's inputs_differ says how): the gap may be the "
                "preparation's, not the backbone's. Each backbone's own resize and own statistics under --norm model are its "
                "pipeline and are not marked.")
+NULL_NOTE = ("not above null: the cell's score (its interval's low end, with --ci) does not exceed the best of the same heads "
+             "on random-weight draws of its backbone (`grid run --null K`, `extract run --weights random:k`): features that "
+             "learned nothing from pretraining would score as well.")
 EXTENSION_NOTE = ("extension: no counterpart in the study (a DeiT head on an ImageNet backbone, partial unfreezing, a kNN probe, or a "
                   "backbone outside its eight).")
 
@@ -147,13 +151,23 @@ class Report:
     total_cost: dict[str, float] = field(default_factory=dict)  # `cost_of` every run of the report
     evaluations: EvaluationTables | None = None  # the robustness and transfer tables of `probe eval` scores
     differ: dict[tuple, str] = field(default_factory=dict)  # (row key, column label) -> how its inputs differ (`inputs_differ`)
+    nulls: dict[tuple, list[float]] = field(default_factory=dict)  # (row key, column label) -> its null draws' scores (`add_nulls`)
 
     def marks(self, key: tuple, label: str) -> list[str]:
         """`collapsed` / `chance` when any of the cell's chosen runs was flagged so (`scoring.health`); `inputs` when its
         row was fed differently from the column's other rows in what the study holds equal (`inputs_differ`)."""
         runs = self.chosen.get((key, label), [])
         flags = [flag for flag in ("collapsed", "chance") if any(getattr(r, flag) for r in runs)]
-        return flags + ["inputs"] * ((key, label) in self.differ)
+        return flags + ["inputs"] * ((key, label) in self.differ) + ["not above null"] * (self.above_null(key, label) is False)
+
+    def above_null(self, key: tuple, label: str) -> bool | None:
+        """Whether the cell beats every null draw of its backbone (its interval's low end, when computed); None without nulls."""
+        null = self.nulls.get((key, label))
+        if not null:
+            return None
+        found = self.intervals.get((key, label))
+        score = found.low if found is not None else self.table.loc[key, label]
+        return bool(np.isfinite(score) and score > max(null))
 
     def cell(self, key: tuple, label: str) -> str:
         """A cell as a reader sees it: `0.9375 (n=3)`, with its interval `0.9375 [0.9100, 0.9600] (n=3)` when computed,
@@ -183,8 +197,11 @@ def row_key(record: RunRecord) -> tuple:
 
 
 def build_report(records: list[RunRecord], partial: bool = False, names: dict[str, str] | None = None) -> Report:
-    """One cell per (row key, column): the best-validation configuration's mean test score over its seeds."""
+    """One cell per (row key, column): the best-validation configuration's mean test score over its seeds. Runs on null
+    backbones (random-weight draws, `RunRecord.null_draw`) are no rows of their own: they are each cell's null (`nulls`)."""
     records = _latest(records)
+    null_runs = [r for r in records if r.null_draw]
+    records = [r for r in records if not r.null_draw]
     columns = _columns(records, names or {})
     column_of = {(c.dataset_id, c.metric): c for c in columns}  # dataset_id: the data (`RunRecord.data_id`)
     groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
@@ -223,11 +240,47 @@ def build_report(records: list[RunRecord], partial: bool = False, names: dict[st
     }
     for key, info in rows.items():
         info.label = row_label(key, info)
-    order = table.sort_values(GAIN, na_position="last").index if keys else table.index
+    order = _in_set_order(table) if keys else table.index
     metrics = {c.label: c.metric for c in columns}
     costs = {key: cost_of([r for (k, _), runs in chosen_runs.items() if k == key for r in runs]) for key in keys}
     return Report(table.loc[order], metrics, len(records), {}, seeds.loc[order], late.loc[order], rows, columns, partial,
-                  std=std.loc[order], chosen=chosen_runs, costs=costs, total_cost=cost_of(records), differ=inputs_differ(chosen_runs))
+                  std=std.loc[order], chosen=chosen_runs, costs=costs, total_cost=cost_of(records), differ=inputs_differ(chosen_runs),
+                  nulls=nulls(null_runs, list(chosen_runs), column_of))
+
+
+def backbone_set(backbone: str) -> str:
+    """Which set a backbone belongs to (`common.study.BACKBONE_SETS`: study, 2025, medical), or `other` (any other name)."""
+    return next((name for name, members in BACKBONE_SETS.items() if backbone in members), "other")
+
+
+def _in_set_order(table: pd.DataFrame) -> pd.Index:
+    """Rows grouped by backbone set (the study's first, then 2025, medical, others), by gain within a set."""
+    sets = list(BACKBONE_SETS) + ["other"]
+    ranked = table.assign(_set=[sets.index(backbone_set(key[0])) for key in table.index])
+    return ranked.sort_values(["_set", GAIN], na_position="last").index
+
+
+def nulls(null_runs: list[RunRecord], cells: list[tuple], column_of: dict[tuple, Column]) -> dict[tuple, list[float]]:
+    """Each cell's null: per random-weight draw of its backbone, the same scenario on the same data, the mean test score of
+    the draw's best-validation configuration (the rule every cell follows)."""
+    draws: dict[tuple, dict[int, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in null_runs:
+        column = column_of.get((r.data_id, r.primary_metric))
+        if column is not None:
+            draws[(_null_key(row_key(r)), column.label)][r.null_draw].append(r)
+    found = {}
+    for key, label in cells:
+        by_draw = draws.get((_null_key(key), label), {})
+        scores = [mean_score([r.test_primary for r in best_configuration(runs)]) for runs in by_draw.values()]
+        if scores:
+            found[(key, label)] = scores
+    return found
+
+
+def _null_key(key: tuple) -> tuple:
+    """A row key without its weights: the backbone's cells and its null draws' share it."""
+    backbone, scenario, stage, _random, head_random, protocol = key
+    return backbone, scenario, stage, head_random, protocol
 
 
 COST_KINDS = ("GPU", "CPU")
@@ -680,10 +733,14 @@ def to_csv(report: Report) -> pd.DataFrame:
             line[f"{c.label} n"] = int(report.seeds.loc[key, c.label])
             line[f"{c.label} std"] = report.std.loc[key, c.label]
             line.update(_interval_fields(report, key, c.label))
+            if report.nulls:
+                null = report.nulls.get((key, c.label))
+                line[f"{c.label} null best"] = max(null) if null else math.nan
+                line[f"{c.label} above null"] = report.above_null(key, c.label)
         line[AVERAGE], line[GAIN] = report.table.loc[key, AVERAGE], report.table.loc[key, GAIN]
         for name in (AVERAGE, GAIN):
             line.update(_interval_fields(report, key, name))
-        line.update(dict(zip(ROW_KEY, key, strict=True)))
+        line.update(dict(zip(ROW_KEY, key, strict=True)), set=backbone_set(key[0]))
         cost = report.costs.get(key, {})
         line.update({f"cost {kind}-h": cost.get(kind, 0.0) / 3600 for kind in COST_KINDS})
         line["cost unrecorded"] = int(cost.get("unrecorded", 0))
@@ -731,6 +788,9 @@ def notes(report: Report) -> list[str]:
         out.append(HEALTH_NOTE)
     if report.differ:
         out.append(INPUTS_NOTE)
+    if report.nulls:
+        draws = sorted({len(scores) for scores in report.nulls.values()})
+        out.append(f"{NULL_NOTE} Null draws per cell: {', '.join(map(str, draws))}.")
     if any(key[5] != DEFAULT_PROTOCOL for key in report.table.index):
         out.append("Rows of another protocol than medfm's (e.g. the study's) are compared only with their own baseline.")
     out += interval_notes(report)

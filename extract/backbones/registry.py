@@ -73,7 +73,7 @@ def create_backbone(
     # Random weights are seeded: the same settings give the same model in every process, so a resumed
     # or repeated extraction with `--weights random` stays consistent with its fingerprint.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
+        torch.manual_seed(RANDOM_INIT_SEED + resolved.seed)  # `--weights random:SEED`: another draw, a null backbone
         model = spec.build(resolved.path, image_size=image_size, protocol=protocol, **overrides)
     if in_chans == 1:
         model.use_one_channel()

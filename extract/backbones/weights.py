@@ -25,6 +25,7 @@ class ResolvedWeights:
     path: Path | None
     sha256: str | None
     architecture: str | None = None  # sha256 of the model's config where the name alone does not fix it (hf: folders)
+    seed: int = 0  # random weights: which draw (`--weights random:SEED`); seeds 1.. are the report's null backbones
 
     @property
     def random(self) -> bool:
@@ -33,6 +34,7 @@ class ResolvedWeights:
     @property
     def identity(self) -> dict[str, str | None]:
         identity = {"kind": self.kind, "file": self.path.name if self.path else None, "sha256": self.sha256}
+        identity |= {"seed": self.seed} if self.seed else {}  # seed 0 unsaid: the fingerprints of earlier caches keep
         return identity | ({"architecture": self.architecture} if self.architecture else {})
 
 
@@ -66,7 +68,7 @@ def missing_weights_message(spec: BackboneSpec) -> str:
 
 
 def resolve_weights(spec: BackboneSpec, weights: str, warn: Callable[[str], object] | None = None) -> ResolvedWeights:
-    """`default` | `random` | `auto` | PATH -> the file to load (and its sha256), or a clear error.
+    """`default` | `random[:SEED]` | `auto` | PATH -> the file to load (and its sha256), or a clear error.
 
     `auto` means the official weights when present, else random weights, announced loudly through `warn`.
     A spec whose name does not fix its architecture (`extra["architecture"]`) adds it to the identity.
@@ -87,8 +89,8 @@ def _resolve_weights(spec: BackboneSpec, weights: str, warn: Callable[[str], obj
         warn(f"[bold red]WARNING: RANDOM WEIGHTS for {spec.name}[/]: {missing_weights_message(spec)}. "
                         "Scores from these features say nothing about the pretrained model.")
         return ResolvedWeights("random", None, None)
-    if weights == "random":
-        return ResolvedWeights("random", None, None)
+    if weights == "random" or weights.startswith("random:"):
+        return ResolvedWeights("random", None, None, seed=random_seed(weights))
     if weights == "default":
         path = find_default_weights(spec)
         if path is None:
@@ -98,6 +100,14 @@ def _resolve_weights(spec: BackboneSpec, weights: str, warn: Callable[[str], obj
     if not path.exists():
         raise MedfmError(f"weights file {path} does not exist; pass default, random or an existing path")
     return ResolvedWeights("file", path, sha256_file(path))
+
+
+def random_seed(weights: str) -> int:
+    """`random` -> 0, `random:3` -> 3: which draw of random weights (a null backbone of the same architecture)."""
+    text = weights.partition(":")[2] or "0"
+    if not text.isascii() or not text.isdigit():
+        raise MedfmError(f"--weights random:SEED takes a whole number of 0 or more, got '{weights}'")
+    return int(text)
 
 
 def take_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -107,3 +107,30 @@ def test_default_weights_are_found_in_the_weights_folder(monkeypatch: pytest.Mon
     monkeypatch.setenv("MEDFM_WEIGHTS_DIR", str(tmp_path))
     model = create_backbone("seem", **TINY["seem"][0])
     assert model.weights.kind == "pretrained" and model.weights.path == tmp_path / "seem_focalt_v0.pt"
+
+
+def test_random_weights_of_another_draw_are_another_model_with_its_own_identity() -> None:
+    from extract.backbones.registry import get_spec
+    from extract.backbones.weights import resolve_weights
+
+    spec = get_spec("deit")
+    assert resolve_weights(spec, "random").identity == {"kind": "random", "file": None, "sha256": None}  # as before the draws
+    assert resolve_weights(spec, "random:3").identity["seed"] == 3
+    first, again, other = (create_backbone("deit", w, image_size=32, **TINY_VIT) for w in ("random", "random:0", "random:1"))
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(first.forward_layers(x, [0])[0].pooled, again.forward_layers(x, [0])[0].pooled)
+    assert not torch.allclose(first.forward_layers(x, [0])[0].pooled, other.forward_layers(x, [0])[0].pooled)
+    with pytest.raises(MedfmError, match="random:SEED takes a whole number"):
+        resolve_weights(spec, "random:-1")
+
+
+def test_a_null_draws_cache_is_found_only_when_its_draw_is_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cache.layout import find_cache
+    from tests.probe.caches import make_cache
+
+    monkeypatch.setenv("MEDFM_OUTPUT", str(tmp_path))
+    own = make_cache(tmp_path / "features" / "deit" / "demo-aaaaaaaaaaaa.h5", tokens=None)
+    null = make_cache(tmp_path / "features" / "deit" / "demo-bbbbbbbbbbbb.h5", tokens=None, weights={"kind": "random", "seed": 1})
+    assert find_cache("deit", "demo") == own and find_cache("deit", "demo", backbone_seed=1) == null
+    with pytest.raises(MedfmError, match=r"random draw 2.*--weights random:2"):
+        find_cache("deit", "demo", backbone_seed=2)

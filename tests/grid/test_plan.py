@@ -12,6 +12,7 @@ import pytest
 
 from common.errors import MedfmError
 from common.study import MEDICAL_BACKBONES, MODERN_BACKBONES, STUDY_BACKBONES
+from grid import estimate
 from grid.jobs import Resources
 from grid.plan import GridSpec, check_not_running, parse_resources, plan, reset_ended
 from grid.state import mark, read_state, write_jobs
@@ -165,3 +166,42 @@ def test_set_words_stand_for_their_rows_mixed_with_names_each_backbone_once_in_o
     assert s.backbones == ("deit", *MODERN_BACKBONES, *(b for b in STUDY_BACKBONES if b != "deit"), "timm:vit_small_patch16_224",
                            *MEDICAL_BACKBONES)
     assert GridSpec.from_json(s.to_json()) == s  # the spec's file holds the rows, never a set word
+
+
+def test_null_backbones_add_the_cached_cells_on_random_draws_each_with_its_own_extraction_and_sweep(tmp_path: Path) -> None:
+    s = spec(tmp_path, backbones=("deit",), datasets=("aptos2019",), scenarios=("frozen-linear", "unfrozen-linear"), null=2)
+    p = plan(s, tmp_path / "grid")
+    assert sorted(c.key for c in p.cells if c.null) == ["frozen-linear/deit/aptos2019/seed0/null1", "frozen-linear/deit/aptos2019/seed0/null2"]
+    cmds = commands(p.jobs)
+    assert sum("--weights random:1" in c and c.startswith("extract") for c in cmds) == 1
+    assert sum("--backbone-seed 2" in c and c.startswith("probe sweep") for c in cmds) == 1
+    assert not any("--weights random" in c for c in cmds if "finetune" in c)  # only cached cells have a null
+    ledger = Ledger(Path(s.output) / "runs" / "results.sqlite")
+    ledger.add(RunRecord(stage="probe", scenario="frozen-linear", backbone="deit", dataset="aptos2019", head="linear",
+                         config={"protocol": s.protocol, "epochs": s.epochs, "backbone_seed": 1}, config_key="null1",
+                         cache_fingerprint=None, seed=0, primary_metric="accuracy", val_score=1.0, test_metrics={},
+                         test_primary=1.0, backbone_random=True))
+    p = plan(s, tmp_path / "grid")
+    assert p.done == {"frozen-linear/deit/aptos2019/seed0/null1"}  # a null draw's run is its own cell, not the backbone's
+    assert not any(job.name.endswith("-null1") for job in p.jobs)
+    with pytest.raises(MedfmError, match="--null is a number of random-weight draws"):
+        plan(replace(s, null=-1), tmp_path / "grid")
+
+
+def test_adapter_scenarios_are_finetune_cells_of_their_own_estimated_below_full_finetuning(tmp_path: Path) -> None:
+    """`--scenarios lora-linear,...` (docs/protocol.md §9): each cell one `finetune run --adapter`, never in the default grid;
+    an adapter trains through the frozen backbone's activations, no weight gradients: 2 forwards an image, not 3."""
+    s = spec(tmp_path, backbones=("deit",), datasets=("aptos2019",), scenarios=("lora-linear", "unfrozen-linear", "ia3-deit"))
+    p = plan(s, tmp_path / "grid")
+    live = f"--backbone deit --dataset aptos2019 --root /data/aptos2019 {LIVE} --protocol study --epochs 100 --resume --seed 0"
+    assert commands(p.jobs) == [f"finetune run --head linear --adapter lora {live}", f"finetune run --head linear {live}",
+                                f"finetune run --head deit --adapter ia3 {live}"]
+    lora, full, ia3 = (p.hours[job.name] for job in p.jobs)
+    assert 0 < lora < full and ia3 > lora  # the DeiT head's own passes on top
+    n, flops = estimate.SPLIT_SIZES["aptos2019"], p.costs["deit"].flops
+    assert lora == pytest.approx((100 * (2 * n.train + n.val) + n.test) * flops / estimate.CARD.flops_per_s / 3600)
+    assert "lora-linear" not in GridSpec().scenarios
+    add_runs(s, ("finetune", "lora-linear", "deit", "aptos2019"))
+    assert [c.scenario for c in plan(s, tmp_path / "grid").missing] == ["unfrozen-linear", "ia3-deit"]  # a ledger row is a done cell
+    with pytest.raises(MedfmError, match="unknown scenario 'lora-knn'; choose one of: frozen-linear, .*, lora-linear, lora-deit, dora"):
+        plan(replace(s, scenarios=("lora-knn",)), tmp_path / "grid")

@@ -18,9 +18,10 @@ def make_cache(
     path: Path, *, rows: dict[str, int] | None = None, pooled_dim: int = 16, tokens: tuple[int, int] | None = (9, 8),
     task: Task | None = None, backbone: str = "deit", dataset: str = "demo", random_weights: bool = True,
     seed: int = 0, separation: float = 3.0, extra_layers: tuple[int, ...] = (), offset: float = 0.0, scale: float = 1.0,
-    settings: dict | None = None,
+    settings: dict | None = None, weights: dict | None = None,
 ) -> Path:
-    """A complete cache whose features carry the label (linearly separable up to noise), written by CacheWriter."""
+    """A complete cache whose features carry the label (linearly separable up to noise), written by CacheWriter; `weights`
+    is the backbone's weights identity (`--weights random:3`: {"kind": "random", "seed": 3})."""
     rows = rows or {"train": 144, "val": 48, "test": 48}
     task = task or MULTICLASS
     rng = np.random.default_rng(seed)
@@ -38,7 +39,7 @@ def make_cache(
         y[: min(n, n_classes)] = np.arange(min(n, n_classes))  # every class present in every split
         labels[split] = (rng.random((n, n_classes)) < 0.5).astype(np.float32) if task.kind == "multilabel" else y
         plan[split] = SplitPlan([f"{split}-{i}" for i in range(n)], labels[split], features)
-    meta = CacheMeta(BackboneInfo(backbone, random_weights=random_weights), DatasetInfo(dataset), task,
+    meta = CacheMeta(BackboneInfo(backbone, random_weights=random_weights, weights=weights or {}), DatasetInfo(dataset), task,
                      layers=tuple(layers), num_layers=12, settings=settings or {})
     writer = CacheWriter.open(path, meta, plan)
     for split, n in rows.items():
