@@ -10,6 +10,9 @@ Layout of one file::
     /<split>/<feature>   [N, ...] e.g. pooled [N, D] float32, tokens [N, T, D] float16,
                          pooled@4 / tokens@4 for extra layers; chunked along N
     /<split>/crc32/<feature>  [N] uint32, the CRC-32 of each stored row, computed as the row is written
+    /<split>/scale/<feature>  [N, ...] float32, with an int8 feature (`extract run --token-dtype int8`): one scale per
+                         vector along its last axis (per token), value = int8 * scale (`dequantize`); its rows have
+                         their CRC-32 in /<split>/crc32/scale/<feature> like any array
     /train+view<v>/...   augmented train view v (`extract --views K`): the same ids and labels as train, its
                          own features, rows mark and checksums, so each view resumes on its own and reading
                          one view is a contiguous slice
@@ -81,7 +84,20 @@ class FeatureSpec:
     """One stored feature array: per-row shape and dtype."""
 
     shape: tuple[int, ...]
-    dtype: str  # "float32" | "float16"
+    dtype: str  # "float32" | "float16" | "int8" (with its scale array, `scale_key`) | "uint8" (an image cache's pixels)
+
+
+SCALE_GROUP = "scale"  # <split>/scale/<feature>: the scales of an int8 feature
+
+
+def scale_key(feature: str) -> str:
+    """Where the scales of int8 array `feature` are stored, read and checksummed like any array of the split."""
+    return f"{SCALE_GROUP}/{feature}"
+
+
+def dequantize(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """int8 rows [N, ..., D] times their scales [N, ...] (one per vector along the last axis), as float32."""
+    return values.astype(np.float32) * scales[..., None]
 
 
 @dataclass(frozen=True)
@@ -376,6 +392,14 @@ def _set_meta(file: h5py.File, text: str) -> None:
     file.attrs["meta_sha256"] = meta_digest(text)
 
 
+def _smaller(plan: dict[str, SplitPlan]) -> str:
+    """How to plan a smaller file: fewer arrays for a feature cache, a smaller resize for an image cache (`extract images`)."""
+    names = {name for split in plan.values() for name in split.features}
+    if "pixels" in names:
+        return "store smaller images (a smaller --resize)"
+    return "store fewer arrays (--no-tokens)" if any(name.startswith("tokens") for name in names) else "store fewer blocks (--layers)"
+
+
 def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, SplitPlan],
             sources: SourceFiles | None = None) -> h5py.File:
     """A new partial file with every array allocated and its disk space reserved, or one clear line when it cannot fit."""
@@ -383,7 +407,7 @@ def _create(partial: Path, fingerprint: str, meta: CacheMeta, plan: dict[str, Sp
     need, free = planned_bytes(plan) + (sources.nbytes() if sources else 0), shutil.disk_usage(partial.parent).free
     if need > free:
         raise MedfmError(f"{partial.name[: -len(PARTIAL_SUFFIX)]} needs {need / 2**20:.1f} MiB but {partial.parent} has "
-                         f"{free / 2**20:.1f} MiB free; free space, store fewer arrays (--no-tokens) or pass --out on a larger disk")
+                         f"{free / 2**20:.1f} MiB free; free space, {_smaller(plan)} or pass --out on a larger disk")
     file = h5py.File(partial, "w")
     try:
         file.attrs["schema_version"] = SCHEMA_VERSION
@@ -573,8 +597,7 @@ class CacheReader:
             raise MedfmError(f"cache {path}: {READER_WORDS[problem]}; remove it with `cache rm {path}` and extract again")
         for split in groups(self._file):
             group = self._file[split]
-            arrays = [k for k in group if k not in _NOT_FEATURES]
-            if "crc32" not in group or any(name not in group["crc32"] for name in arrays):
+            if "crc32" not in group or any(name not in group["crc32"] for name in _arrays(group)):
                 raise MedfmError(f"cache {path} has no checksums for {split}; remove it with `cache rm {path}` and extract again")
 
     @property
@@ -612,6 +635,14 @@ class CacheReader:
     def feature_names(self, split: str = "train") -> list[str]:
         return [k for k in self._file[split] if k not in _NOT_FEATURES]
 
+    def stored_arrays(self, split: str) -> list[str]:
+        """Every row array of `split`: its features, then the scales of its int8 features (`scale_key`)."""
+        return _arrays(self._file[split])
+
+    def scales(self, split: str, name: str) -> str | None:
+        """The array holding the scales of feature `name` of `split` when it is stored as int8, else None."""
+        return scale_key(name) if scale_key(name) in self._file[split] else None
+
     def valid(self, split: str) -> np.ndarray:
         return self._checked(split, "valid", self._file[split]["valid"][:])
 
@@ -633,8 +664,10 @@ class CacheReader:
         return self._checked(split, "labels", self._file[split]["labels"][:])[self.valid(split)]
 
     def features(self, split: str, name: str = "pooled") -> np.ndarray:
-        """The whole feature array of the valid rows, in RAM."""
+        """The whole feature array of the valid rows, in RAM; an int8 one dequantized (float32)."""
         data = self.read_rows(split, name, 0, len(self._dataset(split, name)))
+        if (scale := self.scales(split, name)) is not None:
+            data = dequantize(data, self.read_rows(split, scale, 0, len(data)))
         valid = self.valid(split)
         return data if valid.all() else data[valid]
 
@@ -762,7 +795,12 @@ class CacheReader:
         self.close()
 
 
-_NOT_FEATURES = ("ids", "labels", "valid", "crc32", META_GROUP)
+_NOT_FEATURES = ("ids", "labels", "valid", "crc32", META_GROUP, SCALE_GROUP)
+
+
+def _arrays(group: h5py.Group) -> list[str]:
+    """A split's row arrays, each with a checksum per row: its features, then its int8 features' scales."""
+    return [k for k in group if k not in _NOT_FEATURES] + [scale_key(k) for k in group.get(SCALE_GROUP, {})]
 CHECK_BYTES = 1 << 20  # `read_rows` copies then checks this many bytes of rows at a time: they are still in the CPU cache
 
 
@@ -854,7 +892,7 @@ def join_shards(shards: Sequence[Path], path: Path, meta: CacheMeta, plan: dict[
                 skipped += part.meta.skipped
                 seconds, device = seconds + part.meta.extract_seconds, device or part.meta.extract_device  # device-seconds
                 for split in part.groups:
-                    names = part.feature_names(split)
+                    names = part.stored_arrays(split)
                     n, valid = len(part.dataset(split, names[0])), part.valid(split)
                     step = min(chunk_rows(part.dataset(split, name).shape[1:], str(part.dataset(split, name).dtype), max(n, 1)) for name in names)
                     for start in range(0, n, step):
@@ -878,10 +916,11 @@ def describe(path: Path) -> dict[str, Any]:
     with h5py.File(path, "r") as file:
         meta = json.loads(file.attrs.get("meta", "{}"))
         rows = {s: (int(file[s].attrs["rows"]), int(file[s].attrs["n"])) for s in groups(file)}
-        features = {}
+        features, quantized = {}, {}
         for s in SPLITS:
             if s in file:
                 features = {k: (tuple(file[s][k].shape[1:]), str(file[s][k].dtype)) for k in file[s] if k not in _NOT_FEATURES}
+                quantized = {k: f"int8, one float32 scale per vector of its last axis ({scale_key(k)})" for k in file[s].get(SCALE_GROUP, {})}
                 break
         return {
             "path": str(path),
@@ -890,6 +929,7 @@ def describe(path: Path) -> dict[str, Any]:
             "schema_version": int(file.attrs.get("schema_version", -1)),
             "rows": rows,
             "features": features,
+            **({"quantized": quantized} if quantized else {}),
             "size": path.stat().st_size,
             "meta": meta,
         }
@@ -947,7 +987,7 @@ def _verify_split(split: str, group: h5py.Group) -> list[str]:
     if rows != n:
         problems.append(f"{split}: {rows} of {n} rows written")
     valid = group["valid"][:]
-    for key in [k for k in group if k not in ("crc32", META_GROUP)]:
+    for key in [*(k for k in ("ids", "labels", "valid") if k in group), *_arrays(group)]:
         if len(group[key]) != n:
             problems.append(f"{split}/{key}: {len(group[key])} rows, expected {n}")
     for key, data in (("ids", np.array(group["ids"].asstr()[:], dtype=object)), ("labels", group["labels"][:]), ("valid", valid)):
@@ -958,7 +998,7 @@ def _verify_split(split: str, group: h5py.Group) -> list[str]:
         _read_metadata(group, split)
     except MedfmError as err:
         problems.append(str(err).split(";")[0])
-    for key in [k for k in group if k not in _NOT_FEATURES]:
+    for key in _arrays(group):
         ds, crcs = group[key], group["crc32"][key][:] if "crc32" in group and key in group["crc32"] else None
         if crcs is None:
             problems.append(f"{split}/{key}: no checksums")

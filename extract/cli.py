@@ -96,7 +96,8 @@ def run(
     backbone: Annotated[str, typer.Option(help="Backbone name (see `extract backbones`).")],
     dataset: Annotated[str, typer.Option(help="Dataset name (see `extract datasets`).")],
     root: Root = None,
-    weights: Annotated[str, typer.Option(help="default | random | auto (default, else random, loudly) | PATH.")] = "default",
+    weights: Annotated[str, typer.Option(help="default | random | random:K (another draw of random weights: a null backbone, "
+                                              "`grid run --null`) | auto (default, else random, loudly) | PATH.")] = "default",
     out: Out = None,
     batch_size: Annotated[str, typer.Option(help="Images per forward pass, or auto (the largest that fits on CUDA, up to 256; 16 on the CPU).")] = "auto",
     tokens: Tokens = True,

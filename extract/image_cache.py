@@ -38,7 +38,7 @@ from cache.fingerprint import fingerprint, manifest_hash
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SourceFiles, SplitPlan, partial_path, planned_bytes
 from common.errors import MedfmError
-from common.runtime import loader_workers, output_root
+from common.runtime import check_folder, check_workers, loader_workers, output_root
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource
 from extract.datasets.decode import DECODER_VERSION, open_image, to_8bit
@@ -280,6 +280,8 @@ def build_image_cache(cfg: ImageCacheConfig, console: Console | None = None) -> 
         raise MedfmError(f"--interpolation must be one of {', '.join(RESIZE_MODES)}, got {cfg.interpolation}")
     if cfg.in_chans not in (None, 1, 3):
         raise MedfmError(f"--in-chans must be 1 (grayscale) or 3, got {cfg.in_chans}")
+    check_workers(cfg.workers)
+    check_folder(cfg.out, "--out", writable=False)  # a complete image cache on a read-only disk is still reused
     source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     if cfg.manifest is not None:
         source = source.with_manifest(read_manifest(cfg.manifest))

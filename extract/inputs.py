@@ -42,6 +42,9 @@ def check_views(views: int, augment: str) -> None:
         raise MedfmError(f"--views must be 0 (the eval view only) or a positive number of augmented views, got {views}")
     if views and augment == "none":
         raise MedfmError(f"--views {views} needs --augment study: views drawn without augmentation would all be the eval view")
+    if augment != "none" and not views:
+        raise MedfmError(f"--augment {augment} draws augmented train views: give --views K too (without it only the eval view, "
+                         "unaugmented, is stored)")
 
 
 def check_study_inputs(protocol: str, source: DatasetSource, norm: str, interpolation: str, in_chans: int) -> None:

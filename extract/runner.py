@@ -35,7 +35,16 @@ from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan, join_s
 from common.errors import MedfmError
 from common.precision import autocast_dtype, for_protocol
 from common.progress import Pace
-from common.runtime import device_label, loader_workers, output_root, rank_device, resolve_device, torchrun_launch
+from common.runtime import (
+    check_folder,
+    check_workers,
+    device_label,
+    loader_workers,
+    output_root,
+    rank_device,
+    resolve_device,
+    torchrun_launch,
+)
 from extract.backbones import Backbone, Features, create_backbone, get_spec
 from extract.backbones.weights import resolve_weights
 from extract.corruptions import CORRUPT_VIEW, MIN_SIDE, Corruption
@@ -46,7 +55,7 @@ from extract.datasets.images import ImageDataset, SkippedImages
 from extract.datasets.splits import read_manifest
 from extract.image_cache import CachedPixels, find_image_cache, image_folder
 from extract.inputs import check_image_size, check_input_settings, check_study_inputs, check_views, input_spec
-from extract.transforms import CROP_FRACTION, TransformSpec, eval_transform, train_transform, view_seed
+from extract.transforms import CROP_FRACTION, Normalize, TransformSpec, eval_crop, train_crop, view_seed
 
 TOKEN_DTYPES = ("float16", "float32")
 PREFETCH_BATCHES = 4  # per worker: enough to ride out a slow image, bounded so memory stays flat
@@ -118,13 +127,16 @@ def uses_channels_last(model: nn.Module) -> bool:
 class BackboneForward:
     """The backbone as extraction runs it: on its device, channels-last when a CNN, autocast, no autograd.
 
-    The benchmark's bare forward uses this same object, so the two differ only by the pipeline around it.
+    With `normalize`, uint8 batches (the loader's crops, `extract.transforms.eval_crop`) are normalised on the device;
+    float batches go in as they are. The benchmark's bare forward uses this same object, so the two differ only by the
+    pipeline around it.
     """
 
-    def __init__(self, model: Backbone, layers: Sequence[int], device: torch.device, amp: torch.dtype | None) -> None:
+    def __init__(self, model: Backbone, layers: Sequence[int], device: torch.device, amp: torch.dtype | None,
+                 normalize: Normalize | None = None) -> None:
         self.memory_format = torch.channels_last if uses_channels_last(model) else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format).eval()
-        self.layers, self.device, self.amp = list(layers), device, amp
+        self.layers, self.device, self.amp, self.normalize = list(layers), device, amp, normalize
         self._forward_layers = self.model.forward_layers
 
     def compile(self) -> None:
@@ -132,8 +144,13 @@ class BackboneForward:
         self._forward_layers = torch.compile(self.model.forward_layers)
 
     def __call__(self, images: torch.Tensor) -> dict[int, Features]:
-        # move first (an asynchronous copy from pinned memory), then change the layout on the device
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        # move first (an asynchronous copy from pinned memory), then normalise uint8 and change the layout on the device
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            if self.normalize is None:
+                raise ValueError("uint8 images need the BackboneForward's normalize (extract.transforms.Normalize)")
+            images = self.normalize(images)
+        images = images.contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self._forward_layers(images, self.layers)
 
@@ -168,8 +185,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
         raise MedfmError(f"--batch-size must be auto or at least 1, got {cfg.batch_size}")
     if cfg.token_dtype not in TOKEN_DTYPES:
         raise MedfmError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {cfg.token_dtype}")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise MedfmError(f"--workers must be 0 (decode in the main process) or more, got {cfg.workers}")
+    check_workers(cfg.workers)
+    check_folder(cfg.out, "--out", writable=False)  # a complete cache on a read-only disk is still reused
     check_views(cfg.views, cfg.augment)
     image_folder(cfg.image_cache)  # a mistyped --image-cache is one line before the model loads
     device = rank_device(resolve_device(cfg.device), launch)
@@ -375,16 +392,17 @@ def source_block(source: DatasetSource, rank: int, size: int) -> DatasetSource:
 
 def group_images(source: DatasetSource, group: str, tspec: TransformSpec, view: int | None, seed: int,
                  corruption: Corruption | None = None, pixels: CachedPixels | None = None) -> ImageDataset:
-    """The images of one cache group: a split under the eval transform, or augmented train view `view`, image i
-    drawn from `view_seed(seed, view, id_i)` whichever process, shard or worker decodes it; under `corruption`, image i
-    corrupted from `view_seed(corruption.seed, CORRUPT_VIEW, id_i)` alike. `pixels`: read from that image cache."""
+    """The uint8 crops of one cache group (normalised on the device: `BackboneForward`): a split under the eval
+    transform, or augmented train view `view`, image i drawn from `view_seed(seed, view, id_i)` whichever process, shard
+    or worker decodes it; under `corruption`, image i corrupted from `view_seed(corruption.seed, CORRUPT_VIEW, id_i)`
+    alike. `pixels`: read from that image cache."""
     shape = (tspec.channels, tspec.size, tspec.size)
     if view is None:
-        images = ImageDataset(source, group, eval_transform(tspec, corruption), shape, pixels)
+        images = ImageDataset(source, group, eval_crop(tspec, corruption), shape, pixels, dtype=torch.uint8)
         if corruption is not None:
             images.draw([view_seed(corruption.seed, CORRUPT_VIEW, i) for i in images.ids])
         return images
-    images = ImageDataset(source, group, train_transform(tspec), shape, pixels)
+    images = ImageDataset(source, group, train_crop(tspec), shape, pixels, dtype=torch.uint8)
     images.draw([view_seed(seed, view, i) for i in images.ids])
     return images
 
@@ -405,14 +423,15 @@ def _extract_splits(
 ) -> tuple[float | None, int]:
     """Stream every split's remaining rows through the model into the writer thread; (images per second, images).
 
-    One loader serves all splits (its workers start once and keep prefetching across split ends);
+    One loader serves all splits (its workers start once and keep prefetching across split ends) and hands over uint8
+    crops, normalised on the device (a quarter of float32's bytes through worker IPC and the host-to-device copy);
     outputs leave the device by asynchronous copies that the writer thread waits for, so the model
     is never held up by the device-to-host transfer or the disk.
     """
     segments = [(name, writer.rows(name), len(split)) for name, split in source.splits.items() if writer.rows(name) < len(split)]
     if not segments:
         return None, 0
-    forward = BackboneForward(model, layers, device, amp)
+    forward = BackboneForward(model, layers, device, amp, Normalize(tspec))
     batch_size = forward.auto_batch_size((tspec.channels, tspec.size, tspec.size)) if cfg.batch_size == "auto" else int(cfg.batch_size)
     if cfg.compile:
         forward.compile()

@@ -72,20 +72,45 @@ class CorruptStep:
         return corrupt_image(image, self.corruption, int(torch.randint(0, 2**32, ())))
 
 
-def eval_transform(spec: TransformSpec, corruption: Corruption | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize (square) -> [corrupt] -> centre crop -> tensor -> normalise; a clean `corruption` adds no step."""
+class Normalize:
+    """uint8 pixels [..., C, H, W] -> float32 `(x / 255 - mean) / std`, on whichever device the pixels are on.
+
+    The loader hands the device uint8 crops (a quarter of float32's bytes across the worker boundary and the host-to-device
+    copy; `eval_crop`, `train_crop`) and extraction runs this on the batch there. It is torchvision's ToTensor then
+    Normalize, the same operations in the same order with tensor operands (a Python scalar divisor is multiplied by its
+    reciprocal on CUDA), so the tensors equal the float pipeline's (`eval_transform`, `train_transform`) to float rounding.
+    """
+
+    def __init__(self, spec: TransformSpec) -> None:
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+        self.levels = torch.tensor(255.0)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        on = pixels.device
+        return pixels.float().div_(self.levels.to(on)).sub_(self.mean.to(on)).div_(self.std.to(on))
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """A PIL image as a contiguous uint8 tensor [C, H, W] (torchvision's `pil_to_tensor` gives a channels-last view)."""
+    return T.functional.pil_to_tensor(image).contiguous()
+
+
+def eval_crop(spec: TransformSpec, corruption: Corruption | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize (square) -> [corrupt] -> centre crop -> uint8 tensor: the eval view's pixels before `Normalize`; a clean
+    `corruption` adds no step."""
     corrupt = [CorruptStep(corruption)] if corruption is not None and not corruption.clean else []
     return T.Compose([
         T.Resize((spec.resize, spec.resize), interpolation=_interp(spec.interpolation)),
         *corrupt,
         T.CenterCrop(spec.size),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
+        to_pixels,
     ])
 
 
-def train_transform(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """The study's augmentation: resize, centre crop, RandomResizedCrop(0.8-1.2), flips, colour jitter p=0.8."""
+def train_crop(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """The study's augmentation up to uint8 pixels: resize, centre crop, RandomResizedCrop(0.8-1.2), flips, colour jitter
+    p=0.8 (every step on the PIL image, so its pixels are 8-bit already), before `Normalize`."""
     return T.Compose([
         T.Resize((spec.resize, spec.resize), interpolation=_interp(spec.interpolation)),
         T.CenterCrop(spec.size),
@@ -93,8 +118,15 @@ def train_transform(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor
         T.RandomVerticalFlip(),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.2, 0.2, 0.1, 0.1)], p=0.8),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
+        to_pixels,
     ])
 
 
+def eval_transform(spec: TransformSpec, corruption: Corruption | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """`eval_crop` then `Normalize` on the CPU: a normalised float32 image, for the pipelines that feed floats."""
+    return T.Compose([eval_crop(spec, corruption), Normalize(spec)])
+
+
+def train_transform(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """`train_crop` then `Normalize` on the CPU: the study's augmentation as a normalised float32 image."""
+    return T.Compose([train_crop(spec), Normalize(spec)])

@@ -13,7 +13,7 @@ from rich.table import Table
 from cache.layout import find_cache, open_cache
 from common.cli import run_cli
 from common.errors import MedfmError
-from common.runtime import output_root
+from common.runtime import check_folder, output_root
 from ledger.store import Ledger
 from probe.data import feature_name, parse_bytes
 from probe.solvers import check_solver
@@ -34,6 +34,9 @@ Backbone = Annotated[str | None, typer.Option(help="Backbone whose cache to use 
 Dataset = Annotated[str | None, typer.Option(help="Dataset whose cache to use.", show_default="none, needed unless --cache")]
 CacheFile = Annotated[Path | None, typer.Option("--cache", help="A cache file, when several match or to bypass the search.",
                                                 show_default="found from --backbone and --dataset")]
+BackboneSeed = Annotated[int, typer.Option(help="Use the cache of a null backbone: random weights of draw K (extracted with "
+                                                 "`extract run --weights random:K`); the report sets these runs apart as the null "
+                                                 "every cell must beat. 0: the backbone's own cache.")]
 MaxRam = Annotated[str | None, typer.Option(help="RAM for features, e.g. 8G; larger token caches stream.", show_default="half of free RAM")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
 Standardize = Annotated[bool, typer.Option(help="Linear head: standardize features with the train mean/std (MAE-style; the study does not).")]
@@ -71,6 +74,7 @@ def run(
     backbone: Backbone = None,
     dataset: Dataset = None,
     cache: CacheFile = None,
+    backbone_seed: BackboneSeed = 0,
     layer: Annotated[int | None, typer.Option(help="Block whose features to use, as extract's --layers: 8, or -4 from the end.",
                                               show_default="the last")] = None,
     epochs: Epochs = STUDY.epochs,
@@ -121,7 +125,7 @@ def run(
     from probe.heads import get_head
     from probe.run import late_hint, run_probe
 
-    path = find_cache(backbone, dataset, cache)
+    path = find_cache(backbone, dataset, cache, backbone_seed=backbone_seed)
     with open_cache(path, backbone, dataset) as reader:
         config = TrainConfig(
             head=head, feature=feature_name(reader, get_head(head).reads, layer), lr=lr, weight_decay=weight_decay, batch_size=batch_size,
@@ -203,6 +207,7 @@ def sweep(
     backbone: Backbone = None,
     dataset: Dataset = None,
     cache: CacheFile = None,
+    backbone_seed: BackboneSeed = 0,
     head: Annotated[str, typer.Option(help="Heads, comma-separated: linear,deit.")] = "linear",
     lr: Annotated[str, typer.Option(help="Learning rates, comma-separated.")] = f"{STUDY.lr:g}",
     weight_decay: Annotated[str, typer.Option(help="Weight decays, comma-separated.")] = f"{STUDY.weight_decay:g}",
@@ -238,7 +243,7 @@ def sweep(
     from probe.config import TrainConfig
     from probe.sweep import Grid, expand, run_sweep
 
-    path = find_cache(backbone, dataset, cache)
+    path = find_cache(backbone, dataset, cache, backbone_seed=backbone_seed)
     with open_cache(path, backbone, dataset) as reader:
         grid = Grid(
             heads=tuple(_values(head, str, "--head")), lrs=tuple(_values(lr, float, "--lr")),
@@ -312,7 +317,10 @@ def _layer(text: str) -> int | None:
 def report(
     dataset: Annotated[list[str] | None, typer.Option(help="Datasets to include (repeatable): a name, a column's label such as "
                                                            "csv:a1b2, or a dataset id prefix.", show_default="all in the ledger")] = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for report.csv, report.md, report.png.", show_default="$MEDFM_OUTPUT/reports")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the report's files: report.csv, report.md, report.png (the gain) and "
+                                                  "report-scores.png, named by the options that change them (report-ci95.png, "
+                                                  "report-dataset-aptos2019.png), so one report never overwrites another.",
+                                             show_default="$MEDFM_OUTPUT/reports")] = None,
     ledger: Annotated[Path | None, typer.Option(help="Results ledger.", show_default="$MEDFM_OUTPUT/runs/results.sqlite")] = None,
     partial: Annotated[bool, typer.Option(help="Also average rows that lack a dataset, over the datasets they have (still marked).")] = False,
     name: Annotated[list[str] | None, typer.Option(help="Name a dataset column, LABEL=NAME or ID=NAME (repeatable), e.g. "
@@ -327,16 +335,35 @@ def report(
     by: Annotated[str | None, typer.Option(help="Per-subgroup scores by a per-sample column of the datasets (e.g. sex, age in "
                                                 "decades, Frontal/Lateral): each group's score and n, the worst group and the gap; "
                                                 "also written to report_by_<column>.csv.", show_default="none")] = None,
+    min_group: Annotated[int, typer.Option(help="With --by: the fewest samples a group needs to be named the worst group "
+                                                "(smaller groups are shown, with their interval, and marked small).")] = 30,
     evaluations: Annotated[str, typer.Option(help="Tables of `probe eval` scores to print: all | robustness (relative drop per "
                                                   "corruption) | transfer (score on other datasets) | none; report.md and "
                                                   "report_robustness.csv / report_transfer.csv hold them all.")] = "all",
+    html: Annotated[Path | None, typer.Option(help="Also write the whole report as one self-contained HTML file (figures embedded, "
+                                                   "opens from disk, printable): the table with intervals (--ci 95 unless --ci), "
+                                                   "the figures, the ranking, robustness, transfer, calibration, subgroups (--by), "
+                                                   "costs, and the runs and command behind every number.", show_default="none")] = None,
+    latex: Annotated[Path | None, typer.Option(help="Also write booktabs LaTeX tables (the table with intervals, --ci 95 unless "
+                                                    "--ci, and the ranking) to \\input into a paper.", show_default="none")] = None,
 ) -> None:
-    """The study's table (backbone x scenario by dataset, average, gain over deit linear) and figure."""
+    """The study's table (backbone x scenario by dataset, average, gain over deit linear) and its figures (the gain, each
+    cell's score); prints the path of every file written."""
+    import shlex
+    import sys
+
     from rich.markup import escape
 
+    from report.html import check_target, rank_or_reason, write_html
+    from report.latex import write_latex
     from report.table import AVERAGE, COST_NOTE, GAIN, cost_text, is_random, make_report, notes
     from scoring.bootstrap import check_settings
 
+    check_target(html, "--html")
+    check_target(latex, "--latex")
+    if html and latex and html.resolve() == latex.resolve():
+        raise MedfmError(f"--html and --latex name the same file, {html}; give each its own")
+    ci = 95 if ci is None and (html or latex) else ci
     if ci is None and boot is not None:
         raise MedfmError("--boot sets the resamples of --ci intervals; give --ci too (e.g. --ci 95)")
     if evaluations not in EVALUATION_TABLES:
@@ -344,7 +371,9 @@ def report(
     boot = 1000 if boot is None else boot
     if ci is not None:
         check_settings(ci, boot, jobs, boot_seed)
-    result = make_report(Ledger(ledger), dataset, out or output_root() / "reports", partial=partial, names=_names(name or []),
+    check_folder(out or output_root() / "reports", "--out")
+    store = Ledger(ledger, create=False)
+    result = make_report(store, dataset, out or output_root() / "reports", partial=partial, names=_names(name or []),
                          ci=ci, boot=boot, boot_seed=boot_seed, jobs=jobs)
     if result.table.empty:
         raise MedfmError("the ledger holds no runs" + (f" for {', '.join(dataset)}" if dataset else "") + "; train some with `probe run`")
@@ -361,22 +390,28 @@ def report(
                       highlight=False)
     for line in notes(result)[2:]:
         console.print(f"[bold red]{escape(line)}[/]" if line.startswith("RANDOM") else escape(line), highlight=False)
-    if by:
-        _print_subgroups(result, by, out or output_root() / "reports")
+    subgroups = _print_subgroups(result, by, out or output_root() / "reports", min_group, ci or 95, boot, boot_seed) if by else None
     if result.evaluations is not None and evaluations != "none":
         _print_evaluations(result.evaluations, evaluations)
+    if html or latex:
+        ranking, command = rank_or_reason(result, jobs), shlex.join(["probe", *sys.argv[1:]])
+        if html:
+            write_html(result, html, ranking=ranking, command=command, ledger=store.path.resolve(), subgroups=subgroups)
+        if latex:
+            write_latex(result, latex, ranking, command)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
 
 
-def _print_subgroups(result, by: str, out: Path) -> None:  # noqa: ANN001 - a report.table.Report
-    """`probe report --by`: the subgroup table, its notes, and its CSV among the report's files."""
+def _print_subgroups(result, by: str, out: Path, min_n: int, level: float, boot: int, seed: int) -> tuple[Any, list[str]]:  # noqa: ANN001 - a report.table.Report
+    """`probe report --by`: the subgroup table with each group's interval, its notes, and its CSV among the report's files;
+    returns the table and its notes (for --html)."""
     from rich.markup import escape
 
     from report.subgroups import subgroup_table, summary_lines, write_subgroups
 
-    table, lines = subgroup_table(result, by)
-    shown = Table("backbone x scenario", "dataset", f"{by}: score (n) per group", "worst group", "gap (best - worst)",
+    table, lines = subgroup_table(result, by, min_n=min_n, level=level, boot=boot, seed=seed)
+    shown = Table("backbone x scenario", "dataset", f"{by}: score [{level:g}% interval] (n) per group", "worst group", "gap (best - worst)",
                   title=f"test scores by {by} (the report's chosen runs)")
     for line in summary_lines(table):
         shown.add_row(*map(escape, line))
@@ -384,6 +419,7 @@ def _print_subgroups(result, by: str, out: Path) -> None:  # noqa: ANN001 - a re
     for line in lines:
         console.print(escape(line), highlight=False)
     result.files[f"by {by}"] = write_subgroups(table, out, by)
+    return table, lines
 
 
 def _print_evaluations(tables, which: str) -> None:  # noqa: ANN001 - a report.table.EvaluationTables
@@ -463,7 +499,7 @@ def evaluate_run(
         raise MedfmError("picking the runs with --backbone needs --dataset, the dataset they were trained on")
     if cache is not None and on is not None:
         raise MedfmError("pass --cache FILE or --on DATASET, not both")
-    runs = Ledger(ledger)
+    runs = Ledger(ledger, create=False)
     names = [run] if run is not None else [str(r.id) for r in best_runs(runs, backbone, scenario, dataset).records]
     for name in names:
         saved = load_run(runs, name)
@@ -498,6 +534,8 @@ def compare(
     --allow-flagged."""
     if boot < 1:
         raise MedfmError(f"--boot must be a positive number of bootstrap resamples, got {boot}")
+    if seed < 0:
+        raise MedfmError(f"--seed must be a whole number of 0 or more, got {seed}")
     by_id, by_choice = run_a is not None or run_b is not None, backbone is not None or vs is not None
     if by_id == by_choice:
         raise MedfmError("compare two runs by id (probe compare RUN_A RUN_B) or pick them with --backbone A --vs B --dataset D")
@@ -508,7 +546,7 @@ def compare(
     from report.compare import best_runs, certified, describe, runs_by_id
     from report.compare import compare as paired_comparison
 
-    runs = Ledger(ledger)
+    runs = Ledger(ledger, create=False)
     if by_id:
         a, b = runs_by_id(runs, run_a), runs_by_id(runs, run_b)
     else:
@@ -522,6 +560,7 @@ def compare(
 
 @app.command()
 def curve(
+    ctx: typer.Context,
     backbone: Annotated[str | None, typer.Option(help="Backbones, comma-separated, one cache each (see `cache ls`).",
                                                  show_default="none, needed unless --cache")] = None,
     dataset: Dataset = None,
@@ -545,9 +584,14 @@ def curve(
     solver: Solver = "auto",
     max_ram: MaxRam = None,
     device: Device = "auto",
+    allow_mixed_test_sets: Annotated[bool, typer.Option("--allow-mixed-test-sets", help="Draw caches whose test sets differ on "
+                                                                                       "one curve.", show_default="off: refused")] = False,
     out: Annotated[Path | None, typer.Option(help="Folder for curve.csv and curve.png.", show_default="$MEDFM_OUTPUT/reports")] = None,
 ) -> None:
-    """Label efficiency: test score against the labelled share of the train split, nested stratified subsets, per backbone."""
+    """Label efficiency: test score against the labelled share of the train split, nested stratified subsets, per backbone.
+    Each cache trains the configuration `probe report` chose for it when the ledger has one, unless training options are
+    given (--epochs, --lr, --weight-decay, --batch-size, --warmup-steps, --standardize, --views, --solver, --layer); the
+    command says which it trains and why."""
     if fractions is not None and shots is not None:
         raise MedfmError("--fractions and --shots draw different curves; give one of them")
     kind, amounts = ("shots", _values(shots, int, "--shots")) if shots is not None else \
@@ -576,16 +620,23 @@ def curve(
         held = min(reader.meta.views for reader in readers)  # auto: the views every cache holds
         base = TrainConfig(head=head, lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, warmup_steps=warmup_steps,
                            standardize=standardize, views=solver_views(views, held, solver), solver=solver)
-        outcome = run_curve(readers, base, kind, amounts, repeats, layer=layer, subset_seed=subset_seed, device=device,
+        outcome = run_curve(readers, base, kind, amounts, repeats, layer=layer, given=_given(ctx, CURVE_TRAINING),
+                            allow_mixed_test_sets=allow_mixed_test_sets, subset_seed=subset_seed, device=device,
                             max_ram=_ram(max_ram), console=console)
     files = write_curve(outcome, out or output_root() / "reports")
     table = outcome.table()
     backbones = list(dict.fromkeys(table["backbone"]))
     shown = Table(kind, "train rows", *backbones, title=f"test {outcome.metric} on {outcome.dataset}: mean (min-max) over {repeats} repeats")
     for amount, group in table.groupby(kind, sort=False):
-        cells = {row.backbone: f"{row.mean:.4f} ({row.min:.4f}-{row.max:.4f})" for row in group.itertuples()}
-        shown.add_row(f"{amount:g}", f"{group['train_rows'].mean():.0f}", *[cells.get(b, "-") for b in backbones])
+        shared = group["train_rows"].nunique() == 1  # else each cache's own rows, never their mean
+        cells = {row.backbone: f"{row.mean:.4f} ({row.min:.4f}-{row.max:.4f})" + ("" if shared else f", {row.train_rows} rows")
+                 for row in group.itertuples()}
+        shown.add_row(f"{amount:g}", str(group["train_rows"].iloc[0]) if shared else "per cell", *[cells.get(b, "-") for b in backbones])
     console.print(shown)
+    levels = {f"{level:.4f}" for level in outcome.chance.values()}
+    chance = levels.pop() if len(levels) == 1 else ", ".join(f"{b} {level:.4f}" for b, level in outcome.chance.items())
+    console.print(f"chance level of test {outcome.metric}: {chance}" + ("; the caches' test sets differ" if outcome.mixed else ""),
+                  highlight=False)
     console.print(f"{outcome.trained} heads trained, {outcome.skipped} already in the ledger "
                   f"({outcome.train_passes} passes over train features)")
     for kind_, path in files.items():
@@ -616,6 +667,50 @@ def predict_images(
     found.to_csv(path, index=False)
     console.print(f"wrote {len(found)} predictions of run {model.record.id} ({model.record.backbone}/{model.record.dataset} "
                   f"{model.record.head}) to {path}", highlight=False, markup=False, soft_wrap=True)
+
+
+CURVE_TRAINING = ("epochs", "lr", "weight_decay", "batch_size", "warmup_steps", "standardize", "views", "solver", "layer")
+
+
+def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` given on the command line (not left at their defaults), as flags."""
+    sources = {n: ctx.get_parameter_source(n) for n in names}  # by name: typer carries its own copy of click's enum
+    return [f"--{n.replace('_', '-')}" for n, source in sources.items()
+            if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")]
+
+
+ledger_app = typer.Typer(help="Check the results ledger, or recover what a damaged one still holds.", no_args_is_help=True,
+                         add_completion=False)
+app.add_typer(ledger_app, name="ledger")
+LedgerFile = Annotated[Path | None, typer.Option("--ledger", help="Results ledger.", show_default="$MEDFM_OUTPUT/runs/results.sqlite")]
+
+
+@ledger_app.command("check")
+def ledger_check(ledger: LedgerFile = None) -> None:
+    """SQLite's integrity check of the ledger, read-only (safe while runs write to it): ok, or the problems and exit 1."""
+    from ledger.repair import check
+    from ledger.store import default_ledger_path
+
+    path = ledger or default_ledger_path()
+    problems = check(path)
+    if not problems:
+        console.print(f"{path}: ok", highlight=False, markup=False, soft_wrap=True)
+        return
+    for line in problems:
+        console.print(f"{path}: {line}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"{len(problems)} problem(s); `probe ledger recover --ledger {path}` writes what still reads into a copy beside it",
+                  highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@ledger_app.command("recover")
+def ledger_recover(ledger: LedgerFile = None) -> None:
+    """Merge the rows waiting in <ledger>.pending/; of a damaged ledger, write what still reads into a copy beside it and
+    leave the damaged file as it is."""
+    from ledger.repair import recover
+    from ledger.store import default_ledger_path
+
+    console.print(recover(ledger or default_ledger_path()).line(), highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -43,9 +43,18 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
 
 
+def check_trainable(reader: CacheReader) -> None:
+    """A cache to train on has a train split; a corrupted test view (`extract run --corrupt`) holds the test split alone."""
+    if "train" not in reader.splits:
+        raise MedfmError(f"cache {reader.path} has no train split to train on (it holds {', '.join(reader.splits)}); train on its "
+                         "clean cache (--cache without the +<kind>-<severity> part), then score this one with "
+                         f"`probe eval RUN --cache {reader.path}`")
+
+
 def feature_name(reader: CacheReader, kind: str, layer: int | None) -> str:
     """The cache array of feature `kind` (pooled or tokens, what a head reads) at block `layer` (None: the last;
     negative: from the end, so -4 of a 12-block backbone is block 8, `pooled@8`)."""
+    check_trainable(reader)
     name = reader.meta.feature(kind, layer)
     if name not in reader.feature_names():
         held = ", ".join(reader.feature_names())

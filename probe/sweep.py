@@ -118,10 +118,11 @@ def run_sweep(
         for _, key in todo:  # every run to train is ours alone, or the sweep stops before training any
             claims.enter_context(claim(ledger, key))
         todo = [(c, k) for c, k in todo if force or ledger.find(k) is None]  # read again, under the claims
-        passes = _train_todo(reader, configs, todo, device, max_ram, deit_per_pass, ledger, console)
+        passes, saved = _train_todo(reader, configs, todo, device, max_ram, deit_per_pass, ledger, console)
 
-    # --- the answer: every configuration's row, and the configuration with the best mean validation over its seeds
-    records = [r for r in (ledger.find(k) for k in keys) if r is not None]
+    # --- the answer: every configuration's row (a row kept pending while the ledger was locked: as trained), and the
+    # configuration with the best mean validation over its seeds
+    records = [r for r in (ledger.find(k) or saved.get(k) for k in keys) if r is not None]
     best_runs = best_configuration(records)
     if not math.isfinite(mean_score([r.val_score for r in best_runs])):
         best_runs = []  # no configuration has a validation score
@@ -134,8 +135,9 @@ def run_sweep(
 def _train_todo(
     reader: CacheReader, configs: list[TrainConfig], todo: list[tuple[TrainConfig, str]], device: str, max_ram: int | None,
     deit_per_pass: int | str, ledger: Ledger, console: Console,
-) -> int:
-    """Train the configurations of `todo`, grouped into passes over the features; the number of train passes."""
+) -> tuple[int, dict[str, RunRecord]]:
+    """Train the configurations of `todo`, grouped into passes over the features; the number of train passes, and the
+    record of each run trained, by its key."""
     console.print(f"sweep of {len(configs)} configurations: {len(configs) - len(todo)} already in the ledger, {len(todo)} to train")
     by_settings: dict[tuple, list[tuple[TrainConfig, str]]] = defaultdict(list)
     for config, key in todo:  # heads sharing data, schedule and head architecture can share a pass
@@ -149,7 +151,7 @@ def _train_todo(
             size = heads_per_pass(members[0][0], reader, task.num_outputs, dev, len(members))
             console.print(f"--deit-per-pass auto: {size} DeiT head(s) per pass on {device_label(dev)}")
         groups += [members[i : i + size] for i in range(0, len(members), size)]
-    passes = 0
+    passes, saved = 0, {}
     if todo:
         warn_random(reader, next((c for c, _ in todo if get_head(c.head).options), todo[0][0]), console)
 
@@ -174,13 +176,13 @@ def _train_todo(
             test_labels = results[0].predictions["test"][0]  # heads of a group score the same test rows
             healths = check_runs(task, test_labels, [r.predictions["test"][1] for r in results])
             for result, (_, key), health in zip(results, members, healths, strict=True):
-                save_run(reader, result, key, ledger, total_seconds=seconds, device=device_label(dev), shared=len(members),
-                         health=health, reliability=False)
+                saved[key] = save_run(reader, result, key, ledger, total_seconds=seconds, device=device_label(dev), shared=len(members),
+                                      health=health, reliability=False)
             passes += source.passes["train"]
             subset = f" ({len(rows)} train rows)" if rows is not None else ""
             console.print(f"trained {len(members)} {first.head} head(s) on {first.feature}{subset} in {seconds:.1f} s "
                           f"({source.passes['train']} passes over the train features)")
-    return passes
+    return passes, saved
 
 
 def heads_per_pass(config: TrainConfig, reader: CacheReader, outputs: int, device: torch.device, count: int) -> int:
