@@ -20,6 +20,7 @@ from common.study import BACKBONE_SETS
 from grid.estimate import CARD, option, sizes
 from grid.jobs import STAGES
 from grid.plan import (
+    ADAPTER_SCENARIOS,
     DEFAULT_RESOURCES,
     SCENARIOS,
     STUDY_DATASETS,
@@ -48,7 +49,8 @@ def run(
                                                 "library models (timm:NAME, open_clip:ARCH@TAG, hf:ID) and the sets "
                                                 f"{', '.join(BACKBONE_SETS)} (their rows).")] = "study",
     datasets: Annotated[str, typer.Option(help="Datasets, comma- or space-separated (see `extract datasets`).")] = ",".join(STUDY_DATASETS),
-    scenarios: Annotated[str, typer.Option(help=f"Scenarios, comma-separated, among {', '.join(SCENARIOS)}.")] = ",".join(SCENARIOS),
+    scenarios: Annotated[str, typer.Option(help=f"Scenarios, comma-separated, among the study's {', '.join(SCENARIOS)} and the "
+                                                f"adapter extensions {', '.join(ADAPTER_SCENARIOS)}.")] = ",".join(SCENARIOS),
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated: one cell each.")] = "0",
     protocol: Annotated[str, typer.Option(help="study (every cell as the official code ran it: frozen linear heads on augmented "
                                                "cached views, frozen DeiT heads on live images) | medfm (medfm's own rules: frozen "
@@ -56,9 +58,9 @@ def run(
     data: Annotated[Path | None, typer.Option(help="Folder with one folder per dataset in its released layout (--root DATA/<dataset>).",
                                               show_default="none: no --root, as the demo dataset needs")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs of every cell (and the augmented views of a study extraction).")] = 100,
-    null: Annotated[int, typer.Option(help="Null backbones: each backbone's cached cells again on K draws of random weights "
+    null: Annotated[int | None, typer.Option(help="Null backbones: each backbone's cached cells again on K draws of random weights "
                                            "(`extract run --weights random:k`, k = 1..K); the report marks every cell that is not "
-                                           "above its backbone's null.")] = 0,
+                                           "above its backbone's null.", show_default="none")] = None,
     extract_args: Annotated[str, typer.Option(help="Extra options of every `extract run`, e.g. '--batch-size 128'.", show_default="none")] = "",
     probe_args: Annotated[str, typer.Option(help="Extra options of every `probe sweep`.", show_default="none")] = "",
     finetune_args: Annotated[str, typer.Option(help="Extra options of every `finetune run`, e.g. '--workers 8'.", show_default="none")] = "",
@@ -83,11 +85,13 @@ def run(
     """Plan the grid's missing cells as jobs (extraction, then the probe sweep of its cache; finetunes alone) and run them."""
     if executor not in EXECUTORS:
         raise MedfmError(f"--executor must be local or slurm, got '{executor}'")
+    if null is not None and null < 1:
+        raise MedfmError(f"--null is the number of random-weight draws per backbone, 1 or more (leave it out for none), got {null}")
     spec = GridSpec(
         backbones=_names(backbones), datasets=_names(datasets), scenarios=_names(scenarios), seeds=_seeds(seeds), protocol=protocol,
         data_root=str(data.resolve()) if data is not None else None, epochs=epochs, extract_args=_args(extract_args, "--extract-args"),
         probe_args=_args(probe_args, "--probe-args"), finetune_args=_args(finetune_args, "--finetune-args"),
-        overrides=tuple(override or ()), resources=parse_resources(resources or []), output=str(output_root().resolve()), null=null,
+        overrides=tuple(override or ()), resources=parse_resources(resources or []), output=str(output_root().resolve()), null=null or 0,
     )
     spec.validate()  # a mistake is one line before the grid's folder is touched
     grid_dir = (grid or output_root() / "grid").resolve()

@@ -55,6 +55,7 @@ def test_print_commands_lists_every_job_dependencies_first(tmp_path, monkeypatch
     (["--seeds", "0,x"], "error: --seeds takes comma-separated whole numbers such as 0,1,2, got '0,x'"),
     (["--resources", "finetune:gpus=two"], "error: --resources finetune:gpus=two: gpus must be a whole number"),
     (["--extract-args", "--opt 'a"], "error: --extract-args is not a valid option string"),
+    (["--null", "0"], "error: --null is the number of random-weight draws per backbone, 1 or more"),
 ])
 def test_a_mistake_is_one_line_exit_2_and_nothing_planned(tmp_path, monkeypatch, args, message) -> None:
     code, out, err = run_main(main, ["run", "--grid", str(tmp_path / "g"), *args], monkeypatch)
