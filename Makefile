@@ -31,7 +31,7 @@ TRANSFER_PAIRS  ?= ham10000:isic2019 idrid:aptos2019 messidor2:aptos2019 chestxr
 TRANSFER_OUTPUT ?= outputs/transfer
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast lint extract probe finetune bench gpu-check report paper transfer
+.PHONY: install test-tools demo test test-fast lint extract probe finetune bench gpu-check report paper transfer
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,6 +40,15 @@ $(PY):
 	$(BIN)/pip install --quiet -e '.[dev]'
 
 install: $(PY)
+
+# The report's page and tables are tested in a real headless browser and LaTeX (tests/report/test_html.py, test_latex.py),
+# which skip without them: as root, this installs Debian's chromium, texlive-latex-base and texlive-latex-recommended
+# (booktabs) when missing, about a minute. .ci/run does: with CI set, those tests fail rather than skip without them.
+test-tools:
+	@if command -v chromium >/dev/null && command -v pdflatex >/dev/null && kpsewhich booktabs.sty >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "error: make test-tools installs Debian packages: run it as root (sudo make test-tools)" >&2; exit 2; fi; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	  chromium texlive-latex-base texlive-latex-recommended
 
 # A tour of the whole job in minutes: extract two backbones on the synthetic demo set, train linear
 # probes from the caches, print the report. Weights are the official ones when present, else random (said loudly).

@@ -346,6 +346,11 @@ def report(
                                                    "costs, and the runs and command behind every number.", show_default="none")] = None,
     latex: Annotated[Path | None, typer.Option(help="Also write booktabs LaTeX tables (the table with intervals, --ci 95 unless "
                                                     "--ci, and the ranking) to \\input into a paper.", show_default="none")] = None,
+    rank: Annotated[bool, typer.Option("--rank", help="Rank the rows with a score on every dataset: mean rank with its bootstrap "
+                                                      "interval, P(best), Friedman and Nemenyi tests, a verdict per pair; writes "
+                                                      "<report>_ranking.csv, _ranking_pairs.csv and the critical-difference diagram "
+                                                      "_ranking_cd.png.", show_default="off")] = False,
+    margin: Annotated[float, typer.Option(help="With --rank: the largest difference of mean scores called equivalent.")] = 0.01,
 ) -> None:
     """The study's table (backbone x scenario by dataset, average, gain over deit linear) and its figures (the gain, each
     cell's score); prints the path of every file written."""
@@ -354,16 +359,17 @@ def report(
 
     from rich.markup import escape
 
-    from report.html import check_target, rank_or_reason, write_html
-    from report.latex import write_latex
     from report.table import AVERAGE, COST_NOTE, GAIN, cost_text, is_random, make_report, notes
     from scoring.bootstrap import check_settings
 
-    check_target(html, "--html")
-    check_target(latex, "--latex")
-    if html and latex and html.resolve() == latex.resolve():
-        raise MedfmError(f"--html and --latex name the same file, {html}; give each its own")
-    ci = 95 if ci is None and (html or latex) else ci
+    if html or latex:  # the page and the tables: their modules (scipy's tests among them) load only when asked for
+        from report.html import check_target
+
+        check_target(html, "--html")
+        check_target(latex, "--latex")
+        if html and latex and html.resolve() == latex.resolve():
+            raise MedfmError(f"--html and --latex name the same file, {html}; give each its own")
+        ci = 95 if ci is None else ci
     if ci is None and boot is not None:
         raise MedfmError("--boot sets the resamples of --ci intervals; give --ci too (e.g. --ci 95)")
     if evaluations not in EVALUATION_TABLES:
@@ -393,14 +399,44 @@ def report(
     subgroups = _print_subgroups(result, by, out or output_root() / "reports", min_group, ci or 95, boot, boot_seed) if by else None
     if result.evaluations is not None and evaluations != "none":
         _print_evaluations(result.evaluations, evaluations)
+    ranking = None
+    if rank:
+        from report.ranking import rank_and_write
+
+        ranking = rank_and_write(result, margin=margin, jobs=jobs)
+        _print_ranking(ranking)
     if html or latex:
-        ranking, command = rank_or_reason(result, jobs), shlex.join(["probe", *sys.argv[1:]])
+        from report.html import write_html
+        from report.latex import write_latex
+        from report.ranking import rank_or_reason
+
+        ranking, command = ranking or rank_or_reason(result, margin=margin, jobs=jobs), shlex.join(["probe", *sys.argv[1:]])
         if html:
             write_html(result, html, ranking=ranking, command=command, ledger=store.path.resolve(), subgroups=subgroups)
         if latex:
             write_latex(result, latex, ranking, command)
     for kind, path in result.files.items():
         console.print(f"{kind}: {path}")
+
+
+def _print_ranking(ranking) -> None:  # noqa: ANN001 - a report.ranking.Ranking
+    """`probe report --rank`: each row's mean rank with its interval and P(best), then every pair's verdict."""
+    from rich.markup import escape
+
+    datasets = [c for c in ranking.table.columns if c.startswith("rank on ")]
+    ranks = Table("row", f"mean rank [{ranking.level:g}%]", "P(best)", *datasets, title="ranking (1 = best)")
+    for row, line in ranking.table.iterrows():
+        ranks.add_row(escape(str(row)), f"{line['mean rank']:.2f} [{line['rank low']:.2f}, {line['rank high']:.2f}]",
+                      f"{line['P(best)']:.2f}", *(f"{line[d]:g}" for d in datasets))
+    console.print(ranks)
+    pairs = Table("a vs b", "a - b", "p (Holm)", "wins/ties/losses", "verdict", title="pairs, over the datasets")
+    for pair in ranking.pairs.to_dict("records"):
+        detect = f" (detects >= {pair['detectable']:.3f})" if pair["verdict"] == "underpowered" else ""
+        pairs.add_row(escape(f"{pair['row a']} vs {pair['row b']}"), f"{pair['difference']:+.4f} [{pair['ci low']:+.4f}, {pair['ci high']:+.4f}]",
+                      f"{pair['p holm']:.3g}", f"{pair['wins']}/{pair['ties']}/{pair['losses']}", pair["verdict"] + detect)
+    console.print(pairs)
+    for line in ranking.notes:
+        console.print(escape(line), highlight=False)
 
 
 def _print_subgroups(result, by: str, out: Path, min_n: int, level: float, boot: int, seed: int) -> tuple[Any, list[str]]:  # noqa: ANN001 - a report.table.Report

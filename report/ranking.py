@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from common.errors import MedfmError
-from report.table import Column, Report, replicate_predictions
+from report.table import DEFAULT_BOOT, Column, Report, replicate_predictions
 from scoring.bootstrap import check_settings, resample_metric
 
 ALPHA = 0.05
@@ -77,6 +77,26 @@ def rank_report(report: Report, *, level: float = 95, boot: int = 1000, seed: in
                  f"{len(pairs)} pairs (statsmodels); equivalent: the {level:g}% interval inside +-{margin:g}; underpowered: "
                  f"neither, with the smallest difference these test sets detect at alpha {ALPHA} with power {POWER}.")
     return Ranking(table, pairs, posthoc, friedman, level, boot, margin, notes)
+
+
+def rank_and_write(report: Report, *, margin: float = 0.01, jobs: int = 1) -> Ranking:
+    """The ranking of a written report's rows with the report's own interval settings (95%, DEFAULT_BOOT resamples when it
+    has none), its files beside the report's (`<stem>_ranking.csv`, `_pairs.csv`, `_cd.png`) and among its files."""
+    settings = report.bootstrap or {"level": 95, "boot": DEFAULT_BOOT, "seed": 0}
+    ranking = rank_report(report, level=settings["level"], boot=settings["boot"], seed=settings["seed"], margin=margin, jobs=jobs)
+    stem = report.files["csv"]
+    files = write_ranking(ranking, stem.parent, f"{stem.stem}_ranking")
+    report.files.update({name if name == "ranking" else f"ranking {name}": path for name, path in files.items()})
+    return ranking
+
+
+def rank_or_reason(report: Report, *, margin: float = 0.01, jobs: int = 1) -> Ranking | str:
+    """`rank_and_write`, or why there is none (fewer than two complete rows, test rows that differ), so that a page or a
+    LaTeX file still says it."""
+    try:
+        return rank_and_write(report, margin=margin, jobs=jobs)
+    except MedfmError as err:
+        return str(err)
 
 
 def column_samples(report: Report, keys: list, column: Column, boot: int, seed: int, jobs: int) -> np.ndarray:
@@ -196,7 +216,7 @@ def draw_cd_diagram(ranking: Ranking, path: Path) -> dict[str, list]:
     import matplotlib.pyplot as plt
     import scikit_posthocs as sp
 
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * len(ranking.table)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.4 * len(ranking.table)), layout="constrained")  # room for the labels below
     elements = sp.critical_difference_diagram(ranking.table["mean rank"], ranking.posthoc, alpha=ALPHA, ax=ax)
     ax.set_title(f"mean rank over datasets (1 = best); a bar joins rows the Nemenyi test does not tell apart (alpha {ALPHA})",
                  fontsize=8)

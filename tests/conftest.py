@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,3 +33,12 @@ def isolated_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def cli(name: str) -> str:
     """Path of an installed console script (`extract`, `probe`, `cache`, `finetune`)."""
     return str(BIN / name)
+
+
+def tool(name: str) -> str:
+    """A system tool's path (chromium, pdflatex); without it the test skips, except in CI (CI set), where `make
+    test-tools` installed it."""
+    found = shutil.which(name)
+    if found is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"needs {name}: `make test-tools` (as root) installs it")
+    return str(found)

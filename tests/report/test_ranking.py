@@ -99,3 +99,31 @@ def test_a_pair_that_no_test_separates_is_equivalent_within_a_wide_margin_else_u
     assert same["difference"] == 0 and same["verdict"] == verdict and 0 < same["detectable"] < 0.02
     apart = pairs[(pairs["row a"] == "a") & (pairs["row b"] == "c")].iloc[0]
     assert apart["verdict"] == "worse" and apart["losses"] == 2 and apart["wins"] == 0
+
+
+def test_probe_report_rank_prints_and_writes_the_ranking_and_refuses_a_single_row(isolated_outputs, monkeypatch) -> None:
+    from probe.cli import main
+    from tests.ledgers import train
+    from tests.probe.caches import make_cache
+    from tests.tiny import run_main
+
+    def cache(backbone: str, dataset: str, separation: float):
+        seed = {"demo": 1, "other": 2}[dataset]  # one dataset's caches share their test rows and labels
+        return make_cache(isolated_outputs / "features" / backbone / f"{dataset}-{backbone[:4]}aaaaaaaa.h5", backbone=backbone,
+                          dataset=dataset, tokens=None, seed=seed, separation=separation, random_weights=False,
+                          settings={"backbone": backbone, "dataset": dataset})
+
+    train(cache("deit", "demo", 0.5))
+    code, _, err = run_main(main, ["report", "--rank"], monkeypatch)
+    assert code == 2 and "a ranking needs at least two rows" in err and len(err.strip().splitlines()) == 1
+    for backbone, separation in (("dinov2", 3.0), ("sam", 1.5)):
+        train(cache(backbone, "demo", separation))
+        train(cache(backbone, "other", separation))
+    train(cache("deit", "other", 0.5))
+    code, out, err = run_main(main, ["report", "--rank", "--boot", "200", "--ci", "95"], monkeypatch)
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "ranking (1 = best)" in said and "Friedman test over the datasets" in said
+    ranking = pd.read_csv(isolated_outputs / "reports" / "report-ci95-boot200_ranking.csv")
+    assert ranking["row"].str.startswith("dinov2").iloc[0] and len(ranking) == 3
+    assert (isolated_outputs / "reports" / "report-ci95-boot200_ranking_cd.png").exists()
