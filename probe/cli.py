@@ -334,7 +334,7 @@ def report(
                                                       "extraction) and print the grid's total.", show_default="off")] = False,
     by: Annotated[str | None, typer.Option(help="Per-subgroup scores by a per-sample column of the datasets (e.g. sex, age in "
                                                 "decades, Frontal/Lateral): each group's score and n, the worst group and the gap; "
-                                                "also written to report_by_<column>.csv.", show_default="none")] = None,
+                                                "also written to <report>_by_<column>.csv.", show_default="none")] = None,
     min_group: Annotated[int, typer.Option(help="With --by: the fewest samples a group needs to be named the worst group "
                                                 "(smaller groups are shown, with their interval, and marked small).")] = 30,
     evaluations: Annotated[str, typer.Option(help="Tables of `probe eval` scores to print: all | robustness (relative drop per "
@@ -454,7 +454,7 @@ def _print_subgroups(result, by: str, out: Path, min_n: int, level: float, boot:
     console.print(shown)
     for line in lines:
         console.print(escape(line), highlight=False)
-    result.files[f"by {by}"] = write_subgroups(table, out, by)
+    result.files[f"by {by}"] = write_subgroups(table, out, by, result.files["csv"].stem)
     return table, lines
 
 

@@ -140,9 +140,11 @@ def summary_lines(table: pd.DataFrame) -> list[tuple[str, str, str, str, str]]:
     return out
 
 
-def write_subgroups(table: pd.DataFrame, out: Path, by: str) -> Path:
+def write_subgroups(table: pd.DataFrame, out: Path, by: str, stem: str = "report") -> Path:
+    """`<stem>_by_<column>.csv`, named after the report it belongs to (`report.table.report_stem`), so reports of other
+    options keep their own."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"report_by_{''.join(c if c.isalnum() or c in '-_' else '_' for c in by)}.csv"
+    path = out / f"{stem}_by_{''.join(c if c.isalnum() or c in '-_' else '_' for c in by)}.csv"
     table.to_csv(path, index=False, float_format="%.4f")
     return path
 

@@ -117,7 +117,7 @@ def test_report_by_a_column_the_dataset_lacks_is_one_line_and_exit_2(run_with_me
 def test_groups_get_intervals_and_a_small_group_is_never_the_worst(run_with_metadata, monkeypatch, isolated_outputs) -> None:
     code, out, err = run_main(main, ["report", "--by", "sex", "--boot", "200", "--ci", "90"], monkeypatch)
     assert code == 0, err
-    table = pd.read_csv(isolated_outputs / "reports" / "report_by_sex.csv", keep_default_na=False)
+    table = pd.read_csv(isolated_outputs / "reports" / "report-ci90-boot200_by_sex.csv", keep_default_na=False)  # the report's name
     assert table["small"].tolist() == [True, True, True]  # 6, 6 and 3 samples, under the default 30
     assert (table["worst group"] == "").all() and "smaller groups marked 'small'" in " ".join(out.split())
     finite = table[table["score"] != ""]
