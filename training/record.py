@@ -44,7 +44,7 @@ def record_run(ledger: Ledger, record: RunRecord, task: Task, predictions: dict[
     record.collapsed, record.chance = health.collapsed, health.chance
     summary["health"] = health.message
     if task.kind != "multilabel" and (reliability or calibrate):
-        temperature = calibrated(run_dir, predictions, record.test_metrics, calibrate)
+        temperature = calibrated(run_dir, predictions, record.test_metrics, calibrate, record.dataset_label or record.dataset)
         if temperature is not None:
             summary["calibration_temperature"] = temperature
     write_json(run_dir / METRICS, {**summary, "val": val_metrics, "test": record.test_metrics,
@@ -53,7 +53,8 @@ def record_run(ledger: Ledger, record: RunRecord, task: Task, predictions: dict[
     return record
 
 
-def calibrated(run_dir: Path, predictions: dict[str, Predictions], test_metrics: dict[str, Any], calibrate: bool) -> float | None:
+def calibrated(run_dir: Path, predictions: dict[str, Predictions], test_metrics: dict[str, Any], calibrate: bool,
+               dataset: str = "") -> float | None:
     """Draw the test split's reliability diagram; with `calibrate`, temperature scaling fitted on validation, the test
     calibration metrics with it applied added to `test_metrics` (`<name>_calibrated`), and the temperature returned."""
     test = predictions["test"]
@@ -62,5 +63,5 @@ def calibrated(run_dir: Path, predictions: dict[str, Predictions], test_metrics:
         temperature = fit_temperature(predictions["val"].labels, predictions["val"].logits)
         scaled = np.asarray(test.logits, dtype=np.float64) / temperature
         test_metrics.update({f"{name}_calibrated": value for name, value in calibration_metrics(test.labels, scaled).items()})
-    reliability_diagram(run_dir / RELIABILITY, test.labels, test.logits, temperature)
+    reliability_diagram(run_dir / RELIABILITY, test.labels, test.logits, temperature, dataset=dataset)
     return temperature
