@@ -31,7 +31,7 @@ TRANSFER_PAIRS  ?= ham10000:isic2019 idrid:aptos2019 messidor2:aptos2019 chestxr
 TRANSFER_OUTPUT ?= outputs/transfer
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test-tools demo test test-fast lint extract probe finetune bench gpu-check report paper transfer
+.PHONY: install test-tools demo test test-fast lint extract probe finetune bench bench-readme gpu-check report paper transfer
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -125,6 +125,11 @@ transfer: $(PY)
 # `make bench ARGS=--smoke` runs each one's code path at tiny sizes in seconds, recording nothing (the tests do too).
 bench: $(PY)
 	$(PY) -m bench $(ARGS)
+
+# The README's Performance table from the latest figures of each benchmark in outputs/bench/summary.json (kept in
+# bench/figures.json, each with its machine and date); `python -m bench.readme --check` says whether the README shows them.
+bench-readme: $(PY)
+	$(PY) -m bench.readme --update
 
 # What a machine with a GPU runs first (under 5 minutes): extraction vs bare forward (ViT-B, ResNet152, AMP), a 1-GPU
 # torchrun extraction, DeiT heads side by side in a probe sweep, an fp16 finetune killed and resumed. Refuses without CUDA.

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from bench.common import REPO, RUN_ENV, met, summary_path
 
-BENCHES = ("extraction", "reads", "memory", "cache_vs_online", "sweep", "deit_head", "bootstrap", "images")
+BENCHES = ("extraction", "reads", "memory", "cache_vs_online", "sweep", "deit_head", "bootstrap", "images", "tokens")
 
 
 def main(args: list[str]) -> int:

@@ -122,7 +122,8 @@ def extraction_ratios(scale: Scale, work: Path) -> list[Figure]:
     """The pipeline's images/s over the bare forward's, with the runner's AMP (bf16 on CUDA)."""
     figures = []
     for name, backbone, overrides in (("ViT-B", "deit", scale.vit), ("ResNet152", "resnet152", scale.cnn)):
-        found = compare(name, backbone, overrides, torch.device(scale.device), work, scale.image_size, scale.per_class, scale.rounds)
+        found = compare(name, backbone, overrides, torch.device(scale.device), work, scale.image_size, scale.per_class, scale.rounds,
+                        workers=None)
         step = f"extract {name}"
         target = "tiny models: start-up dominates" if scale.device == "cpu" else "target >= 0.8"
         figures += [Figure(step, "pipeline / bare forward", found["ratio"], "",

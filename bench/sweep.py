@@ -4,7 +4,8 @@
   processes, one per configuration, as a user types them; each process pays its start (Python, torch, the cache's
   opening) once, so the sweep pays it once and the separate runs twelve times.
 - In-process: `probe.sweep.run_sweep` vs `probe.run.run_probe` called twelve times in this process, no start at all:
-  what batching saves inside training and saving alone.
+  what batching saves inside training and saving alone. (The stacked heads train on one CPU thread,
+  `probe.sweep.small_on_one_thread`: on two threads the sweep alone took longer than a whole `probe sweep` command.)
 Both are the user-level paths: run folders and ledger rows included.
 
 The cache has APTOS 2019's shape under the study's split (2564 / 549 / 549 rows, 5 grades) with
@@ -35,7 +36,7 @@ from probe.run import run_probe
 from probe.sweep import run_sweep
 
 CLASSES = 5
-TARGET_COMMANDS, TARGET_IN_PROCESS = 10.0, 3.0
+TARGET_COMMANDS, TARGET_IN_PROCESS = 10.0, 5.0
 
 
 @dataclass(frozen=True)

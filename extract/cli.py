@@ -55,7 +55,7 @@ def parse_views(views: int | None) -> int:
 Root = Annotated[Path | None, typer.Option(help="Folder holding the dataset's released layout.", show_default="none (demo needs none)")]
 Out = Annotated[Path | None, typer.Option(help="Cache folder.", show_default="$MEDFM_OUTPUT/features")]
 Tokens = Annotated[bool, typer.Option("--tokens/--no-tokens", help="Also store patch tokens (for DeiT heads).")]
-TokenDtype = Annotated[str, typer.Option(help="float16 | float32.")]
+TokenDtype = Annotated[str, typer.Option(help="float16 | float32 | int8 (one float32 scale per token: about half of float16's bytes).")]
 Layers = Annotated[str, typer.Option(help="Blocks to store, e.g. -1,-4 or all; the last is always stored.")]
 ImageSize = Annotated[int | None, typer.Option(help="Input size.", show_default="the backbone's, 224")]
 InChans = Annotated[int, typer.Option(help="3 (grayscale replicated to RGB) | 1 (first conv from the R-channel kernel, the study's).")]

@@ -30,7 +30,7 @@ from extract.backbones.weights import ResolvedWeights, resolve_weights, take_pre
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource
 from extract.inputs import input_spec
-from extract.runner import BackboneForward
+from extract.runner import BackboneForward, quantize
 from extract.transforms import TransformSpec
 from ledger.records import RunRecord
 from ledger.runs import RunConfig
@@ -101,11 +101,17 @@ def _probe_model(record: RunRecord, config: RunConfig, device: torch.device, wei
     layer = int(block) if block else meta.num_layers - 1
     precision = settings.get("precision", "fp32")
     forward = BackboneForward(backbone, [layer], device, None if precision == "fp32" else getattr(torch, precision))
-    stored = torch.float32 if kind == "pooled" else getattr(torch, settings.get("token_dtype", "float16"))
+    token_dtype = settings.get("token_dtype", "float16")
+    quantized = kind == "tokens" and token_dtype == "int8"
+    stored = torch.float32 if kind == "pooled" or quantized else getattr(torch, token_dtype)
 
     def feature(images: torch.Tensor) -> torch.Tensor:
-        """The feature as the cache stored it, then as the probe read it (fp32)."""
-        return getattr(forward(images)[layer], kind).to(stored).float()
+        """The feature as the cache stored it (int8 tokens: quantized per token), then as the probe read it (fp32)."""
+        raw = getattr(forward(images)[layer], kind)
+        if quantized:
+            values, scales = quantize(raw)
+            return values.float() * scales[..., None]
+        return raw.to(stored).float()
 
     zeros = torch.zeros(1, transform.channels, transform.size, transform.size)
     head = _head(record.head, config, tuple(feature(zeros).shape[1:]), head_file, device)

@@ -8,6 +8,10 @@ number of batches, as many rows as the RAM budget holds): it reads the window's 
 spans off the file's raw chunks (`_read_rows`), and serves them in permutation order, so both modes give the same
 batches and a run's result does not depend on whether its features fitted in memory. Streamed mode holds one
 window, a read buffer of at most one chunk and two batches.
+
+Tokens stored as int8 (`extract run --token-dtype int8`) stay int8 in RAM and in a streamed window, beside their
+per-token scales, and are dequantized to float32 batch by batch (`cache.store.dequantize`): a token cache takes half
+of float16's memory, so more of them fit the RAM budget, and a head sees float32 as with any other cache.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import psutil
 
 from cache.schema import view_group
-from cache.store import CacheReader
+from cache.store import CacheReader, dequantize
 from common.errors import MedfmError
 
 if TYPE_CHECKING:
@@ -69,7 +73,7 @@ def default_budget() -> int:
 
 @dataclass(frozen=True)
 class Batch:
-    features: np.ndarray  # [B, D] or [B, T, D], the stored dtype
+    features: np.ndarray  # [B, D] or [B, T, D], the stored dtype (float32 for int8 arrays, dequantized)
     labels: np.ndarray  # [B] int64 or [B, C] float32
 
 
@@ -98,8 +102,10 @@ class FeatureSource:
         self.splits = [*reader.splits, *(g for g in self.train_groups if g != "train")]  # the eval view too: for --standardize
         for split in self.splits:
             reader.dataset(split, feature)  # a clear error when the cache lacks this feature
+        self.scales = reader.scales(self.splits[0], feature)  # int8 features: their scales' array, else None
+        arrays = [feature] if self.scales is None else [feature, self.scales]
         self.budget = default_budget() if max_ram is None else int(max_ram)
-        self.nbytes = sum(reader.nbytes(s, feature) for s in self.splits)
+        self.nbytes = sum(reader.nbytes(s, a) for s in self.splits for a in arrays)
         self.streamed = self.nbytes > self.budget
         self.passes: Counter[str] = Counter()
         self._valid = {s: reader.valid(s) for s in reader.splits}
@@ -112,13 +118,20 @@ class FeatureSource:
         self.layout_split = "train" if "train" in reader.splits else reader.splits[0]
         train = reader.dataset(self.layout_split, feature)
         self.chunk_rows = train.chunks[0] if train.chunks else max(len(train), 1)
-        self.row_bytes = train.dtype.itemsize * int(np.prod(train.shape[1:], dtype=np.int64))
+        values = int(np.prod(train.shape[1:], dtype=np.int64))
+        self.row_bytes = values * train.dtype.itemsize  # as stored, with its scales
+        if self.scales is not None:
+            self.row_bytes += 4 * int(np.prod(reader.dataset(self.layout_split, self.scales).shape[1:], dtype=np.int64))
+        self.batch_row_bytes = values * 4 if self.scales is not None else self.row_bytes  # as served: int8 dequantized
         self.window_rows = self._window_rows()
         self._ram: dict[str, np.ndarray] = {}
+        self._ram_scales: dict[str, np.ndarray] = {}
         if self.streamed:
             self._check_window_fits()
         else:
             self._ram = {s: reader.dataset(s, feature)[:] for s in self.splits}
+            if self.scales is not None:
+                self._ram_scales = {s: reader.dataset(s, self.scales)[:] for s in self.splits}
         self._ids = {s: reader.ids(s) for s in reader.splits}
         if fold is not None:
             self._use_fold(fold, views, rows)
@@ -134,9 +147,11 @@ class FeatureSource:
                              f"the budget of {self.budget / 2**20:.0f} MiB; raise --max-ram")
         if views or rows is not None:
             raise MedfmError("--folds trains on the eval view and every train row of its fold: give --views 0, no subset")
-        ram, labels = dict(self._ram), dict(self._labels)
+        ram, scales, labels = dict(self._ram), dict(self._ram_scales), dict(self._labels)
         for split, parts in (("train", fold.train), ("test", fold.test)):
             self._ram[split] = np.concatenate([ram[s][r] for s, r in parts.items()])
+            if scales:
+                self._ram_scales[split] = np.concatenate([scales[s][r] for s, r in parts.items()])
             self._labels[split] = np.concatenate([labels[s][r] for s, r in parts.items()])
             self._valid[split] = np.ones(len(self._labels[split]), dtype=bool)
             self._ids[split] = fold.ids[split]
@@ -170,16 +185,17 @@ class FeatureSource:
         order = self.epoch_order(epoch_seed)
         if not self.streamed:
             for b in range(0, len(order), size):
-                yield Batch(self._ram[group][order[b : b + size]], labels[order[b : b + size]])
+                yield Batch(self._ram_rows(group, order[b : b + size]), labels[order[b : b + size]])
             return
         for w in range(0, len(order), self.window_rows):
             window = order[w : w + self.window_rows]
             rows = np.sort(window)
             block = _read_rows(self.reader, group, self.feature, rows, self.chunk_rows)
+            scales = None if self.scales is None else _read_rows(self.reader, group, self.scales, rows, _chunk_rows(self.reader, group, self.scales))
             position = np.searchsorted(rows, window)
             for b in range(0, len(window), size):
-                yield Batch(block[position[b : b + size]], labels[window[b : b + size]])
-            del block  # before the next window is read: one window at a time
+                yield Batch(self._served(block, scales, position[b : b + size]), labels[window[b : b + size]])
+            del block, scales  # before the next window is read: one window at a time
 
     def epoch_order(self, epoch_seed: tuple[int, ...]) -> np.ndarray:
         """The file rows an epoch serves, in serving order: a permutation of the valid train rows seeded by `epoch_seed`,
@@ -194,14 +210,23 @@ class FeatureSource:
         if not self.streamed:
             rows = np.flatnonzero(valid)
             for b in range(0, len(rows), EVAL_BATCH):
-                yield Batch(self._ram[split][rows[b : b + EVAL_BATCH]], labels[rows[b : b + EVAL_BATCH]])
+                yield Batch(self._ram_rows(split, rows[b : b + EVAL_BATCH]), labels[rows[b : b + EVAL_BATCH]])
             return
         for start, block in self.reader.iter_slices(split, self.feature):
             keep = valid[start : start + len(block)]
+            scales = None if self.scales is None else self.reader.read_rows(split, self.scales, start, start + len(block))
             for b in range(0, len(block), EVAL_BATCH):
-                part = keep[b : b + EVAL_BATCH]
-                if part.any():
-                    yield Batch(block[b : b + EVAL_BATCH][part], labels[start + b : start + b + EVAL_BATCH][part])
+                part = np.flatnonzero(keep[b : b + EVAL_BATCH]) + b
+                if len(part):
+                    yield Batch(self._served(block, scales, part), labels[start + part])
+
+    def _ram_rows(self, group: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of a group held in RAM, as a batch serves them."""
+        return self._served(self._ram[group], self._ram_scales.get(group), rows)
+
+    def _served(self, block: np.ndarray, scales: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+        """`block[rows]`, dequantized (float32) when the feature is int8 (`scales` its scales)."""
+        return block[rows] if scales is None else dequantize(block[rows], scales[rows])
 
     def steps_per_epoch(self) -> int:
         rows = int(self._valid["train"].sum())
@@ -218,7 +243,7 @@ class FeatureSource:
         """Rows of a streamed window: as many whole batches as the budget holds beside the read buffer and two batches
         (the one served and the consumer's previous one), at least one batch, at most the epoch's rows."""
         size = self.batch_size
-        room = (self.budget - self._buffer_rows() * self.row_bytes) // max(self.row_bytes, 1) - 2 * size
+        room = (self.budget - self._buffer_rows() * self.row_bytes - 2 * size * self.batch_row_bytes) // max(self.row_bytes, 1)
         epoch = int(self._valid[self.layout_split].sum())
         return max(size, min(room // size, math.ceil(epoch / size)) * size)
 
@@ -229,7 +254,7 @@ class FeatureSource:
 
     def _check_window_fits(self) -> None:
         """Streamed mode holds one window (at least one batch), a read buffer and two batches; refuse a budget below that."""
-        need = (self.window_rows + self._buffer_rows() + 2 * self.batch_size) * self.row_bytes
+        need = (self.window_rows + self._buffer_rows()) * self.row_bytes + 2 * self.batch_size * self.batch_row_bytes
         if need > self.budget:
             raise MedfmError(
                 f"--max-ram {self.budget / 2**20:.0f} MiB is below what streaming needs ({need / 2**20:.0f} MiB: a shuffle window of "
@@ -246,6 +271,12 @@ def _row_mask(rows: np.ndarray, n: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[rows] = True
     return mask
+
+
+def _chunk_rows(reader: CacheReader, group: str, name: str) -> int:
+    """Rows per stored chunk of array `name` of `group`."""
+    dataset = reader.dataset(group, name)
+    return dataset.chunks[0] if dataset.chunks else max(len(dataset), 1)
 
 
 def _read_rows(reader: CacheReader, group: str, feature: str, rows: np.ndarray, chunk_rows: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from bench.common import REPO, SUMMARY_ENV, at_least, record, run_bench
 from common.errors import MedfmError
 from probe.train import train_head
 
-IN_PROCESS = ("bootstrap", "cache_vs_online", "deit_head", "extraction", "images", "reads")
+IN_PROCESS = ("bootstrap", "cache_vs_online", "deit_head", "extraction", "images", "reads", "tokens")
 STARTS_PROCESSES = ("memory", "sweep")
 
 

@@ -60,9 +60,11 @@ def test_probe_predict_on_the_test_images_reproduces_the_runs_stored_test_predic
     assert_reproduces(found, run.run_dir, root)
 
 
-def test_a_deit_head_on_float16_tokens_listed_in_a_csv_reproduces_its_run(tmp_path, isolated_outputs, monkeypatch):
+@pytest.mark.parametrize("token_dtype", ["float16", "int8"])
+def test_a_deit_head_on_stored_tokens_listed_in_a_csv_reproduces_its_run(tmp_path, isolated_outputs, monkeypatch, token_dtype):
+    """Tokens stored as float16 or quantized to int8 (`--token-dtype int8`): predict rebuilds them as the cache holds them."""
     root = write_folder(tmp_path / "scans")
-    run_id = train(extract_folder(root, isolated_outputs / "features"), **DEIT)
+    run_id = train(extract_folder(root, isolated_outputs / "features", token_dtype=token_dtype), **DEIT)
     (run,) = Ledger().rows(id=run_id)
     listing = root / "test.csv"
     pd.DataFrame({"path": load_predictions(run.run_dir, "test").ids}).to_csv(listing, index=False)

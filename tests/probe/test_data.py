@@ -9,6 +9,7 @@ import pytest
 import timm  # noqa: F401 - imported up front, so its import does not count as traced memory below
 import torch
 
+from bench.tokens import requantized
 from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from common.errors import MedfmError
@@ -106,3 +107,26 @@ def test_a_train_split_smaller_than_one_batch_is_served_whole_in_both_modes(tmp_
             assert source.mode == mode
             batches = list(source.train_batches((0, 1)))
             assert [len(b.labels) for b in batches] == [10] and source.steps_per_epoch() == 1
+
+
+def test_int8_tokens_stay_int8_in_ram_and_are_dequantized_per_batch_alike_in_ram_and_streamed(tmp_path):
+    """An int8 cache takes about half of float16's budget; its batches are float32, equal to the stored values times
+    their scales, and RAM and streamed mode serve the same ones (train, with the scales read in the same spans, and eval)."""
+    half = make_cache(tmp_path / "c.h5", rows={"train": 300, "val": 40, "test": 40}, tokens=(64, 512))
+    int8 = requantized(half, tmp_path / "q.h5", "token")
+    with CacheReader(half) as h, CacheReader(int8) as reader:
+        ram = FeatureSource(reader, "tokens", batch_size=32, max_ram=1 << 40)
+        streamed = FeatureSource(reader, "tokens", batch_size=32, max_ram=10 << 20)
+        assert (ram.mode, streamed.mode) == ("ram", "streamed") and streamed.window_rows < 300
+        assert ram.nbytes / FeatureSource(h, "tokens", batch_size=32, max_ram=1 << 40).nbytes == pytest.approx(0.5 + 2 / 512)
+        assert ram._ram["train"].dtype == np.int8  # held as stored
+        a, b = _all_batches(ram, (0, 1)), _all_batches(streamed, (0, 1))
+        assert len(a) == len(b) == 300 // 32 and a[0][0].dtype == np.float32
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+        for split in ("val", "test"):
+            ea = np.concatenate([x.features for x in ram.eval_batches(split)])
+            np.testing.assert_array_equal(ea, np.concatenate([x.features for x in streamed.eval_batches(split)]))
+            np.testing.assert_array_equal(ea, reader.features(split, "tokens"))
+            np.testing.assert_allclose(ea, h.features(split, "tokens").astype(np.float32), rtol=0, atol=np.abs(ea).max() / 254 * 1.001)

@@ -9,6 +9,7 @@ import torch
 from cache.layout import open_cache
 from cache.store import CacheReader
 from ledger.store import Ledger
+from probe import sweep
 from probe.config import TrainConfig
 from probe.data import FeatureSource
 from probe.sweep import Grid, expand, run_sweep
@@ -93,3 +94,28 @@ def test_deit_per_pass_auto_is_one_head_per_pass_on_the_cpu_and_a_bad_count_is_r
         assert outcome.trained == 2 and outcome.train_passes == 2 * base.epochs  # each head alone
         with pytest.raises(MedfmError, match="auto or at least 1"):
             run_sweep(reader, configs, device="cpu", deit_per_pass=0, force=True)
+
+
+def test_a_small_stack_of_linear_heads_trains_on_one_cpu_thread_and_gives_the_threads_back(tmp_path, monkeypatch):
+    """Stacked heads' small operations cross torch's grain for splitting across threads, which costs more than they do;
+    a stack too large for one core keeps the threads."""
+    seen: list[int] = []
+    real_fit = sweep.fit
+
+    def fit(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "fit", fit)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        path = make_cache(tmp_path / "c.h5")
+        with open_cache(path, None, None) as reader:
+            configs = expand(reader, Grid(lrs=(1e-3, 1e-2)), BASE)
+            run_sweep(reader, configs, device="cpu")
+            monkeypatch.setattr(sweep, "ONE_THREAD_PARAMETERS", 10)
+            run_sweep(reader, configs, device="cpu", force=True)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
