@@ -23,9 +23,9 @@ from extract.datasets import (  # noqa: F401 - each dataset module registers its
 )
 from extract.datasets.base import DatasetSource, Split, Task
 from extract.datasets.frames import DEFAULT_FRAMES, with_frames
-from extract.names import check_frames
 from extract.datasets.label_maps import label_maps_of
 from extract.datasets.registry import REGISTRY, DatasetEntry, list_datasets, register
+from extract.names import check_frames
 
 
 def get_dataset(name: str, root: Path | None = None, **options: Any) -> DatasetSource:
