@@ -135,6 +135,9 @@ def run(
     check_root(dataset, root)
     check_frames(frames)
     corruptions = parse_corruptions(corrupt, corrupt_seed) if corrupt is not None else ()
+    from extract.datasets import get_dataset  # the layout's mistakes (a CSV path outside its folder, ...) before torch loads
+
+    source = get_dataset(dataset, root, **dataset_options(opt, split_seed, frames))
     from extract.runner import extract  # torch and the models: imported for a run, not for --help
 
     cfg = extract_config(
@@ -145,7 +148,7 @@ def run(
         corrupt=corruptions,
         overrides=parse_overrides(override or []),
     )
-    result = extract(cfg)
+    result = extract(cfg, source=source)
     if torchrun_launch().is_main:  # under torchrun, rank 0 speaks for the joined caches
         for written in (result, *result.corrupted):
             rows = ", ".join(f"{k} {v}" for k, v in written.rows.items())

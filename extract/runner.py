@@ -204,8 +204,10 @@ class BackboneForward:
         return 1
 
 
-def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult:
-    """Extract features of every split of `cfg.dataset` with `cfg.backbone` into a fingerprinted cache."""
+def extract(cfg: ExtractConfig, console: Console | None = None, source: DatasetSource | None = None) -> ExtractResult:
+    """Extract features of every split of `cfg.dataset` with `cfg.backbone` into a fingerprinted cache; `source` is the
+    dataset already read with `cfg`'s root and options (the command line reads it first, to say a layout's mistakes
+    before torch loads), else it is read here."""
     launch = torchrun_launch()
     console = console or Console(stderr=True, quiet=not launch.is_main)  # one progress bar: rank 0's
     check_input_settings(cfg.norm, cfg.in_chans, cfg.image_size, cfg.interpolation)
@@ -221,7 +223,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> ExtractResult
     amp = autocast_dtype(for_protocol(cfg.precision, cfg.protocol, device), device)
 
     # --- settings -> fingerprint -> the clean cache, then each corrupted test view's (planned first: a mistake stops before any work)
-    planned = plan_cache(cfg, device, amp, console)
+    planned = plan_cache(cfg, device, amp, console, source)
     corrupted = [corrupted_plan(planned, corruption) for corruption in cfg.corrupt if not corruption.clean]
     result = write_cache(planned, cfg, device, amp, console)
     result.corrupted = [write_cache(view, replace(cfg, views=0, augment="none"), device, amp, console) for view in corrupted]
@@ -349,11 +351,12 @@ def corrupted_plan(planned: PlannedCache, corruption: Corruption) -> PlannedCach
                    corruption=corruption)
 
 
-def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None, console: Console) -> PlannedCache:
+def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None, console: Console,
+               source: DatasetSource | None = None) -> PlannedCache:
     """Resolve `cfg` to its settings, their fingerprint and the cache file they name (built or not): the one rule
     `extract run` and `extract zeroshot` share to find a cache."""
     spec = get_spec(cfg.backbone)
-    source = get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    source = source or get_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     if cfg.manifest is not None:
         source = source.with_manifest(read_manifest(cfg.manifest))
     check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)

@@ -242,3 +242,16 @@ def test_a_missing_root_is_one_line_before_torch_loads(args: list[str], message:
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert lines[-1] == "False 2" and lines[-2].startswith(message)
+
+
+def test_a_csv_path_outside_its_folder_is_one_line_before_torch_loads(tmp_path: Path) -> None:
+    """The dataset's layout is read before the models load: a CSV naming a file outside its folder answers in a second."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "labels.csv").write_text("path,label\n../outside.png,a\nimg/1.png,b\n")
+    script = ("import sys; from extract.cli import main; sys.argv = ['extract', 'run', '--backbone', 'deit', *sys.argv[1:]]\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    print('torch' in sys.modules, e.code, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script, "--dataset", "csv", "--root", str(tmp_path / "root")], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == "False 2" and "names ../outside.png, outside" in lines[-2]
+
