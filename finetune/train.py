@@ -433,9 +433,9 @@ def _finish(cfg: FinetuneConfig, run: Run, setup: Training, world: World, state:
         cost = Cost(device_label(world.device) + (f" x{world.size}" if world.size > 1 else ""), world.size,
                     len(splits["train"]) * len(state["history"]))
         record = _record(cfg, run, result, state["train_seconds"], time.perf_counter() - start_time, setup.inputs, cost)
-        record.test_metrics = {**record.test_metrics, **setup.params, **_peak_memory(world.device)}  # beside the score
         late = late_best(result.best_epoch, cfg.epochs)
-        summary: dict[str, Any] = {"best_epoch": result.best_epoch, "late_best": late}
+        # the cost beside the score, in metrics.json: not among the test metrics, which two equal runs must share
+        summary: dict[str, Any] = {"best_epoch": result.best_epoch, "late_best": late, **setup.params, **_peak_memory(world.device)}
         record_run(ledger, record, task, predictions, summary, state["history"][result.best_epoch - 1]["val"])
         result.ledger_id = record.id
         (run.run_dir / CHECKPOINT).unlink(missing_ok=True)

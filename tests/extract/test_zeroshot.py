@@ -19,7 +19,7 @@ from extract.backbones import create_backbone
 from extract.cli import main as extract_main
 from extract.runner import ExtractConfig, extract, group_images
 from extract.text import PROMPTS_FILE, ZeroShotConfig, build_clip, load_prompts, prompts_for, zeroshot
-from extract.transforms import TransformSpec
+from extract.transforms import Normalize, TransformSpec
 from ledger.predictions import load_predictions
 from ledger.store import Ledger
 from probe.cli import main as probe_main
@@ -70,7 +70,7 @@ def test_zeroshot_logits_equal_open_clips_own_path(cache: Path) -> None:
     from extract.datasets import get_dataset
 
     images = group_images(get_dataset("demo", None, per_class=6), "test", tspec, None, 0)
-    x = torch.stack([images[i][0] for i in range(len(images))])
+    x = Normalize(tspec)(torch.stack([images[i][0] for i in range(len(images))]))  # the loader's uint8 crops, normalised as on the device
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     templates, words = prompts_for(load_prompts(), "demo", meta.task.class_names)
     with torch.no_grad():
