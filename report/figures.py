@@ -68,6 +68,9 @@ class GainChart:
     empty: str = ""  # why no bar is drawn, when none is
 
 
+SIGNED_METRICS = ("quadratic_kappa",)  # scores that reach down to -1; every other primary metric lies in [0, 1]
+
+
 @dataclass(frozen=True)
 class Panel:
     """One dataset column: its title (its name and test rows), its metric and a value per row of the chart."""
@@ -169,6 +172,9 @@ def _panel(ax: plt.Axes, rows: list[Row], panel: Panel) -> None:
     ax.set_title("\n".join(wrap(line, 30) for line in panel.title.split("\n")), fontsize=9)
     ax.set_xlabel(f"test {panel.metric}", fontsize=9)
     ax.margins(x=0.3)
+    low, high = ax.get_xlim()
+    floor = -1.0 if panel.metric in SIGNED_METRICS else 0.0
+    ax.set_xlim(max(low, floor), min(high, 1.0 + 0.12 * (min(high, 1.0) - max(low, floor))))  # a score lies in [0, 1]: room for its label
     ax.grid(axis="x", alpha=0.3)
 
 
