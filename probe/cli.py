@@ -642,6 +642,7 @@ def curve(
     check_solver(solver)
     if not cache and not (backbone and dataset):
         raise MedfmError("pass --backbone and --dataset (or --cache FILE)")
+    check_folder(out or output_root() / "reports", "--out")  # a file in its place is one line before any head trains
     from contextlib import ExitStack
 
     from probe.config import TrainConfig

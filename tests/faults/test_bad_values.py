@@ -40,7 +40,7 @@ Case = namedtuple("Case", "main args said")
 
 
 def cases(tmp: Path) -> dict[str, Case]:
-    """N13's nine values, as the attack typed them."""
+    """N13's nine values, as the attack typed them, and `probe curve --out` at a file."""
     afile = tmp / "passwd_copy"
     afile.write_text("root:x:0:0\n")
     cache = make_cache(tmp / "c.h5")
@@ -48,6 +48,7 @@ def cases(tmp: Path) -> dict[str, Case]:
         "workers": Case(extract_main, ["images", *DEMO, "--resize", "37", "--workers", "-1"], "--workers must be 0 (decode in the main process) or more, got -1"),
         "images-out": Case(extract_main, ["images", *DEMO, "--out", str(afile)], f"--out {afile} is not a folder"),
         "report-out": Case(probe_main, ["report", "--out", str(afile)], f"--out {afile} is not a folder"),
+        "curve-out": Case(probe_main, ["curve", "--cache", str(cache), "--out", str(afile)], f"--out {afile} is not a folder"),
         "seeds": Case(probe_main, ["run", "--cache", str(cache), "--epochs", "2", "--seeds", "99999999999999999999"],
                       "a head seed (--seed, --seeds) must be a whole number from 0 to 4294967295, got 99999999999999999999"),
         "data-seed": Case(probe_main, ["run", "--cache", str(cache), "--epochs", "2", "--data-seed", "-1"],
@@ -60,7 +61,7 @@ def cases(tmp: Path) -> dict[str, Case]:
     }
 
 
-@pytest.mark.parametrize("name", ["workers", "images-out", "report-out", "seeds", "data-seed", "compare-seed", "corrupt", "root-file", "nul"])
+@pytest.mark.parametrize("name", ["workers", "images-out", "report-out", "curve-out", "seeds", "data-seed", "compare-seed", "corrupt", "root-file", "nul"])
 def test_each_bad_value_of_the_attack_is_one_line(name, tmp_path, monkeypatch):
     case = cases(tmp_path)[name]
     assert case.said in one_line(*run_main(case.main, case.args, monkeypatch)[::2])
