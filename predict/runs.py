@@ -23,7 +23,7 @@ from torch import nn
 
 from cache.schema import Task
 from cache.store import CacheReader
-from common.checkpoints import load_state_dict
+from common.checkpoints import load_into, load_state_dict
 from common.errors import MedfmError
 from extract.backbones import Backbone, create_backbone, get_spec
 from extract.backbones.weights import ResolvedWeights, resolve_weights, take_prefix
@@ -190,7 +190,7 @@ def _head(name: str, config: RunConfig, row_shape: tuple[int, ...], state: Path 
         options["weights"] = "random"  # no pretrained file is looked for: the saved state replaces every weight
     head = build_head(name, row_shape, config.task_spec.num_outputs, protocol=c.get("protocol", "medfm"), **options)
     if state is not None:
-        head.load_state_dict(load_state_dict(state))
+        load_into(head, state, f"the run's {name} head", "it is not the head this run saved; retrain the run with --force")
     return head.to(device).eval()
 
 
