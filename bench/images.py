@@ -38,7 +38,7 @@ from extract.datasets.base import DatasetSource
 from extract.datasets.images import ImageDataset
 from extract.image_cache import CachedPixels, ImageCacheConfig, JpegDraft, build_image_cache, find_image_cache
 from extract.runner import CPU_BATCH, BackboneForward, ExtractConfig, autocast_dtype, extract
-from extract.transforms import TransformSpec, eval_transform, make_spec
+from extract.transforms import Normalize, TransformSpec, eval_transform, make_spec
 from finetune.data import make_loader
 from finetune.distributed import World
 
@@ -189,11 +189,13 @@ def decode_bound(root: Path, images_dir: Path, dev: torch.device, s: Sizes) -> d
         rates[image_cache] = max(rates[image_cache], result.images_per_s or 0.0)
         shutil.rmtree(out)
 
+    normalize = Normalize(tspec)  # the loader hands over uint8 crops, as finetune's training loop gets them
+
     def epoch(pixels: CachedPixels | None) -> None:
         loader, _ = make_loader(source, "train", tspec, world, batch_size=4, train=True, augment=True, seed=0, workers=WORKERS,
                                 pixels=pixels)
         for images, labels, *_ in loader:
-            loss = torch.nn.functional.cross_entropy(head(model(images.to(dev)).pooled), labels.to(dev))
+            loss = torch.nn.functional.cross_entropy(head(model(normalize(images.to(dev))).pooled), labels.to(dev))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

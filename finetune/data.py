@@ -21,16 +21,16 @@ from common.errors import MedfmError
 from extract.datasets.base import DatasetSource
 from extract.datasets.images import ImageDataset
 from extract.image_cache import CachedPixels, find_image_cache
-from extract.transforms import TransformSpec, eval_transform, train_transform, view_seed
+from extract.transforms import TransformSpec, eval_crop, train_crop, view_seed
 from finetune.distributed import World
 
 
 class LabeledImages(Dataset):
-    """extract's ImageDataset plus each sample's label and dataset index (to gather predictions by index)."""
+    """extract's ImageDataset of uint8 crops plus each sample's label and dataset index (to gather predictions by index)."""
 
     def __init__(self, source: DatasetSource, split: str, transform: Callable[[Image.Image], torch.Tensor], spec: TransformSpec,
                  pixels: CachedPixels | None = None) -> None:
-        self.images = ImageDataset(source, split, transform, (spec.channels, spec.size, spec.size), pixels)
+        self.images = ImageDataset(source, split, transform, (spec.channels, spec.size, spec.size), pixels, dtype=torch.uint8)
         labels = source.splits[split].labels
         self.labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.int64)
 
@@ -47,10 +47,12 @@ def make_loader(
     batch_size: int, train: bool, augment: bool, seed: int, workers: int | None, pixels: CachedPixels | None = None,
 ) -> tuple[DataLoader, DistributedSampler]:
     """The loader of one split for this rank; `batch_size` is the global batch, split evenly across ranks; `pixels`: an image
-    cache of these images (`find_pixels`) to read them from."""
+    cache of these images (`find_pixels`) to read them from. It hands over uint8 crops (`extract.transforms.eval_crop`,
+    `train_crop`), a quarter of float32's bytes through worker IPC and the host-to-device copy: the training loop
+    normalises them on the device (`extract.transforms.Normalize`)."""
     if len(source.splits.get(split, ())) == 0:
         raise MedfmError(f"dataset '{source.name}' has no '{split}' images; finetune needs train, val and test splits")
-    transform = train_transform(spec) if train and augment else eval_transform(spec)
+    transform = train_crop(spec) if train and augment else eval_crop(spec)
     data = LabeledImages(source, split, transform, spec, pixels)
     sampler = DistributedSampler(data, num_replicas=world.size, rank=world.rank, shuffle=train, seed=seed, drop_last=False)
     if workers is None:

@@ -56,7 +56,7 @@ from extract.datasets import DatasetSource, get_dataset
 from extract.datasets.decode import DECODER_VERSION
 from extract.image_cache import image_folder
 from extract.inputs import check_image_size, check_input_settings, check_study_inputs, input_spec
-from extract.transforms import TransformSpec
+from extract.transforms import Normalize, TransformSpec
 from finetune import distributed
 from finetune.data import check_images, draw_epoch, epoch_seed, find_pixels, make_loader
 from finetune.distributed import World
@@ -182,6 +182,10 @@ class Training:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     params: dict[str, int]  # trainable and total parameters, recorded beside the score
+    normalize: Normalize = field(init=False)  # the loaders' uint8 crops -> the model's float input, on the device
+
+    def __post_init__(self) -> None:
+        self.normalize = Normalize(self.inputs)
 
 
 def _finetune(cfg: FinetuneConfig, world: World, console: Console, held: ExitStack) -> FinetuneResult:
@@ -346,7 +350,7 @@ def _train_epochs(cfg: FinetuneConfig, run: Run, setup: Training, world: World, 
                 pace.step((epoch - first_epoch) * steps + step, f"epoch {epoch + 1}/{cfg.epochs}")
 
             losses, train_labels, train_logits = _train_one_epoch(cfg, setup, world, amp, epoch, stepped)
-            val_labels, val_logits = distributed.gather_predictions(world, *_predict(setup.model, setup.loaders["val"], world.device, amp.dtype))
+            val_labels, val_logits = distributed.gather_predictions(world, *_predict(setup.model, setup.loaders["val"], setup.normalize, world.device, amp.dtype))
             state["train_seconds"] += time.perf_counter() - epoch_start
             val_metrics = compute_metrics(task, val_labels, val_logits)
             chosen = selection_rows(len(val_labels), cfg.seed, epoch + 1, cfg.protocol)  # the study's: a draw of 64s
@@ -395,7 +399,7 @@ def _train_one_epoch(cfg: FinetuneConfig, setup: Training, world: World, amp: Pr
     losses, outputs = [], []  # kept on the device: no host sync per step
     for images, labels, index, ok, errors in setup.loaders["train"]:
         check_images(ok, errors)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = setup.normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
             logits = setup.trained(images)
             loss = setup.criterion(logits.float(), labels)
@@ -419,7 +423,7 @@ def _finish(cfg: FinetuneConfig, run: Run, setup: Training, world: World, state:
     ledger row through the recorder both stages share (`training.record`)."""
     task, model = run.source.task, setup.model
     model.load_state_dict(state["best_model"], strict=not run.adapter)  # an adapter run's: the adapter and the head
-    test_labels, test_logits = distributed.gather_predictions(world, *_predict(model, setup.loaders["test"], world.device, None))
+    test_labels, test_logits = distributed.gather_predictions(world, *_predict(model, setup.loaders["test"], setup.normalize, world.device, None))
     test_metrics = compute_metrics(task, test_labels, test_logits)
     head_random = bool(getattr(model.head, "random_init", False))  # a DeiT head without its ImageNet weights is not the study's
     result = FinetuneResult(run.run_dir, run.scenario, state["best_epoch"], task.primary_metric, state["best_score"],
@@ -496,14 +500,16 @@ def _patience_spent(state: dict[str, Any], patience: int | None) -> bool:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
-    """(dataset index, labels, logits) of this rank's share of a split, in eval mode."""
+def _predict(model: nn.Module, loader: DataLoader, normalize: Normalize, device: torch.device,
+             amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    """(dataset index, labels, logits) of this rank's share of a split, in eval mode; the loader's uint8 crops are
+    normalised on the device."""
     model.eval()
     outputs = []
     for images, labels, index, ok, errors in loader:
         check_images(ok, errors)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images.to(device, non_blocking=True))
+            logits = model(normalize(images.to(device, non_blocking=True)))
         outputs.append((index, labels, logits.float().cpu()))
     return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
 
