@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,14 +76,25 @@ def crossing_bytes(spec: TransformSpec) -> dict[str, int]:
 
 
 def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: Path, image_size: int = IMAGE_SIZE,
-            per_class: int = PER_CLASS, rounds: int = ROUNDS, workers: int | None = WORKERS) -> dict[str, float]:
+            per_class: int = PER_CLASS, rounds: int = ROUNDS, workers: int | None = WORKERS, compile: bool = False,
+            batch_size: int | None = None, precision: str = "auto") -> dict[str, float]:
     """Seconds of the fastest pipeline and bare rounds, and the runner's own streaming rate (`bench.gpu_check` too, with
-    the runner's default `workers`: None)."""
+    the runner's default `workers`: None).
+
+    `compile`: both under torch.compile, the pipeline as `extract run --compile`. The bare warm-up compiles every batch
+    shape, and the pipeline's own model, an instance of the same class, reuses that compiled code (dynamo guards on
+    the module's type and tensors' shapes, not on the instance), so the rounds time the compiled steady state.
+    `batch_size`: None is the runner's `--batch-size auto`; `precision`: the runner's `--precision`.
+    """
     cfg = ExtractConfig(backbone=backbone, dataset="demo", weights="random", image_size=image_size, device=str(dev),
-                        dataset_options={"per_class": per_class}, overrides=overrides, workers=workers)
+                        precision=precision, dataset_options={"per_class": per_class}, overrides=overrides, workers=workers,
+                        compile=compile)
     model = create_backbone(backbone, "random", image_size=image_size, **overrides)
     forward = BackboneForward(model, [model.num_layers - 1], dev, autocast_dtype(cfg.precision, dev))
-    batch_size = forward.auto_batch_size((3, image_size, image_size)) if dev.type == "cuda" else CPU_BATCH
+    if batch_size is None:
+        batch_size = forward.auto_batch_size((3, image_size, image_size)) if dev.type == "cuda" else CPU_BATCH
+    if compile:
+        forward.compile()
     cfg.batch_size = batch_size
     inputs = bare_inputs(forward, batch_size, per_class)
     images = sum(len(x) for x in inputs)
@@ -112,6 +124,27 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
         "streaming_img_s": round(max(rates), 2),
         "ratio": best["bare"] / best["pipeline"],
     }
+
+
+def forward_rates(forwards: dict[str, BackboneForward], images: torch.Tensor, warmup: int, steps: int, rounds: int) -> dict[str, float]:
+    """Images/s of each forward on one batch, as timm's benchmark times a model: `warmup` batches untimed (a compiled
+    forward compiles in its first), then `steps` batches and a synchronize per timed stretch; the fastest of `rounds`
+    rounds, the forwards alternating inside each (`fastest_rounds`)."""
+    dev = images.device
+
+    def timed(forward: BackboneForward) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(steps):
+                forward(images)
+            sync(dev)
+        return run
+
+    for forward in forwards.values():
+        for _ in range(warmup):
+            forward(images)
+    sync(dev)
+    best = fastest_rounds({name: timed(forward) for name, forward in forwards.items()}, rounds)
+    return {name: steps * len(images) / seconds for name, seconds in best.items()}
 
 
 def main(smoke: bool = False) -> dict:

@@ -3,16 +3,32 @@
 Each step runs what a user runs and prints its figure; the table is saved as JSON under outputs/bench/:
 
 1. extraction throughput against the bare model forward, ViT-B (deit) and ResNet152, with AMP (`bench.extraction`);
-2. a 1-GPU `torchrun -m extract run` on the synthetic demo set: its images/s, and the cache every later step reads;
-3. `probe sweep --head deit --deit-per-pass auto` on that cache's tokens: DeiT heads side by side, as many per pass
+2. precision x compile, as timm's benchmark measures it: the bare forward of ViT-B, ResNet152 and SAM's ViT-B image
+   encoder in fp32, under the AMP policy (bf16 where the GPU has it, else fp16) and under AMP + torch.compile (inductor),
+   in images/s, beside approximate published H100 figures; and `extract run --compile` against the compiled bare
+   forward. A fixed batch (`compile_batch`, 128 on the GPU; the published figures are at 256) on a random input, the
+   forwards alternating round by round (`bench.extraction.forward_rates`); the pipeline on a demo set whose splits are
+   whole batches, so no batch of another size recompiles it. Each backbone compiles once: the pipeline's model reuses the
+   bare forward's compiled code. SAM runs at medfm's 224 px, not its native 1024 (what medfm extracts, and a 1024-px
+   encoder's compilation and fp32 forward would not fit the budget), so the 2.6x compile speed-up published for it at
+   1024 px is a loose reference only. `--no-compile` leaves out the compiled cells and the pipeline;
+3. a 1-GPU `torchrun -m extract run` on the synthetic demo set: its images/s, and the cache every later step reads;
+4. `probe sweep --head deit --deit-per-pass auto` on that cache's tokens: DeiT heads side by side, as many per pass
    as the GPU's memory holds, seconds per head;
-4. `finetune run --amp-dtype fp16` stopped (SIGTERM) after its first checkpoint, then `--resume`d: fp16 with a GradScaler,
+5. `finetune run --amp-dtype fp16` stopped (SIGTERM) after its first checkpoint, then `--resume`d: fp16 with a GradScaler,
    as the study trained (bf16 GPUs included); the checkpoint must hold the
    scaler's state and the resumed run must train each remaining epoch once.
 
+The JSON holds `figures` (every figure printed), `steps` (each step's seconds: the whole check should take under 5
+minutes, and says so when it does not) and `precision_compile`, one entry per backbone, precision and compile backend:
+`backbone`, `precision` (fp32 | bf16 | fp16), `compile_backend` (null: not compiled), `batch_size`, `bare_img_s`,
+`pipeline_over_bare` (`extract run --compile`'s images/s over the compiled bare forward's, as step 1 measures it;
+compiled cells only) and `published_h100_img_s` (null where none is published).
+
 The backbones' official weights are used where present, else random ones (said in the table: throughput does not
 depend on them). Without CUDA the check refuses in one line, unless `--smoke`: the same steps on the CPU with tiny
-models (a few seconds each), which is what the test suite runs.
+models (a few seconds each), which is what the test suite runs; there torch.compile uses the `eager` backend (dynamo
+traces the forward and runs it unchanged: no code generation, seconds rather than minutes) and the AMP cells bf16.
 """
 
 from __future__ import annotations
@@ -27,19 +43,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from bench.common import REPO, machine, run_main, summary_path
-from bench.extraction import compare
+from bench.extraction import compare, forward_rates
 from cache.store import CacheReader
 from common.errors import MedfmError
+from common.precision import autocast_dtype
+from extract.backbones import create_backbone
+from extract.runner import BackboneForward
 from ledger.runs import read_history
 from ledger.store import Ledger
 
@@ -60,16 +82,33 @@ class Scale:
     finetune: list[str]  # finetune run's model and batch options
     finetune_epochs: int  # stopped after the first checkpoint, resumed to the end; the tiny run's epochs take milliseconds,
     # so it has enough of them that the stop always lands before the last
+    sam: dict[str, Any]  # constructor overrides of sam (none: SAM's ViT-B image encoder)
+    compile_backend: str  # torch.compile's backend in the precision x compile step
+    compile_batch: int  # that step's batch, a power of two (capped by the runner's auto batch size)
+    compile_per_class: int  # its demo images per class: 60/20/20 splits of whole batches, so no other batch size recompiles
+    warmup: int  # untimed batches before a bare forward is timed, then `steps` timed batches per round
+    steps: int
 
     def override_args(self, overrides: dict[str, Any]) -> list[str]:
         return [a for k, v in overrides.items() for a in ("--override", f"{k}={v}")]
 
+    def backbones(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """The precision x compile step's backbones: (name in the table, medfm's backbone, constructor overrides)."""
+        return [("ViT-B", "deit", self.vit), ("ResNet152", "resnet152", self.cnn), ("SAM ViT-B", "sam", self.sam)]
+
 
 GPU = Scale("cuda", 224, 128, 2, {}, {}, ["--head-preset", "deit-b", "--head-depth", "12"],
-            ["--batch-size", "64", "--head", "linear"], 3)
+            ["--batch-size", "64", "--head", "linear"], 3,
+            sam={}, compile_backend="inductor", compile_batch=128, compile_per_class=160, warmup=5, steps=20)
 SMOKE = Scale("cpu", 64, 8, 1, {"embed_dim": 32, "depth": 2, "num_heads": 2}, {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64)},
-              ["--head-preset", "deit-t", "--head-depth", "1", "--head-weights", "random"], ["--batch-size", "8", "--head", "linear", "--workers", "0"], 12)
+              ["--head-preset", "deit-t", "--head-depth", "1", "--head-weights", "random"], ["--batch-size", "8", "--head", "linear", "--workers", "0"], 12,
+              sam={"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,), "window_size": 2},
+              compile_backend="eager", compile_batch=4, compile_per_class=5, warmup=1, steps=2)
 DEIT_HEADS = 4
+BUDGET_S = 300  # `make gpu-check` should take under 5 minutes
+# approximate third-party figures published for an H100 (timm-style: 224 px, batch 256), not measured by medfm:
+# (backbone, compiled) -> images/s of the bare forward under AMP
+PUBLISHED_H100 = {("ViT-B", False): 6000.0, ("ViT-B", True): 7700.0, ("ResNet152", False): 4000.0, ("ResNet152", True): 8800.0}
 
 
 @dataclass
@@ -79,6 +118,23 @@ class Figure:
     value: float
     unit: str
     note: str = ""
+
+
+@dataclass
+class Cell:
+    """One backbone's bare forward at one precision, compiled or not: a row of the precision x compile table."""
+
+    backbone: str
+    precision: str  # fp32 | bf16 | fp16
+    compile_backend: str | None  # None: not compiled
+    batch_size: int
+    bare_img_s: float
+    pipeline_over_bare: float | None = None  # `extract run --compile` over this compiled forward; compiled cells only
+    published_h100_img_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.precision + (" + compile" if self.compile_backend else "")
 
 
 def main(argv: list[str] | None = None) -> list[Figure]:
@@ -91,23 +147,34 @@ def main(argv: list[str] | None = None) -> list[Figure]:
     work = Path(tempfile.mkdtemp(prefix="medfm-gpu-check-"))
     env = {**os.environ, "MEDFM_OUTPUT": str(work), "HF_HUB_OFFLINE": "1"}
     figures: list[Figure] = []
+    cells: list[Cell] = []
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
+
+    def precision_step() -> list[Figure]:
+        cells.extend(precision_compile(scale, work, compiled=not args.no_compile))
+        return cell_figures(cells)
+
     try:
         steps: list[tuple[str, Callable[[], list[Figure]]]] = [
             ("extraction vs bare forward", lambda: extraction_ratios(scale, work)),
+            ("precision x compile", precision_step),
             ("torchrun extraction", lambda: torchrun_extraction(scale, env, work)),
             ("probe sweep, DeiT heads side by side", lambda: deit_sweep(scale, env, work)),
             ("finetune fp16, killed and resumed", lambda: finetune_resume(scale, env, work)),
         ]
         for title, step in steps:
             console.rule(title)
+            begun = time.perf_counter()
             found = step()
+            seconds[title] = time.perf_counter() - begun
             for f in found:
                 console.print(f"{f.step}: {f.name} = {f.value:.4g} {f.unit}" + (f" ({f.note})" if f.note else ""), highlight=False)
+            console.print(f"{title}: {seconds[title]:.0f} s", highlight=False)
             figures += found
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(figures, scale, args.smoke, time.perf_counter() - started, console)
+    report(figures, cells, seconds, scale, args.smoke, time.perf_counter() - started, console)
     return figures
 
 
@@ -115,6 +182,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="run the steps on the CPU with tiny models (no GPU needed)")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the precision x compile step "
+                        "(its compilations take most of the check's time)")
     return parser.parse_args(argv)
 
 
@@ -129,6 +198,64 @@ def extraction_ratios(scale: Scale, work: Path) -> list[Figure]:
         figures += [Figure(step, "pipeline / bare forward", found["ratio"], "",
                            f"{target}, batch {found['batch_size']}, RANDOM weights (the speed is the same)"),
                     Figure(step, "pipeline", found["pipeline_img_s"], "img/s"), Figure(step, "bare forward", found["bare_img_s"], "img/s")]
+    return figures
+
+
+def precision_compile(scale: Scale, work: Path, compiled: bool) -> list[Cell]:
+    """Each backbone's bare forward in fp32, under AMP and (`compiled`) under AMP + torch.compile, through the runner's
+    `BackboneForward`; and `extract run --compile` against the compiled forward (`bench.extraction.compare`)."""
+    dev = torch.device(scale.device)
+    amp = autocast_dtype("auto", dev) or torch.bfloat16  # the CPU's policy is fp32: bf16 there, so the smoke run autocasts too
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    shape = (3, scale.image_size, scale.image_size)
+    cells = []
+    with compile_backend(scale.compile_backend):
+        for name, backbone, overrides in scale.backbones():
+            # afresh for each, as in its own `extract run --compile`: every backbone's forward is the same code
+            # (`Backbone.forward_layers`), whose compiled versions count towards one recompile limit
+            torch.compiler.reset()
+            model = create_backbone(backbone, "random", image_size=scale.image_size, **overrides)
+            layers = [model.num_layers - 1]
+            policy = BackboneForward(model, layers, dev, amp)
+            batch = min(policy.auto_batch_size(shape), scale.compile_batch)
+            forwards = {"fp32": BackboneForward(model, layers, dev, None), precision: policy}
+            if compiled:
+                forwards["compiled"] = BackboneForward(model, layers, dev, amp)
+                forwards["compiled"].compile()
+            images = torch.randn(batch, *shape, device=dev).contiguous(memory_format=policy.memory_format)
+            rates = forward_rates(forwards, images, scale.warmup, scale.steps, scale.rounds)
+            cells += [Cell(name, "fp32", None, batch, rates["fp32"]),
+                      Cell(name, precision, None, batch, rates[precision], published_h100_img_s=PUBLISHED_H100.get((name, False)))]
+            if compiled:
+                found = compare(name, backbone, overrides, dev, work, scale.image_size, scale.compile_per_class, scale.rounds,
+                                workers=None, compile=True, batch_size=batch, precision=precision)
+                cells.append(Cell(name, precision, scale.compile_backend, batch, rates["compiled"], found["ratio"],
+                                  PUBLISHED_H100.get((name, True))))
+    return cells
+
+
+@contextmanager
+def compile_backend(backend: str) -> Iterator[None]:
+    """Every torch.compile in the block uses `backend`, `extract run --compile`'s (`BackboneForward.compile`) included:
+    the smoke run takes the GPU's code path with `eager` where the GPU's is the default, inductor."""
+    with mock.patch.object(torch, "compile", partial(torch.compile, backend=backend)):
+        yield
+
+
+def cell_figures(cells: list[Cell]) -> list[Figure]:
+    """The precision x compile cells as printed figures: each bare forward, and the pipeline's share of the compiled one."""
+    uncompiled = {(c.backbone, c.precision): c.bare_img_s for c in cells if c.compile_backend is None}
+    figures = []
+    for c in cells:
+        step = f"forward {c.backbone}"
+        notes = [f"batch {c.batch_size}"]
+        if c.compile_backend:
+            notes.append(f"{c.compile_backend}, {c.bare_img_s / uncompiled[c.backbone, c.precision]:.2f}x uncompiled")
+        if c.published_h100_img_s:
+            notes.append(f"published H100 ~{c.published_h100_img_s:,.0f} img/s")
+        figures.append(Figure(step, f"bare {c.label}", c.bare_img_s, "img/s", ", ".join(notes)))
+        if c.pipeline_over_bare is not None:
+            figures.append(Figure(step, f"pipeline / bare, {c.label}", c.pipeline_over_bare, "", "extract run --compile"))
     return figures
 
 
@@ -233,17 +360,30 @@ def wait_for(folder: Path, pattern: str, process: subprocess.Popen, timeout: flo
     raise MedfmError(f"no {pattern} after {timeout:.0f} s")
 
 
-def report(figures: list[Figure], scale: Scale, smoke: bool, seconds: float, console: Console) -> Path:
-    """The table of figures, and the JSON beside the benchmarks' summary."""
+def report(figures: list[Figure], cells: list[Cell], steps: dict[str, float], scale: Scale, smoke: bool, seconds: float,
+           console: Console) -> Path:
+    """The table of figures, the precision x compile table, and the JSON beside the benchmarks' summary."""
     table = Table("step", "figure", "value", "", title=f"gpu check ({'CPU smoke, tiny models' if smoke else scale.device})")
     for f in figures:
         table.add_row(f.step, f.name, f"{f.value:.4g} {f.unit}", f.note)
     console.print(table)
+    grid = Table("backbone", "precision", "compile", "bare forward", "published H100", "pipeline / bare",
+                 title="precision x compile (published: approximate third-party figures, batch 256)")
+    for c in cells:
+        grid.add_row(c.backbone, c.precision, c.compile_backend or "-", f"{c.bare_img_s:,.0f} img/s",
+                     f"~{c.published_h100_img_s:,.0f} img/s" if c.published_h100_img_s else "",
+                     f"{c.pipeline_over_bare:.2f}" if c.pipeline_over_bare is not None else "")
+    console.print(grid)
     path = summary_path().parent / f"gpu_check-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"smoke": smoke, "seconds": round(seconds, 1), "machine": machine(),
-                                "figures": [f.__dict__ for f in figures]}, indent=1))
+                                "steps": {title: round(s, 1) for title, s in steps.items()},
+                                "figures": [f.__dict__ for f in figures], "precision_compile": [asdict(c) for c in cells]},
+                               indent=1))
     console.print(f"{seconds:.0f} s in all; figures in {path}")
+    if not smoke and seconds > BUDGET_S:
+        console.print(f"warning: over the {BUDGET_S // 60}-minute budget of `make gpu-check` (each step's time is above; "
+                      "--no-compile leaves out the compilations)", style="yellow")
     return path
 
 
