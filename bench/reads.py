@@ -26,7 +26,7 @@ from cache.schema import BackboneInfo, CacheMeta, DatasetInfo, Task
 from cache.store import CacheReader, CacheWriter, FeatureSpec, SplitPlan
 from probe.data import FeatureSource
 
-TARGET = 0.8
+TARGET = 0.9
 
 
 @dataclass(frozen=True)

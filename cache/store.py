@@ -726,15 +726,55 @@ class CacheReader:
                 self._check_rows(split, name, a, part)
         return out
 
-    def _check_rows(self, split: str, name: str, start: int, block: np.ndarray) -> None:
-        """Raise `DamagedCache` at the first row of `block` (rows start.. of an array) whose CRC-32 differs from the stored
-        one. A row is checked the first time this reader reads it (a streamed probe reads every row each epoch: the
-        later reads copy at memory speed). Rows past the split's `rows` mark have no checksum yet and are not checked."""
+    def take_rows(self, split: str, name: str, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows `rows` (sorted, unique) of a feature array into `out`, each checked against its CRC-32 the first time.
+
+        A window of a uniform shuffle touches most chunks but few consecutive rows, so on the raw layout (`read_rows`) the
+        rows of each chunk are gathered off the mapped file in one call, as a NumPy memmap's fancy indexing does, rather
+        than a call per run of consecutive rows. Other layouts are read by `read_rows` one run of consecutive rows at a time."""
+        if not len(rows):
+            return out
+        if rows[0] < 0 or rows[-1] >= len(self._dataset(split, name)):
+            raise IndexError(f"rows {rows[0]}..{rows[-1]} are not all within {split}/{name}'s {len(self._dataset(split, name))} rows")
+        raw = self._raw_chunks(split, name)
+        if raw is None:
+            cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+            for s, e in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist(), strict=True):
+                self.read_rows(split, name, int(rows[s]), int(rows[e - 1]) + 1, out[s:e])
+            return out
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        chunks = rows // raw.rows
+        cuts = np.flatnonzero(np.diff(chunks)) + 1
+        for s, e in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist(), strict=True):
+            chunk = int(chunks[s])  # every chunk is stored whole (`_raw_chunks`), the last one too
+            whole = np.frombuffer(self._map, raw.dtype, raw.rows * raw.row_bytes // raw.dtype.itemsize, int(raw.offsets[chunk]))
+            np.take(whole.reshape(raw.rows, *raw.row_shape), rows[s:e] - chunk * raw.rows, axis=0, out=out[s:e], mode="clip")
+        crc, done = self._checksums(split, name)
+        first = np.flatnonzero(rows < len(crc))  # rows past the split's `rows` mark have no checksum yet
+        first = first[~done[rows[first]]]
+        flat = out.reshape(len(out), -1).view(np.uint8)
+        for i in first.tolist():
+            if zlib.crc32(flat[i]) != int(crc[rows[i]]):
+                raise self._damage(f"{split}/{name} row {int(rows[i])} differs from its checksum")
+        done[rows[first]] = True
+        return out
+
+    def _checksums(self, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The stored CRC-32 of each written row of an array, and which rows this reader has checked already."""
         key = (split, name)
         if key not in self._crc:
             group = self._file[split]
             self._crc[key] = group["crc32"][name][: int(group.attrs["rows"])]
             self._checked_rows[key] = np.zeros(len(self._crc[key]), dtype=bool)
+        return self._crc[key], self._checked_rows[key]
+
+    def _check_rows(self, split: str, name: str, start: int, block: np.ndarray) -> None:
+        """Raise `DamagedCache` at the first row of `block` (rows start.. of an array) whose CRC-32 differs from the stored
+        one. A row is checked the first time this reader reads it (a streamed probe reads every row each epoch: the
+        later reads copy at memory speed). Rows past the split's `rows` mark have no checksum yet and are not checked."""
+        key = (split, name)
+        self._checksums(split, name)
         done = self._checked_rows[key][start : start + len(block)]
         todo = np.flatnonzero(~done).tolist()
         if not todo:

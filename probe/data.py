@@ -4,10 +4,10 @@ Training draws a uniform shuffle of the valid train rows each epoch (a permutati
 serves full batches in permutation order, as the study's DataLoader(shuffle=True, drop_last=True) does: a batch's
 rows are a random sample of the split, whatever the order rows were stored in (often by class or patient).
 RAM mode indexes the permutation directly. Streamed mode walks the same permutation a window at a time (a whole
-number of batches, as many rows as the RAM budget holds): it reads the window's rows in file order, as contiguous
-spans off the file's raw chunks (`_read_rows`), and serves them in permutation order, so both modes give the same
-batches and a run's result does not depend on whether its features fitted in memory. Streamed mode holds one
-window, a read buffer of at most one chunk and two batches.
+number of batches, as many rows as the RAM budget holds): it reads the window's rows in file order, gathered chunk by
+chunk off the file's raw chunks (`cache.store.CacheReader.take_rows`), and serves them in permutation order, so both
+modes give the same batches and a run's result does not depend on whether its features fitted in memory. Streamed
+mode holds one window and two batches.
 
 Tokens stored as int8 (`extract run --token-dtype int8`) stay int8 in RAM and in a streamed window, beside their
 per-token scales, and are dequantized to float32 batch by batch (`cache.store.dequantize`): a token cache takes half
@@ -33,7 +33,6 @@ from common.errors import MedfmError
 if TYPE_CHECKING:
     from probe.folds import FoldRows
 
-READ_GAP_BYTES = 32 << 10  # rows at most this many bytes apart are read as one span, then picked (see _read_rows)
 RAM_FRACTION = 0.5  # default budget: half of the memory available when the run starts
 EVAL_BATCH = 256
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -190,8 +189,8 @@ class FeatureSource:
         for w in range(0, len(order), self.window_rows):
             window = order[w : w + self.window_rows]
             rows = np.sort(window)
-            block = _read_rows(self.reader, group, self.feature, rows, self.chunk_rows)
-            scales = None if self.scales is None else _read_rows(self.reader, group, self.scales, rows, _chunk_rows(self.reader, group, self.scales))
+            block = self._take(group, self.feature, rows)
+            scales = None if self.scales is None else self._take(group, self.scales, rows)
             position = np.searchsorted(rows, window)
             for b in range(0, len(window), size):
                 yield Batch(self._served(block, scales, position[b : b + size]), labels[window[b : b + size]])
@@ -220,6 +219,11 @@ class FeatureSource:
                 if len(part):
                     yield Batch(self._served(block, scales, part), labels[start + part])
 
+    def _take(self, group: str, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows (sorted, unique) of a train group's array `name` (the eval view or an augmented one), in one new array."""
+        dataset = self.reader.dataset(group, name)
+        return self.reader.take_rows(group, name, rows, np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype))
+
     def _ram_rows(self, group: str, rows: np.ndarray) -> np.ndarray:
         """Rows of a group held in RAM, as a batch serves them."""
         return self._served(self._ram[group], self._ram_scales.get(group), rows)
@@ -240,25 +244,20 @@ class FeatureSource:
         return raw
 
     def _window_rows(self) -> int:
-        """Rows of a streamed window: as many whole batches as the budget holds beside the read buffer and two batches
+        """Rows of a streamed window: as many whole batches as the budget holds beside two batches
         (the one served and the consumer's previous one), at least one batch, at most the epoch's rows."""
         size = self.batch_size
-        room = (self.budget - self._buffer_rows() * self.row_bytes - 2 * size * self.batch_row_bytes) // max(self.row_bytes, 1)
+        room = (self.budget - 2 * size * self.batch_row_bytes) // max(self.row_bytes, 1)
         epoch = int(self._valid[self.layout_split].sum())
         return max(size, min(room // size, math.ceil(epoch / size)) * size)
 
-    def _buffer_rows(self) -> int:
-        """Rows of the scratch buffer a window's read may use: a chunk when rows are small enough to be read in spans
-        with gaps, else none (`_read_rows`)."""
-        return self.chunk_rows if self.row_bytes <= READ_GAP_BYTES else 0
-
     def _check_window_fits(self) -> None:
-        """Streamed mode holds one window (at least one batch), a read buffer and two batches; refuse a budget below that."""
-        need = (self.window_rows + self._buffer_rows()) * self.row_bytes + 2 * self.batch_size * self.batch_row_bytes
+        """Streamed mode holds one window (at least one batch) and two batches; refuse a budget below that."""
+        need = self.window_rows * self.row_bytes + 2 * self.batch_size * self.batch_row_bytes
         if need > self.budget:
             raise MedfmError(
                 f"--max-ram {self.budget / 2**20:.0f} MiB is below what streaming needs ({need / 2**20:.0f} MiB: a shuffle window of "
-                f"one batch of {self.batch_size} rows, a read buffer of {self._buffer_rows()} rows and two batches); "
+                f"one batch of {self.batch_size} rows and two batches); "
                 "raise --max-ram or lower --batch-size"
             )
 
@@ -271,37 +270,3 @@ def _row_mask(rows: np.ndarray, n: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[rows] = True
     return mask
-
-
-def _chunk_rows(reader: CacheReader, group: str, name: str) -> int:
-    """Rows per stored chunk of array `name` of `group`."""
-    dataset = reader.dataset(group, name)
-    return dataset.chunks[0] if dataset.chunks else max(len(dataset), 1)
-
-
-def _read_rows(reader: CacheReader, group: str, feature: str, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
-    """Rows (sorted, unique) of a train group's `feature` (the eval view or an augmented one), in one array.
-
-    The rows are cut into spans within one chunk; rows with at most READ_GAP_BYTES of unwanted rows between them share
-    a span. A span of consecutive rows is read straight into place; any other is read whole into a scratch buffer (at
-    most one chunk) and its rows picked from there, which for small rows costs less than one read call per row (a
-    window's rows are scattered: a uniform shuffle). Rows larger than READ_GAP_BYTES are never read in spans with gaps.
-    Reads go through `CacheReader.read_rows`, which copies raw chunks off the mapped file at memmap speed."""
-    dataset = reader.dataset(group, feature)
-    block = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
-    if not len(rows):
-        return block
-    row_bytes = block.itemsize * int(np.prod(block.shape[1:], dtype=np.int64))
-    gap = READ_GAP_BYTES // max(row_bytes, 1) + 1  # a row more than this many rows after the previous one starts a span
-    cuts = np.flatnonzero((np.diff(rows) > gap) | (np.diff(rows // chunk_rows) != 0)) + 1
-    starts, stops = np.r_[0, cuts], np.r_[cuts, len(rows)]
-    scratch = None
-    for s, e, lo, hi in zip(starts.tolist(), stops.tolist(), rows[starts].tolist(), (rows[stops - 1] + 1).tolist(), strict=True):
-        if hi - lo == e - s:
-            reader.read_rows(group, feature, lo, hi, block[s:e])
-            continue
-        if scratch is None:
-            scratch = np.empty((chunk_rows, *dataset.shape[1:]), dtype=dataset.dtype)
-        reader.read_rows(group, feature, lo, hi, scratch[: hi - lo])
-        np.take(scratch, rows[s:e] - lo, axis=0, out=block[s:e], mode="clip")  # in range; "clip" skips a buffered copy
-    return block

@@ -34,6 +34,8 @@ READS = {
     "features": lambda r, a: r.features("train", a),
     "read_rows": lambda r, a: r.read_rows("train", a, 0, 10),
     "iter_slices": lambda r, a: list(r.iter_slices("train", a)),
+    "take_rows": lambda r, a: r.take_rows("train", a, np.array([1, 4, 7, 8]), np.empty((4, *r.dataset("train", a).shape[1:]),
+                                                                                      r.dataset("train", a).dtype)),
     "dataset[:]": lambda r, a: r.dataset("train", a)[:],
     "dataset[5:9]": lambda r, a: r.dataset("train", a)[5:9],
     "dataset[7]": lambda r, a: r.dataset("train", a)[7],

@@ -56,6 +56,23 @@ def test_compressed_arrays_fall_back_to_hdf5_reads(cache_file: Path) -> None:
         assert reader._raw_chunks("train", "squeezed") is None
         np.testing.assert_array_equal(reader.read_rows("train", "squeezed", 3, 19), data[3:19])
         np.testing.assert_array_equal(reader.features("train", "squeezed"), data)
+        rows = np.array([0, 1, 2, 7, 11, 12, 22])
+        np.testing.assert_array_equal(reader.take_rows("train", "squeezed", rows, np.empty((7, 6), np.float32)), data[rows])
+
+
+def test_gathered_rows_equal_numpy_indexing_for_any_sorted_rows(cache_file: Path) -> None:
+    """`take_rows` (a streamed probe's window: scattered rows, several per chunk) returns what `array[rows]` returns."""
+    rng = np.random.default_rng(1)
+    with CacheReader(cache_file) as reader, h5py.File(cache_file, "r") as plain:
+        for name in ("pooled", "tokens"):
+            expected = plain["train"][name][:]
+            for size in (0, 1, 2, 5, N // 2, N):
+                rows = np.sort(rng.choice(N, size, replace=False))
+                out = np.empty((size, *expected.shape[1:]), dtype=expected.dtype)
+                assert reader.take_rows("train", name, rows, out) is out
+                np.testing.assert_array_equal(out, expected[rows])
+            with pytest.raises(IndexError):  # never the padding of the last chunk
+                reader.take_rows("train", name, np.array([N - 1, N]), np.empty((2, *expected.shape[1:]), dtype=expected.dtype))
 
 
 def written_bytes() -> int:
