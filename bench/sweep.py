@@ -5,7 +5,7 @@
   opening) once, so the sweep pays it once and the separate runs twelve times.
 - In-process: `probe.sweep.run_sweep` vs `probe.run.run_probe` called twelve times in this process, no start at all:
   what batching saves inside training and saving alone. (The stacked heads train on one CPU thread,
-  `probe.sweep.small_on_one_thread`: on two threads the sweep alone took longer than a whole `probe sweep` command.)
+  `probe.train.small_on_one_thread`: on two threads the sweep alone took longer than a whole `probe sweep` command.)
 Both are the user-level paths: run folders and ledger rows included.
 
 The cache has APTOS 2019's shape under the study's split (2564 / 549 / 549 rows, 5 grades) with

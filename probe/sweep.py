@@ -21,15 +21,13 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from torch import nn
 
 from cache.store import CacheReader
 from common.errors import MedfmError
@@ -44,14 +42,13 @@ from probe.heads import RANDOM_DEIT_WARNING, get_head
 from probe.logreg import edge_note, fit_logreg
 from probe.run import claim, ledger_key, save_run, validate, warn_random
 from probe.subsets import subset_rows
-from probe.train import fit, make_head
+from probe.train import fit, make_head, small_on_one_thread
 from scoring.calibration import reliability_diagram
 from scoring.health import check_runs
 from training.recipe import STUDY, precision
 from training.record import RELIABILITY
 
 AUTO = "auto"  # --deit-per-pass auto: as many DeiT heads per pass as the device's memory holds (`heads_per_pass`)
-ONE_THREAD_PARAMETERS = 1 << 18  # a CPU pass of heads with fewer parameters in all trains on one torch thread
 
 
 @dataclass(frozen=True)
@@ -187,27 +184,6 @@ def _train_todo(
             console.print(f"trained {len(members)} {first.head} head(s) on {first.feature}{subset} in {seconds:.1f} s "
                           f"({source.passes['train']} passes over the train features)")
     return passes, saved
-
-
-@contextmanager
-def small_on_one_thread(heads: list[nn.Module], device: torch.device) -> Iterator[None]:
-    """Train a small pass of heads on the CPU on one torch thread (fewer than ONE_THREAD_PARAMETERS parameters in all).
-
-    A sweep's linear heads are one stacked layer: 12 heads of 5 classes on 768-d features make [12, 5, 768] tensors,
-    past torch's grain for splitting an operation across threads (32,768 elements), where one head's [5, 768] is not.
-    So each of a step's few dozen small operations (the update, the clipping) forks and joins the CPU threads, and on
-    2 shared cores it waits for the other core: 12 heads took 4-13 s of CPU in-process on 2 threads and 1.0 s on one
-    (bench/sweep.py's sweep, under load), while a lone head's update and clipping stay below the grain. Same
-    operations, one thread."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or sum(p.numel() for h in heads for p in h.parameters()) >= ONE_THREAD_PARAMETERS:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def heads_per_pass(config: TrainConfig, reader: CacheReader, outputs: int, device: torch.device, count: int) -> int:

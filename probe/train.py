@@ -7,7 +7,8 @@ scored once with them, in fp32 (`training.recipe.precision`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +27,8 @@ from scoring.metrics import compute_metrics, loss_fn, primary_scores
 from training.heads import LinearHead, build_head
 from training.recipe import STUDY, Precision, improves, precision, selection_rows, warmup_then_constant
 
+ONE_THREAD_PARAMETERS = 1 << 18  # a CPU pass of heads with fewer parameters in all trains on one torch thread
+
 
 def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> nn.Module:
     """The head for `config`, initialised from `config.seed` alone (the same weights in a sweep or alone)."""
@@ -36,7 +39,30 @@ def make_head(config: TrainConfig, row_shape: tuple[int, ...], outputs: int) -> 
 def train_head(config: TrainConfig, source: FeatureSource, task: Task, device: torch.device, progress: Progress | None = None) -> FitResult:
     """Train one head from cached features (see `fit`)."""
     head = make_head(config, source.row_shape, task.num_outputs)
-    return fit([head], [config], source, task, device, progress)[0]
+    with small_on_one_thread([head], device):
+        return fit([head], [config], source, task, device, progress)[0]
+
+
+@contextmanager
+def small_on_one_thread(heads: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Train a small pass of heads on the CPU on one torch thread (fewer than ONE_THREAD_PARAMETERS parameters in all).
+
+    A sweep's linear heads are one stacked layer: 12 heads of 5 classes on 768-d features make [12, 5, 768] tensors,
+    past torch's grain for splitting an operation across threads (32,768 elements), where one head's [5, 768] is not.
+    So each of a step's few dozen small operations (the update, the clipping) forks and joins the CPU threads, and on
+    2 shared cores it waits for the other core: 12 heads took 4-13 s of CPU in-process on 2 threads and 1.0 s on one
+    (bench/sweep.py's sweep, under load). A lone linear head's forward does the same on a busy machine: with two other
+    processes running, one `probe run` of bench/sweep.py's took 2.9-4.3 s on 2 threads and 0.6-1.0 s on one. Same
+    operations, one thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or sum(p.numel() for h in heads for p in h.parameters()) >= ONE_THREAD_PARAMETERS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fit(

@@ -9,7 +9,7 @@ import torch
 from cache.layout import open_cache
 from cache.store import CacheReader
 from ledger.store import Ledger
-from probe import sweep
+from probe import sweep, train
 from probe.config import TrainConfig
 from probe.data import FeatureSource
 from probe.sweep import Grid, expand, run_sweep
@@ -114,8 +114,31 @@ def test_a_small_stack_of_linear_heads_trains_on_one_cpu_thread_and_gives_the_th
         with open_cache(path, None, None) as reader:
             configs = expand(reader, Grid(lrs=(1e-3, 1e-2)), BASE)
             run_sweep(reader, configs, device="cpu")
-            monkeypatch.setattr(sweep, "ONE_THREAD_PARAMETERS", 10)
+            monkeypatch.setattr(train, "ONE_THREAD_PARAMETERS", 10)
             run_sweep(reader, configs, device="cpu", force=True)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_lone_linear_head_trains_on_one_cpu_thread_too(tmp_path, monkeypatch):
+    """`probe run`'s head: on a busy machine its forward's threads wait for each other's core as a stack's do."""
+    seen: list[int] = []
+    real_fit = train.fit
+
+    def fit(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", fit)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with open_cache(make_cache(tmp_path / "c.h5"), None, None) as reader:
+            source = FeatureSource(reader, "pooled", 16)
+            train_head(BASE, source, reader.task, torch.device("cpu"))
+            monkeypatch.setattr(train, "ONE_THREAD_PARAMETERS", 10)
+            train_head(BASE, source, reader.task, torch.device("cpu"))
         assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
