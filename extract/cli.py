@@ -113,6 +113,11 @@ def run(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slower start, faster long runs).", show_default="off")] = False,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images and record them in the cache.")] = False,
     image_cache: ImageCache = "auto",
+    pixels_on_device: Annotated[bool, typer.Option("--pixels-on-device", help="Hold the image cache's pixels in the device's memory "
+                                                                              "and cut the eval and augmented views there, Pillow's "
+                                                                              "arithmetic bit for bit: many --views at the model's speed "
+                                                                              "(docs/images.md §5). Needs `extract images` first.",
+                                                   show_default="off: loader workers cut them")] = False,
     views: Views = None,
     augment: Augment = "none",
     augment_seed: AugmentSeed = 0,
@@ -145,7 +150,7 @@ def run(
         token_dtype=token_dtype, layers=layers, image_size=image_size, in_chans=in_chans, norm=norm, interpolation=interpolation,
         device=device, precision=precision, workers=workers, compile=compile, skip_bad=skip_bad, image_cache=image_cache, manifest=manifest,
         views=views, augment=augment, augment_seed=augment_seed, protocol=protocol, opt=opt, split_seed=split_seed, frames=frames,
-        corrupt=corruptions,
+        corrupt=corruptions, pixels_on_device=pixels_on_device,
         overrides=parse_overrides(override or []),
     )
     result = extract(cfg, source=source)

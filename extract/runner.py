@@ -17,7 +17,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,8 @@ from extract.datasets.base import DatasetSource, Split
 from extract.datasets.decode import DECODER_VERSION
 from extract.datasets.images import ImageDataset, SkippedImages
 from extract.datasets.splits import read_manifest
-from extract.image_cache import CachedPixels, find_image_cache, image_folder
+from extract.device_views import DeviceViews, check_fits, held_bytes
+from extract.image_cache import CachedPixels, find_image_cache, image_folder, pixel_spec, rebuild_command
 from extract.inputs import check_image_size, check_input_settings, check_study_inputs, check_views, input_spec
 from extract.transforms import CROP_FRACTION, Normalize, TransformSpec, eval_crop, train_crop, view_seed
 
@@ -103,6 +104,7 @@ class ExtractConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # backbone constructor overrides (tests, tiny models)
     corrupt: Sequence[Corruption] = ()  # corrupted test views, each its own cache beside the clean one (docs/robustness.md §1)
     image_cache: str = "auto"  # auto: read images from a matching `extract images` cache under $MEDFM_OUTPUT/images | off | DIR
+    pixels_on_device: bool = False  # hold the image cache on the device and cut the views there (extract/device_views.py)
 
 
 @dataclass
@@ -219,15 +221,39 @@ def extract(cfg: ExtractConfig, console: Console | None = None, source: DatasetS
     check_folder(cfg.out, "--out", writable=False)  # a complete cache on a read-only disk is still reused
     check_views(cfg.views, cfg.augment)
     image_folder(cfg.image_cache)  # a mistyped --image-cache is one line before the model loads
+    check_pixels_on_device(cfg)
     device = rank_device(resolve_device(cfg.device), launch)
     amp = autocast_dtype(for_protocol(cfg.precision, cfg.protocol, device), device)
 
     # --- settings -> fingerprint -> the clean cache, then each corrupted test view's (planned first: a mistake stops before any work)
     planned = plan_cache(cfg, device, amp, console, source)
+    if cfg.pixels_on_device and planned.pixels is None and not planned.path.exists():
+        raise MedfmError(f"--pixels-on-device reads the images from an image cache, and none matches these settings; build it "
+                         f"first with `{image_cache_command(planned, cfg)}`")
     corrupted = [corrupted_plan(planned, corruption) for corruption in cfg.corrupt if not corruption.clean]
     result = write_cache(planned, cfg, device, amp, console)
     result.corrupted = [write_cache(view, replace(cfg, views=0, augment="none"), device, amp, console) for view in corrupted]
     return result
+
+
+def check_pixels_on_device(cfg: ExtractConfig) -> None:
+    """`--pixels-on-device` needs an image cache to hold, and makes the clean views only: one line each, before the model loads."""
+    if not cfg.pixels_on_device:
+        return
+    if cfg.image_cache == "off":
+        raise MedfmError("--pixels-on-device holds the image cache's pixels on the device, and --image-cache off reads none: "
+                         "pass --image-cache auto (or the folder of `extract images`), or leave out --pixels-on-device")
+    if cfg.corrupt:
+        raise MedfmError("--corrupt is not made on the device (each corruption runs on the PIL image): extract the corrupted "
+                         "test views without --pixels-on-device")
+
+
+def image_cache_command(planned: PlannedCache, cfg: ExtractConfig) -> str:
+    """The `extract images` command that builds the image cache `planned` would read."""
+    tspec = planned.tspec
+    spec = pixel_spec(tspec.resize, tspec.interpolation, tspec.channels)
+    folder = image_folder(cfg.image_cache)
+    return rebuild_command(planned.source, cfg.root, folder, spec, cfg.manifest).removesuffix(" --rebuild")
 
 
 def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None, console: Console) -> ExtractResult:
@@ -253,6 +279,8 @@ def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device,
     part, target = source, path
     if launch.size > 1:
         part, target = source_block(source, launch.rank, launch.size), shard_path(path, launch.rank, launch.size)
+    if cfg.pixels_on_device and not target.exists():  # before anything is written
+        check_fits(held_bytes(planned.pixels, part), device)
     if launch.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         manifest_file.write_text(json.dumps(manifest))
@@ -271,7 +299,8 @@ def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device,
                           + (f"; {launch.size} processes, one shard each)" if launch.size > 1 else ")"))
         try:
             if planned.pixels is not None:
-                console.print(f"reading the images from the image cache {planned.pixels.path}")
+                console.print(f"reading the images from the image cache {planned.pixels.path}"
+                              + (f", held on {device} (--pixels-on-device)" if cfg.pixels_on_device else ""))
             skipped = SkippedImages(cfg.skip_bad, console)
             with writer.costed(device_label(device)):  # this call's wall seconds, added to a killed run's
                 rate, extracted = _extract_splits(model, part, tspec, writer, cfg, layers, device, amp, console, views,
@@ -384,7 +413,7 @@ def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
         "tokens": cfg.tokens,
         "token_dtype": cfg.token_dtype,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
-        "views": {"count": cfg.views, "augment": cfg.augment, "seed": cfg.augment_seed} if cfg.views else None,
+        "views": view_settings(cfg),
         "protocol": cfg.protocol,
     }
     pixels = find_image_cache(source, cfg.root, tspec, cfg.image_cache)
@@ -393,6 +422,16 @@ def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
     fp = fingerprint(settings)
     path = cache_path(cfg.out, cfg.backbone, source.name, fp)
     return PlannedCache(spec, source, weights, model, tspec, layers, settings, fp, path, manifest, pixels=pixels)
+
+
+def view_settings(cfg: ExtractConfig) -> dict[str, Any] | None:
+    """The augmented views' part of the settings. Views made on the device record it: they equal the PIL path's on the
+    CPU (tests/extract/test_device_views.py), but until `make gpu-check` shows them equal on CUDA too such a cache is not
+    taken for the loader's, nor the loader's for it. The eval view, a slice either way, leaves the fingerprint alone."""
+    if not cfg.views:
+        return None
+    views = {"count": cfg.views, "augment": cfg.augment, "seed": cfg.augment_seed}
+    return {**views, "on_device": True} if cfg.pixels_on_device else views
 
 
 def existing_cache(cfg: ExtractConfig, console: Console | None = None) -> Path:
@@ -457,16 +496,19 @@ def _extract_splits(
     One loader serves all splits (its workers start once and keep prefetching across split ends) and hands over uint8
     crops, normalised on the device (a quarter of float32's bytes through worker IPC and the host-to-device copy);
     outputs leave the device by asynchronous copies that the writer thread waits for, so the model
-    is never held up by the device-to-host transfer or the disk.
+    is never held up by the device-to-host transfer or the disk. With `cfg.pixels_on_device` the batches are cut on the
+    device from the image cache held there instead (`DeviceViews`), and no loader runs.
     """
     segments = [(name, writer.rows(name), len(split)) for name, split in source.splits.items() if writer.rows(name) < len(split)]
     if not segments:
         return None, 0
+    held = DeviceViews(pixels, source, tspec, device, cfg.augment_seed) if cfg.pixels_on_device else None  # before the batch size
     forward = BackboneForward(model, layers, device, amp, Normalize(tspec))
     batch_size = forward.auto_batch_size((tspec.channels, tspec.size, tspec.size)) if cfg.batch_size == "auto" else int(cfg.batch_size)
     if cfg.compile:
         forward.compile()
-    loader, firsts, total = _loader(source, segments, batch_size, tspec, cfg, device, views, corruption, pixels)
+    loader, firsts, total = (_device_batches(held, segments, batch_size, views) if held is not None
+                             else _loader(source, segments, batch_size, tspec, cfg, device, views, corruption, pixels))
     token_dtype = getattr(torch, cfg.token_dtype)
     int8 = cfg.token_dtype == "int8"
     what = f"{cfg.backbone} / {source.name}"
@@ -519,6 +561,14 @@ def _loader(source: DatasetSource, segments: list[tuple[str, int, int]], batch_s
         prefetch_factor=PREFETCH_BATCHES if workers else None,
     )
     return loader, firsts, offset
+
+
+def _device_batches(held: DeviceViews, segments: list[tuple[str, int, int]], batch_size: int, views: dict[str, int],
+                    ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]], list[tuple[str, int]], int]:
+    """`_loader`'s batches, cut on the device: the same groups, rows and batch bounds, each made when the model asks."""
+    bounds = [(name, row, min(row + batch_size, stop)) for name, start, stop in segments for row in range(start, stop, batch_size)]
+    batches = (held.batch(name, views.get(name), row, end) for name, row, end in bounds)
+    return batches, [(name, row) for name, row, _ in bounds], sum(stop - start for _, start, stop in segments)
 
 
 class WriterThread:
