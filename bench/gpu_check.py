@@ -17,7 +17,11 @@ Each step runs what a user runs and prints its figure; the table is saved as JSO
    as the GPU's memory holds, seconds per head;
 5. `finetune run --amp-dtype fp16` stopped (SIGTERM) after its first checkpoint, then `--resume`d: fp16 with a GradScaler,
    as the study trained (bf16 GPUs included); the checkpoint must hold the
-   scaler's state and the resumed run must train each remaining epoch once.
+   scaler's state and the resumed run must train each remaining epoch once;
+6. augmented views cut on the device (`extract run --pixels-on-device`, docs/images.md §5) against the loader's workers:
+   `extract run --views 8 --augment study` both ways from one image cache, in images/s (every view of every train image
+   and the eval splits), and the largest difference in levels between the device's views and Pillow's for the first
+   batch of each view (0 is bit for bit: then a device-made cache could share the loader's fingerprint).
 
 The JSON holds `figures` (every figure printed), `steps` (each step's seconds: the whole check should take under 5
 minutes, and says so when it does not) and `precision_compile`, one entry per backbone, precision and compile backend:
@@ -61,7 +65,11 @@ from cache.store import CacheReader
 from common.errors import MedfmError
 from common.precision import autocast_dtype
 from extract.backbones import create_backbone
-from extract.runner import BackboneForward
+from extract.datasets import get_dataset
+from extract.device_views import DeviceViews
+from extract.image_cache import find_image_cache
+from extract.runner import BackboneForward, group_images
+from extract.transforms import CROP_FRACTION, make_spec
 from ledger.runs import read_history
 from ledger.store import Ledger
 
@@ -105,6 +113,7 @@ SMOKE = Scale("cpu", 64, 8, 1, {"embed_dim": 32, "depth": 2, "num_heads": 2}, {"
               sam={"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,), "window_size": 2},
               compile_backend="eager", compile_batch=4, compile_per_class=5, warmup=1, steps=2)
 DEIT_HEADS = 4
+VIEWS = 8  # augmented views of the device-views step
 BUDGET_S = 300  # `make gpu-check` should take under 5 minutes
 # approximate third-party figures published for an H100 (timm-style: 224 px, batch 256), not measured by medfm:
 # (backbone, compiled) -> images/s of the bare forward under AMP
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> list[Figure]:
             ("torchrun extraction", lambda: torchrun_extraction(scale, env, work)),
             ("probe sweep, DeiT heads side by side", lambda: deit_sweep(scale, env, work)),
             ("finetune fp16, killed and resumed", lambda: finetune_resume(scale, env, work)),
+            ("augmented views on the device", lambda: device_views(scale, env, work)),
         ]
         for title, step in steps:
             console.rule(title)
@@ -312,6 +322,47 @@ def finetune_resume(scale: Scale, env: dict[str, str], work: Path) -> list[Figur
     return [Figure("finetune", "last epoch (resumed)", train_images / epoch_seconds, "img/s", precision),
             Figure("finetune", "killed after a checkpoint", first, "s", f"checkpoint at epoch {state['epoch']}"),
             Figure("finetune", "--resume to the end", seconds, "s", f"val {row.val_score:.4f}, {weights_note(row.backbone_random)}")]
+
+
+def device_views(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
+    """The study's augmented views cut by the loader's workers (Pillow) and on the device from the image cache held there,
+    at one batch size: the images/s of each extraction, and how far the device's views are from Pillow's, in levels."""
+    resize = str(round(scale.image_size / CROP_FRACTION))
+    demo = ["--dataset", "demo", "--opt", f"per_class={scale.per_class}"]
+    run([str(BIN / "extract"), "images", *demo, "--resize", resize], env)
+    rates = {}
+    for name, extra in (("loader", []), ("device", ["--pixels-on-device"])):
+        out = work / f"views-{name}"
+        run([str(BIN / "extract"), "run", *dataset_args(scale), "--backbone", "deit", "--weights", "random", "--interpolation", "bilinear",
+             "--views", str(VIEWS), "--augment", "study", "--batch-size", str(scale.compile_batch), "--out", str(out),
+             *scale.override_args(scale.vit), *extra], env)
+        (path,) = out.glob("deit/*.h5")
+        with CacheReader(path) as reader:
+            rates[name] = sum(len(reader.dataset(g, "pooled")) for g in reader.groups) / reader.meta.extract_seconds
+    levels = view_levels(scale, work / "images")
+    return [Figure("device views", "loader workers", rates["loader"], "img/s", f"{VIEWS} augmented views and the eval splits"),
+            Figure("device views", "--pixels-on-device", rates["device"], "img/s"),
+            Figure("device views", "device / loader", rates["device"] / rates["loader"], ""),
+            Figure("device views", "largest difference from Pillow's views", levels, "levels", "0: bit for bit")]
+
+
+def view_levels(scale: Scale, images: Path) -> float:
+    """The largest difference, in levels, between the device's augmented views and the PIL pipeline's (`group_images`) over
+    the first batch of the train split in every view."""
+    source = get_dataset("demo", per_class=scale.per_class)
+    tspec = make_spec(scale.image_size, (0.5,) * 3, (0.25,) * 3, "bilinear")
+    pixels = find_image_cache(source, None, tspec, str(images))
+    if pixels is None:
+        raise MedfmError(f"the device-views step found no image cache in {images}")
+    held = DeviceViews(pixels, source, tspec, torch.device(scale.device), seed=0)
+    rows = min(scale.compile_batch, len(source.splits["train"]))
+    worst = 0
+    for view in range(VIEWS):
+        cut, _, _ = held.batch("train", view, 0, rows)
+        reference = group_images(source, "train", tspec, view, 0, pixels=pixels)
+        expected = torch.stack([reference[i][0] for i in range(rows)])
+        worst = max(worst, int((cut.cpu().int() - expected.int()).abs().max()))
+    return float(worst)
 
 
 def dataset_args(scale: Scale) -> list[str]:

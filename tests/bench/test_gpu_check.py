@@ -20,7 +20,8 @@ from bench.common import REPO
 from common.errors import MedfmError
 
 BACKBONES = ("ViT-B", "ResNet152", "SAM ViT-B")
-STEPS = ("extract ViT-B", "extract ResNet152", *(f"forward {b}" for b in BACKBONES), "torchrun extract", "probe sweep deit", "finetune")
+STEPS = ("extract ViT-B", "extract ResNet152", *(f"forward {b}" for b in BACKBONES), "torchrun extract", "probe sweep deit", "finetune", "device views")
+LEVELS = "largest difference from Pillow's views"
 CELLS = {("fp32", None), ("bf16", None), ("bf16", "eager")}  # the smoke run's precision x compile cells of each backbone
 
 
@@ -43,10 +44,11 @@ def test_smoke_runs_every_step_on_the_cpu_and_prints_its_figure(tmp_path: Path) 
     assert "1 per pass (auto)" in done.stdout  # --deit-per-pass auto on the CPU
     (saved,) = (tmp_path / "bench").glob("gpu_check-*.json")
     figures = json.loads(saved.read_text())["figures"]
-    assert {f["step"] for f in figures} == set(STEPS) and all(f["value"] > 0 for f in figures)
+    assert {f["step"] for f in figures} == set(STEPS) and all(f["value"] > 0 for f in figures if f["name"] != LEVELS)
+    assert [f["value"] for f in figures if f["name"] == LEVELS] == [0]  # the device's views are Pillow's, bit for bit
     assert any(f["name"] == "killed after a checkpoint" and "checkpoint at epoch" in f["note"] for f in figures)
     saved_json = json.loads(saved.read_text())
-    assert len(saved_json["steps"]) == 5 and all(s >= 0 for s in saved_json["steps"].values())
+    assert len(saved_json["steps"]) == 6 and all(s >= 0 for s in saved_json["steps"].values())
     cells = saved_json["precision_compile"]
     for backbone in BACKBONES:
         mine = [c for c in cells if c["backbone"] == backbone]
