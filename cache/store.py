@@ -551,6 +551,12 @@ class _RawChunks:
     row_shape: tuple[int, ...]
     dtype: np.dtype
     row_bytes: int
+    length: int  # rows of the array
+
+    @property
+    def in_order(self) -> bool:
+        """Whether the chunks lie end to end in row order (as the writer allocates them): the array is then one span."""
+        return bool(np.all(np.diff(self.offsets) == self.rows * self.row_bytes))
 
 
 class CacheReader:
@@ -726,17 +732,25 @@ class CacheReader:
                 self._check_rows(split, name, a, part)
         return out
 
-    def take_rows(self, split: str, name: str, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Rows `rows` (sorted, unique) of a feature array into `out`, each checked against its CRC-32 the first time.
+    def take_rows(self, split: str, name: str, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `rows` (sorted, unique) of a feature array, into `out` when given, each checked against its CRC-32 the first
+        time it is read.
 
         A window of a uniform shuffle touches most chunks but few consecutive rows, so on the raw layout (`read_rows`) the
-        rows of each chunk are gathered off the mapped file in one call, as a NumPy memmap's fancy indexing does, rather
-        than a call per run of consecutive rows. Other layouts are read by `read_rows` one run of consecutive rows at a time."""
+        rows are gathered off the mapped file in one call, as a NumPy memmap's fancy indexing does (one call per chunk
+        where the chunks do not lie end to end), rather than a call per run of consecutive rows. Other layouts are read
+        by `read_rows` one run of consecutive rows at a time."""
+        raw = self._raw_chunks(split, name)
+        if raw is None:
+            ds = self._dataset(split, name)
+            length, row_shape, dtype = len(ds), ds.shape[1:], ds.dtype
+        else:
+            length, row_shape, dtype = raw.length, raw.row_shape, raw.dtype
+        out = np.empty((len(rows), *row_shape), dtype=dtype) if out is None else out
         if not len(rows):
             return out
-        if rows[0] < 0 or rows[-1] >= len(self._dataset(split, name)):
-            raise IndexError(f"rows {rows[0]}..{rows[-1]} are not all within {split}/{name}'s {len(self._dataset(split, name))} rows")
-        raw = self._raw_chunks(split, name)
+        if rows[0] < 0 or rows[-1] >= length:
+            raise IndexError(f"rows {rows[0]}..{rows[-1]} are not all within {split}/{name}'s {length} rows")
         if raw is None:
             cuts = np.flatnonzero(np.diff(rows) != 1) + 1
             for s, e in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist(), strict=True):
@@ -744,12 +758,17 @@ class CacheReader:
             return out
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        chunks = rows // raw.rows
-        cuts = np.flatnonzero(np.diff(chunks)) + 1
-        for s, e in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist(), strict=True):
-            chunk = int(chunks[s])  # every chunk is stored whole (`_raw_chunks`), the last one too
-            whole = np.frombuffer(self._map, raw.dtype, raw.rows * raw.row_bytes // raw.dtype.itemsize, int(raw.offsets[chunk]))
-            np.take(whole.reshape(raw.rows, *raw.row_shape), rows[s:e] - chunk * raw.rows, axis=0, out=out[s:e], mode="clip")
+        if raw.in_order:  # one gather over the whole array
+            span = len(raw.offsets) * raw.rows
+            whole = np.frombuffer(self._map, raw.dtype, span * raw.row_bytes // raw.dtype.itemsize, int(raw.offsets[0]))
+            np.take(whole.reshape(span, *raw.row_shape), rows, axis=0, out=out, mode="clip")
+        else:
+            chunks = rows // raw.rows
+            cuts = np.flatnonzero(np.diff(chunks)) + 1
+            for s, e in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist(), strict=True):
+                chunk = int(chunks[s])  # every chunk is stored whole (`_raw_chunks`), the last one too
+                whole = np.frombuffer(self._map, raw.dtype, raw.rows * raw.row_bytes // raw.dtype.itemsize, int(raw.offsets[chunk]))
+                np.take(whole.reshape(raw.rows, *raw.row_shape), rows[s:e] - chunk * raw.rows, axis=0, out=out[s:e], mode="clip")
         crc, done = self._checksums(split, name)
         first = np.flatnonzero(rows < len(crc))  # rows past the split's `rows` mark have no checksum yet
         first = first[~done[rows[first]]]
@@ -816,7 +835,7 @@ class CacheReader:
                     offsets = np.empty(len(infos), dtype=np.int64)
                     for info in infos:
                         offsets[info.chunk_offset[0] // rows] = info.byte_offset
-                    self._raw[key] = _RawChunks(offsets, rows, row_shape, dtype, row_bytes)
+                    self._raw[key] = _RawChunks(offsets, rows, row_shape, dtype, row_bytes, len(ds))
         return self._raw[key]
 
     def nbytes(self, split: str, name: str) -> int:

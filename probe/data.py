@@ -189,8 +189,8 @@ class FeatureSource:
         for w in range(0, len(order), self.window_rows):
             window = order[w : w + self.window_rows]
             rows = np.sort(window)
-            block = self._take(group, self.feature, rows)
-            scales = None if self.scales is None else self._take(group, self.scales, rows)
+            block = self.reader.take_rows(group, self.feature, rows)
+            scales = None if self.scales is None else self.reader.take_rows(group, self.scales, rows)
             position = np.searchsorted(rows, window)
             for b in range(0, len(window), size):
                 yield Batch(self._served(block, scales, position[b : b + size]), labels[window[b : b + size]])
@@ -218,11 +218,6 @@ class FeatureSource:
                 part = np.flatnonzero(keep[b : b + EVAL_BATCH]) + b
                 if len(part):
                     yield Batch(self._served(block, scales, part), labels[start + part])
-
-    def _take(self, group: str, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows (sorted, unique) of a train group's array `name` (the eval view or an augmented one), in one new array."""
-        dataset = self.reader.dataset(group, name)
-        return self.reader.take_rows(group, name, rows, np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype))
 
     def _ram_rows(self, group: str, rows: np.ndarray) -> np.ndarray:
         """Rows of a group held in RAM, as a batch serves them."""
