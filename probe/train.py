@@ -7,8 +7,8 @@ scored once with them, in fp32 (`training.recipe.precision`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from cache.schema import Task
 from common.progress import Pace
+from common.runtime import one_torch_thread
 from probe.config import FitResult, TrainConfig
 from probe.data import Batch, FeatureSource
 from probe.stack import stack_heads
@@ -43,8 +44,7 @@ def train_head(config: TrainConfig, source: FeatureSource, task: Task, device: t
         return fit([head], [config], source, task, device, progress)[0]
 
 
-@contextmanager
-def small_on_one_thread(heads: list[nn.Module], device: torch.device) -> Iterator[None]:
+def small_on_one_thread(heads: list[nn.Module], device: torch.device) -> AbstractContextManager[None]:
     """Train a small pass of heads on the CPU on one torch thread (fewer than ONE_THREAD_PARAMETERS parameters in all).
 
     A sweep's linear heads are one stacked layer: 12 heads of 5 classes on 768-d features make [12, 5, 768] tensors,
@@ -54,15 +54,8 @@ def small_on_one_thread(heads: list[nn.Module], device: torch.device) -> Iterato
     (bench/sweep.py's sweep, under load). A lone linear head's forward does the same on a busy machine: with two other
     processes running, one `probe run` of bench/sweep.py's took 2.9-4.3 s on 2 threads and 0.6-1.0 s on one. Same
     operations, one thread."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or sum(p.numel() for h in heads for p in h.parameters()) >= ONE_THREAD_PARAMETERS:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    small = device.type == "cpu" and sum(p.numel() for h in heads for p in h.parameters()) < ONE_THREAD_PARAMETERS
+    return one_torch_thread() if small else nullcontext()
 
 
 def fit(

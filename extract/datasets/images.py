@@ -5,8 +5,7 @@ Apart from the registry (`extract.datasets`) so that listing datasets and checki
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -16,29 +15,11 @@ from rich.console import Console
 
 from cache.store import DamagedCache
 from common.errors import MedfmError
+from common.runtime import one_torch_thread
 from extract.datasets.base import DatasetSource
 from extract.datasets.decode import to_mode
 
 DAMAGED = "damaged cache: "  # marks, in a loader's per-image error, a stored row that failed its checksum
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """One image's tensor work (ToTensor, Normalize, the jitter) on one torch thread, as a loader worker runs it.
-
-    Decoding in the main process (`--workers 0`, the default on small CPUs) would otherwise run those small operations
-    on the model's threads, which wait on each other whenever another process holds a core: on a shared 2-core machine
-    the eval transform took 46 ms on 2 threads and 0.7 ms on 1. Elementwise work, so the tensors are the same.
-    """
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Pixels(Protocol):
