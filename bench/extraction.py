@@ -77,7 +77,7 @@ def crossing_bytes(spec: TransformSpec) -> dict[str, int]:
 
 def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: Path, image_size: int = IMAGE_SIZE,
             per_class: int = PER_CLASS, rounds: int = ROUNDS, workers: int | None = WORKERS, compile: bool = False,
-            batch_size: int | None = None, precision: str = "auto") -> dict[str, float]:
+            batch_size: int | None = None, precision: str = "auto", compile_backend: str = "inductor") -> dict[str, float]:
     """Seconds of the fastest pipeline and bare rounds, and the runner's own streaming rate (`bench.gpu_check` too, with
     the runner's default `workers`: None).
 
@@ -88,13 +88,13 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
     """
     cfg = ExtractConfig(backbone=backbone, dataset="demo", weights="random", image_size=image_size, device=str(dev),
                         precision=precision, dataset_options={"per_class": per_class}, overrides=overrides, workers=workers,
-                        compile=compile)
+                        compile=compile, compile_backend=compile_backend)
     model = create_backbone(backbone, "random", image_size=image_size, **overrides)
     forward = BackboneForward(model, [model.num_layers - 1], dev, autocast_dtype(cfg.precision, dev))
     if batch_size is None:
         batch_size = forward.auto_batch_size((3, image_size, image_size)) if dev.type == "cuda" else CPU_BATCH
     if compile:
-        forward.compile()
+        forward.compile(compile_backend)
     cfg.batch_size = batch_size
     inputs = bare_inputs(forward, batch_size, per_class)
     images = sum(len(x) for x in inputs)

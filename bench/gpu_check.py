@@ -47,13 +47,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from rich.console import Console
@@ -219,37 +216,29 @@ def precision_compile(scale: Scale, work: Path, compiled: bool) -> list[Cell]:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     shape = (3, scale.image_size, scale.image_size)
     cells = []
-    with compile_backend(scale.compile_backend):
-        for name, backbone, overrides in scale.backbones():
-            # afresh for each, as in its own `extract run --compile`: every backbone's forward is the same code
-            # (`Backbone.forward_layers`), whose compiled versions count towards one recompile limit
-            torch.compiler.reset()
-            model = create_backbone(backbone, "random", image_size=scale.image_size, **overrides)
-            layers = [model.num_layers - 1]
-            policy = BackboneForward(model, layers, dev, amp)
-            batch = min(policy.auto_batch_size(shape), scale.compile_batch)
-            forwards = {"fp32": BackboneForward(model, layers, dev, None), precision: policy}
-            if compiled:
-                forwards["compiled"] = BackboneForward(model, layers, dev, amp)
-                forwards["compiled"].compile()
-            images = torch.randn(batch, *shape, device=dev).contiguous(memory_format=policy.memory_format)
-            rates = forward_rates(forwards, images, scale.warmup, scale.steps, scale.rounds)
-            cells += [Cell(name, "fp32", None, batch, rates["fp32"]),
-                      Cell(name, precision, None, batch, rates[precision], published_h100_img_s=PUBLISHED_H100.get((name, False)))]
-            if compiled:
-                found = compare(name, backbone, overrides, dev, work, scale.image_size, scale.compile_per_class, scale.rounds,
-                                workers=None, compile=True, batch_size=batch, precision=precision)
-                cells.append(Cell(name, precision, scale.compile_backend, batch, rates["compiled"], found["ratio"],
-                                  PUBLISHED_H100.get((name, True))))
+    for name, backbone, overrides in scale.backbones():
+        # afresh for each, as in its own `extract run --compile`: every backbone's forward is the same code
+        # (`Backbone.forward_layers`), whose compiled versions count towards one recompile limit
+        torch.compiler.reset()
+        model = create_backbone(backbone, "random", image_size=scale.image_size, **overrides)
+        layers = [model.num_layers - 1]
+        policy = BackboneForward(model, layers, dev, amp)
+        batch = min(policy.auto_batch_size(shape), scale.compile_batch)
+        forwards = {"fp32": BackboneForward(model, layers, dev, None), precision: policy}
+        if compiled:
+            forwards["compiled"] = BackboneForward(model, layers, dev, amp)
+            forwards["compiled"].compile(scale.compile_backend)
+        images = torch.randn(batch, *shape, device=dev).contiguous(memory_format=policy.memory_format)
+        rates = forward_rates(forwards, images, scale.warmup, scale.steps, scale.rounds)
+        cells += [Cell(name, "fp32", None, batch, rates["fp32"]),
+                  Cell(name, precision, None, batch, rates[precision], published_h100_img_s=PUBLISHED_H100.get((name, False)))]
+        if compiled:
+            found = compare(name, backbone, overrides, dev, work, scale.image_size, scale.compile_per_class, scale.rounds,
+                            workers=None, compile=True, batch_size=batch, precision=precision,
+                            compile_backend=scale.compile_backend)
+            cells.append(Cell(name, precision, scale.compile_backend, batch, rates["compiled"], found["ratio"],
+                              PUBLISHED_H100.get((name, True))))
     return cells
-
-
-@contextmanager
-def compile_backend(backend: str) -> Iterator[None]:
-    """Every torch.compile in the block uses `backend`, `extract run --compile`'s (`BackboneForward.compile`) included:
-    the smoke run takes the GPU's code path with `eager` where the GPU's is the default, inductor."""
-    with mock.patch.object(torch, "compile", partial(torch.compile, backend=backend)):
-        yield
 
 
 def cell_figures(cells: list[Cell]) -> list[Figure]:

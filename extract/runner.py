@@ -94,6 +94,7 @@ class ExtractConfig:
     precision: str = "auto"
     workers: int | None = None
     compile: bool = False  # torch.compile the backbone: slower start, faster steady state on long runs
+    compile_backend: str = "inductor"  # torch.compile's backend with `compile` (the benchmarks' CPU smoke runs: eager)
     skip_bad: bool = False
     views: int = 0  # augmented train views stored beside the eval view (docs/protocol.md §4): the study's frozen protocol
     augment: str = "none"  # the augmentation the views are drawn with: none | study
@@ -169,9 +170,9 @@ class BackboneForward:
         self.layers, self.device, self.amp, self.normalize = list(layers), device, amp, normalize
         self._forward_layers = self.model.forward_layers
 
-    def compile(self) -> None:
+    def compile(self, backend: str = "inductor") -> None:
         """torch.compile the forward (the first batches pay the compilation)."""
-        self._forward_layers = torch.compile(self.model.forward_layers)
+        self._forward_layers = torch.compile(self.model.forward_layers, backend=backend)
 
     def __call__(self, images: torch.Tensor) -> dict[int, Features]:
         # move first (an asynchronous copy from pinned memory), then normalise uint8 and change the layout on the device
@@ -506,7 +507,7 @@ def _extract_splits(
     forward = BackboneForward(model, layers, device, amp, Normalize(tspec))
     batch_size = forward.auto_batch_size((tspec.channels, tspec.size, tspec.size)) if cfg.batch_size == "auto" else int(cfg.batch_size)
     if cfg.compile:
-        forward.compile()
+        forward.compile(cfg.compile_backend)
     loader, firsts, total = (_device_batches(held, segments, batch_size, views) if held is not None
                              else _loader(source, segments, batch_size, tspec, cfg, device, views, corruption, pixels))
     token_dtype = getattr(torch, cfg.token_dtype)
