@@ -1012,9 +1012,11 @@ def verify(path: Path) -> list[str]:
         for split in groups(file):
             problems += _verify_split(split, file[split])
         try:
-            _read_sources(file, "sources")
+            sources = _read_sources(file, "sources")
         except DamagedCache as err:
             problems.append(str(err).split(": ", 1)[1].split(";")[0])
+        else:
+            problems += _changed_sources(sources)
         try:
             _read_text(file, "text")
         except MedfmError as err:
@@ -1022,6 +1024,16 @@ def verify(path: Path) -> list[str]:
         except (KeyError, ValueError) as err:
             problems.append(f"text: unreadable ({err})")
     return problems
+
+
+def _changed_sources(sources: SourceFiles | None) -> list[str]:
+    """`verify`'s line for source files that changed since the cache was built (an image cache's images), if any."""
+    changed = sources.changed() if sources is not None else []
+    if not changed:
+        return []
+    (path, why), more = changed[0], len(changed) - 1
+    return [f"sources: {path} changed since the cache was built ({why})" + (f" and {more} more file(s) did" if more else "")
+            + "; readers refuse it until it is rebuilt (`extract images ... --rebuild`)"]
 
 
 META_EDITED = "meta: changed after extraction (checksum mismatch)"

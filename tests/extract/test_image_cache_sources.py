@@ -89,10 +89,12 @@ def test_rewritten_source_images_are_refused_by_every_reader_until_rebuilt(tmp_p
         extract(features_config(tmp_path / "a", root, views=0, augment="none", image_cache=str(folder)), QUIET)
     with pytest.raises(MedfmError, match=stale):
         build(root, folder)  # `extract images` without --rebuild: not reused
+    (said,) = verify(path)  # `cache verify` says so too
+    assert said.startswith(f"sources: {changed} changed since the cache was built (size") and "--rebuild" in said
     code, out, err = run_main(main, shlex.split(command)[1:], monkeypatch)  # the command the message gives
     assert code == 0 and out.startswith("wrote"), err
     pixels = find_image_cache(source, root, spec(), str(folder))
-    assert pixels is not None and pixels.path == path
+    assert pixels is not None and pixels.path == path and verify(path) == []
     assert all(torch.equal(a, b) for a, b in zip(tensors(source, spec()), tensors(source, spec(), pixels), strict=True))
     # two changed, one of the same size (its time moved): the first is named, the other counted
     rewrite(root / "class0" / "00.png", same_size=True)
