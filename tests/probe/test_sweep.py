@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from cache.layout import open_cache
@@ -96,49 +97,47 @@ def test_deit_per_pass_auto_is_one_head_per_pass_on_the_cpu_and_a_bad_count_is_r
             run_sweep(reader, configs, device="cpu", deit_per_pass=0, force=True)
 
 
-def test_a_small_stack_of_linear_heads_trains_on_one_cpu_thread_and_gives_the_threads_back(tmp_path, monkeypatch):
+@pytest.fixture
+def fit_threads(monkeypatch):
+    """The torch threads each call of the training loop ran on, on a 2-thread CPU: `seen(module)` records the calls of
+    `module.fit`; the threads are given back after the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+
+    def recording(module):
+        real_fit = module.fit
+
+        def fit(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return real_fit(*args, **kwargs)
+
+        monkeypatch.setattr(module, "fit", fit)
+        return seen
+
+    yield recording
+    assert torch.get_num_threads() == 2  # what the run found, given back
+    torch.set_num_threads(threads)
+
+
+def test_a_small_stack_of_linear_heads_trains_on_one_cpu_thread_and_gives_the_threads_back(tmp_path, monkeypatch, fit_threads):
     """Stacked heads' small operations cross torch's grain for splitting across threads, which costs more than they do;
     a stack too large for one core keeps the threads."""
-    seen: list[int] = []
-    real_fit = sweep.fit
-
-    def fit(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(sweep, "fit", fit)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        path = make_cache(tmp_path / "c.h5")
-        with open_cache(path, None, None) as reader:
-            configs = expand(reader, Grid(lrs=(1e-3, 1e-2)), BASE)
-            run_sweep(reader, configs, device="cpu")
-            monkeypatch.setattr(train, "ONE_THREAD_PARAMETERS", 10)
-            run_sweep(reader, configs, device="cpu", force=True)
-        assert seen == [1, 2] and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+    seen = fit_threads(sweep)
+    with open_cache(make_cache(tmp_path / "c.h5"), None, None) as reader:
+        configs = expand(reader, Grid(lrs=(1e-3, 1e-2)), BASE)
+        run_sweep(reader, configs, device="cpu")
+        monkeypatch.setattr(train, "ONE_THREAD_PARAMETERS", 10)
+        run_sweep(reader, configs, device="cpu", force=True)
+    assert seen == [1, 2] and torch.get_num_threads() == 2
 
 
-def test_a_lone_linear_head_trains_on_one_cpu_thread_too(tmp_path, monkeypatch):
+def test_a_lone_linear_head_trains_on_one_cpu_thread_too(tmp_path, monkeypatch, fit_threads):
     """`probe run`'s head: on a busy machine its forward's threads wait for each other's core as a stack's do."""
-    seen: list[int] = []
-    real_fit = train.fit
-
-    def fit(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(train, "fit", fit)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with open_cache(make_cache(tmp_path / "c.h5"), None, None) as reader:
-            source = FeatureSource(reader, "pooled", 16)
-            train_head(BASE, source, reader.task, torch.device("cpu"))
-            monkeypatch.setattr(train, "ONE_THREAD_PARAMETERS", 10)
-            train_head(BASE, source, reader.task, torch.device("cpu"))
-        assert seen == [1, 2] and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+    seen = fit_threads(train)
+    with open_cache(make_cache(tmp_path / "c.h5"), None, None) as reader:
+        source = FeatureSource(reader, "pooled", 16)
+        train_head(BASE, source, reader.task, torch.device("cpu"))
+        monkeypatch.setattr(train, "ONE_THREAD_PARAMETERS", 10)
+        train_head(BASE, source, reader.task, torch.device("cpu"))
+    assert seen == [1, 2] and torch.get_num_threads() == 2
