@@ -66,7 +66,7 @@ from extract.datasets import get_dataset
 from extract.device_views import DeviceViews
 from extract.image_cache import find_image_cache
 from extract.runner import BackboneForward, group_images
-from extract.transforms import CROP_FRACTION, make_spec
+from extract.transforms import TransformSpec, make_spec
 from ledger.runs import read_history
 from ledger.store import Ledger
 
@@ -316,9 +316,9 @@ def finetune_resume(scale: Scale, env: dict[str, str], work: Path) -> list[Figur
 def device_views(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
     """The study's augmented views cut by the loader's workers (Pillow) and on the device from the image cache held there,
     at one batch size: the images/s of each extraction, and how far the device's views are from Pillow's, in levels."""
-    resize = str(round(scale.image_size / CROP_FRACTION))
+    tspec = make_spec(scale.image_size, (0.5,) * 3, (0.25,) * 3, "bilinear")  # the resize and interpolation of both runs
     demo = ["--dataset", "demo", "--opt", f"per_class={scale.per_class}"]
-    run([str(BIN / "extract"), "images", *demo, "--resize", resize], env)
+    run([str(BIN / "extract"), "images", *demo, "--resize", str(tspec.resize)], env)
     rates = {}
     for name, extra in (("loader", []), ("device", ["--pixels-on-device"])):
         out = work / f"views-{name}"
@@ -328,18 +328,17 @@ def device_views(scale: Scale, env: dict[str, str], work: Path) -> list[Figure]:
         (path,) = out.glob("deit/*.h5")
         with CacheReader(path) as reader:
             rates[name] = sum(len(reader.dataset(g, "pooled")) for g in reader.groups) / reader.meta.extract_seconds
-    levels = view_levels(scale, work / "images")
+    levels = view_levels(scale, tspec, work / "images")
     return [Figure("device views", "loader workers", rates["loader"], "img/s", f"{VIEWS} augmented views and the eval splits"),
             Figure("device views", "--pixels-on-device", rates["device"], "img/s"),
             Figure("device views", "device / loader", rates["device"] / rates["loader"], ""),
             Figure("device views", "largest difference from Pillow's views", levels, "levels", "0: bit for bit")]
 
 
-def view_levels(scale: Scale, images: Path) -> float:
+def view_levels(scale: Scale, tspec: TransformSpec, images: Path) -> float:
     """The largest difference, in levels, between the device's augmented views and the PIL pipeline's (`group_images`) over
     the first batch of the train split in every view."""
     source = get_dataset("demo", per_class=scale.per_class)
-    tspec = make_spec(scale.image_size, (0.5,) * 3, (0.25,) * 3, "bilinear")
     pixels = find_image_cache(source, None, tspec, str(images))
     if pixels is None:
         raise MedfmError(f"the device-views step found no image cache in {images}")

@@ -552,11 +552,7 @@ class _RawChunks:
     dtype: np.dtype
     row_bytes: int
     length: int  # rows of the array
-
-    @property
-    def in_order(self) -> bool:
-        """Whether the chunks lie end to end in row order (as the writer allocates them): the array is then one span."""
-        return bool(np.all(np.diff(self.offsets) == self.rows * self.row_bytes))
+    in_order: bool  # the chunks lie end to end in row order (as the writer allocates them): the array is one span
 
 
 class CacheReader:
@@ -710,7 +706,7 @@ class CacheReader:
             ds = self._dataset(split, name)
             out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype) if out is None else out
             ds.read_direct(out, np.s_[start:stop])
-            self._check_rows(split, name, start, out)
+            self._check_rows(split, name, np.arange(start, stop), out)
             return out
         out = np.empty((stop - start, *raw.row_shape), dtype=raw.dtype) if out is None else out
         if self._map is None:
@@ -729,7 +725,7 @@ class CacheReader:
                 b = min(a + step, hi)
                 part = out[a - start : b - start]
                 part[...] = block[a - lo : b - lo]
-                self._check_rows(split, name, a, part)
+                self._check_rows(split, name, np.arange(a, b), part)
         return out
 
     def take_rows(self, split: str, name: str, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -769,14 +765,7 @@ class CacheReader:
                 chunk = int(chunks[s])  # every chunk is stored whole (`_raw_chunks`), the last one too
                 whole = np.frombuffer(self._map, raw.dtype, raw.rows * raw.row_bytes // raw.dtype.itemsize, int(raw.offsets[chunk]))
                 np.take(whole.reshape(raw.rows, *raw.row_shape), rows[s:e] - chunk * raw.rows, axis=0, out=out[s:e], mode="clip")
-        crc, done = self._checksums(split, name)
-        first = np.flatnonzero(rows < len(crc))  # rows past the split's `rows` mark have no checksum yet
-        first = first[~done[rows[first]]]
-        flat = out.reshape(len(out), -1).view(np.uint8)
-        for i in first.tolist():
-            if zlib.crc32(flat[i]) != int(crc[rows[i]]):
-                raise self._damage(f"{split}/{name} row {int(rows[i])} differs from its checksum")
-        done[rows[first]] = True
+        self._check_rows(split, name, rows, out)
         return out
 
     def _checksums(self, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -788,22 +777,21 @@ class CacheReader:
             self._checked_rows[key] = np.zeros(len(self._crc[key]), dtype=bool)
         return self._crc[key], self._checked_rows[key]
 
-    def _check_rows(self, split: str, name: str, start: int, block: np.ndarray) -> None:
-        """Raise `DamagedCache` at the first row of `block` (rows start.. of an array) whose CRC-32 differs from the stored
-        one. A row is checked the first time this reader reads it (a streamed probe reads every row each epoch: the
-        later reads copy at memory speed). Rows past the split's `rows` mark have no checksum yet and are not checked."""
-        key = (split, name)
-        self._checksums(split, name)
-        done = self._checked_rows[key][start : start + len(block)]
-        todo = np.flatnonzero(~done).tolist()
-        if not todo:
+    def _check_rows(self, split: str, name: str, rows: np.ndarray, block: np.ndarray) -> None:
+        """Raise `DamagedCache` at the first of `rows` (row indices of an array, in `block`'s order) whose CRC-32 differs
+        from the stored one. A row is checked the first time this reader reads it (a streamed probe reads every row each
+        epoch: the later reads copy at memory speed). Rows past the split's `rows` mark have no checksum yet and are not
+        checked."""
+        crc, done = self._checksums(split, name)
+        todo = np.flatnonzero(rows < len(crc))
+        todo = todo[~done[rows[todo]]]
+        if not len(todo):
             return
-        stored = self._crc[key][start : start + len(done)].tolist()
-        rows = np.ascontiguousarray(block[: len(done)]).reshape(len(done), -1).view(np.uint8)
-        for i in todo:
-            if zlib.crc32(rows[i]) != stored[i]:
-                raise self._damage(f"{split}/{name} row {start + i} differs from its checksum")
-        done[:] = True
+        flat = np.ascontiguousarray(block).reshape(len(block), -1).view(np.uint8)
+        for i in todo.tolist():
+            if zlib.crc32(flat[i]) != int(crc[rows[i]]):
+                raise self._damage(f"{split}/{name} row {int(rows[i])} differs from its checksum")
+        done[rows[todo]] = True
 
     def _checked(self, split: str, key: str, data: np.ndarray) -> np.ndarray:
         """`data` (a split's ids, labels or valid), checked against its checksum the first time it is read."""
@@ -835,7 +823,8 @@ class CacheReader:
                     offsets = np.empty(len(infos), dtype=np.int64)
                     for info in infos:
                         offsets[info.chunk_offset[0] // rows] = info.byte_offset
-                    self._raw[key] = _RawChunks(offsets, rows, row_shape, dtype, row_bytes, len(ds))
+                    in_order = bool(np.all(np.diff(offsets) == rows * row_bytes))
+                    self._raw[key] = _RawChunks(offsets, rows, row_shape, dtype, row_bytes, len(ds), in_order)
         return self._raw[key]
 
     def nbytes(self, split: str, name: str) -> int:

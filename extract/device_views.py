@@ -282,17 +282,18 @@ class DeviceViews:
         self.pixels = self._load(pixels, [stored[i] for i in images])
 
     def _load(self, pixels: CachedPixels, where: list[tuple[str, int, bool]]) -> torch.Tensor:
-        """Every image's stored row, read from the image cache in slices of about READ_BYTES."""
+        """Every image's stored row, gathered from the image cache (`CacheReader.take_rows`) about READ_BYTES at a time."""
         held = torch.empty((len(where), *pixels.spec.shape), dtype=torch.uint8, device=self.device)
         step = max(1, READ_BYTES // int(np.prod(pixels.spec.shape)))
         with CacheReader(pixels.path) as reader:
             for split in {s for s, _, _ in where}:
-                rows = np.array([row for s, row, _ in where if s == split])
                 slots = np.array([k for k, (s, _, _) in enumerate(where) if s == split])
-                for start in range(int(rows.min()), int(rows.max()) + 1, step):
-                    block = reader.read_rows(split, PIXELS, start, min(start + step, int(rows.max()) + 1))
-                    taken = (rows >= start) & (rows < start + len(block))
-                    held[torch.from_numpy(slots[taken]).to(self.device)] = torch.from_numpy(block[rows[taken] - start]).to(self.device)
+                rows = np.array([where[k][1] for k in slots])
+                order = np.argsort(rows)  # take_rows reads sorted rows
+                rows, slots = rows[order], slots[order]
+                for at in range(0, len(rows), step):
+                    block = reader.take_rows(split, PIXELS, rows[at : at + step])
+                    held[torch.from_numpy(slots[at : at + step]).to(self.device)] = torch.from_numpy(block).to(self.device)
         return held
 
     def batch(self, group: str, view: int | None, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
