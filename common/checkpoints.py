@@ -69,6 +69,9 @@ def load_torch_file(path: Path, fix: str | None = None) -> object:
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         reason = _first_line(err) or ("the file is empty" if path.is_file() and path.stat().st_size == 0 else type(err).__name__)
         raise MedfmError(f"cannot read weights file {path}: {reason}; {fix or 'pass an intact checkpoint (download it again)'}") from None
+    except Exception as err:  # noqa: BLE001 - bytes that are no torch file trip the unpickler in any way (IndexError, KeyError, ...)
+        raise MedfmError(f"cannot read weights file {path}: it is not a torch checkpoint ({type(err).__name__} in its pickle); "
+                         f"{fix or 'pass an intact checkpoint (download it again)'}") from None
     return obj
 
 

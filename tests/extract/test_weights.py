@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -49,6 +50,16 @@ def test_every_family_refuses_the_malicious_pickle(malicious: tuple[Path, Path],
     with pytest.raises(MedfmError, match="refusing to load"):
         create_backbone(name, str(path), image_size=size, **overrides)
     assert not marker.exists()
+
+
+def test_bytes_that_are_no_torch_file_are_one_error_whatever_they_trip(tmp_path: Path) -> None:
+    """Random bytes trip torch's unpickler in many ways (UnpicklingError, IndexError, KeyError, UnicodeDecodeError):
+    300 seeded files cover each of them, and every one must be the one-line `MedfmError` naming the file."""
+    path = tmp_path / "weights.pth"
+    for seed in range(300):
+        path.write_bytes(np.random.default_rng(seed).bytes(4096))
+        with pytest.raises(MedfmError, match=rf"^cannot read weights file {path}|^refusing to load {path}"):
+            load_state_dict(path)
 
 
 def seem_checkpoint() -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -230,7 +231,7 @@ def test_the_adapter_trains_at_its_own_rate_and_the_head_at_the_studys() -> None
 def _bad_checkpoints(path: Path) -> dict[str, Callable[[], object]]:
     """Ways the checkpoint file gets overwritten, each written to `path` on use; -> what the one line says."""
     return {
-        "random-bytes": lambda: path.write_bytes(os.urandom(4096)),
+        "random-bytes": lambda: path.write_bytes(np.random.default_rng(17).bytes(4096)),  # bytes that trip an IndexError in the unpickler
         "pickle": lambda: path.write_bytes(pickle.dumps({"model": {"w": [1.0, 2.0]}})),
         "code": lambda: torch.save({"model": {}, "hook": os.system}, path),  # a torch zip whose pickle names a function
         "other-tensors": lambda: torch.save({"weight": torch.zeros(3), "bias": torch.zeros(1)}, path),
