@@ -139,8 +139,8 @@ def source_paths(source: DatasetSource, root: Path | None) -> list[str | os.Path
 
 
 def rebuild_command(source: DatasetSource, root: Path | None, folder: Path, spec: PixelSpec, manifest: Path | None = None) -> str:
-    """The `extract images` command that rebuilds the image cache of `source` with `spec` in `folder` (`--rebuild`); a
-    reader does not know the `--manifest` a re-split cache was built with, the build itself does."""
+    """The `extract images` command that rebuilds the image cache of `source` with `spec` in `folder` (`--rebuild`),
+    with the `--manifest` that re-split `source`, if one did."""
     words = ["--dataset", source.name]
     if root is not None:
         words += ["--root", str(Path(root).expanduser().resolve())]
@@ -228,11 +228,12 @@ class CachedPixels:
 
 
 def find_image_cache(source: DatasetSource, root: Path | None, tspec: TransformSpec, option: str, *,
-                     draft: bool = True, console: Console | None = None) -> CachedPixels | None:
+                     draft: bool = True, console: Console | None = None, manifest: Path | None = None) -> CachedPixels | None:
     """The complete image cache whose images are `tspec`'s resize of `source`'s files, or None (`option` off, or none built).
 
     An exact one first; else, when `draft`, one built with `--jpeg-draft` (whose use changes the features). One whose
-    source files changed since it was built is refused (`check_sources`), never passed over for the files.
+    source files changed since it was built is refused (`check_sources`), never passed over for the files. `manifest`:
+    the saved split that re-split `source`, named in the command that rebuilds the cache.
     """
     folder = image_folder(option)
     if folder is None:
@@ -241,7 +242,7 @@ def find_image_cache(source: DatasetSource, root: Path | None, tspec: TransformS
         spec = pixel_spec(tspec.resize, tspec.interpolation, tspec.channels, jpeg_draft)
         path = cache_file(folder, source.name, fingerprint(pixel_settings(source, root, spec)))
         if path.exists():
-            return CachedPixels(path, spec, rebuild_command(source, root, folder, spec), console)
+            return CachedPixels(path, spec, rebuild_command(source, root, folder, spec, manifest), console)
     return None
 
 

@@ -417,7 +417,7 @@ def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
         "views": view_settings(cfg),
         "protocol": cfg.protocol,
     }
-    pixels = find_image_cache(source, cfg.root, tspec, cfg.image_cache)
+    pixels = find_image_cache(source, cfg.root, tspec, cfg.image_cache, manifest=cfg.manifest)
     if pixels is not None and pixels.spec.jpeg_draft:  # draft-decoded JPEGs are other pixels, so other features
         settings["pixels"] = {"jpeg_draft": True}
     fp = fingerprint(settings)

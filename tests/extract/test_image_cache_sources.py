@@ -4,6 +4,7 @@ source files changed since it was built is refused (by extraction, finetune and 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shlex
 from pathlib import Path
@@ -101,6 +102,25 @@ def test_rewritten_source_images_are_refused_by_every_reader_until_rebuilt(tmp_p
     rewrite(root / "class0" / "02.png")
     with pytest.raises(MedfmError, match=r"stale: .*0[02]\.png changed since it was built \((modified|size).*\) and 1 more file\(s\) did"):
         find_image_cache(source, root, spec(), str(folder))
+
+
+def test_a_re_split_cache_is_rebuilt_by_the_command_its_extraction_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image cache built for a saved split (`--manifest`): the stale message of the extraction that reads it names the
+    manifest, so its command rebuilds that cache and not the dataset's own split's."""
+    root = photo_folder(tmp_path / "data")
+    folder = tmp_path / "images"
+    ids = get_dataset("imagefolder", root).manifest()
+    manifest = tmp_path / "resplit.splits.json"
+    manifest.write_text(json.dumps({"train": ids["train"] + ids["val"], "test": ids["test"]}))  # no val split
+    path = build(root, folder, manifest=manifest)
+    rewrite(root / "class1" / "03.png")
+    with pytest.raises(MedfmError, match=rf"image cache {path} is stale") as caught:
+        extract(features_config(tmp_path / "a", root, views=0, augment="none", image_cache=str(folder), manifest=manifest), QUIET)
+    command = str(caught.value).split("`")[-2]
+    assert f"--manifest {manifest}" in command
+    code, out, err = run_main(main, shlex.split(command)[1:], monkeypatch)
+    assert code == 0 and out.startswith("wrote") and str(path) in "".join(out.split()), err  # this cache, rebuilt
+    assert verify(path) == []
 
 
 def test_hashed_sources_pass_a_touched_file_and_refuse_new_bytes_of_the_same_size(tmp_path: Path) -> None:
