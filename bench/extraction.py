@@ -6,7 +6,9 @@ runner uses, on the same images already decoded and on the device, in the same b
 bare time / pipeline time is the share of the model's own speed that the pipeline delivers.
 
 A ViT (DeiT-S shape) and a CNN (ResNet-50 shape, run channels-last) with random weights, at 224 px,
-on the synthetic demo set, with 2 loader workers and the runner's default batch size for the device.
+on the synthetic demo set, with the runner's default batch size for the device. The pipeline runs with the runner's
+default loader workers (`common.runtime.default_workers`: on a CPU of up to 4 cores, decoding in-line), the ratio held
+to the target; and, timed in the same rounds, with 2 workers, reported beside it.
 Also the bytes of one image crossing the worker boundary: the uint8 crop the workers hand over now (normalised on the
 device) over the normalised float32 image they handed over before (`extract.transforms.eval_transform`).
 `--smoke`: a one-block ViT and a one-block-per-stage ResNet at 32 px, 20 images, one round.
@@ -18,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ from bench.common import (
     run_bench,
     sync,
 )
+from common.runtime import default_workers
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from extract.datasets.images import ImageDataset
@@ -76,10 +80,12 @@ def crossing_bytes(spec: TransformSpec) -> dict[str, int]:
 
 
 def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: Path, image_size: int = IMAGE_SIZE,
-            per_class: int = PER_CLASS, rounds: int = ROUNDS, workers: int | None = WORKERS, compile: bool = False,
-            batch_size: int | None = None, precision: str = "auto", compile_backend: str = "inductor") -> dict[str, float]:
-    """Seconds of the fastest pipeline and bare rounds, and the runner's own streaming rate (`bench.gpu_check` too, with
-    the runner's default `workers`: None).
+            per_class: int = PER_CLASS, rounds: int = ROUNDS, workers: int | None = None, compile: bool = False,
+            batch_size: int | None = None, precision: str = "auto", compile_backend: str = "inductor",
+            more_workers: tuple[int, ...] = ()) -> dict[str, float]:
+    """Images/s of the fastest pipeline and bare rounds, their ratio, and the runner's own streaming rate (`bench.gpu_check`
+    too). `workers`: the pipeline's `--workers`, None the runner's default; each of `more_workers` is one more pipeline
+    timed in the same rounds, its images/s and ratio under keys ending `_<n>_workers`.
 
     `compile`: both under torch.compile, the pipeline as `extract run --compile`. The bare warm-up compiles every batch
     shape, and the pipeline's own model, an instance of the same class, reuses that compiled code (dynamo guards on
@@ -101,12 +107,14 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
     rates: list[float] = []
 
-    def pipeline() -> None:
-        out = Path(tempfile.mkdtemp(dir=work))
-        cfg.out = out
-        result = extract(cfg, quiet)
-        rates.append(result.images_per_s or 0.0)
-        shutil.rmtree(out)
+    def pipeline(n_workers: int | None) -> Callable[[], None]:
+        def run() -> None:
+            out = Path(tempfile.mkdtemp(dir=work))
+            result = extract(replace(cfg, out=out, workers=n_workers), quiet)
+            if n_workers == workers:
+                rates.append(result.images_per_s or 0.0)
+            shutil.rmtree(out)
+        return run
 
     def bare() -> None:
         for x in inputs:
@@ -114,8 +122,9 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
         sync(dev)
 
     bare()  # warm-up: allocator, kernel selection (the pipeline's own start-up costs are part of what it is timed for)
-    best = fastest_rounds({"pipeline": pipeline, "bare": bare}, rounds)
-    return {
+    more = {f"pipeline_{n}_workers": pipeline(n) for n in more_workers}
+    best = fastest_rounds({"pipeline": pipeline(workers), "bare": bare, **more}, rounds)
+    found = {
         "images": images,
         "batch_size": batch_size,
         "channels_last": forward.memory_format == torch.channels_last,
@@ -124,6 +133,10 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
         "streaming_img_s": round(max(rates), 2),
         "ratio": best["bare"] / best["pipeline"],
     }
+    for n in more_workers:
+        found[f"pipeline_img_s_{n}_workers"] = round(images / best[f"pipeline_{n}_workers"], 2)
+        found[f"ratio_{n}_workers"] = best["bare"] / best[f"pipeline_{n}_workers"]
+    return found
 
 
 def forward_rates(forwards: dict[str, BackboneForward], images: torch.Tensor, warmup: int, steps: int, rounds: int) -> dict[str, float]:
@@ -152,16 +165,17 @@ def main(smoke: bool = False) -> dict:
     models, image_size, per_class, rounds = (SMOKE_MODELS, SMOKE_IMAGE_SIZE, SMOKE_PER_CLASS, 1) if smoke else (MODELS, IMAGE_SIZE, PER_CLASS, ROUNDS)
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-extract-"))
     try:
-        results = {name: compare(name, backbone, overrides, dev, work, image_size, per_class, rounds)
+        results = {name: compare(name, backbone, overrides, dev, work, image_size, per_class, rounds, more_workers=(WORKERS,))
                    for name, (backbone, overrides) in models.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = {f"{name}_pipeline_over_bare": r.pop("ratio") for name, r in results.items()}
     targets = {k: at_least(TARGET) for k in ratios}
+    ratios |= {f"{name}_pipeline_{WORKERS}_workers_over_bare": r.pop(f"ratio_{WORKERS}_workers") for name, r in results.items()}
     crossing = crossing_bytes(make_spec(image_size, (0.5,) * 3, (0.25,) * 3, "bicubic"))
     ratios["ipc_bytes_uint8_over_float32"] = crossing["after"] / crossing["before"]
     targets["ipc_bytes_uint8_over_float32"] = at_most(TARGET_BYTES)
-    details = {"image_size": image_size, "rounds": rounds, "workers": WORKERS, "bytes_per_image": crossing,
+    details = {"image_size": image_size, "rounds": rounds, "workers": default_workers(dev), "more_workers": WORKERS, "bytes_per_image": crossing,
                "models": {k: f"{b} {o}" for k, (b, o) in models.items()}, **results}
     return record("extraction", ratios, targets, details, smoke)
 

@@ -40,8 +40,11 @@ class Row:
 
 
 ROWS = (
-    Row("extraction", "vit_pipeline_over_bare", "extraction pipeline (decode, transform, forward, HDF5 write) / bare forward, ViT, 2 workers"),
+    Row("extraction", "vit_pipeline_over_bare",
+        "extraction pipeline (decode, transform, forward, HDF5 write) / bare forward, ViT, the runner's default workers"),
     Row("extraction", "cnn_pipeline_over_bare", "the same, CNN (channels-last)"),
+    Row("extraction", "vit_pipeline_2_workers_over_bare", "the same, ViT, 2 loader workers"),
+    Row("extraction", "cnn_pipeline_2_workers_over_bare", "the same, CNN, 2 loader workers"),
     Row("extraction", "ipc_bytes_uint8_over_float32", "bytes of an image crossing the worker boundary: uint8 crop (normalised on the device) / float32"),
     Row("reads", "hdf5_over_memmap", "token batches read from the HDF5 cache / the same bytes from a NumPy memmap"),
     Row("memory", "peak_rss_4n_over_n", "extraction peak RSS, 4N images / N images"),
