@@ -60,12 +60,16 @@ demo: $(PY)
 	done
 	MEDFM_OUTPUT=$(DEMO_OUTPUT) $(BIN)/probe report --dataset demo
 
+# The tests run on one torch thread each, so pytest-xdist spreads them over a process per core; the SLURM tests share the
+# one test cluster and stay on one process (their xdist_group). `pytest -n 0 ...` runs a file in-process.
+XDIST = -n auto --dist loadgroup
+
 test: $(PY)
-	$(BIN)/pytest
+	$(BIN)/pytest $(XDIST)
 
 # The inner loop: everything but the tests that start subprocesses (torchrun, killed runs, the installed commands).
 test-fast: $(PY)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest $(XDIST) -m "not slow"
 
 lint: $(PY)
 	$(BIN)/ruff check .

@@ -11,6 +11,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# rich fixes a console's width from COLUMNS when the console is made (some at import): without it, a width is read when
+# printing, so the tests that set COLUMNS get theirs; pytest-xdist's workers inherit COLUMNS=80 from their start
+os.environ.pop("COLUMNS", None)
 
 import torch  # noqa: E402
 

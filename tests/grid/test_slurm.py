@@ -21,6 +21,9 @@ from ledger.runs import read_history
 from ledger.store import Ledger
 from tests.tiny import run_main
 
+# one test at a time on the one test cluster (its 2 CPUs), whichever pytest-xdist worker runs them (`make test`: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("slurm")
+
 SMALL = Resources(gpus=0, cpus=1, mem_gb=1, minutes=10)
 TINY_DEIT = ("--override", "embed_dim=32", "--override", "depth=1", "--override", "num_heads=2")
 DEMO = ("--dataset", "demo", "--opt", "per_class=8")
