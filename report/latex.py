@@ -19,12 +19,26 @@ from report.table import AVERAGE, BASELINE, GAIN, Report, notes
 SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
             "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
 LABEL_COLUMN = r"p{0.28\linewidth}"  # the row labels wrap: a stock p column, no array package
+# Beyond ASCII, what a stock pdflatex (UTF-8 input, the default OT1 fonts) sets: Latin-1 and Latin Extended-A but these,
+# which it refuses (each compiled alone, TeX Live 2022), and the common dashes, quotes and signs
+PDFLATEX_REFUSES = frozenset("«»ÐÞðþĄąĐđĘęĦħĮįĸĿŀŉŊŋŦŧŲųſ")
+PDFLATEX_ALSO_SETS = frozenset("–—‘’“”…•€™")
 
 
 def escape(text: object) -> str:
     """`text` as LaTeX prints it literally: its specials escaped, and < > | and the dash ligatures (`--epochs`), which the
     default font encoding misprints."""
     return re.sub(r"-(?=-)", "-{}", "".join(SPECIALS.get(c, c) for c in str(text)))
+
+
+def pdflatex_unset(text: str) -> list[str]:
+    """The characters of `text` a stock pdflatex refuses ("Unicode character ... not set up for use with LaTeX"): Greek,
+    CJK, most symbols, a few Latin letters. The labels keep them as they are, since xelatex and lualatex set them."""
+    return sorted({char for char in text if not _pdflatex_sets(char)})
+
+
+def _pdflatex_sets(char: str) -> bool:
+    return char.isascii() or ("\u00a0" <= char <= "\u017f" and char not in PDFLATEX_REFUSES) or char in PDFLATEX_ALSO_SETS
 
 
 def write_latex(report: Report, path: Path, ranking: Ranking | str, command: str) -> Path:
@@ -38,7 +52,12 @@ def render_latex(report: Report, ranking: Ranking | str, command: str) -> str:
     """The score table, then the ranking's (or a comment saying why there is none)."""
     head = ["% medfm report tables: \\input this file in a document with \\usepackage{booktabs}.",
             f"% {' '.join(command.splitlines())}  (medfm {code_version()}, {_runs(report.runs)})"]
-    return "\n".join([*head, "", scores_table(report), "", ranking_table(ranking)]) + "\n"
+    tables = [scores_table(report), "", ranking_table(ranking)]
+    unset = pdflatex_unset("\n".join(tables))
+    if unset:
+        head.append(f"% the labels hold {' '.join(unset)}, which a stock pdflatex does not set: compile with xelatex or "
+                    "lualatex, or give each a \\DeclareUnicodeCharacter in the preamble")
+    return "\n".join([*head, "", *tables]) + "\n"
 
 
 def scores_table(report: Report) -> str:

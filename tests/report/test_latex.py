@@ -10,7 +10,7 @@ import pytest
 
 from ledger.store import Ledger
 from probe.cli import main
-from report.latex import escape, render_latex
+from report.latex import escape, pdflatex_unset, render_latex
 from report.table import build_report
 from tests.conftest import tool
 from tests.ledgers import train
@@ -69,3 +69,24 @@ def test_without_a_ranking_the_file_says_why_in_a_comment_and_still_compiles(led
     tables = render_latex(report, "a ranking needs at least two rows;\nthe report has 1", "probe report --latex t.tex")
     assert "% no ranking: a ranking needs at least two rows;\n% the report has 1" in tables and tables.count(r"\toprule") == 1
     assert compiles(isolated_outputs, tables).returncode == 0
+
+
+def test_labels_in_latin_letters_compile_and_others_are_named_in_the_header(ledger, isolated_outputs, monkeypatch):
+    """A stock pdflatex sets accented Latin letters and common signs, and refuses Greek, CJK and a few Latin letters
+    ("Unicode character ... not set up"): those stay as written, and the file's header names them and the way out."""
+    latin, other = "Hautläsionen µm ± 5° – naïve ß € Łódź", "α-ward 肺"
+    assert pdflatex_unset(latin) == [] and pdflatex_unset("α-ward 肺 ≥ ą") == sorted("α肺≥ą")
+    for label in (latin, other):
+        path = isolated_outputs / "tables.tex"
+        code, _, err = run_main(main, ["report", "--boot", "100", "--name", f"demo={label}", "--latex", str(path)], monkeypatch)
+        assert code == 0, err
+        tables = path.read_text(encoding="utf-8")
+        assert label in tables
+        said = [line for line in tables.splitlines() if "stock pdflatex does not set" in line]
+        done = compiles(isolated_outputs, tables)
+        if label == latin:
+            assert said == [] and done.returncode == 0, done.stdout[-3000:]
+        else:
+            assert said == ["% the labels hold α 肺, which a stock pdflatex does not set: compile with xelatex or lualatex, "
+                            "or give each a \\DeclareUnicodeCharacter in the preamble"]
+            assert done.returncode != 0 and "not set up for use with LaTeX" in done.stdout  # what the line warns of
