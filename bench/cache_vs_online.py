@@ -9,7 +9,6 @@ existing cache. Same images, backbone, head, epochs, batch size and seeds throug
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import replace
@@ -39,7 +38,7 @@ SMOKE = Sizes(SMOKE_VIT, SMOKE_IMAGE_SIZE, 5, replace(FULL.config, epochs=1, bat
 def main(smoke: bool = False) -> dict:
     s = SMOKE if smoke else FULL
     dev = device()
-    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
+    quiet = Console(quiet=True)
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-online-"))
     scores: dict[str, float] = {}
 

@@ -9,7 +9,6 @@ backbone (DeiT-S shape, 112 px, 49 tokens) for every batch.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
@@ -40,7 +39,7 @@ SMOKE = Sizes(SMOKE_VIT, SMOKE_IMAGE_SIZE, 5, replace(FULL.config, batch_size=4,
 def main(smoke: bool = False) -> dict:
     s = SMOKE if smoke else FULL
     dev = device()
-    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
+    quiet = Console(quiet=True)
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-deit-"))
     try:
         with scratch_outputs(work), warnings.catch_warnings():

@@ -19,7 +19,6 @@ as a GPU run splits them (on 2 cores, a model on 2 threads would stall whenever 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -63,7 +62,7 @@ FULL = Sizes((2000, 1500), (1000, 750), 48, 96, 12,
 SMOKE = Sizes((160, 120), (120, 90), 20, 20, 2, SMOKE_IMAGE_SIZE, ("deit", SMOKE_VIT), ("deit", SMOKE_VIT), 1)
 TARGET = 0.9
 WORKERS = 1  # decode-bound runs: one loader process decodes, the main one runs the model
-QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
+QUIET = Console(quiet=True)
 
 
 def photo(rng: np.random.Generator, size: tuple[int, int], fundus: bool) -> Image.Image:

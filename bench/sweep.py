@@ -102,7 +102,7 @@ def main(smoke: bool = False) -> dict:
     s = SMOKE if smoke else FULL
     configs = s.configs
     dev = str(device())
-    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
+    quiet = Console(quiet=True)
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-sweep-"))
     scores: dict[str, list[float]] = {}
     try:

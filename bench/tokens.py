@@ -13,7 +13,6 @@ dequantized that way), so that keeping per-token scales in the cache is a measur
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
@@ -122,7 +121,7 @@ def metric_change(reference: Path, other: Path, config: TrainConfig, dev: torch.
 def main(smoke: bool = False) -> dict:
     s = SMOKE if smoke else FULL
     dev = device()
-    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the benchmark
+    quiet = Console(quiet=True)
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-tokens-"))
     try:
         with scratch_outputs(work):

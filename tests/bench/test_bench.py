@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ def test_online_features_are_the_features_the_cache_holds(tmp_path: Path) -> Non
     """The online baseline differs from the cache only by recomputing: same rows, labels and values."""
     cfg = ExtractConfig(backbone="deit", dataset="demo", weights="random", out=tmp_path, image_size=TINY_SIZE, device="cpu",
                         dataset_options={"per_class": 5}, overrides=TINY_VIT)
-    path = extract(cfg, Console(file=open(os.devnull, "w"))).path
+    path = extract(cfg, Console(quiet=True)).path
     online = OnlineFeatures("deit", TINY_VIT, TINY_SIZE, 5, "pooled", 4, torch.device("cpu"))
     with CacheReader(path) as reader:
         for split in ("val", "test"):
