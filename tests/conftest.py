@@ -33,6 +33,14 @@ def isolated_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def said_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the code says once per process (a library backbone's features, an image cache it cannot check) is said once
+    per test, so a test's output does not depend on which tests ran before it in its process."""
+    monkeypatch.setattr("extract.backbones.library._SAID", set())
+    monkeypatch.setattr("extract.image_cache._UNRECORDED", set())
+
+
 def cli(name: str) -> str:
     """Path of an installed console script (`extract`, `probe`, `cache`, `finetune`)."""
     return str(BIN / name)
