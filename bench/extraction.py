@@ -106,12 +106,13 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
     quiet = Console(quiet=True)
     rates: list[float] = []
 
-    def pipeline(n_workers: int | None) -> Callable[[], None]:
+    def pipeline(n_workers: int | None, streaming: list[float] | None = None) -> Callable[[], None]:
+        """One `extract` run with `n_workers`; its streaming rate appended to `streaming`, if given."""
         def run() -> None:
             out = Path(tempfile.mkdtemp(dir=work))
             result = extract(replace(cfg, out=out, workers=n_workers), quiet)
-            if n_workers == workers:
-                rates.append(result.images_per_s or 0.0)
+            if streaming is not None:
+                streaming.append(result.images_per_s or 0.0)
             shutil.rmtree(out)
         return run
 
@@ -122,7 +123,7 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
 
     bare()  # warm-up: allocator, kernel selection (the pipeline's own start-up costs are part of what it is timed for)
     more = {f"pipeline_{n}_workers": pipeline(n) for n in more_workers}
-    best = fastest_rounds({"pipeline": pipeline(workers), "bare": bare, **more}, rounds)
+    best = fastest_rounds({"pipeline": pipeline(workers, rates), "bare": bare, **more}, rounds)
     found = {
         "images": images,
         "batch_size": batch_size,
