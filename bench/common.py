@@ -1,9 +1,11 @@
 """What every benchmark shares: side-by-side timing, the machine it ran on, and the JSON summary.
 
-Other agents and processes share this machine, so a lone wall time says little. Every benchmark
-times its contenders in alternation, round after round, and keeps each one's fastest round: the
-fastest round is the one least disturbed by the neighbours, and the ratio of two fastest rounds
-taken minutes apart on the same machine is what the summary records.
+Other processes, and on a cloud machine other virtual machines, share the CPU, so a lone wall time says little. Every
+benchmark times its contenders in alternation, round after round, and keeps each one's fastest round: the fastest
+round is the one least disturbed by the neighbours, and the ratio of two fastest rounds is what the summary records.
+Where each contender takes seconds (a whole extraction against the bare forward), the fastest rounds may come from
+minutes of different load, so the baseline is timed around every round and the ratio is the median of the rounds'
+(`bracketed_ratios`).
 
 Every benchmark also has a smoke mode (`python -m bench.<name> --smoke`, or `python -m bench --smoke`): the same
 functions called the same way, with tiny models, a few rows and one round, in seconds. It proves the code path still
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -113,15 +116,59 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """What a contender returns to have `seconds` of its round left out of its time: work its rival does not time
+    either (the extraction pipeline's model build, which the bare forward's model was spared)."""
+
+    seconds: float
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of one call of `fn`, less what it returned as `LeftOut`."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start - (result.seconds if isinstance(result, LeftOut) else 0.0)
+
+
 def fastest_rounds(contenders: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Seconds of each contender's fastest round; contenders alternate inside every round."""
+    """Seconds of each contender's fastest round, less what it returned as `LeftOut`; contenders alternate inside
+    every round."""
     best = {name: float("inf") for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], timed(fn))
     return best
+
+
+@dataclass(frozen=True)
+class Bracketed:
+    """`bracketed_ratios`' result: each contender's ratio in every round, and each one's fastest seconds."""
+
+    rounds: dict[str, list[float]]  # baseline seconds / contender seconds, round by round
+    fastest: dict[str, float]  # the baseline's under "baseline"
+
+    def ratio(self, name: str) -> float:
+        """The median of `name`'s rounds: the figure held to a target."""
+        return statistics.median(self.rounds[name])
+
+
+def bracketed_ratios(baseline: Callable[[], Any], contenders: dict[str, Callable[[], Any]], rounds: int) -> Bracketed:
+    """Each contender's speed as a share of the baseline's, round by round: baseline seconds / contender seconds, where
+    the baseline is timed before and after every round and its two times averaged (and the fastest seconds of each).
+
+    For contenders that each take seconds (a whole extraction), the fastest rounds of two of them may come from
+    different minutes: on a machine whose speed drifts by a tenth from one minute to the next, their ratio moved as much.
+    Bracketed by the baseline, a round's ratio is taken under the load of its own minute, and the median
+    (`Bracketed.ratio`) leaves out a round that a passing neighbour disturbed."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    base = [timed(baseline)]
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn))
+        base.append(timed(baseline))
+    ratios = {name: [(base[i] + base[i + 1]) / 2 / t for i, t in enumerate(ts)] for name, ts in times.items()}
+    return Bracketed(ratios, {"baseline": min(base), **{name: min(ts) for name, ts in times.items()}})
 
 
 def at_least(value: float) -> tuple[str, float]:

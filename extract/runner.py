@@ -116,6 +116,7 @@ class ExtractResult:
     images_per_s: float | None
     random_weights: bool
     extracted: int = 0  # images run through the model by this call (a resumed run: only the rows still missing)
+    build_s: float = 0.0  # seconds spent building the model and loading its weights (anyone running the model pays them)
     corrupted: list[ExtractResult] = field(default_factory=list)  # the corrupted test views' caches (`--corrupt`), clean ones left out
 
 
@@ -175,13 +176,13 @@ class BackboneForward:
         self._forward_layers = torch.compile(self.model.forward_layers, backend=backend)
 
     def __call__(self, images: torch.Tensor) -> dict[int, Features]:
-        # move first (an asynchronous copy from pinned memory), then normalise uint8 and change the layout on the device
-        images = images.to(self.device, non_blocking=True)
+        # move first (an asynchronous copy from pinned memory), then change the layout and normalise uint8 on the device:
+        # laid out while still uint8, a quarter of the bytes move, and the float operations keep the layout
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         if images.dtype == torch.uint8:
             if self.normalize is None:
                 raise ValueError("uint8 images need the BackboneForward's normalize (extract.transforms.Normalize)")
-            images = self.normalize(images)
-        images = images.contiguous(memory_format=self.memory_format)
+            images = self.normalize(images).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self._forward_layers(images, self.layers)
 
@@ -319,7 +320,8 @@ def write_cache(planned: PlannedCache, cfg: ExtractConfig, device: torch.device,
             join_shards(shards, path, meta, plan)
         console.print(f"[green]cache complete[/] {path}")
     written = source if launch.is_main else part  # rank 0 reports the joined cache, the others their shard
-    return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items() if s not in views}, rate, weights.random, extracted)
+    return ExtractResult(path, False, {s: len(v) for s, v in written.splits.items() if s not in views}, rate, weights.random, extracted,
+                         planned.build_s)
 
 
 def _reuse(planned: PlannedCache, console: Console) -> ExtractResult:
@@ -332,7 +334,7 @@ def _reuse(planned: PlannedCache, console: Console) -> ExtractResult:
             raise MedfmError(f"{path} {why}; remove it with `cache rm {path}`")
         rows = {s: len(reader.ids(s)) for s in reader.splits}
     console.print(f"[green]reusing cache[/] {path} (fingerprint {fp[:12]}, complete; nothing to extract)")
-    return ExtractResult(path, True, rows, None, planned.weights.random)
+    return ExtractResult(path, True, rows, None, planned.weights.random, build_s=planned.build_s)
 
 
 def _cache_meta(planned: PlannedCache, cfg: ExtractConfig) -> CacheMeta:
@@ -364,6 +366,7 @@ class PlannedCache:
     manifest: Any
     corruption: Corruption | None = None  # a corrupted test view's cache (`corrupted_plan`); None: the clean cache
     pixels: CachedPixels | None = None  # the image cache the images are read from (`extract images`); None: the files
+    build_s: float = 0.0  # seconds spent building the model and loading its weights, on the device
 
 
 def corrupted_plan(planned: PlannedCache, corruption: Corruption) -> PlannedCache:
@@ -378,7 +381,7 @@ def corrupted_plan(planned: PlannedCache, corruption: Corruption) -> PlannedCach
     settings = {**planned.settings, "corrupt": corruption.to_dict()}
     return replace(planned, source=replace(source, splits={"test": source.splits["test"]}), settings=settings,
                    fingerprint=fingerprint(settings), path=planned.path.with_name(f"{planned.path.stem}+{corruption.tag}.h5"),
-                   corruption=corruption)
+                   corruption=corruption, build_s=0.0)  # the clean cache's model, built once
 
 
 def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None, console: Console,
@@ -391,10 +394,12 @@ def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
         source = source.with_manifest(read_manifest(cfg.manifest))
     check_study_inputs(cfg.protocol, source, cfg.norm, cfg.interpolation, cfg.in_chans)
     weights = resolve_weights(spec, cfg.weights, warn=console.print)
+    started = time.perf_counter()
     model = create_backbone(cfg.backbone, weights, image_size=cfg.image_size, in_chans=cfg.in_chans, protocol=cfg.protocol,
                             **cfg.overrides)
     check_image_size(model, cfg.backbone)
     model = model.to(device).eval()
+    build_s = time.perf_counter() - started
     wanted = range(model.num_layers) if cfg.layers is None else model.resolve_layers(cfg.layers)
     layers = sorted({model.num_layers - 1, *wanted})
     tspec, norm = input_spec(source, model.data_config, cfg.norm, cfg.in_chans, cfg.interpolation, cfg.workers)
@@ -422,7 +427,7 @@ def plan_cache(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
         settings["pixels"] = {"jpeg_draft": True}
     fp = fingerprint(settings)
     path = cache_path(cfg.out, cfg.backbone, source.name, fp)
-    return PlannedCache(spec, source, weights, model, tspec, layers, settings, fp, path, manifest, pixels=pixels)
+    return PlannedCache(spec, source, weights, model, tspec, layers, settings, fp, path, manifest, pixels=pixels, build_s=build_s)
 
 
 def view_settings(cfg: ExtractConfig) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from bench.common import SUMMARY_ENV, at_least, at_most, fastest_rounds, met, record
+from bench.common import SUMMARY_ENV, LeftOut, at_least, at_most, bracketed_ratios, fastest_rounds, met, record
 from bench.online import OnlineFeatures
 from cache.store import CacheReader
 from extract.runner import ExtractConfig, extract
@@ -34,6 +35,34 @@ def test_fastest_rounds_keeps_each_contenders_quickest_round() -> None:
     best = fastest_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
     assert calls == ["a", "b"] * 3  # alternating, so both see the same neighbours
     assert set(best) == {"a", "b"} and all(0 <= v < 1 for v in best.values())
+
+
+def test_a_contender_leaves_out_of_its_time_the_seconds_it_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extraction pipeline returns its model build as `LeftOut`, so only the rest of its round is held against the
+    bare forward, whose model was built before the clock started."""
+    clock = iter(range(0, 100, 1))
+    monkeypatch.setattr("bench.common.time.perf_counter", lambda: float(next(clock)) * 4)
+    best = fastest_rounds({"pipeline": lambda: LeftOut(1.5), "bare": lambda: None}, rounds=2)
+    assert best == {"pipeline": 2.5, "bare": 4.0}
+
+
+def test_bracketed_ratios_hold_each_round_against_the_baseline_around_it_and_take_the_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr("bench.common.time.perf_counter", lambda: now[0])
+
+    def takes(seconds: list[float], left_out: float = 0.0) -> Callable[[], LeftOut]:
+        def run() -> LeftOut:
+            now[0] += seconds.pop(0)
+            return LeftOut(left_out)
+        return run
+
+    baseline = takes([2, 4, 6, 2])  # before the first round, then after each
+    pipeline = takes([3, 10, 4])  # round 2 disturbed: 5 / 10
+    built = takes([5, 6, 9], left_out=1)  # its rounds less the 1 s it leaves out: 4, 5, 8
+    timed = bracketed_ratios(baseline, {"pipeline": pipeline, "built": built}, rounds=3)
+    assert timed.rounds == {"pipeline": [1.0, 0.5, 1.0], "built": [0.75, 1.0, 0.5]}
+    assert timed.ratio("pipeline") == 1.0 and timed.ratio("built") == 0.75
+    assert timed.fastest == {"baseline": 2, "pipeline": 3, "built": 4}
 
 
 def test_online_features_are_the_features_the_cache_holds(tmp_path: Path) -> None:

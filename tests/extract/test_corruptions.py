@@ -184,6 +184,7 @@ def test_an_interrupted_corrupted_view_resumes_from_its_partial_file(tmp_path: P
     (view,), (want,) = resumed.corrupted, whole.corrupted
     assert resumed.reused and not view.reused and view.path.name == partial.name.removesuffix(".partial")
     assert not partial_path(view.path).exists() and view.extracted == want.extracted - 2
+    assert whole.build_s > 0 and resumed.build_s > 0 and want.build_s == view.build_s == 0  # one model, its build counted once
     with CacheReader(view.path) as got, CacheReader(want.path) as ref:
         assert got.ids("test").tolist() == ref.ids("test").tolist()
         np.testing.assert_array_equal(got.features("test"), ref.features("test"))
