@@ -95,3 +95,20 @@ def test_opening_a_cache_allocates_and_reserves_its_chunks_without_writing_them(
         assert partial.stat().st_blocks * 512 >= partial.stat().st_size  # reserved: a full disk fails now, not mid-run
     finally:
         writer.close()
+
+
+def test_batches_smaller_than_a_chunk_are_written_once_and_never_read_back(tmp_path: Path) -> None:
+    """A CNN's tokens at batch 16 fill a 4 MiB chunk of 20 rows in parts: each part goes straight to its place. Through
+    HDF5's chunk cache every flush read the chunk in and wrote it whole, twice the bytes of the rows."""
+    rows, batch = 60, 16
+    features = {"tokens": FeatureSpec((49, 2048), "float16")}
+    plan = {"train": SplitPlan([f"r{i}" for i in range(rows)], np.zeros(rows, dtype=int), features)}
+    tokens = np.random.default_rng(0).standard_normal((rows, 49, 2048)).astype(np.float16)
+    writer = CacheWriter.open(tmp_path / "c.h5", META, plan)
+    before = written_bytes()
+    for start in range(0, rows, batch):
+        writer.write("train", start, {"tokens": tokens[start : start + batch]})
+    assert written_bytes() - before < 1.05 * tokens.nbytes  # the rows, their checksums and the row marks
+    writer.finalize()
+    with CacheReader(tmp_path / "c.h5") as reader:
+        np.testing.assert_array_equal(reader.features("train", "tokens"), tokens)
