@@ -58,3 +58,19 @@ def test_batch_size_auto_means_the_cpu_default_here_and_bad_values_are_one_line_
     for bad in ("0", "-4", "many"):
         with pytest.raises(MedfmError, match="--batch-size must be auto or a positive integer"):
             parse_batch_size(bad)
+
+
+def test_decoding_in_line_drops_torch_to_one_thread_once_a_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not once an image: each switch back to the model's threads costs its next forward (`OneThreadBatches`)."""
+    switches: list[int] = []
+    set_threads, before = torch.set_num_threads, torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (switches.append(n), set_threads(n)))
+    set_threads(2)  # as the model runs on a 2-core CPU (the tests run on one thread)
+    try:
+        cfg = ExtractConfig(backbone="resnet152", dataset="demo", weights="random", out=tmp_path, batch_size=4, workers=0,
+                            image_size=TINY_SIZE, overrides=TINY_RESNET, dataset_options={"per_class": 5})
+        result = extract(cfg, QUIET)
+    finally:
+        set_threads(before)
+    batches = sum(-(-rows // 4) for rows in result.rows.values())  # 20 images: 12 / 4 / 4 rows, 3 + 1 + 1 batches
+    assert switches == [1, 2] * batches
