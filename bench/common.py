@@ -124,7 +124,7 @@ class LeftOut:
     seconds: float
 
 
-def timed(fn: Callable[[], Any]) -> float:
+def round_seconds(fn: Callable[[], Any]) -> float:
     """Wall seconds of one call of `fn`, less what it returned as `LeftOut`."""
     start = time.perf_counter()
     result = fn()
@@ -137,7 +137,7 @@ def fastest_rounds(contenders: dict[str, Callable[[], Any]], rounds: int) -> dic
     best = {name: float("inf") for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            best[name] = min(best[name], timed(fn))
+            best[name] = min(best[name], round_seconds(fn))
     return best
 
 
@@ -162,11 +162,11 @@ def bracketed_ratios(baseline: Callable[[], Any], contenders: dict[str, Callable
     Bracketed by the baseline, a round's ratio is taken under the load of its own minute, and the median
     (`Bracketed.ratio`) leaves out a round that a passing neighbour disturbed."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    base = [timed(baseline)]
+    base = [round_seconds(baseline)]
     for _ in range(rounds):
         for name, fn in contenders.items():
-            times[name].append(timed(fn))
-        base.append(timed(baseline))
+            times[name].append(round_seconds(fn))
+        base.append(round_seconds(baseline))
     ratios = {name: [(base[i] + base[i + 1]) / 2 / t for i, t in enumerate(ts)] for name, ts in times.items()}
     return Bracketed(ratios, {"baseline": min(base), **{name: min(ts) for name, ts in times.items()}})
 

@@ -46,7 +46,7 @@ from common.runtime import default_workers
 from extract.backbones import create_backbone
 from extract.datasets import get_dataset
 from extract.datasets.images import ImageDataset
-from extract.runner import CPU_BATCH, BackboneForward, ExtractConfig, autocast_dtype, extract, group_images
+from extract.runner import CPU_BATCH, BackboneForward, ExtractConfig, ExtractResult, autocast_dtype, extract, group_images
 from extract.transforms import TransformSpec, eval_transform, make_spec
 
 MODELS = {
@@ -88,8 +88,9 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
             batch_size: int | None = None, precision: str = "auto", compile_backend: str = "inductor",
             more_workers: tuple[int, ...] = ()) -> dict[str, float]:
     """Images/s of the fastest pipeline and bare rounds, the pipeline's share of the bare speed (`bracketed_ratios`), and
-    the runner's own streaming rate (`bench.gpu_check` too). `workers`: the pipeline's `--workers`, None the runner's default; each of `more_workers` is one more pipeline
-    timed in the same rounds, its images/s and ratio under keys ending `_<n>_workers`.
+    the runner's own streaming rate (`bench.gpu_check` too). `workers`: the pipeline's `--workers`, None the runner's
+    default; each of `more_workers` is one more pipeline timed in the same rounds, its images/s and ratio under keys
+    ending `_<n>_workers`.
 
     `compile`: both under torch.compile, the pipeline as `extract run --compile`. The bare warm-up compiles every batch
     shape, and the pipeline's own model, an instance of the same class, reuses that compiled code (dynamo guards on
@@ -109,17 +110,15 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
     inputs = bare_inputs(forward, batch_size, per_class)
     images = sum(len(x) for x in inputs)
     quiet = Console(quiet=True)
-    rates: list[float] = []
-    builds: list[float] = []
+    runs: list[ExtractResult] = []  # the main pipeline's, for its streaming rate and model build
 
-    def pipeline(n_workers: int | None, streaming: list[float] | None = None) -> Callable[[], LeftOut]:
-        """One `extract` run with `n_workers`, less its model build; its streaming rate appended to `streaming`, if given."""
+    def pipeline(n_workers: int | None, results: list[ExtractResult] | None = None) -> Callable[[], LeftOut]:
+        """One `extract` run with `n_workers`, less its model build; its result appended to `results`, if given."""
         def run() -> LeftOut:
             out = Path(tempfile.mkdtemp(dir=work))
             result = extract(replace(cfg, out=out, workers=n_workers), quiet)
-            if streaming is not None:
-                streaming.append(result.images_per_s or 0.0)
-                builds.append(result.build_s)
+            if results is not None:
+                results.append(result)
             shutil.rmtree(out)
             return LeftOut(result.build_s)
         return run
@@ -131,7 +130,7 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
 
     bare()  # warm-up: allocator, kernel selection (the pipeline's own start-up costs are part of what it is timed for)
     more = {f"pipeline_{n}_workers": pipeline(n) for n in more_workers}
-    measured = bracketed_ratios(bare, {"pipeline": pipeline(workers, rates), **more}, rounds)
+    measured = bracketed_ratios(bare, {"pipeline": pipeline(workers, runs), **more}, rounds)
     best = measured.fastest
     found = {
         "images": images,
@@ -139,8 +138,8 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
         "channels_last": forward.memory_format == torch.channels_last,
         "bare_img_s": round(images / best["baseline"], 2),
         "pipeline_img_s": round(images / best["pipeline"], 2),
-        "streaming_img_s": round(max(rates), 2),
-        "model_build_s": round(min(builds), 3),
+        "streaming_img_s": round(max(r.images_per_s or 0.0 for r in runs), 2),
+        "model_build_s": round(min(r.build_s for r in runs), 3),
         "round_ratios": [round(r, 3) for r in measured.rounds["pipeline"]],
         "ratio": measured.ratio("pipeline"),
     }

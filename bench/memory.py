@@ -34,7 +34,6 @@ def model(smoke: bool) -> tuple[int, dict]:
 
 def child(images: int, out: str, smoke: bool = False) -> None:
     """Run one extraction and print this process's peak RSS (MiB) as JSON."""
-
     from rich.console import Console
 
     from extract.runner import ExtractConfig, extract
