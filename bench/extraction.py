@@ -6,7 +6,7 @@ finalize) into a fresh cache folder, less the seconds it spent building the mode
 and anyone who runs the model pays that build. Bare: the same model, through the same `BackboneForward` the
 runner uses, on the same images already decoded and on the device, in the same batches. The ratio
 bare time / pipeline time is the share of the model's own speed that the pipeline delivers: its median over the rounds,
-the bare forward timed around every round (`bench.common.bracketed_ratios`).
+the bare forward timed right before and after every pipeline run (`bench.common.bracketed_ratios`).
 
 A ViT (DeiT-S shape) and a CNN (ResNet-50 shape, run channels-last) with random weights, at 224 px,
 on the synthetic demo set, with the runner's default batch size for the device. The pipeline runs with the runner's

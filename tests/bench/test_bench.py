@@ -46,7 +46,7 @@ def test_a_contender_leaves_out_of_its_time_the_seconds_it_returns(monkeypatch: 
     assert best == {"pipeline": 2.5, "bare": 4.0}
 
 
-def test_bracketed_ratios_hold_each_round_against_the_baseline_around_it_and_take_the_median(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bracketed_ratios_hold_each_run_against_the_baseline_right_around_it_and_take_the_median(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
     monkeypatch.setattr("bench.common.time.perf_counter", lambda: now[0])
 
@@ -56,12 +56,12 @@ def test_bracketed_ratios_hold_each_round_against_the_baseline_around_it_and_tak
             return LeftOut(left_out)
         return run
 
-    baseline = takes([2, 4, 6, 2])  # before the first round, then after each
-    pipeline = takes([3, 10, 4])  # round 2 disturbed: 5 / 10
-    built = takes([5, 6, 9], left_out=1)  # its rounds less the 1 s it leaves out: 4, 5, 8
+    baseline = takes([2, 4, 6, 4, 4, 4, 4])  # first, then after every contender's run
+    pipeline = takes([3, 10, 4])  # against (2+4)/2, (6+4)/2 (round 2 disturbed) and (4+4)/2
+    built = takes([5, 6, 9], left_out=1)  # its runs less the 1 s it leaves out, 4, 5 and 8, against (4+6)/2, (4+4)/2, (4+4)/2
     timed = bracketed_ratios(baseline, {"pipeline": pipeline, "built": built}, rounds=3)
-    assert timed.rounds == {"pipeline": [1.0, 0.5, 1.0], "built": [0.75, 1.0, 0.5]}
-    assert timed.ratio("pipeline") == 1.0 and timed.ratio("built") == 0.75
+    assert timed.rounds == {"pipeline": [1.0, 0.5, 1.0], "built": [1.25, 0.8, 0.5]}
+    assert timed.ratio("pipeline") == 1.0 and timed.ratio("built") == 0.8
     assert timed.fastest == {"baseline": 2, "pipeline": 3, "built": 4}
 
 
