@@ -42,7 +42,7 @@ class Row:
 ROWS = (
     Row("extraction", "vit_pipeline_over_bare",
         "extraction pipeline (decode, transform, forward, HDF5 write; the model's build left out) / bare forward, ViT, "
-        "the runner's default workers, median of 5 rounds bracketed by the bare forward"),
+        "the runner's default workers, median of the rounds, each run timed between two bare forwards"),
     Row("extraction", "cnn_pipeline_over_bare", "the same, CNN (channels-last)"),
     Row("extraction", "vit_pipeline_2_workers_over_bare", "the same, ViT, 2 loader workers"),
     Row("extraction", "cnn_pipeline_2_workers_over_bare", "the same, CNN, 2 loader workers"),
