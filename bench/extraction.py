@@ -11,7 +11,7 @@ the bare forward timed right before and after every pipeline run (`bench.common.
 A ViT (DeiT-S shape) and a CNN (ResNet-50 shape, run channels-last) with random weights, at 224 px,
 on the synthetic demo set, with the runner's default batch size for the device. The pipeline runs with the runner's
 default loader workers (`common.runtime.default_workers`: on a CPU of up to 4 cores, decoding in-line), the ratio held
-to the target; and, timed in the same rounds, with 2 workers, reported beside it.
+to the target; and, in rounds of its own after those, with 2 workers, reported beside it.
 Also the bytes of one image crossing the worker boundary: the uint8 crop the workers hand over now (normalised on the
 device) over the normalised float32 image they handed over before (`extract.transforms.eval_transform`).
 `--smoke`: a one-block ViT and a one-block-per-stage ResNet at 32 px, 20 images, one round.
@@ -54,8 +54,9 @@ MODELS = {
     "cnn": ("resnet152", {"layers": [3, 4, 6, 3]}),  # ResNet-50 shape, channels-last
 }
 IMAGE_SIZE = 224
-PER_CLASS = 24  # 4 classes -> 96 images over train/val/test
+PER_CLASS = 40  # 4 classes -> 160 images, 96/32/32 over train/val/test: whole batches of 16, as nearly all of a real split's
 ROUNDS = 7  # odd: the median is one round's ratio; the rounds spread about 0.06 here, and 7 rather than 5 narrow the median's by a sixth
+WORKERS_ROUNDS = 3  # of the pipeline with WORKERS workers, reported beside the target's
 TARGET = 0.9
 WORKERS = 2
 TARGET_BYTES = 0.25  # uint8 crops over float32 images
@@ -86,11 +87,11 @@ def crossing_bytes(spec: TransformSpec) -> dict[str, int]:
 def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: Path, image_size: int = IMAGE_SIZE,
             per_class: int = PER_CLASS, rounds: int = ROUNDS, workers: int | None = None, compile: bool = False,
             batch_size: int | None = None, precision: str = "auto", compile_backend: str = "inductor",
-            more_workers: tuple[int, ...] = ()) -> dict[str, float]:
+            more_workers: tuple[int, ...] = (), more_rounds: int | None = None) -> dict[str, float]:
     """Images/s of the fastest pipeline and bare rounds, the pipeline's share of the bare speed (`bracketed_ratios`), and
     the runner's own streaming rate (`bench.gpu_check` too). `workers`: the pipeline's `--workers`, None the runner's
-    default; each of `more_workers` is one more pipeline timed in the same rounds, its images/s and ratio under keys
-    ending `_<n>_workers`.
+    default; each of `more_workers` is one more pipeline, timed after them in `more_rounds` rounds (None: `rounds`) of
+    its own, its images/s and ratio under keys ending `_<n>_workers`.
 
     `compile`: both under torch.compile, the pipeline as `extract run --compile`. The bare warm-up compiles every batch
     shape, and the pipeline's own model, an instance of the same class, reuses that compiled code (dynamo guards on
@@ -129,8 +130,8 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
         sync(dev)
 
     bare()  # warm-up: allocator, kernel selection (the pipeline's own start-up costs are part of what it is timed for)
-    more = {f"pipeline_{n}_workers": pipeline(n) for n in more_workers}
-    measured = bracketed_ratios(bare, {"pipeline": pipeline(workers, runs), **more}, rounds)
+    measured = bracketed_ratios(bare, {"pipeline": pipeline(workers, runs)}, rounds)
+    more = bracketed_ratios(bare, {f"pipeline_{n}_workers": pipeline(n) for n in more_workers}, more_rounds or rounds) if more_workers else None
     best = measured.fastest
     found = {
         "images": images,
@@ -143,10 +144,10 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
         "round_ratios": [round(r, 3) for r in measured.rounds["pipeline"]],
         "ratio": measured.ratio("pipeline"),
     }
-    for n in more_workers:
-        found[f"pipeline_img_s_{n}_workers"] = round(images / best[f"pipeline_{n}_workers"], 2)
-        found[f"round_ratios_{n}_workers"] = [round(r, 3) for r in measured.rounds[f"pipeline_{n}_workers"]]
-        found[f"ratio_{n}_workers"] = measured.ratio(f"pipeline_{n}_workers")
+    for n in more_workers if more is not None else ():
+        found[f"pipeline_img_s_{n}_workers"] = round(images / more.fastest[f"pipeline_{n}_workers"], 2)
+        found[f"round_ratios_{n}_workers"] = [round(r, 3) for r in more.rounds[f"pipeline_{n}_workers"]]
+        found[f"ratio_{n}_workers"] = more.ratio(f"pipeline_{n}_workers")
     return found
 
 
@@ -173,10 +174,12 @@ def forward_rates(forwards: dict[str, BackboneForward], images: torch.Tensor, wa
 
 def main(smoke: bool = False) -> dict:
     dev = device()
-    models, image_size, per_class, rounds = (SMOKE_MODELS, SMOKE_IMAGE_SIZE, SMOKE_PER_CLASS, 1) if smoke else (MODELS, IMAGE_SIZE, PER_CLASS, ROUNDS)
+    models, image_size, per_class, rounds, more_rounds = ((SMOKE_MODELS, SMOKE_IMAGE_SIZE, SMOKE_PER_CLASS, 1, 1) if smoke
+                                                          else (MODELS, IMAGE_SIZE, PER_CLASS, ROUNDS, WORKERS_ROUNDS))
     work = Path(tempfile.mkdtemp(prefix="medfm-bench-extract-"))
     try:
-        results = {name: compare(name, backbone, overrides, dev, work, image_size, per_class, rounds, more_workers=(WORKERS,))
+        results = {name: compare(name, backbone, overrides, dev, work, image_size, per_class, rounds, more_workers=(WORKERS,),
+                                   more_rounds=more_rounds)
                    for name, (backbone, overrides) in models.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -186,7 +189,7 @@ def main(smoke: bool = False) -> dict:
     crossing = crossing_bytes(make_spec(image_size, (0.5,) * 3, (0.25,) * 3, "bicubic"))
     ratios["ipc_bytes_uint8_over_float32"] = crossing["after"] / crossing["before"]
     targets["ipc_bytes_uint8_over_float32"] = at_most(TARGET_BYTES)
-    details = {"image_size": image_size, "rounds": rounds, "workers": default_workers(dev), "more_workers": WORKERS, "bytes_per_image": crossing,
+    details = {"image_size": image_size, "rounds": rounds, "more_rounds": more_rounds, "workers": default_workers(dev), "more_workers": WORKERS, "bytes_per_image": crossing,
                "models": {k: f"{b} {o}" for k, (b, o) in models.items()}, **results}
     return record("extraction", ratios, targets, details, smoke)
 

@@ -61,7 +61,7 @@ from extract.corruptions import CORRUPT_VIEW, MIN_SIDE, Corruption
 from extract.datasets import get_dataset
 from extract.datasets.base import DatasetSource, Split
 from extract.datasets.decode import DECODER_VERSION
-from extract.datasets.images import ImageDataset, OneThreadBatches, SkippedImages
+from extract.datasets.images import ImageDataset, SkippedImages
 from extract.datasets.splits import read_manifest
 from extract.device_views import DeviceViews, check_fits, held_bytes
 from extract.image_cache import CachedPixels, find_image_cache, image_folder, pixel_spec, rebuild_command
@@ -548,10 +548,10 @@ def _loader(source: DatasetSource, segments: list[tuple[str, int, int]], batch_s
             ) -> tuple[torch.utils.data.DataLoader, list[tuple[str, int]], int]:
     """One loader over the missing rows of every group, in batches that never straddle two groups; with each batch's
     (group, first row) and the number of images."""
-    data = OneThreadBatches(torch.utils.data.ConcatDataset(
+    data = torch.utils.data.ConcatDataset(
         [torch.utils.data.Subset(group_images(source, name, tspec, views.get(name), cfg.augment_seed, corruption, pixels),
                                  range(start, stop)) for name, start, stop in segments]
-    ))
+    )
     batches: list[list[int]] = []  # indices into `data`
     firsts: list[tuple[str, int]] = []
     offset = 0

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -92,8 +93,11 @@ class Normalize:
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
-    """A PIL image as a contiguous uint8 tensor [C, H, W] (torchvision's `pil_to_tensor` gives a channels-last view)."""
-    return T.functional.pil_to_tensor(image).contiguous()
+    """A PIL image as a contiguous uint8 tensor [C, H, W], laid out by NumPy: torchvision's `pil_to_tensor` gives a
+    channels-last view, and torch's copy to [C, H, W] would fork the model's threads when an image is decoded in its
+    process (`extract.datasets.images.ImageDataset`: the crops run no torch operation)."""
+    pixels = np.asarray(image)
+    return torch.from_numpy(np.array(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), order="C"))
 
 
 def eval_crop(spec: TransformSpec, corruption: Corruption | None = None) -> Callable[[Image.Image], torch.Tensor]:

@@ -38,6 +38,11 @@ class ImageDataset(torch.utils.data.Dataset):
     With `pixels` (an image cache whose images are the transform's first step, its resize, applied to these files:
     `extract.image_cache.find_image_cache`), an image it holds is read from there instead of decoded; the resize then
     finds it at its size and leaves it as it is, so the tensors are the same.
+
+    Decoded in the model's own process (in-line, `--workers 0`), uint8 crops run no torch operation, so the model's
+    threads stay as they are: dropping torch to one thread for a batch's decoding and back cost the CNN's next forward
+    2.4 % on a 2-core CPU (its idle thread had to be woken and placed again). A float transform normalises with torch,
+    and runs on one torch thread, where a shared machine would make the threads' fork and join cost more than the work.
     """
 
     def __init__(self, source: DatasetSource, split: str, transform: Callable[[Image.Image], torch.Tensor], shape: tuple[int, int, int],
@@ -49,7 +54,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.mode = "L" if shape[0] == 1 else "RGB"
         self.transform = transform
         self.shape = shape
-        self.dtype = dtype  # of the zeros standing in for an unreadable image: the transform's output type
+        self.dtype = dtype  # the transform's output type (of the zeros standing in for an unreadable image, too)
         self.pixels = pixels
         self.stored = pixels.locate(self.ids) if pixels is not None else None  # (split, row, readable) per image, or None
 
@@ -71,7 +76,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return to_mode(self.pixels.image(split, row), self.mode)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
-        with one_torch_thread():
+        if self.dtype == torch.uint8:  # crops (`extract.transforms.eval_crop`, `train_crop`): PIL and NumPy, no torch operation
+            return self._item(index)
+        with one_torch_thread():  # a float transform normalises with torch: on one thread, wherever it runs
             return self._item(index)
 
     def _item(self, index: int) -> tuple[torch.Tensor, bool, str]:
@@ -91,25 +98,6 @@ class ImageDataset(torch.utils.data.Dataset):
             return torch.zeros(self.shape, dtype=self.dtype), False, str(err) if str(err).startswith(str(ref)) else f"{ref}: {err}"
         except Exception as err:  # noqa: BLE001 - any decode failure is reported by the runner, with the file
             return torch.zeros(self.shape, dtype=self.dtype), False, f"{ref}: {type(err).__name__}: {err}"
-
-
-class OneThreadBatches(torch.utils.data.Dataset):
-    """`data` (image datasets, joined or cut) as a loader fetches it a batch at a time: decoding in the model's process,
-    torch drops to one thread once a batch rather than once an image (`ImageDataset.__getitem__`). Each switch back to
-    the model's threads cost its next forward 1-2 % on a 2-core CPU (16 switches before a batch of 16)."""
-
-    def __init__(self, data: torch.utils.data.Dataset) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
-        return self.data[index]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, bool, str]]:
-        with one_torch_thread():
-            return [self.data[i] for i in indices]
 
 
 class SkippedImages:

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision import transforms as T
 
 from cache.store import CacheReader
 from common.errors import MedfmError
@@ -15,7 +17,7 @@ from extract.cli import parse_batch_size
 from extract.datasets import get_dataset
 from extract.datasets.images import ImageDataset
 from extract.runner import CPU_BATCH, BackboneForward, ExtractConfig, extract, uses_channels_last
-from extract.transforms import eval_transform, make_spec
+from extract.transforms import eval_transform, make_spec, to_pixels
 from tests.tiny import QUIET, TINY_RESNET, TINY_SIZE, TINY_VIT
 
 
@@ -60,17 +62,28 @@ def test_batch_size_auto_means_the_cpu_default_here_and_bad_values_are_one_line_
             parse_batch_size(bad)
 
 
-def test_decoding_in_line_drops_torch_to_one_thread_once_a_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not once an image: each switch back to the model's threads costs its next forward (`OneThreadBatches`)."""
+def test_decoding_in_line_leaves_the_model_threads_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uint8 crops (eval and augmented views) run no torch operation, so in-line decoding never switches torch's threads;
+    a float transform, which normalises with torch, still runs on one."""
     switches: list[int] = []
     set_threads, before = torch.set_num_threads, torch.get_num_threads()
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (switches.append(n), set_threads(n)))
     set_threads(2)  # as the model runs on a 2-core CPU (the tests run on one thread)
     try:
         cfg = ExtractConfig(backbone="resnet152", dataset="demo", weights="random", out=tmp_path, batch_size=4, workers=0,
-                            image_size=TINY_SIZE, overrides=TINY_RESNET, dataset_options={"per_class": 5})
+                            image_size=TINY_SIZE, overrides=TINY_RESNET, dataset_options={"per_class": 5}, views=1, augment="study")
         result = extract(cfg, QUIET)
+        assert result.extracted == 20 + 12 and switches == []
+        source = get_dataset("demo", None, per_class=5)
+        ImageDataset(source, "test", eval_transform(make_spec(TINY_SIZE, (0.5,) * 3, (0.2,) * 3, "bicubic")), (3, TINY_SIZE, TINY_SIZE))[0]
     finally:
         set_threads(before)
-    batches = sum(-(-rows // 4) for rows in result.rows.values())  # 20 images: 12 / 4 / 4 rows, 3 + 1 + 1 batches
-    assert switches == [1, 2] * batches
+    assert switches == [1, 2]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_crops_are_laid_out_as_torchvision_lays_them_out(mode: str) -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)).convert(mode)
+    pixels = to_pixels(image)
+    assert pixels.is_contiguous() and pixels.dtype == torch.uint8
+    assert torch.equal(pixels, T.functional.pil_to_tensor(image))
