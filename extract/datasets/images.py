@@ -40,9 +40,9 @@ class ImageDataset(torch.utils.data.Dataset):
     finds it at its size and leaves it as it is, so the tensors are the same.
 
     Decoded in the model's own process (in-line, `--workers 0`), uint8 crops run no torch operation, so the model's
-    threads stay as they are: dropping torch to one thread for a batch's decoding and back cost the CNN's next forward
-    2.4 % on a 2-core CPU (its idle thread had to be woken and placed again). A float transform normalises with torch,
-    and runs on one torch thread, where a shared machine would make the threads' fork and join cost more than the work.
+    threads are left as they are, with no switch to one thread and back around each image or batch. A float transform
+    normalises with torch, so it runs on one torch thread: on a shared machine the threads' fork and join would cost
+    more than the work (`common.runtime.one_torch_thread`).
     """
 
     def __init__(self, source: DatasetSource, split: str, transform: Callable[[Image.Image], torch.Tensor], shape: tuple[int, int, int],
