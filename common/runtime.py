@@ -125,8 +125,8 @@ def default_workers(device: torch.device | None = None) -> int:
 
     With the model on a GPU, or none, every core but one decodes (at most 12). With the model on the
     CPU its threads already fill the cores and a worker fights them for the same cores: on 2 cores, decoding
-    in-line gave 0.88-0.98 (ViT) and 0.81-0.94 (CNN) of the bare forward's speed in four runs, 2 workers 0.81-0.95 and
-    0.76-0.81 (bench/extraction.py).
+    in-line gave 0.88-0.98 (ViT) and 0.79-0.97 (CNN) of the bare forward's speed in nine runs of one day, 2 workers
+    0.81-0.95 and 0.76-0.87 (bench/extraction.py).
     So up to 4 cores decode in-line, and larger CPUs lend a quarter of their cores to decoding.
     """
     cores = cpu_cores()
