@@ -131,7 +131,8 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
 
     bare()  # warm-up: allocator, kernel selection (the pipeline's own start-up costs are part of what it is timed for)
     measured = bracketed_ratios(bare, {"pipeline": pipeline(workers, runs)}, rounds)
-    more = bracketed_ratios(bare, {f"pipeline_{n}_workers": pipeline(n) for n in more_workers}, more_rounds or rounds) if more_workers else None
+    more = (bracketed_ratios(bare, {f"pipeline_{n}_workers": pipeline(n) for n in more_workers}, more_rounds or rounds)
+            if more_workers else None)
     best = measured.fastest
     found = {
         "images": images,
@@ -144,10 +145,11 @@ def compare(name: str, backbone: str, overrides: dict, dev: torch.device, work: 
         "round_ratios": [round(r, 3) for r in measured.rounds["pipeline"]],
         "ratio": measured.ratio("pipeline"),
     }
-    for n in more_workers if more is not None else ():
-        found[f"pipeline_img_s_{n}_workers"] = round(images / more.fastest[f"pipeline_{n}_workers"], 2)
-        found[f"round_ratios_{n}_workers"] = [round(r, 3) for r in more.rounds[f"pipeline_{n}_workers"]]
-        found[f"ratio_{n}_workers"] = more.ratio(f"pipeline_{n}_workers")
+    if more is not None:
+        for n in more_workers:
+            found[f"pipeline_img_s_{n}_workers"] = round(images / more.fastest[f"pipeline_{n}_workers"], 2)
+            found[f"round_ratios_{n}_workers"] = [round(r, 3) for r in more.rounds[f"pipeline_{n}_workers"]]
+            found[f"ratio_{n}_workers"] = more.ratio(f"pipeline_{n}_workers")
     return found
 
 
