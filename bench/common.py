@@ -162,7 +162,8 @@ def bracketed_ratios(baseline: Callable[[], Any], contenders: dict[str, Callable
     different minutes: a 2-core cloud machine's speed drifts by a quarter over tens of seconds, smoothly (a batch's time
     correlated 0.87 with the next's). Bracketed on both sides by the baseline, a run's ratio is taken under the load of
     its own seconds: the baseline, then each contender with a baseline after it. With one baseline run a round, shared by
-    two contenders' brackets, ratios of like work scattered half as much again (standard deviation 0.054 against 0.036). The median (`Bracketed.ratio`) leaves out a round that a passing neighbour disturbed."""
+    two contenders' brackets, ratios of like work scattered half as much again (standard deviation 0.054 against 0.036).
+    The median (`Bracketed.ratio`) leaves out a round that a passing neighbour disturbed."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     ratios: dict[str, list[float]] = {name: [] for name in contenders}
     base = [round_seconds(baseline)]
